@@ -1,0 +1,56 @@
+"""``flopwise`` command line: parses arguments and calls library functions, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        # Run the Triton kernels under the interpreter on CPU tensors. Must be set
+        # before the kernel modules are imported (Triton decides at decoration time).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from flopwise.kernels import bench
+
+    bench.run(args.ops, json_path=args.json, budget_ms=args.budget_ms)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flopwise import __version__
+
+    parser = argparse.ArgumentParser(prog="flopwise", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"flopwise {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("bench", help="benchmark kernels against torch (GPU numbers need a GPU)")
+    p.add_argument("ops", nargs="*", help="op families to run (default: all): routing, mod")
+    p.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
+    p.add_argument("--budget-ms", type=float, default=100.0, help="timing budget per provider (default 100)")
+    p.set_defaults(func=_cmd_bench)
+
+    from flopwise import _cli_scaling
+
+    _cli_scaling.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        print(f"flopwise: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The one place that decides which implementation of an op runs.
+
+Rule (DESIGN.md):
+
+* CUDA tensor and Triton importable            -> the Triton kernel;
+* CPU tensor and ``TRITON_INTERPRET=1``         -> the same Triton kernel under Triton's interpreter;
+* otherwise                                      -> the op's ``<op>_reference`` (plain PyTorch).
+
+``FLOPWISE_BACKEND=reference|triton`` forces one. A forced backend that cannot run
+raises ``RuntimeError``; it never falls back silently. ``FLOPWISE_BACKEND=auto`` (or
+unset) applies the rule above.
+
+``TRITON_INTERPRET`` is read once, when this module is imported, because Triton decides
+at decoration time whether ``@triton.jit`` builds a compiled or an interpreted kernel:
+changing it afterwards would not change the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["HAS_TRITON", "INTERPRET", "backend", "use_triton", "new_output"]
+
+try:  # Triton has wheels for Linux only.
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_VALID = ("auto", "reference", "triton")
+
+
+def _requested() -> str:
+    value = os.environ.get("FLOPWISE_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _VALID:
+        raise ValueError(f"FLOPWISE_BACKEND must be one of {_VALID}, got {value!r}")
+    return value
+
+
+def _triton_can_run(device: torch.device) -> tuple[bool, str]:
+    if not HAS_TRITON:
+        return False, "triton is not importable"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and INTERPRET:
+        return True, ""
+    if device.type == "cpu":
+        return False, "tensors are on the CPU and TRITON_INTERPRET=1 was not set before flopwise was imported"
+    return False, f"device type {device.type!r} has no Triton backend here"
+
+
+def backend(*tensors: torch.Tensor, op: str = "op") -> str:
+    """Return ``"triton"`` or ``"reference"`` for an op whose inputs are ``tensors``.
+
+    The first tensor's device decides. Raises ``RuntimeError`` if ``FLOPWISE_BACKEND``
+    forces a backend that cannot run on these inputs.
+    """
+    device = tensors[0].device if tensors else torch.device("cpu")
+    requested = _requested()
+    if requested == "reference":
+        return "reference"
+    ok, why = _triton_can_run(device)
+    if requested == "triton":
+        if not ok:
+            raise RuntimeError(f"FLOPWISE_BACKEND=triton but {op} cannot run its Triton kernel: {why}")
+        return "triton"
+    return "triton" if ok else "reference"
+
+
+def use_triton(*tensors: torch.Tensor, op: str = "op") -> bool:
+    """Shorthand for ``backend(...) == "triton"``."""
+    return backend(*tensors, op=op) == "triton"
+
+
+def new_output(shape, *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Allocate a kernel output. With ``FLOPWISE_POISON=1`` (the test suite sets it) floats
+    are filled with NaN and integers with their minimum, so an element a kernel forgets
+    to write makes the comparison against the reference fail instead of passing by luck."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("FLOPWISE_POISON", "0") == "1":
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(dtype).min)
+    return out

@@ -1,0 +1,224 @@
+"""Benchmark harness: ``flopwise bench [op ...]``.
+
+A suite (one module per op family, e.g. ``flopwise.kernels.bench.routing``) exposes
+``cases(gpu: bool) -> list[Case]``. Each :class:`Case` names its shape, the bytes and
+FLOPs the op must move/do, a ``check`` that compares a provider's output with the
+reference output, and its providers:
+
+* ``reference`` - the op's ``<op>_reference`` (plain PyTorch; the readable definition),
+* ``torch``     - the best-effort torch pipeline a user would write (what BASELINES.md times),
+* ``triton``    - our kernel (``triton-interp`` when it runs under the interpreter on CPU).
+
+The harness runs every provider once, checks it against the reference, and refuses to
+time (and so to report a speed-up for) a provider whose output is wrong on that shape.
+Timing is the median of ``triton.testing.do_bench`` on CUDA and of a plain wall-clock
+loop on CPU. Each row reports ms, TB/s and TFLOP/s from the case's byte and FLOP counts,
+the ratio to the fastest ``torch*`` provider, and the fraction of the measured copy
+bandwidth; rows are written as JSON with the device name, versions and date.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Case", "Row", "SUITES", "run", "run_case", "format_table", "environment"]
+
+# op name -> module holding ``cases(gpu: bool)``
+SUITES: dict[str, str] = {
+    "routing": "flopwise.kernels.bench.routing",
+    "mod": "flopwise.kernels.bench.mod",
+}
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    providers: dict[str, Callable[[], Any]]
+    check: Callable[[Any, Any], str | None]  # (out, ref_out) -> None if OK, else why not
+    bytes: int = 0  # bytes that must move (read + written)
+    flops: int = 0
+    mode: str = "fwd"
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    mode: str
+    provider: str
+    ms: float | None
+    tbps: float | None
+    tflops: float | None
+    vs_torch: float | None  # best torch provider's time / this provider's time
+    copy_fraction: float | None  # tbps / measured device copy bandwidth
+    status: str  # "ok", or why it was not timed
+    device: str = ""
+    torch: str = ""
+    triton: str = ""
+    date: str = ""
+
+
+def environment() -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # pragma: no cover
+        triton_version = "absent"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = "cpu"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": _dt.date.today().isoformat(),
+    }
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn: Callable[[], Any], gpu: bool, budget_ms: float) -> float:
+    if gpu:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=max(50, int(budget_ms)), return_mode="median"))
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (len(times) < 50 and (time.perf_counter() - start) * 1e3 < budget_ms):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+_COPY_TBPS: float | None = None
+
+
+def copy_bandwidth_tbps() -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written), measured once per process."""
+    global _COPY_TBPS
+    if _COPY_TBPS is None and torch.cuda.is_available():
+        src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        ms = _time_ms(lambda: dst.copy_(src), True, 100)
+        _COPY_TBPS = 2 * src.numel() / (ms * 1e-3) / 1e12
+    return _COPY_TBPS
+
+
+def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
+    env = environment()
+    if "reference" not in case.providers:
+        raise ValueError(f"case {case.op}/{case.shape} has no 'reference' provider")
+    ref_out = case.providers["reference"]()
+    _sync()
+    copy = copy_bandwidth_tbps() if gpu else None
+    timed: dict[str, float] = {}
+    status: dict[str, str] = {}
+    for name, fn in case.providers.items():
+        try:
+            out = ref_out if name == "reference" else fn()
+            _sync()
+            why = None if name == "reference" else case.check(out, ref_out)
+        except Exception as exc:  # a provider that crashes is reported, not timed
+            why = f"error: {type(exc).__name__}: {exc}"
+        if why is not None:
+            status[name] = f"WRONG ({why})"
+            continue
+        status[name] = "ok"
+        timed[name] = _time_ms(fn, gpu, budget_ms)
+    torch_times = [ms for name, ms in timed.items() if name.startswith("torch")]
+    best_torch = min(torch_times) if torch_times else None
+    rows = []
+    for name in case.providers:
+        ms = timed.get(name)
+        tbps = case.bytes / (ms * 1e-3) / 1e12 if ms and case.bytes else None
+        tflops = case.flops / (ms * 1e-3) / 1e12 if ms and case.flops else None
+        rows.append(
+            Row(
+                op=case.op,
+                shape=case.shape,
+                mode=case.mode,
+                provider=name,
+                ms=ms,
+                tbps=tbps,
+                tflops=tflops,
+                vs_torch=(best_torch / ms) if (ms and best_torch) else None,
+                copy_fraction=(tbps / copy) if (tbps and copy) else None,
+                status=status[name],
+                **env,
+            )
+        )
+    return rows
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ["op", "shape", "mode", "provider", "ms", "TB/s", "TFLOP/s", "vs torch", "of copy BW", "status"]
+    body = [
+        [
+            r.op,
+            r.shape,
+            r.mode,
+            r.provider,
+            _fmt(r.ms, ".4f"),
+            _fmt(r.tbps, ".3f"),
+            _fmt(r.tflops, ".1f"),
+            "-" if r.vs_torch is None else f"{r.vs_torch:.2f}x",
+            "-" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%",
+            r.status,
+        ]
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [head, *body]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(ops: list[str] | None = None, *, json_path: str | None = None, budget_ms: float = 100.0,
+        print_fn: Callable[[str], None] = print) -> list[Row]:
+    """Run the named suites (all when ``ops`` is empty) and print one table per suite."""
+    ops = list(ops or SUITES)
+    unknown = [op for op in ops if op not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown benchmark op(s) {unknown}; choose from {sorted(SUITES)}")
+    gpu = torch.cuda.is_available()
+    env = environment()
+    print_fn(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
+    if not gpu:
+        print_fn("No CUDA device: running the reference and the Triton interpreter on small CPU shapes. "
+                 "These CPU timings say nothing about GPU speed; GPU numbers need a GPU.")
+    else:
+        print_fn(f"measured copy bandwidth: {copy_bandwidth_tbps():.2f} TB/s")
+    all_rows: list[Row] = []
+    for op in ops:
+        module = importlib.import_module(SUITES[op])
+        rows: list[Row] = []
+        for case in module.cases(gpu):
+            rows.extend(run_case(case, gpu, budget_ms))
+        print_fn(format_table(rows))
+        all_rows.extend(rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in all_rows], f, indent=1)
+        print_fn(f"wrote {len(all_rows)} rows to {json_path}")
+    return all_rows
+
