@@ -1,0 +1,35 @@
+"""Triton kernels with their PyTorch references and autograd wrappers.
+
+Each op dispatches through :mod:`flopwise.kernels._dispatch`: Triton on CUDA tensors,
+Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1``, the reference otherwise.
+"""
+
+from .routing import (
+    MoDSelection,
+    RoutingPlan,
+    expert_choice_capacity,
+    expert_choice_route,
+    expert_choice_route_reference,
+    mod_capacity,
+    mod_select,
+    mod_select_reference,
+    topk_route,
+    topk_route_reference,
+    topk_rows,
+    topk_rows_reference,
+)
+
+__all__ = [
+    "MoDSelection",
+    "RoutingPlan",
+    "expert_choice_capacity",
+    "expert_choice_route",
+    "expert_choice_route_reference",
+    "mod_capacity",
+    "mod_select",
+    "mod_select_reference",
+    "topk_route",
+    "topk_route_reference",
+    "topk_rows",
+    "topk_rows_reference",
+]

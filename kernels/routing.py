@@ -1,0 +1,986 @@
+"""Routing: token-choice top-k, expert-choice, and Mixture-of-Depths selection.
+
+Every MoE router produces one :class:`RoutingPlan` (a dataclass of device tensors, made
+without host synchronisation) that the grouped matmul and the combine consume. MoD
+selection produces a :class:`MoDSelection`.
+
+Legend for shape suffixes: T tokens, E experts, K top-k (token choice), C capacity per
+expert (expert choice), N = selected (token, slot) pairs (T*K or E*C), B batch,
+S sequence, NB = blocks of the grouped matmul.
+
+Ranking rules (identical in every backend, so plans agree exactly):
+
+* Token choice ranks a token's experts by their *logits*; softmax and sigmoid are
+  monotone, so this is the top-k of the probabilities without rounding ties.
+* Expert choice ranks tokens by the expert's probability (float32), MoD ranks positions by
+  the score as given.
+* Ties go to the lower index. NaN ranks as ``-inf`` (lowest, then by index). ``-0.0``
+  equals ``0.0``.
+* NaN or ``+inf`` logits never produce an invalid index: the plan stays a valid
+  permutation; the affected token's weights are NaN (softmax of a row holding NaN or
+  ``+inf`` is NaN, as in torch), so the NaN surfaces in the layer output. A row of only
+  ``-inf`` gives NaN softmax weights too. Check logits upstream if that must not happen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ._dispatch import HAS_TRITON, backend, new_output
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover
+    triton = None
+
+__all__ = [
+    "RoutingPlan",
+    "MoDSelection",
+    "topk_route",
+    "topk_route_reference",
+    "expert_choice_route",
+    "expert_choice_route_reference",
+    "expert_choice_capacity",
+    "mod_select",
+    "mod_select_reference",
+    "mod_capacity",
+    "topk_rows",
+    "topk_rows_reference",
+]
+
+_SCORES = {"softmax": 0, "sigmoid": 1}
+_INT32_MIN = -(2**31)
+
+# ----------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ----------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _monotone_key(x):
+        """float32 -> int32 whose signed order is the float order. NaN -> key(-inf), -0 -> +0."""
+        x = tl.where(x != x, float("-inf"), x)
+        x = tl.where(x == 0.0, 0.0, x)
+        bits = x.to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _write_offsets_and_block_map(
+        counts, cols, cmask, E,
+        counts_ptr, offsets_ptr, padded_ptr, block_expert_ptr, block_row_ptr, max_blocks,
+        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        """From per-expert counts (a [BLOCK_E] vector, zero past E) write counts, offsets
+        [E+1], padded offsets [E+1] (each expert padded to BLOCK_M rows) and the block map:
+        for block b, its expert (-1 past the end) and its first expert-sorted row."""
+        incl = tl.cumsum(counts, 0)
+        excl = incl - counts
+        total = tl.sum(counts, 0)
+        tl.store(counts_ptr + cols, counts, mask=cmask)
+        tl.store(offsets_ptr + cols, excl, mask=cmask)
+        tl.store(offsets_ptr + E, total)
+        nblk = (counts + BLOCK_M - 1) // BLOCK_M
+        pincl = tl.cumsum(nblk, 0)
+        pexcl = pincl - nblk
+        tl.store(padded_ptr + cols, pexcl * BLOCK_M, mask=cmask)
+        tl.store(padded_ptr + E, tl.sum(nblk, 0) * BLOCK_M)
+        for start in range(0, max_blocks, BLOCK_B):
+            b = start + tl.arange(0, BLOCK_B)
+            # expert of block b = number of experts whose padded range ends at or before b
+            ended = (pincl[None, :] <= b[:, None]) & cmask[None, :]
+            e = tl.sum(ended.to(tl.int32), 1)
+            sel = cols[None, :] == e[:, None]
+            first_blk = tl.sum(tl.where(sel, pexcl[None, :], 0), 1)
+            first_row = tl.sum(tl.where(sel, excl[None, :], 0), 1)
+            valid = e < E
+            bmask = b < max_blocks
+            tl.store(block_expert_ptr + b, tl.where(valid, e, -1), mask=bmask)
+            tl.store(block_row_ptr + b, tl.where(valid, first_row + (b - first_blk) * BLOCK_M, -1), mask=bmask)
+
+    @triton.jit
+    def _topk_route_fwd_kernel(
+        logits_ptr, stride_t, T, E, K,
+        ids_ptr, w_ptr, tile_counts_ptr,
+        SCORE: tl.constexpr, RENORM: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One tile of BLOCK_T tokens: score, top-k by repeated argmax, renormalise, store
+        ids/weights [T, K], and the tile's histogram of chosen experts."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_E)
+        rmask = rows < T
+        cmask = cols < E
+        m2 = rmask[:, None] & cmask[None, :]
+        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=m2,
+                    other=float("-inf")).to(tl.float32)
+        x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite, so no inf - inf
+        if SCORE == 0:
+            mx = tl.max(x, 1)
+            p = tl.exp(x - mx[:, None])
+            p = tl.where(cmask[None, :], p, 0.0)
+            p = p / tl.sum(p, 1)[:, None]
+        else:
+            p = tl.sigmoid(x)
+        key = tl.where(cmask[None, :], _monotone_key(x), _INT32_MIN_C)
+        kcols = tl.arange(0, BLOCK_K)
+        ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+        w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for j in range(K):
+            idx = tl.argmax(key, 1, tie_break_left=True).to(tl.int32)
+            sel = cols[None, :] == idx[:, None]
+            pj = tl.sum(tl.where(sel, p, 0.0), 1)
+            key = tl.where(sel, _INT32_MIN_C, key)
+            ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
+            w = tl.where(kcols[None, :] == j, pj[:, None], w)
+            counts += tl.sum((sel & rmask[:, None]).to(tl.int32), 0)
+        if RENORM:
+            w = w / tl.sum(w, 1)[:, None]
+        kmask = rmask[:, None] & (kcols[None, :] < K)
+        out = rows[:, None].to(tl.int64) * K + kcols[None, :]
+        tl.store(ids_ptr + out, ids, mask=kmask)
+        tl.store(w_ptr + out, w, mask=kmask)
+        tl.store(tile_counts_ptr + pid * E + cols, counts, mask=cmask)
+
+    @triton.jit
+    def _route_scan_kernel(
+        tile_counts_ptr, n_tiles, E,
+        counts_ptr, offsets_ptr, padded_ptr, block_expert_ptr, block_row_ptr, max_blocks,
+        BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        """Single program: per-expert totals, offsets, block map, and for every tile and
+        expert the shift ``delta`` that takes a pair's position in its tile's
+        expert-sorted order to its global expert-sorted row (written over the counts)."""
+        cols = tl.arange(0, BLOCK_E)
+        cmask = cols < E
+        total = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for start in range(0, n_tiles, BLOCK_TILES):
+            tr = start + tl.arange(0, BLOCK_TILES)
+            m = (tr[:, None] < n_tiles) & cmask[None, :]
+            c = tl.load(tile_counts_ptr + tr[:, None] * E + cols[None, :], mask=m, other=0)
+            total += tl.sum(c, 0)
+        excl = tl.cumsum(total, 0) - total
+        running = excl
+        for start in range(0, n_tiles, BLOCK_TILES):
+            tr = start + tl.arange(0, BLOCK_TILES)
+            m = (tr[:, None] < n_tiles) & cmask[None, :]
+            ptrs = tile_counts_ptr + tr[:, None] * E + cols[None, :]
+            c = tl.load(ptrs, mask=m, other=0)
+            tile_base = running[None, :] + tl.cumsum(c, 0) - c  # first global row of (tile, expert)
+            local_first = tl.cumsum(c, 1) - c  # first position of the expert in the tile's sorted order
+            tl.store(ptrs, tile_base - local_first, mask=m)
+            running += tl.sum(c, 0)
+        _write_offsets_and_block_map(total, cols, cmask, E, counts_ptr, offsets_ptr, padded_ptr,
+                                     block_expert_ptr, block_row_ptr, max_blocks, BLOCK_M, BLOCK_B)
+
+    @triton.jit
+    def _route_scatter_kernel(
+        ids_ptr, w_ptr, delta_ptr, TK, E, pairs_per_tile,
+        token_idx_ptr, sorted_w_ptr, pair_ptr, inverse_ptr, K,
+        BLOCK_N: tl.constexpr,
+    ):
+        """Counting-sort scatter of one tile's (token, slot) pairs to their expert-sorted
+        rows. Within a tile pairs are ordered by (expert, pair index) with one bitonic sort
+        of packed keys; the scan kernel's delta adds the rows of earlier tiles/experts, so the
+        global order is stable: expert-major, then token, then slot."""
+        pid = tl.program_id(0)
+        local = tl.arange(0, BLOCK_N)
+        pair = pid * pairs_per_tile + local
+        m = (local < pairs_per_tile) & (pair < TK)
+        e = tl.load(ids_ptr + pair, mask=m, other=E)
+        skey = tl.sort(e * BLOCK_N + local)
+        se = skey // BLOCK_N
+        sl = skey % BLOCK_N
+        valid = se < E
+        delta = tl.load(delta_ptr + pid * E + se, mask=valid, other=0)
+        dest = local + delta
+        spair = pid * pairs_per_tile + sl
+        tl.store(token_idx_ptr + dest, spair // K, mask=valid)
+        tl.store(pair_ptr + dest, spair, mask=valid)
+        tl.store(sorted_w_ptr + dest, tl.load(w_ptr + spair, mask=valid), mask=valid)
+        tl.store(inverse_ptr + spair, dest, mask=valid)
+
+    @triton.jit
+    def _topk_route_bwd_kernel(
+        logits_ptr, stride_t, T, E, K,
+        ids_ptr, g_topk_ptr, g_sorted_ptr, inverse_ptr, dlogits_ptr,
+        HAS_G_TOPK: tl.constexpr, HAS_G_SORTED: tl.constexpr,
+        SCORE: tl.constexpr, RENORM: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        """d logits from the gradients of the combine weights ([T, K] and/or expert-sorted),
+        recomputing the probabilities from the logits."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_E)
+        rmask = rows < T
+        cmask = cols < E
+        m2 = rmask[:, None] & cmask[None, :]
+        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=m2,
+                    other=float("-inf")).to(tl.float32)
+        x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite, so no inf - inf
+        if SCORE == 0:
+            mx = tl.max(x, 1)
+            p = tl.exp(x - mx[:, None])
+            p = tl.where(cmask[None, :], p, 0.0)
+            p = p / tl.sum(p, 1)[:, None]
+        else:
+            p = tl.sigmoid(x)
+        # sum of the selected probabilities and sum_j g_j * p_j (renormalisation backward)
+        s = tl.zeros([BLOCK_T], dtype=tl.float32)
+        gs = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for j in range(K):
+            pj_ptr = rows.to(tl.int64) * K + j
+            idj = tl.load(ids_ptr + pj_ptr, mask=rmask, other=0)
+            g = tl.zeros([BLOCK_T], dtype=tl.float32)
+            if HAS_G_TOPK:
+                g += tl.load(g_topk_ptr + pj_ptr, mask=rmask, other=0.0)
+            if HAS_G_SORTED:
+                dest = tl.load(inverse_ptr + pj_ptr, mask=rmask, other=0)
+                g += tl.load(g_sorted_ptr + dest, mask=rmask, other=0.0)
+            pj = tl.sum(tl.where(cols[None, :] == idj[:, None], p, 0.0), 1)
+            s += pj
+            gs += g * pj
+        gp = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for j in range(K):
+            pj_ptr = rows.to(tl.int64) * K + j
+            idj = tl.load(ids_ptr + pj_ptr, mask=rmask, other=0)
+            g = tl.zeros([BLOCK_T], dtype=tl.float32)
+            if HAS_G_TOPK:
+                g += tl.load(g_topk_ptr + pj_ptr, mask=rmask, other=0.0)
+            if HAS_G_SORTED:
+                dest = tl.load(inverse_ptr + pj_ptr, mask=rmask, other=0)
+                g += tl.load(g_sorted_ptr + dest, mask=rmask, other=0.0)
+            if RENORM:
+                g = (g - gs / s) / s
+            gp += tl.where(cols[None, :] == idj[:, None], g[:, None], 0.0)
+        if SCORE == 0:
+            dx = p * (gp - tl.sum(p * gp, 1)[:, None])
+        else:
+            dx = gp * p * (1.0 - p)
+        tl.store(dlogits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], dx, mask=m2)
+
+    @triton.jit
+    def _expert_scores_kernel(
+        logits_ptr, stride_t, T, E, scores_ptr,
+        SCORE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        """Probabilities of a tile of tokens, written transposed ([E, T], float32) so that each
+        expert's selection reads one contiguous row."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_E)
+        rmask = rows < T
+        cmask = cols < E
+        m2 = rmask[:, None] & cmask[None, :]
+        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=m2,
+                    other=float("-inf")).to(tl.float32)
+        x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite, so no inf - inf
+        if SCORE == 0:
+            mx = tl.max(x, 1)
+            p = tl.exp(x - mx[:, None])
+            p = tl.where(cmask[None, :], p, 0.0)
+            p = p / tl.sum(p, 1)[:, None]
+        else:
+            p = tl.sigmoid(x)
+        tl.store(scores_ptr + cols[None, :].to(tl.int64) * T + rows[:, None], p, mask=m2)
+
+    @triton.jit
+    def _const_plan_kernel(
+        E, C, counts_ptr, offsets_ptr, padded_ptr, block_expert_ptr, block_row_ptr, max_blocks,
+        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        """Offsets and block map of a plan in which every expert has exactly C rows."""
+        cols = tl.arange(0, BLOCK_E)
+        cmask = cols < E
+        counts = tl.where(cmask, C, 0)
+        _write_offsets_and_block_map(counts, cols, cmask, E, counts_ptr, offsets_ptr, padded_ptr,
+                                     block_expert_ptr, block_row_ptr, max_blocks, BLOCK_M, BLOCK_B)
+
+    @triton.jit
+    def _radix_digit(hist, remaining, bins):
+        """Pick the digit holding the ``remaining``-th largest element from a histogram
+        (bins past 255 hold elements that do not match the prefix and are ignored).
+        Returns (digit, count of matching elements in higher digits)."""
+        live = bins < 256
+        h = tl.where(live, hist, 0)
+        total = tl.sum(h, 0)
+        cum_ge = total - tl.cumsum(h, 0) + h  # elements with digit >= d
+        digit = tl.max(tl.where(live & (cum_ge >= remaining), bins, -1), 0)
+        above = tl.sum(tl.where(live & (bins > digit), h, 0), 0)
+        return digit, above
+
+    @triton.jit
+    def _topk_rows_kernel(
+        x_ptr, stride_r, L, k,
+        idx_ptr, val_ptr, stride_o,
+        BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+    ):
+        """Per row: the k largest of L values, emitted in increasing position order.
+
+        Radix select on the monotone int32 keys, 8 bits per pass from the top (4 passes,
+        one 512-bin histogram each: 256 digits + an overflow bin for elements outside the
+        current prefix), finds the k-th largest key exactly; a final pass keeps everything
+        above it plus the first ``remaining`` elements equal to it (ties: lower position wins)
+        and compacts them with a prefix sum, so the output is already in position order.
+        SINGLE: the row fits in one block and stays in registers across passes."""
+        r = tl.program_id(0)
+        row = x_ptr + r.to(tl.int64) * stride_r
+        orow = r.to(tl.int64) * stride_o
+        offs = tl.arange(0, BLOCK)
+        bins = tl.arange(0, 512)
+        prefix = tl.full([], 0, tl.int32)
+        remaining = tl.full([], 0, tl.int32) + k
+        if SINGLE:
+            m = offs < L
+            xv = tl.load(row + offs, mask=m, other=0.0)
+            key = _monotone_key(xv.to(tl.float32))
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p
+            if SINGLE:
+                d = (key >> shift) & 255
+                if p == 0:
+                    d = d ^ 128  # the sign bit: flip so digit order matches signed order
+                    match = m
+                else:
+                    match = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                hist = tl.histogram(tl.where(match, d, 256), 512)
+            else:
+                hist = tl.zeros([512], dtype=tl.int32)
+                for start in range(0, L, BLOCK):
+                    mc = (start + offs) < L
+                    kc = _monotone_key(tl.load(row + start + offs, mask=mc, other=0.0).to(tl.float32))
+                    d = (kc >> shift) & 255
+                    if p == 0:
+                        d = d ^ 128
+                        match = mc
+                    else:
+                        match = mc & ((kc >> (shift + 8)) == (prefix >> (shift + 8)))
+                    hist += tl.histogram(tl.where(match, d, 256), 512)
+            digit, above = _radix_digit(hist, remaining, bins)
+            remaining -= above
+            if p == 0:
+                digit = digit ^ 128
+            prefix = prefix | (digit << shift)
+        # prefix is now the k-th largest key; take all keys above it and the first
+        # `remaining` keys equal to it, in position order.
+        if SINGLE:
+            gt = m & (key > prefix)
+            eq = m & (key == prefix)
+            eq_rank = tl.cumsum(eq.to(tl.int32), 0)
+            sel = gt | (eq & (eq_rank <= remaining))
+            pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+            tl.store(idx_ptr + orow + pos, offs, mask=sel)
+            tl.store(val_ptr + orow + pos, xv, mask=sel)
+        else:
+            n_sel = tl.full([], 0, tl.int32)
+            n_eq = tl.full([], 0, tl.int32)
+            for start in range(0, L, BLOCK):
+                mc = (start + offs) < L
+                xc = tl.load(row + start + offs, mask=mc, other=0.0)
+                kc = _monotone_key(xc.to(tl.float32))
+                gt = mc & (kc > prefix)
+                eq = mc & (kc == prefix)
+                eq_rank = n_eq + tl.cumsum(eq.to(tl.int32), 0)
+                sel = gt | (eq & (eq_rank <= remaining))
+                pos = n_sel + tl.cumsum(sel.to(tl.int32), 0) - 1
+                tl.store(idx_ptr + orow + pos, start + offs, mask=sel)
+                tl.store(val_ptr + orow + pos, xc, mask=sel)
+                n_sel += tl.sum(sel.to(tl.int32), 0)
+                n_eq += tl.sum(eq.to(tl.int32), 0)
+
+    _INT32_MIN_C = tl.constexpr(_INT32_MIN)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Plans and references
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Expert-sorted routing of N (token, slot) pairs, made on the device without host sync.
+
+    Rows are sorted by expert, then by token (then slot): expert ``e`` owns rows
+    ``expert_offsets[e]:expert_offsets[e+1]``.
+
+    Attributes:
+        token_idx: ``[N]`` int32, the token each sorted row reads.
+        weights: ``[N]`` float32 (float64 for float64 logits), the combine weight of each
+            sorted row; differentiable with respect to the logits.
+        expert_counts: ``[E]`` int32 rows per expert (may be 0).
+        expert_offsets: ``[E+1]`` int32 exclusive cumulative counts.
+        padded_offsets: ``[E+1]`` int32 offsets after padding every expert to ``block_m`` rows.
+        block_expert: ``[NB]`` int32 expert of grouped-matmul block ``b`` (``-1``: unused),
+            ``NB = (N + E*(block_m-1)) // block_m``, an upper bound known without sync.
+        block_row: ``[NB]`` int32 first sorted row of block ``b`` (``-1``: unused); the block
+            covers rows ``block_row[b] : min(block_row[b] + block_m, expert_offsets[e+1])``.
+        topk_ids, topk_weights: ``[T, K]`` the token-major choice (token choice only).
+        pair_idx: ``[N]`` int32 sorted row -> flat pair ``t*K + k`` (token choice only).
+        inverse: ``[T*K]`` int32 flat pair -> sorted row (token choice only).
+    """
+
+    token_idx: torch.Tensor
+    weights: torch.Tensor
+    expert_counts: torch.Tensor
+    expert_offsets: torch.Tensor
+    padded_offsets: torch.Tensor
+    block_expert: torch.Tensor
+    block_row: torch.Tensor
+    num_tokens: int
+    num_experts: int
+    block_m: int
+    top_k: int | None = None
+    capacity: int | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_weights: torch.Tensor | None = None
+    pair_idx: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.token_idx.shape[0]
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+
+@dataclass(frozen=True)
+class MoDSelection:
+    """Per sequence, the k selected positions in increasing order and their router scores.
+
+    Attributes:
+        indices: ``[B, k]`` int32, strictly increasing along each row.
+        weights: ``[B, k]`` the scores at those positions (scores' dtype; differentiable).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+
+def _max_blocks(n_rows: int, n_experts: int, block_m: int) -> int:
+    return (n_rows + n_experts * (block_m - 1)) // block_m
+
+
+def _block_map_reference(counts: torch.Tensor, n_rows: int, block_m: int):
+    """offsets, padded offsets and block map from per-expert counts, in plain torch."""
+    E = counts.shape[0]
+    dev = counts.device
+    counts = counts.to(torch.int64)
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    offsets = torch.cat([zero, counts.cumsum(0)])
+    nblk = (counts + block_m - 1) // block_m
+    pblk = torch.cat([zero, nblk.cumsum(0)])
+    b = torch.arange(_max_blocks(n_rows, E, block_m), device=dev)
+    e = torch.searchsorted(pblk[1:].contiguous(), b, right=True)
+    valid = e < E
+    ec = e.clamp(max=E - 1)
+    row = offsets[ec] + (b - pblk[ec]) * block_m
+    i32 = torch.int32
+    return (
+        counts.to(i32),
+        offsets.to(i32),
+        (pblk * block_m).to(i32),
+        torch.where(valid, e, -1).to(i32),
+        torch.where(valid, row, -1).to(i32),
+    )
+
+
+def _check_logits(logits, name="logits"):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must have shape [T, E] (2 dims), got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {logits.dtype}")
+    if logits.shape[0] == 0:
+        raise ValueError(f"{name} has T = 0 tokens; routing needs at least one")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{name} has E = 0 experts")
+
+
+def _check_int(value, name, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _check_score(score):
+    if score not in _SCORES:
+        raise ValueError(f"score must be one of {sorted(_SCORES)}, got {score!r}")
+
+
+def _scores_reference(logits: torch.Tensor, score: str) -> torch.Tensor:
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.softmax(x, -1) if score == "softmax" else torch.sigmoid(x)
+
+
+def _rank_key(x: torch.Tensor) -> torch.Tensor:
+    """The ranking key every backend uses: NaN ranks as -inf; ties resolved by stable sort."""
+    return x.masked_fill(torch.isnan(x), float("-inf"))
+
+
+def _stable_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Indices of the k largest along ``dim``, largest first, ties to the lower index."""
+    return torch.sort(_rank_key(x), dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+
+
+def topk_route_reference(logits: torch.Tensor, k: int, *, score: str = "softmax",
+                         renormalize: bool = False, block_m: int = 64) -> RoutingPlan:
+    """Plain-PyTorch token-choice routing; the definition :func:`topk_route` must match."""
+    _validate_topk(logits, k, score, block_m)
+    T, E = logits.shape
+    probs = _scores_reference(logits, score)
+    ids = _stable_topk(logits, k, dim=1)  # rank by logits (monotone in the probabilities)
+    w = probs.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    flat = ids.reshape(-1)
+    pair = torch.sort(flat, stable=True).indices
+    inverse = torch.empty_like(pair).scatter_(0, pair, torch.arange(pair.numel(), device=pair.device))
+    counts = torch.zeros(E, dtype=torch.int64, device=logits.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts, offsets, padded, block_expert, block_row = _block_map_reference(counts, T * k, block_m)
+    i32 = torch.int32
+    return RoutingPlan(
+        token_idx=(pair // k).to(i32), weights=w.reshape(-1)[pair], expert_counts=counts,
+        expert_offsets=offsets, padded_offsets=padded, block_expert=block_expert, block_row=block_row,
+        num_tokens=T, num_experts=E, block_m=block_m, top_k=k, topk_ids=ids.to(i32), topk_weights=w,
+        pair_idx=pair.to(i32), inverse=inverse.to(i32),
+    )
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens per expert, ``C = ceil(T * capacity_factor / E)``, clamped to ``[1, T]``."""
+    return max(1, min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts)))
+
+
+def expert_choice_route_reference(logits: torch.Tensor, capacity_factor: float = 2.0, *, score: str = "softmax",
+                                  block_m: int = 64) -> RoutingPlan:
+    """Plain-PyTorch expert-choice routing; the definition :func:`expert_choice_route` must match."""
+    C = _validate_ec(logits, capacity_factor, score, block_m)
+    T, E = logits.shape
+    probs_ET = _scores_reference(logits, score).t()
+    tok = torch.sort(_stable_topk(probs_ET, C, dim=1), dim=1).values  # [E, C] increasing tokens
+    w = probs_ET.gather(1, tok).reshape(-1)
+    counts = torch.full((E,), C, dtype=torch.int64, device=logits.device)
+    counts, offsets, padded, block_expert, block_row = _block_map_reference(counts, E * C, block_m)
+    return RoutingPlan(
+        token_idx=tok.reshape(-1).to(torch.int32), weights=w, expert_counts=counts, expert_offsets=offsets,
+        padded_offsets=padded, block_expert=block_expert, block_row=block_row, num_tokens=T,
+        num_experts=E, block_m=block_m, capacity=C,
+    )
+
+
+def topk_rows_reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``x [R, L]``, the k largest values: (indices [R, k] int32 increasing, values)."""
+    idx = torch.sort(_stable_topk(x, k, dim=1), dim=1).values
+    return idx.to(torch.int32), x.gather(1, idx)
+
+
+def mod_capacity(seq_len: int, capacity: float) -> int:
+    """Tokens per sequence a MoD block processes: ``k = ceil(capacity * S)``."""
+    return max(1, math.ceil(capacity * seq_len - 1e-9))
+
+
+def mod_select_reference(scores: torch.Tensor, capacity: float = 0.125, *, k: int | None = None) -> MoDSelection:
+    """Plain-PyTorch Mixture-of-Depths selection; the definition :func:`mod_select` must match."""
+    k = _validate_mod(scores, capacity, k)
+    idx, w = topk_rows_reference(scores, k)
+    return MoDSelection(indices=idx, weights=w)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Launchers
+# ----------------------------------------------------------------------------------------
+def _tile_tokens(E: int, K: int) -> int:
+    # Tiles of 128 tokens give one wave of 128 programs at T=16384 on 132 SMs; fewer tokens
+    # per tile when E is wide keep the [BLOCK_T, BLOCK_E] logits tile within registers.
+    block_e = triton.next_power_of_2(E)
+    return max(16, min(128, 8192 // block_e))
+
+
+def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool, block_m: int):
+    logits = logits.contiguous()
+    T, E = logits.shape
+    dev = logits.device
+    BLOCK_T = _tile_tokens(E, k)
+    BLOCK_E = triton.next_power_of_2(E)
+    n_tiles = triton.cdiv(T, BLOCK_T)
+    N = T * k
+    nb = _max_blocks(N, E, block_m)
+    i32 = torch.int32
+    ids = new_output((T, k), dtype=i32, device=dev)
+    w = new_output((T, k), dtype=torch.float32, device=dev)
+    tile_counts = new_output((n_tiles, E), dtype=i32, device=dev)
+    _topk_route_fwd_kernel[(n_tiles,)](
+        logits, logits.stride(0), T, E, k, ids, w, tile_counts,
+        SCORE=score, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
+        BLOCK_K=triton.next_power_of_2(k), num_warps=4,
+    )
+    counts = new_output((E,), dtype=i32, device=dev)
+    offsets = new_output((E + 1,), dtype=i32, device=dev)
+    padded = new_output((E + 1,), dtype=i32, device=dev)
+    block_expert = new_output((nb,), dtype=i32, device=dev)
+    block_row = new_output((nb,), dtype=i32, device=dev)
+    _route_scan_kernel[(1,)](
+        tile_counts, n_tiles, E, counts, offsets, padded, block_expert, block_row, nb,
+        BLOCK_E=BLOCK_E, BLOCK_TILES=max(1, min(64, 4096 // BLOCK_E)), BLOCK_M=block_m,
+        BLOCK_B=max(16, min(256, 8192 // BLOCK_E)), num_warps=4,
+    )
+    token_idx = new_output((N,), dtype=i32, device=dev)
+    sorted_w = new_output((N,), dtype=torch.float32, device=dev)
+    pair = new_output((N,), dtype=i32, device=dev)
+    inverse = new_output((N,), dtype=i32, device=dev)
+    pairs_per_tile = BLOCK_T * k
+    _route_scatter_kernel[(n_tiles,)](
+        ids, w, tile_counts, N, E, pairs_per_tile, token_idx, sorted_w, pair, inverse, k,
+        BLOCK_N=triton.next_power_of_2(pairs_per_tile), num_warps=4,
+    )
+    return ids, w, token_idx, sorted_w, pair, inverse, counts, offsets, padded, block_expert, block_row
+
+
+def _topk_route_bwd(logits, ids, inverse, g_topk, g_sorted, score: int, renormalize: bool):
+    logits = logits.contiguous()
+    T, E = logits.shape
+    k = ids.shape[1]
+    BLOCK_T = _tile_tokens(E, k)
+    dlogits = new_output((T, E), dtype=torch.float32, device=logits.device)
+    dummy = dlogits
+    _topk_route_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+        logits, logits.stride(0), T, E, k, ids,
+        g_topk.contiguous() if g_topk is not None else dummy,
+        g_sorted.contiguous() if g_sorted is not None else dummy,
+        inverse, dlogits,
+        HAS_G_TOPK=g_topk is not None, HAS_G_SORTED=g_sorted is not None,
+        SCORE=score, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=triton.next_power_of_2(E), num_warps=4,
+    )
+    return dlogits.to(logits.dtype)
+
+
+# Largest row kept in registers by the selection kernel (16 warps x 32 threads x 32 values).
+_SINGLE_MAX = 16384
+# Longer rows are streamed in chunks of this many values, re-read on each radix pass.
+_CHUNK = 4096
+
+
+def _topk_rows_fwd(x: torch.Tensor, k: int):
+    x = x.contiguous()
+    R, L = x.shape
+    idx = new_output((R, k), dtype=torch.int32, device=x.device)
+    val = new_output((R, k), dtype=x.dtype, device=x.device)
+    single = L <= _SINGLE_MAX
+    BLOCK = triton.next_power_of_2(L) if single else _CHUNK
+    num_warps = 4 if BLOCK <= 2048 else (8 if BLOCK <= 4096 else 16)
+    _topk_rows_kernel[(R,)](x, x.stride(0), L, k, idx, val, k, BLOCK=BLOCK, SINGLE=single, num_warps=num_warps)
+    return idx, val
+
+
+def _const_plan(E: int, C: int, block_m: int, device):
+    i32 = torch.int32
+    nb = _max_blocks(E * C, E, block_m)
+    counts = new_output((E,), dtype=i32, device=device)
+    offsets = new_output((E + 1,), dtype=i32, device=device)
+    padded = new_output((E + 1,), dtype=i32, device=device)
+    block_expert = new_output((nb,), dtype=i32, device=device)
+    block_row = new_output((nb,), dtype=i32, device=device)
+    BLOCK_E = triton.next_power_of_2(E)
+    _const_plan_kernel[(1,)](E, C, counts, offsets, padded, block_expert, block_row, nb, BLOCK_E=BLOCK_E,
+                             BLOCK_M=block_m, BLOCK_B=max(16, min(256, 8192 // BLOCK_E)), num_warps=4)
+    return counts, offsets, padded, block_expert, block_row
+
+
+def _expert_choice_fwd(logits: torch.Tensor, C: int, score: int, block_m: int):
+    logits = logits.contiguous()
+    T, E = logits.shape
+    BLOCK_E = triton.next_power_of_2(E)
+    BLOCK_T = max(16, min(128, 8192 // BLOCK_E))
+    probs_ET = new_output((E, T), dtype=torch.float32, device=logits.device)
+    _expert_scores_kernel[(triton.cdiv(T, BLOCK_T),)](logits, logits.stride(0), T, E, probs_ET, SCORE=score,
+                                                       BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
+    tok, w = _topk_rows_fwd(probs_ET, C)
+    return (tok.reshape(-1), w.reshape(-1), *_const_plan(E, C, block_m, logits.device))
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Custom ops with autograd (opaque to torch.compile: no graph breaks, no host sync)
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("flopwise::topk_route", mutates_args=())
+def _topk_route_op(logits: torch.Tensor, k: int, score: int, renormalize: bool, block_m: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _topk_route_fwd(logits, k, score, renormalize, block_m)
+
+
+@_topk_route_op.register_fake
+def _(logits, k, score, renormalize, block_m):
+    T, E = logits.shape
+    N = T * k
+    nb = _max_blocks(N, E, block_m)
+    i32, f32 = torch.int32, torch.float32
+    e = logits.new_empty
+    return (e((T, k), dtype=i32), e((T, k), dtype=f32), e((N,), dtype=i32), e((N,), dtype=f32),
+            e((N,), dtype=i32), e((N,), dtype=i32), e((E,), dtype=i32), e((E + 1,), dtype=i32),
+            e((E + 1,), dtype=i32), e((nb,), dtype=i32), e((nb,), dtype=i32))
+
+
+@torch.library.custom_op("flopwise::topk_route_bwd", mutates_args=())
+def _topk_route_bwd_op(logits: torch.Tensor, ids: torch.Tensor, inverse: torch.Tensor,
+                       g_topk: torch.Tensor | None, g_sorted: torch.Tensor | None,
+                       score: int, renormalize: bool) -> torch.Tensor:
+    return _topk_route_bwd(logits, ids, inverse, g_topk, g_sorted, score, renormalize)
+
+
+@_topk_route_bwd_op.register_fake
+def _(logits, ids, inverse, g_topk, g_sorted, score, renormalize):
+    return torch.empty_like(logits)
+
+
+def _topk_route_setup(ctx, inputs, output):
+    logits, k, score, renormalize, block_m = inputs
+    ctx.save_for_backward(logits, output[0], output[5])
+    ctx.score, ctx.renormalize = score, renormalize
+
+
+def _topk_route_backward(ctx, g_ids, g_topk, g_tok, g_sorted, *rest):
+    logits, ids, inverse = ctx.saved_tensors
+    if g_topk is None and g_sorted is None:
+        return None, None, None, None, None
+    d = _topk_route_bwd_op(logits, ids, inverse, g_topk, g_sorted, ctx.score, ctx.renormalize)
+    return d, None, None, None, None
+
+
+_topk_route_op.register_autograd(_topk_route_backward, setup_context=_topk_route_setup)
+
+
+@torch.library.custom_op("flopwise::expert_choice_route", mutates_args=())
+def _expert_choice_op(logits: torch.Tensor, capacity: int, score: int, block_m: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _expert_choice_fwd(logits, capacity, score, block_m)
+
+
+@_expert_choice_op.register_fake
+def _(logits, capacity, score, block_m):
+    T, E = logits.shape
+    N = E * capacity
+    nb = _max_blocks(N, E, block_m)
+    i32 = torch.int32
+    e = logits.new_empty
+    return (e((N,), dtype=i32), e((N,), dtype=torch.float32), e((E,), dtype=i32), e((E + 1,), dtype=i32),
+            e((E + 1,), dtype=i32), e((nb,), dtype=i32), e((nb,), dtype=i32))
+
+
+def _expert_choice_setup(ctx, inputs, output):
+    logits, capacity, score, block_m = inputs
+    ctx.save_for_backward(logits, output[0])
+    ctx.score, ctx.capacity = score, capacity
+
+
+def _expert_choice_backward(ctx, g_tok, g_w, *rest):
+    logits, tok = ctx.saved_tensors
+    if g_w is None:
+        return None, None, None, None
+    T, E = logits.shape
+    # d probs[t, e] for the selected (expert, token) pairs; then the score's Jacobian.
+    x = logits.float()
+    g_ET = torch.zeros(E, T, dtype=torch.float32, device=logits.device)
+    g_ET.scatter_(1, tok.view(E, ctx.capacity).long(), g_w.view(E, ctx.capacity).float())
+    gp = g_ET.t()
+    if ctx.score == 0:
+        p = torch.softmax(x, -1)
+        d = p * (gp - (p * gp).sum(-1, keepdim=True))
+    else:
+        p = torch.sigmoid(x)
+        d = gp * p * (1 - p)
+    return d.to(logits.dtype), None, None, None
+
+
+_expert_choice_op.register_autograd(_expert_choice_backward, setup_context=_expert_choice_setup)
+
+
+@torch.library.custom_op("flopwise::topk_rows", mutates_args=())
+def _topk_rows_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _topk_rows_fwd(x, k)
+
+
+@_topk_rows_op.register_fake
+def _(x, k):
+    return x.new_empty((x.shape[0], k), dtype=torch.int32), x.new_empty((x.shape[0], k))
+
+
+def _topk_rows_setup(ctx, inputs, output):
+    x, k = inputs
+    ctx.save_for_backward(output[0])
+    ctx.shape = x.shape
+
+
+def _topk_rows_backward(ctx, g_idx, g_val):
+    (idx,) = ctx.saved_tensors
+    if g_val is None:
+        return None, None
+    g = torch.zeros(ctx.shape, dtype=g_val.dtype, device=g_val.device)
+    return g.scatter_(1, idx.long(), g_val), None
+
+
+_topk_rows_op.register_autograd(_topk_rows_backward, setup_context=_topk_rows_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Public API
+# ----------------------------------------------------------------------------------------
+def _validate_topk(logits, k, score, block_m):
+    _check_logits(logits)
+    _check_int(k, "k", 1, logits.shape[1])
+    _check_score(score)
+    _check_int(block_m, "block_m", 1, 1 << 16)
+
+
+def _validate_ec(logits, capacity_factor, score, block_m) -> int:
+    _check_logits(logits)
+    _check_score(score)
+    _check_int(block_m, "block_m", 1, 1 << 16)
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(f"capacity_factor must be a number, got {type(capacity_factor).__name__}")
+    if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor}")
+    return expert_choice_capacity(logits.shape[0], logits.shape[1], capacity_factor)
+
+
+def _validate_mod(scores, capacity, k) -> int:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape [B, S] (2 dims), got {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"scores must have B >= 1 and S >= 1, got {tuple(scores.shape)}")
+    S = scores.shape[1]
+    if k is None:
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
+            raise TypeError(f"capacity must be a number, got {type(capacity).__name__}")
+        if not 0 < capacity <= 1:
+            raise ValueError(f"capacity must be in (0, 1], got {capacity}")
+        return mod_capacity(S, capacity)
+    _check_int(k, "k", 1, S)
+    return k
+
+
+def _kernel_ok(t: torch.Tensor, op: str) -> bool:
+    if backend(t, op=op) != "triton":
+        return False
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if os.environ.get("FLOPWISE_BACKEND", "").strip().lower() == "triton":
+            raise RuntimeError(f"FLOPWISE_BACKEND=triton but {op} has no Triton kernel for {t.dtype}")
+        return False  # float64 (e.g. gradcheck) takes the reference path
+    return True
+
+
+def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormalize: bool = False,
+               block_m: int = 64) -> RoutingPlan:
+    """Token-choice top-k routing: each token picks its k best experts (dropless).
+
+    Args:
+        logits: ``[T, E]`` router logits (fp32, bf16, fp16; float64 runs the reference).
+        k: experts per token, ``1 <= k <= E``.
+        score: ``"softmax"`` over experts (Mixtral, OLMoE) or ``"sigmoid"`` per expert.
+        renormalize: divide each token's k weights by their sum (Mixtral: yes, OLMoE: no).
+        block_m: rows per block of the grouped matmul that will consume the plan.
+
+    Returns a :class:`RoutingPlan` with ``N = T * k`` rows; ``plan.weights`` and
+    ``plan.topk_weights`` carry gradients to ``logits``. No host synchronisation.
+
+    Example::
+
+        plan = topk_route(router(x), k=2, renormalize=True)
+        rows = x[plan.token_idx]          # [T*k, D], expert-sorted
+    """
+    _validate_topk(logits, k, score, block_m)
+    if not _kernel_ok(logits, "topk_route"):
+        return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m)
+    T, E = logits.shape
+    ids, w, tok, sw, pair, inv, counts, offsets, padded, bexp, brow = _topk_route_op(
+        logits, k, _SCORES[score], bool(renormalize), block_m)
+    return RoutingPlan(
+        token_idx=tok, weights=sw, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
+        block_expert=bexp, block_row=brow, num_tokens=T, num_experts=E, block_m=block_m, top_k=k,
+        topk_ids=ids, topk_weights=w, pair_idx=pair, inverse=inv,
+    )
+
+
+def expert_choice_route(logits: torch.Tensor, capacity_factor: float = 2.0, *, score: str = "softmax",
+                        block_m: int = 64) -> RoutingPlan:
+    """Expert-choice routing (Zhou et al. 2022): each expert picks its top C tokens.
+
+    ``C = ceil(T * capacity_factor / E)`` (clamped to ``[1, T]``); a token may be picked by
+    several experts or none. Probabilities are the softmax over experts (or sigmoid) per
+    token; each expert ranks tokens by its probability, ties to the lower token index.
+
+    Args:
+        logits: ``[T, E]`` router logits.
+        capacity_factor: average experts per token (Zhou et al. use 2).
+        score: ``"softmax"`` or ``"sigmoid"``.
+        block_m: rows per block of the consuming grouped matmul.
+
+    Returns a :class:`RoutingPlan` with ``N = E * C`` rows, each expert's tokens in
+    increasing order; ``plan.weights`` (the selected probabilities) carry gradients.
+
+    Example::
+
+        plan = expert_choice_route(router(x), capacity_factor=2.0)
+    """
+    C = _validate_ec(logits, capacity_factor, score, block_m)
+    if not _kernel_ok(logits, "expert_choice_route"):
+        return expert_choice_route_reference(logits, capacity_factor, score=score, block_m=block_m)
+    T, E = logits.shape
+    tok, w, counts, offsets, padded, bexp, brow = _expert_choice_op(logits, C, _SCORES[score], block_m)
+    return RoutingPlan(
+        token_idx=tok, weights=w, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
+        block_expert=bexp, block_row=brow, num_tokens=T, num_experts=E, block_m=block_m, capacity=C,
+    )
+
+
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``x [R, L]``, the k largest values in increasing position order.
+
+    Returns ``(indices [R, k] int32, values [R, k])``; values are differentiable. Ties go to
+    the lower position, NaN ranks lowest. Exactly k per row.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise TypeError("x must be a 2-D floating-point torch.Tensor [R, L]")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x must have R >= 1 and L >= 1, got {tuple(x.shape)}")
+    _check_int(k, "k", 1, x.shape[1])
+    if not _kernel_ok(x, "topk_rows"):
+        return topk_rows_reference(x, k)
+    return _topk_rows_op(x, k)
+
+
+def mod_select(scores: torch.Tensor, capacity: float = 0.125, *, k: int | None = None) -> MoDSelection:
+    """Mixture-of-Depths selection: per sequence, the top ``k = ceil(capacity * S)`` positions.
+
+    Args:
+        scores: ``[B, S]`` router scores (any float dtype).
+        capacity: fraction of positions that enter the block, in ``(0, 1]`` (paper: 0.125).
+        k: explicit count (overrides ``capacity``), ``1 <= k <= S``.
+
+    Returns a :class:`MoDSelection`: ``indices [B, k]`` int32 in increasing position order
+    (causal order preserved), ``weights [B, k]`` the selected scores (differentiable).
+    Exactly k per row; ties go to the lower position in every backend.
+
+    Example::
+
+        sel = mod_select(router(x).squeeze(-1), capacity=0.125)
+    """
+    k = _validate_mod(scores, capacity, k)
+    idx, w = topk_rows(scores, k)
+    return MoDSelection(indices=idx, weights=w)
