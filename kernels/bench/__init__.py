@@ -153,7 +153,8 @@ def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
                 op=case.op,
                 shape=case.shape,
                 mode=case.mode,
-                provider=name,
+                # on CPU the Triton provider runs under the interpreter: say so
+                provider=name if gpu or name != "triton" else "triton-interp",
                 ms=ms,
                 tbps=tbps,
                 tflops=tflops,
@@ -171,15 +172,15 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["op", "shape", "mode", "provider", "ms", "TB/s", "TFLOP/s", "vs torch", "of copy BW", "status"]
+    head = ["op", "shape", "mode", "provider", "µs", "TB/s", "TFLOP/s", "vs torch", "of copy BW", "status"]
     body = [
         [
             r.op,
             r.shape,
             r.mode,
             r.provider,
-            _fmt(r.ms, ".4f"),
-            _fmt(r.tbps, ".3f"),
+            "-" if r.ms is None else f"{1e3 * r.ms:.1f}",
+            _fmt(r.tbps, ".2f"),
             _fmt(r.tflops, ".1f"),
             "-" if r.vs_torch is None else f"{r.vs_torch:.2f}x",
             "-" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%",
