@@ -646,7 +646,8 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
         ids, w, tile_counts, N, E, pairs_per_tile, token_idx, sorted_w, pair, inverse, k,
         BLOCK_N=triton.next_power_of_2(pairs_per_tile), num_warps=4,
     )
-    return ids, w, token_idx, sorted_w, pair, inverse, counts, offsets, padded, block_expert, block_row
+    # float outputs first (opcheck's aot check sums outputs into the first one's dtype)
+    return w, sorted_w, ids, token_idx, pair, inverse, counts, offsets, padded, block_expert, block_row
 
 
 def _topk_route_bwd(logits, ids, inverse, g_topk, g_sorted, score: int, renormalize: bool):
@@ -708,7 +709,7 @@ def _expert_choice_fwd(logits: torch.Tensor, C: int, score: int, block_m: int):
     _expert_scores_kernel[(triton.cdiv(T, BLOCK_T),)](logits, logits.stride(0), T, E, probs_ET, SCORE=score,
                                                        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
     tok, w = _topk_rows_fwd(probs_ET, C)
-    return (tok.reshape(-1), w.reshape(-1), *_const_plan(E, C, block_m, logits.device))
+    return (w.reshape(-1), tok.reshape(-1), *_const_plan(E, C, block_m, logits.device))
 
 
 # ----------------------------------------------------------------------------------------
@@ -728,7 +729,7 @@ def _(logits, k, score, renormalize, block_m):
     nb = _max_blocks(N, E, block_m)
     i32, f32 = torch.int32, torch.float32
     e = logits.new_empty
-    return (e((T, k), dtype=i32), e((T, k), dtype=f32), e((N,), dtype=i32), e((N,), dtype=f32),
+    return (e((T, k), dtype=f32), e((N,), dtype=f32), e((T, k), dtype=i32), e((N,), dtype=i32),
             e((N,), dtype=i32), e((N,), dtype=i32), e((E,), dtype=i32), e((E + 1,), dtype=i32),
             e((E + 1,), dtype=i32), e((nb,), dtype=i32), e((nb,), dtype=i32))
 
@@ -747,11 +748,11 @@ def _(logits, ids, inverse, g_topk, g_sorted, score, renormalize):
 
 def _topk_route_setup(ctx, inputs, output):
     logits, k, score, renormalize, block_m = inputs
-    ctx.save_for_backward(logits, output[0], output[5])
+    ctx.save_for_backward(logits, output[2], output[5])
     ctx.score, ctx.renormalize = score, renormalize
 
 
-def _topk_route_backward(ctx, g_ids, g_topk, g_tok, g_sorted, *rest):
+def _topk_route_backward(ctx, g_topk, g_sorted, *rest):
     logits, ids, inverse = ctx.saved_tensors
     if g_topk is None and g_sorted is None:
         return None, None, None, None, None
@@ -775,17 +776,17 @@ def _(logits, capacity, score, block_m):
     nb = _max_blocks(N, E, block_m)
     i32 = torch.int32
     e = logits.new_empty
-    return (e((N,), dtype=i32), e((N,), dtype=torch.float32), e((E,), dtype=i32), e((E + 1,), dtype=i32),
+    return (e((N,), dtype=torch.float32), e((N,), dtype=i32), e((E,), dtype=i32), e((E + 1,), dtype=i32),
             e((E + 1,), dtype=i32), e((nb,), dtype=i32), e((nb,), dtype=i32))
 
 
 def _expert_choice_setup(ctx, inputs, output):
     logits, capacity, score, block_m = inputs
-    ctx.save_for_backward(logits, output[0])
+    ctx.save_for_backward(logits, output[1])
     ctx.score, ctx.capacity = score, capacity
 
 
-def _expert_choice_backward(ctx, g_tok, g_w, *rest):
+def _expert_choice_backward(ctx, g_w, *rest):
     logits, tok = ctx.saved_tensors
     if g_w is None:
         return None, None, None, None
@@ -809,21 +810,22 @@ _expert_choice_op.register_autograd(_expert_choice_backward, setup_context=_expe
 
 @torch.library.custom_op("flopwise::topk_rows", mutates_args=())
 def _topk_rows_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _topk_rows_fwd(x, k)
+    idx, val = _topk_rows_fwd(x, k)
+    return val, idx
 
 
 @_topk_rows_op.register_fake
 def _(x, k):
-    return x.new_empty((x.shape[0], k), dtype=torch.int32), x.new_empty((x.shape[0], k))
+    return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.int32)
 
 
 def _topk_rows_setup(ctx, inputs, output):
     x, k = inputs
-    ctx.save_for_backward(output[0])
+    ctx.save_for_backward(output[1])
     ctx.shape = x.shape
 
 
-def _topk_rows_backward(ctx, g_idx, g_val):
+def _topk_rows_backward(ctx, g_val, g_idx):
     (idx,) = ctx.saved_tensors
     if g_val is None:
         return None, None
@@ -908,7 +910,7 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
     if not _kernel_ok(logits, "topk_route"):
         return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m)
     T, E = logits.shape
-    ids, w, tok, sw, pair, inv, counts, offsets, padded, bexp, brow = _topk_route_op(
+    w, sw, ids, tok, pair, inv, counts, offsets, padded, bexp, brow = _topk_route_op(
         logits, k, _SCORES[score], bool(renormalize), block_m)
     return RoutingPlan(
         token_idx=tok, weights=sw, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
@@ -942,7 +944,7 @@ def expert_choice_route(logits: torch.Tensor, capacity_factor: float = 2.0, *, s
     if not _kernel_ok(logits, "expert_choice_route"):
         return expert_choice_route_reference(logits, capacity_factor, score=score, block_m=block_m)
     T, E = logits.shape
-    tok, w, counts, offsets, padded, bexp, brow = _expert_choice_op(logits, C, _SCORES[score], block_m)
+    w, tok, counts, offsets, padded, bexp, brow = _expert_choice_op(logits, C, _SCORES[score], block_m)
     return RoutingPlan(
         token_idx=tok, weights=w, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
         block_expert=bexp, block_row=brow, num_tokens=T, num_experts=E, block_m=block_m, capacity=C,
@@ -962,7 +964,8 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     _check_int(k, "k", 1, x.shape[1])
     if not _kernel_ok(x, "topk_rows"):
         return topk_rows_reference(x, k)
-    return _topk_rows_op(x, k)
+    val, idx = _topk_rows_op(x, k)
+    return idx, val
 
 
 def mod_select(scores: torch.Tensor, capacity: float = 0.125, *, k: int | None = None) -> MoDSelection:
