@@ -4,6 +4,14 @@ Each op dispatches through :mod:`flopwise.kernels._dispatch`: Triton on CUDA ten
 Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1``, the reference otherwise.
 """
 
+from .mod_gather import (
+    gather_tokens,
+    gather_tokens_reference,
+    rmsnorm_gather_tokens,
+    rmsnorm_gather_tokens_reference,
+    scatter_tokens,
+    scatter_tokens_reference,
+)
 from .routing import (
     MoDSelection,
     RoutingPlan,
@@ -25,9 +33,15 @@ __all__ = [
     "expert_choice_capacity",
     "expert_choice_route",
     "expert_choice_route_reference",
+    "gather_tokens",
+    "gather_tokens_reference",
     "mod_capacity",
     "mod_select",
     "mod_select_reference",
+    "rmsnorm_gather_tokens",
+    "rmsnorm_gather_tokens_reference",
+    "scatter_tokens",
+    "scatter_tokens_reference",
     "topk_route",
     "topk_route_reference",
     "topk_rows",
