@@ -4,6 +4,7 @@ Each op dispatches through :mod:`flopwise.kernels._dispatch`: Triton on CUDA ten
 Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1``, the reference otherwise.
 """
 
+from .grouped_mm import grouped_mm, grouped_mm_reference, moe_mlp, moe_mlp_reference
 from .mod_gather import (
     gather_tokens,
     gather_tokens_reference,
@@ -35,9 +36,13 @@ __all__ = [
     "expert_choice_route_reference",
     "gather_tokens",
     "gather_tokens_reference",
+    "grouped_mm",
+    "grouped_mm_reference",
     "mod_capacity",
     "mod_select",
     "mod_select_reference",
+    "moe_mlp",
+    "moe_mlp_reference",
     "rmsnorm_gather_tokens",
     "rmsnorm_gather_tokens_reference",
     "scatter_tokens",

@@ -1,0 +1,576 @@
+"""Grouped matmuls over expert-sorted rows, driven by a :class:`~flopwise.kernels.routing.RoutingPlan`.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, N plan rows (T*K or E*C),
+NB grouped-matmul blocks of ``plan.block_m`` rows.
+
+Two public ops:
+
+* :func:`grouped_mm` ``(a, w_EKN, plan) -> [N, N_]``: row ``r`` is ``a[src(r)] @ w[e(r)]`` where
+  ``src(r) = plan.token_idx[r]`` (``gather=True``, rows read straight from the token
+  matrix, no permuted copy) or ``r``.
+* :func:`moe_mlp` ``(x_TD, plan, w_gate_EDF, w_up_EDF, w_down_EFD) -> [T, D]``: the whole
+  SwiGLU expert MLP in two launches: gate and up share the gathered input tile and fuse
+  ``silu(g) * u`` in the epilogue; down scales by the combine weight and accumulates each
+  token's output in place (no permuted output, no separate combine pass).
+
+Backward: dX is a grouped matmul with ``W^T`` whose epilogue scatter-adds into the token
+rows; dW is a per-expert ``X^T dY`` over each expert's variable row range (zero rows give
+zero gradients); the combine weights' gradient (``<h_r, dY[t] W_down^T>``) is reduced in
+the epilogue of the down projection's backward, which also applies the SwiGLU backward.
+
+Every kernel walks the plan's block map on the device: a program whose block is past the
+end (``block_expert == -1``) returns at once, so no host sync is ever needed.
+
+Numerics: operands in their dtype (fp32, bf16, fp16), fp32 accumulation; token outputs and
+dX accumulate with fp32 atomics and are cast at the end, so sums over a token's experts are
+order-nondeterministic at the last fp32 bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import HAS_TRITON, backend, new_output
+from .routing import RoutingPlan
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["grouped_mm", "grouped_mm_reference", "moe_mlp", "moe_mlp_reference"]
+
+# Epilogues of the row-block kernel
+_STORE, _SWIGLU, _SCALE_SCATTER, _SWIGLU_BWD, _SCATTER = 0, 1, 2, 3, 4
+
+# ----------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ----------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, acc, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+        if DOT_F32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly; fp32 is exact for bf16 values
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _grouped_mm_fwd_kernel(
+        a_ptr, a2_ptr, a_idx_ptr, stride_am,
+        b_ptr, b2_ptr, stride_be, stride_bk, stride_bn,
+        out_ptr, out2_ptr, out3_ptr, stride_om,
+        pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr,
+        block_expert_ptr, block_row_ptr, offsets_ptr,
+        K, N,
+        EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, DUAL_A: tl.constexpr, SAVE_PRE: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One (row block, column block) tile of ``A[rows] @ B[e]`` for the block's expert e.
+
+        A is row-major ``[*, K]``; B is ``[E, K, N]`` through strides (so ``W^T`` needs no copy).
+        EPILOGUE:
+          _STORE         out[r] = acc
+          _SWIGLU        acc = A@Wg, acc2 = A@Wu: out[r] = silu(acc)*acc2 (+ pre-activations)
+          _SCALE_SCATTER out[tok[r]] += w[r] * acc          (fp32 atomics)
+          _SWIGLU_BWD    acc = dY[tok] @ Wd^T: dw[r] += <h_r, acc>; dH = w*acc -> dG, dU
+          _SCATTER       out[tok[r]] += acc (+ A2@B2 when DUAL_A)  (fp32 atomics)
+        """
+        pid_b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_b)
+        if e < 0:
+            return
+        row0 = tl.load(block_row_ptr + pid_b)
+        end = tl.load(offsets_ptr + e + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rmask = rows < end
+        if GATHER_A:
+            src = tl.load(a_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cols < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :]
+        a2_ptrs = a2_ptr + src[:, None] * stride_am + offs_k[None, :]
+        b_off = e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+        b_ptrs = b_ptr + b_off
+        b2_ptrs = b2_ptr + b_off
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + offs_k) < K
+            amask = rmask[:, None] & kmask[None, :]
+            bmask = kmask[:, None] & nmask[None, :]
+            a = tl.load(a_ptrs, mask=amask, other=0.0)
+            b = tl.load(b_ptrs, mask=bmask, other=0.0)
+            acc = _dot(a, b, acc, PRECISION, DOT_F32)
+            if EPILOGUE == _SWIGLU_C:
+                b2 = tl.load(b2_ptrs, mask=bmask, other=0.0)
+                acc2 = _dot(a, b2, acc2, PRECISION, DOT_F32)
+            if DUAL_A:
+                a2 = tl.load(a2_ptrs, mask=amask, other=0.0)
+                b2 = tl.load(b2_ptrs, mask=bmask, other=0.0)
+                acc = _dot(a2, b2, acc, PRECISION, DOT_F32)
+            a_ptrs += BLOCK_K
+            a2_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_bk
+            b2_ptrs += BLOCK_K * stride_bk
+        omask = rmask[:, None] & nmask[None, :]
+        o_rows = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        if EPILOGUE == _STORE_C:
+            tl.store(out_ptr + o_rows, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        elif EPILOGUE == _SWIGLU_C:
+            if SAVE_PRE:
+                tl.store(pre_ptr + o_rows, acc.to(pre_ptr.dtype.element_ty), mask=omask)
+                tl.store(pre2_ptr + o_rows, acc2.to(pre2_ptr.dtype.element_ty), mask=omask)
+            # silu from the rounded pre-activations, so backward recomputes exactly this h
+            g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            u = acc2.to(out_ptr.dtype.element_ty).to(tl.float32)
+            h = g * tl.sigmoid(g) * u
+            tl.store(out_ptr + o_rows, h.to(out_ptr.dtype.element_ty), mask=omask)
+        elif EPILOGUE == _SCALE_SCATTER_C:
+            w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            tl.atomic_add(out_ptr + tok[:, None] * stride_om + cols[None, :], acc * w[:, None], mask=omask,
+                          sem="relaxed")
+        elif EPILOGUE == _SWIGLU_BWD_C:
+            g = tl.load(pre_ptr + o_rows, mask=omask, other=0.0).to(tl.float32)
+            u = tl.load(pre2_ptr + o_rows, mask=omask, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(g)
+            silu = g * sg
+            h = (silu * u).to(out_ptr.dtype.element_ty).to(tl.float32)  # the h the forward used
+            tl.atomic_add(dw_ptr + rows, tl.sum(h * acc, 1), mask=rmask, sem="relaxed")
+            w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            dh = acc * w[:, None]
+            dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+            du = dh * silu
+            tl.store(out_ptr + o_rows, dg.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(out2_ptr + o_rows, du.to(out2_ptr.dtype.element_ty), mask=omask)
+        else:  # _SCATTER
+            tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            tl.atomic_add(out_ptr + tok[:, None] * stride_om + cols[None, :], acc, mask=omask, sem="relaxed")
+
+    @triton.jit
+    def _grouped_mm_dw_kernel(
+        a_ptr, a2_ptr, a_idx_ptr, stride_am,
+        g_ptr, g2_ptr, g_idx_ptr, stride_gm, w_ptr,
+        dw_ptr, dw2_ptr, stride_de, stride_dk,
+        offsets_ptr, K, N,
+        GATHER_A: tl.constexpr, SWIGLU_A: tl.constexpr, GATHER_G: tl.constexpr, DUAL_G: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """dW[e] (and dW2[e]) = A_e^T @ G_e over expert e's rows ``offsets[e]:offsets[e+1]``.
+
+        A rows: ``a[tok[r]]`` (GATHER_A) or ``a[r]``; SWIGLU_A: A = silu(a) * a2 (h recomputed
+        from the saved pre-activations). G rows: ``w[r] * g[tok[r]]`` (GATHER_G) or ``g[r]``;
+        DUAL_G: a second output from G2 with the same A (gate and up share the x tile)."""
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        n_blocks_n = tl.cdiv(N, BLOCK_N)
+        pid_k = pid // n_blocks_n
+        pid_n = pid % n_blocks_n
+        start = tl.load(offsets_ptr + e)
+        end = tl.load(offsets_ptr + e + 1)
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kmask = ks < K
+        nmask = ns < N
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for r0 in range(start, end, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            rmask = rows < end
+            if GATHER_A:
+                sa = tl.load(a_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            else:
+                sa = rows.to(tl.int64)
+            am = kmask[:, None] & rmask[None, :]
+            a = tl.load(a_ptr + sa[None, :] * stride_am + ks[:, None], mask=am, other=0.0)
+            if SWIGLU_A:
+                gg = a.to(tl.float32)
+                uu = tl.load(a2_ptr + sa[None, :] * stride_am + ks[:, None], mask=am, other=0.0).to(tl.float32)
+                a = (gg * tl.sigmoid(gg) * uu).to(a2_ptr.dtype.element_ty)
+            gm = rmask[:, None] & nmask[None, :]
+            if GATHER_G:
+                sg = tl.load(g_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+                g = tl.load(g_ptr + sg[:, None] * stride_gm + ns[None, :], mask=gm, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+                g = (g * w[:, None]).to(g_ptr.dtype.element_ty)
+            else:
+                g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ns[None, :], mask=gm, other=0.0)
+            acc = _dot(a, g, acc, PRECISION, DOT_F32)
+            if DUAL_G:
+                g2 = tl.load(g2_ptr + rows.to(tl.int64)[:, None] * stride_gm + ns[None, :], mask=gm, other=0.0)
+                acc2 = _dot(a, g2, acc2, PRECISION, DOT_F32)
+        out = e.to(tl.int64) * stride_de + ks[:, None] * stride_dk + ns[None, :]
+        m = kmask[:, None] & nmask[None, :]
+        tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=m)
+        if DUAL_G:
+            tl.store(dw2_ptr + out, acc2.to(dw2_ptr.dtype.element_ty), mask=m)
+
+    _STORE_C = tl.constexpr(_STORE)
+    _SWIGLU_C = tl.constexpr(_SWIGLU)
+    _SCALE_SCATTER_C = tl.constexpr(_SCALE_SCATTER)
+    _SWIGLU_BWD_C = tl.constexpr(_SWIGLU_BWD)
+    _SCATTER_C = tl.constexpr(_SCATTER)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. References
+# ----------------------------------------------------------------------------------------
+def _segments(plan: RoutingPlan) -> list[tuple[int, int]]:
+    o = plan.expert_offsets.tolist()  # host sync: fine for the reference
+    return [(o[e], o[e + 1]) for e in range(plan.num_experts)]
+
+
+def grouped_mm_reference(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: bool = True) -> torch.Tensor:
+    """``out[r] = a[src(r)] @ w[e(r)]``, one matmul per expert (fp32 accumulation)."""
+    rows = a[plan.token_idx.long()] if gather else a
+    out = [rows[s:t].float() @ w[e].float() for e, (s, t) in enumerate(_segments(plan))]
+    return torch.cat(out).to(a.dtype) if out else a.new_zeros(0, w.shape[2])
+
+
+def moe_mlp_reference(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torch.Tensor,
+                      w_down: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU expert MLP, combined: ``y[t] = sum_r w_r * (silu(x_t Wg_e) * (x_t Wu_e)) Wd_e``."""
+    y = torch.zeros(x.shape[0], w_down.shape[2], dtype=torch.float32, device=x.device)
+    for e, (s, t) in enumerate(_segments(plan)):
+        tok = plan.token_idx[s:t].long()
+        h = x[tok].float()
+        act = F.silu(h @ w_gate[e].float()) * (h @ w_up[e].float())
+        y = y.index_add(0, tok, (act @ w_down[e].float()) * plan.weights[s:t, None].float())
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Launchers
+# ----------------------------------------------------------------------------------------
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 operands stay fp32 (tests compare tightly); bf16/fp16 use the tensor cores as is.
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _dot_f32(a: torch.Tensor) -> bool:
+    return a.device.type == "cpu" and a.dtype == torch.bfloat16
+
+
+def _tiles(K: int, N: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for the row-block kernel."""
+    bn = min(128, max(16, triton.next_power_of_2(N)))
+    bk = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(K)))
+    return bn, bk, 8 if bn >= 128 else 4, 3
+
+
+def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool, a2=None, w2=None,
+                 out2=None, out3=None, pre=None, pre2=None, weights=None, dw=None, transpose_w=False):
+    """Launch the row-block kernel. ``w_t`` is ``[E, K, N]`` (or ``[E, N, K]`` read transposed)."""
+    E = w_t.shape[0]
+    if transpose_w:
+        N, K = w_t.shape[1], w_t.shape[2]
+        sbk, sbn = w_t.stride(2), w_t.stride(1)
+    else:
+        K, N = w_t.shape[1], w_t.shape[2]
+        sbk, sbn = w_t.stride(1), w_t.stride(2)
+    bn, bk, warps, stages = _tiles(K, N, a.dtype)
+    grid = (plan.max_blocks, triton.cdiv(N, bn))
+    d = out  # placeholder for pointers a variant never dereferences
+    _grouped_mm_fwd_kernel[grid](
+        a, d if a2 is None else a2, plan.token_idx, a.stride(0),
+        w_t, d if w2 is None else w2, w_t.stride(0), sbk, sbn,
+        out, d if out2 is None else out2, d if out3 is None else out3, out.stride(0),
+        d if pre is None else pre, d if pre2 is None else pre2,
+        d if weights is None else weights, d if dw is None else dw, plan.token_idx,
+        plan.block_expert, plan.block_row, plan.expert_offsets,
+        K, N,
+        EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=out2 is not None,
+        PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages,
+    )
+    return E
+
+
+def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, a2=None, g2=None, dw2=None,
+               swiglu_a=False):
+    E, K, N = dw.shape
+    bk = min(64, max(16, triton.next_power_of_2(K)))
+    bn = min(128, max(16, triton.next_power_of_2(N)))
+    br = 32 if a.dtype == torch.float32 else 64
+    grid = (triton.cdiv(K, bk) * triton.cdiv(N, bn), E)
+    d = dw
+    _grouped_mm_dw_kernel[grid](
+        a, d if a2 is None else a2, plan.token_idx, a.stride(0),
+        g, d if g2 is None else g2, plan.token_idx, g.stride(0), d if not gather_g else plan.weights,
+        dw, d if dw2 is None else dw2, dw.stride(0), dw.stride(1),
+        plan.expert_offsets, K, N,
+        GATHER_A=gather_a, SWIGLU_A=swiglu_a, GATHER_G=gather_g, DUAL_G=g2 is not None,
+        PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br,
+        num_warps=8 if bk * bn >= 64 * 128 else 4, num_stages=3,
+    )
+
+
+def _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m: int, T: int) -> RoutingPlan:
+    return RoutingPlan(token_idx=token_idx, weights=weights, expert_counts=offsets[1:] - offsets[:-1],
+                       expert_offsets=offsets, padded_offsets=offsets, block_expert=block_expert,
+                       block_row=block_row, num_tokens=T, num_experts=offsets.shape[0] - 1, block_m=block_m)
+
+
+def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m: int,
+             save: bool):
+    x = x.contiguous()
+    T, D = x.shape
+    N, Fh = token_idx.shape[0], w_gate.shape[2]
+    plan = _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m, T)
+    h = new_output((N, Fh), dtype=x.dtype, device=x.device)
+    g = new_output((N, Fh) if save else (0, Fh), dtype=x.dtype, device=x.device)
+    u = new_output((N, Fh) if save else (0, Fh), dtype=x.dtype, device=x.device)
+    _launch_rows(x, w_gate.contiguous(), plan, h, epilogue=_SWIGLU, gather=True, w2=w_up.contiguous(),
+                 out2=g if save else None, out3=u if save else None, pre=g if save else None,
+                 pre2=u if save else None)
+    y = torch.zeros(T, w_down.shape[2], dtype=torch.float32, device=x.device)
+    _launch_rows(h, w_down.contiguous(), plan, y, epilogue=_SCALE_SCATTER, gather=False, weights=weights)
+    return y.to(x.dtype), g, u
+
+
+def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row,
+             block_m: int):
+    dy, x = dy.contiguous(), x.contiguous()
+    w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+    T, D = x.shape
+    N, Fh = g.shape
+    plan = _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m, T)
+    dev = x.device
+    dg = new_output((N, Fh), dtype=x.dtype, device=dev)
+    du = new_output((N, Fh), dtype=x.dtype, device=dev)
+    dweights = torch.zeros(N, dtype=torch.float32, device=dev)
+    # dY[tok] @ Wd^T, with d combine weights, d silu*mul fused in the epilogue
+    _launch_rows(dy, w_down, plan, dg, epilogue=_SWIGLU_BWD, gather=True, out2=du, pre=g, pre2=u,
+                 weights=weights, dw=dweights, transpose_w=True)
+    # dX[tok] += dG @ Wg^T + dU @ Wu^T
+    dx = torch.zeros(T, D, dtype=torch.float32, device=dev)
+    _launch_rows(dg, w_gate, plan, dx, epilogue=_SCATTER, gather=False, a2=du, w2=w_up, transpose_w=True)
+    # dWg = X^T dG, dWu = X^T dU (shared x tile), dWd = H^T (w * dY[tok])
+    dwg = new_output(w_gate.shape, dtype=w_gate.dtype, device=dev)
+    dwu = new_output(w_up.shape, dtype=w_up.dtype, device=dev)
+    _launch_dw(x, plan, dg, dwg, gather_a=True, gather_g=False, g2=du, dw2=dwu)
+    dwd = new_output(w_down.shape, dtype=w_down.dtype, device=dev)
+    _launch_dw(g, plan, dy, dwd, gather_a=False, gather_g=True, a2=u, swiglu_a=True)
+    return dx.to(x.dtype), dweights.to(weights.dtype), dwg, dwu, dwd
+
+
+def _gmm_fwd(a, w, token_idx, offsets, block_expert, block_row, block_m: int, gather: bool):
+    a = a.contiguous()
+    plan = _plan_from(token_idx, a.new_empty(0), offsets, block_expert, block_row, block_m, a.shape[0])
+    out = new_output((token_idx.shape[0], w.shape[2]), dtype=a.dtype, device=a.device)
+    _launch_rows(a, w.contiguous(), plan, out, epilogue=_STORE, gather=gather)
+    return out
+
+
+def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: int, gather: bool):
+    dout, a, w = dout.contiguous(), a.contiguous(), w.contiguous()
+    plan = _plan_from(token_idx, a.new_empty(0), offsets, block_expert, block_row, block_m, a.shape[0])
+    if gather:
+        da = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
+        _launch_rows(dout, w, plan, da, epilogue=_SCATTER, gather=False, transpose_w=True)
+        da = da.to(a.dtype)
+    else:
+        # rows outside every expert's range (none in a full plan) keep a zero gradient
+        da = torch.zeros_like(a)
+        _launch_rows(dout, w, plan, da, epilogue=_STORE, gather=False, transpose_w=True)
+    dw = new_output(w.shape, dtype=w.dtype, device=a.device)
+    _launch_dw(a, plan, dout, dw, gather_a=gather, gather_g=False)
+    return da, dw
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Custom ops with autograd
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("flopwise::moe_mlp", mutates_args=())
+def _moe_mlp_op(x: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                w_down: torch.Tensor, token_idx: torch.Tensor, offsets: torch.Tensor, block_expert: torch.Tensor,
+                block_row: torch.Tensor, block_m: int, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save)
+
+
+@_moe_mlp_op.register_fake
+def _(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save):
+    N, Fh = token_idx.shape[0], w_gate.shape[2]
+    rows = N if save else 0
+    return (x.new_empty(x.shape[0], w_down.shape[2]), x.new_empty(rows, Fh), x.new_empty(rows, Fh))
+
+
+@torch.library.custom_op("flopwise::moe_mlp_bwd", mutates_args=())
+def _moe_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, weights: torch.Tensor,
+                    w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, token_idx: torch.Tensor,
+                    offsets: torch.Tensor, block_expert: torch.Tensor, block_row: torch.Tensor,
+                    block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row,
+                    block_m)
+
+
+@_moe_mlp_bwd_op.register_fake
+def _(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m):
+    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w_gate), torch.empty_like(w_up),
+            torch.empty_like(w_down))
+
+
+def _moe_setup(ctx, inputs, output):
+    x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save = inputs
+    _, g, u = output
+    ctx.save_for_backward(x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row)
+    ctx.block_m = block_m
+    ctx.saved = save
+
+
+def _moe_backward(ctx, dy, dg_unused, du_unused):
+    x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
+    if not ctx.saved:
+        raise RuntimeError("moe_mlp was run without saving activations (save=False) and cannot be differentiated")
+    dx, dw, dwg, dwu, dwd = _moe_mlp_bwd_op(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets,
+                                             block_expert, block_row, ctx.block_m)
+    return dx, dw, dwg, dwu, dwd, None, None, None, None, None, None
+
+
+_moe_mlp_op.register_autograd(_moe_backward, setup_context=_moe_setup)
+
+
+@torch.library.custom_op("flopwise::grouped_mm", mutates_args=())
+def _gmm_op(a: torch.Tensor, w: torch.Tensor, token_idx: torch.Tensor, offsets: torch.Tensor,
+            block_expert: torch.Tensor, block_row: torch.Tensor, block_m: int, gather: bool) -> torch.Tensor:
+    return _gmm_fwd(a, w, token_idx, offsets, block_expert, block_row, block_m, gather)
+
+
+@_gmm_op.register_fake
+def _(a, w, token_idx, offsets, block_expert, block_row, block_m, gather):
+    return a.new_empty(token_idx.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("flopwise::grouped_mm_bwd", mutates_args=())
+def _gmm_bwd_op(dout: torch.Tensor, a: torch.Tensor, w: torch.Tensor, token_idx: torch.Tensor,
+                offsets: torch.Tensor, block_expert: torch.Tensor, block_row: torch.Tensor, block_m: int,
+                gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather)
+
+
+@_gmm_bwd_op.register_fake
+def _(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather):
+    return torch.empty_like(a), torch.empty_like(w)
+
+
+def _gmm_setup(ctx, inputs, output):
+    a, w, token_idx, offsets, block_expert, block_row, block_m, gather = inputs
+    ctx.save_for_backward(a, w, token_idx, offsets, block_expert, block_row)
+    ctx.block_m, ctx.gather = block_m, gather
+
+
+def _gmm_backward(ctx, dout):
+    a, w, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
+    da, dw = _gmm_bwd_op(dout, a, w, token_idx, offsets, block_expert, block_row, ctx.block_m, ctx.gather)
+    return da, dw, None, None, None, None, None, None
+
+
+_gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Public API
+# ----------------------------------------------------------------------------------------
+def _check_plan(plan, T: int | None, E: int, name="plan"):
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"{name} must be a RoutingPlan (from topk_route / expert_choice_route), got {type(plan).__name__}")
+    if plan.num_experts != E:
+        raise ValueError(f"{name} routes to {plan.num_experts} experts but the weights hold E = {E}")
+    if T is not None and plan.num_tokens != T:
+        raise ValueError(f"{name} was made for T = {plan.num_tokens} tokens, the input has {T}")
+
+
+def _check_weight(w, name: str, E: int | None, shape2: tuple[int | None, int | None], dtype, device):
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 3:
+        raise ValueError(f"{name} must have shape [E, in, out] (3 dims), got {tuple(w.shape)}")
+    if E is not None and w.shape[0] != E:
+        raise ValueError(f"{name} has {w.shape[0]} experts, expected {E}")
+    for i, want in enumerate(shape2):
+        if want is not None and w.shape[1 + i] != want:
+            raise ValueError(f"{name} has shape {tuple(w.shape)}; dim {1 + i} must be {want}")
+    if w.dtype != dtype:
+        raise TypeError(f"{name} has dtype {w.dtype}, the input has {dtype}: cast one of them")
+    if w.device != device:
+        raise ValueError(f"{name} is on {w.device}, the input on {device}")
+
+
+def _use_kernel(x: torch.Tensor, op: str) -> bool:
+    if backend(x, op=op) != "triton":
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{op}: the Triton kernel supports float32, bfloat16 and float16, got {x.dtype}")
+    return True
+
+
+def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: bool = True) -> torch.Tensor:
+    """Grouped matmul over the plan's expert-sorted rows: ``out[r] = a[src(r)] @ w[e(r)]``.
+
+    Args:
+        a: ``[T, K]`` token rows (``gather=True``: read at ``plan.token_idx``, no permuted copy)
+            or ``[N, K]`` rows already in plan order (``gather=False``).
+        w: ``[E, K, N_]`` per-expert matrices, same dtype and device as ``a``.
+        plan: the :class:`RoutingPlan` that sorted the rows (its ``block_m`` is the kernel's BLOCK_M).
+
+    Returns ``[N, N_]`` in plan order; differentiable in ``a`` and ``w``.
+
+    Example::
+
+        plan = topk_route(logits, k=2)
+        up = grouped_mm(x, w_up, plan)      # [T*2, F]
+    """
+    if not isinstance(a, torch.Tensor) or a.dim() != 2:
+        raise ValueError("a must be a 2-D tensor [T, K] (or [N, K] with gather=False)")
+    _check_plan(plan, a.shape[0] if gather else None, w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 3 else -1)
+    if not gather and a.shape[0] != plan.num_rows:
+        raise ValueError(f"with gather=False a must have the plan's N = {plan.num_rows} rows, got {a.shape[0]}")
+    _check_weight(w, "w", plan.num_experts, (a.shape[1], None), a.dtype, a.device)
+    if not _use_kernel(a, "grouped_mm"):
+        return grouped_mm_reference(a, w, plan, gather=gather)
+    return _gmm_op(a, w, plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row, plan.block_m,
+                   gather)
+
+
+def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torch.Tensor,
+            w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts applied along a routing plan and combined into each token's output.
+
+    ``y[t] = sum over plan rows r of token t: w_r * (silu(x_t @ Wg_e) * (x_t @ Wu_e)) @ Wd_e``.
+
+    Args:
+        x: ``[T, D]`` tokens (fp32, bf16, fp16).
+        plan: a :class:`RoutingPlan` over T tokens and E experts; ``plan.weights`` are the
+            combine weights and receive gradients (so the router learns).
+        w_gate, w_up: ``[E, D, F]``; w_down: ``[E, F, D]``; x's dtype and device.
+
+    Returns ``y: [T, D]`` in x's dtype (tokens no expert chose get zeros). Differentiable in
+    x, the plan's weights and the three expert weights. Two launches forward, four backward.
+
+    Example::
+
+        plan = topk_route(x @ w_router, k=2, renormalize=True)
+        y = moe_mlp(x, plan, w_gate, w_up, w_down)
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [T, D], got {getattr(x, 'shape', type(x).__name__)}")
+    E = w_gate.shape[0] if isinstance(w_gate, torch.Tensor) and w_gate.dim() == 3 else -1
+    _check_plan(plan, x.shape[0], E)
+    T, D = x.shape
+    _check_weight(w_gate, "w_gate", plan.num_experts, (D, None), x.dtype, x.device)
+    Fh = w_gate.shape[2]
+    _check_weight(w_up, "w_up", plan.num_experts, (D, Fh), x.dtype, x.device)
+    _check_weight(w_down, "w_down", plan.num_experts, (Fh, D), x.dtype, x.device)
+    if not _use_kernel(x, "moe_mlp"):
+        return moe_mlp_reference(x, plan, w_gate, w_up, w_down)
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, plan.weights, w_gate, w_up, w_down))
+    y, _, _ = _moe_mlp_op(x, plan.weights, w_gate, w_up, w_down, plan.token_idx, plan.expert_offsets,
+                          plan.block_expert, plan.block_row, plan.block_m, save)
+    return y

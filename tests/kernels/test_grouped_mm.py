@@ -1,0 +1,174 @@
+"""Grouped matmul and fused MoE MLP kernels against their references: outputs and every gradient."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from flopwise.kernels import (
+    expert_choice_route_reference,
+    grouped_mm,
+    grouped_mm_reference,
+    moe_mlp,
+    moe_mlp_reference,
+    topk_route,
+    topk_route_reference,
+)
+
+# the function flopwise.kernels.grouped_mm shadows the module attribute of the same name
+G = importlib.import_module("flopwise.kernels.grouped_mm")
+
+from ..conftest import rel_err
+
+
+def _logits(T, E, case):
+    logits = torch.randn(T, E)
+    if case == "empty_expert":
+        logits[:, -1] -= 100.0
+    elif case == "one_expert":
+        logits[:, 1] += 100.0  # every token's first choice is expert 1
+    return logits
+
+
+CASES = [
+    pytest.param(1, 1, 1, "plain", id="T1-E1-k1"),
+    pytest.param(1, 4, 2, "plain", id="T1-E4-k2"),
+    pytest.param(37, 5, 2, "empty_expert", id="T37-empty-expert"),
+    pytest.param(33, 4, 1, "one_expert", id="T33-all-to-one"),
+    pytest.param(20, 3, 3, "plain", id="k=E"),
+    pytest.param(50, 6, 2, "plain", id="T50-E6"),
+]
+
+
+def _run_moe(fn, route, x, logits, ws, gy):
+    xx = x.clone().requires_grad_(True)
+    lg = logits.clone().requires_grad_(True)
+    wp = [w.clone().requires_grad_(True) for w in ws]
+    plan = route(lg)
+    y = fn(xx, plan, *wp)
+    (y.float() * gy).sum().backward()
+    return [y, xx.grad, lg.grad] + [w.grad for w in wp]
+
+
+@pytest.mark.parametrize("T,E,k,case", CASES)
+@pytest.mark.parametrize("D,Fh", [(24, 40), (17, 33)], ids=["D24-F40", "D17-F33"])
+def test_moe_mlp_matches_reference_fp32(T, E, k, case, D, Fh):
+    x = torch.randn(T, D)
+    logits = _logits(T, E, case)
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    gy = torch.randn(T, D)
+    got = _run_moe(moe_mlp, lambda lg: topk_route(lg, k, renormalize=True, block_m=16), x, logits, ws, gy)
+    ref = _run_moe(moe_mlp_reference, lambda lg: topk_route_reference(lg, k, renormalize=True, block_m=16),
+                   x, logits, ws, gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
+    if case == "empty_expert":
+        assert (got[5][-1] == 0).all() and (got[3][-1] == 0).all(), "an expert with no rows gets zero gradient"
+
+
+@pytest.mark.parametrize("cf", [0.5, 2.0, 8.0], ids=["cf0.5", "cf2", "C=T"])
+def test_moe_mlp_expert_choice_plan(cf):
+    T, E, D, Fh = 30, 4, 16, 32
+    x, logits = torch.randn(T, D), torch.randn(T, E)
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    gy = torch.randn(T, D)
+    route = lambda lg: expert_choice_route_reference(lg, cf, block_m=16)  # noqa: E731
+    got = _run_moe(moe_mlp, route, x, logits, ws, gy)
+    ref = _run_moe(moe_mlp_reference, route, x, logits, ws, gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_mlp_half_precision(dtype):
+    T, E, k, D, Fh = 40, 4, 2, 32, 48
+    x = torch.randn(T, D).to(dtype)
+    logits = torch.randn(T, E)
+    ws = [(torch.randn(E, D, Fh) / 4).to(dtype), (torch.randn(E, D, Fh) / 4).to(dtype),
+          (torch.randn(E, Fh, D) / 4).to(dtype)]
+    gy = torch.randn(T, D)
+    route = lambda lg: topk_route_reference(lg, k, renormalize=True, block_m=16)  # noqa: E731
+    got = _run_moe(moe_mlp, route, x, logits, ws, gy)
+    ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        assert a.dtype == (torch.float32 if name == "dlogits" else dtype), name
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
+
+
+def test_moe_mlp_without_grad_saves_nothing_and_matches():
+    T, E, D, Fh = 25, 3, 16, 16
+    x, logits = torch.randn(T, D), torch.randn(T, E)
+    ws = [torch.randn(E, D, Fh), torch.randn(E, D, Fh), torch.randn(E, Fh, D)]
+    plan = topk_route(logits, 2, block_m=16)
+    with torch.no_grad():
+        y = moe_mlp(x, plan, *ws)
+    torch.testing.assert_close(y, moe_mlp_reference(x, plan, *ws), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "sorted-rows"])
+@pytest.mark.parametrize("T,E,k,case", CASES[:4])
+def test_grouped_mm_matches_reference(gather, T, E, k, case):
+    K_, N_ = 20, 36
+    plan = topk_route(_logits(T, E, case), k, block_m=16)
+    a = torch.randn(T if gather else T * k, K_, requires_grad=True)
+    w = torch.randn(E, K_, N_, requires_grad=True)
+    out = grouped_mm(a, w, plan, gather=gather)
+    go = torch.randn_like(out)
+    (out * go).sum().backward()
+    a2, w2 = a.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = grouped_mm_reference(a2, w2, plan, gather=gather)
+    (ref * go).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.grad, a2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x, p, w: moe_mlp(x[:, :5], p, *w), ValueError, "w_gate has shape"),
+    (lambda x, p, w: moe_mlp(x[:-1], p, *w), ValueError, "made for T = 10"),
+    (lambda x, p, w: moe_mlp(x.double(), p, *w), TypeError, "dtype"),
+    (lambda x, p, w: moe_mlp(x, "plan", *w), TypeError, "RoutingPlan"),
+    (lambda x, p, w: moe_mlp(x, p, w[0][:2], w[1], w[2]), ValueError, "experts"),
+    (lambda x, p, w: moe_mlp(x, p, w[0], w[1], w[2][:, :3]), ValueError, "w_down has shape"),
+    (lambda x, p, w: grouped_mm(x, w[0], p, gather=False), ValueError, "N = 20"),
+    (lambda x, p, w: moe_mlp(x[0], p, *w), ValueError, "2-D"),
+])
+def test_bad_input_raises(call, exc, match):
+    x = torch.randn(10, 8)
+    plan = topk_route(torch.randn(10, 4), 2, block_m=16)
+    ws = [torch.randn(4, 8, 12), torch.randn(4, 8, 12), torch.randn(4, 12, 8)]
+    with pytest.raises(exc, match=match):
+        call(x, plan, ws)
+
+
+def test_custom_ops_pass_opcheck():
+    T, E, D, Fh = 6, 3, 16, 16
+    plan = topk_route(torch.randn(T, E), 2, block_m=16)
+    args = (torch.randn(T, D, requires_grad=True), plan.weights.detach().clone().requires_grad_(True),
+            torch.randn(E, D, Fh, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
+            torch.randn(E, Fh, D, requires_grad=True), plan.token_idx, plan.expert_offsets, plan.block_expert,
+            plan.block_row, plan.block_m, True)
+    torch.library.opcheck(G._moe_mlp_op, args)
+    torch.library.opcheck(G._gmm_op, (torch.randn(T, D, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
+                                      plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row,
+                                      plan.block_m, True))
+
+
+# ------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D,Fh,E,k", [(2048, 1024, 512, 128, 8), (2048, 2048, 1024, 64, 8), (1024, 4096, 1792, 8, 2),
+                                        (333, 200, 120, 7, 3)])
+def test_gpu_moe_mlp_bf16(T, D, Fh, E, k):
+    dt, dev = torch.bfloat16, "cuda"
+    x = torch.randn(T, D, device=dev, dtype=dt)
+    logits = torch.randn(T, E, device=dev)
+    ws = [(torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt), (torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt),
+          (torch.randn(E, Fh, D, device=dev) / Fh**0.5).to(dt)]
+    gy = torch.randn(T, D, device=dev)
+    route = lambda lg: topk_route(lg, k, renormalize=True)  # noqa: E731
+    got = _run_moe(moe_mlp, route, x, logits, ws, gy)
+    ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
