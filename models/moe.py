@@ -1,0 +1,185 @@
+"""Mixture-of-Experts layer with SwiGLU experts.
+
+Routers: token-choice top-k (dropless; Mixtral/OLMoE style) or expert-choice with a
+capacity factor (Zhou et al. 2022). Optional always-on shared expert, optional
+renormalisation of the top-k weights. Auxiliary losses: the Switch load-balancing loss
+and the router z-loss, weighted by the coefficients in :class:`MoEConfig`.
+
+The layer calls :func:`flopwise.kernels.topk_route` / :func:`expert_choice_route` and
+:func:`flopwise.kernels.moe_mlp`; on a CPU without the Triton interpreter those run their
+PyTorch references (a per-expert loop), so the layer works everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flopwise.kernels import expert_choice_route, moe_mlp, topk_route
+
+__all__ = ["MoEConfig", "MoE", "SwiGLU", "load_balancing_loss", "router_z_loss"]
+
+_ROUTERS = ("token_choice", "expert_choice")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shape and routing of an MoE layer.
+
+    d_model, d_ff: model and per-expert hidden sizes; n_experts: E; top_k: experts per token
+    (token choice); capacity_factor: average experts per token (expert choice, C =
+    ceil(T * cf / E)); score: "softmax" or "sigmoid"; normalize_topk: renormalise the k
+    weights to sum to 1 (Mixtral: True, OLMoE: False); shared_d_ff: hidden size of an
+    always-on shared SwiGLU expert (0: none); load_balance_coef / z_loss_coef weight the
+    auxiliary losses; block_m: rows per grouped-matmul block (64 suits experts with few rows
+    each, 128 large ones).
+    """
+
+    d_model: int
+    d_ff: int
+    n_experts: int
+    top_k: int = 2
+    router: str = "token_choice"
+    capacity_factor: float = 2.0
+    score: str = "softmax"
+    normalize_topk: bool = True
+    shared_d_ff: int = 0
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    block_m: int = 64
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("d_model", "d_ff", "n_experts", "top_k", "block_m"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+        if self.router not in _ROUTERS:
+            raise ValueError(f"MoEConfig.router must be one of {_ROUTERS}, got {self.router!r}")
+        if self.router == "token_choice" and self.top_k > self.n_experts:
+            raise ValueError(f"MoEConfig.top_k = {self.top_k} exceeds n_experts = {self.n_experts}")
+        if self.score not in ("softmax", "sigmoid"):
+            raise ValueError(f"MoEConfig.score must be 'softmax' or 'sigmoid', got {self.score!r}")
+        if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+            raise ValueError(f"MoEConfig.capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.shared_d_ff < 0:
+            raise ValueError(f"MoEConfig.shared_d_ff must be >= 0, got {self.shared_d_ff}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "MoEConfig":
+        """Named shapes: ``mixtral`` (D=4096, F=14336, E=8, k=2), ``olmoe`` (D=2048, F=1024,
+        E=64, k=8, no renormalisation), ``fine_grained`` (D=1024, F=512, E=128, k=8), ``tiny``."""
+        presets = {
+            "mixtral": cls(4096, 14336, 8, 2, normalize_topk=True, block_m=128),
+            "olmoe": cls(2048, 1024, 64, 8, normalize_topk=False),
+            "fine_grained": cls(1024, 512, 128, 8),
+            "tiny": cls(32, 48, 4, 2, block_m=16),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown MoE preset {name!r}; choose from {sorted(presets)}")
+        return replace(presets[name], **overrides)
+
+    @property
+    def active_params_per_token(self) -> int:
+        k = self.top_k if self.router == "token_choice" else self.capacity_factor
+        return int(round(3 * self.d_model * self.d_ff * k)) + 3 * self.d_model * self.shared_d_ff \
+            + self.d_model * self.n_experts
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``: the dense MLP, also used as the shared expert."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's loss ``E * sum_e f_e * P_e``: f_e the fraction of routed slots that
+    went to expert e (not differentiable), P_e the mean router probability of e. Equals 1
+    when both are uniform."""
+    E = probs.shape[-1]
+    f = counts.float() / counts.sum().clamp_min(1).float()
+    return E * (f * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's z-loss: mean over tokens of ``logsumexp(logits)^2`` (keeps logits small)."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+class MoE(nn.Module):
+    """SwiGLU Mixture-of-Experts.
+
+    ``forward(x: [..., D]) -> (y: [..., D], aux_loss: scalar)``; with ``return_losses=True``
+    also a dict with the unweighted ``load_balance`` and ``z_loss``.
+
+    Parameters: ``router.weight [E, D]``, ``w_gate, w_up [E, D, F]``, ``w_down [E, F, D]``,
+    and ``shared`` (a :class:`SwiGLU`) when ``shared_d_ff > 0``.
+
+    Example::
+
+        moe = MoE(MoEConfig(d_model=512, d_ff=1024, n_experts=8, top_k=2))
+        y, aux = moe(x)            # x: [B, S, 512]
+        loss = task_loss + aux
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        self.config = c = config
+        self.router = nn.Linear(c.d_model, c.n_experts, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(c.n_experts, c.d_model, c.d_ff))
+        self.w_up = nn.Parameter(torch.empty(c.n_experts, c.d_model, c.d_ff))
+        self.w_down = nn.Parameter(torch.empty(c.n_experts, c.d_ff, c.d_model))
+        self.shared = SwiGLU(c.d_model, c.shared_d_ff) if c.shared_d_ff else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.config.init_std
+        for w in (self.router.weight, self.w_gate, self.w_up, self.w_down):
+            nn.init.normal_(w, 0.0, std)
+
+    def route(self, x_TD: torch.Tensor):
+        """Router logits (float32) and the routing plan for ``x_TD [T, D]``."""
+        c = self.config
+        logits = F.linear(x_TD.float(), self.router.weight.float())
+        if c.router == "token_choice":
+            plan = topk_route(logits, c.top_k, score=c.score, renormalize=c.normalize_topk, block_m=c.block_m)
+        else:
+            plan = expert_choice_route(logits, c.capacity_factor, score=c.score, block_m=c.block_m)
+        return logits, plan
+
+    def forward(self, x: torch.Tensor, *, return_losses: bool = False):
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != c.d_model:
+            raise ValueError(f"x must be a tensor [..., {c.d_model}], got {tuple(getattr(x, 'shape', ()))}")
+        shape = x.shape
+        x_TD = x.reshape(-1, c.d_model)
+        logits, plan = self.route(x_TD)
+        dt = x.dtype
+        y = moe_mlp(x_TD, plan, self.w_gate.to(dt), self.w_up.to(dt), self.w_down.to(dt))
+        if self.shared is not None:
+            y = y + self.shared(x_TD)
+        probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
+        if c.router == "token_choice":
+            p = probs if c.score == "softmax" else probs / probs.sum(-1, keepdim=True)
+            lb = load_balancing_loss(p, plan.expert_counts)
+        else:  # every expert takes exactly C tokens: balanced by construction
+            lb = logits.new_zeros(())
+        z = router_z_loss(logits)
+        aux = c.load_balance_coef * lb + c.z_loss_coef * z
+        y = y.reshape(shape)
+        if return_losses:
+            return y, aux, {"load_balance": lb, "z_loss": z}
+        return y, aux

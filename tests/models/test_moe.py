@@ -1,0 +1,163 @@
+"""The MoE layer against a per-token loop, its losses against hand-computed values, edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flopwise.models.moe import MoE, MoEConfig, load_balancing_loss, router_z_loss
+
+
+def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The definition, one token at a time: y_t = sum_{e in topk(t)} w_te * expert_e(x_t) (+ shared)."""
+    c = moe.config
+    x = x.reshape(-1, c.d_model)
+    logits = x.float() @ moe.router.weight.float().t()
+    probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
+    ys = []
+    for t in range(x.shape[0]):
+        order = torch.sort(logits[t], descending=True, stable=True).indices[: c.top_k]
+        w = probs[t, order]
+        if c.normalize_topk:
+            w = w / w.sum()
+        y = torch.zeros(c.d_model)
+        for e, we in zip(order.tolist(), w):
+            h = x[t] @ moe.w_gate[e]
+            y = y + we * ((F.silu(h) * (x[t] @ moe.w_up[e])) @ moe.w_down[e])
+        if moe.shared is not None:
+            y = y + moe.shared(x[t])
+        ys.append(y)
+    return torch.stack(ys)
+
+
+def _params_grads(moe):
+    return {n: p.grad.clone() for n, p in moe.named_parameters()}
+
+
+@pytest.mark.parametrize("cfg", [
+    pytest.param(dict(top_k=2), id="top2-renorm"),
+    pytest.param(dict(top_k=2, normalize_topk=False), id="top2-olmoe-style"),
+    pytest.param(dict(top_k=4), id="k=E"),
+    pytest.param(dict(top_k=1, shared_d_ff=24), id="top1-shared"),
+    pytest.param(dict(top_k=2, score="sigmoid"), id="sigmoid"),
+])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7)], ids=["T=1", "B2-S7"])
+def test_moe_matches_per_token_loop(cfg, shape):
+    torch.manual_seed(1)
+    moe = MoE(MoEConfig(d_model=16, d_ff=24, n_experts=4, block_m=16, init_std=0.2, **cfg))
+    x = torch.randn(*shape, 16, requires_grad=True)
+    y, aux = moe(x)
+    assert y.shape == x.shape
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    got_dx, got = x.grad.clone(), _params_grads(moe)
+    moe.zero_grad()
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = per_token_reference(moe, x2).reshape(y.shape)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(got_dx, x2.grad, atol=1e-5, rtol=1e-4)
+    for name, p in moe.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_expert_choice_layer_token_with_no_expert_gets_zero():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_ff=16, n_experts=4, router="expert_choice", capacity_factor=0.5,
+                        block_m=16, init_std=0.3))
+    x = torch.randn(1, 24, 16)
+    y, aux = moe(x)
+    logits, plan = moe.route(x.reshape(-1, 16))
+    chosen = torch.zeros(24, dtype=torch.bool)
+    chosen[plan.token_idx.long()] = True
+    assert (~chosen).any()
+    assert (y[0][~chosen] == 0).all() and (y[0][chosen] != 0).any()
+    assert plan.capacity == math.ceil(24 * 0.5 / 4)
+
+
+def test_all_tokens_to_one_expert_and_load_balance_loss():
+    moe = MoE(MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=1, block_m=16, load_balance_coef=1.0, z_loss_coef=0.0))
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[2, 0] = 50.0  # x[:, 0] > 0 sends every token to expert 2
+    x = torch.randn(10, 8)
+    x[:, 0] = x[:, 0].abs() + 1
+    y, aux, losses = moe(x, return_losses=True)
+    _, plan = moe.route(x)
+    assert plan.expert_counts.tolist() == [0, 0, 10, 0]
+    # f = (0, 0, 1, 0); P_2 = mean softmax prob of expert 2 ~ 1  ->  loss = E * P_2 ~ 4
+    probs = torch.softmax(x @ moe.router.weight.t(), -1)
+    assert losses["load_balance"].item() == pytest.approx(4 * probs[:, 2].mean().item(), rel=1e-5)
+    assert aux.item() == pytest.approx(losses["load_balance"].item(), rel=1e-6)
+
+
+def test_losses_hand_computed():
+    probs = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    counts = torch.tensor([1, 1])
+    # E * sum f_e P_e = 2 * (0.5 * 0.7 + 0.5 * 0.3) = 1.0
+    assert load_balancing_loss(probs, counts).item() == pytest.approx(1.0)
+    assert load_balancing_loss(probs, torch.tensor([2, 0])).item() == pytest.approx(2 * 0.7)
+    logits = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    z = (math.log(2) ** 2 + math.log(math.e + math.exp(-1)) ** 2) / 2
+    assert router_z_loss(logits).item() == pytest.approx(z, rel=1e-6)
+
+
+def test_aux_loss_uses_coefficients_and_reaches_router():
+    moe = MoE(MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=2, block_m=16, load_balance_coef=0.5,
+                        z_loss_coef=0.25, init_std=0.5))
+    x = torch.randn(12, 8)
+    y, aux, losses = moe(x, return_losses=True)
+    assert aux.item() == pytest.approx(0.5 * losses["load_balance"].item() + 0.25 * losses["z_loss"].item(), rel=1e-6)
+    aux.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(top_k=5), "exceeds n_experts"),
+    (dict(router="hash"), "router must be one of"),
+    (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(score="relu"), "score"),
+    (dict(n_experts=0), "n_experts"),
+])
+def test_config_validation(kw, match):
+    base = dict(d_model=8, d_ff=8, n_experts=4)
+    base.update(kw)
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**base)
+
+
+def test_wrong_input_width_raises():
+    with pytest.raises(ValueError, match=r"x must be a tensor \[\.\.\., 8\]"):
+        MoE(MoEConfig(d_model=8, d_ff=8, n_experts=2, top_k=1))(torch.randn(3, 9))
+
+
+def test_presets():
+    assert MoEConfig.preset("mixtral").n_experts == 8
+    assert MoEConfig.preset("olmoe").normalize_topk is False
+    assert MoEConfig.preset("tiny", top_k=1).top_k == 1
+    with pytest.raises(ValueError, match="unknown MoE preset"):
+        MoEConfig.preset("gpt5")
+
+
+def test_layer_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    moe = MoE(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=2, block_m=16))
+    x = torch.randn(2, 5, 16)
+
+    def step(x):
+        y, aux = moe(x)
+        return y.square().mean() + aux
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    loss.backward()
+    grads = _params_grads(moe)
+    moe.zero_grad()
+    ref = step(x)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for name, p in moe.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
