@@ -36,6 +36,7 @@ __all__ = ["Case", "Row", "SUITES", "run", "run_case", "format_table", "environm
 SUITES: dict[str, str] = {
     "routing": "flopwise.kernels.bench.routing",
     "mod": "flopwise.kernels.bench.mod",
+    "moe": "flopwise.kernels.bench.moe",
 }
 
 
@@ -48,6 +49,9 @@ class Case:
     bytes: int = 0  # bytes that must move (read + written)
     flops: int = 0
     mode: str = "fwd"
+    # providers that compute a different function on purpose (e.g. a dense GEMM with the
+    # same FLOPs): timed as a floor to compare against, never checked, never a "torch" ratio
+    floors: tuple[str, ...] = ()
 
 
 @dataclass
@@ -61,7 +65,8 @@ class Row:
     tflops: float | None
     vs_torch: float | None  # best torch provider's time / this provider's time
     copy_fraction: float | None  # tbps / measured device copy bandwidth
-    status: str  # "ok", or why it was not timed
+    status: str  # "ok", "floor", or why it was not timed
+    peak_mb: float | None = None  # CUDA: peak memory allocated during one call, above what was live before
     device: str = ""
     torch: str = ""
     triton: str = ""
@@ -129,19 +134,27 @@ def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
     copy = copy_bandwidth_tbps() if gpu else None
     timed: dict[str, float] = {}
     status: dict[str, str] = {}
+    peak: dict[str, float] = {}
     for name, fn in case.providers.items():
         try:
+            if gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             out = ref_out if name == "reference" else fn()
             _sync()
-            why = None if name == "reference" else case.check(out, ref_out)
+            if gpu and name != "reference":
+                peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            why = None if name in ("reference", *case.floors) else case.check(out, ref_out)
+            del out
         except Exception as exc:  # a provider that crashes is reported, not timed
             why = f"error: {type(exc).__name__}: {exc}"
         if why is not None:
             status[name] = f"WRONG ({why})"
             continue
-        status[name] = "ok"
+        status[name] = "floor" if name in case.floors else "ok"
         timed[name] = _time_ms(fn, gpu, budget_ms)
-    torch_times = [ms for name, ms in timed.items() if name.startswith("torch")]
+    torch_times = [ms for name, ms in timed.items() if name.startswith("torch") and name not in case.floors]
     best_torch = min(torch_times) if torch_times else None
     rows = []
     for name in case.providers:
@@ -161,6 +174,7 @@ def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
                 vs_torch=(best_torch / ms) if (ms and best_torch) else None,
                 copy_fraction=(tbps / copy) if (tbps and copy) else None,
                 status=status[name],
+                peak_mb=peak.get(name),
                 **env,
             )
         )
@@ -172,7 +186,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["op", "shape", "mode", "provider", "µs", "TB/s", "TFLOP/s", "vs torch", "of copy BW", "status"]
+    head = ["op", "shape", "mode", "provider", "µs", "TB/s", "TFLOP/s", "vs torch", "of copy BW", "peak MiB", "status"]
     body = [
         [
             r.op,
@@ -184,6 +198,7 @@ def format_table(rows: list[Row]) -> str:
             _fmt(r.tflops, ".1f"),
             "-" if r.vs_torch is None else f"{r.vs_torch:.2f}x",
             "-" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%",
+            _fmt(r.peak_mb, ".0f"),
             r.status,
         ]
         for r in rows

@@ -1,0 +1,175 @@
+"""MoE benchmarks: the grouped up-projection GEMM and the whole SwiGLU MoE layer.
+
+Providers as in BASELINES.md:
+* grouped GEMM: ``torch`` = ``torch._grouped_mm`` over expert-sorted rows; ``dense`` = one
+  GEMM with the same FLOPs (a floor, not the same function); ``triton`` over the same sorted
+  rows, and ``triton-gather`` reading the rows straight from the token matrix.
+* layer: ``torch`` = softmax, topk, argsort, gather, ``_grouped_mm`` x3, silu*mul, scale,
+  ``index_add_``; ``torch-hf-loop`` = per expert mask, gather, three matmuls, ``index_add``;
+  ``dense`` = one SwiGLU MLP over T*K rows (floor); ``triton`` = ``topk_route`` + ``moe_mlp``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flopwise.kernels import grouped_mm, grouped_mm_reference, moe_mlp, moe_mlp_reference, topk_route, \
+    topk_route_reference
+from flopwise.kernels.bench import Case
+
+GPU_SHAPES = [  # (label, T, D, F, E, k)
+    ("mixtral", 16384, 4096, 14336, 8, 2),
+    ("olmoe", 16384, 2048, 1024, 64, 8),
+    ("fine-grained", 16384, 1024, 512, 128, 8),
+]
+CPU_SHAPES = [("tiny", 64, 32, 48, 4, 2)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _close(tol: float):
+    def check(out, ref):
+        outs = out if isinstance(out, tuple) else (out,)
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        for i, (a, b) in enumerate(zip(outs, refs)):
+            if a.shape != b.shape:
+                return f"output {i}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+            err = _rel(a, b)
+            if not err < tol:
+                return f"output {i}: relative error {err:.2e} >= {tol}"
+        return None
+
+    return check
+
+
+def _offsets(ids: torch.Tensor, E: int) -> torch.Tensor:
+    return torch.cumsum(torch.bincount(ids.reshape(-1), minlength=E), 0).to(torch.int32)
+
+
+# --------------------------------------------------------------------------- torch pipelines
+def _route_torch(x, router_w, k):
+    probs = torch.softmax(x.float() @ router_w.t(), -1)
+    w, ids = torch.topk(probs, k, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids
+
+
+def torch_pipeline(x, router_w, wg, wu, wd, k):
+    T, E = x.shape[0], wg.shape[0]
+    w, ids = _route_torch(x, router_w, k)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = _offsets(flat, E)
+    tok = order // k
+    xs = x[tok]
+    h = F.silu(torch._grouped_mm(xs, wg, offs=offs)) * torch._grouped_mm(xs, wu, offs=offs)
+    o = torch._grouped_mm(h, wd, offs=offs) * w.reshape(-1)[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, tok, o)
+
+
+def hf_loop(x, router_w, wg, wu, wd, k):
+    w, ids = _route_torch(x, router_w, k)
+    y = torch.zeros_like(x)
+    for e in range(wg.shape[0]):
+        tok, slot = torch.where(ids == e)
+        h = x[tok]
+        o = (F.silu(h @ wg[e]) * (h @ wu[e])) @ wd[e]
+        y.index_add_(0, tok, o * w[tok, slot, None].to(x.dtype))
+    return y
+
+
+def dense_floor(xs, wg0, wu0, wd0):
+    return (F.silu(xs @ wg0) * (xs @ wu0)) @ wd0
+
+
+def ours(x, router_w, wg, wu, wd, k, block_m):
+    plan = topk_route(x.float() @ router_w.t(), k, renormalize=True, block_m=block_m)
+    return moe_mlp(x, plan, wg, wu, wd)
+
+
+def reference(x, router_w, wg, wu, wd, k, block_m):
+    plan = topk_route_reference(x.float() @ router_w.t(), k, renormalize=True, block_m=block_m)
+    return moe_mlp_reference(x, plan, wg, wu, wd)
+
+
+def _fwd_bwd(fn, inputs, gy):
+    """Forward and backward; returns (y, dx) so the check covers the backward too."""
+    def run():
+        y = fn(*inputs)
+        grads = torch.autograd.grad(y, [inputs[0], *inputs[2:5]], gy)
+        return y, grads[0]
+
+    return run
+
+
+def _block_m(T, k, E):
+    return 128 if T * k // E >= 1024 else 64
+
+
+def cases(gpu: bool) -> list[Case]:
+    dev, dt = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    out: list[Case] = []
+    for label, T, D, Fh, E, k in GPU_SHAPES if gpu else CPU_SHAPES:
+        N = T * k
+        bm = _block_m(T, k, E) if gpu else 16
+        x = torch.randn(T, D, device=dev, dtype=dt)
+        router_w = torch.randn(E, D, device=dev) / D**0.5
+        wg, wu = ((torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt) for _ in range(2))
+        wd = (torch.randn(E, Fh, D, device=dev) / Fh**0.5).to(dt)
+        shape = f"{label} T={T} D={D} F={Fh} E={E} k={k}"
+
+        # grouped up-projection over expert-sorted rows
+        plan = topk_route(torch.randn(T, E, device=dev), k, block_m=bm)
+        xs = x[plan.token_idx.long()]
+        offs = plan.expert_offsets[1:].contiguous()
+        out.append(Case(
+            op="grouped_mm", shape=shape, flops=2 * N * D * Fh, bytes=(N * D + E * D * Fh + N * Fh) * x.element_size(),
+            providers={
+                "reference": lambda xs=xs, w=wg, p=plan: grouped_mm_reference(xs, w, p, gather=False),
+                "torch": lambda xs=xs, w=wg, o=offs: torch._grouped_mm(xs, w, offs=o),
+                "dense": lambda xs=xs, w=wg[0]: xs @ w,
+                "triton": lambda xs=xs, w=wg, p=plan: grouped_mm(xs, w, p, gather=False),
+                "triton-gather": lambda x=x, w=wg, p=plan: grouped_mm(x, w, p, gather=True),
+            },
+            check=_close(2e-2 if gpu else 1e-5), floors=("dense",),
+        ))
+
+        # whole layer, forward
+        args = (x, router_w, wg, wu, wd, k)
+        xk = x.repeat_interleave(k, 0)
+        dense_args = (xk, wg[0], wu[0], wd[0])
+        layer_flops = 6 * N * D * Fh
+        out.append(Case(
+            op="moe_layer", shape=shape, mode="fwd", flops=layer_flops,
+            providers={
+                "reference": lambda a=args, bm=bm: reference(*a, bm),
+                "torch": lambda a=args: torch_pipeline(*a),
+                "torch-hf-loop": lambda a=args: hf_loop(*a),
+                "dense": lambda a=dense_args: dense_floor(*a),
+                "triton": lambda a=args, bm=bm: ours(*a, bm),
+            },
+            check=_close(2e-2 if gpu else 1e-4), floors=("dense",),
+        ))
+
+        # whole layer, forward + backward (x and the three expert weights need grad)
+        xg = x.clone().requires_grad_(True)
+        wgs = [w.clone().requires_grad_(True) for w in (wg, wu, wd)]
+        gargs = (xg, router_w, *wgs, k)
+        gy = torch.randn_like(x)
+        xkg = xk.clone().requires_grad_(True)
+        dargs = (xkg, *[w[0].detach().clone().requires_grad_(True) for w in wgs])
+        out.append(Case(
+            op="moe_layer", shape=shape, mode="fwd+bwd", flops=3 * layer_flops,
+            providers={
+                "reference": _fwd_bwd(lambda *a, bm=bm: reference(*a, bm), gargs, gy),
+                "torch": _fwd_bwd(torch_pipeline, gargs, gy),
+                "torch-hf-loop": _fwd_bwd(hf_loop, gargs, gy),
+                "dense": lambda a=dargs, g=torch.randn_like(xk): torch.autograd.grad(dense_floor(*a), a, g),
+                "triton": _fwd_bwd(lambda *a, bm=bm: ours(*a, bm), gargs, gy),
+            },
+            check=_close(2e-2 if gpu else 1e-4), floors=("dense",),
+        ))
+    return out
