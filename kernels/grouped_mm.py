@@ -532,7 +532,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: b
     if not gather and a.shape[0] != plan.num_rows:
         raise ValueError(f"with gather=False a must have the plan's N = {plan.num_rows} rows, got {a.shape[0]}")
     _check_weight(w, "w", plan.num_experts, (a.shape[1], None), a.dtype, a.device)
-    if not _use_kernel(a, "grouped_mm"):
+    if not _use_kernel(a, "grouped_mm") or plan.num_rows == 0:
         return grouped_mm_reference(a, w, plan, gather=gather)
     return _gmm_op(a, w, plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row, plan.block_m,
                    gather)
@@ -567,8 +567,8 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
     Fh = w_gate.shape[2]
     _check_weight(w_up, "w_up", plan.num_experts, (D, Fh), x.dtype, x.device)
     _check_weight(w_down, "w_down", plan.num_experts, (Fh, D), x.dtype, x.device)
-    if not _use_kernel(x, "moe_mlp"):
-        return moe_mlp_reference(x, plan, w_gate, w_up, w_down)
+    if not _use_kernel(x, "moe_mlp") or plan.num_rows == 0 or x.shape[0] == 0:
+        return moe_mlp_reference(x, plan, w_gate, w_up, w_down)  # (nothing routed: zeros, no launch)
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, plan.weights, w_gate, w_up, w_down))
     y, _, _ = _moe_mlp_op(x, plan.weights, w_gate, w_up, w_down, plan.token_idx, plan.expert_offsets,

@@ -49,6 +49,7 @@ __all__ = [
     "mod_select",
     "mod_select_reference",
     "mod_capacity",
+    "plan_from_counts",
     "topk_rows",
     "topk_rows_reference",
 ]
@@ -556,6 +557,25 @@ def topk_route_reference(logits: torch.Tensor, k: int, *, score: str = "softmax"
         expert_offsets=offsets, padded_offsets=padded, block_expert=block_expert, block_row=block_row,
         num_tokens=T, num_experts=E, block_m=block_m, top_k=k, topk_ids=ids.to(i32), topk_weights=w,
         pair_idx=pair.to(i32), inverse=inverse.to(i32),
+    )
+
+
+def plan_from_counts(token_idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, num_tokens: int, *,
+                     block_m: int = 64) -> RoutingPlan:
+    """A :class:`RoutingPlan` for rows already sorted by expert (e.g. rows received from other
+    ranks): ``token_idx [N]`` the token each row reads, ``weights [N]``, ``counts [E]`` rows per
+    expert (summing to N). Offsets and the block map are computed with torch ops on the
+    device, no host sync."""
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.is_floating_point():
+        raise TypeError("counts must be a 1-D integer tensor [E]")
+    if token_idx.dim() != 1 or weights.shape != token_idx.shape:
+        raise ValueError(f"token_idx and weights must both be [N], got {tuple(token_idx.shape)} and {tuple(weights.shape)}")
+    _check_int(block_m, "block_m", 1, 1 << 16)
+    counts, offsets, padded, block_expert, block_row = _block_map_reference(counts, token_idx.shape[0], block_m)
+    return RoutingPlan(
+        token_idx=token_idx.to(torch.int32), weights=weights, expert_counts=counts, expert_offsets=offsets,
+        padded_offsets=padded, block_expert=block_expert, block_row=block_row, num_tokens=num_tokens,
+        num_experts=counts.shape[0], block_m=block_m,
     )
 
 

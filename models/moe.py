@@ -153,7 +153,8 @@ class MoE(nn.Module):
     def route(self, x_TD: torch.Tensor):
         """Router logits (float32) and the routing plan for ``x_TD [T, D]``."""
         c = self.config
-        logits = F.linear(x_TD.float(), self.router.weight.float())
+        # through the module (not its .weight) so FSDP2 can unshard it; float32 logits
+        logits = self.router(x_TD.to(self.router.weight.dtype)).float()
         if c.router == "token_choice":
             plan = topk_route(logits, c.top_k, score=c.score, renormalize=c.normalize_topk, block_m=c.block_m)
         else:
@@ -171,6 +172,15 @@ class MoE(nn.Module):
         y = moe_mlp(x_TD, plan, self.w_gate.to(dt), self.w_up.to(dt), self.w_down.to(dt))
         if self.shared is not None:
             y = y + self.shared(x_TD)
+        aux, losses = self._aux_losses(logits, plan)
+        y = y.reshape(shape)
+        if return_losses:
+            return y, aux, losses
+        return y, aux
+
+    def _aux_losses(self, logits: torch.Tensor, plan):
+        """(weighted sum, {"load_balance", "z_loss"}) for the router's logits and plan."""
+        c = self.config
         probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
         if c.router == "token_choice":
             p = probs if c.score == "softmax" else probs / probs.sum(-1, keepdim=True)
@@ -178,8 +188,4 @@ class MoE(nn.Module):
         else:  # every expert takes exactly C tokens: balanced by construction
             lb = logits.new_zeros(())
         z = router_z_loss(logits)
-        aux = c.load_balance_coef * lb + c.z_loss_coef * z
-        y = y.reshape(shape)
-        if return_losses:
-            return y, aux, {"load_balance": lb, "z_loss": z}
-        return y, aux
+        return c.load_balance_coef * lb + c.z_loss_coef * z, {"load_balance": lb, "z_loss": z}

@@ -1,0 +1,124 @@
+"""Expert parallelism: an MoE layer whose experts are spread over the ranks of a process group.
+
+Each rank holds ``E / world`` consecutive experts (rank r owns experts
+``r*E_local : (r+1)*E_local``) and a full copy of the router. Per forward:
+
+1. route the rank's own tokens over all E experts (the plan sorts rows by expert, hence by
+   owning rank);
+2. exchange per-expert row counts with one ``all_to_all_single`` of an ``[E]`` int tensor
+   on the device, then read the per-rank split sizes on the host (the one host sync:
+   ``all_to_all_single`` needs them as Python ints);
+3. send each row to the rank owning its expert (``all_to_all_single``), run the local
+   experts with the grouped kernels over a plan built from the received counts, and send
+   the outputs back with the reverse ``all_to_all_single``;
+4. combine on the source rank: ``y[t] += w_r * out_r``.
+
+Both collectives are differentiable (``torch.distributed._functional_collectives``), so
+gradients flow back to the tokens, the router and the local experts. Works with
+token-choice and expert-choice routers; each rank routes its own tokens, exactly as a
+single-process layer would on that rank's batch.
+
+Data parallelism composes through a 2-D ``DeviceMesh`` with an expert-parallel dimension:
+pass ``mesh["ep"]``'s group here, and reduce the replicated parameters' gradients over the
+data-parallel dimension (DDP, or FSDP2's ``fully_shard`` on the non-expert parameters); the
+expert weights are replicated across the data-parallel dimension only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+
+from flopwise.kernels import moe_mlp, plan_from_counts
+
+from .moe import MoE, MoEConfig
+
+__all__ = ["ExpertParallelMoE"]
+
+
+class ExpertParallelMoE(MoE):
+    """:class:`MoE` with its experts sharded over ``group`` (``E % world_size == 0``).
+
+    ``w_gate, w_up: [E_local, D, F]``, ``w_down: [E_local, F, D]``; the router (and the shared
+    expert, if any) is replicated. ``forward`` has :class:`MoE`'s signature and result.
+
+    Example (launch with ``torchrun --nproc-per-node 4 train.py``)::
+
+        dist.init_process_group("nccl")
+        moe = ExpertParallelMoE(MoEConfig(d_model=1024, d_ff=512, n_experts=64, top_k=8))
+        y, aux = moe(x)            # x: this rank's tokens
+    """
+
+    def __init__(self, config: MoEConfig, group: dist.ProcessGroup | None = None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ExpertParallelMoE needs an initialised torch.distributed process group")
+        self.group = group if group is not None else dist.group.WORLD
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        if config.n_experts % self.world:
+            raise ValueError(f"n_experts = {config.n_experts} must be divisible by the group size {self.world}")
+        self.n_local = config.n_experts // self.world
+        super().__init__(config)
+        c = config
+        # keep only this rank's experts
+        self.w_gate = torch.nn.Parameter(torch.empty(self.n_local, c.d_model, c.d_ff))
+        self.w_up = torch.nn.Parameter(torch.empty(self.n_local, c.d_model, c.d_ff))
+        self.w_down = torch.nn.Parameter(torch.empty(self.n_local, c.d_ff, c.d_model))
+        self.reset_parameters()
+
+    @property
+    def expert_slice(self) -> slice:
+        """The global expert ids this rank owns."""
+        return slice(self.rank * self.n_local, (self.rank + 1) * self.n_local)
+
+    @classmethod
+    def from_dense_layer(cls, moe: MoE, group: dist.ProcessGroup | None = None) -> "ExpertParallelMoE":
+        """This rank's shard of a full (single-process) :class:`MoE` with the same config."""
+        ep = cls(moe.config, group)
+        with torch.no_grad():
+            ep.router.weight.copy_(moe.router.weight)
+            for name in ("w_gate", "w_up", "w_down"):
+                getattr(ep, name).copy_(getattr(moe, name)[ep.expert_slice])
+            if moe.shared is not None:
+                ep.shared.load_state_dict(moe.shared.state_dict())
+        return ep
+
+    def _experts(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
+        """Run the plan's rows on the experts' owners and bring the outputs back: ``[N, D]``."""
+        W, El, D = self.world, self.n_local, x_TD.shape[1]
+        counts = plan.expert_counts.to(torch.int64)
+        # recv_counts[s, e]: rows source rank s sends to my local expert e
+        recv_counts = fc.wait_tensor(fc.all_to_all_single(counts, [El] * W, [El] * W, self.group)).view(W, El)
+        splits = torch.stack([counts.view(W, El).sum(1), recv_counts.sum(1)]).tolist()  # the one host sync
+        send_splits, recv_splits = splits
+        rows = x_TD[plan.token_idx.long()]  # expert order == owner order
+        recv = fc.all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
+        # Received rows are ordered (source, expert); the local plan sorts them by expert.
+        R = sum(recv_splits)
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(El, device=x_TD.device).repeat(W), recv_counts.reshape(-1), output_size=R)
+        order = torch.sort(expert_of_row, stable=True).indices
+        local_plan = plan_from_counts(order, torch.ones(R, device=x_TD.device), recv_counts.sum(0), R,
+                                      block_m=self.config.block_m)
+        dt = x_TD.dtype
+        out = moe_mlp(recv, local_plan, self.w_gate.to(dt), self.w_up.to(dt), self.w_down.to(dt))
+        return fc.all_to_all_single_autograd(out, send_splits, recv_splits, self.group)
+
+    def forward(self, x: torch.Tensor, *, return_losses: bool = False):
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != c.d_model:
+            raise ValueError(f"x must be a tensor [..., {c.d_model}], got {tuple(getattr(x, 'shape', ()))}")
+        shape = x.shape
+        x_TD = x.reshape(-1, c.d_model)
+        logits, plan = self.route(x_TD)
+        back = self._experts(x_TD, plan)
+        y = torch.zeros(x_TD.shape, dtype=torch.float32, device=x.device)
+        y = y.index_add(0, plan.token_idx.long(), back.float() * plan.weights[:, None].float()).to(x.dtype)
+        if self.shared is not None:
+            y = y + self.shared(x_TD)
+        aux, losses = self._aux_losses(logits, plan)
+        y = y.reshape(shape)
+        if return_losses:
+            return y, aux, losses
+        return y, aux

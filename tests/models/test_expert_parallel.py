@@ -1,0 +1,119 @@
+"""Expert-parallel MoE on gloo (2 and 4 spawned processes) against the single-process layer."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flopwise.models.expert_parallel import ExpertParallelMoE
+from flopwise.models.moe import MoE, MoEConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(a, b, what, atol=1e-5):
+    torch.testing.assert_close(a, b, atol=atol, rtol=1e-4, msg=lambda m: f"rank {dist.get_rank()}: {what}: {m}")
+
+
+def _worker(rank: int, world: int, port: int, scenario: str):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _check(rank, world, scenario)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check(rank: int, world: int, scenario: str):
+    E = 2 * world if scenario != "mesh" else 4
+    router = "expert_choice" if scenario == "expert_choice" else "token_choice"
+    cfg = MoEConfig(d_model=16, d_ff=24, n_experts=E, top_k=2, router=router, capacity_factor=1.0, block_m=16,
+                    init_std=0.3, shared_d_ff=8 if scenario == "shared" else 0)
+    torch.manual_seed(0)
+    full = MoE(cfg)  # identical on every rank
+    if scenario == "skewed":
+        with torch.no_grad():  # the last rank's experts are never chosen: it receives nothing
+            full.router.weight[-(E // world):] = 0.0
+            full.router.weight[: -(E // world)] = full.router.weight[: -(E // world)].abs()
+    group = None
+    mesh = None
+    if scenario == "mesh":  # 2 data-parallel replicas x 2 expert-parallel ranks
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+        group = mesh["ep"].get_group()
+    ep = ExpertParallelMoE.from_dense_layer(full, group)
+    if mesh is not None:
+        # FSDP2: the router is replicated on every rank (each rank has its own tokens), so it
+        # is sharded over all ranks; expert weights are replicated only across "dp".
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(ep.router, mesh=init_device_mesh("cpu", (world,)))
+        fully_shard(ep, mesh=mesh["dp"])
+
+    g = torch.Generator().manual_seed(100 + rank)
+    T = 3 + 4 * rank  # uneven loads across ranks
+    if scenario == "skewed":
+        x = torch.randn(T, 16, generator=g).abs()  # positive inputs: positive logits for kept experts only
+    else:
+        x = torch.randn(T, 16, generator=g)
+    gy = torch.randn(T, 16, generator=g)
+
+    x1 = x.clone().requires_grad_(True)
+    y, aux = ep(x1)
+    ((y * gy).sum() + aux).backward()
+    x2 = x.clone().requires_grad_(True)
+    y_ref, aux_ref = full(x2)
+    ((y_ref * gy).sum() + aux_ref).backward()
+
+    _close(y, y_ref, "output")
+    _close(aux, aux_ref, "aux loss")
+    _close(x1.grad, x2.grad, "dx")
+    if mesh is None:
+        _close(ep.router.weight.grad, full.router.weight.grad, "router grad")
+    else:  # FSDP2 averages the router's gradient over all ranks
+        ref = full.router.weight.grad.clone()
+        dist.all_reduce(ref)
+        _close(ep.router.weight.grad.full_tensor(), ref / world, "router grad (FSDP2)")
+    if ep.shared is not None:
+        _close(ep.shared.down.weight.grad, full.shared.down.weight.grad, "shared expert grad")
+    for name in ("w_gate", "w_up", "w_down"):
+        ref = getattr(full, name).grad.clone()
+        dist.all_reduce(ref)  # every rank's tokens contribute to the experts' gradients
+        got = getattr(ep, name).grad
+        if got is None:
+            got = torch.zeros_like(getattr(ep, name))
+        if mesh is not None:  # FSDP2 over "dp" averages the two replicas' expert gradients
+            got, ref = got.full_tensor(), ref / 2
+        _close(got, ref[ep.expert_slice], f"{name} grad")
+    if scenario == "skewed" and rank == world - 1:
+        _, plan = full.route(x)
+        counts = plan.expert_counts.long()
+        assert counts[-(E // world):].sum() == 0  # nobody routes here, so this rank receives nothing
+
+
+@pytest.mark.parametrize("world,scenario", [
+    pytest.param(2, "plain", id="2-ranks"),
+    pytest.param(4, "skewed", id="4-ranks-one-receives-nothing"),
+    pytest.param(2, "expert_choice", id="2-ranks-expert-choice"),
+    pytest.param(2, "shared", id="2-ranks-shared-expert"),
+    pytest.param(4, "mesh", id="dp2-x-ep2-mesh"),
+])
+def test_expert_parallel_matches_single_process(world, scenario):
+    mp.spawn(_worker, args=(world, _free_port(), scenario), nprocs=world, join=True)
+
+
+def test_needs_process_group():
+    with pytest.raises(RuntimeError, match="initialised torch.distributed"):
+        ExpertParallelMoE(MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=1))
