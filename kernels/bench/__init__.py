@@ -37,6 +37,8 @@ SUITES: dict[str, str] = {
     "routing": "flopwise.kernels.bench.routing",
     "mod": "flopwise.kernels.bench.mod",
     "moe": "flopwise.kernels.bench.moe",
+    # model-level suites live with the models (the registry only names them)
+    "mod_step": "flopwise.models.bench",
 }
 
 

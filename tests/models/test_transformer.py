@@ -1,0 +1,252 @@
+"""Decoder: configuration and presets, FLOP counts against hand-computed values, forward and
+loss, RoPE at explicit positions, MoE wiring, generation with and without a KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flopwise.models import ModelConfig, Transformer, mod_pattern
+from flopwise.models.transformer import Block, SwiGLU
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(d_model=32, n_heads=2, d_ff=48, n_layers=2, max_seq_len=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# ------------------------------------------------------------------ configuration
+def test_presets_and_mod_patterns():
+    cfg = ModelConfig.preset("tiny", mod="every_other")
+    assert cfg.routing == ("all", "mod") and cfg.mod_capacity == 0.125 and cfg.mlp == ("dense", "dense")
+    assert ModelConfig.preset("tiny").routing == ("all", "all")
+    assert ModelConfig.preset("m1").d_model == 256 and ModelConfig.preset("m1").n_layers == 3
+    assert mod_pattern(5, "every_other") == ("all", "mod", "all", "mod", "all")
+    assert mod_pattern(3, [0, 2]) == ("mod", "all", "mod")
+    assert mod_pattern(2, ["mod", "all"]) == ("mod", "all")
+    assert _cfg(routing="mod", mlp=["dense", "moe"]).mlp == ("dense", "moe")
+    big = ModelConfig.preset("1b")
+    n = 12 * big.d_model**2 * big.n_layers  # 4 D^2 attention + 3 D F (F = 2.75 D) MLP per layer
+    assert 0.9e9 < n + 2 * big.vocab_size * big.d_model < 1.2e9
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    (dict(d_model=30, n_heads=4), ValueError, "d_model"),
+    (dict(routing="sometimes"), ValueError, "routing"),
+    (dict(routing=["mod"]), ValueError, "routing"),
+    (dict(routing=[5]), ValueError, "routing"),
+    (dict(mlp="sparse"), ValueError, "mlp"),
+    (dict(mod_capacity=1.5), ValueError, "mod_capacity"),
+    (dict(mod_causal="oracle"), ValueError, "mod_causal"),
+    (dict(vocab_size=0), ValueError, "vocab_size"),
+    (dict(n_layers=2.0), TypeError, "n_layers"),
+])
+def test_config_validation(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        _cfg(**kwargs)
+
+
+def test_preset_validation():
+    with pytest.raises(ValueError, match="preset"):
+        ModelConfig.preset("huge")
+    with pytest.raises(ValueError, match="mod="):
+        ModelConfig.preset("tiny", mod="every_other", routing="all")
+
+
+def test_padding_to_multiple():
+    cfg = _cfg(vocab_size=250, d_ff=40, pad_to_multiple_of=64)
+    assert (cfg.padded_vocab_size, cfg.ffn_dim) == (256, 64)
+    model = Transformer(cfg)
+    assert model.head.weight.shape == (256, 32) and model.layers[0].mlp.w_out.weight.shape == (32, 64)
+    tokens = torch.randint(0, 250, (1, 8))
+    assert model(tokens).logits.shape == (1, 8, 250)
+
+
+# ------------------------------------------------------------------ FLOPs (hand-computed)
+# D=32, V=256, F=48, S=16: head 2*32*256 = 16384; a dense layer: projections 8*32^2 = 8192,
+# MLP 6*32*48 = 9216, attention 2*D*(S+1) = 1088 -> 18496.
+def test_flops_dense():
+    cfg = _cfg()
+    assert cfg.forward_flops_per_token(16) == 16384 + 2 * 18496
+    assert cfg.flops_per_token(16) == 3 * (16384 + 2 * 18496)
+
+
+def test_flops_mod():
+    # capacity 0.25 of 16 -> k = 4: 4/16 * (8192 + 9216 + 2*32*5) + router 2*32 = 4496
+    cfg = _cfg(routing="every_other", mod_capacity=0.25)
+    assert cfg.forward_flops_per_token(16) == 16384 + 18496 + 4496
+    assert cfg.flops_per_token(16) == 3 * 39376
+    # predictor (hidden max(8, 32 // 8) = 8): 2*(32*8 + 8) = 528 forward, twice that in training
+    pred = _cfg(routing="every_other", mod_capacity=0.25, mod_causal="predictor")
+    assert pred.forward_flops_per_token(16) == 39376 + 528
+    assert pred.flops_per_token(16) == 3 * 39376 + 2 * 528
+    # k rounds up: capacity 0.125 of 20 tokens -> 3
+    assert _cfg(routing="mod", mod_capacity=0.125).forward_flops_per_token(20) == pytest.approx(
+        16384 + 2 * (3 / 20 * (8192 + 9216 + 2 * 32 * 4) + 64))
+
+
+def test_flops_moe():
+    # layer 1: top-2 of 4 experts with F_e = 24: 2 * (6*32*24) + router 2*32*4 = 9472
+    cfg = _cfg(mlp=["dense", "moe"], moe_n_experts=4, moe_top_k=2, moe_d_ff=24)
+    assert cfg.forward_flops_per_token(16) == 16384 + 18496 + (8192 + 9472 + 1088)
+    # MoD around the MoE layer (MoDE): 4/16 * (8192 + 9472 + 320) + 64 = 4560
+    mode = _cfg(mlp=["dense", "moe"], routing="every_other", mod_capacity=0.25,
+                moe_n_experts=4, moe_top_k=2, moe_d_ff=24)
+    assert mode.forward_flops_per_token(16) == 16384 + 18496 + 4560
+    # expert choice: capacity factor 1.5 experts per token on average: 1.5 * 4608 + 256 = 7168
+    ec = _cfg(mlp=["dense", "moe"], moe_n_experts=4, moe_router="expert_choice", moe_capacity_factor=1.5,
+              moe_d_ff=24)
+    assert ec.forward_flops_per_token(16) == 16384 + 18496 + (8192 + 7168 + 1088)
+
+
+def test_flops_ratio_matches_baselines_ceiling():
+    """BASELINES.md: the FLOP-ratio ceiling of MoD every other block at 12.5% is 1.80x
+    (D=2048, 8 layers) and 1.81x (D=1024, 12 layers) at S=4096."""
+    for name, ceiling in (("bench-d2048", 1.80), ("bench-d1024", 1.81)):
+        dense = ModelConfig.preset(name).flops_per_token(4096)
+        mod = ModelConfig.preset(name, mod="every_other").flops_per_token(4096)
+        assert dense / mod == pytest.approx(ceiling, abs=0.02)
+    with pytest.raises(ValueError, match="seq_len"):
+        _cfg().flops_per_token(0)
+
+
+# ------------------------------------------------------------------ forward
+def test_forward_loss_and_causality():
+    model = Transformer(_cfg())
+    tokens = torch.randint(0, 256, (2, 12))
+    targets = torch.randint(0, 256, (2, 12))
+    out = model(tokens, targets)
+    assert out.logits.shape == (2, 12, 256)
+    ce = F.cross_entropy(out.logits.reshape(-1, 256), targets.reshape(-1))
+    torch.testing.assert_close(out.loss, ce)
+    assert float(out.aux["aux_loss"]) == 0.0
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    changed = tokens.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed).logits[:, :6], out.logits[:, :6].detach(), rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="tokens"):
+        model(tokens.float())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_large_vocab():
+    model = Transformer(_cfg(vocab_size=65536, n_layers=1, tie_embeddings=False))
+    tokens = torch.randint(0, 65536, (1, 8))
+    out = model(tokens, tokens)
+    assert out.logits.shape == (1, 8, 65536) and torch.isfinite(out.loss)
+
+
+def test_block_delta_uses_explicit_positions():
+    """RoPE attention depends on relative positions only: shifting all positions leaves the
+    update unchanged; permuting them does not. And forward = h + delta."""
+    blk = Block(_cfg(), 0)
+    h = torch.randn(2, 10, 32)
+    pos = torch.arange(10).expand(2, 10)
+    d0, _ = blk.delta(h, pos)
+    d5, _ = blk.delta(h, pos + 5)
+    torch.testing.assert_close(d0, d5, rtol=1e-4, atol=1e-5)
+    spread, _ = blk.delta(h, pos * 3)
+    assert not torch.allclose(d0, spread, atol=1e-4)
+    torch.testing.assert_close(blk(h, pos)[0], h + d0)
+
+
+# ------------------------------------------------------------------ MoE wiring
+def test_moe_missing_module_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flopwise.models.moe", None)
+    with pytest.raises(ImportError, match="mlp='moe' needs flopwise.models.moe"):
+        Transformer(_cfg(mlp=["dense", "moe"]))
+
+
+def test_moe_layer_wiring(monkeypatch):
+    """A stand-in with the agreed API: MoEConfig(d_model, d_ff, n_experts, top_k, router),
+    MoE(cfg)(x) -> (y, aux_loss)."""
+
+    @dataclasses.dataclass
+    class MoEConfig:
+        d_model: int
+        d_ff: int
+        n_experts: int
+        top_k: int
+        router: str = "token_choice"
+        capacity_factor: float = 2.0
+
+    class MoE(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg = cfg
+            self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+
+        def forward(self, x):
+            return self.mlp(x), x.new_tensor(0.25) + 0 * x.sum()
+
+    fake = types.ModuleType("flopwise.models.moe")
+    fake.MoE, fake.MoEConfig = MoE, MoEConfig
+    monkeypatch.setitem(sys.modules, "flopwise.models.moe", fake)
+    cfg = _cfg(mlp=["dense", "moe"], routing="every_other", mod_capacity=0.25, moe_n_experts=4, moe_top_k=1,
+               moe_router="expert_choice", moe_capacity_factor=1.5, moe_d_ff=24)
+    model = Transformer(cfg)
+    moe = model.layers[1].block.mlp
+    assert moe.cfg == MoEConfig(d_model=32, d_ff=24, n_experts=4, top_k=1, router="expert_choice",
+                                capacity_factor=1.5)
+    tokens = torch.randint(0, 256, (2, 16))
+    out = model(tokens, tokens)
+    assert float(out.aux["layer1.moe_aux_loss"]) == 0.25
+    torch.testing.assert_close(out.aux["aux_loss"], out.aux["layer1.mod_aux_loss"] + 0.25)
+    torch.testing.assert_close(out.loss.detach(), out.aux["lm_loss"] + out.aux["aux_loss"])
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_real_moe_layer_inside_mod(router):
+    """MoDE: the MoE layer of flopwise.models.moe inside a MoD block, trained end to end."""
+    cfg = _cfg(mlp=["dense", "moe"], routing="every_other", mod_capacity=0.5, moe_n_experts=4, moe_top_k=2,
+               moe_router=router, moe_d_ff=16)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 256, (2, 8))
+    out = model(tokens, tokens)
+    assert float(out.aux["layer1.moe_aux_loss"]) > 0
+    out.loss.backward()
+    assert model.layers[1].block.mlp.w_gate.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ generation
+def test_generation_cache_equals_recompute_dense():
+    torch.manual_seed(5)
+    model = Transformer(_cfg(tie_embeddings=False))
+    with torch.no_grad():  # larger weights: a less uniform next-token distribution
+        model.head.weight.mul_(20)
+    prompt = torch.randint(0, 256, (2, 4))
+    greedy = model.generate(prompt, 10)
+    assert greedy.shape == (2, 14) and torch.equal(greedy[:, :4], prompt)
+    assert greedy[:, 4:].unique().numel() > 4  # not a trivially repeated token
+    assert torch.equal(greedy, model.generate(prompt, 10, use_cache=False))
+    # greedy is the argmax of the full-sequence logits at every step
+    with torch.no_grad():
+        logits = model(greedy[:, :-1]).logits
+    assert torch.equal(logits[:, 3:].argmax(-1), greedy[:, 4:])
+    # top_k=1 sampling is greedy; seeded sampling is reproducible and cache-independent
+    assert torch.equal(model.generate(prompt, 10, temperature=1.0, top_k=1, seed=0), greedy)
+    s1 = model.generate(prompt, 10, temperature=1.0, seed=7)
+    assert torch.equal(s1, model.generate(prompt, 10, temperature=1.0, seed=7, use_cache=False))
+    assert not torch.equal(s1, model.generate(prompt, 10, temperature=1.0, seed=8))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(prompt, 61)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 1, temperature=-1.0)
+
+
+def test_rope_tables_stay_fp32_under_dtype_casts():
+    model = Transformer(_cfg()).to(torch.bfloat16)
+    attn = model.layers[0].attn
+    assert attn.wqkv.weight.dtype == torch.bfloat16
+    assert attn.rope_cos.dtype == torch.float32 and attn.rope_sin.dtype == torch.float32
+    torch.testing.assert_close(attn.rope_cos, Transformer(_cfg()).layers[0].attn.rope_cos, rtol=0, atol=0)
