@@ -1,10 +1,197 @@
-"""Argument parsing for ``flopwise scaling ...`` (kept apart from cli.py so each command family has one file)."""
+"""Argument parsing for ``flopwise scaling ...`` (kept apart from cli.py so each command family has one file).
+
+Handlers only parse, call ``flopwise.scaling`` and print.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sys
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be finite and > 0: {text!r}")
+    return v
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from flopwise import scaling
+
+    cols = dict(scaling.EPOCH_COLUMNS) if args.epoch else {"n_col": "N", "loss_col": "loss"}
+    if args.n_col:
+        cols["n_col"] = args.n_col
+    if args.loss_col:
+        cols["loss_col"] = args.loss_col
+    if args.d_col or args.c_col:
+        cols.pop("c_col", None)
+        cols["d_col" if args.d_col else "c_col"] = args.d_col or args.c_col
+    drop = args.drop_highest if args.drop_highest is not None else (5 if args.epoch else 0)
+    objective = args.objective or ("huber_likelihood" if args.epoch else "huber")
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    data = scaling.load_csv(args.file, k=args.k, drop_highest=drop, **cols)
+    result = scaling.fit(data, objective=objective, delta=args.delta)
+    boot = None
+    if args.bootstrap:
+        # Epoch's published standard errors refit the Huber sum; --epoch does the same.
+        b_obj = args.bootstrap_objective or ("huber" if args.epoch else objective)
+        boot = scaling.bootstrap(
+            data, result, n=args.bootstrap, seed=args.seed, objective=b_obj, compute=args.compute, level=args.level
+        )
+    if args.plot:
+        from flopwise.scaling import plot as splot
+
+        try:
+            splot.plot_fit(data, result.law, path=args.plot)
+            if boot is not None:
+                stem = args.plot.rsplit(".", 1)
+                splot.plot_bootstrap(boot, path=f"{stem[0]}_bootstrap.{stem[1] if len(stem) > 1 else 'png'}")
+        except ImportError as exc:
+            print(f"flopwise: error: {exc}", file=sys.stderr)
+            return 2
+    tpp = result.law.tokens_per_parameter(args.compute, data.k)
+    if args.json:
+        params = {k: result.law.as_dict()[k] for k in ("E", "A", "B", "alpha", "beta")}
+        out = {
+            "params": params,
+            "a": result.law.a,
+            "b": result.law.b,
+            "tokens_per_parameter": tpp,
+            "compute": args.compute,
+            "objective": objective,
+            "value": result.value,
+            "scale": result.scale,
+            "n_runs": result.n_runs,
+            "n_starts": result.n_starts,
+            "n_converged": result.n_converged,
+            "n_at_best": result.n_at_best,
+            "seconds": result.seconds,
+        }
+        if boot is not None:
+            summary = boot.as_dict()
+            out["params"] = {k: {"estimate": params[k], "se": summary[k]["se"], "interval": summary[k]["interval"]} for k in params}
+            out["bootstrap"] = {
+                "n": boot.n_resamples,
+                "n_failed": boot.n_failed,
+                "seed": boot.seed,
+                "level": boot.level,
+                "objective": boot.objective,
+                "seconds": boot.seconds,
+                "derived": {k: summary[k] for k in ("a", "b", "tokens_per_parameter")},
+            }
+        print(json.dumps(out, indent=2))
+        return 0
+    law = result.law
+    print(f"{result.n_runs} runs, objective {objective}, {result.n_starts} starts "
+          f"({result.n_at_best} at the best), {result.seconds:.2f} s")
+    names = ("E", "A", "B", "alpha", "beta", "a", "b", "tokens_per_parameter")
+    vals = {**law.as_dict(), "a": law.a, "b": law.b, "tokens_per_parameter": tpp}
+    for name in names:
+        line = f"  {name:>22} {_fmt(vals[name])}"
+        if boot is not None:
+            lo, hi = boot.interval[name]
+            line += f"  se {_fmt(boot.se[name])}  {100 * boot.level:.0f}% [{_fmt(lo)}, {_fmt(hi)}]"
+        print(line)
+    print(f"  (tokens_per_parameter at C = {args.compute:.3g} FLOPs)")
+    if boot is not None:
+        print(f"bootstrap: {boot.n_resamples} resamples ({boot.objective}), {boot.seconds:.2f} s")
+    return 0
+
+
+def _cmd_optimal(args: argparse.Namespace) -> int:
+    from flopwise import scaling
+
+    law = scaling.get_law(args.law)
+    n, d = law.optimal(args.compute, args.k)
+    row = {"law": law.name, "compute": args.compute, "N_opt": n, "D_opt": d, "tokens_per_parameter": d / n,
+           "loss": law.loss(n, d), "a": law.a, "b": law.b}
+    if args.inference_tokens is not None:
+        io = scaling.inference_optimal(law, row["loss"], args.inference_tokens, k=args.k)
+        row["inference_aware"] = io.as_dict()
+    if args.json:
+        print(json.dumps(row, indent=2))
+        return 0
+    print(f"law {law.name}: C = {args.compute:.3g} FLOPs -> N_opt = {n:.3e}, D_opt = {d:.3e}, "
+          f"D/N = {d / n:.1f}, loss {row['loss']:.4f}  (N ∝ C^{law.a:.3f}, D ∝ C^{law.b:.3f})")
+    if args.inference_tokens is not None:
+        io = row["inference_aware"]
+        print(f"serving {args.inference_tokens:.3g} tokens at the same loss: N = {io['N']:.3e} "
+              f"({io['n_ratio']:.2f}x), D = {io['D']:.3e} ({io['d_ratio']:.2f}x), "
+              f"total compute {io['total_flops']:.3e} ({100 * io['savings']:.1f}% less)")
+    return 0
+
+
+def _cmd_decompose(args: argparse.Namespace) -> int:
+    from flopwise import scaling
+
+    law = scaling.get_law(args.law)
+    rows = scaling.decompose(law, args.models, k=args.k)
+    if args.json:
+        print(json.dumps({"law": law.name, "params": law.as_dict(), "rows": rows}, indent=2))
+        return 0
+    print(f"law {law.name}: E={law.E:.4g} A={law.A:.4g} B={law.B:.4g} alpha={law.alpha:.4g} beta={law.beta:.4g}")
+    print(f"{'model':>12} {'N':>9} {'D':>9} {'C':>9} {'E':>6} {'A/N^a':>7} {'B/D^b':>7} {'loss':>7} {'opt.loss':>8}")
+    for r in rows:
+        print(f"{r['model']:>12} {r['N']:9.3g} {r['D']:9.3g} {r['C']:9.3g} {r['irreducible']:6.3f} "
+              f"{r['model_term']:7.4f} {r['data_term']:7.4f} {r['loss']:7.4f} {r['optimal_loss']:8.4f}")
+    return 0
 
 
 def add_parser(sub) -> None:
+    from flopwise.scaling.bootstrap import CHINCHILLA_COMPUTE
+
     p = sub.add_parser("scaling", help="scaling-law fits and compute-optimal allocation")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    ssub = p.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND")
+
+    f = ssub.add_parser("fit", help="Approach-3 fit of L = E + A/N^alpha + B/D^beta to a CSV of runs")
+    f.add_argument("file", help="CSV with a header row")
+    f.add_argument("--epoch", action="store_true",
+                   help="Epoch AI's conventions for svg_extracted_data.csv: columns 'Model Size', "
+                        "'Training FLOP', 'loss'; D = C/(6N); drop the 5 highest-loss runs; Huber likelihood")
+    f.add_argument("--n-col", help="parameter-count column (default N, or 'Model Size' with --epoch)")
+    f.add_argument("--d-col", help="training-token column")
+    f.add_argument("--c-col", help="training-FLOP column (D = C / (k N))")
+    f.add_argument("--loss-col", help="loss column (default loss)")
+    f.add_argument("--k", type=_positive_float, default=6.0, help="FLOPs per parameter per token (default 6)")
+    f.add_argument("--drop-highest", type=int, help="drop this many highest-loss runs (default 0, 5 with --epoch)")
+    f.add_argument("--objective", choices=("huber", "huber_likelihood"), help="default huber (huber_likelihood with --epoch)")
+    f.add_argument("--delta", type=_positive_float, default=1e-3, help="Huber delta (default 1e-3)")
+    f.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples (e.g. 4000)")
+    f.add_argument("--bootstrap-objective", choices=("huber", "huber_likelihood"),
+                   help="objective refitted per resample (default: the fit's; huber with --epoch, as Epoch did)")
+    f.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    f.add_argument("--level", type=float, default=0.95, help="percentile-interval level (default 0.95)")
+    f.add_argument("--compute", type=_positive_float, default=CHINCHILLA_COMPUTE,
+                   help="FLOPs at which to report tokens per parameter (default Chinchilla's 5.88e23)")
+    f.add_argument("--plot", metavar="OUT.png", help="write the data/isoloss/frontier figure (needs matplotlib)")
+    f.add_argument("--json", action="store_true", help="print a JSON object")
+    f.set_defaults(func=_cmd_fit)
+
+    o = ssub.add_parser("optimal", help="compute-optimal N and D for a compute budget")
+    o.add_argument("--compute", type=_positive_float, required=True, help="training FLOPs")
+    o.add_argument("--law", default="epoch", help="preset: epoch (default) or hoffmann")
+    o.add_argument("--k", type=_positive_float, default=6.0, help="FLOPs per parameter per token (default 6)")
+    o.add_argument("--inference-tokens", type=float, metavar="T",
+                   help="also give the allocation reaching the same loss that minimises training + 2 N T inference FLOPs")
+    o.add_argument("--json", action="store_true", help="print a JSON object")
+    o.set_defaults(func=_cmd_optimal)
+
+    d = ssub.add_parser("decompose", help="split predicted loss into irreducible, model and data terms")
+    d.add_argument("--law", default="hoffmann", help="preset: hoffmann (default) or epoch")
+    d.add_argument("--models", default="gpt3,gopher,chinchilla",
+                   help="comma list of gpt3, gopher, chinchilla or label:N:D (default: all three)")
+    d.add_argument("--k", type=_positive_float, default=6.0, help="FLOPs per parameter per token (default 6)")
+    d.add_argument("--json", action="store_true", help="print a JSON object")
+    d.set_defaults(func=_cmd_decompose)

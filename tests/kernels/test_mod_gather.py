@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rel_err
+from ..conftest import rel_err
 from flopwise.kernels import mod_gather as M
 from flopwise.kernels.mod_gather import (
     gather_tokens,

@@ -1,0 +1,120 @@
+"""Approach 2 of Hoffmann et al. (2022): IsoFLOP profiles.
+
+Runs are grouped by training compute (an isoFLOP profile is a set of runs with the
+same C and different N). Within each group the loss is fitted by a parabola in log N
+and its minimum gives N_opt(C); then log N_opt = log G_N + a log C is fitted by least
+squares across groups. With C = k N D, D_opt = C / (k N_opt), so b = 1 - a.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import ScalingData
+
+__all__ = ["IsoFlopResult", "isoflop_fit", "group_by_compute"]
+
+
+@dataclass(frozen=True)
+class IsoFlopResult:
+    """Per-profile minima (arrays [K]) and the power laws through them.
+
+    ``compute``: each profile's C (geometric mean of its runs' C); ``n_opt``,
+    ``d_opt``, ``loss_opt``: the parabola's minimum. N_opt(C) = ``n_coef`` * C^``a``,
+    D_opt(C) = ``d_coef`` * C^``b``. ``skipped``: profiles left out (too few distinct
+    N, or a parabola that opens downwards / has its minimum outside the sampled N).
+    """
+
+    compute: np.ndarray
+    n_opt: np.ndarray
+    d_opt: np.ndarray
+    loss_opt: np.ndarray
+    a: float
+    b: float
+    n_coef: float
+    d_coef: float
+    k: float
+    skipped: int
+
+    def optimal(self, compute) -> tuple:
+        """(N_opt, D_opt) at ``compute`` FLOPs from the fitted power laws."""
+        c = np.asarray(compute, dtype=np.float64)
+        if np.any(~np.isfinite(c)) or np.any(c <= 0):
+            raise ValueError("compute must be finite and > 0")
+        n = self.n_coef * c**self.a
+        d = c / (self.k * n)
+        return (float(n), float(d)) if c.ndim == 0 else (n, d)
+
+    def tokens_per_parameter(self, compute):
+        n, d = self.optimal(compute)
+        return d / n
+
+
+def group_by_compute(C: np.ndarray, rtol_decades: float = 0.05) -> np.ndarray:
+    """Group label [R] for each run: runs whose log10 C are within ``rtol_decades`` of
+    their neighbour (after sorting) share a profile."""
+    if not isinstance(rtol_decades, (int, float)) or not rtol_decades >= 0:
+        raise ValueError(f"rtol_decades must be a number >= 0, got {rtol_decades!r}")
+    lc = np.log10(np.asarray(C, dtype=np.float64))
+    order = np.argsort(lc, kind="stable")
+    breaks = np.diff(lc[order]) > rtol_decades
+    labels_sorted = np.concatenate([[0], np.cumsum(breaks)])
+    labels = np.empty_like(labels_sorted)
+    labels[order] = labels_sorted
+    return labels
+
+
+def isoflop_fit(data: ScalingData, rtol_decades: float = 0.05, min_points: int = 3) -> IsoFlopResult:
+    """Approach 2 on ``data``; needs at least two usable isoFLOP profiles.
+
+    ``rtol_decades``: compute values closer than this (in log10) belong to one profile.
+    ``min_points``: fewest distinct model sizes a profile needs for its parabola.
+    """
+    if not isinstance(data, ScalingData):
+        raise TypeError(f"data must be ScalingData, got {type(data).__name__}")
+    if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 3:
+        raise ValueError(f"min_points must be an int >= 3 (a parabola has 3 coefficients), got {min_points!r}")
+    labels = group_by_compute(data.C, rtol_decades)
+    cs, ns, ls = [], [], []
+    skipped = 0
+    for g in np.unique(labels):
+        m = labels == g
+        x = np.log(data.N[m])
+        if np.unique(x).size < min_points:
+            skipped += 1
+            continue
+        p2, p1, p0 = np.polyfit(x, data.loss[m], 2)
+        if not p2 > 0:
+            skipped += 1
+            continue
+        x_star = -p1 / (2 * p2)
+        if not (x.min() <= x_star <= x.max()):
+            # A minimum outside the sampled sizes is an extrapolation, not a profile's valley.
+            skipped += 1
+            continue
+        cs.append(math.exp(np.log(data.C[m]).mean()))
+        ns.append(math.exp(x_star))
+        ls.append(p0 + p1 * x_star + p2 * x_star**2)
+    if len(cs) < 2:
+        raise ValueError(
+            f"data: found {len(cs)} usable isoFLOP profile(s) (need 2; {skipped} skipped); "
+            "Approach 2 needs several runs per compute level"
+        )
+    c, n = np.asarray(cs), np.asarray(ns)
+    a, log_g = np.polyfit(np.log(c), np.log(n), 1)
+    d = c / (data.k * n)
+    return IsoFlopResult(
+        compute=c,
+        n_opt=n,
+        d_opt=d,
+        loss_opt=np.asarray(ls),
+        a=float(a),
+        b=float(1.0 - a),
+        n_coef=float(math.exp(log_g)),
+        d_coef=float(math.exp(-log_g) / data.k),
+        k=data.k,
+        skipped=skipped,
+    )

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flopwise.scaling import ScalingLaw, from_arrays, isoflop_fit
+from flopwise.scaling.isoflop import group_by_compute
+
+
+def _isoflop_data(law, computes, per_level=11, span=8.0, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    N, C = [], []
+    for c in computes:
+        n_opt, _ = law.optimal(c)
+        ns = n_opt * np.geomspace(1 / span, span, per_level)
+        N.extend(ns)
+        C.extend([c] * per_level)
+    N, C = np.array(N), np.array(C)
+    L = law.loss(N, C / (6 * N)) * np.exp(noise * rng.standard_normal(N.size))
+    return from_arrays(N, L, C=C)
+
+
+def test_recovers_frontier_exponent():
+    law = ScalingLaw.epoch()
+    computes = np.geomspace(1e18, 1e22, 7)
+    r = isoflop_fit(_isoflop_data(law, computes))
+    assert r.compute.shape == (7,) and r.skipped == 0
+    # The isoFLOP valley of this law is not exactly a parabola in log N: a within 0.01.
+    assert r.a == pytest.approx(law.a, abs=0.01)
+    assert r.a + r.b == pytest.approx(1.0)
+    n_true, _ = law.optimal(r.compute)
+    np.testing.assert_allclose(r.n_opt, n_true, rtol=0.1)
+    n, d = r.optimal(1e21)
+    assert 6 * n * d == pytest.approx(1e21)
+
+
+def test_noisy_profiles():
+    law = ScalingLaw.hoffmann()
+    r = isoflop_fit(_isoflop_data(law, np.geomspace(1e18, 1e21, 5), per_level=15, noise=0.002, seed=2))
+    assert r.a == pytest.approx(law.a, abs=0.05)
+
+
+def test_grouping_and_errors():
+    labels = group_by_compute(np.array([1e18, 1.05e18, 1e19, 1e20, 1.02e20]))
+    assert list(labels) == [0, 0, 1, 2, 2]
+    rng = np.random.default_rng(0)
+    N = 10 ** rng.uniform(7, 9, 20)
+    data = from_arrays(N, 3 + rng.random(20), C=10 ** rng.uniform(17, 22, 20))
+    with pytest.raises(ValueError, match="isoFLOP profile"):
+        isoflop_fit(data)
+    with pytest.raises(ValueError, match="min_points"):
+        isoflop_fit(data, min_points=2)
