@@ -28,14 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("bench", help="benchmark kernels against torch (GPU numbers need a GPU)")
-    p.add_argument("ops", nargs="*", help="suites to run (default: all): routing, mod, moe, mod_step")
+    p.add_argument("ops", nargs="*", help="suites to run (default: all): routing, mod, moe, mod_step, coding")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
     p.add_argument("--budget-ms", type=float, default=100.0, help="timing budget per provider (default 100)")
     p.set_defaults(func=_cmd_bench)
 
-    from flopwise import _cli_scaling
+    from flopwise import _cli_coding, _cli_scaling
 
     _cli_scaling.add_parser(sub)
+    _cli_coding.add_parser(sub)
     return parser
 
 

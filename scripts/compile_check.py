@@ -1,4 +1,4 @@
-"""Compile the routing and grouped-matmul kernels for sm_90 (H100) without a GPU.
+"""Compile the routing, MoD token-movement and grouped-matmul kernels for sm_90 (H100) without a GPU.
 
 The CPU test suite runs kernels under Triton's interpreter, which accepts some programs the
 GPU compiler rejects; this compiles each variant to a cubin, so such errors show on CI.
@@ -12,6 +12,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 import importlib
 
+from flopwise.kernels import mod_gather as M
 from flopwise.kernels import routing as R
 
 G = importlib.import_module("flopwise.kernels.grouped_mm")
@@ -29,10 +30,10 @@ def sig_of(fn, types, consts):
 # What the JIT specialises at launch for real shapes: 16-byte aligned pointers and integer
 # arguments divisible by 16 (strides, K, N). Without these hints no load is vectorised and
 # the software pipeliner leaves the GEMM loops synchronous.
-ALIGNED_INTS = {"stride_am", "stride_be", "stride_bk", "stride_om", "stride_gm", "stride_de", "stride_dk", "K", "N"}
+ALIGNED_INTS = {"D", "stride_am", "stride_be", "stride_bk", "stride_om", "stride_gm", "stride_de", "stride_dk", "K", "N"}
 
 
-def comp(fn, types, consts, num_warps=4, label="", pipelined=False):
+def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=False):
     sig = sig_of(fn, types, consts)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*") or n in ALIGNED_INTS}
@@ -41,6 +42,12 @@ def comp(fn, types, consts, num_warps=4, label="", pipelined=False):
         k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": 3})
         ptx = k.asm["ptx"]
         info = f"shared memory {k.metadata.shared}, wgmma {ptx.count('wgmma.mma_async')}, cp.async {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}"
+        loads = [line for line in ptx.splitlines() if "ld.global" in line]
+        if vectorized and not any(".v4." in line for line in loads):
+            v4 = [line.strip() for line in loads][:3]
+            FAILED.append(fn.__name__ + " (" + label + ": row loads not 128-bit)")
+            print("FAIL", fn.__name__, label, "row loads not vectorised:", v4)
+            return
         if pipelined and "cp.async" not in ptx:
             FAILED.append(fn.__name__ + " (" + label + ": main loop not software-pipelined)")
             print("FAIL", fn.__name__, label, "not pipelined:", info)
@@ -64,6 +71,21 @@ comp(R._expert_scores_kernel, {"logits_ptr": P("fp32"), "scores_ptr": P("fp32")}
 comp(R._const_plan_kernel, {"counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32")}, dict(BLOCK_E=64, BLOCK_M=64, BLOCK_B=128))
 for single, block, warps in [(True, 4096, 8), (True, 16384, 16), (False, 4096, 8)]:
     comp(R._topk_rows_kernel, {"x_ptr": P("bf16"), "idx_ptr": P("i32"), "val_ptr": P("bf16")}, dict(BLOCK=block, SINGLE=single), num_warps=warps, label=f"single={single} block={block}")
+# MoD token movement (bf16 rows, int32 indices, fp32 router weights)
+bf, i32, f32 = P("bf16"), P("i32"), P("fp32")
+comp(M._gather_tokens_fwd_kernel, {"x_ptr": bf, "idx_ptr": i32, "out_ptr": bf}, dict(ROWS=2, BLOCK_D=2048),
+     vectorized=True)
+for base, y, w in [(True, True, True), (False, True, False), (False, False, False)]:
+    comp(M._scatter_tokens_fwd_kernel, {"base_ptr": bf, "y_ptr": bf, "w_ptr": f32, "inv_ptr": i32, "out_ptr": bf},
+         dict(HAS_BASE=base, HAS_Y=y, HAS_WEIGHT=w, ROWS=2, BLOCK_D=2048), label=f"base={base} y={y} w={w}")
+comp(M._scatter_tokens_inplace_kernel, {"res_ptr": bf, "y_ptr": bf, "w_ptr": f32, "idx_ptr": i32}, dict(ROWS=2, BLOCK_D=2048),
+     vectorized=True)
+comp(M._scatter_tokens_bwd_kernel, {"grad_ptr": bf, "y_ptr": bf, "w_ptr": f32, "idx_ptr": i32, "dy_ptr": bf, "dw_ptr": f32},
+     dict(ROWS=2, BLOCK_D=2048))
+comp(M._rmsnorm_gather_tokens_fwd_kernel, {"x_ptr": bf, "idx_ptr": i32, "gamma_ptr": bf, "out_ptr": bf, "eps": "fp32"},
+     dict(ROWS=1, BLOCK_D=4096), num_warps=8)
+comp(M._rmsnorm_gather_tokens_bwd_kernel, {"grad_ptr": bf, "x_ptr": bf, "idx_ptr": i32, "gamma_ptr": bf, "dx_ptr": bf,
+     "dgamma_part_ptr": f32, "eps": "fp32"}, dict(BLOCK_D=4096), num_warps=8)
 # grouped mm
 base = {"a_ptr": P("bf16"), "a2_ptr": P("bf16"), "a_idx_ptr": P("i32"), "b_ptr": P("bf16"), "b2_ptr": P("bf16"),
         "out_ptr": P("bf16"), "out2_ptr": P("bf16"), "out3_ptr": P("bf16"), "pre_ptr": P("bf16"), "pre2_ptr": P("bf16"),

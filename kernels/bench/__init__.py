@@ -39,6 +39,7 @@ SUITES: dict[str, str] = {
     "moe": "flopwise.kernels.bench.moe",
     # model-level suites live with the models (the registry only names them)
     "mod_step": "flopwise.models.bench",
+    "coding": "flopwise.coding.bench",
 }
 
 
@@ -54,6 +55,9 @@ class Case:
     # providers that compute a different function on purpose (e.g. a dense GEMM with the
     # same FLOPs): timed as a floor to compare against, never checked, never a "torch" ratio
     floors: tuple[str, ...] = ()
+    # items processed per call and their unit (e.g. 4096*32 "sym"): reported as a rate
+    count: int = 0
+    unit: str = ""
 
 
 @dataclass
@@ -69,6 +73,8 @@ class Row:
     copy_fraction: float | None  # tbps / measured device copy bandwidth
     status: str  # "ok", "floor", or why it was not timed
     peak_mb: float | None = None  # CUDA: peak memory allocated during one call, above what was live before
+    rate: float | None = None  # Case.count per second
+    unit: str = ""
     device: str = ""
     torch: str = ""
     triton: str = ""
@@ -177,6 +183,8 @@ def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
                 copy_fraction=(tbps / copy) if (tbps and copy) else None,
                 status=status[name],
                 peak_mb=peak.get(name),
+                rate=case.count / (ms * 1e-3) if (ms and case.count) else None,
+                unit=case.unit,
                 **env,
             )
         )
@@ -188,7 +196,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["op", "shape", "mode", "provider", "µs", "TB/s", "TFLOP/s", "vs torch", "of copy BW", "peak MiB", "status"]
+    head = ["op", "shape", "mode", "provider", "µs", "TB/s", "TFLOP/s", "rate", "vs torch", "of copy BW", "peak MiB",
+            "status"]
     body = [
         [
             r.op,
@@ -198,6 +207,7 @@ def format_table(rows: list[Row]) -> str:
             "-" if r.ms is None else f"{1e3 * r.ms:.1f}",
             _fmt(r.tbps, ".2f"),
             _fmt(r.tflops, ".1f"),
+            "-" if r.rate is None else f"{r.rate / 1e6:.2f} M{r.unit}/s",
             "-" if r.vs_torch is None else f"{r.vs_torch:.2f}x",
             "-" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%",
             _fmt(r.peak_mb, ".0f"),

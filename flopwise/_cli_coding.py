@@ -1,0 +1,83 @@
+"""Argument parsing for ``flopwise coding ...`` (kept apart from cli.py so each command family has one file).
+
+Handlers only parse, call ``flopwise.coding.dataset`` and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return v
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from flopwise.coding.dataset import BuildOptions, build
+
+    opts = BuildOptions(method=args.method, token_bits=args.token_bits, window_bits=args.window_bits,
+                        chunk_bytes=args.chunk_bytes, precision=args.precision,
+                        max_window_bytes=args.max_window_bytes, m1=args.m1, context_len=args.context_len,
+                        batch_rows=args.batch_rows, streams_per_batch=args.streams_per_batch, device=args.device)
+    stats = build(args.corpus, args.out, opts, force=args.force, train=args.train,
+                  progress=False if args.quiet else None)
+    if args.json:
+        print(json.dumps(stats, indent=1))
+    else:
+        ratio = stats["compression_ratio"]
+        print(f"{args.method}: {stats['input_bytes']} bytes -> {stats['tokens']} tokens "
+              f"({stats['token_bytes']} bytes), ratio {ratio:.3f}, {stats['bits_per_byte']:.3f} bits/byte, "
+              f"{stats['bytes_per_token']:.3f} bytes/token" if ratio else f"{args.method}: empty input")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from flopwise.coding.dataset import decode
+
+    data = decode(args.folder, args.text_file, force=args.force, device=args.device, m1=args.m1,
+                  progress=False if args.quiet else None)
+    print(f"decoded {len(data)} bytes (SHA-256 verified) -> {args.text_file}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("coding", help="compressed-text datasets: arithmetic coding, EqualInfoAC, GZip")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    csub = p.add_subparsers(dest="coding_command", metavar="SUBCOMMAND")
+
+    b = csub.add_parser("build", help="compress a text file into token arrays + everything needed to decode")
+    b.add_argument("corpus", help="input file (bytes)")
+    b.add_argument("out", help="output folder (created atomically)")
+    b.add_argument("--method", required=True, choices=("gzip", "static", "ac", "equalinfo"))
+    b.add_argument("--token-bits", type=int, choices=(8, 16), default=8, help="bits per token (default 8)")
+    b.add_argument("--window-bits", type=_positive_int, default=16, help="EqualInfoAC window size b (default 16)")
+    b.add_argument("--chunk-bytes", type=_positive_int, default=4096, help="bytes per independent stream (default 4096)")
+    b.add_argument("--precision", type=_positive_int, default=24, help="frequency total 2^P (default 24, max 24)")
+    b.add_argument("--max-window-bytes", type=_positive_int, default=64, help="EqualInfoAC: bytes per window at most (default 64)")
+    b.add_argument("--m1", metavar="CKPT", help="M1 checkpoint (flopwise folder or torch.save'd module); ac/equalinfo")
+    b.add_argument("--context-len", type=_positive_int, help="M1 context (default: its max_seq_len)")
+    b.add_argument("--batch-rows", type=_positive_int, default=64, help="rows per M1 call, fixed (default 64)")
+    b.add_argument("--streams-per-batch", type=_positive_int, default=256, help="streams coded together (default 256)")
+    b.add_argument("--train", metavar="FILE", help="StaticAC: fit the unigram model on FILE (default: the corpus)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); decoding must use the same")
+    b.add_argument("--force", action="store_true", help="replace an existing OUT")
+    b.add_argument("--json", action="store_true", help="print the stats as JSON")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_build)
+
+    d = csub.add_parser("decode", help="invert `coding build` exactly (verified against the input's SHA-256)")
+    d.add_argument("folder", help="a `coding build` output folder")
+    d.add_argument("text_file", help="where to write the decoded bytes")
+    d.add_argument("--device", help="override the recorded device (must match the encoder's for ac/equalinfo)")
+    d.add_argument("--m1", metavar="CKPT", help="M1 checkpoint at another path (its hash must match)")
+    d.add_argument("--force", action="store_true", help="replace an existing TEXT_FILE")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_cmd_decode)
