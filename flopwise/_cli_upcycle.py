@@ -1,0 +1,164 @@
+"""Argument parsing for ``flopwise upcycle SRC DST ...`` (sparse upcycling of a dense checkpoint).
+
+Handlers only parse, call ``flopwise.models.upcycle`` and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+
+def _size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a byte count."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        v = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"size must be >= 1 byte: {text!r}")
+    return v
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+class _Bar:
+    """One-line progress bar over tensors on stderr (only when stderr is a terminal or forced)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.t0, self.last = enabled, time.perf_counter(), 0.0
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.1 and done < total):
+            return
+        self.last = now
+        width = 30
+        fill = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} tensors "
+                         f"{now - self.t0:5.1f}s {name[-40:]:<40}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _options(args: argparse.Namespace):
+    from flopwise.models.upcycle import UpcycleOptions
+
+    return UpcycleOptions(
+        n_experts=args.experts, top_k=args.top_k, format=args.format, layers=args.layers,
+        expert_init=args.expert_init, noise_std=args.noise_std, drop_ratio=args.drop_ratio,
+        granularity=args.granularity, router_init=args.router_init, router_std=args.router_std,
+        calibration_text=args.calibration_text, renormalize=not args.no_renormalize,
+        shared_d_ff=args.shared_d_ff, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
+        max_shard_bytes=args.max_shard_size, optimizer=not args.no_optimizer)
+
+
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from flopwise.models import upcycle as up
+
+    opts = _options(args)
+    if args.dry_run:
+        summary = up.plan_upcycle(args.src, opts).summary()
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return 0
+        print(f"{summary['source']} ({summary['source_arch']}) -> {args.dst} ({summary['format']}): "
+              f"{summary['n_experts']} experts, top-{summary['top_k']}, MoE layers {summary['moe_layers']}")
+        print(f"  output {_human(summary['output_bytes'])} in {len(summary['shards'])} files; "
+              f"params total {summary['total_params']:,}, active per token {summary['active_params']:,}")
+        print(f"  estimated peak memory {_human(summary['peak_bytes_estimate'])} (plus the interpreter and torch)")
+        for s in summary["shards"]:
+            print(f"    {s['file']:<40} {_human(s['bytes']):>10} {s['tensors']:>6} tensors")
+        for w in summary["warnings"]:
+            print(f"  warning: {w}")
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", up.UpcycleWarning)  # printed below, once
+        try:
+            report = up.upcycle(args.src, args.dst, opts, force=args.force, verify=args.verify,
+                                progress=_Bar(not args.quiet and sys.stderr.isatty()))
+        except up.VerificationError as exc:
+            print(f"flopwise: verification failed: {exc}", file=sys.stderr)
+            return 1
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    rate = report.output_bytes / max(report.seconds, 1e-9)
+    out = {"destination": report.destination, "output_bytes": report.output_bytes, "seconds": round(report.seconds, 3),
+           "files": report.files, "warnings": report.warnings}
+    if report.verify is not None:
+        v = report.verify
+        out["verify"] = {"max_abs_diff": v.max_abs_diff, "kl": v.kl, "expected_equal": v.expected_equal,
+                         "passed": v.passed}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"wrote {args.dst}: {_human(report.output_bytes)} in {len(report.files)} files, "
+          f"{report.seconds:.1f} s ({_human(rate)}/s)")
+    if report.verify is not None:
+        v = report.verify
+        print(f"verify: max |logit diff| {v.max_abs_diff:.3g}, KL(dense||moe) {v.kl:.3g} nats"
+              + (" (exact reproduction expected: ok)" if v.expected_equal else ""))
+    return 0
+
+
+def add_parser(sub) -> None:
+    from flopwise.models.upcycle import EXPERT_INITS, ROUTER_INITS
+
+    p = sub.add_parser("upcycle", help="turn a dense checkpoint into a Mixture-of-Experts checkpoint (sparse upcycling)")
+    p.add_argument("src", help="dense checkpoint folder: Hugging Face llama/mistral/qwen2 or flopwise")
+    p.add_argument("dst", help="output folder (created atomically; must not exist unless --force)")
+    p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--format", choices=("flopwise", "mixtral", "qwen2_moe"), default=None,
+                   help="output format (default: flopwise for flopwise sources, mixtral otherwise)")
+    p.add_argument("--layers", default="all",
+                   help="which MLPs become MoE: all, every_other (1, 3, ...), last:N, or 0,2,5 (default all)")
+    p.add_argument("--expert-init", choices=EXPERT_INITS, default="copy",
+                   help="copy (the paper), noise (copy + Gaussian noise) or drop (Drop-Upcycling)")
+    p.add_argument("--noise-std", type=float, default=0.01, help="noise std relative to each matrix's std (default 0.01)")
+    p.add_argument("--drop-ratio", type=float, default=0.5, help="Drop-Upcycling fraction r of neurons (default 0.5)")
+    p.add_argument("--granularity", type=int, default=1, help="neuron-split granularity G (default 1)")
+    p.add_argument("--router-init", choices=ROUTER_INITS, default="normal",
+                   help="normal N(0, 0.02) (default), zeros, orthogonal or kmeans (needs --calibration-text)")
+    p.add_argument("--router-std", type=float, default=0.02, help="router init std / row scale (default 0.02)")
+    p.add_argument("--calibration-text", metavar="FILE", help="UTF-8 text for --router-init kmeans")
+    p.add_argument("--no-renormalize", action="store_true",
+                   help="qwen2_moe: norm_topk_prob=False (breaks exact reproduction)")
+    p.add_argument("--shared-d-ff", type=int, default=0, help="qwen2_moe shared expert size (default 0: none)")
+    p.add_argument("--aux-loss-coef", type=float, default=0.01, help="router aux loss coefficient (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed; draws are keyed by (layer, expert) (default 0)")
+    p.add_argument("--max-shard-size", type=_size, default=5 * 10**9, help="output shard limit (default 5GB)")
+    p.add_argument("--no-optimizer", action="store_true", help="do not upcycle optimizer.safetensors")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--verify", action="store_true",
+                   help="compare dense and MoE logits on a probe batch before publishing")
+    p.add_argument("--dry-run", action="store_true", help="print the plan from headers alone; write nothing")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_upcycle_default)
+
+
+def _cmd_upcycle_default(args: argparse.Namespace) -> int:
+    if args.format is None:
+        import os
+
+        try:
+            with open(os.path.join(args.src, "config.json")) as f:
+                is_hf = "model_type" in json.load(f)
+        except (OSError, ValueError):
+            is_hf = True  # the library reports the real problem
+        args.format = "mixtral" if is_hf else "flopwise"
+    return _cmd_upcycle(args)

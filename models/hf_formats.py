@@ -1,0 +1,304 @@
+"""Checkpoint naming schemes that upcycling reads and writes.
+
+Sources (dense, SwiGLU MLPs): Hugging Face ``llama``, ``mistral`` and ``qwen2`` folders
+(``config.json`` + ``model.safetensors`` or shards with ``model.safetensors.index.json``)
+and flopwise folders (``config.json`` = a :class:`~flopwise.models.ModelConfig` as JSON +
+``model.safetensors``). :func:`describe_source` validates names and shapes from the
+headers alone and returns a :class:`DenseSource`.
+
+Targets: Hugging Face ``mixtral`` (every layer MoE, per-expert
+``block_sparse_moe.experts.N.w1/w2/w3``), ``qwen2_moe`` (layer subsets via
+``decoder_sparse_step`` / ``mlp_only_layers``, a shared expert) and ``flopwise`` (stacked
+``w_gate/w_up [E, D, F]``, ``w_down [E, F, D]``). :func:`moe_names` gives a target's
+tensor names, :func:`target_config` its ``config.json``.
+
+Canonical MLP orientation used between the two: ``gate``, ``up``: ``[F, D]`` (out, in, as
+``nn.Linear`` stores them), ``down``: ``[D, F]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from .safetensors_io import CheckpointReader
+
+__all__ = ["SOURCE_ARCHS", "TARGET_FORMATS", "DenseSource", "describe_source", "moe_names", "target_config",
+           "load_flopwise", "save_flopwise"]
+
+SOURCE_ARCHS = ("llama", "mistral", "qwen2", "flopwise")
+TARGET_FORMATS = ("flopwise", "mixtral", "qwen2_moe")
+MLP_KINDS = ("gate", "up", "down")
+_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+# Buffers some older checkpoints carry; recomputed by the model, never needed.
+_IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
+
+
+@dataclass
+class DenseSource:
+    """A validated dense checkpoint.
+
+    Attributes:
+        arch: ``llama``, ``mistral``, ``qwen2`` or ``flopwise``.
+        config: the raw ``config.json``.
+        reader: the tensors (headers read, data not).
+        n_layers, d_model, d_ff: sizes.
+        mlp: per layer, ``{kind: (tensor name, rows or None)}`` in canonical orientation for
+            HF; flopwise keeps gate and up stacked in ``w_in`` (rows ``[0, F)`` and
+            ``[F, 2F)``) and ``w_out`` = down (both nn.Linear, so the same orientation).
+        mlp_prefix: per layer, the name prefix of its MLP module (``...mlp.``).
+        layer_tensors: per layer, its non-MLP tensor names; ``global_tensors``: the rest.
+        attn_bias: names of attention bias tensors (only some targets can hold them).
+    """
+
+    arch: str
+    folder: str
+    config: dict
+    reader: CheckpointReader
+    n_layers: int
+    d_model: int
+    d_ff: int
+    mlp: list[dict[str, tuple[str, tuple[int, int] | None]]]
+    mlp_prefix: list[str]
+    layer_tensors: list[list[str]]
+    global_tensors: list[str]
+    attn_bias: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        return "flopwise" if self.arch == "flopwise" else "hf"
+
+
+def _load_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"source checkpoint folder not found: {folder}")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no config.json in {folder}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"corrupt {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"corrupt {path}: not a JSON object")
+    return cfg
+
+
+def _int(cfg: dict, key: str, where: str) -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{where}: config field {key!r} must be a positive int, got {v!r}")
+    return v
+
+
+def _check_shape(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None:
+    got = reader.info(name).shape  # raises "missing tensor ..."
+    if tuple(got) != tuple(shape):
+        raise ValueError(f"shape mismatch for tensor {name!r}: expected {list(shape)} from config.json, got {list(got)}")
+
+
+def describe_source(folder: str) -> DenseSource:
+    """Read ``config.json`` and the safetensors headers of a dense checkpoint and check every
+    expected tensor exists with the shape the config implies. Raises ValueError naming the
+    architecture, tensor or config field on any mismatch, and for unexpected tensors."""
+    cfg = _load_config(folder)
+    if "model_type" in cfg:
+        mt = cfg["model_type"]
+        if mt not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unknown architecture model_type={mt!r} in {folder}/config.json; "
+                             "upcycling reads llama, mistral, qwen2 and flopwise checkpoints")
+        return _describe_hf(folder, cfg, mt)
+    if {"d_model", "n_layers", "vocab_size"} <= set(cfg):
+        return _describe_flopwise(folder, cfg)
+    raise ValueError(f"unknown architecture in {folder}/config.json: no 'model_type' (Hugging Face) "
+                     "and no flopwise ModelConfig fields")
+
+
+def _describe_hf(folder: str, cfg: dict, arch: str) -> DenseSource:
+    where = f"{folder}/config.json"
+    L, D, F = _int(cfg, "num_hidden_layers", where), _int(cfg, "hidden_size", where), _int(cfg, "intermediate_size", where)
+    V, H = _int(cfg, "vocab_size", where), _int(cfg, "num_attention_heads", where)
+    KV = cfg.get("num_key_value_heads") or H
+    hd = cfg.get("head_dim") or D // H
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={cfg.get('hidden_act')!r}: upcycling supports SwiGLU (silu) MLPs only")
+    if cfg.get("mlp_bias"):
+        raise ValueError("mlp_bias=True: MoE targets have no MLP biases (option mlp_bias of the source config)")
+    reader = CheckpointReader(folder)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    expect: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not tied or "lm_head.weight" in reader:
+        expect["lm_head.weight"] = (V, D)
+    mlp, prefixes, layer_tensors, bias = [], [], [], []
+    for i in range(L):
+        p = f"model.layers.{i}."
+        own = {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+               p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (KV * hd, D),
+               p + "self_attn.v_proj.weight": (KV * hd, D), p + "self_attn.o_proj.weight": (D, H * hd)}
+        for proj, n in (("q", H * hd), ("k", KV * hd), ("v", KV * hd), ("o", D)):
+            name = p + f"self_attn.{proj}_proj.bias"
+            if name in reader:
+                own[name] = (n,)
+                bias.append(name)
+        expect.update(own)
+        layer_tensors.append(sorted(own))
+        m = {"gate": (p + "mlp.gate_proj.weight", None), "up": (p + "mlp.up_proj.weight", None),
+             "down": (p + "mlp.down_proj.weight", None)}
+        for kind, (name, _) in m.items():
+            expect[name] = (F, D) if kind != "down" else (D, F)
+        mlp.append(m)
+        prefixes.append(p + "mlp.")
+    for name, shape in expect.items():
+        _check_shape(reader, name, shape)
+    extra = [n for n in reader.infos if n not in expect and not _IGNORED.search(n)]
+    if extra:
+        raise ValueError(f"unexpected tensor {extra[0]!r} in a {arch} checkpoint ({len(extra)} unexpected in all)")
+    glob = [n for n in expect if not _LAYER_RE.match(n)]
+    return DenseSource(arch, folder, cfg, reader, L, D, F, mlp, prefixes, layer_tensors, glob, bias)
+
+
+def _flopwise_config(cfg: dict):
+    from .transformer import ModelConfig
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field {unknown[0]!r} in a flopwise config.json")
+    return ModelConfig(**cfg)
+
+
+def _describe_flopwise(folder: str, raw: dict) -> DenseSource:
+    mc = _flopwise_config(raw)
+    reader = CheckpointReader(folder)
+    D, F, L = mc.d_model, mc.ffn_dim, mc.n_layers
+    mlp, prefixes, layer_tensors = [], [], []
+    for i in range(L):
+        blk = f"layers.{i}." + ("block." if mc.routing[i] == "mod" else "")
+        p = blk + "mlp."
+        prefixes.append(p)
+        if mc.mlp[i] == "dense":
+            _check_shape(reader, p + "w_in.weight", (2 * F, D))
+            _check_shape(reader, p + "w_out.weight", (D, F))
+            mlp.append({"gate": (p + "w_in.weight", (0, F)), "up": (p + "w_in.weight", (F, 2 * F)),
+                        "down": (p + "w_out.weight", None)})
+        else:
+            mlp.append({})  # already MoE: carried over unchanged
+        own = sorted(n for n in reader.infos if n.startswith(f"layers.{i}.")
+                     and not (mc.mlp[i] == "dense" and n.startswith(p)))
+        layer_tensors.append(own)
+    _check_shape(reader, "embed.weight", (mc.padded_vocab_size, D))
+    _check_shape(reader, "norm.weight", (D,))
+    if not mc.tie_embeddings:
+        _check_shape(reader, "head.weight", (mc.padded_vocab_size, D))
+    glob = sorted(n for n in reader.infos if not _LAYER_RE.match(n))
+    return DenseSource("flopwise", folder, raw, reader, L, D, F, mlp, prefixes, layer_tensors, glob)
+
+
+def moe_names(fmt: str, src: DenseSource, layer: int, n_experts: int) -> dict:
+    """Target tensor names of one MoE layer: ``router``; ``experts[kind][e]`` (HF
+    per-expert) or ``stacked[kind]`` (flopwise); ``shared`` (qwen2_moe: its shared expert's
+    ``gate/up/down`` and ``gate_weight``)."""
+    i = layer
+    if fmt == "mixtral":
+        p = f"model.layers.{i}.block_sparse_moe."
+        w = {"gate": "w1", "up": "w3", "down": "w2"}
+        return {"router": p + "gate.weight",
+                "experts": {k: [p + f"experts.{e}.{w[k]}.weight" for e in range(n_experts)] for k in MLP_KINDS}}
+    if fmt == "qwen2_moe":
+        p = f"model.layers.{i}.mlp."
+        return {"router": p + "gate.weight",
+                "experts": {k: [p + f"experts.{e}.{k}_proj.weight" for e in range(n_experts)] for k in MLP_KINDS},
+                "shared": {**{k: p + f"shared_expert.{k}_proj.weight" for k in MLP_KINDS},
+                           "gate_weight": p + "shared_expert_gate.weight"}}
+    if fmt == "flopwise":
+        p = src.mlp_prefix[i]
+        return {"router": p + "router.weight", "stacked": {k: p + f"w_{k}" for k in MLP_KINDS}}
+    raise ValueError(f"format must be one of {TARGET_FORMATS}, got {fmt!r}")
+
+
+# Source config keys that mean the same thing in the MoE targets.
+_COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+           "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_dropout",
+           "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "use_cache")
+
+
+def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, expert_d_ff: int,
+                  moe_layers: list[int], renormalize: bool, shared_d_ff: int, aux_loss_coef: float) -> dict:
+    """``config.json`` of the upcycled model."""
+    if fmt == "flopwise":
+        mc = _flopwise_config(src.config)
+        mlp = tuple("moe" if i in moe_layers else m for i, m in enumerate(mc.mlp))
+        new = mc.replace(mlp=mlp, moe_n_experts=n_experts, moe_top_k=top_k, moe_router="token_choice",
+                         moe_d_ff=None if expert_d_ff == mc.ffn_dim else expert_d_ff)
+        if new.moe_ffn_dim != expert_d_ff:
+            raise ValueError(f"expert hidden size {expert_d_ff} is not a multiple of pad_to_multiple_of="
+                             f"{mc.pad_to_multiple_of} (option granularity)")
+        return json.loads(json.dumps(dataclasses.asdict(new)))
+    c = src.config
+    out = {k: c[k] for k in _COMMON if k in c}
+    L = src.n_layers
+    if fmt == "mixtral":
+        out.update(model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=expert_d_ff,
+                   num_local_experts=n_experts, num_experts_per_tok=top_k, router_aux_loss_coef=aux_loss_coef,
+                   output_router_logits=False, router_jitter_noise=0.0, sliding_window=c.get("sliding_window"))
+        return out
+    # qwen2_moe
+    sparse = sorted(moe_layers)
+    if sparse == list(range(L)):
+        step, only = 1, []
+    elif sparse == list(range(1, L, 2)):
+        step, only = 2, []
+    else:
+        step, only = 1, [i for i in range(L) if i not in sparse]
+    out.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], intermediate_size=src.d_ff,
+               moe_intermediate_size=expert_d_ff, num_experts=n_experts, num_experts_per_tok=top_k,
+               decoder_sparse_step=step, mlp_only_layers=only, norm_topk_prob=renormalize,
+               shared_expert_intermediate_size=shared_d_ff, router_aux_loss_coef=aux_loss_coef,
+               output_router_logits=False, qkv_bias=bool(src.attn_bias))
+    if src.arch == "qwen2":
+        for k in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"):
+            if k in c:
+                out[k] = c[k]
+    elif src.arch == "mistral" and c.get("sliding_window"):
+        out.update(use_sliding_window=True, sliding_window=c["sliding_window"], max_window_layers=0,
+                   layer_types=["sliding_attention"] * L)
+    else:
+        out.update(use_sliding_window=False)
+    return out
+
+
+# ------------------------------------------------------------------ flopwise folders
+def save_flopwise(model, folder: str, *, metadata: dict[str, str] | None = None) -> None:
+    """Write a :class:`~flopwise.models.Transformer` as a flopwise checkpoint folder:
+    ``config.json`` (its ModelConfig) and ``model.safetensors`` (the state dict; a tied head
+    is stored once, as ``embed.weight``)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("head.weight", None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(model.cfg), f, indent=2)
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+
+
+def load_flopwise(folder: str, *, dtype=None):
+    """Load a flopwise checkpoint folder (single file or sharded) into a
+    :class:`~flopwise.models.Transformer`. Missing or unexpected tensors raise ValueError."""
+    from .transformer import Transformer
+
+    mc = _flopwise_config(_load_config(folder))
+    model = Transformer(mc)
+    reader = CheckpointReader(folder)
+    sd = {n: reader.get(n) for n in reader.infos}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not (mc.tie_embeddings and m == "head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"flopwise checkpoint {folder}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(dtype) if dtype is not None else model

@@ -1,0 +1,376 @@
+"""Streaming safetensors: strict header parsing, tensor reads by row range, shard writing.
+
+Why not ``safetensors.safe_open`` for the bulk data: it memory-maps whole files, and the
+pages a conversion touches stay resident (and counted in the process's RSS) until the
+file is closed, so reading a 10 GB shard costs up to 10 GB of RSS. Here a tensor (or a
+range of its rows) is read with one positioned read into a buffer the caller owns, and a
+shard is written tensor by tensor from chunks, so memory is bounded by the largest chunk
+in flight. The on-disk format is the same (8-byte little-endian header length, JSON
+header, raw little-endian data), and files written here load with ``safe_open``.
+
+Shape legend: ``rows`` is a range over a tensor's first dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+__all__ = [
+    "DTYPES",
+    "TensorInfo",
+    "FileRange",
+    "ShardPlan",
+    "CheckpointReader",
+    "read_header",
+    "plan_shards",
+    "write_shard",
+    "write_index",
+    "rewrite_metadata",
+]
+
+# safetensors dtype codes <-> torch dtypes (the ones checkpoints use).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CODES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one index along the first dimension."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
+
+def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header. Returns ``(tensors, metadata)``.
+
+    Raises ValueError naming the file (and tensor) on anything malformed: short file,
+    oversized or non-JSON header, unknown dtype, byte ranges that overlap, leave gaps, do
+    not match ``shape`` x itemsize, or run past the end of the file.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"corrupt safetensors file {path}: shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ValueError(f"corrupt safetensors file {path}: header length {n} exceeds the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise ValueError(f"cannot read safetensors file {path}: {exc}") from exc
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"corrupt safetensors file {path}: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"corrupt safetensors file {path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            code, shape, (a, b) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"corrupt safetensors file {path}: bad header entry for tensor {name!r}") from None
+        if code not in DTYPES:
+            raise ValueError(f"unsupported dtype {code!r} of tensor {name!r} in {path}")
+        if any(not isinstance(d, int) or d < 0 for d in shape) or not (isinstance(a, int) and isinstance(b, int)):
+            raise ValueError(f"corrupt safetensors file {path}: bad shape/offsets for tensor {name!r}")
+        itemsize = torch.empty((), dtype=DTYPES[code]).element_size()
+        if b - a != math.prod(shape) * itemsize or a < 0:
+            raise ValueError(f"corrupt safetensors file {path}: tensor {name!r} has {b - a} bytes for shape {list(shape)}")
+        if base + b > size:
+            raise ValueError(f"corrupt safetensors file {path}: tensor {name!r} runs past the end of the file (truncated?)")
+        infos[name] = TensorInfo(name, path, DTYPES[code], shape, base + a, b - a)
+        spans.append((a, b, name))
+    spans.sort()
+    end = 0
+    for a, b, name in spans:
+        if a != end:
+            raise ValueError(f"corrupt safetensors file {path}: tensor {name!r} starts at {a}, expected {end}")
+        end = b
+    return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+class CheckpointReader:
+    """Tensors of a single ``*.safetensors`` file or of a folder (``model.safetensors`` or
+    a sharded checkpoint with ``<stem>.safetensors.index.json``).
+
+    ``infos`` maps every tensor name to its :class:`TensorInfo` (headers only);
+    :meth:`get` reads one tensor (or a range of its rows) into fresh memory.
+    """
+
+    def __init__(self, path: str, stem: str = "model"):
+        self.path = path
+        self.files: list[str] = []
+        self.metadata: dict[str, str] = {}
+        if os.path.isfile(path):
+            self.files = [path]
+        elif os.path.isdir(path):
+            index = os.path.join(path, f"{stem}.safetensors.index.json")
+            single = os.path.join(path, f"{stem}.safetensors")
+            if os.path.isfile(index):
+                self.files = self._files_from_index(index)
+            elif os.path.isfile(single):
+                self.files = [single]
+            else:
+                raise FileNotFoundError(f"no {stem}.safetensors or {stem}.safetensors.index.json in {path}")
+        else:
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        self.infos: dict[str, TensorInfo] = {}
+        for f in self.files:
+            infos, meta = read_header(f)
+            self.metadata.update(meta)
+            for name, info in infos.items():
+                if name in self.infos:
+                    raise ValueError(f"tensor {name!r} appears in both {self.infos[name].file} and {f}")
+                self.infos[name] = info
+        if self._weight_map is not None:
+            for name, fname in self._weight_map.items():
+                info = self.infos.get(name)
+                if info is None or os.path.basename(info.file) != fname:
+                    raise ValueError(f"index lists tensor {name!r} in {fname}, but that file does not hold it")
+            extra = sorted(set(self.infos) - set(self._weight_map))
+            if extra:
+                raise ValueError(f"tensor {extra[0]!r} is in a shard but not in the index")
+
+    _weight_map: dict[str, str] | None = None
+
+    def _files_from_index(self, index: str) -> list[str]:
+        try:
+            with open(index) as f:
+                data = json.load(f)
+            wm = data["weight_map"]
+            if not isinstance(wm, dict):
+                raise TypeError
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"corrupt index {index}: needs a JSON object with a 'weight_map' ({exc})") from None
+        self._weight_map = {str(k): str(v) for k, v in wm.items()}
+        folder = os.path.dirname(index)
+        files = []
+        for fname in dict.fromkeys(self._weight_map.values()):
+            full = os.path.join(folder, fname)
+            if os.path.basename(fname) != fname or not os.path.isfile(full):
+                raise ValueError(f"index {index} names shard {fname!r}, which does not exist")
+            files.append(full)
+        return files
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise ValueError(f"missing tensor {name!r} in {self.path}") from None
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (rows ``[r0, r1)`` of its first dimension when given)."""
+        info = self.info(name)
+        shape = list(info.shape)
+        start, nbytes = info.start, info.nbytes
+        if rows is not None:
+            r0, r1 = rows
+            if not (shape and 0 <= r0 <= r1 <= shape[0]):
+                raise ValueError(f"rows {rows} out of range for tensor {name!r} of shape {shape}")
+            start += r0 * info.row_bytes
+            nbytes = (r1 - r0) * info.row_bytes
+            shape[0] = r1 - r0
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buf.numpy())
+            with open(info.file, "rb", buffering=0) as f:
+                got = 0
+                while got < nbytes:
+                    n = os.preadv(f.fileno(), [view[got:]], start + got)
+                    if n <= 0:
+                        raise ValueError(f"tensor {name!r}: {info.file} ended early (truncated?)")
+                    got += n
+        return buf.view(info.dtype).reshape(shape)
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """A chunk given as bytes of an existing file: :func:`write_shard` copies it in the
+    kernel (``copy_file_range``) without passing it through user memory."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+
+_COPY_BLOCK = 64 * 2**20
+
+
+def _copy_range(chunk: FileRange, out_fd: int) -> None:
+    """Append ``chunk`` to ``out_fd`` (at its current position)."""
+    with open(chunk.path, "rb", buffering=0) as src:
+        done = 0
+        fast = hasattr(os, "copy_file_range")
+        while done < chunk.nbytes:
+            want = min(chunk.nbytes - done, 1 << 30)
+            if fast:
+                try:
+                    n = os.copy_file_range(src.fileno(), out_fd, want, chunk.offset + done)
+                except OSError:  # other filesystem or kernel without support: copy through memory
+                    fast = False
+                    continue
+            else:
+                data = os.pread(src.fileno(), min(want, _COPY_BLOCK), chunk.offset + done)
+                n = len(data)
+                view, m = memoryview(data), 0
+                while m < n:
+                    m += os.write(out_fd, view[m:])
+            if n <= 0:
+                raise ValueError(f"{chunk.path} ended early while copying bytes at offset {chunk.offset + done} (truncated?)")
+            done += n
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    try:
+        return _CODES[dtype]
+    except KeyError:
+        raise TypeError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+@dataclass
+class ShardPlan:
+    """One output file: its name and the (name, dtype, shape) of its tensors, in order."""
+
+    file: str
+    tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(d, s) for _, d, s in self.tensors)
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int,
+                stem: str = "model") -> list[ShardPlan]:
+    """Greedy, order-preserving split into files of at most ``max_shard_bytes`` (a single
+    larger tensor gets a file of its own). One shard is named ``<stem>.safetensors``;
+    several ``<stem>-00001-of-0000N.safetensors`` (Hugging Face's convention)."""
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    groups: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        n = _nbytes(t[1], t[2])
+        if groups[-1] and size + n > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += n
+    if len(groups) == 1:
+        return [ShardPlan(f"{stem}.safetensors", groups[0])]
+    k = len(groups)
+    return [ShardPlan(f"{stem}-{i + 1:05d}-of-{k:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _header_bytes(plan: ShardPlan, metadata: dict[str, str] | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    off = 0
+    for name, dtype, shape in plan.tensors:
+        n = _nbytes(dtype, shape)
+        header[name] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_shard(path: str, plan: ShardPlan, produce: Callable[[str], Iterator[torch.Tensor]],
+                metadata: dict[str, str] | None = None, *, fsync: bool = True,
+                on_tensor: Callable[[str, int], None] | None = None) -> int:
+    """Write one shard: the header (known up front from ``plan``), then each tensor's bytes
+    from ``produce(name)``, an iterator of chunks whose concatenation (in C order) is the
+    tensor (or :class:`FileRange` pieces of other files, copied in the kernel). Chunks are
+    written as they come, so only one is alive at a time. Returns the
+    bytes written. ``on_tensor(name, nbytes)`` is called after each tensor."""
+    total = 0
+    with open(path, "wb", buffering=0) as f:
+        head = _header_bytes(plan, metadata)
+        f.write(head)
+        total += len(head)
+        for name, dtype, shape in plan.tensors:
+            want = _nbytes(dtype, shape)
+            got = 0
+            for chunk in produce(name):
+                if isinstance(chunk, FileRange):
+                    _copy_range(chunk, f.fileno())
+                    got += chunk.nbytes
+                    continue
+                if chunk.dtype != dtype:
+                    raise TypeError(f"tensor {name!r}: produced dtype {chunk.dtype}, planned {dtype}")
+                flat = chunk.contiguous().reshape(-1).view(torch.uint8)
+                if flat.numel():
+                    view = memoryview(flat.numpy())
+                    done = 0
+                    while done < len(view):
+                        done += f.write(view[done:])
+                got += flat.numel()
+            if got != want:
+                raise ValueError(f"tensor {name!r}: produced {got} bytes, planned {want} for shape {list(shape)}")
+            total += got
+            if on_tensor is not None:
+                on_tensor(name, got)
+        if fsync:
+            os.fsync(f.fileno())
+    return total
+
+
+def rewrite_metadata(path: str, plan: ShardPlan, metadata: dict[str, str]) -> None:
+    """Replace the metadata of a shard written by :func:`write_shard` in place. The new
+    header must have exactly the old one's length (e.g. fixed-length hashes replacing
+    placeholders), so no data moves."""
+    head = _header_bytes(plan, metadata)
+    with open(path, "r+b", buffering=0) as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if len(head) != 8 + n:
+            raise ValueError(f"new header of {path} is {len(head) - 8} bytes, the old one {n}: cannot patch in place")
+        os.pwrite(f.fileno(), head, 0)
+
+
+def write_index(path: str, shards: list[ShardPlan], metadata: dict[str, str] | None = None) -> None:
+    """``<stem>.safetensors.index.json``: ``{"metadata": {"total_size": ...}, "weight_map": {...}}``."""
+    meta = {"total_size": sum(s.nbytes for s in shards)}
+    if metadata:
+        meta.update(metadata)
+    wm = {name: s.file for s in shards for name, _, _ in s.tensors}
+    with open(path, "w") as f:
+        json.dump({"metadata": meta, "weight_map": wm}, f, indent=2)
+        f.write("\n")

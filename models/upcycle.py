@@ -1,0 +1,834 @@
+"""Sparse upcycling: dense SwiGLU checkpoints -> Mixture-of-Experts checkpoints.
+
+Komatsuzaki et al. 2023: each selected MLP becomes E experts initialised from it, plus a
+new router. Options (:class:`UpcycleOptions`): experts and top-k, which layers, expert
+init (exact copies, copies + Gaussian noise, Drop-Upcycling, Megatron's neuron-split
+granularity), router init (normal, zeros, orthogonal, k-means centroids of calibration
+hidden states), output format (flopwise, Hugging Face Mixtral, Hugging Face Qwen2-MoE).
+
+How it works: :func:`plan_upcycle` reads the source's ``config.json`` and safetensors
+headers, validates them, and returns an :class:`UpcyclePlan` (every output tensor with a
+recipe, the shard layout, sizes and parameter counts: ``--dry-run`` prints it).
+:func:`upcycle` then streams: each output tensor is produced from one source tensor at a
+time and written chunk by chunk into a temporary folder, which is renamed onto the
+destination only when everything (and ``verify``, if asked) succeeded.
+
+Reproducibility: every random draw uses a generator seeded from ``(seed, layer, expert,
+purpose)``, never a shared stream, so any subset of tensors (one shard, one layer) comes out
+bit-identical however the work is split.
+
+Exactness: with copy init, granularity 1 and renormalised top-k weights every selected
+expert computes the dense MLP and the weights sum to one, so the MoE reproduces the dense
+logits (up to float rounding) whatever the router; settings that break this are listed in
+:attr:`UpcyclePlan.warnings`.
+
+Optimizer state: a source folder may hold ``optimizer.safetensors`` (or shards with
+``optimizer.safetensors.index.json``) with Adam moments ``exp_avg.<param>`` and
+``exp_avg_sq.<param>`` (same shapes and layout as the parameters) and the step count in
+the metadata key ``step``. The same recipes upcycle them: every expert gets the dense MLP's
+moments (its neuron shard for granularity > 1; zeros for neurons Drop-Upcycling
+re-initialised), routers and zero-initialised shared experts get zeros.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .hf_formats import MLP_KINDS, TARGET_FORMATS, DenseSource, describe_source, moe_names, target_config
+from .safetensors_io import CheckpointReader, FileRange, ShardPlan, plan_shards, rewrite_metadata, write_index, write_shard
+
+__all__ = ["UpcycleOptions", "UpcyclePlan", "UpcycleReport", "VerifyResult", "UpcycleWarning",
+           "VerificationError", "resolve_layers", "plan_upcycle", "upcycle", "verify_upcycle"]
+
+EXPERT_INITS = ("copy", "noise", "drop")
+ROUTER_INITS = ("normal", "zeros", "orthogonal", "kmeans")
+_BLOCK = 64 * 2**20  # bytes copied per read/write when the kernel cannot copy file to file
+_HASH_BUFFER = 8 * 2**20
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "vocab.json", "merges.txt", "generation_config.json")
+
+
+class UpcycleWarning(UserWarning):
+    """An option makes the MoE differ from the dense model at initialisation."""
+
+
+class VerificationError(RuntimeError):
+    """``verify`` expected the MoE to reproduce the dense logits and it did not."""
+
+
+@dataclass(frozen=True)
+class UpcycleOptions:
+    """What to build.
+
+    Attributes:
+        n_experts: experts per MoE layer (E); top_k: experts per token (k <= E).
+        format: ``"flopwise"``, ``"mixtral"`` or ``"qwen2_moe"`` (flopwise sources convert to
+            flopwise, Hugging Face sources to mixtral or qwen2_moe).
+        layers: ``"all"``, ``"every_other"`` (1, 3, 5, ...: the paper keeps the first block
+            dense), ``"last:N"`` or a sequence of layer indices.
+        expert_init: ``"copy"`` (the paper), ``"noise"`` (copy + N(0, (noise_std * std(W))^2)
+            per matrix) or ``"drop"`` (Drop-Upcycling: per expert, a fraction ``drop_ratio``
+            of its intermediate neurons re-drawn from N(mean(W), std(W)^2) of the original
+            matrix, the same neurons in gate, up and down).
+        granularity: G; each MLP is split into G neuron shards of F/G, expert e holds shard
+            e mod G (E must be a multiple of G). Weights are scaled by Megatron-Core's
+            (E/G * G^2 / k)^(1/3) without renormalisation, G^(1/3) with it (renormalised
+            top-k weights sum to one instead of about k / E).
+        router_init: ``"normal"`` (N(0, router_std^2)), ``"zeros"``, ``"orthogonal"`` (rows
+            orthogonal, norm router_std * sqrt(D)) or ``"kmeans"`` (spherical k-means
+            centroids of each layer's MLP inputs on ``calibration_text``, same row norm).
+        calibration_text: path of a UTF-8 text file (kmeans only); tokenised with the source's
+            tokenizer when it has one, else as bytes modulo the vocabulary.
+        renormalize: renormalise the top-k weights (qwen2_moe's ``norm_topk_prob``; Mixtral
+            and flopwise always renormalise).
+        shared_d_ff: qwen2_moe shared expert size; 0 (default) stores an empty one. A
+            non-empty one gets a zero down projection and a zero gate, so it adds exactly 0.
+        aux_loss_coef: load-balancing coefficient written to the HF config.
+        seed: base seed of every random draw.
+        max_shard_bytes: output shard size limit (Hugging Face's default is 5 GB).
+        optimizer: upcycle ``optimizer.safetensors`` when the source has one.
+    """
+
+    n_experts: int = 8
+    top_k: int = 2
+    format: str = "flopwise"
+    layers: str | tuple[int, ...] = "all"
+    expert_init: str = "copy"
+    noise_std: float = 0.01
+    drop_ratio: float = 0.5
+    granularity: int = 1
+    router_init: str = "normal"
+    router_std: float = 0.02
+    calibration_text: str | None = None
+    renormalize: bool = True
+    shared_d_ff: int = 0
+    aux_loss_coef: float = 0.01
+    seed: int = 0
+    max_shard_bytes: int = 5 * 10**9
+    optimizer: bool = True
+
+    def __post_init__(self):
+        for name in ("n_experts", "top_k", "granularity", "max_shard_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"option {name} must be a positive int, got {v!r}")
+        if self.n_experts < self.top_k:
+            raise ValueError(f"option n_experts (E={self.n_experts}) must be >= top_k (k={self.top_k})")
+        if self.n_experts % self.granularity:
+            raise ValueError(f"option n_experts ({self.n_experts}) must be a multiple of granularity ({self.granularity})")
+        if self.format not in TARGET_FORMATS:
+            raise ValueError(f"option format must be one of {TARGET_FORMATS}, got {self.format!r}")
+        if self.expert_init not in EXPERT_INITS:
+            raise ValueError(f"option expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
+        if self.router_init not in ROUTER_INITS:
+            raise ValueError(f"option router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
+        if self.router_init == "kmeans" and not self.calibration_text:
+            raise ValueError("option router_init='kmeans' needs calibration_text (a text file)")
+        if not (0 < self.drop_ratio <= 1):
+            raise ValueError(f"option drop_ratio must be in (0, 1], got {self.drop_ratio}")
+        for name in ("noise_std", "router_std", "aux_loss_coef"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"option {name} must be finite and >= 0, got {v}")
+        if isinstance(self.shared_d_ff, bool) or not isinstance(self.shared_d_ff, int) or self.shared_d_ff < 0:
+            raise ValueError(f"option shared_d_ff must be an int >= 0, got {self.shared_d_ff!r}")
+        if self.shared_d_ff and self.format != "qwen2_moe":
+            raise ValueError("option shared_d_ff is only expressible in the qwen2_moe format")
+        if not self.renormalize and self.format != "qwen2_moe":
+            raise ValueError(f"option renormalize=False is not expressible in the {self.format} format "
+                             "(it always renormalises top-k weights)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"option seed must be an int, got {type(self.seed).__name__}")
+        if not isinstance(self.layers, str):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+
+def resolve_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
+    """Layer indices that become MoE: ``"all"``, ``"every_other"`` (1, 3, 5, ...),
+    ``"last:N"``, ``"0,2,5"`` or a sequence of ints."""
+    if isinstance(spec, str):
+        if spec == "all":
+            return list(range(n_layers))
+        if spec == "every_other":
+            return list(range(1, n_layers, 2))
+        m = re.fullmatch(r"last:(\d+)", spec)
+        if m:
+            n = int(m.group(1))
+            if not 1 <= n <= n_layers:
+                raise ValueError(f"option layers={spec!r}: n must be in [1, {n_layers}]")
+            return list(range(n_layers - n, n_layers))
+        if re.fullmatch(r"\d+(,\d+)*", spec):
+            spec = [int(s) for s in spec.split(",")]
+        else:
+            raise ValueError(f"option layers must be 'all', 'every_other', 'last:N' or a list like '0,2,5', got {spec!r}")
+    items = list(spec)
+    if not items or any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+        raise ValueError(f"option layers must be a non-empty list of ints, got {spec!r}")
+    bad = [i for i in items if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"option layers: index {bad[0]} out of range for {n_layers} layers")
+    return sorted(set(items))
+
+
+def _seed_for(seed: int, *parts) -> int:
+    """A 63-bit seed from (seed, layer, expert, purpose): order-independent randomness."""
+    h = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def _gen(seed: int, *parts) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed_for(seed, *parts))
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How one output tensor is made. kind: ``copy`` (of ``src``, rows optional),
+    ``router`` (layer), ``expert`` (layer, mlp kind, experts: one per HF tensor, all E for a
+    flopwise stacked tensor; ``transpose`` for flopwise), ``normal`` (seeded N(0, 0.02),
+    ``zeros``."""
+
+    kind: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    src: str = ""
+    rows: tuple[int, int] | None = None
+    layer: int = -1
+    mlp: str = ""
+    experts: tuple[int, ...] = ()
+    transpose: bool = False
+
+
+@dataclass
+class UpcyclePlan:
+    """Everything :func:`upcycle` will write, known from headers alone."""
+
+    source: DenseSource
+    options: UpcycleOptions
+    moe_layers: list[int]
+    expert_d_ff: int
+    scale: float
+    config: dict
+    recipes: dict[str, _Recipe]
+    shards: list[ShardPlan]
+    optimizer_shards: list[ShardPlan]
+    warnings: list[str]
+    total_params: int
+    active_params: int
+    peak_bytes_estimate: int
+    optimizer_reader: CheckpointReader | None = None
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards) + sum(s.nbytes for s in self.optimizer_shards)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the MoE should reproduce the dense logits."""
+        return not self.warnings
+
+    def summary(self) -> dict:
+        """JSON-ready description (what ``--dry-run`` prints)."""
+        return {
+            "source": self.source.folder, "source_arch": self.source.arch, "format": self.options.format,
+            "moe_layers": self.moe_layers, "n_experts": self.options.n_experts, "top_k": self.options.top_k,
+            "expert_d_ff": self.expert_d_ff, "output_bytes": self.output_bytes,
+            "shards": [{"file": s.file, "bytes": s.nbytes, "tensors": len(s.tensors)}
+                       for s in self.shards + self.optimizer_shards],
+            "total_params": self.total_params, "active_params": self.active_params,
+            "peak_bytes_estimate": self.peak_bytes_estimate, "exact": self.exact, "warnings": self.warnings,
+        }
+
+
+def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) -> None:
+    if src.family == "flopwise" and o.format != "flopwise":
+        raise ValueError(f"option format={o.format!r}: flopwise sources convert to the flopwise format only")
+    if src.family == "hf" and o.format == "flopwise":
+        raise ValueError(f"option format='flopwise': {src.arch} sources convert to 'mixtral' or 'qwen2_moe'")
+    if o.format == "mixtral":
+        if moe_layers != list(range(src.n_layers)):
+            raise ValueError("option layers: the mixtral format makes every layer MoE; "
+                             "use format 'qwen2_moe' for a subset")
+        if src.attn_bias:
+            raise ValueError(f"tensor {src.attn_bias[0]!r}: mixtral has no attention biases; use format 'qwen2_moe'")
+    if o.format == "qwen2_moe" and any(n.endswith("o_proj.bias") for n in src.attn_bias):
+        raise ValueError(f"tensor {[n for n in src.attn_bias if n.endswith('o_proj.bias')][0]!r}: "
+                         "qwen2_moe has no o_proj bias")
+    if o.format == "qwen2_moe" and src.attn_bias:
+        need = {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(src.n_layers) for p in "qkv"}
+        missing = sorted(need - set(src.attn_bias))
+        if missing:
+            raise ValueError(f"missing tensor {missing[0]!r}: qwen2_moe needs q/k/v biases in every layer or none")
+    if src.d_ff % o.granularity:
+        raise ValueError(f"option granularity ({o.granularity}) must divide the MLP hidden size {src.d_ff}")
+    for i in moe_layers:
+        if not src.mlp[i]:
+            raise ValueError(f"option layers: layer {i} of the source is already MoE")
+    if src.family == "flopwise" and any(not m for m in src.mlp):
+        c = src.config
+        if (c.get("moe_n_experts"), c.get("moe_top_k")) != (o.n_experts, o.top_k):
+            raise ValueError("options n_experts/top_k must match the source's existing MoE layers "
+                             f"({c.get('moe_n_experts')}/{c.get('moe_top_k')})")
+
+
+def _equality_warnings(o: UpcycleOptions) -> list[str]:
+    w = []
+    if o.expert_init != "copy":
+        w.append(f"expert_init={o.expert_init!r} perturbs the experts: the MoE no longer reproduces the dense model")
+    if o.granularity > 1:
+        w.append(f"granularity={o.granularity} splits and rescales the MLP: the MoE no longer reproduces the dense model")
+    if not o.renormalize:
+        w.append("renormalize=False: the top-k weights sum to less than 1, so the MoE output is scaled down "
+                 "relative to the dense model")
+    return w
+
+
+def plan_upcycle(src_folder: str, options: UpcycleOptions) -> UpcyclePlan:
+    """Validate the source and the options and lay out the output (headers only)."""
+    if not isinstance(options, UpcycleOptions):
+        raise TypeError(f"options must be UpcycleOptions, got {type(options).__name__}")
+    o = options
+    src = describe_source(src_folder)
+    moe_layers = resolve_layers(o.layers, src.n_layers)
+    _check_compat(src, o, moe_layers)
+    E, G, k = o.n_experts, o.granularity, o.top_k
+    Fe, D = src.d_ff // G, src.d_model
+    if G == 1:
+        scale = 1.0
+    elif o.renormalize:
+        scale = G ** (1 / 3)
+    else:
+        scale = (E / G * G * G / k) ** (1 / 3)
+    config = target_config(o.format, src, n_experts=E, top_k=k, expert_d_ff=Fe, moe_layers=moe_layers,
+                           renormalize=o.renormalize, shared_d_ff=o.shared_d_ff, aux_loss_coef=o.aux_loss_coef)
+    info = src.reader.info
+    recipes: dict[str, _Recipe] = {}
+
+    def copy(name: str, rows=None, out: str | None = None):
+        i = info(name)
+        shape = i.shape if rows is None else (rows[1] - rows[0], *i.shape[1:])
+        recipes[out or name] = _Recipe("copy", i.dtype, tuple(shape), src=name, rows=rows)
+
+    for name in src.global_tensors:
+        if not name.endswith(("norm.weight", "lm_head.weight", "head.weight")):
+            copy(name)
+    moe_set = set(moe_layers)
+    expert_params = 0
+    for i in range(src.n_layers):
+        for name in src.layer_tensors[i]:
+            copy(name)
+        if i not in moe_set:
+            for kind, (name, rows) in src.mlp[i].items():
+                if name not in recipes:
+                    copy(name)  # flopwise keeps gate and up in one tensor: copy it once
+            continue
+        names = moe_names(o.format, src, i, E)
+        dt = info(src.mlp[i]["gate"][0]).dtype
+        recipes[names["router"]] = _Recipe("router", dt, (E, D), layer=i)
+        for kind in MLP_KINDS:
+            kshape = (Fe, D) if kind != "down" else (D, Fe)
+            if "stacked" in names:
+                recipes[names["stacked"][kind]] = _Recipe("expert", dt, (E, kshape[1], kshape[0]), layer=i, mlp=kind,
+                                                          experts=tuple(range(E)), transpose=True)
+            else:
+                for e, n in enumerate(names["experts"][kind]):
+                    recipes[n] = _Recipe("expert", dt, kshape, layer=i, mlp=kind, experts=(e,))
+        expert_params += 3 * D * Fe * E
+        if "shared" in names:
+            S, sh = o.shared_d_ff, names["shared"]
+            recipes[sh["gate"]] = _Recipe("normal" if S else "zeros", dt, (S, D), layer=i, mlp="shared_gate")
+            recipes[sh["up"]] = _Recipe("normal" if S else "zeros", dt, (S, D), layer=i, mlp="shared_up")
+            recipes[sh["down"]] = _Recipe("zeros", dt, (D, S), layer=i)
+            recipes[sh["gate_weight"]] = _Recipe("zeros", dt, (1, D), layer=i)
+    for name in src.global_tensors:
+        if name.endswith(("norm.weight", "lm_head.weight", "head.weight")):
+            copy(name)
+
+    tensors = [(n, r.dtype, r.shape) for n, r in recipes.items()]
+    shards = plan_shards(tensors, o.max_shard_bytes, stem="model")
+    opt_reader, opt_shards = None, []
+    if o.optimizer and _has_optimizer(src_folder):
+        opt_reader = CheckpointReader(src_folder, stem="optimizer")
+        _check_optimizer(opt_reader, recipes, src)
+        opt = [(f"{m}.{n}", _moment_dtype(opt_reader, m, r, src), r.shape)
+               for m in ("exp_avg", "exp_avg_sq") for n, r in recipes.items()]
+        if "step" in opt_reader:  # flopwise training checkpoints also keep the step as a tensor
+            opt.insert(0, ("step", opt_reader.info("step").dtype, opt_reader.info("step").shape))
+        opt_shards = plan_shards(opt, o.max_shard_bytes, stem="optimizer")
+    total = sum(math.prod(r.shape) for r in recipes.values())
+    active = total - (E - k) * 3 * D * Fe * len(moe_layers)
+    # Working set: the largest source MLP matrix, its cached expert results (copy init: one
+    # per neuron shard, i.e. one more matrix; a transposed copy for flopwise), float32
+    # scratch for random inits, one copy block (pass-through bytes are copied file to file)
+    # and the hashing buffer.
+    biggest = max((info(src.mlp[i][kk][0]).row_bytes * (src.d_ff if kk != "down" else info(src.mlp[i][kk][0]).shape[0])
+                   for i in moe_layers for kk in MLP_KINDS), default=0)
+    scratch = 0 if o.expert_init == "copy" and G == 1 else 3 * 4 * D * Fe
+    peak = 2 * biggest + scratch + _BLOCK + _HASH_BUFFER
+    return UpcyclePlan(src, o, moe_layers, Fe, scale, config, recipes, shards, opt_shards, _equality_warnings(o),
+                       total, active, peak, opt_reader)
+
+
+def _has_optimizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f))
+               for f in ("optimizer.safetensors", "optimizer.safetensors.index.json"))
+
+
+def _moment_dtype(reader: CheckpointReader, moment: str, r: _Recipe, src: DenseSource) -> torch.dtype:
+    """Moments keep their stored dtype (often float32 beside bf16 weights); new tensors of an
+    MoE layer (router, shared expert) take the dtype of that layer's MLP moments."""
+    name = r.src if r.kind == "copy" else src.mlp[r.layer]["gate"][0]
+    return reader.info(f"{moment}.{name}").dtype
+
+
+def _check_optimizer(reader: CheckpointReader, recipes: dict[str, _Recipe], src: DenseSource) -> None:
+    """Every source parameter the recipes read needs both moments with its shape."""
+    needed = {r.src for r in recipes.values() if r.kind == "copy"}
+    needed |= {src.mlp[r.layer][r.mlp][0] for r in recipes.values() if r.kind == "expert"}
+    for m in ("exp_avg", "exp_avg_sq"):
+        for name in sorted(needed):
+            got = reader.info(f"{m}.{name}").shape  # raises "missing tensor 'exp_avg....'"
+            if tuple(got) != tuple(src.reader.info(name).shape):
+                raise ValueError(f"shape mismatch for tensor '{m}.{name}': {list(got)} vs the parameter's "
+                                 f"{list(src.reader.info(name).shape)}")
+
+
+# ------------------------------------------------------------------ producing tensors
+class _Producer:
+    """Makes output tensors chunk by chunk. ``moments=True`` applies the recipes to Adam
+    moments (``prefix`` ``exp_avg.`` / ``exp_avg_sq.``): no noise, no scaling, zeros for
+    routers, shared experts and re-initialised neurons."""
+
+    def __init__(self, plan: UpcyclePlan, routers: dict[int, torch.Tensor], reader=None, moments: bool = False):
+        self.plan, self.o, self.routers = plan, plan.options, routers
+        self.reader = reader or plan.source.reader
+        self.moments = moments
+        self._matrix_key = None
+        self._matrix: torch.Tensor | None = None
+        self._stats: tuple[float, float] | None = None
+        self._expert_cache: dict = {}
+
+    def __call__(self, out_name: str) -> Iterator[torch.Tensor]:
+        prefix = ""
+        if self.moments and out_name == "step":
+            yield from self._copy("step", None)
+            return
+        if self.moments:
+            prefix, out_name = out_name.split(".", 1)
+            prefix += "."
+        r = self.plan.recipes[out_name]
+        if self.moments and r.kind in ("router", "zeros", "normal"):
+            # New parameters have no history: their moments start at zero.
+            yield torch.zeros(r.shape, dtype=_moment_dtype(self.reader, prefix[:-1], r, self.plan.source))
+        elif r.kind == "copy":
+            yield from self._copy(prefix + r.src, r.rows)
+        elif r.kind == "router":
+            yield self._router(r).to(r.dtype)
+        elif r.kind == "zeros":
+            yield torch.zeros(r.shape, dtype=r.dtype)
+        elif r.kind == "normal":
+            yield torch.empty(r.shape).normal_(0.0, 0.02, generator=_gen(self.o.seed, r.layer, r.mlp)).to(r.dtype)
+        else:
+            for e in r.experts:
+                yield self._expert(prefix, r, e)
+
+    def _copy(self, name: str, rows) -> Iterator[FileRange]:
+        # Unchanged bytes never enter user memory: the kernel copies them file to file.
+        info = self.reader.info(name)
+        if rows is None:
+            yield FileRange(info.file, info.start, info.nbytes)
+        else:
+            yield FileRange(info.file, info.start + rows[0] * info.row_bytes, (rows[1] - rows[0]) * info.row_bytes)
+
+    def _router(self, r: _Recipe) -> torch.Tensor:
+        o, (E, D) = self.o, r.shape
+        if o.router_init == "zeros":
+            return torch.zeros(E, D)
+        if o.router_init == "kmeans":
+            return self.routers[r.layer]
+        g = _gen(o.seed, r.layer, "router")
+        if o.router_init == "orthogonal":
+            w = torch.empty(E, D)
+            torch.nn.init.orthogonal_(w, gain=o.router_std * math.sqrt(D), generator=g)
+            return w
+        return torch.empty(E, D).normal_(0.0, o.router_std, generator=g)
+
+    def _load_matrix(self, prefix: str, layer: int, kind: str) -> torch.Tensor:
+        key = (prefix, layer, kind)
+        if self._matrix_key != key:
+            self._matrix = self._expert_cache = None  # free before loading the next one
+            name, rows = self.plan.source.mlp[layer][kind]
+            self._matrix = self.reader.get(prefix + name, rows)
+            self._matrix_key, self._stats, self._expert_cache = key, None, {}
+        return self._matrix
+
+    def _matrix_stats(self) -> tuple[float, float]:
+        """Mean and std of the whole original matrix, accumulated in float64 by rows."""
+        if self._stats is None:
+            W = self._matrix
+            s = s2 = 0.0
+            for a in range(0, W.shape[0], 1024):
+                blk = W[a:a + 1024].double()
+                s += float(blk.sum())
+                s2 += float(blk.square().sum())
+            n = W.numel()
+            mean = s / n
+            self._stats = (mean, math.sqrt(max(s2 / n - mean * mean, 0.0)))
+        return self._stats
+
+    def _dropped(self, layer: int, e: int, Fe: int) -> torch.Tensor:
+        n = round(self.o.drop_ratio * Fe)
+        return torch.randperm(Fe, generator=_gen(self.o.seed, layer, e, "drop"))[:n]
+
+    def _expert(self, prefix: str, r: _Recipe, e: int) -> torch.Tensor | FileRange:
+        o, plan = self.o, self.plan
+        exact_copy = (o.granularity == 1 and not r.transpose
+                      and (o.expert_init == "copy" or (self.moments and o.expert_init == "noise")))
+        if exact_copy:  # the expert is the source matrix, byte for byte
+            name, rows = plan.source.mlp[r.layer][r.mlp]
+            return next(self._copy(prefix + name, rows))
+        W = self._load_matrix(prefix, r.layer, r.mlp)
+        Fe, g = plan.expert_d_ff, e % o.granularity
+        deterministic = o.expert_init == "copy" or (self.moments and o.expert_init == "noise")
+        if deterministic and g in self._expert_cache:
+            return self._expert_cache[g]
+        down = r.mlp == "down"
+        x = W[:, g * Fe:(g + 1) * Fe] if down else W[g * Fe:(g + 1) * Fe]
+        if self.moments:
+            if o.expert_init == "drop":
+                x = x.clone()
+                idx = self._dropped(r.layer, e, Fe)
+                if down:
+                    x[:, idx] = 0
+                else:
+                    x[idx] = 0
+        else:
+            changed = o.expert_init != "copy" or plan.scale != 1.0
+            if changed:
+                x = x.float()
+                if o.expert_init == "drop":
+                    mean, std = self._matrix_stats()
+                    idx = self._dropped(r.layer, e, Fe)
+                    gen = _gen(o.seed, r.layer, e, r.mlp, "drop-init")
+                    shape = (x.shape[0], len(idx)) if down else (len(idx), x.shape[1])
+                    fresh = torch.empty(shape).normal_(mean, std, generator=gen)
+                    x = x.clone()
+                    if down:
+                        x[:, idx] = fresh
+                    else:
+                        x[idx] = fresh
+                elif o.expert_init == "noise":
+                    _, std = self._matrix_stats()
+                    gen = _gen(o.seed, r.layer, e, r.mlp, "noise")
+                    x = x + torch.empty(x.shape).normal_(0.0, o.noise_std * std, generator=gen)
+                if plan.scale != 1.0:
+                    x = x * plan.scale
+                x = x.to(r.dtype)
+        if r.transpose:
+            x = x.t()
+        x = x.contiguous()
+        if deterministic:
+            self._expert_cache[g] = x
+        return x
+
+
+# ------------------------------------------------------------------ k-means router init
+def _calibration_tokens(src: DenseSource, path: str, max_tokens: int = 4096) -> torch.Tensor:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"option calibration_text: cannot read {path}: {exc}") from None
+    vocab = src.config.get("vocab_size", 256)
+    ids = None
+    if src.family == "hf" and any(os.path.isfile(os.path.join(src.folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(src.folder).encode(text)
+    if ids is None:  # byte-level, as flopwise's own models are
+        ids = [b % vocab for b in text.encode("utf-8")]
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def _load_dense(folder: str, family: str):
+    if family == "flopwise":
+        from .hf_formats import load_flopwise
+
+        return load_flopwise(folder, dtype=torch.float32).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _mlp_modules(model, family: str) -> list:
+    if family == "flopwise":
+        return [getattr(layer, "block", layer).mlp for layer in model.layers]
+    return [layer.mlp for layer in model.model.layers]
+
+
+def _spherical_kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 25) -> torch.Tensor:
+    """Unit-norm centroids ``[k, D]`` of the rows of ``x`` by cosine similarity (k-means++
+    seeding), so that ``argmax(centroids @ x)`` is the nearest centroid, as a router scores."""
+    x = torch.nn.functional.normalize(x.double(), dim=1)
+    first = int(torch.randint(len(x), (1,), generator=gen))
+    cents = [x[first]]
+    for _ in range(1, k):
+        d = (1 - (x @ torch.stack(cents).t()).max(1).values).clamp_min(0)
+        p = d / d.sum() if d.sum() > 0 else torch.full_like(d, 1 / len(d))
+        cents.append(x[int(torch.multinomial(p, 1, generator=gen))])
+    c = torch.stack(cents)
+    for _ in range(iters):
+        assign = (x @ c.t()).argmax(1)
+        new = torch.zeros_like(c).index_add_(0, assign, x)
+        empty = new.norm(dim=1) == 0
+        new[empty] = c[empty]  # an empty cluster keeps its centroid
+        c = torch.nn.functional.normalize(new, dim=1)
+    return c.float()
+
+
+def _kmeans_routers(plan: UpcyclePlan) -> dict[int, torch.Tensor]:
+    """Per MoE layer, router rows = k-means centroids of that layer's MLP inputs on the
+    calibration text. Loads the dense model once (memory: the dense model in float32)."""
+    src, o = plan.source, plan.options
+    tokens = _calibration_tokens(src, o.calibration_text)
+    if len(tokens) < o.n_experts:
+        raise ValueError(f"option calibration_text: {len(tokens)} tokens, need at least n_experts={o.n_experts}")
+    model = _load_dense(src.folder, src.family)
+    seq = min(256, src.config.get("max_seq_len") or src.config.get("max_position_embeddings") or 256)
+    n = (len(tokens) // seq) * seq or len(tokens)
+    batch = tokens[:n].reshape(-1, min(seq, n))
+    captured: dict[int, list] = {i: [] for i in plan.moe_layers}
+    mlps = _mlp_modules(model, src.family)
+    hooks = [mlps[i].register_forward_pre_hook(lambda m, a, i=i: captured[i].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+             for i in plan.moe_layers]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for i in plan.moe_layers:
+        x = torch.cat(captured[i])
+        c = _spherical_kmeans(x, o.n_experts, _gen(o.seed, i, "kmeans"))
+        out[i] = c * (o.router_std * math.sqrt(src.d_model))
+    return out
+
+
+# ------------------------------------------------------------------ writing
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_HASH_BUFFER)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _source_files(plan: UpcyclePlan) -> list[str]:
+    files = list(plan.source.reader.files)
+    if plan.optimizer_reader is not None:
+        files += plan.optimizer_reader.files
+    return files
+
+
+def _provenance(plan: UpcyclePlan, hashes: dict[str, str]) -> dict:
+    from flopwise import __version__
+
+    return {"method": "sparse_upcycling", "flopwise_version": __version__, "source_arch": plan.source.arch,
+            "options": asdict(plan.options), "seed": plan.options.seed, "moe_layers": plan.moe_layers,
+            "scale": plan.scale, "source_files": hashes}
+
+
+def _metadata(prov: dict) -> dict[str, str]:
+    return {"format": "pt", "flopwise_upcycle": json.dumps(prov, sort_keys=True)}
+
+
+@dataclass
+class VerifyResult:
+    """Dense vs MoE logits on a probe batch (float32)."""
+
+    max_abs_diff: float
+    kl: float  # mean over tokens of KL(dense || moe), nats
+    expected_equal: bool
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return not self.expected_equal or self.max_abs_diff <= self.tolerance
+
+
+@dataclass
+class UpcycleReport:
+    """What :func:`upcycle` wrote."""
+
+    destination: str
+    files: list[str]
+    output_bytes: int
+    seconds: float
+    warnings: list[str]
+    verify: VerifyResult | None = None
+    provenance: dict = field(default_factory=dict)
+
+
+def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool = True, tolerance: float = 1e-4,
+                   batch: int = 2, seq_len: int = 16, seed: int = 0) -> VerifyResult:
+    """Load both models in float32, run the same random tokens through them and compare
+    logits: max |difference| and mean KL(dense || moe)."""
+    src = describe_source(src_folder)
+    dense = _load_dense(src_folder, src.family)
+    moe = _load_dense(moe_folder, src.family)
+    vocab = src.config["vocab_size"]
+    tokens = torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a = dense(tokens).logits.float()
+        b = moe(tokens).logits.float()
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = max(0.0, float((la.exp() * (la - lb)).sum(-1).mean()))  # >= 0; rounding can dip below
+    return VerifyResult(float((a - b).abs().max()), kl, expected_equal, tolerance)
+
+
+def _write_all(plan: UpcyclePlan, tmp: str, routers, metadata, progress) -> list[tuple[str, ShardPlan, dict]]:
+    """Write every shard (and index) into ``tmp``; returns (file, plan, metadata) per shard."""
+    written = []
+    jobs = [(plan.shards, _Producer(plan, routers), "model")]
+    if plan.optimizer_shards:
+        jobs.append((plan.optimizer_shards, _Producer(plan, routers, plan.optimizer_reader, moments=True), "optimizer"))
+    total = sum(len(s.tensors) for shards, _, _ in jobs for s in shards)
+    done = [0]
+
+    def tick(name, nbytes):
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total, name)
+
+    for shards, producer, stem in jobs:
+        meta = dict(metadata)
+        if stem == "optimizer" and "step" in plan.optimizer_reader.metadata:
+            meta["step"] = plan.optimizer_reader.metadata["step"]
+        for s in shards:
+            write_shard(os.path.join(tmp, s.file), s, producer, meta, fsync=False, on_tensor=tick)
+            written.append((s.file, s, meta))
+        if len(shards) > 1:
+            write_index(os.path.join(tmp, f"{stem}.safetensors.index.json"), shards)
+    return written
+
+
+def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force: bool = False,
+            verify: bool = False, progress: Callable[[int, int, str], None] | None = None,
+            fsync: bool = True) -> UpcycleReport:
+    """Convert the dense checkpoint in ``src_folder`` into an MoE checkpoint at ``dst_folder``.
+
+    Validation happens first, from headers; nothing is created if it fails. The output is
+    written into a temporary folder beside ``dst_folder`` and renamed onto it at the end, so
+    ``dst_folder`` either does not change or holds the complete result. An existing
+    ``dst_folder`` is replaced only with ``force=True``. With ``verify=True`` both models
+    are loaded and compared before the rename (:func:`verify_upcycle`); when exactness is
+    expected and not met, VerificationError is raised and nothing is published.
+    ``progress(done, total, tensor_name)`` is called after each tensor.
+
+    Example::
+
+        opts = UpcycleOptions(n_experts=8, top_k=2, format="mixtral")
+        report = upcycle("llama-dense/", "llama-8x/", opts, verify=True)
+        report.verify.max_abs_diff    # <= 1e-4 with copy init
+    """
+    t0 = time.perf_counter()
+    plan = plan_upcycle(src_folder, options)
+    dst = os.path.abspath(dst_folder)
+    if os.path.abspath(src_folder) == dst:
+        raise ValueError("destination must differ from the source")
+    if os.path.lexists(dst) and not force:
+        raise FileExistsError(f"destination {dst_folder} exists; pass force=True (--force) to replace it")
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"destination's parent folder does not exist: {parent}")
+    for w in plan.warnings:
+        warnings.warn(w, UpcycleWarning, stacklevel=2)
+    routers = _kmeans_routers(plan) if options.router_init == "kmeans" else {}
+    # Source hashes go into every shard's header, but hashing (~0.5 GB/s) would double the
+    # time if done first: a thread hashes while the shards are written with fixed-length
+    # placeholders, which are then patched in place.
+    sources = _source_files(plan)
+    pool = ThreadPoolExecutor(max_workers=1)
+    pending = {os.path.basename(f): pool.submit(_sha256, f) for f in sources}
+    placeholder = _metadata(_provenance(plan, {name: "0" * 64 for name in pending}))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        shards = _write_all(plan, tmp, routers, placeholder, progress)
+        prov = _provenance(plan, {name: fut.result() for name, fut in pending.items()})
+        for file, shard, meta in shards:
+            rewrite_metadata(os.path.join(tmp, file), shard, {**meta, **_metadata(prov)})
+        files = sorted(os.listdir(tmp))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(plan.config, f, indent=2)
+            f.write("\n")
+        with open(os.path.join(tmp, "upcycle.json"), "w") as f:
+            json.dump(prov, f, indent=2, sort_keys=True)
+            f.write("\n")
+        files += ["config.json", "upcycle.json"]
+        for name in _TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src_folder, name)):
+                shutil.copyfile(os.path.join(src_folder, name), os.path.join(tmp, name))
+                files.append(name)
+        if fsync:  # data on disk before the rename makes it visible
+            _fsync_all(tmp, files)
+        result = None
+        if verify:
+            result = verify_upcycle(src_folder, tmp, expected_equal=plan.exact)
+            if not result.passed:
+                raise VerificationError(f"the upcycled model does not reproduce the dense logits: max |diff| "
+                                        f"{result.max_abs_diff:.3g} > {result.tolerance:g}; nothing was written")
+        _publish(tmp, dst)
+    except BaseException:
+        for fut in pending.values():
+            fut.cancel()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    return UpcycleReport(dst_folder, files, plan.output_bytes, time.perf_counter() - t0, plan.warnings, result, prov)
+
+
+def _fsync_all(folder: str, files: list[str]) -> None:
+    for name in files:
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: str, dst: str) -> None:
+    """Rename the finished folder onto ``dst``; an existing ``dst`` is moved aside first and
+    deleted only after the new one is in place (restored if the rename fails)."""
+    if not os.path.lexists(dst):
+        os.rename(tmp, dst)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
+    os.rmdir(old)
+    os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)

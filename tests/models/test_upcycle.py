@@ -1,0 +1,434 @@
+"""Sparse upcycling: tiny random Llama / Mistral / Qwen2 / flopwise models are converted and
+loaded back with transformers' own MoE classes (or flopwise's Transformer); copy-initialised
+MoEs must reproduce the dense logits. Also: expert and router inits, layer selection,
+reproducibility, optimizer moments, atomic writes, bad input, dry-run sizes, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import transformers  # noqa: E402  (a test dependency: the real client that loads our output)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,  # noqa: E402
+                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeForCausalLM)
+
+from flopwise import _cli_upcycle  # noqa: E402
+from flopwise.models import ModelConfig, Transformer  # noqa: E402
+from flopwise.models.hf_formats import load_flopwise, save_flopwise  # noqa: E402
+from flopwise.models.safetensors_io import CheckpointReader, read_header  # noqa: E402
+from flopwise.models.upcycle import (UpcycleOptions, UpcycleWarning, VerificationError,  # noqa: E402
+                                     plan_upcycle, resolve_layers, upcycle)
+
+transformers.logging.set_verbosity_error()
+V, D, F, L = 96, 32, 48, 4
+TOL = 1e-4
+
+
+def _tiny(arch: str, folder, *, tied=False, shard=None, **kw):
+    """Save a random dense model; returns the model (eval, float32)."""
+    common = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    model = cls[1](cls[0](**common, **kw)).eval()
+    with torch.no_grad():  # RMSNorm weights start at 1: perturb them so a swapped norm would show
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(folder), safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
+    return model
+
+
+def _load(cls, folder):
+    model, info = cls.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def _probe():
+    return torch.randint(V, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _diff(a, b) -> float:
+    x = _probe()
+    with torch.no_grad():
+        return float((a(x).logits - b(x).logits).abs().max())
+
+
+def _no_leftovers(parent) -> None:
+    assert not [p for p in os.listdir(parent) if ".tmp-" in p or ".old-" in p]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("src") / "llama"
+    torch.manual_seed(0)
+    return folder, _tiny("llama", folder, shard="40KB")
+
+
+# ------------------------------------------------------------------ Hugging Face round trips
+def test_llama_sharded_to_mixtral_reproduces_dense(llama, tmp_path):
+    src, dense = llama
+    assert os.path.isfile(src / "model.safetensors.index.json")  # the source really is sharded
+    opts = UpcycleOptions(n_experts=4, top_k=2, format="mixtral", max_shard_bytes=60_000, seed=3)
+    report = upcycle(str(src), str(tmp_path / "mix"), opts, verify=True)
+    assert report.verify.expected_equal and report.verify.max_abs_diff <= TOL and abs(report.verify.kl) < 1e-6
+    out = tmp_path / "mix"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    data_bytes = sum(os.path.getsize(out / f) - 8 - struct.unpack("<Q", (out / f).read_bytes()[:8])[0]
+                     for f in set(index["weight_map"].values()))
+    assert index["metadata"]["total_size"] == data_bytes == report.output_bytes
+    assert "model.layers.3.block_sparse_moe.experts.3.w2.weight" in index["weight_map"]
+    moe = _load(MixtralForCausalLM, out)
+    assert moe.config.num_local_experts == 4 and moe.config.num_experts_per_tok == 2
+    assert _diff(dense, moe) <= TOL
+    # Experts are copies; w1 = gate, w3 = up, w2 = down (a swap would break equality above too).
+    a = CheckpointReader(str(src))
+    b = CheckpointReader(str(out))
+    for w, kind in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+        torch.testing.assert_close(b.get(f"model.layers.2.block_sparse_moe.experts.1.{w}.weight"),
+                                   a.get(f"model.layers.2.mlp.{kind}_proj.weight"), rtol=0, atol=0)
+    # Provenance: method, options, seed and source hashes in every shard's metadata.
+    with safe_open(str(out / index["weight_map"]["lm_head.weight"]), "pt") as f:
+        prov = json.loads(f.metadata()["flopwise_upcycle"])
+    assert prov["method"] == "sparse_upcycling" and prov["seed"] == 3 and prov["options"]["n_experts"] == 4
+    assert set(prov["source_files"]) == {p for p in os.listdir(src) if p.endswith(".safetensors")}
+    assert all(len(h) == 64 for h in prov["source_files"].values())
+
+
+@pytest.mark.parametrize("layers, kinds", [
+    ("all", "MMMM"), ("every_other", "DMDM"), ("last:1", "DDDM"), ([0, 2], "MDMD"),
+], ids=["all", "every_other", "last1", "list"])
+def test_qwen2_moe_layer_selection(llama, tmp_path, layers, kinds):
+    src, dense = llama
+    out = tmp_path / "q"
+    upcycle(str(src), str(out), UpcycleOptions(n_experts=4, top_k=2, format="qwen2_moe", layers=layers))
+    moe = _load(Qwen2MoeForCausalLM, out)
+    got = "".join("M" if type(layer.mlp).__name__ == "Qwen2MoeSparseMoeBlock" else "D" for layer in moe.model.layers)
+    assert got == kinds
+    cfg = json.loads((out / "config.json").read_text())
+    if layers == "every_other":
+        assert cfg["decoder_sparse_step"] == 2 and cfg["mlp_only_layers"] == []
+    assert cfg["norm_topk_prob"] is True
+    assert _diff(dense, moe) <= TOL
+
+
+def test_mistral_tied_and_qwen2_bias(tmp_path):
+    torch.manual_seed(1)
+    dense = _tiny("mistral", tmp_path / "mistral", tied=True, sliding_window=None)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "mistral" / "model.safetensors"))
+    upcycle(str(tmp_path / "mistral"), str(tmp_path / "mix"), UpcycleOptions(n_experts=3, top_k=3, format="mixtral"))
+    moe = _load(MixtralForCausalLM, tmp_path / "mix")
+    assert moe.config.tie_word_embeddings and _diff(dense, moe) <= TOL
+
+    qwen = _tiny("qwen2", tmp_path / "qwen2")
+    upcycle(str(tmp_path / "qwen2"), str(tmp_path / "qmoe"),
+            UpcycleOptions(n_experts=4, top_k=1, format="qwen2_moe", layers="every_other", shared_d_ff=16))
+    moe = _load(Qwen2MoeForCausalLM, tmp_path / "qmoe")
+    assert moe.config.qkv_bias and moe.config.shared_expert_intermediate_size == 16
+    assert _diff(qwen, moe) <= TOL  # the non-empty shared expert adds exactly zero
+    with pytest.raises(ValueError, match=r"q_proj\.bias.*qwen2_moe"):
+        upcycle(str(tmp_path / "qwen2"), str(tmp_path / "bad"), UpcycleOptions(n_experts=4, format="mixtral"))
+    assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------ expert and router inits
+def test_inits_break_equality_with_a_warning(llama, tmp_path):
+    src, dense = llama
+    a = CheckpointReader(str(src))
+    gate = a.get("model.layers.1.mlp.gate_proj.weight")
+    for init in ("noise", "drop"):
+        out = tmp_path / init
+        with pytest.warns(UpcycleWarning, match=init):
+            report = upcycle(str(src), str(out), UpcycleOptions(n_experts=4, format="mixtral", expert_init=init,
+                                                                noise_std=0.5, drop_ratio=0.25), verify=True)
+        assert not report.verify.expected_equal and report.verify.max_abs_diff > 1e-3
+        b = CheckpointReader(str(out))
+        w1 = [b.get(f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight") for e in range(4)]
+        assert not torch.equal(w1[0], w1[1])  # experts differ from each other
+        if init == "drop":
+            for e in range(4):  # exactly r*F neurons re-drawn, the same ones in w1, w3 (rows) and w2 (columns)
+                rows = (w1[e] != gate).any(1)
+                assert int(rows.sum()) == round(0.25 * F)
+                w3 = b.get(f"model.layers.1.block_sparse_moe.experts.{e}.w3.weight")
+                w2 = b.get(f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight")
+                up = a.get("model.layers.1.mlp.up_proj.weight")
+                down = a.get("model.layers.1.mlp.down_proj.weight")
+                assert torch.equal((w3 != up).any(1), rows) and torch.equal((w2 != down).any(0), rows)
+                fresh = w1[e][rows]
+                assert abs(float(fresh.std()) - float(gate.std())) < 0.5 * float(gate.std())
+
+
+@pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "megatron"])
+def test_granularity_splits_neurons_and_scales(llama, tmp_path, renorm):
+    src, _ = llama
+    E, G, k = 4, 2, 2
+    with pytest.warns(UpcycleWarning, match="granularity"):
+        upcycle(str(src), str(tmp_path / "g"), UpcycleOptions(n_experts=E, top_k=k, granularity=G, format="qwen2_moe",
+                                                              renormalize=renorm))
+    s = G ** (1 / 3) if renorm else (E / G * G**2 / k) ** (1 / 3)
+    a, b = CheckpointReader(str(src)), CheckpointReader(str(tmp_path / "g"))
+    gate, down = a.get("model.layers.0.mlp.gate_proj.weight"), a.get("model.layers.0.mlp.down_proj.weight")
+    Fe = F // G
+    for e in range(E):
+        g = e % G
+        torch.testing.assert_close(b.get(f"model.layers.0.mlp.experts.{e}.gate_proj.weight"), s * gate[g * Fe:(g + 1) * Fe])
+        torch.testing.assert_close(b.get(f"model.layers.0.mlp.experts.{e}.down_proj.weight"), s * down[:, g * Fe:(g + 1) * Fe])
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert cfg["moe_intermediate_size"] == Fe and cfg["intermediate_size"] == F and cfg["norm_topk_prob"] is renorm
+    _load(Qwen2MoeForCausalLM, tmp_path / "g")
+
+
+def test_router_inits(llama, tmp_path):
+    src, dense = llama
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    got = {}
+    for init in ("normal", "zeros", "orthogonal", "kmeans"):
+        out = tmp_path / init
+        upcycle(str(src), str(out), UpcycleOptions(n_experts=4, format="mixtral", router_init=init,
+                                                   calibration_text=str(text) if init == "kmeans" else None))
+        got[init] = CheckpointReader(str(out)).get("model.layers.2.block_sparse_moe.gate.weight")
+        if init == "kmeans":
+            assert _diff(dense, _load(MixtralForCausalLM, out)) <= TOL
+    assert torch.count_nonzero(got["zeros"]) == 0
+    assert abs(float(got["normal"].std()) - 0.02) < 0.006
+    o = got["orthogonal"]
+    torch.testing.assert_close(o @ o.t(), (0.02**2 * D) * torch.eye(4), atol=1e-6, rtol=1e-4)
+    km = got["kmeans"]
+    torch.testing.assert_close(km.norm(dim=1), torch.full((4,), 0.02 * math.sqrt(D)))
+    assert float((km @ km.t() - torch.diag(torch.diag(km @ km.t()))).abs().max()) > 0  # distinct centroids
+
+
+def test_seeded_per_layer_and_expert(llama, tmp_path):
+    """The same tensors whatever the shard split or the set of layers converted."""
+    src, _ = llama
+    base = dict(n_experts=4, format="qwen2_moe", expert_init="noise", seed=7)
+    with pytest.warns(UpcycleWarning):
+        upcycle(str(src), str(tmp_path / "a"), UpcycleOptions(**base, max_shard_bytes=30_000))
+        upcycle(str(src), str(tmp_path / "b"), UpcycleOptions(**base, layers=[2]))
+        upcycle(str(src), str(tmp_path / "c"), UpcycleOptions(**{**base, "seed": 8}))
+    a, b, c = (CheckpointReader(str(tmp_path / x)) for x in "abc")
+    assert len(a.files) > 1 and len(b.files) == 1
+    names = [n for n in b.infos if n.startswith("model.layers.2.mlp.")]
+    assert len(names) == 4 * 3 + 1 + 4
+    for n in names:
+        assert torch.equal(a.get(n), b.get(n)), n
+    assert not torch.equal(a.get("model.layers.2.mlp.experts.0.up_proj.weight"),
+                           c.get("model.layers.2.mlp.experts.0.up_proj.weight"))
+
+
+# ------------------------------------------------------------------ flopwise checkpoints and optimizer state
+def test_flopwise_dense_to_moe_with_adam_moments(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=2, d_ff=48, n_layers=3, max_seq_len=32)
+    model = Transformer(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tokens = torch.randint(64, (2, 9))
+    for _ in range(2):
+        opt.zero_grad()
+        model(tokens, tokens).loss.backward()
+        opt.step()
+    model.eval()
+    save_flopwise(model, str(tmp_path / "dense"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments = {}
+    for p, st in opt.state.items():
+        moments[f"exp_avg.{names[id(p)]}"] = st["exp_avg"]
+        moments[f"exp_avg_sq.{names[id(p)]}"] = st["exp_avg_sq"]
+    moments["step"] = torch.tensor(2.0)
+    save_file(moments, str(tmp_path / "dense" / "optimizer.safetensors"), metadata={"step": "2"})
+
+    report = upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"),
+                     UpcycleOptions(n_experts=4, top_k=2, layers="every_other"), verify=True)
+    assert report.verify.max_abs_diff <= TOL
+    moe = load_flopwise(str(tmp_path / "moe")).eval()
+    assert moe.cfg.mlp == ("dense", "moe", "dense") and moe.cfg.moe_n_experts == 4
+    with torch.no_grad():
+        assert float((moe(tokens).logits - model(tokens).logits).abs().max()) <= TOL
+    # Moments: experts carry the dense MLP's (transposed into [E, D, F]), the router zeros.
+    with safe_open(str(tmp_path / "moe" / "optimizer.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "2"
+        m = {k: f.get_tensor(k) for k in f.keys()}
+    assert float(m.pop("step")) == 2.0
+    w_in = moments["exp_avg.layers.1.mlp.w_in.weight"]
+    for e in range(4):
+        assert torch.equal(m["exp_avg.layers.1.mlp.w_gate"][e], w_in[:48].t())
+        assert torch.equal(m["exp_avg.layers.1.mlp.w_up"][e], w_in[48:].t())
+        assert torch.equal(m["exp_avg_sq.layers.1.mlp.w_down"][e], moments["exp_avg_sq.layers.1.mlp.w_out.weight"].t())
+    assert torch.count_nonzero(m["exp_avg.layers.1.mlp.router.weight"]) == 0
+    # Training resumes: the moments load into Adam for the MoE's parameters and a step runs.
+    params = dict(moe.named_parameters())
+    assert set(k.split(".", 1)[1] for k in m) == set(params)
+    moe.train()
+    opt2 = torch.optim.Adam(moe.parameters(), lr=1e-3)
+    for n, p in params.items():
+        opt2.state[p] = {"step": torch.tensor(2.0), "exp_avg": m[f"exp_avg.{n}"].clone(),
+                         "exp_avg_sq": m[f"exp_avg_sq.{n}"].clone()}
+    moe(tokens, tokens).loss.backward()
+    opt2.step()
+    assert all(torch.isfinite(p).all() for p in moe.parameters())
+
+
+# ------------------------------------------------------------------ trust: atomic writes, bad input, dry run
+def test_atomic_writes_and_force(llama, tmp_path, monkeypatch):
+    src, _ = llama
+    dst = tmp_path / "out"
+    opts = UpcycleOptions(n_experts=2, top_k=1, format="mixtral", max_shard_bytes=30_000)
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="force"):
+        upcycle(str(src), str(dst), opts)
+    assert (dst / "keep.txt").read_text() == "old"
+    # A failure in the middle (after some shards are written) leaves the old folder intact.
+    from flopwise.models import upcycle as up
+
+    real, calls = up.write_shard, []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(up, "write_shard", failing)
+    with pytest.raises(OSError, match="disk full"):
+        upcycle(str(src), str(dst), opts, force=True)
+    assert os.listdir(dst) == ["keep.txt"]
+    _no_leftovers(tmp_path)
+    monkeypatch.setattr(up, "write_shard", real)
+    upcycle(str(src), str(dst), opts, force=True)
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    _no_leftovers(tmp_path)
+    # A verification failure publishes nothing.
+    monkeypatch.setattr(up, "_equality_warnings", lambda o: [])
+    with pytest.raises(VerificationError):
+        upcycle(str(src), str(tmp_path / "v"), UpcycleOptions(n_experts=2, format="mixtral", expert_init="noise",
+                                                              noise_std=1.0), verify=True)
+    assert not (tmp_path / "v").exists()
+    _no_leftovers(tmp_path)
+
+
+def _rewrite(folder, drop=None, reshape=None):
+    """Rewrite a single-file checkpoint without one tensor or with one tensor reshaped."""
+    path = str(folder / "model.safetensors")
+    sd = load_file(path)
+    if drop:
+        del sd[drop]
+    if reshape:
+        sd[reshape] = sd[reshape][:-1].contiguous()
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("unknown_arch", r"model_type='gpt2'"),
+    ("missing", r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"),
+    ("shape", r"shape mismatch for tensor 'model\.layers\.2\.mlp\.down_proj\.weight'"),
+    ("truncated", r"corrupt safetensors file .*model\.safetensors"),
+    ("bad_header", r"corrupt safetensors file .*not JSON"),
+    ("topk", r"n_experts \(E=2\) must be >= top_k \(k=4\)"),
+    ("mixtral_subset", r"option layers: the mixtral format"),
+], ids=["unknown_arch", "missing", "shape", "truncated", "bad_header", "topk", "mixtral_subset"])
+def test_bad_input_names_the_problem_and_writes_nothing(tmp_path, case, pattern):
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    _tiny("llama", src)
+    opts = dict(n_experts=4, top_k=2, format="mixtral")
+    if case == "unknown_arch":
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    elif case == "missing":
+        _rewrite(src, drop="model.layers.1.mlp.up_proj.weight")
+    elif case == "shape":
+        _rewrite(src, reshape="model.layers.2.mlp.down_proj.weight")
+    elif case == "truncated":
+        p = src / "model.safetensors"
+        p.write_bytes(p.read_bytes()[:-100])
+    elif case == "bad_header":
+        p = src / "model.safetensors"
+        raw = bytearray(p.read_bytes())
+        raw[8] = ord("#")
+        p.write_bytes(bytes(raw))
+    elif case == "mixtral_subset":
+        opts["layers"] = "every_other"
+    dst = tmp_path / "dst"
+    with pytest.raises(ValueError, match=pattern):
+        upcycle(str(src), str(dst), UpcycleOptions(**{**opts, "n_experts": 2, "top_k": 4}) if case == "topk"
+                else UpcycleOptions(**opts))
+    assert not dst.exists()
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_dry_run_matches_the_real_output(llama, tmp_path):
+    src, _ = llama
+    opts = UpcycleOptions(n_experts=4, top_k=2, format="qwen2_moe", layers="every_other", max_shard_bytes=50_000)
+    s = plan_upcycle(str(src), opts).summary()
+    assert not (tmp_path / "q").exists()
+    upcycle(str(src), str(tmp_path / "q"), opts)
+    moe = _load(Qwen2MoeForCausalLM, tmp_path / "q")
+    n_total = sum(p.numel() for p in moe.parameters())
+    assert s["total_params"] == n_total
+    assert s["total_params"] - s["active_params"] == 2 * 2 * 3 * D * F  # 2 MoE layers x (E - k) idle experts
+    files = {x["file"]: x["bytes"] for x in s["shards"]}
+    index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())
+    assert set(files) == set(index["weight_map"].values()) and sum(files.values()) == s["output_bytes"]
+    for f, nbytes in files.items():
+        infos, _ = read_header(str(tmp_path / "q" / f))
+        assert sum(i.nbytes for i in infos.values()) == nbytes
+    assert s["peak_bytes_estimate"] > 0 and s["exact"]
+    assert resolve_layers("last:2", 5) == [3, 4] and resolve_layers("0,3", 5) == [0, 3]
+    with pytest.raises(ValueError, match="layers"):
+        resolve_layers([7], 4)
+
+
+def test_cli(llama, tmp_path, capsys):
+    src, dense = llama
+    parser = argparse.ArgumentParser()
+    _cli_upcycle.add_parser(parser.add_subparsers())
+
+    def run(*argv):
+        args = parser.parse_args(["upcycle", *map(str, argv)])
+        return args.func(args)
+
+    dst = tmp_path / "cli"
+    assert run(src, dst, "--experts", 4, "--top-k", 2, "--format", "qwen2_moe", "--layers", "1,3",
+               "--dry-run", "--json") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["moe_layers"] == [1, 3] and not dst.exists()
+    assert run(src, dst, "--experts", 4, "--top-k", 2, "--verify", "--json", "--max-shard-size", "50KB") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verify"]["passed"] and out["verify"]["max_abs_diff"] <= TOL
+    assert _diff(dense, _load(MixtralForCausalLM, dst)) <= TOL
+    with pytest.raises(FileExistsError):
+        run(src, dst, "--experts", 4)
+    with pytest.raises(ValueError, match="top_k"):
+        run(src, tmp_path / "x", "--experts", 2, "--top-k", 3)
+
+
+def test_streaming_reader_and_copy_fallback(llama, tmp_path, monkeypatch):
+    """Row reads match safe_open's slices; without copy_file_range the bytes go through memory."""
+    src, _ = llama
+    reader = CheckpointReader(str(src))
+    name = "model.layers.1.mlp.down_proj.weight"
+    with safe_open(reader.info(name).file, "pt") as f:
+        assert torch.equal(reader.get(name, (5, 17)), f.get_slice(name)[5:17])
+    with pytest.raises(ValueError, match="rows"):
+        reader.get(name, (3, 99))
+
+    def unsupported(*args, **kw):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    upcycle(str(src), str(tmp_path / "m"), UpcycleOptions(n_experts=2, top_k=1, format="mixtral"))
+    b = CheckpointReader(str(tmp_path / "m"))
+    assert torch.equal(b.get("model.layers.1.block_sparse_moe.experts.1.w2.weight"), reader.get(name))
+    assert torch.equal(b.get("lm_head.weight"), reader.get("lm_head.weight"))
