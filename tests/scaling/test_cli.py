@@ -17,7 +17,7 @@ def _json(capsys):
     return json.loads(out)
 
 
-def test_fit_epoch_bootstrap_json(capsys, tmp_path):
+def test_fit_epoch_bootstrap_json(capsys, tmp_path, epoch_data):  # epoch_data: skips without the shared file
     argv = ["scaling", "fit", str(EPOCH_CSV), "--epoch", "--bootstrap", "200", "--seed", "1", "--json"]
     has_mpl = importlib.util.find_spec("matplotlib") is not None
     if has_mpl:  # one fit also covers --plot (the fit figure and the bootstrap figure)
