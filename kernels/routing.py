@@ -71,6 +71,23 @@ if HAS_TRITON:
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
+    def _load_scores(logits_ptr, stride_t, rows, cols, rmask, cmask, SCORE: tl.constexpr):
+        """A [rows, cols] tile of logits (float32, -inf past E) and its probabilities:
+        softmax over the experts (SCORE 0) or sigmoid (SCORE 1)."""
+        m2 = rmask[:, None] & cmask[None, :]
+        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=m2,
+                    other=float("-inf")).to(tl.float32)
+        x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite, so no inf - inf
+        if SCORE == 0:
+            mx = tl.max(x, 1)
+            p = tl.exp(x - mx[:, None])
+            p = tl.where(cmask[None, :], p, 0.0)
+            p = p / tl.sum(p, 1)[:, None]
+        else:
+            p = tl.sigmoid(x)
+        return x, p
+
+    @triton.jit
     def _write_offsets_and_block_map(
         counts, cols, cmask, E,
         counts_ptr, offsets_ptr, padded_ptr, block_expert_ptr, block_row_ptr, max_blocks,
@@ -117,17 +134,7 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_E)
         rmask = rows < T
         cmask = cols < E
-        m2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=m2,
-                    other=float("-inf")).to(tl.float32)
-        x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite, so no inf - inf
-        if SCORE == 0:
-            mx = tl.max(x, 1)
-            p = tl.exp(x - mx[:, None])
-            p = tl.where(cmask[None, :], p, 0.0)
-            p = p / tl.sum(p, 1)[:, None]
-        else:
-            p = tl.sigmoid(x)
+        x, p = _load_scores(logits_ptr, stride_t, rows, cols, rmask, cmask, SCORE)
         key = tl.where(cmask[None, :], _monotone_key(x), _INT32_MIN_C)
         kcols = tl.arange(0, BLOCK_K)
         ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
@@ -223,16 +230,7 @@ if HAS_TRITON:
         rmask = rows < T
         cmask = cols < E
         m2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=m2,
-                    other=float("-inf")).to(tl.float32)
-        x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite, so no inf - inf
-        if SCORE == 0:
-            mx = tl.max(x, 1)
-            p = tl.exp(x - mx[:, None])
-            p = tl.where(cmask[None, :], p, 0.0)
-            p = p / tl.sum(p, 1)[:, None]
-        else:
-            p = tl.sigmoid(x)
+        x, p = _load_scores(logits_ptr, stride_t, rows, cols, rmask, cmask, SCORE)
         # sum of the selected probabilities and sum_j g_j * p_j (renormalisation backward)
         s = tl.zeros([BLOCK_T], dtype=tl.float32)
         gs = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -280,16 +278,7 @@ if HAS_TRITON:
         rmask = rows < T
         cmask = cols < E
         m2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=m2,
-                    other=float("-inf")).to(tl.float32)
-        x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite, so no inf - inf
-        if SCORE == 0:
-            mx = tl.max(x, 1)
-            p = tl.exp(x - mx[:, None])
-            p = tl.where(cmask[None, :], p, 0.0)
-            p = p / tl.sum(p, 1)[:, None]
-        else:
-            p = tl.sigmoid(x)
+        x, p = _load_scores(logits_ptr, stride_t, rows, cols, rmask, cmask, SCORE)
         tl.store(scores_ptr + cols[None, :].to(tl.int64) * T + rows[:, None], p, mask=m2)
 
     @triton.jit

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from flopwise.kernels import moe_mlp, plan_from_counts
+from flopwise.kernels import plan_from_counts
 
 from .moe import MoE, MoEConfig
 
@@ -41,7 +41,7 @@ class ExpertParallelMoE(MoE):
     """:class:`MoE` with its experts sharded over ``group`` (``E % world_size == 0``).
 
     ``w_gate, w_up: [E_local, D, F]``, ``w_down: [E_local, F, D]``; the router (and the shared
-    expert, if any) is replicated. ``forward`` has :class:`MoE`'s signature and result.
+    expert, if any) is replicated. ``forward`` is :class:`MoE`'s; only the routed experts' part differs.
 
     Example (launch with ``torchrun --nproc-per-node 4 train.py``)::
 
@@ -101,24 +101,10 @@ class ExpertParallelMoE(MoE):
         order = torch.sort(expert_of_row, stable=True).indices
         local_plan = plan_from_counts(order, torch.ones(R, device=x_TD.device), recv_counts.sum(0), R,
                                       block_m=self.config.block_m)
-        dt = x_TD.dtype
-        out = moe_mlp(recv, local_plan, self.w_gate.to(dt), self.w_up.to(dt), self.w_down.to(dt))
+        out = super()._routed_experts(recv, local_plan)  # local experts, one "token" per received row
         return fc.all_to_all_single_autograd(out, send_splits, recv_splits, self.group)
 
-    def forward(self, x: torch.Tensor, *, return_losses: bool = False):
-        c = self.config
-        if not isinstance(x, torch.Tensor) or x.shape[-1] != c.d_model:
-            raise ValueError(f"x must be a tensor [..., {c.d_model}], got {tuple(getattr(x, 'shape', ()))}")
-        shape = x.shape
-        x_TD = x.reshape(-1, c.d_model)
-        logits, plan = self.route(x_TD)
+    def _routed_experts(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
         back = self._experts(x_TD, plan)
-        y = torch.zeros(x_TD.shape, dtype=torch.float32, device=x.device)
-        y = y.index_add(0, plan.token_idx.long(), back.float() * plan.weights[:, None].float()).to(x.dtype)
-        if self.shared is not None:
-            y = y + self.shared(x_TD)
-        aux, losses = self._aux_losses(logits, plan)
-        y = y.reshape(shape)
-        if return_losses:
-            return y, aux, losses
-        return y, aux
+        y = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        return y.index_add(0, plan.token_idx.long(), back.float() * plan.weights[:, None].float()).to(x_TD.dtype)

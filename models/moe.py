@@ -168,8 +168,7 @@ class MoE(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, c.d_model)
         logits, plan = self.route(x_TD)
-        dt = x.dtype
-        y = moe_mlp(x_TD, plan, self.w_gate.to(dt), self.w_up.to(dt), self.w_down.to(dt))
+        y = self._routed_experts(x_TD, plan)
         if self.shared is not None:
             y = y + self.shared(x_TD)
         aux, losses = self._aux_losses(logits, plan)
@@ -177,6 +176,11 @@ class MoE(nn.Module):
         if return_losses:
             return y, aux, losses
         return y, aux
+
+    def _routed_experts(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
+        """``[T, D]``: the experts' outputs along the plan, combined per token."""
+        dt = x_TD.dtype
+        return moe_mlp(x_TD, plan, self.w_gate.to(dt), self.w_up.to(dt), self.w_down.to(dt))
 
     def _aux_losses(self, logits: torch.Tensor, plan):
         """(weighted sum, {"load_balance", "z_loss"}) for the router's logits and plan."""
