@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 
@@ -18,6 +19,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Every kernel output allocated through kernels._dispatch.new_output starts as NaN / INT_MIN.
 os.environ.setdefault("FLOPWISE_POISON", "1")
+# Private compiler caches: a test run never loads a kernel another process is still writing.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="flopwise-inductor-"))
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="flopwise-triton-"))
 
 import random  # noqa: E402
 
