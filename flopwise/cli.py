@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-ms", type=float, default=100.0, help="timing budget per provider (default 100)")
     p.set_defaults(func=_cmd_bench)
 
-    from flopwise import _cli_coding, _cli_scaling, _cli_upcycle
+    from flopwise import _cli_coding, _cli_models, _cli_scaling, _cli_upcycle
 
+    _cli_models.add_parser(sub)
     _cli_scaling.add_parser(sub)
     _cli_coding.add_parser(sub)
     _cli_upcycle.add_parser(sub)

@@ -237,6 +237,23 @@ class ModelConfig:
         """A copy with some fields changed (per-layer fields re-validated)."""
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """Every field as plain JSON types (per-layer tuples become lists); the inverse of
+        :meth:`from_dict`. This is what a checkpoint's ``config.json`` holds."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """A config from :meth:`to_dict`'s output (e.g. a parsed ``config.json``); unknown
+        keys raise ValueError naming them, so a typo never silently falls back to a default."""
+        if not isinstance(d, dict):
+            raise TypeError(f"from_dict needs a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
     # ----------------------------------------------------------------- derived sizes
     @property
     def head_dim(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -14,20 +14,20 @@ from flopwise.models.expert_parallel import ExpertParallelMoE
 from flopwise.models.moe import MoE, MoEConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous_file() -> str:
+    """A fresh path for a FileStore rendezvous: no TCP port to race other processes for."""
+    fd, path = tempfile.mkstemp(prefix="flopwise-ep-")
+    os.close(fd)
+    os.unlink(path)
+    return path
 
 
 def _close(a, b, what, atol=1e-5):
     torch.testing.assert_close(a, b, atol=atol, rtol=1e-4, msg=lambda m: f"rank {dist.get_rank()}: {what}: {m}")
 
 
-def _worker(rank: int, world: int, port: int, scenario: str):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, scenario: str):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         _check(rank, world, scenario)
     finally:
@@ -111,7 +111,7 @@ def _check(rank: int, world: int, scenario: str):
     pytest.param(4, "mesh", id="dp2-x-ep2-mesh"),
 ])
 def test_expert_parallel_matches_single_process(world, scenario):
-    mp.spawn(_worker, args=(world, _free_port(), scenario), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _rendezvous_file(), scenario), nprocs=world, join=True)
 
 
 def test_needs_process_group():

@@ -1,0 +1,180 @@
+"""Argument parsing for ``flopwise train``, ``generate``, ``demo`` and ``data`` (kept apart
+from cli.py so each command family has one file).
+
+Handlers only parse, call ``flopwise.models.{train,demo,data,checkpoint}`` and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be finite and > 0: {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return v
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from flopwise.models.data import load_corpus
+    from flopwise.models.train import Trainer, load_run_config
+
+    overrides = {k: v for k, v in (("max_steps", args.steps), ("out_dir", args.out), ("seed", args.seed),
+                                   ("device", args.device), ("compile", args.compile or None),
+                                   ("batch_size", args.batch_size), ("seq_len", args.seq_len),
+                                   ("grad_accum", args.grad_accum), ("lr", args.lr),
+                                   ("eval_every", args.eval_every), ("save_every", args.save_every))
+                 if v is not None}
+    corpus = load_corpus(args.corpus)
+    if args.resume:
+        trainer = Trainer.resume(args.resume, corpus, **overrides)
+        print(f"resumed {args.resume} at step {trainer.step}", file=sys.stderr)
+    else:
+        from dataclasses import replace
+
+        mc, tc = load_run_config(args.config)
+        trainer = Trainer(mc, replace(tc, **overrides), corpus)
+    m = trainer.model
+    print(f"model: {m.num_parameters():,} parameters, {trainer.flops_per_token:.3g} FLOPs/token at "
+          f"S={trainer.cfg.seq_len}; corpus {corpus.name} ({len(corpus.train):,} B train); device {trainer.device}",
+          file=sys.stderr)
+    res = trainer.fit()
+    summary = {"steps": trainer.step, "val_bpb": res.val_bpb, "tokens_per_s": res.tokens_per_s, "mfu": res.mfu,
+               "seconds": res.seconds, "checkpoint": f"{trainer.cfg.out_dir}/last" if trainer.cfg.out_dir else None}
+    print(json.dumps(summary) if args.json else
+          f"step {trainer.step}: val bpb {res.val_bpb:.4f}, {res.tokens_per_s:,.0f} tok/s, MFU "
+          f"{'n/a' if res.mfu is None else f'{100 * res.mfu:.1f}%'}"
+          + (f", checkpoint {summary['checkpoint']}" if summary["checkpoint"] else ""))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from flopwise.models.checkpoint import load_model
+    from flopwise.models.data import decode, encode
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.checkpoint, device=device)
+    if model.cfg.vocab_size != 256:
+        raise ValueError(f"generate encodes the prompt as bytes; the checkpoint's vocab_size is {model.cfg.vocab_size}")
+    if not args.prompt:
+        raise ValueError("--prompt must not be empty")
+    ids = encode(args.prompt)[None].to(device)
+    room = model.cfg.max_seq_len - ids.shape[1]
+    if room < 1:
+        raise ValueError(f"prompt ({ids.shape[1]} bytes) fills the model's max_seq_len {model.cfg.max_seq_len}")
+    n = min(args.max_new_tokens, room)
+    out = model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                         use_cache=not args.no_cache)
+    text = decode(out[0, ids.shape[1]:].cpu())
+    print(args.prompt + text)
+    if n < args.max_new_tokens:
+        print(f"(stopped at max_seq_len {model.cfg.max_seq_len})", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flopwise.models.demo import run_demo
+
+    run_demo(args.corpus, preset=args.preset, budget_s=args.budget_s, dense_steps=args.dense_steps,
+             out_dir=args.out, device=args.device, progress=not args.quiet, threads=args.threads)
+    return 0
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from flopwise.models.data import fetch_corpus
+
+    try:
+        m = fetch_corpus(args.dir, force=args.force, log=lambda s: print(s, file=sys.stderr))
+    except RuntimeError as exc:  # a missing apt-get / dpkg-deb or a failed download
+        print(f"flopwise: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(m, indent=2) if args.json else
+          f"{m['name']}: train {m['train_bytes']:,} B, val {m['val_bytes']:,} B, sha256 {m['sha256']}")
+    return 0
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from flopwise.models.data import corpus_dir, load_corpus
+
+    c = load_corpus(args.corpus)
+    info = {"name": c.name, "description": c.description, "train_bytes": len(c.train), "val_bytes": len(c.val),
+            "sha256": c.sha256, "cache": str(corpus_dir())}
+    print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+    return 0
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a byte-level LM (AdamW, cosine, checkpoints, exact resume)")
+    t.add_argument("config", nargs="?", default="m1",
+                   help="a model preset (tiny, m1, small, ...) or a JSON/TOML file {model: ..., train: ...} (default m1)")
+    t.add_argument("--corpus", help="folder with train.txt/val.txt, a text file, or 'embedded' "
+                                    "(default: the fetched corpus, else the embedded text)")
+    t.add_argument("--out", help="checkpoint folder (writes OUT/last)")
+    t.add_argument("--resume", metavar="CKPT", help="continue a checkpoint (its config; flags override)")
+    t.add_argument("--steps", type=_positive_int, help="max_steps")
+    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--seq-len", type=_positive_int)
+    t.add_argument("--grad-accum", type=_positive_int)
+    t.add_argument("--lr", type=_positive_float)
+    t.add_argument("--eval-every", type=int)
+    t.add_argument("--save-every", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="auto (default), cpu, cuda, ...")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (KV cache)")
+    g.add_argument("checkpoint", help="checkpoint folder (config.json + model.safetensors)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=200, help="bytes to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--top-k", type=_positive_int, help="sample among the k most likely bytes")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    g.set_defaults(func=_cmd_generate)
+
+    d = sub.add_parser("demo", help="dense vs MoE vs MoD vs MoD+MoE byte LMs at matched FLOPs: one table")
+    d.add_argument("--corpus", help="folder, text file or 'embedded' (default: the fetched corpus, else embedded)")
+    d.add_argument("--budget-s", type=_positive_float, help="seconds for all training (default: 360 CPU, 480 GPU)")
+    d.add_argument("--dense-steps", type=_positive_int, help="fix the dense step count (skips the timing)")
+    d.add_argument("--preset", choices=("cpu", "gpu", "smoke"), help="default: by device")
+    d.add_argument("--threads", type=_positive_int,
+                   help="CPU threads (default: 1 or all, whichever a timed step finds faster)")
+    d.add_argument("--out", help="save each model's checkpoint to OUT/<model>")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--quiet", action="store_true", help="no progress lines")
+    d.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("data", help="the training corpus")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    f = dsub.add_parser("fetch", help="download and split the corpus (Debian bible-kjv-text + jargon-text)")
+    f.add_argument("--dir", help="destination (default $FLOPWISE_DATA/corpus, ~/.cache/flopwise/corpus)")
+    f.add_argument("--force", action="store_true", help="fetch again even if present")
+    f.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    f.set_defaults(func=_cmd_data_fetch)
+    i = dsub.add_parser("info", help="which corpus training would use, its sizes and checksum")
+    i.add_argument("--corpus")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_data_info)

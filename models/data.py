@@ -1,0 +1,343 @@
+"""Byte-level text data: the English corpus, its fixed train/validation split, batches.
+
+Two sources of real English text:
+
+* the **embedded default**, Python's own reference documentation shipped with the standard
+  library (``pydoc_data.topics``, ~460 KB of prose with some code): no download, so
+  ``flopwise demo`` runs on a fresh machine;
+* the **corpus** (~6 MB), made by :func:`fetch_corpus` (``flopwise data fetch``) from two
+  Debian packages of real prose: the King James Bible (``bible-kjv-text``, decoded by the
+  ``bible`` program of ``bible-kjv``) and the Jargon File 4.4.7 (``jargon-text``). It is
+  cached outside the repository in ``$FLOPWISE_DATA/corpus`` (default
+  ``~/.cache/flopwise/corpus``): ``train.txt``, ``val.txt`` and ``manifest.json`` (package
+  versions, sizes, SHA-256).
+
+The split is fixed and the same for both: the text is cut into sections of at least
+``SECTION_BYTES`` bytes that end at a paragraph break, and every ``VAL_EVERY``-th section
+(indices 19, 39, ...) is validation, so about 5% of the text, spread evenly through every
+source, is held out.
+
+Tokens are bytes (vocabulary 256). Training batches are a pure function of
+``(seed, step, micro-step)`` (:meth:`ByteData.batch`), so a resumed run needs only the
+step to continue on the same data. Validation windows are fixed (:meth:`ByteData.eval_windows`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = [
+    "SECTION_BYTES",
+    "VAL_EVERY",
+    "TextCorpus",
+    "ByteData",
+    "data_dir",
+    "corpus_dir",
+    "split_text",
+    "embedded_corpus",
+    "fetch_corpus",
+    "load_corpus",
+    "bits_per_byte",
+    "encode",
+    "decode",
+]
+
+SECTION_BYTES = 4096
+VAL_EVERY = 20
+_CORPUS_FILES = ("train.txt", "val.txt", "manifest.json")
+# Debian packages: (package, what it contributes). bible-kjv holds only the decoder program.
+_PACKAGES = ("bible-kjv", "bible-kjv-text", "jargon-text")
+
+
+# ----------------------------------------------------------------------------------------
+# Locations
+# ----------------------------------------------------------------------------------------
+
+
+def data_dir() -> Path:
+    """``$FLOPWISE_DATA``, else ``$XDG_CACHE_HOME/flopwise``, else ``~/.cache/flopwise``."""
+    env = os.environ.get("FLOPWISE_DATA")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flopwise"
+
+
+def corpus_dir() -> Path:
+    """Where :func:`fetch_corpus` writes and :func:`load_corpus` looks: ``data_dir()/corpus``."""
+    return data_dir() / "corpus"
+
+
+# ----------------------------------------------------------------------------------------
+# Text, split, encoding
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextCorpus:
+    """Train and validation text as UTF-8 bytes, with a one-line description of the source."""
+
+    name: str
+    train: bytes
+    val: bytes
+    description: str
+
+    def __post_init__(self):
+        if not isinstance(self.train, bytes) or not isinstance(self.val, bytes):
+            raise TypeError("train and val must be bytes")
+        if not self.train or not self.val:
+            raise ValueError(f"corpus {self.name!r}: train and val must both be non-empty")
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of train then val: one checksum for the exact text trained and evaluated on."""
+        return hashlib.sha256(self.train + self.val).hexdigest()
+
+
+def split_text(text: str, *, section_bytes: int = SECTION_BYTES, val_every: int = VAL_EVERY) -> tuple[str, str]:
+    """The fixed split: consecutive paragraphs are grouped into sections of at least
+    ``section_bytes`` UTF-8 bytes; section ``j`` is validation iff ``j % val_every ==
+    val_every - 1``. Returns ``(train, val)``; paragraphs keep their order in each."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if section_bytes < 1 or val_every < 2:
+        raise ValueError(f"section_bytes must be >= 1 and val_every >= 2, got {section_bytes}, {val_every}")
+    train, val, section, size, j = [], [], [], 0, 0
+    for para in re.split(r"\n\s*\n", text):
+        para = para.strip("\n")
+        if not para.strip():
+            continue
+        section.append(para)
+        size += len(para.encode("utf-8")) + 2
+        if size >= section_bytes:
+            (val if j % val_every == val_every - 1 else train).append("\n\n".join(section))
+            section, size, j = [], 0, j + 1
+    if section:
+        (val if j % val_every == val_every - 1 else train).append("\n\n".join(section))
+    return "\n\n".join(train) + "\n", "\n\n".join(val) + "\n"
+
+
+def embedded_corpus() -> TextCorpus:
+    """Python's reference-manual topics (``pydoc_data.topics``, shipped with CPython): real
+    English prose, no network needed. Topics in sorted order, then :func:`split_text`."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k].strip() for k in sorted(topics))
+    train, val = split_text(text)
+    return TextCorpus("python-docs", train.encode("utf-8"), val.encode("utf-8"),
+                      "Python reference manual topics (pydoc_data.topics, embedded in the standard library)")
+
+
+def encode(text: str) -> torch.Tensor:
+    """UTF-8 bytes of ``text`` as int64 token ids ``[N]`` (vocabulary 256)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def decode(tokens) -> str:
+    """Token ids (bytes) back to text; invalid UTF-8 (a cut multi-byte character) is replaced."""
+    ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+    return bytes(int(t) & 0xFF for t in ids).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------------------
+# The corpus: fetch from Debian packages, load
+# ----------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], cwd: str | None = None) -> str:
+    try:
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise RuntimeError(f"{cmd[0]} not found: fetching the corpus needs a Debian-based system "
+                           "(apt-get, dpkg-deb)") from None
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-500:]}")
+    return res.stdout
+
+
+def _clean_kjv(raw: str) -> str:
+    """``bible`` prints ``Genesis 1`` headings and ``  1 In the beginning ...`` verses; the
+    verse numbers are dropped (digits a byte model would only learn to count)."""
+    lines = [re.sub(r"^\s*\d+ ", "", line).rstrip() for line in raw.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def _clean_jargon(raw: str) -> str:
+    """Drop the box-drawing table lines and the three-space indent; keep the prose."""
+    lines = [line.strip() for line in raw.splitlines() if not re.search("[\u2500-\u257f]", line)]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def fetch_corpus(dest: str | os.PathLike | None = None, *, force: bool = False,
+                 log: Callable[[str], None] = print) -> dict:
+    """Download the Debian packages, extract the text, split it and cache it in ``dest``
+    (default :func:`corpus_dir`). Needs ``apt-get`` (``apt-get download`` works without
+    root) and ``dpkg-deb``; nothing is installed. Written atomically (a temporary folder
+    renamed into place). Returns the manifest (also ``dest/manifest.json``)."""
+    dest = Path(dest) if dest is not None else corpus_dir()
+    if dest.exists() and not force and all((dest / f).exists() for f in _CORPUS_FILES):
+        log(f"corpus already at {dest} (force=True to fetch again)")
+        return json.loads((dest / "manifest.json").read_text())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as work:
+        versions = {}
+        for pkg in _PACKAGES:
+            log(f"apt-get download {pkg}")
+            try:
+                _run(["apt-get", "download", pkg], cwd=work)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n(is the package list current? `apt-get update` first)") from None
+        root = os.path.join(work, "root")
+        for deb in sorted(Path(work).glob("*.deb")):
+            _run(["dpkg-deb", "-x", str(deb), root])
+            pkg, version = deb.name.split("_")[:2]
+            versions[pkg] = version.replace("%3a", ":")
+        missing = [p for p in _PACKAGES if p not in versions]
+        if missing:
+            raise RuntimeError(f"apt-get download did not produce {missing}")
+        kjv = _run([os.path.join(root, "usr/bin/bible"), "-l100000", "-p", os.path.join(root, "usr/lib"),
+                    "gen1:1-rev22:21"])
+        import gzip
+
+        with gzip.open(os.path.join(root, "usr/share/doc/jargon-text/jargon.txt.gz"), "rt", encoding="utf-8") as f:
+            jargon = f.read()
+        sources = [("King James Bible", "bible-kjv-text", _clean_kjv(kjv)),
+                   ("The Jargon File 4.4.7", "jargon-text", _clean_jargon(jargon))]
+        train_parts, val_parts, manifest_sources = [], [], []
+        for title, pkg, text in sources:
+            tr, va = split_text(text)
+            train_parts.append(tr)
+            val_parts.append(va)
+            manifest_sources.append({"title": title, "package": pkg, "version": versions[pkg],
+                                     "bytes": len(text.encode("utf-8"))})
+        train = "\n".join(train_parts).encode("utf-8")
+        val = "\n".join(val_parts).encode("utf-8")
+        out = Path(work) / "corpus"
+        out.mkdir()
+        (out / "train.txt").write_bytes(train)
+        (out / "val.txt").write_bytes(val)
+        manifest = {
+            "name": "kjv+jargon",
+            "sources": manifest_sources,
+            "decoder": {"package": "bible-kjv", "version": versions["bible-kjv"]},
+            "split": f"sections of >= {SECTION_BYTES} bytes at paragraph breaks, every {VAL_EVERY}th "
+                     f"(j % {VAL_EVERY} == {VAL_EVERY - 1}) is validation, per source",
+            "train_bytes": len(train),
+            "val_bytes": len(val),
+            "sha256": hashlib.sha256(train + val).hexdigest(),
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if dest.exists():
+            old = Path(work) / "old"
+            os.replace(dest, old)
+        os.replace(out, dest)
+    log(f"corpus: {dest} train {len(train):,} B, val {len(val):,} B, sha256 {manifest['sha256']}")
+    return manifest
+
+
+def load_corpus(path: str | os.PathLike | None = None) -> TextCorpus:
+    """The text to train on.
+
+    * ``None``: the fetched corpus in :func:`corpus_dir` when present, else the embedded
+      default (:func:`embedded_corpus`).
+    * ``"embedded"``: the embedded default.
+    * a folder holding ``train.txt`` and ``val.txt`` (what :func:`fetch_corpus` writes).
+    * a UTF-8 text file: split with :func:`split_text`.
+    """
+    if path is None:
+        d = corpus_dir()
+        if (d / "train.txt").exists() and (d / "val.txt").exists():
+            return load_corpus(d)
+        return embedded_corpus()
+    if str(path) == "embedded":
+        return embedded_corpus()
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not ((p / "train.txt").exists() and (p / "val.txt").exists()):
+            raise FileNotFoundError(f"corpus folder {p} has no train.txt and val.txt (run `flopwise data fetch`)")
+        desc, name = f"text in {p}", p.name
+        if (p / "manifest.json").exists():
+            m = json.loads((p / "manifest.json").read_text())
+            name = m.get("name", name)
+            desc = " + ".join(f"{s['title']} (Debian {s['package']} {s['version']})" for s in m.get("sources", [])) \
+                or desc
+        return TextCorpus(name, (p / "train.txt").read_bytes(), (p / "val.txt").read_bytes(), desc)
+    if p.is_file():
+        train, val = split_text(p.read_text(encoding="utf-8"))
+        return TextCorpus(p.stem, train.encode("utf-8"), val.encode("utf-8"), f"{p} (fixed section split)")
+    raise FileNotFoundError(f"corpus not found: {p}")
+
+
+# ----------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------
+
+
+class ByteData:
+    """Train/validation bytes as uint8 tensors, with deterministic batches.
+
+    ``batch(step, micro, batch_size, seq_len)`` draws ``batch_size`` random windows of
+    ``seq_len + 1`` bytes from the training text with a generator seeded from
+    ``(seed, step, micro)``: no hidden state, so resuming at ``step`` replays the same data.
+    """
+
+    def __init__(self, corpus: TextCorpus, *, seed: int = 0):
+        if not isinstance(corpus, TextCorpus):
+            raise TypeError(f"corpus must be a TextCorpus, got {type(corpus).__name__}")
+        self.corpus = corpus
+        self.seed = int(seed)
+        self.train = torch.frombuffer(bytearray(corpus.train), dtype=torch.uint8)
+        self.val = torch.frombuffer(bytearray(corpus.val), dtype=torch.uint8)
+
+    def batch(self, step: int, micro: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [B, S], targets [B, S])`` int64, targets shifted by one byte."""
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        n = self.train.numel() - seq_len - 1
+        if n < 1:
+            raise ValueError(f"training text ({self.train.numel()} B) is shorter than seq_len + 1 = {seq_len + 1}")
+        # One generator per (seed, step, micro): a large odd multiplier keeps the streams apart.
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + micro)
+        starts = torch.randint(0, n + 1, (batch_size,), generator=g)
+        win = self.train[starts[:, None] + torch.arange(seq_len + 1)].long()
+        return win[:, :-1], win[:, 1:]
+
+    def eval_windows(self, seq_len: int, batch_size: int, max_tokens: int | None = None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive non-overlapping validation windows (the first ``max_tokens`` predicted
+        bytes, rounded down to whole windows; at least one window), in batches."""
+        per = seq_len
+        n_windows = (self.val.numel() - 1) // per
+        if n_windows < 1:
+            raise ValueError(f"validation text ({self.val.numel()} B) is shorter than seq_len + 1 = {seq_len + 1}")
+        if max_tokens is not None:
+            n_windows = max(1, min(n_windows, max_tokens // per))
+        starts = torch.arange(n_windows) * per
+        for i in range(0, n_windows, batch_size):
+            s = starts[i:i + batch_size]
+            win = self.val[s[:, None] + torch.arange(seq_len + 1)].long()
+            yield win[:, :-1], win[:, 1:]
+
+
+def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor, *, bytes_per_token: float = 1.0) -> float:
+    """Cross-entropy of ``targets [..]`` under ``logits [.., V]`` in bits per byte:
+    ``mean nats / ln 2 / bytes_per_token`` (1 for a byte-level model)."""
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not match")
+    if bytes_per_token <= 0:
+        raise ValueError(f"bytes_per_token must be > 0, got {bytes_per_token}")
+    nats = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
+    return float(nats) / math.log(2) / bytes_per_token

@@ -1,0 +1,336 @@
+"""``flopwise demo``: dense vs MoE vs MoD vs MoD+MoE byte-level LMs at matched training FLOPs.
+
+On the corpus (:func:`flopwise.models.data.load_corpus`: the fetched KJV + Jargon File
+corpus when present, else the embedded Python documentation) it trains a small dense
+model, then the variants, each for the same training FLOPs as the dense run (steps x
+tokens per step x ``cfg.flops_per_token(seq_len)``): a variant that is cheaper per token
+(MoD) takes proportionally more steps. It prints one table: parameters, active parameters
+per token, FLOPs per token, steps, tokens/s, MFU (GPU), validation bits per byte and the
+MoD routing-prediction accuracy, then a greedy sample from each model (KV-cache
+generation; MoD layers route causally).
+
+Time: the wall-clock budget (``--budget-s``) is split by measurement, not guessed: a few
+steps of every variant are timed first, and the dense step count is the largest that fits
+the budget once every variant's matched steps are paid for (capped by the preset). Every
+run also has a hard time limit, so a machine that slows down mid-run still finishes; a
+run cut short is marked in the table.
+
+Example::
+
+    from flopwise.models.demo import run_demo
+    result = run_demo()                  # CPU: ~5 minutes on 2 cores; GPU: larger preset
+    print(result.table)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .data import ByteData, TextCorpus, decode, load_corpus
+from .train import TrainConfig, Trainer, active_params, peak_flops
+from .transformer import ModelConfig
+
+__all__ = ["DemoPreset", "DemoRow", "DemoResult", "run_demo", "format_table"]
+
+
+@dataclass
+class DemoPreset:
+    """A demo size. ``base``: the dense ModelConfig fields; ``variants``: name -> overrides
+    of ``base`` (the first one is the FLOPs reference); ``budget_s``: default wall-clock
+    budget for all training; ``max_dense_steps`` / ``min_dense_steps`` bound the dense run
+    (``fixed_dense_steps`` skips the timing and uses exactly that many)."""
+
+    name: str
+    base: dict
+    variants: dict[str, dict]
+    seq_len: int
+    batch_size: int
+    lr: float
+    budget_s: float
+    max_dense_steps: int
+    min_dense_steps: int = 20
+    fixed_dense_steps: int | None = None
+    warmup_frac: float = 0.1
+    eval_tokens: int = 65536
+    sample_bytes: int = 64
+
+    @classmethod
+    def preset(cls, name: str) -> "DemoPreset":
+        """``"cpu"`` (d=128, 4 layers, S=256, 8 sequences a step: dense reaches ~2.2 bpb
+        on the corpus after ~300 steps, about 1.5 minutes of one CPU core; batch 8 beats
+        batch 16 at equal tokens here, 2.24 vs 2.54 bpb at 655k bytes), ``"gpu"`` (d=512, 8 layers, S=512),
+        ``"smoke"`` (a few seconds; tests)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown demo preset {name!r}; choose from {sorted(_PRESETS)}")
+        return _PRESETS[name]()
+
+
+def _variants(d_ff: int, experts: int = 4, top_k: int = 2) -> dict[str, dict]:
+    # MoE: experts of d_ff / top_k, so top_k active experts cost what the dense MLP costs
+    # (matched FLOPs per token, top_k x ... more parameters). MoD: the paper's best
+    # setting, every other block at capacity 0.125.
+    moe = dict(mlp="moe", moe_n_experts=experts, moe_top_k=top_k, moe_d_ff=d_ff // top_k)
+    mod = dict(routing="every_other", mod_capacity=0.125)
+    return {"dense": {}, "moe": moe, "mod": mod, "mod+moe": {**moe, **mod}}
+
+
+_PRESETS: dict[str, Callable[[], DemoPreset]] = {
+    "cpu": lambda: DemoPreset("cpu", dict(d_model=128, n_layers=4, n_heads=4, d_ff=344, max_seq_len=256),
+                              _variants(344), seq_len=256, batch_size=8, lr=3e-3, budget_s=360.0,
+                              max_dense_steps=400, min_dense_steps=150),
+    "gpu": lambda: DemoPreset("gpu", dict(d_model=512, n_layers=8, n_heads=8, d_ff=1408, max_seq_len=512,
+                                          pad_to_multiple_of=64),
+                              _variants(1408, experts=8), seq_len=512, batch_size=64, lr=2e-3, budget_s=480.0,
+                              max_dense_steps=2000, min_dense_steps=200),
+    "smoke": lambda: DemoPreset("smoke", dict(d_model=32, n_layers=2, n_heads=2, d_ff=96, max_seq_len=64),
+                                _variants(96), seq_len=64, batch_size=4, lr=1e-2, budget_s=30.0,
+                                max_dense_steps=12, min_dense_steps=12, fixed_dense_steps=12, eval_tokens=1024,
+                                sample_bytes=16),
+}
+
+
+@dataclass
+class DemoRow:
+    """One trained model of the demo."""
+
+    name: str
+    params: int
+    active_params: float
+    flops_per_token: float
+    steps: int
+    planned_steps: int
+    tokens: int
+    flops: float
+    tokens_per_s: float
+    mfu: float | None
+    val_bpb: float
+    val_bpb_topk: float | None
+    mod_predictor_acc: float | None
+    first_loss: float
+    last_loss: float
+    seconds: float
+    sample: str = ""
+
+    @property
+    def cut(self) -> bool:
+        return self.steps < self.planned_steps
+
+
+@dataclass
+class DemoResult:
+    rows: list[DemoRow]
+    corpus: str
+    device: str
+    preset: str
+    seconds: float
+    table: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _fmt_n(x: float) -> str:
+    for unit, s in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= s:
+            return f"{x / s:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_table(rows: list[DemoRow]) -> str:
+    """The demo table (fixed-width text)."""
+    head = ("model", "params", "active", "FLOPs/tok", "steps", "train FLOPs", "tok/s", "MFU", "val bpb",
+            "bpb top-k", "MoD acc")
+    lines = []
+    for r in rows:
+        lines.append((
+            r.name, _fmt_n(r.params), _fmt_n(r.active_params), _fmt_n(r.flops_per_token),
+            f"{r.steps}" + ("*" if r.cut else ""), f"{r.flops:.3g}", _fmt_n(r.tokens_per_s),
+            "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%", f"{r.val_bpb:.3f}",
+            "-" if r.val_bpb_topk is None else f"{r.val_bpb_topk:.3f}",
+            "-" if r.mod_predictor_acc is None else f"{100 * r.mod_predictor_acc:.1f}%"))
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, lines)])
+
+
+def _model_cfg(p: DemoPreset, name: str) -> ModelConfig:
+    return ModelConfig(**{**p.base, **p.variants[name]})
+
+
+def _train_cfg(p: DemoPreset, steps: int, device: str, time_limit: float | None) -> TrainConfig:
+    return TrainConfig(seq_len=p.seq_len, batch_size=p.batch_size, max_steps=steps, lr=p.lr,
+                       warmup_steps=max(1, int(p.warmup_frac * steps)), eval_tokens=p.eval_tokens,
+                       log_every=max(1, steps // 10), device=device, time_budget_s=time_limit)
+
+
+def _prompt(text: TextCorpus, n: int = 24) -> str:
+    """The first ``n`` characters of the first validation line that starts with a letter
+    and is long enough (a sentence start, not indentation)."""
+    for line in text.val.decode("utf-8", errors="replace").splitlines():
+        if len(line) >= n + 8 and line[0].isalpha():
+            return line[:n]
+    return text.val[:n].decode("utf-8", errors="replace")
+
+
+def _time_steps(p: DemoPreset, name: str, data: ByteData, device: str) -> float:
+    """Seconds per optimizer step of variant ``name`` (the faster of 2 after one warm-up step)."""
+    t = Trainer(_model_cfg(p, name), _train_cfg(p, 100, device, None), data, progress=False)
+    t.train_step()
+    times = []
+    for _ in range(2):
+        if t.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        t.train_step()
+        if t.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run_demo(corpus: str | TextCorpus | None = None, *, preset: str | DemoPreset | None = None,
+             budget_s: float | None = None, dense_steps: int | None = None, out_dir: str | None = None,
+             device: str = "auto", threads: int | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> DemoResult:
+    """Train the preset's variants at matched FLOPs and return the table.
+
+    Args:
+        corpus: a path for :func:`load_corpus`, a :class:`TextCorpus`, ``"embedded"`` or
+            None (the fetched corpus if present, else the embedded text).
+        preset: ``"cpu"``, ``"gpu"``, ``"smoke"`` or a :class:`DemoPreset`; None picks by device.
+        budget_s: wall-clock seconds for all training (default: the preset's).
+        dense_steps: fix the dense step count (skips the timing; runs are then reproducible).
+        out_dir: save each model's checkpoint to ``out_dir/<variant>`` (``mod+moe`` ->
+            ``mod_moe``), ready for ``flopwise generate``.
+        threads: CPU threads for torch; None times a dense step with all threads and with
+            one and keeps the faster (on a loaded machine one thread can be several times
+            faster than two that wait for each other). Restored on return.
+        progress: progress lines on stderr; log: where the table and notes go (print).
+    """
+    log = log or (lambda s: print(s, flush=True))
+    t_start = time.perf_counter()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if preset is None:
+        preset = "gpu" if dev.type == "cuda" else "cpu"
+    p = DemoPreset.preset(preset) if isinstance(preset, str) else preset
+    if not isinstance(p, DemoPreset):
+        raise TypeError(f"preset must be a name or a DemoPreset, got {type(preset).__name__}")
+    if budget_s is not None and not budget_s > 0:
+        raise ValueError(f"budget_s must be > 0, got {budget_s}")
+    if dense_steps is not None and (isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 1):
+        raise ValueError(f"dense_steps must be an int >= 1, got {dense_steps!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    budget = budget_s if budget_s is not None else p.budget_s
+    old_threads = torch.get_num_threads()
+    try:
+        return _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progress, log, t_start)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _pick_threads(p: DemoPreset, data: ByteData, dev: torch.device) -> tuple[int, str]:
+    n_all = torch.get_num_threads()
+    if dev.type != "cpu" or n_all == 1:
+        return n_all, ""
+    times = {}
+    for n in (n_all, 1):
+        torch.set_num_threads(n)
+        times[n] = _time_steps(p, next(iter(p.variants)), data, str(dev))
+    best = min(times, key=times.get)
+    return best, (f"threads: {best} ({', '.join(f'{n}: {1000 * t:.0f} ms/step' for n, t in times.items())})")
+
+
+def _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progress, log, t_start) -> DemoResult:
+    text = corpus if isinstance(corpus, TextCorpus) else load_corpus(corpus)
+    data = ByteData(text, seed=0)
+    log(f"corpus: {text.description}: train {len(text.train):,} B, val {len(text.val):,} B, "
+        f"sha256 {text.sha256[:16]}")
+    if corpus is None and text.name == "python-docs":
+        log("  (the embedded default; `flopwise data fetch` caches the 5.6 MB KJV + Jargon File corpus)")
+    names = list(p.variants)
+    ref = names[0]
+    fpt = {n: _model_cfg(p, n).flops_per_token(p.seq_len) for n in names}
+    ratio = {n: fpt[ref] / fpt[n] for n in names}  # steps per dense step at equal FLOPs
+    notes = []
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif dev.type == "cpu":
+        n, note = _pick_threads(p, data, dev)
+        torch.set_num_threads(n)
+        if note:
+            notes.append(note)
+    timed = dense_steps is None and p.fixed_dense_steps is None
+    weight = dict(ratio)  # relative wall time of each run (refined by timing below)
+    if timed:
+        t_cal = time.perf_counter()
+        sec = {n: _time_steps(p, n, data, str(dev)) for n in names}
+        weight = {n: ratio[n] * sec[n] for n in names}
+        cost_per_dense_step = sum(weight.values())
+        remaining = budget - (time.perf_counter() - t_cal)
+        # ~90% of what remains trains; evaluation and sampling take the rest.
+        fit = int(0.9 * remaining / cost_per_dense_step)
+        dense_steps = max(p.min_dense_steps, min(p.max_dense_steps, fit))
+        notes.append(f"timing: " + ", ".join(f"{n} {1000 * sec[n]:.0f} ms/step" for n in names)
+                     + f" -> {dense_steps} dense steps fit {budget:.0f} s")
+    elif dense_steps is None:
+        dense_steps = p.fixed_dense_steps
+    plan = {n: max(1, round(dense_steps * ratio[n])) for n in names}
+    log(f"device {dev}, preset {p.name}: dense {dense_steps} steps x {p.batch_size} x {p.seq_len} bytes; "
+        "variants at the same training FLOPs: " + ", ".join(f"{n} {plan[n]}" for n in names[1:]))
+    # A hard time limit applies unless the step count was fixed without a budget.
+    hard_limit = timed or budget_s is not None
+    rows = []
+    prompt = _prompt(text)
+    for i, n in enumerate(names):
+        # Hard limit: this run's share of what is left, with some slack (a slowed-down
+        # machine still finishes; the row is then marked as cut).
+        left = max(1.0, budget - (time.perf_counter() - t_start))
+        limit = 1.25 * left * weight[n] / sum(weight[m] for m in names[i:]) if hard_limit else None
+        trainer = Trainer(_model_cfg(p, n), _train_cfg(p, plan[n], str(dev), limit), data, progress=progress,
+                          label=f"{n:8s} ")
+        res = trainer.fit()
+        topk = trainer.evaluate(causal=False)["val_bpb"] if trainer.model_cfg.n_mod_layers else None
+        acc = res.metrics.get("mod_predictor_acc")
+        sample = ""
+        if p.sample_bytes:
+            ids = torch.tensor([list(prompt.encode("utf-8"))], device=trainer.device)
+            out = trainer.model.generate(ids, p.sample_bytes, temperature=0.7, top_k=10, seed=0)
+            sample = decode(out[0, ids.shape[1]:].cpu())
+        if out_dir:
+            trainer.save(f"{out_dir}/{n.replace('+', '_')}")
+        rows.append(DemoRow(
+            name=n, params=trainer.model.num_parameters(), active_params=active_params(trainer.model),
+            flops_per_token=fpt[n], steps=res.steps, planned_steps=plan[n], tokens=res.tokens, flops=res.flops,
+            tokens_per_s=res.tokens_per_s, mfu=res.mfu, val_bpb=res.val_bpb, val_bpb_topk=topk,
+            mod_predictor_acc=acc, first_loss=res.losses[0], last_loss=res.losses[-1], seconds=res.seconds,
+            sample=sample))
+    seconds = time.perf_counter() - t_start
+    table = format_table(rows)
+    dense_flops = rows[0].flops
+    notes += [
+        f"matched FLOPs: every model trains for the dense run's {dense_flops:.3g} FLOPs "
+        f"(steps x {p.batch_size * p.seq_len} bytes x FLOPs/token at S={p.seq_len}, forward + backward); "
+        "cheaper models take more steps",
+        "active = parameters a byte uses on average (MoE: top-k of the experts; MoD: capacity x the routed "
+        "blocks); val bpb: held-out bytes, MoD routing causal as in generation; bpb top-k: MoD with "
+        "training-time top-k routing (sees the whole window); MoD acc: causal routing decision vs top-k",
+    ]
+    if peak_flops(dev) is None:
+        notes.append(f"MFU: n/a on {dev.type} (no bf16 tensor-core peak to compare against)")
+    if any(r.cut for r in rows):
+        notes.append("*: stopped by the time limit before its matched step count (fewer FLOPs than dense)")
+    log("")
+    log(table)
+    for note in notes:
+        log(f"  {note}")
+    log(f"samples (temperature 0.7, top-10, seed 0; prompt {prompt!r}):")
+    for r in rows:
+        log(f"  {r.name:8s} {r.sample!r}")
+    log(f"corpus: {text.name}; total {seconds:.0f} s")
+    return DemoResult(rows, text.name, str(dev), p.name, seconds, table, notes)

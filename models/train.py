@@ -1,0 +1,569 @@
+"""Training loop for :class:`~flopwise.models.Transformer` byte-level language models.
+
+AdamW (no weight decay on vectors: norms, biases), linear warmup then cosine decay to
+``min_lr_ratio * lr``, global gradient-norm clipping, gradient accumulation, bf16 autocast
+on CUDA (fp32 master weights), periodic validation in bits per byte, checkpoints
+(:mod:`flopwise.models.checkpoint`) with exact resume.
+
+Exact resume: batches are a pure function of ``(seed, step, micro-step)``
+(:meth:`~flopwise.models.data.ByteData.batch`), the learning rate a pure function of the
+step, and a checkpoint holds the fp32 weights, the AdamW moments and step, and the global
+RNG states. So on a deterministic device a run stopped at step k and resumed computes
+bit-for-bit the losses an uninterrupted run computes from step k on.
+
+Example::
+
+    from flopwise.models import ModelConfig
+    from flopwise.models.train import TrainConfig, Trainer
+    from flopwise.models.data import load_corpus
+
+    trainer = Trainer(ModelConfig.preset("m1"), TrainConfig(max_steps=500, out_dir="runs/m1"),
+                      load_corpus())
+    result = trainer.fit()             # progress bar: loss, tokens/s, MFU; evals; checkpoints
+    result.val_bpb
+    trainer = Trainer.resume("runs/m1/last", load_corpus())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import load_checkpoint, load_optimizer_tensors, rng_state, save_checkpoint, set_rng_state
+from .data import ByteData, TextCorpus, load_corpus
+from .transformer import ModelConfig, Transformer
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "lr_at", "peak_flops", "active_params", "load_run_config",
+           "Progress"]
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+_DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Attributes:
+    seq_len: bytes per training sequence; batch_size: sequences per micro-batch;
+        grad_accum: micro-batches per optimizer step (tokens per step =
+        ``seq_len * batch_size * grad_accum``).
+    max_steps: optimizer steps (the cosine schedule ends here).
+    lr, min_lr_ratio, warmup_steps: peak learning rate, the floor as a fraction of it, and
+        linear warmup steps (see :func:`lr_at`).
+    weight_decay, beta1, beta2, eps: AdamW; decay applies to matrices only.
+    grad_clip: global L2 norm to clip to (0: no clipping; the norm is still reported).
+    eval_every: validation every this many steps (0: only at the end); eval_tokens: bytes
+        of validation text predicted per evaluation (None: all of it).
+    log_every: progress-line interval in steps (on a terminal the bar redraws every step).
+    save_every: checkpoint to ``out_dir/last`` every this many steps (0: only at the end);
+        out_dir: None writes no checkpoints.
+    seed: model initialisation and data order.
+    device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
+    dtype: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
+    compile: wrap the model in ``torch.compile``.
+    time_budget_s: stop training after this many seconds (checked between steps).
+    """
+
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    eval_tokens: int | None = 65536
+    log_every: int = 10
+    save_every: int = 0
+    out_dir: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    time_budget_s: float | None = None
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0 and eps > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"TrainConfig betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.eval_tokens is not None and (isinstance(self.eval_tokens, bool) or self.eval_tokens < 1):
+            raise ValueError(f"TrainConfig.eval_tokens must be None or >= 1, got {self.eval_tokens!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"TrainConfig.time_budget_s must be None or > 0, got {self.time_budget_s}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Unknown keys raise ValueError naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): ``lr * (step + 1) / warmup`` for
+    the first ``warmup_steps`` steps, then a cosine from ``lr`` down to
+    ``min_lr_ratio * lr`` at ``max_steps``, flat after that."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    span = cfg.max_steps - cfg.warmup_steps
+    if span <= 0 or step >= cfg.max_steps:
+        return floor if step >= cfg.max_steps else cfg.lr
+    progress = (step - cfg.warmup_steps) / span
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def load_run_config(spec: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
+    """``(ModelConfig, TrainConfig)`` from a preset name or a JSON/TOML file.
+
+    A preset name (``tiny``, ``m1``, ``small``, ...) gives that model with the default
+    TrainConfig (``seq_len`` capped at the model's ``max_seq_len``). A file holds::
+
+        {"model": "m1"  |  {"preset": "m1", "mod": "every_other", ...ModelConfig fields},
+         "train": {...TrainConfig fields}}
+    """
+    spec = str(spec)
+    p = Path(spec)
+    if not p.exists() and p.suffix not in (".json", ".toml"):
+        mc = ModelConfig.preset(spec)
+        return mc, TrainConfig(seq_len=min(TrainConfig.seq_len, mc.max_seq_len))
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise ValueError("TOML configs need Python >= 3.11 (tomllib); use JSON") from None
+        raw = tomllib.loads(p.read_text())
+    else:
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"corrupt config {p}: {exc}") from None
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise ValueError(f"config {p} must be an object with a 'model' entry (and optionally 'train')")
+    unknown = sorted(set(raw) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"config {p}: unknown top-level keys {unknown} (expected 'model', 'train')")
+    m = raw["model"]
+    if isinstance(m, str):
+        mc = ModelConfig.preset(m)
+    elif isinstance(m, dict):
+        m = dict(m)
+        preset = m.pop("preset", None)
+        mod = m.pop("mod", None)
+        mc = ModelConfig.preset(preset, mod=mod, **m) if preset else ModelConfig.from_dict(
+            {**m, **({"routing": mod} if mod is not None else {})})
+    else:
+        raise TypeError(f"config {p}: 'model' must be a preset name or an object")
+    tc = TrainConfig.from_dict(raw.get("train", {}))
+    return mc, tc
+
+
+# ----------------------------------------------------------------------------------------
+# Throughput accounting
+# ----------------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (spec sheets, FLOP/s). Used for MFU; BASELINES.md's measured
+# H100 GEMM rate (774e12) is a tighter ceiling, the spec is the convention MFU uses.
+_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12),
+              ("4090", 165e12))
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device`` from a table of data-centre GPUs, or None
+    (CPUs, unknown GPUs: MFU is then reported as n/a rather than against a guess)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _PEAK_BF16:
+        if key in name:
+            return peak
+    return None
+
+
+def active_params(model: Transformer) -> float:
+    """Parameters a token uses on average in the forward pass: an MoE layer counts
+    ``top_k`` of its ``n_experts`` experts (expert choice: ``capacity_factor``), a MoD
+    block counts ``mod_capacity`` of its block parameters (its router and predictor in
+    full). The embedding counts once (the lookup is not a matmul; the tied head uses it)."""
+    cfg = model.cfg
+    total = 0.0
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        frac = 1.0
+        if parts[0] == "layers":
+            i = int(parts[1])
+            if cfg.routing[i] == "mod" and parts[2] == "block":
+                frac *= cfg.mod_capacity
+            if cfg.mlp[i] == "moe" and "mlp" in parts and parts[-1] in ("w_gate", "w_up", "w_down"):
+                frac *= cfg.moe_experts_per_token / cfg.moe_n_experts
+        total += frac * p.numel()
+    return total
+
+
+# ----------------------------------------------------------------------------------------
+# Progress display
+# ----------------------------------------------------------------------------------------
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _hms(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """One status line per update: a bar, step, loss, tokens/s, MFU, lr, last val bpb and
+    ETA. On a terminal it redraws in place; otherwise it prints every ``log_every`` steps
+    (logs stay readable)."""
+
+    def __init__(self, total: int, *, label: str = "", stream=None, log_every: int = 10, enabled: bool = True):
+        self.total, self.label, self.log_every, self.enabled = total, label, log_every, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.val_bpb: float | None = None
+
+    def update(self, step: int, m: dict, *, start_step: int = 0) -> None:
+        if not self.enabled:
+            return
+        last = step >= self.total
+        if not self.tty and not last and step % self.log_every:
+            return
+        mfu = m.get("mfu")
+        frac = step / max(self.total, 1)
+        width = 20
+        bar = "#" * int(width * frac) + "." * (width - int(width * frac))
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(step - start_step, 1) * (self.total - step)
+        line = (f"{self.label}[{bar}] {step}/{self.total} loss {m['loss']:.4f} "
+                f"| {_si(m['tokens_per_s'])} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} "
+                f"| lr {m['lr']:.2e}")
+        if self.val_bpb is not None:
+            line += f" | val bpb {self.val_bpb:.3f}"
+        line += f" | {_hms(elapsed)}<{_hms(eta)}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if last else "\x1b[K"))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(("\r\x1b[K" if self.tty else "") + f"{self.label}{text}\n")
+            self.stream.flush()
+
+
+# ----------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """Summary of a :meth:`Trainer.fit` call. ``losses``: the LM loss (nats/byte) of every
+    step run in this call; ``evals``: ``(step, val_bpb)`` pairs; ``tokens_per_s``: training
+    throughput (evaluation excluded); ``flops``: training FLOPs of the steps run
+    (``cfg.flops_per_token(seq_len)`` per token)."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    flops: float
+    mfu: float | None
+    losses: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    val_bpb: float | None = None
+    metrics: dict = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Owns the model, the optimizer, the data and the step counter.
+
+    Args:
+        model_cfg: the model to build (initialised from ``cfg.seed``).
+        cfg: the :class:`TrainConfig`.
+        data: a :class:`~flopwise.models.data.ByteData`, a
+            :class:`~flopwise.models.data.TextCorpus` or None (:func:`load_corpus`'s default).
+        progress: show the progress line (stderr).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig | None = None, data: ByteData | TextCorpus | None = None,
+                 *, progress: bool = True, label: str = ""):
+        if not isinstance(model_cfg, ModelConfig):
+            raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
+        cfg = cfg or TrainConfig()
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        if cfg.seq_len > model_cfg.max_seq_len:
+            raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+        if model_cfg.vocab_size < 256:
+            raise ValueError(f"byte-level training needs vocab_size >= 256, got {model_cfg.vocab_size}")
+        self.cfg = cfg
+        self.device = _resolve_device(cfg.device)
+        if data is None:
+            data = load_corpus()
+        self.data = data if isinstance(data, ByteData) else ByteData(data, seed=cfg.seed)
+        self.show_progress, self.label = progress, label
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(model_cfg).to(self.device)
+        self._fwd = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = self._make_optimizer()
+        self.step = 0
+        self.tokens_seen = 0
+        self.amp = self.device.type == "cuda" and cfg.dtype in ("auto", "bf16") or cfg.dtype == "bf16"
+        self.flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
+        self.peak = peak_flops(self.device)
+
+    # ------------------------------------------------------------------ set-up
+    def _make_optimizer(self) -> torch.optim.AdamW:
+        # Matrices (and the embedding) decay; vectors (norm gains, biases) do not: decaying a
+        # gain towards 0 only fights the normalisation it scales.
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        kwargs = dict(lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps)
+        if self.device.type == "cuda":
+            kwargs["fused"] = True
+        return torch.optim.AdamW(groups, **kwargs)
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches. Returns the metrics:
+        ``loss`` (LM loss, nats/byte, mean over micro-batches), ``total_loss`` (with the
+        auxiliary losses), ``grad_norm`` (before clipping), ``lr`` and the model's aux
+        means (e.g. ``mod_predictor_acc``)."""
+        cfg = self.cfg
+        self.model.train()
+        lr = lr_at(self.step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        # Metrics stay on the device until the step is done: one host sync per step, not
+        # one per micro-batch, keeps the GPU queue full.
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            x, y = self.data.batch(self.step, micro, cfg.batch_size, cfg.seq_len)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self._fwd(x, y)
+            # Equal micro-batches: the mean of their means is the big batch's mean.
+            (out.loss / cfg.grad_accum).backward()
+            parts = {"loss": out.aux["lm_loss"], "total_loss": out.loss.detach()}
+            parts.update((k, v) for k, v in out.aux.items() if "." not in k and k not in ("lm_loss", "aux_loss"))
+            for k, v in parts.items():
+                v = v.float() / cfg.grad_accum
+                sums[k] = sums[k] + v if k in sums else v
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += cfg.tokens_per_step
+        metrics = {k: float(v) for k, v in sums.items()}
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
+        return {"step": self.step, "grad_norm": float(norm), "lr": lr, **metrics}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, max_tokens: int | None = -1, *, causal: bool = True) -> dict:
+        """Validation bits per byte over the fixed validation windows.
+
+        ``causal=True`` evaluates in ``eval()`` mode, where MoD layers route causally (the
+        way generation runs); ``causal=False`` keeps training-mode top-k routing, which
+        looks at the whole window. ``max_tokens=-1``: ``cfg.eval_tokens``. Returns
+        ``{"val_bpb", "val_loss", "val_tokens"}`` plus ``mod_predictor_acc`` for MoD models.
+        """
+        if max_tokens == -1:
+            max_tokens = self.cfg.eval_tokens
+        was = self.model.training
+        self.model.train(not causal)
+        nats, n, acc, acc_n = 0.0, 0, 0.0, 0
+        try:
+            for x, y in self.data.eval_windows(self.cfg.seq_len, self.cfg.batch_size, max_tokens):
+                x, y = x.to(self.device), y.to(self.device)
+                with self._autocast():
+                    out = self.model(x, y)
+                nats += float(out.aux["lm_loss"]) * y.numel()
+                n += y.numel()
+                if "mod_predictor_acc" in out.aux:
+                    acc += float(out.aux["mod_predictor_acc"]) * y.numel()
+                    acc_n += y.numel()
+        finally:
+            self.model.train(was)
+        res = {"val_loss": nats / n, "val_bpb": nats / n / math.log(2), "val_tokens": n}
+        if acc_n:
+            res["mod_predictor_acc"] = acc / acc_n
+        return res
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, steps: int | None = None, *, callback: Callable[[dict], None] | None = None) -> TrainResult:
+        """Train until ``cfg.max_steps`` (or ``steps`` more steps, or ``cfg.time_budget_s``),
+        evaluating every ``eval_every`` steps and at the end, checkpointing to
+        ``out_dir/last`` every ``save_every`` steps and at the end (when ``out_dir`` is set).
+        ``callback`` gets each step's metrics."""
+        cfg = self.cfg
+        end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
+        start_step = self.step
+        bar = Progress(cfg.max_steps, label=self.label, log_every=cfg.log_every, enabled=self.show_progress)
+        losses, evals, train_s = [], [], 0.0
+        last: dict = {}
+        t_start = time.perf_counter()
+        stopped = False
+        while self.step < end:
+            if cfg.time_budget_s is not None and time.perf_counter() - t_start > cfg.time_budget_s:
+                stopped = True
+                bar.note(f"time budget {cfg.time_budget_s:g} s reached at step {self.step}")
+                break
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            # The first step of a call pays for warm-up (allocator, compilation); keep it
+            # out of the throughput when there is more than one step.
+            if self.step - start_step > 1 or end - start_step == 1:
+                train_s += dt
+            counted = max(1, self.step - start_step - (1 if end - start_step > 1 else 0))
+            tps = counted * cfg.tokens_per_step / train_s if train_s > 0 else cfg.tokens_per_step / dt
+            m["tokens_per_s"] = tps
+            m["mfu"] = tps * self.flops_per_token / self.peak if self.peak else None
+            losses.append(m["loss"])
+            last = m
+            if callback is not None:
+                callback(m)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
+                ev = self.evaluate()
+                evals.append((self.step, ev["val_bpb"]))
+                bar.val_bpb = ev["val_bpb"]
+            bar.update(self.step, m, start_step=start_step)
+            if cfg.out_dir and cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
+                self.save(Path(cfg.out_dir) / "last")
+        final = self.evaluate() if self.step > start_step or not evals else {}
+        if final:
+            evals.append((self.step, final["val_bpb"]))
+            bar.val_bpb = final["val_bpb"]
+            bar.note(f"step {self.step}: val bpb {final['val_bpb']:.4f} "
+                     f"({final['val_tokens']:,} bytes, causal routing)")
+        if cfg.out_dir:
+            self.save(Path(cfg.out_dir) / "last")
+        n = self.step - start_step
+        tps = last.get("tokens_per_s", 0.0)
+        return TrainResult(
+            steps=n, tokens=n * cfg.tokens_per_step, seconds=time.perf_counter() - t_start, tokens_per_s=tps,
+            flops=n * cfg.tokens_per_step * self.flops_per_token, mfu=last.get("mfu"), losses=losses, evals=evals,
+            val_bpb=evals[-1][1] if evals else None, metrics={**last, **final}, stopped_early=stopped)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        """``trainer_state.json``: step, tokens seen, RNG states, the data position and the
+        TrainConfig (the data order is a function of seed and step, so those two are the
+        position)."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": rng_state(),
+                "data": {"corpus": self.data.corpus.name, "sha256": self.data.corpus.sha256,
+                         "seed": self.data.seed, "next_step": self.step, "next_micro": 0},
+                "train_config": self.cfg.to_dict()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Checkpoint to the folder ``path`` (atomic; see :mod:`flopwise.models.checkpoint`)."""
+        return save_checkpoint(path, self.model, self.optimizer, trainer_state=self.state())
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, data: ByteData | TextCorpus | None = None, *,
+               progress: bool = True, label: str = "", **overrides) -> "Trainer":
+        """A trainer continuing the checkpoint at ``path``: weights, AdamW state, step, RNG
+        states and TrainConfig (``overrides`` change TrainConfig fields, e.g. ``max_steps``
+        or ``out_dir``). A different corpus than the run's is refused (its checksum is in
+        the checkpoint)."""
+        ck = load_checkpoint(path)
+        st = ck.trainer_state
+        if st is None or ck.optimizer is None:
+            raise ValueError(f"{path} is not a resumable checkpoint (needs trainer_state.json and optimizer.safetensors)")
+        cfg = TrainConfig.from_dict({**st["train_config"], **overrides})
+        if data is None:
+            data = load_corpus()
+        corpus = data.corpus if isinstance(data, ByteData) else data
+        if corpus.sha256 != st["data"]["sha256"]:
+            raise ValueError(f"checkpoint {path} was trained on corpus {st['data']['corpus']!r} "
+                             f"(sha256 {st['data']['sha256'][:12]}...), not {corpus.name!r} ({corpus.sha256[:12]}...)")
+        t = cls(ck.config, cfg, data, progress=progress, label=label)
+        t.model.load_state_dict(ck.model.state_dict())
+        load_optimizer_tensors(t.model, t.optimizer, ck.optimizer)
+        t.step, t.tokens_seen = int(st["step"]), int(st["tokens_seen"])
+        set_rng_state(st["rng"])
+        return t

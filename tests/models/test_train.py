@@ -1,0 +1,353 @@
+"""Trainer, schedule, clipping, accumulation, checkpoints, exact resume, bpb, data, CLI.
+
+Text: Python's reference-manual topics shipped with the standard library (real English),
+through :func:`flopwise.models.data.embedded_corpus`. Models are tiny and run the PyTorch
+references (``FLOPWISE_BACKEND=reference``): these tests are about the training loop, the
+kernels have their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from flopwise.models import ModelConfig
+from flopwise.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from flopwise.models.data import (ByteData, TextCorpus, bits_per_byte, decode, embedded_corpus, encode, load_corpus,
+                                  split_text)
+from flopwise.models.train import TrainConfig, Trainer, active_params, load_run_config, lr_at
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.setenv("FLOPWISE_BACKEND", "reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster and never waits on a busy core
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> TextCorpus:
+    return embedded_corpus()
+
+
+def _tc(**kw) -> TrainConfig:
+    base = dict(seq_len=32, batch_size=4, max_steps=8, lr=1e-2, warmup_steps=2, eval_tokens=512, log_every=100)
+    return TrainConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------ schedule and config
+def test_lr_schedule_values():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    assert [lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg) == pytest.approx(1.0)                      # cosine starts at the peak
+    assert lr_at(9, cfg) == pytest.approx(0.1 + 0.45)               # half-way: mid of peak and floor
+    assert lr_at(14, cfg) == pytest.approx(0.1) == lr_at(100, cfg)  # floor at and after max_steps
+    vals = [lr_at(s, cfg) for s in range(4, 15)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    with pytest.raises(ValueError, match="step"):
+        lr_at(-1, cfg)
+
+
+@pytest.mark.parametrize("field,value", [("lr", 0.0), ("batch_size", 0), ("grad_accum", 0), ("dtype", "fp8"),
+                                         ("min_lr_ratio", 2.0), ("warmup_steps", -1), ("eval_tokens", 0)])
+def test_train_config_rejects(field, value):
+    with pytest.raises(ValueError, match=field.split("_")[0]):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_round_trip_and_unknown_keys():
+    cfg = _tc(grad_accum=3)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.tokens_per_step == 32 * 4 * 3
+    with pytest.raises(ValueError, match="lr_max"):
+        TrainConfig.from_dict({"lr_max": 1.0})
+
+
+def test_model_config_dict_round_trip():
+    cfg = ModelConfig.preset("tiny", mod="every_other", mlp=["dense", "moe"], moe_n_experts=4)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert ModelConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match="d_modle"):
+        ModelConfig.from_dict({**d, "d_modle": 3})
+
+
+def test_load_run_config(tmp_path):
+    mc, tc = load_run_config("tiny")
+    assert mc == ModelConfig.preset("tiny") and tc.seq_len <= mc.max_seq_len
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps({"model": {"preset": "tiny", "mod": "every_other"}, "train": {"max_steps": 7}}))
+    mc, tc = load_run_config(p)
+    assert mc.routing == ("all", "mod") and tc.max_steps == 7
+    t = tmp_path / "run.toml"
+    t.write_text('model = "m1"\n[train]\nlr = 0.001\nseq_len = 128\n')
+    mc, tc = load_run_config(t)
+    assert mc.d_model == 256 and tc.lr == 0.001 and tc.seq_len == 128
+    p.write_text(json.dumps({"model": "tiny", "optim": {}}))
+    with pytest.raises(ValueError, match="optim"):
+        load_run_config(p)
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_run_config("no-such-preset")
+
+
+# ------------------------------------------------------------------ data and bpb
+def test_bits_per_byte_known_logits():
+    uniform = torch.zeros(3, 5, 256)
+    assert bits_per_byte(uniform, torch.randint(0, 256, (3, 5))) == pytest.approx(8.0)
+    # Two equally likely bytes, the target one of them: exactly one bit.
+    logits = torch.full((4, 256), -1e4)
+    logits[:, 65] = logits[:, 66] = 3.0
+    assert bits_per_byte(logits, torch.full((4,), 66)) == pytest.approx(1.0)
+    # Two bytes per token halves the bits per byte.
+    assert bits_per_byte(logits, torch.full((4,), 66), bytes_per_token=2) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="match"):
+        bits_per_byte(uniform, torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_split_is_fixed_and_disjoint(corpus):
+    from pydoc_data.topics import topics
+
+    text = topics["if"] + "\n\n" + topics["while"] + "\n\n" + topics["for"]
+    train, val = split_text(text, section_bytes=256, val_every=4)
+    assert (train, val) == split_text(text, section_bytes=256, val_every=4)
+    paras = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+    tr = [p for p in train.split("\n\n") if p.strip()]
+    va = [p for p in val.split("\n\n") if p.strip()]
+    assert sorted(p.strip("\n") for p in tr + va) == sorted(paras)
+    assert va and tr
+    frac = len(corpus.val) / (len(corpus.train) + len(corpus.val))
+    assert 0.03 < frac < 0.08, frac
+    assert corpus.val.decode("utf-8") not in corpus.train.decode("utf-8")
+
+
+def test_byte_batches_are_a_function_of_step(corpus):
+    data = ByteData(corpus, seed=3)
+    x1, y1 = data.batch(5, 1, 4, 16)
+    x2, y2 = data.batch(5, 1, 4, 16)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])
+    assert not torch.equal(x1, data.batch(6, 1, 4, 16)[0])
+    assert not torch.equal(x1, data.batch(5, 0, 4, 16)[0])
+    wins = list(data.eval_windows(16, 3, max_tokens=100))
+    assert sum(w[0].shape[0] for w in wins) == 6  # 100 // 16 windows
+    assert decode(encode("naïve café")) == "naïve café"
+
+
+def test_load_corpus_paths(tmp_path, corpus):
+    assert load_corpus("embedded").sha256 == corpus.sha256
+    f = tmp_path / "doc.txt"
+    f.write_text(corpus.train[:20000].decode("utf-8", errors="ignore"))
+    c = load_corpus(f)
+    assert c.train and c.val
+    d = tmp_path / "corp"
+    d.mkdir()
+    (d / "train.txt").write_bytes(corpus.train[:5000])
+    (d / "val.txt").write_bytes(corpus.val[:1000])
+    assert load_corpus(d).val == corpus.val[:1000]
+    with pytest.raises(FileNotFoundError):
+        load_corpus(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------ trainer
+def test_trainer_loss_goes_down(corpus):
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=12), corpus, progress=False)
+    res = t.fit()
+    assert res.steps == 12 and t.step == 12 and res.tokens == 12 * 128
+    assert sum(res.losses[-3:]) / 3 < res.losses[0] - 0.5
+    assert res.val_bpb is not None and math.isfinite(res.val_bpb) and res.val_bpb < 8.0
+    assert res.mfu is None  # no peak for a CPU
+    assert res.flops == pytest.approx(12 * 128 * ModelConfig(**TINY).flops_per_token(32))
+
+
+def test_gradient_clipping(corpus):
+    t = Trainer(ModelConfig(**TINY), _tc(grad_clip=1e-3), corpus, progress=False)
+    seen = []
+    step = t.optimizer.step
+
+    def spy(*a, **k):
+        seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in t.model.parameters()
+                                                                if p.grad is not None]))))
+        return step(*a, **k)
+
+    t.optimizer.step = spy
+    m = t.train_step()
+    assert m["grad_norm"] > 1e-2          # reported: the norm before clipping
+    assert seen[0] == pytest.approx(1e-3, rel=1e-4)
+
+
+class _FixedBatches(ByteData):
+    """Micro-batch m of size b is rows [m*b, (m+1)*b) of one fixed batch."""
+
+    def __init__(self, corpus, rows):
+        super().__init__(corpus)
+        self.x, self.y = super().batch(0, 0, rows, 32)
+
+    def batch(self, step, micro, batch_size, seq_len):
+        s = slice(micro * batch_size, (micro + 1) * batch_size)
+        return self.x[s], self.y[s]
+
+
+def test_gradient_accumulation_matches_big_batch(corpus):
+    """accum a x batch b == 1 x batch a*b: loss, and the gradients the optimizer sees (the
+    updated weights are not compared: Adam's first step is ~sign(grad), which turns a
+    rounding-level difference in a near-zero gradient into a full-size one)."""
+    data = _FixedBatches(corpus, 8)
+    runs = []
+    for bs, accum in ((8, 1), (4, 2), (2, 4)):
+        t = Trainer(ModelConfig(**TINY), _tc(batch_size=bs, grad_accum=accum, grad_clip=0.0), data, progress=False)
+        grads = {}
+        step = t.optimizer.step
+
+        def spy(*a, _t=t, _g=grads, _s=step, **k):
+            _g.update({n: p.grad.clone() for n, p in _t.model.named_parameters()})
+            return _s(*a, **k)
+
+        t.optimizer.step = spy
+        runs.append((t.train_step(), grads))
+    m0, g0 = runs[0]
+    for m, g in runs[1:]:
+        assert m["loss"] == pytest.approx(m0["loss"], rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
+        for k in g0:
+            torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_checkpoint_round_trip(tmp_path, corpus):
+    cfg = ModelConfig(**TINY, routing="every_other", mlp=["moe", "dense"], moe_n_experts=4)
+    t = Trainer(cfg, _tc(max_steps=3), corpus, progress=False)
+    for _ in range(2):
+        t.train_step()
+    path = t.save(tmp_path / "ck")
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "optimizer.safetensors",
+                                        "trainer_state.json"]
+    assert not [p for p in os.listdir(tmp_path) if p != "ck"]  # no temporary folders left
+    ck = load_checkpoint(path)
+    assert ck.config == cfg
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(ck.model.state_dict()[k], v), k
+    names = dict(t.model.named_parameters())
+    assert set(ck.optimizer) == {"step"} | {f"{m}.{n}" for n in names for m in ("exp_avg", "exp_avg_sq")}
+    assert float(ck.optimizer["step"]) == 2.0
+    for n, p in names.items():
+        assert torch.equal(ck.optimizer[f"exp_avg_sq.{n}"], t.optimizer.state[p]["exp_avg_sq"])
+    from safetensors import safe_open
+
+    with safe_open(str(path / "optimizer.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "2"
+    st = ck.trainer_state
+    assert st["step"] == 2 and st["data"]["sha256"] == corpus.sha256 and "torch" in st["rng"]
+    # Saving again replaces the folder atomically.
+    t.train_step()
+    t.save(path)
+    assert load_checkpoint(path).trainer_state["step"] == 3
+
+
+def test_dense_checkpoint_is_an_upcycling_source(tmp_path, corpus):
+    from flopwise.models.hf_formats import describe_source
+
+    t = Trainer(ModelConfig(**TINY), _tc(), corpus, progress=False)
+    t.train_step()
+    src = describe_source(str(t.save(tmp_path / "dense")))
+    assert src.arch == "flopwise" and src.n_layers == 2
+
+
+@pytest.mark.parametrize("variant", ["dense", "mod+moe"])
+def test_exact_resume(tmp_path, corpus, variant):
+    """N steps straight == N/2, save, load in a fresh trainer, N/2 more: identical losses."""
+    extra = {} if variant == "dense" else dict(routing="every_other", mlp="moe", moe_n_experts=4)
+    cfg, tc = ModelConfig(**TINY, **extra), _tc(max_steps=6, grad_accum=2)
+    straight = Trainer(cfg, tc, corpus, progress=False)
+    full = [straight.train_step()["total_loss"] for _ in range(6)]
+
+    first = Trainer(cfg, tc, corpus, progress=False)
+    half = [first.train_step()["total_loss"] for _ in range(3)]
+    first.save(tmp_path / "ck")
+    torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it
+    resumed = Trainer.resume(tmp_path / "ck", corpus, progress=False)
+    assert resumed.step == 3
+    rest = [resumed.train_step()["total_loss"] for _ in range(3)]
+    assert half + rest == full  # bitwise: same data, weights, moments, schedule
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+
+
+def test_resume_refuses_another_corpus(tmp_path, corpus):
+    t = Trainer(ModelConfig(**TINY), _tc(), corpus, progress=False)
+    t.train_step()
+    t.save(tmp_path / "ck")
+    other = TextCorpus("other", corpus.train[:4000], corpus.val[:1000], "a slice")
+    with pytest.raises(ValueError, match="corpus"):
+        Trainer.resume(tmp_path / "ck", other, progress=False)
+
+
+def test_fit_writes_checkpoints_and_resumes(tmp_path, corpus):
+    out = tmp_path / "run"
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=4, save_every=2, out_dir=str(out)), corpus, progress=False)
+    t.fit(steps=2)
+    assert load_checkpoint(out / "last").trainer_state["step"] == 2
+    r = Trainer.resume(out / "last", corpus, progress=False)
+    res = r.fit()
+    assert res.steps == 2 and r.step == 4
+    assert load_checkpoint(out / "last").trainer_state["step"] == 4
+
+
+def test_active_params():
+    from flopwise.models import Transformer
+
+    dense = Transformer(ModelConfig(**TINY))
+    assert active_params(dense) == dense.num_parameters()
+    moe = Transformer(ModelConfig(**TINY, mlp="moe", moe_n_experts=4, moe_top_k=1))
+    expert = 3 * 32 * 64  # one expert's gate, up and down
+    assert active_params(moe) == pytest.approx(moe.num_parameters() - 2 * 3 * expert)
+
+
+# ------------------------------------------------------------------ CLI
+def _cli(argv: list[str]) -> str:
+    from flopwise import _cli_models
+
+    parser = argparse.ArgumentParser(prog="flopwise")
+    _cli_models.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert args.func(args) == 0
+    return buf.getvalue()
+
+
+def test_train_and_generate_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOPWISE_DATA", str(tmp_path / "nodata"))  # no fetched corpus: the embedded text
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": {**TINY, "routing": "every_other"},
+                               "train": {"seq_len": 32, "batch_size": 4, "max_steps": 3, "eval_tokens": 256}}))
+    out = _cli(["train", str(cfg), "--out", str(tmp_path / "run"), "--json"])
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["checkpoint"].endswith("last")
+    ck = tmp_path / "run" / "last"
+    text = _cli(["generate", str(ck), "--prompt", "The if statement", "--max-new-tokens", "12"])
+    assert text.startswith("The if statement") and len(text.encode()) >= len("The if statement") + 1
+    # The KV-cache path (MoD layers route causally) equals recomputing the whole sequence.
+    assert text == _cli(["generate", str(ck), "--prompt", "The if statement", "--max-new-tokens", "12",
+                         "--no-cache"])
+    sampled = _cli(["generate", str(ck), "--prompt", "The", "--max-new-tokens", "8", "--temperature", "1.0",
+                    "--top-k", "5", "--seed", "1"])
+    assert sampled.startswith("The")
+    model = load_model(ck)
+    assert model.cfg.routing == ("all", "mod")
+
+
+def test_data_info_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOPWISE_DATA", str(tmp_path))
+    info = json.loads(_cli(["data", "info", "--json"]))
+    assert info["name"] == "python-docs" and info["cache"] == str(tmp_path / "corpus")
+    assert info["sha256"] == embedded_corpus().sha256
