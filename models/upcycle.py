@@ -780,7 +780,12 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
             json.dump(prov, f, indent=2, sort_keys=True)
             f.write("\n")
         files += ["config.json", "upcycle.json"]
-        for name in _TOKENIZER_FILES:
+        carried = list(_TOKENIZER_FILES)
+        if options.format == "flopwise" and options.optimizer:
+            # with the upcycled Adam moments the MoE resumes the dense run where it stopped:
+            # step, learning-rate schedule, data position and RNG states
+            carried.append("trainer_state.json")
+        for name in carried:
             if os.path.isfile(os.path.join(src_folder, name)):
                 shutil.copyfile(os.path.join(src_folder, name), os.path.join(tmp, name))
                 files.append(name)
