@@ -361,6 +361,9 @@ def plan_upcycle(src_folder: str, options: UpcycleOptions) -> UpcyclePlan:
     opt_reader, opt_shards = None, []
     if o.optimizer and _has_optimizer(src_folder):
         opt_reader = CheckpointReader(src_folder, stem="optimizer")
+    if opt_reader is not None and not any(n.startswith("exp_avg.") for n in opt_reader.infos):
+        opt_reader = None  # saved before the first optimizer step: no moments to upcycle yet
+    if opt_reader is not None:
         _check_optimizer(opt_reader, recipes, src)
         opt = [(f"{m}.{n}", _moment_dtype(opt_reader, m, r, src), r.shape)
                for m in ("exp_avg", "exp_avg_sq") for n, r in recipes.items()]
@@ -781,7 +784,7 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
             f.write("\n")
         files += ["config.json", "upcycle.json"]
         carried = list(_TOKENIZER_FILES)
-        if options.format == "flopwise" and options.optimizer:
+        if options.format == "flopwise" and plan.optimizer_reader is not None:
             # with the upcycled Adam moments the MoE resumes the dense run where it stopped:
             # step, learning-rate schedule, data position and RNG states
             carried.append("trainer_state.json")

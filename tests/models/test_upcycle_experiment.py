@@ -23,3 +23,26 @@ def test_upcycled_moe_starts_equal_and_both_continue(tmp_path):
 def test_rejects_empty_runs():
     with pytest.raises(ValueError, match="dense_steps and continue_steps"):
         run_upcycle_experiment("embedded", dense_steps=0)
+
+
+def test_checkpoint_saved_before_the_first_step_upcycles_without_moments(tmp_path):
+    """No Adam moments yet: the MoE gets weights and config, and no trainer state it could not resume."""
+    import os
+
+    from flopwise.models.data import ByteData, load_corpus
+    from flopwise.models.demo import DemoPreset
+    from flopwise.models.train import Trainer, TrainConfig
+    from flopwise.models.transformer import ModelConfig
+    from flopwise.models.upcycle import UpcycleOptions, upcycle
+
+    p = DemoPreset.preset("smoke")
+    cfg = ModelConfig(**{**p.base, **p.variants["dense"]})
+    t = Trainer(cfg, TrainConfig(seq_len=p.seq_len, batch_size=2, max_steps=2), ByteData(load_corpus("embedded")),
+                progress=False)
+    t.save(tmp_path / "dense")
+    report = upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"),
+                     UpcycleOptions(n_experts=2, top_k=1, layers="all", format="flopwise"), verify=True)
+    assert report.verify.passed
+    files = set(os.listdir(tmp_path / "moe"))
+    assert {"config.json", "model.safetensors"} <= files
+    assert "optimizer.safetensors" not in files and "trainer_state.json" not in files
