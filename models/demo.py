@@ -231,7 +231,13 @@ def run_demo(corpus: str | TextCorpus | None = None, *, preset: str | DemoPreset
     try:
         return _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progress, log, t_start)
     finally:
-        torch.set_num_threads(old_threads)
+        _set_threads(old_threads)
+
+
+def _set_threads(n: int) -> None:
+    # only on a change: resizing the intra-op pool is not free, and never needed to stay put
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def _pick_threads(p: DemoPreset, data: ByteData, dev: torch.device) -> tuple[int, str]:
@@ -240,7 +246,7 @@ def _pick_threads(p: DemoPreset, data: ByteData, dev: torch.device) -> tuple[int
         return n_all, ""
     times = {}
     for n in (n_all, 1):
-        torch.set_num_threads(n)
+        _set_threads(n)
         times[n] = _time_steps(p, next(iter(p.variants)), data, str(dev))
     best = min(times, key=times.get)
     return best, (f"threads: {best} ({', '.join(f'{n}: {1000 * t:.0f} ms/step' for n, t in times.items())})")
@@ -259,10 +265,10 @@ def _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progre
     ratio = {n: fpt[ref] / fpt[n] for n in names}  # steps per dense step at equal FLOPs
     notes = []
     if threads is not None:
-        torch.set_num_threads(threads)
+        _set_threads(threads)
     elif dev.type == "cpu":
         n, note = _pick_threads(p, data, dev)
-        torch.set_num_threads(n)
+        _set_threads(n)
         if note:
             notes.append(note)
     timed = dense_steps is None and p.fixed_dense_steps is None

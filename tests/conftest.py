@@ -28,6 +28,9 @@ import random  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# One intra-op thread, set once before any parallel work: the test tensors are tiny, and
+# changing the pool size while a process runs is what the tests must never do.
+torch.set_num_threads(1)
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

@@ -1,18 +1,10 @@
-"""Coding tests run thousands of tiny torch ops per stream step; on a busy shared CPU the
-intra-op thread pool makes each of them cost milliseconds, so these tests use one thread."""
+"""Fixtures of the coding tests (one intra-op thread is set for every test in tests/conftest.py:
+these tests run thousands of tiny torch ops per stream step)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -30,10 +30,7 @@ TINY = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
     monkeypatch.setenv("FLOPWISE_BACKEND", "reference")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is faster and never waits on a busy core
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
