@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -328,7 +328,6 @@ def decode_step(st: DecoderState, cdf: torch.Tensor, precision: int,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Decode one symbol per stream under ``cdf [B, V+1]`` (or ``[V+1]``); streams outside
     ``mask`` keep their state (their returned symbol is meaningless). Returns ``[B] int64``."""
-    B = st.code.shape[0]
     r = st.rng >> precision
     target = st.code // r
     total = 1 << precision

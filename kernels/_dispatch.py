@@ -25,7 +25,7 @@ __all__ = ["HAS_TRITON", "INTERPRET", "backend", "use_triton", "new_output"]
 
 try:  # Triton has wheels for Linux only.
     import triton  # noqa: F401
-    import triton.language  # noqa: F401
+    import triton.language  # noqa: F401  (the kernels need it; fail here, not at decoration)
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - exercised only where triton is missing

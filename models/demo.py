@@ -24,8 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -282,7 +280,7 @@ def _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progre
         # ~90% of what remains trains; evaluation and sampling take the rest.
         fit = int(0.9 * remaining / cost_per_dense_step)
         dense_steps = max(p.min_dense_steps, min(p.max_dense_steps, fit))
-        notes.append(f"timing: " + ", ".join(f"{n} {1000 * sec[n]:.0f} ms/step" for n in names)
+        notes.append("timing: " + ", ".join(f"{n} {1000 * sec[n]:.0f} ms/step" for n in names)
                      + f" -> {dense_steps} dense steps fit {budget:.0f} s")
     elif dense_steps is None:
         dense_steps = p.fixed_dense_steps

@@ -86,7 +86,7 @@ class ExpertParallelMoE(MoE):
 
     def _experts(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
         """Run the plan's rows on the experts' owners and bring the outputs back: ``[N, D]``."""
-        W, El, D = self.world, self.n_local, x_TD.shape[1]
+        W, El = self.world, self.n_local
         counts = plan.expert_counts.to(torch.int64)
         # recv_counts[s, e]: rows source rank s sends to my local expert e
         recv_counts = fc.wait_tensor(fc.all_to_all_single(counts, [El] * W, [El] * W, self.group)).view(W, El)

@@ -58,7 +58,7 @@ def _route_torch(x, router_w, k):
 
 
 def torch_pipeline(x, router_w, wg, wu, wd, k):
-    T, E = x.shape[0], wg.shape[0]
+    E = wg.shape[0]
     w, ids = _route_torch(x, router_w, k)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)

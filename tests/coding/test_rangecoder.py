@@ -125,7 +125,6 @@ def test_carry_resolution_matches_big_integers():
 
 def test_carries_happen_and_decode():
     # symbols at the top of the table push low up: carries are frequent
-    V = 4
     f = torch.tensor([1, 1, 2**23, 2**23 - 2], dtype=torch.long)
     sym = torch.randint(2, 4, (256, 400))
     cdf = cdf_from_freqs(f)

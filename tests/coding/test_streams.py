@@ -7,7 +7,6 @@ import torch
 
 from flopwise.coding import CoderConfig, ModuleModel, StaticModel, CorruptStreamError
 from flopwise.coding import streams as st
-from flopwise.coding import rangecoder as rc
 
 
 def _text_streams(prose: bytes, B: int, S: int, offset: int = 0):

@@ -8,7 +8,6 @@ import io
 from contextlib import redirect_stdout
 
 import pytest
-import torch
 
 from flopwise.models.data import embedded_corpus
 from flopwise.models.demo import DemoPreset, format_table, run_demo

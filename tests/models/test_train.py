@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from flopwise.models import ModelConfig
-from flopwise.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from flopwise.models.checkpoint import load_checkpoint, load_model
 from flopwise.models.data import (ByteData, TextCorpus, bits_per_byte, decode, embedded_corpus, encode, load_corpus,
                                   split_text)
 from flopwise.models.train import TrainConfig, Trainer, active_params, load_run_config, lr_at
