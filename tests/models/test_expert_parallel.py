@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,24 +11,20 @@ from flopwise.models.expert_parallel import ExpertParallelMoE
 from flopwise.models.moe import MoE, MoEConfig
 
 
-def _rendezvous_file() -> str:
-    """A fresh path for a FileStore rendezvous: no TCP port to race other processes for."""
-    fd, path = tempfile.mkstemp(prefix="flopwise-ep-")
-    os.close(fd)
-    os.unlink(path)
-    return path
-
-
 def _close(a, b, what, atol=1e-5):
     torch.testing.assert_close(a, b, atol=atol, rtol=1e-4, msg=lambda m: f"rank {dist.get_rank()}: {what}: {m}")
 
 
-def _worker(rank: int, world: int, store: str, scenario: str):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, port: int, scenario: str):
+    # the test process serves the store on a port the OS picked: nothing to race for
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         _check(rank, world, scenario)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    print(f"rank {rank}: checks passed", flush=True)
 
 
 def _check(rank: int, world: int, scenario: str):
@@ -111,7 +104,11 @@ def _check(rank: int, world: int, scenario: str):
     pytest.param(4, "mesh", id="dp2-x-ep2-mesh"),
 ])
 def test_expert_parallel_matches_single_process(world, scenario):
-    mp.spawn(_worker, args=(world, _rendezvous_file(), scenario), nprocs=world, join=True)
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        mp.spawn(_worker, args=(world, server.port, scenario), nprocs=world, join=True)
+    finally:
+        del server
 
 
 def test_needs_process_group():
