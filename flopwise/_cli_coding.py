@@ -8,15 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return v
+from flopwise._cli_types import positive_int as _positive_int
 
 
 def _cmd_build(args: argparse.Namespace) -> int:

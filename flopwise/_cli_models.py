@@ -8,28 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be finite and > 0: {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return v
+from flopwise._cli_types import positive_float as _positive_float, positive_int as _positive_int
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -7,18 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be finite and > 0: {text!r}")
-    return v
+from flopwise._cli_types import positive_float as _positive_float
 
 
 def _fmt(v: float) -> str:
