@@ -215,6 +215,21 @@ if HAS_TRITON:
         tl.store(inverse_ptr + spair, dest, mask=valid)
 
     @triton.jit
+    def _slot_grad(ids_ptr, g_topk_ptr, g_sorted_ptr, inverse_ptr, rows, rmask, K, j,
+                   HAS_G_TOPK: tl.constexpr, HAS_G_SORTED: tl.constexpr):
+        """For choice j of each token row: its expert and the gradient of its combine weight
+        (from the [T, K] weights and/or, through the inverse permutation, the sorted ones)."""
+        pj_ptr = rows.to(tl.int64) * K + j
+        idj = tl.load(ids_ptr + pj_ptr, mask=rmask, other=0)
+        g = tl.zeros(rows.shape, dtype=tl.float32)
+        if HAS_G_TOPK:
+            g += tl.load(g_topk_ptr + pj_ptr, mask=rmask, other=0.0)
+        if HAS_G_SORTED:
+            dest = tl.load(inverse_ptr + pj_ptr, mask=rmask, other=0)
+            g += tl.load(g_sorted_ptr + dest, mask=rmask, other=0.0)
+        return idj, g
+
+    @triton.jit
     def _topk_route_bwd_kernel(
         logits_ptr, stride_t, T, E, K,
         ids_ptr, g_topk_ptr, g_sorted_ptr, inverse_ptr, dlogits_ptr,
@@ -235,27 +250,15 @@ if HAS_TRITON:
         s = tl.zeros([BLOCK_T], dtype=tl.float32)
         gs = tl.zeros([BLOCK_T], dtype=tl.float32)
         for j in range(K):
-            pj_ptr = rows.to(tl.int64) * K + j
-            idj = tl.load(ids_ptr + pj_ptr, mask=rmask, other=0)
-            g = tl.zeros([BLOCK_T], dtype=tl.float32)
-            if HAS_G_TOPK:
-                g += tl.load(g_topk_ptr + pj_ptr, mask=rmask, other=0.0)
-            if HAS_G_SORTED:
-                dest = tl.load(inverse_ptr + pj_ptr, mask=rmask, other=0)
-                g += tl.load(g_sorted_ptr + dest, mask=rmask, other=0.0)
+            idj, g = _slot_grad(ids_ptr, g_topk_ptr, g_sorted_ptr, inverse_ptr, rows, rmask, K, j,
+                                HAS_G_TOPK, HAS_G_SORTED)
             pj = tl.sum(tl.where(cols[None, :] == idj[:, None], p, 0.0), 1)
             s += pj
             gs += g * pj
         gp = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
         for j in range(K):
-            pj_ptr = rows.to(tl.int64) * K + j
-            idj = tl.load(ids_ptr + pj_ptr, mask=rmask, other=0)
-            g = tl.zeros([BLOCK_T], dtype=tl.float32)
-            if HAS_G_TOPK:
-                g += tl.load(g_topk_ptr + pj_ptr, mask=rmask, other=0.0)
-            if HAS_G_SORTED:
-                dest = tl.load(inverse_ptr + pj_ptr, mask=rmask, other=0)
-                g += tl.load(g_sorted_ptr + dest, mask=rmask, other=0.0)
+            idj, g = _slot_grad(ids_ptr, g_topk_ptr, g_sorted_ptr, inverse_ptr, rows, rmask, K, j,
+                                HAS_G_TOPK, HAS_G_SORTED)
             if RENORM:
                 g = (g - gs / s) / s
             gp += tl.where(cols[None, :] == idj[:, None], g[:, None], 0.0)
