@@ -30,12 +30,16 @@ import numpy as np
 import torch
 
 from .methods import METHODS, ArithmeticCoding, Compressed, EqualInfoAC, GZip, StaticAC
-from .models import ModuleModel, StaticModel, file_sha256
+from .models import CachedLM, ModuleModel, StaticModel, file_sha256
 from .rangecoder import CoderConfig, CorruptStreamError
 
-__all__ = ["BuildOptions", "build", "decode", "compression_stats", "load_m1", "Progress"]
+__all__ = ["BuildOptions", "M1_EVAL", "build", "decode", "compression_stats", "load_m1", "Progress"]
 
 FORMAT_VERSION = 1
+# How M1 is evaluated: "cached" (CachedLM: KV cache, one token per stream per step), "window"
+# (ModuleModel: the last context_len bytes re-read every step), "auto" (cached for a dense
+# flopwise Transformer, else window). Folders written before m1_eval existed used "window".
+M1_EVAL = ("auto", "cached", "window")
 
 
 @dataclass
@@ -53,10 +57,13 @@ class BuildOptions:
     batch_rows: int = 64
     streams_per_batch: int = 256
     device: str = "cpu"
+    m1_eval: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.m1_eval not in M1_EVAL:
+            raise ValueError(f"m1_eval must be one of {M1_EVAL}, got {self.m1_eval!r}")
         if self.method in ("ac", "equalinfo") and not self.m1:
             raise ValueError(f"method {self.method!r} needs an M1 checkpoint (m1=...)")
 
@@ -84,9 +91,17 @@ class Progress:
         self.stream.flush()
 
 
-def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, device="cpu"):
+def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, device="cpu",
+            eval_mode: str = "window", max_context: int | None = None):
     """A flopwise checkpoint folder (``config.json`` + ``model.safetensors``) or a ``torch.save``d
-    module file -> (:class:`ModuleModel`, info dict with the path, SHA-256 and settings)."""
+    module file -> (model, info dict with the path, SHA-256 and settings).
+
+    ``eval_mode`` (see :data:`M1_EVAL`): ``"cached"`` gives a :class:`CachedLM` (dense flopwise
+    Transformers only), ``"window"`` a :class:`ModuleModel`, ``"auto"`` the first that applies.
+    ``context_len`` defaults to the model's ``max_seq_len``, for a cached model capped at
+    ``max_context``."""
+    if eval_mode not in M1_EVAL:
+        raise ValueError(f"eval_mode must be one of {M1_EVAL}, got {eval_mode!r}")
     if os.path.isdir(path):
         from flopwise.models.hf_formats import load_flopwise
 
@@ -104,14 +119,25 @@ def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, 
         sha = file_sha256(path)
     else:
         raise FileNotFoundError(f"M1 checkpoint not found: {path}")
+    module = module.to(device)
+    if eval_mode == "auto":
+        from flopwise.models.transformer import Block, Transformer
+
+        dense = isinstance(module, Transformer) and all(isinstance(b, Block) and not b.is_moe for b in module.layers)
+        eval_mode = "cached" if dense else "window"
     if context_len is None:
         cfg = getattr(module, "cfg", None)
         context_len = getattr(cfg, "max_seq_len", None)
         if context_len is None:
             raise ValueError("context_len is needed for a module without cfg.max_seq_len")
-    module = module.to(device)
-    model = ModuleModel(module, context_len=context_len, batch_rows=batch_rows)
-    info = {"path": os.path.abspath(path), "sha256": sha, "context_len": context_len, "batch_rows": batch_rows,
+        if max_context is not None and eval_mode == "cached":
+            context_len = min(context_len, max_context)
+    if eval_mode == "cached":
+        model = CachedLM(module, context_len=context_len, batch_rows=batch_rows)
+    else:
+        model = ModuleModel(module, context_len=context_len, batch_rows=batch_rows)
+    info = {"path": os.path.abspath(path), "sha256": sha, "eval": eval_mode, "context_len": context_len,
+            "batch_rows": batch_rows,
             "pad_id": model.pad_id, "device": str(device), "dtype": str(next(module.parameters()).dtype),
             "torch": torch.__version__}
     return model, info
@@ -128,7 +154,10 @@ def _coder(opts: BuildOptions, train: bytes | None, static_freqs: np.ndarray | N
         else:
             model = StaticModel.fit(train, cfg=cfg)
         return StaticAC(model, opts.token_bits, opts.chunk_bytes, device=opts.device), None
-    model, info = load_m1(opts.m1, context_len=opts.context_len, batch_rows=opts.batch_rows, device=opts.device)
+    model, info = load_m1(opts.m1, context_len=opts.context_len, batch_rows=opts.batch_rows, device=opts.device,
+                          eval_mode=opts.m1_eval,
+                          # an EqualInfoAC window restarts the context: more slots than its bytes are unused
+                          max_context=opts.max_window_bytes + 1 if opts.method == "equalinfo" else None)
     if opts.method == "ac":
         return ArithmeticCoding(model, opts.token_bits, opts.chunk_bytes, opts.precision,
                                 streams_per_batch=opts.streams_per_batch, device=opts.device), info
@@ -250,6 +279,9 @@ def decode(folder: str, text_file: str | None = None, *, force: bool = False, de
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"unsupported format_version {meta.get('format_version')}")
     bo = dict(meta["build_options"])
+    bo.setdefault("m1_eval", "window")
+    if meta.get("m1") and meta["m1"].get("eval"):
+        bo["m1_eval"] = meta["m1"]["eval"]  # the mode "auto" resolved to when encoding
     if device:
         bo["device"] = device
     if m1:

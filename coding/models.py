@@ -27,10 +27,11 @@ import hashlib
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from .rangecoder import CoderConfig, quantize_logits
 
-__all__ = ["ProbabilityModel", "StaticModel", "ModuleModel", "file_sha256"]
+__all__ = ["ProbabilityModel", "IncrementalModel", "StaticModel", "ModuleModel", "CachedLM", "file_sha256"]
 
 
 @runtime_checkable
@@ -40,6 +41,23 @@ class ProbabilityModel(Protocol):
     pad_id: int
 
     def frequencies(self, context: torch.Tensor, cfg: CoderConfig) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class IncrementalModel(Protocol):
+    """A model that keeps per-stream state instead of re-reading a context window.
+
+    ``begin(batch, device)`` returns a state with ``frequencies(cfg) -> [batch, V] int64`` (the
+    next symbol's frequencies of every stream) and ``update(symbols [batch], append [batch]
+    bool, restart [batch] bool | None)``: streams where ``append`` take ``symbols`` into their
+    context, streams where ``restart`` start an empty context, the others keep their state.
+    A stream's frequencies may depend only on its own history (its appends since its last
+    restart), so the encoder and the decoder, which batch streams differently, agree.
+    """
+
+    vocab_size: int
+
+    def begin(self, batch: int, device): ...
 
 
 class StaticModel:
@@ -145,6 +163,137 @@ class ModuleModel:
 
     def frequencies(self, context: torch.Tensor, cfg: CoderConfig) -> torch.Tensor:
         return quantize_logits(self.logits(context), cfg)
+
+
+class CachedLM:
+    """Incremental (KV-cached) evaluation of a dense flopwise ``Transformer``: one new token per
+    stream per step instead of a full window, so coding costs one token's forward pass per
+    symbol (about ``context_len`` times less than :class:`ModuleModel`).
+
+    Each stream's context starts with ``bos_id`` at position 0 and holds at most
+    ``context_len`` tokens; a symbol that would not fit restarts the context with that symbol
+    at position 0 (so ``context_len`` bounds how far back a prediction looks, like
+    :class:`ModuleModel`'s window, in blocks rather than sliding).
+
+    Determinism: every module call has exactly ``batch_rows`` rows of one token against a
+    cache of exactly ``context_len`` slots (restarted rows are zeroed, unused slots masked), so a
+    stream's logits depend only on its own history, not on which other streams share its
+    batch. As for :class:`ModuleModel`, the weights, ``context_len``, ``batch_rows``,
+    ``bos_id``, device type, dtype and library versions must match between encoding and
+    decoding.
+
+    Args:
+        module: a ``flopwise.models.transformer.Transformer`` whose layers are all dense
+            (no MoD, no MoE).
+        context_len: cache slots per stream (at most the model's ``max_seq_len``).
+        vocab_size: symbols coded (default 256); logits are sliced to this many.
+        bos_id: the token that starts every context (default 0).
+        batch_rows: rows per module call (fixed shapes).
+    """
+
+    def __init__(self, module: torch.nn.Module, context_len: int, *, vocab_size: int = 256, bos_id: int = 0,
+                 batch_rows: int = 64):
+        from flopwise.models.transformer import Block, Transformer
+
+        if not isinstance(module, Transformer):
+            raise TypeError(f"module must be a flopwise Transformer, got {type(module).__name__}; "
+                            "use ModuleModel for other modules")
+        if not all(isinstance(layer, Block) and not layer.is_moe for layer in module.layers):
+            raise ValueError("CachedLM needs a dense Transformer (no MoD or MoE layers); use ModuleModel")
+        for name, v in (("context_len", context_len), ("batch_rows", batch_rows), ("vocab_size", vocab_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if context_len > module.cfg.max_seq_len:
+            raise ValueError(f"context_len {context_len} exceeds the model's max_seq_len {module.cfg.max_seq_len}")
+        if vocab_size > module.cfg.vocab_size:
+            raise ValueError(f"vocab_size {vocab_size} exceeds the model's {module.cfg.vocab_size}")
+        if not 0 <= bos_id < module.cfg.vocab_size:
+            raise ValueError(f"bos_id must be in [0, {module.cfg.vocab_size}), got {bos_id}")
+        self.module = module.eval()
+        self.context_len, self.vocab_size, self.bos_id, self.batch_rows = context_len, vocab_size, bos_id, batch_rows
+        self.pad_id = bos_id
+
+    def begin(self, batch: int, device) -> "_CachedState":
+        return _CachedState(self, batch, torch.device(device))
+
+
+class _CachedState:
+    """Per-stream KV caches of a :class:`CachedLM` (rows padded to a multiple of batch_rows)."""
+
+    def __init__(self, lm: CachedLM, batch: int, device: torch.device):
+        m = lm.module
+        R = lm.batch_rows
+        self.lm, self.B = lm, batch
+        self.Bp = max(R, -(-batch // R) * R)
+        H, Dh = m.cfg.n_heads, m.cfg.head_dim
+        dtype = next(m.parameters()).dtype
+        shape = (self.Bp, H, lm.context_len, Dh)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in m.layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in m.layers]
+        self.pos = torch.zeros(self.Bp, dtype=torch.long, device=device)
+        self.logits = torch.zeros(self.Bp, lm.vocab_size, dtype=torch.float32, device=device)
+        self.slots = torch.arange(lm.context_len, device=device)
+        everyone = torch.ones(batch, dtype=torch.bool, device=device)
+        self.update(torch.zeros(batch, dtype=torch.long, device=device), ~everyone, everyone)
+
+    def frequencies(self, cfg: CoderConfig) -> torch.Tensor:
+        return quantize_logits(self.logits[: self.B], cfg)
+
+    def _pad(self, x: torch.Tensor, fill) -> torch.Tensor:
+        if self.Bp == self.B:
+            return x
+        return torch.cat([x, x.new_full((self.Bp - self.B,), fill)])
+
+    @torch.no_grad()
+    def update(self, symbols: torch.Tensor, append: torch.Tensor, restart: torch.Tensor | None = None) -> None:
+        lm = self.lm
+        append = self._pad(append.bool(), False)
+        restart = self._pad(restart.bool(), False) if restart is not None else torch.zeros_like(append)
+        restart = restart & ~append
+        full = append & (self.pos >= lm.context_len)
+        clear = restart | full
+        active = append | restart
+        if not bool(active.any()):
+            return
+        tokens = torch.where(restart, lm.bos_id, self._pad(symbols.long(), 0))
+        # inactive rows keep their state; a full one only needs an in-range (unused) slot index
+        write = torch.where(clear, 0, self.pos).clamp(max=lm.context_len - 1)
+        if bool(clear.any()):
+            keep = (~clear).to(self.k[0].dtype)[:, None, None, None]
+            for i in range(len(self.k)):
+                self.k[i].mul_(keep)
+                self.v[i].mul_(keep)
+        R = lm.batch_rows
+        new = torch.empty_like(self.logits)
+        for r0 in range(0, self.Bp, R):
+            sl = slice(r0, r0 + R)
+            new[sl] = self._forward(sl, tokens[sl], write[sl], active[sl])
+        self.logits = torch.where(active[:, None], new, self.logits)
+        self.pos = torch.where(active, write + 1, self.pos)
+
+    def _forward(self, sl: slice, tokens: torch.Tensor, write: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        from flopwise.models.transformer import apply_rope
+
+        m = self.lm.module
+        R = tokens.shape[0]
+        rows = torch.arange(R, device=tokens.device)
+        mask = (self.slots[None, :] <= write[:, None])[:, None, None, :]  # [R, 1, 1, L]
+        x = m.embed(tokens)[:, None, :]  # [R, 1, D]
+        for i, block in enumerate(m.layers):
+            attn = block.attn
+            normed = block.norm1(x)
+            q, k, v = attn.wqkv(normed).view(R, 1, 3, attn.n_heads, attn.head_dim).unbind(2)
+            cos, sin = attn.rope_cos[write][:, None], attn.rope_sin[write][:, None]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            kc, vc = self.k[i][sl], self.v[i][sl]
+            keep = ~active[:, None, None]
+            kc[rows, :, write] = torch.where(keep, kc[rows, :, write], k[:, 0])
+            vc[rows, :, write] = torch.where(keep, vc[rows, :, write], v[:, 0])
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask)
+            a = attn.wo(out.transpose(1, 2).reshape(R, 1, -1))
+            mlp = block.mlp(normed) if block.parallel else block.mlp(block.norm2(x + a))
+            x = x + (a + mlp)
+        return m.head(m.norm(x))[:, 0, : self.lm.vocab_size].float()
 
 
 def file_sha256(path: str) -> str:

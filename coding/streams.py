@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from . import rangecoder as rc
-from .models import ProbabilityModel
+from .models import IncrementalModel, ProbabilityModel
 from .rangecoder import CoderConfig
 
 __all__ = [
@@ -63,8 +63,9 @@ class EqualInfoEncoded:
 
 
 def _check_model(model, cfg: CoderConfig) -> None:
-    if not isinstance(model, ProbabilityModel):
-        raise TypeError("model must provide vocab_size, context_len, pad_id and frequencies(context, cfg)")
+    if not isinstance(model, (ProbabilityModel, IncrementalModel)):
+        raise TypeError("model must provide vocab_size, context_len, pad_id and frequencies(context, cfg) "
+                        "(ProbabilityModel) or vocab_size and begin(batch, device) (IncrementalModel)")
     if not isinstance(cfg, CoderConfig):
         raise TypeError("cfg must be a CoderConfig")
     cfg.check_vocab(model.vocab_size)
@@ -88,18 +89,37 @@ def _check_symbols(symbols, lengths, vocab: int):
     return symbols, lengths
 
 
-def _freq_step(model, ctx: torch.Tensor, cfg: CoderConfig) -> torch.Tensor:
-    f = model.frequencies(ctx, cfg)
-    if f.dtype != torch.int64 or f.shape != (ctx.shape[0], model.vocab_size):
-        raise ValueError(f"model.frequencies must return int64 [{ctx.shape[0]}, {model.vocab_size}]")
+class _WindowContext:
+    """The last ``context_len`` symbols of every stream, left-padded with ``pad_id``: the
+    state of a :class:`ProbabilityModel` (same interface as an :class:`IncrementalModel`'s)."""
+
+    def __init__(self, model: ProbabilityModel, batch: int, device):
+        self.model = model
+        self.ctx = torch.full((batch, model.context_len), model.pad_id, dtype=torch.long, device=device)
+
+    def frequencies(self, cfg: CoderConfig) -> torch.Tensor:
+        return self.model.frequencies(self.ctx, cfg)
+
+    def update(self, sym: torch.Tensor, append: torch.Tensor, restart: torch.Tensor | None = None) -> None:
+        if self.ctx.shape[1] == 0:
+            return
+        new = torch.cat([self.ctx[:, 1:], sym[:, None].to(self.ctx.dtype)], 1)
+        self.ctx = torch.where(append[:, None], new, self.ctx)
+        if restart is not None:
+            self.ctx = torch.where(restart[:, None], self.model.pad_id, self.ctx)
+
+
+def _context(model, batch: int, device):
+    if isinstance(model, IncrementalModel) and not isinstance(model, ProbabilityModel):
+        return model.begin(batch, device)
+    return _WindowContext(model, batch, device)
+
+
+def _freq_step(model, ctx, cfg: CoderConfig, batch: int) -> torch.Tensor:
+    f = ctx.frequencies(cfg)
+    if f.dtype != torch.int64 or f.shape != (batch, model.vocab_size):
+        raise ValueError(f"model frequencies must be int64 [{batch}, {model.vocab_size}], got {f.dtype} {tuple(f.shape)}")
     return f
-
-
-def _shift_context(ctx: torch.Tensor, sym: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if ctx.shape[1] == 0:
-        return ctx
-    new = torch.cat([ctx[:, 1:], sym[:, None].to(ctx.dtype)], 1)
-    return torch.where(mask[:, None], new, ctx)
 
 
 def _log2_prob(freqs: torch.Tensor, sym: torch.Tensor, cfg: CoderConfig) -> torch.Tensor:
@@ -114,16 +134,17 @@ def encode_streams(symbols: torch.Tensor, lengths: torch.Tensor | None, model: P
     B, S = symbols.shape
     dev = symbols.device
     st = rc.EncoderState.new(B, 3 * S + 8, dev)
-    ctx = torch.full((B, model.context_len), model.pad_id, dtype=torch.long, device=dev)
+    ctx = _context(model, B, dev)
     ideal = torch.zeros(B, dtype=torch.float64, device=dev)
     for t in range(S):
         active = t < lengths
-        freqs = _freq_step(model, ctx, cfg)
+        freqs = _freq_step(model, ctx, cfg, B)
         cdf = rc.cdf_from_freqs(freqs)
         sym = symbols[:, t]
         rc.encode_step(st, sym, cdf, cfg.precision, mask=active)
         ideal -= torch.where(active, _log2_prob(freqs, sym, cfg), 0.0)
-        ctx = _shift_context(ctx, sym, active)
+        if t + 1 < S:
+            ctx.update(sym, active)
         if progress is not None:
             progress(t + 1, S)
     data, nbits = rc.encode_finish(st)
@@ -147,14 +168,15 @@ def decode_streams(data: torch.Tensor, nbits: torch.Tensor, lengths: torch.Tenso
         data = rc._clip_to_bits(data, nbits.long().to(data.device))
     S = int(lengths.max()) if B else 0
     st = rc.DecoderState.new(data)
-    ctx = torch.full((B, model.context_len), model.pad_id, dtype=torch.long, device=data.device)
+    ctx = _context(model, B, data.device)
     out = torch.zeros(B, S, dtype=torch.long, device=data.device)
     for t in range(S):
         active = t < lengths
-        cdf = rc.cdf_from_freqs(_freq_step(model, ctx, cfg))
+        cdf = rc.cdf_from_freqs(_freq_step(model, ctx, cfg, B))
         sym = rc.decode_step(st, cdf, cfg.precision, mask=active)
         out[:, t] = torch.where(active, sym, 0)
-        ctx = _shift_context(ctx, sym, active)
+        if t + 1 < S:
+            ctx.update(sym, active)
         if progress is not None:
             progress(t + 1, S)
     ok = rc.decode_finish(st, nbits=None if nbits is None else nbits.long().to(data.device), max_bits=max_bits)
@@ -200,7 +222,7 @@ def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | None, model
     dev = symbols.device
     wbytes = window_bits // 8
     st = rc.EncoderState.new(B, wbytes + 8, dev)
-    ctx = torch.full((B, model.context_len), model.pad_id, dtype=torch.long, device=dev)
+    ctx = _context(model, B, dev)
     cursor = torch.zeros(B, dtype=torch.long, device=dev)
     wcount = torch.zeros(B, dtype=torch.long, device=dev)
     widx = torch.zeros(B, dtype=torch.long, device=dev)
@@ -219,7 +241,7 @@ def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | None, model
             break
         it += 1
         sym = symbols.gather(1, cursor.clamp(max=max(S - 1, 0))[:, None])[:, 0] if S else cursor * 0
-        freqs = _freq_step(model, ctx, cfg)
+        freqs = _freq_step(model, ctx, cfg, B)
         cdf = rc.cdf_from_freqs(freqs)
         cum_lo = cdf.gather(1, sym[:, None])[:, 0]
         freq = cdf.gather(1, sym[:, None] + 1)[:, 0] - cum_lo
@@ -242,13 +264,12 @@ def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | None, model
         # commit the symbol where it fits
         rc._commit(st, low, rng, carry, shifts, outb, fits)
         wideal = wideal - torch.where(fits, _log2_prob(freqs, sym, cfg), 0.0)
-        ctx = _shift_context(ctx, sym, fits)
+        # the model takes the committed symbol, or starts a closed window's successor afresh
+        ctx.update(sym, fits, close)
         cursor = cursor + fits
         wcount = wcount + fits
         # restart closed windows
         st.reset(close)
-        if ctx.shape[1]:
-            ctx = torch.where(close[:, None], model.pad_id, ctx)
         wcount = torch.where(close, 0, wcount)
         wideal = torch.where(close, 0.0, wideal)
         widx = widx + close

@@ -17,7 +17,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     opts = BuildOptions(method=args.method, token_bits=args.token_bits, window_bits=args.window_bits,
                         chunk_bytes=args.chunk_bytes, precision=args.precision,
                         max_window_bytes=args.max_window_bytes, m1=args.m1, context_len=args.context_len,
-                        batch_rows=args.batch_rows, streams_per_batch=args.streams_per_batch, device=args.device)
+                        batch_rows=args.batch_rows, streams_per_batch=args.streams_per_batch, device=args.device,
+                        m1_eval=args.m1_eval)
     stats = build(args.corpus, args.out, opts, force=args.force, train=args.train,
                   progress=False if args.quiet else None)
     if args.json:
@@ -56,6 +57,10 @@ def add_parser(sub) -> None:
     b.add_argument("--max-window-bytes", type=_positive_int, default=64, help="EqualInfoAC: bytes per window at most (default 64)")
     b.add_argument("--m1", metavar="CKPT", help="M1 checkpoint (flopwise folder or torch.save'd module); ac/equalinfo")
     b.add_argument("--context-len", type=_positive_int, help="M1 context (default: its max_seq_len)")
+    b.add_argument("--m1-eval", choices=("auto", "cached", "window"), default="auto",
+                   help="M1 evaluation: cached (KV cache, one token per step; dense flopwise models), window "
+                        "(re-read the last context-len bytes every step; any module), auto (default: cached "
+                        "where it applies)")
     b.add_argument("--batch-rows", type=_positive_int, default=64, help="rows per M1 call, fixed (default 64)")
     b.add_argument("--streams-per-batch", type=_positive_int, default=256, help="streams coded together (default 256)")
     b.add_argument("--train", metavar="FILE", help="StaticAC: fit the unigram model on FILE (default: the corpus)")

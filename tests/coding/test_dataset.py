@@ -85,9 +85,10 @@ def test_cli_build_decode_every_method(tmp_path, prose):
     m1 = _tiny_m1(str(tmp_path / "m1.pt"))
     runs = [("gzip", ["--token-bits", "16"]), ("static", []),
             ("ac", ["--m1", m1, "--chunk-bytes", "300"]),
+            ("ac", ["--m1", m1, "--chunk-bytes", "300", "--m1-eval", "window"]),
             ("equalinfo", ["--m1", m1, "--window-bits", "16", "--token-bits", "16", "--chunk-bytes", "300"])]
-    for method, extra in runs:
-        out = tmp_path / f"out-{method}"
+    for i, (method, extra) in enumerate(runs):
+        out = tmp_path / f"out-{i}-{method}"
         assert _cli(["coding", "build", str(corpus), str(out), "--method", method, "--quiet", *extra]) == 0
         stats = json.loads((out / "stats.json").read_text())
         meta = json.loads((out / "meta.json").read_text())
@@ -95,10 +96,11 @@ def test_cli_build_decode_every_method(tmp_path, prose):
         assert abs(stats["compression_ratio"] * stats["token_bytes"] - 1500) < 1e-6
         if method in ("ac", "equalinfo"):
             assert meta["m1"]["sha256"] and meta["m1"]["context_len"] == 12
+            assert meta["m1"]["eval"] == ("window" if "window" in extra else "cached")
         if method == "equalinfo":
             assert stats["windows"] == np.load(out / "window_bytes.npy").size
             assert np.load(out / "tokens.npy").size == stats["windows"]  # b = N = 16: one token per window
-        back = tmp_path / f"back-{method}.txt"
+        back = tmp_path / f"back-{i}-{method}.txt"
         assert _cli(["coding", "decode", str(out), str(back), "--quiet"]) == 0
         assert back.read_bytes() == prose[:1500]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
