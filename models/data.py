@@ -17,9 +17,11 @@ The split is fixed and the same for both: the text is cut into sections of at le
 (indices 19, 39, ...) is validation, so about 5% of the text, spread evenly through every
 source, is held out.
 
-Tokens are bytes (vocabulary 256). Training batches are a pure function of
-``(seed, step, micro-step)`` (:meth:`ByteData.batch`), so a resumed run needs only the
-step to continue on the same data. Validation windows are fixed (:meth:`ByteData.eval_windows`).
+Tokens are bytes (vocabulary 256) in :class:`ByteData`; :class:`TokenData` holds any other
+token ids (e.g. compressed text, vocabulary 65536) with the same batches. Training batches
+are a pure function of ``(seed, step, micro-step)`` (:meth:`ByteData.batch`), so a resumed
+run needs only the step to continue on the same data. Validation windows are fixed
+(:meth:`ByteData.eval_windows`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "VAL_EVERY",
     "TextCorpus",
     "ByteData",
+    "TokenData",
     "data_dir",
     "corpus_dir",
     "split_text",
@@ -286,29 +290,35 @@ def load_corpus(path: str | os.PathLike | None = None) -> TextCorpus:
 # ----------------------------------------------------------------------------------------
 
 
-class ByteData:
-    """Train/validation bytes as uint8 tensors, with deterministic batches.
+class _WindowData:
+    """Train/validation token tensors with deterministic batches: the shared implementation
+    of :class:`ByteData` and :class:`TokenData`.
 
     ``batch(step, micro, batch_size, seq_len)`` draws ``batch_size`` random windows of
-    ``seq_len + 1`` bytes from the training text with a generator seeded from
+    ``seq_len + 1`` tokens from the training array with a generator seeded from
     ``(seed, step, micro)``: no hidden state, so resuming at ``step`` replays the same data.
+    ``eval_windows`` walks the validation array in consecutive non-overlapping windows.
+
+    Subclasses set ``train``, ``val`` (1-D integer tensors), ``seed``, ``vocab_size``,
+    ``bytes_per_token`` and ``corpus`` (``.name``, ``.sha256``).
     """
 
-    def __init__(self, corpus: TextCorpus, *, seed: int = 0):
-        if not isinstance(corpus, TextCorpus):
-            raise TypeError(f"corpus must be a TextCorpus, got {type(corpus).__name__}")
-        self.corpus = corpus
-        self.seed = int(seed)
-        self.train = torch.frombuffer(bytearray(corpus.train), dtype=torch.uint8)
-        self.val = torch.frombuffer(bytearray(corpus.val), dtype=torch.uint8)
+    train: torch.Tensor
+    val: torch.Tensor
+    seed: int
+    vocab_size: int
+    bytes_per_token: float
+    # How error messages name the arrays and their length unit.
+    _train_what, _val_what, _unit = "training tokens", "validation tokens", " tokens"
 
     def batch(self, step: int, micro: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(tokens [B, S], targets [B, S])`` int64, targets shifted by one byte."""
+        """``(tokens [B, S], targets [B, S])`` int64, targets shifted by one token."""
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         n = self.train.numel() - seq_len - 1
         if n < 1:
-            raise ValueError(f"training text ({self.train.numel()} B) is shorter than seq_len + 1 = {seq_len + 1}")
+            raise ValueError(f"{self._train_what} ({self.train.numel()}{self._unit}) is shorter than "
+                             f"seq_len + 1 = {seq_len + 1}")
         # One generator per (seed, step, micro): a large odd multiplier keeps the streams apart.
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + micro)
         starts = torch.randint(0, n + 1, (batch_size,), generator=g)
@@ -318,11 +328,12 @@ class ByteData:
     def eval_windows(self, seq_len: int, batch_size: int, max_tokens: int | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Consecutive non-overlapping validation windows (the first ``max_tokens`` predicted
-        bytes, rounded down to whole windows; at least one window), in batches."""
+        tokens, rounded down to whole windows; at least one window), in batches; int64."""
         per = seq_len
         n_windows = (self.val.numel() - 1) // per
         if n_windows < 1:
-            raise ValueError(f"validation text ({self.val.numel()} B) is shorter than seq_len + 1 = {seq_len + 1}")
+            raise ValueError(f"{self._val_what} ({self.val.numel()}{self._unit}) is shorter than "
+                             f"seq_len + 1 = {seq_len + 1}")
         if max_tokens is not None:
             n_windows = max(1, min(n_windows, max_tokens // per))
         starts = torch.arange(n_windows) * per
@@ -330,6 +341,128 @@ class ByteData:
             s = starts[i:i + batch_size]
             win = self.val[s[:, None] + torch.arange(seq_len + 1)].long()
             yield win[:, :-1], win[:, 1:]
+
+
+class ByteData(_WindowData):
+    """Train/validation bytes as uint8 tensors, with deterministic batches.
+
+    ``batch(step, micro, batch_size, seq_len)`` draws ``batch_size`` random windows of
+    ``seq_len + 1`` bytes from the training text with a generator seeded from
+    ``(seed, step, micro)``: no hidden state, so resuming at ``step`` replays the same data.
+    Tokens are bytes: ``vocab_size`` 256, ``bytes_per_token`` 1.
+    """
+
+    vocab_size = 256
+    bytes_per_token = 1.0
+    _train_what, _val_what, _unit = "training text", "validation text", " B"
+
+    def __init__(self, corpus: TextCorpus, *, seed: int = 0):
+        if not isinstance(corpus, TextCorpus):
+            raise TypeError(f"corpus must be a TextCorpus, got {type(corpus).__name__}")
+        self.corpus = corpus
+        self.seed = int(seed)
+        self.train = torch.frombuffer(bytearray(corpus.train), dtype=torch.uint8)
+        self.val = torch.frombuffer(bytearray(corpus.val), dtype=torch.uint8)
+        self.train_bytes = len(corpus.train)
+        self.val_bytes = len(corpus.val)
+
+
+class _TokenCorpus:
+    """What a checkpoint records about :class:`TokenData`'s source: ``name`` and
+    ``sha256`` (of the vocabulary size, the lengths and both arrays as little-endian
+    int32/int64, so the same ids give the same checksum whatever dtype they came in)."""
+
+    def __init__(self, name: str, vocab_size: int, train: torch.Tensor, val: torch.Tensor):
+        self.name = name
+        self._parts = (vocab_size, train, val)
+        self._sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            vocab_size, train, val = self._parts
+            h = hashlib.sha256(f"tokens:{vocab_size}:{train.numel()}:{val.numel()}:{train.dtype}\n".encode())
+            for t in (train, val):
+                a = t.numpy()
+                h.update(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).data)
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+    def __repr__(self) -> str:
+        return f"_TokenCorpus(name={self.name!r})"
+
+
+def _token_array(x, arg: str, vocab_size: int) -> torch.Tensor:
+    """``x`` (1-D integer numpy array or torch tensor of ids in ``[0, vocab_size)``) as a
+    CPU int32 tensor (int64 when ``vocab_size`` does not fit int32)."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"{arg} must hold integer token ids, got dtype {x.dtype}")
+        a = x.detach().cpu().numpy()
+    elif isinstance(x, np.ndarray):
+        a = x
+    else:
+        raise TypeError(f"{arg} must be a 1-D integer numpy array or torch tensor, got {type(x).__name__}")
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{arg} must hold integer token ids (uint8, uint16, int32, int64, ...), got dtype {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(f"{arg} must be 1-D, got shape {tuple(a.shape)}")
+    if a.size:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{arg} holds token ids in [{lo}, {hi}], outside [0, vocab_size={vocab_size})")
+    out = np.ascontiguousarray(a, dtype=np.int32 if vocab_size <= 2**31 else np.int64)
+    if np.may_share_memory(out, a):
+        out = out.copy()  # own the memory: later edits of the caller's array change nothing here
+    return torch.from_numpy(out)
+
+
+class TokenData(_WindowData):
+    """Arbitrary token ids (e.g. compressed-text tokens, vocabulary 256 or 65536) with
+    :class:`ByteData`'s batches: the same ``batch`` and ``eval_windows``, the same windows
+    for the same ids.
+
+    Args:
+        train, val: 1-D integer numpy arrays or torch tensors (uint8, uint16, int32, int64,
+            ...) of ids in ``[0, vocab_size)``; stored as CPU int32 tensors (int64 for a
+            vocabulary beyond int32).
+        vocab_size: the number of token ids (>= 2).
+        val_bytes: the bytes of original text ``val`` encodes: ``bytes_per_token =
+            val_bytes / len(val)`` turns nats per token into bits per original byte.
+        name: names the source in checkpoints (``corpus.name``).
+        seed: data order (see :meth:`batch`).
+        train_bytes: the original bytes ``train`` encodes (informational), or None.
+    """
+
+    def __init__(self, train, val, *, vocab_size: int, val_bytes: int, name: str, seed: int = 0,
+                 train_bytes: int | None = None):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        if isinstance(val_bytes, bool) or not isinstance(val_bytes, int) or val_bytes < 1:
+            raise ValueError(f"val_bytes must be an int >= 1 (bytes of original text in val), got {val_bytes!r}")
+        if train_bytes is not None and (isinstance(train_bytes, bool) or not isinstance(train_bytes, int)
+                                        or train_bytes < 1):
+            raise ValueError(f"train_bytes must be None or an int >= 1, got {train_bytes!r}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.train = _token_array(train, "train", vocab_size)
+        self.val = _token_array(val, "val", vocab_size)
+        if self.train.numel() < 2:
+            raise ValueError(f"train must hold at least 2 tokens, got {self.train.numel()}")
+        if self.val.numel() < 2:
+            raise ValueError(f"val must hold at least 2 tokens, got {self.val.numel()}")
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.val_bytes = val_bytes
+        self.train_bytes = train_bytes
+        self.bytes_per_token = val_bytes / self.val.numel()
+        self.corpus = _TokenCorpus(name, vocab_size, self.train, self.val)
+
+    def __repr__(self) -> str:
+        return (f"TokenData({self.corpus.name!r}, vocab_size={self.vocab_size}, train={self.train.numel():,} "
+                f"tokens, val={self.val.numel():,} tokens, {self.bytes_per_token:.4f} bytes/token)")
 
 
 def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor, *, bytes_per_token: float = 1.0) -> float:

@@ -1,12 +1,14 @@
-"""Training loop for :class:`~flopwise.models.Transformer` byte-level language models.
+"""Training loop for :class:`~flopwise.models.Transformer` language models on bytes
+(:class:`~flopwise.models.data.ByteData`) or any other token ids
+(:class:`~flopwise.models.data.TokenData`, e.g. compressed text).
 
 AdamW (no weight decay on vectors: norms, biases), linear warmup then cosine decay to
 ``min_lr_ratio * lr``, global gradient-norm clipping, gradient accumulation, bf16 autocast
-on CUDA (fp32 master weights), periodic validation in bits per byte, checkpoints
+on CUDA (fp32 master weights), periodic validation in bits per (original) byte, checkpoints
 (:mod:`flopwise.models.checkpoint`) with exact resume.
 
 Exact resume: batches are a pure function of ``(seed, step, micro-step)``
-(:meth:`~flopwise.models.data.ByteData.batch`), the learning rate a pure function of the
+(:meth:`~flopwise.models.data.ByteData.batch`, :meth:`~flopwise.models.data.TokenData.batch`), the learning rate a pure function of the
 step, and a checkpoint holds the fp32 weights, the AdamW moments and step, and the global
 RNG states. So on a deterministic device a run stopped at step k and resumed computes
 bit-for-bit the losses an uninterrupted run computes from step k on.
@@ -22,6 +24,12 @@ Example::
     result = trainer.fit()             # progress bar: loss, tokens/s, MFU; evals; checkpoints
     result.val_bpb
     trainer = Trainer.resume("runs/m1/last", load_corpus())
+
+On other tokens (here 16-bit ids of compressed text; ``val_bytes``: the original bytes
+``val`` encodes, so validation is reported in bits per original byte)::
+
+    data = TokenData(train_ids, val_ids, vocab_size=65536, val_bytes=n_val_bytes, name="zip16")
+    trainer = Trainer(ModelConfig.preset("m1", vocab_size=65536), TrainConfig(), data)
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import load_checkpoint, load_optimizer_tensors, rng_state, save_checkpoint, set_rng_state
-from .data import ByteData, TextCorpus, load_corpus
+from .data import ByteData, TextCorpus, TokenData, load_corpus
 from .transformer import ModelConfig, Transformer
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "lr_at", "peak_flops", "active_params", "load_run_config",
@@ -56,7 +64,7 @@ _DTYPES = ("auto", "fp32", "bf16")
 @dataclass
 class TrainConfig:
     """Attributes:
-    seq_len: bytes per training sequence; batch_size: sequences per micro-batch;
+    seq_len: tokens (bytes, for byte data) per training sequence; batch_size: sequences per micro-batch;
         grad_accum: micro-batches per optimizer step (tokens per step =
         ``seq_len * batch_size * grad_accum``).
     max_steps: optimizer steps (the cosine schedule ends here).
@@ -64,8 +72,8 @@ class TrainConfig:
         linear warmup steps (see :func:`lr_at`).
     weight_decay, beta1, beta2, eps: AdamW; decay applies to matrices only.
     grad_clip: global L2 norm to clip to (0: no clipping; the norm is still reported).
-    eval_every: validation every this many steps (0: only at the end); eval_tokens: bytes
-        of validation text predicted per evaluation (None: all of it).
+    eval_every: validation every this many steps (0: only at the end); eval_tokens:
+        validation tokens (bytes, for byte data) predicted per evaluation (None: all of it).
     log_every: progress-line interval in steps (on a terminal the bar redraws every step).
     save_every: checkpoint to ``out_dir/last`` every this many steps (0: only at the end);
         out_dir: None writes no checkpoints.
@@ -312,8 +320,9 @@ class Progress:
 
 @dataclass
 class TrainResult:
-    """Summary of a :meth:`Trainer.fit` call. ``losses``: the LM loss (nats/byte) of every
-    step run in this call; ``evals``: ``(step, val_bpb)`` pairs; ``tokens_per_s``: training
+    """Summary of a :meth:`Trainer.fit` call. ``losses``: the LM loss (nats/token; a token
+    is a byte for byte data) of every step run in this call; ``evals``: ``(step, val_bpb)``
+    pairs (bits per original byte); ``tokens_per_s``: training
     throughput (evaluation excluded); ``flops``: training FLOPs of the steps run
     (``cfg.flops_per_token(seq_len)`` per token)."""
 
@@ -343,11 +352,15 @@ class Trainer:
         model_cfg: the model to build (initialised from ``cfg.seed``).
         cfg: the :class:`TrainConfig`.
         data: a :class:`~flopwise.models.data.ByteData`, a
-            :class:`~flopwise.models.data.TextCorpus` or None (:func:`load_corpus`'s default).
+            :class:`~flopwise.models.data.TokenData`, a
+            :class:`~flopwise.models.data.TextCorpus` (trained on as bytes, seeded with
+            ``cfg.seed``) or None (:func:`load_corpus`'s default). The model's
+            ``vocab_size`` must be at least the data's.
         progress: show the progress line (stderr).
     """
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig | None = None, data: ByteData | TextCorpus | None = None,
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig | None = None,
+                 data: ByteData | TokenData | TextCorpus | None = None,
                  *, progress: bool = True, label: str = ""):
         if not isinstance(model_cfg, ModelConfig):
             raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
@@ -356,13 +369,15 @@ class Trainer:
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         if cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
-        if model_cfg.vocab_size < 256:
-            raise ValueError(f"byte-level training needs vocab_size >= 256, got {model_cfg.vocab_size}")
-        self.cfg = cfg
-        self.device = _resolve_device(cfg.device)
         if data is None:
             data = load_corpus()
-        self.data = data if isinstance(data, ByteData) else ByteData(data, seed=cfg.seed)
+        data = data if isinstance(data, (ByteData, TokenData)) else ByteData(data, seed=cfg.seed)
+        if model_cfg.vocab_size < data.vocab_size:
+            raise ValueError(f"the model's vocab_size ({model_cfg.vocab_size}) is smaller than the data's "
+                             f"vocab_size ({data.vocab_size}): token ids up to {data.vocab_size - 1} occur")
+        self.cfg = cfg
+        self.device = _resolve_device(cfg.device)
+        self.data = data
         self.show_progress, self.label = progress, label
         torch.manual_seed(cfg.seed)
         self.model = Transformer(model_cfg).to(self.device)
@@ -400,7 +415,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches. Returns the metrics:
-        ``loss`` (LM loss, nats/byte, mean over micro-batches), ``total_loss`` (with the
+        ``loss`` (LM loss, nats/token, mean over micro-batches), ``total_loss`` (with the
         auxiliary losses), ``grad_norm`` (before clipping), ``lr`` and the model's aux
         means (e.g. ``mod_predictor_acc``)."""
         cfg = self.cfg
@@ -440,12 +455,21 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, max_tokens: int | None = -1, *, causal: bool = True) -> dict:
-        """Validation bits per byte over the fixed validation windows.
+        """Validation loss over the fixed validation windows, in bits per original byte.
 
         ``causal=True`` evaluates in ``eval()`` mode, where MoD layers route causally (the
         way generation runs); ``causal=False`` keeps training-mode top-k routing, which
-        looks at the whole window. ``max_tokens=-1``: ``cfg.eval_tokens``. Returns
-        ``{"val_bpb", "val_loss", "val_tokens"}`` plus ``mod_predictor_acc`` for MoD models.
+        looks at the whole window. ``max_tokens=-1``: ``cfg.eval_tokens``; None: all
+        validation tokens.
+
+        Returns ``{"val_loss", "val_bits_per_token", "val_bpb", "val_tokens"}`` plus
+        ``mod_predictor_acc`` for MoD models: ``val_loss`` in nats per token,
+        ``val_bits_per_token = val_loss / ln 2``, ``val_bpb = val_bits_per_token /
+        data.bytes_per_token`` (bits per byte of the original text; the same number for
+        byte data), ``val_tokens`` the tokens predicted. For :class:`TokenData`,
+        ``bytes_per_token`` is the average over the whole validation array, so ``val_bpb``
+        is exact only when all validation tokens are evaluated (``max_tokens=None``); on a
+        prefix it assumes the prefix compresses like the whole.
         """
         if max_tokens == -1:
             max_tokens = self.cfg.eval_tokens
@@ -464,7 +488,9 @@ class Trainer:
                     acc_n += y.numel()
         finally:
             self.model.train(was)
-        res = {"val_loss": nats / n, "val_bpb": nats / n / math.log(2), "val_tokens": n}
+        bits_per_token = nats / n / math.log(2)
+        res = {"val_loss": nats / n, "val_bits_per_token": bits_per_token,
+               "val_bpb": bits_per_token / self.data.bytes_per_token, "val_tokens": n}
         if acc_n:
             res["mod_predictor_acc"] = acc / acc_n
         return res
@@ -519,7 +545,8 @@ class Trainer:
             evals.append((self.step, final["val_bpb"]))
             bar.val_bpb = final["val_bpb"]
             bar.note(f"step {self.step}: val bpb {final['val_bpb']:.4f} "
-                     f"({final['val_tokens']:,} bytes, causal routing)")
+                     f"({final['val_tokens']:,} {'bytes' if isinstance(self.data, ByteData) else 'tokens'}, "
+                     "causal routing)")
         if cfg.out_dir:
             self.save(Path(cfg.out_dir) / "last")
         n = self.step - start_step
@@ -544,12 +571,13 @@ class Trainer:
         return save_checkpoint(path, self.model, self.optimizer, trainer_state=self.state())
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, data: ByteData | TextCorpus | None = None, *,
+    def resume(cls, path: str | os.PathLike, data: ByteData | TokenData | TextCorpus | None = None, *,
                progress: bool = True, label: str = "", **overrides) -> "Trainer":
         """A trainer continuing the checkpoint at ``path``: weights, AdamW state, step, RNG
         states and TrainConfig (``overrides`` change TrainConfig fields, e.g. ``max_steps``
-        or ``out_dir``). A different corpus than the run's is refused (its checksum is in
-        the checkpoint)."""
+        or ``out_dir``). ``data``: as in :class:`Trainer` (pass the run's
+        :class:`~flopwise.models.data.TokenData` for a token run). A different corpus than
+        the run's is refused (its checksum is in the checkpoint)."""
         ck = load_checkpoint(path)
         st = ck.trainer_state
         if st is None or ck.optimizer is None:
@@ -557,7 +585,7 @@ class Trainer:
         cfg = TrainConfig.from_dict({**st["train_config"], **overrides})
         if data is None:
             data = load_corpus()
-        corpus = data.corpus if isinstance(data, ByteData) else data
+        corpus = data.corpus if isinstance(data, (ByteData, TokenData)) else data
         if corpus.sha256 != st["data"]["sha256"]:
             raise ValueError(f"checkpoint {path} was trained on corpus {st['data']['corpus']!r} "
                              f"(sha256 {st['data']['sha256'][:12]}...), not {corpus.name!r} ({corpus.sha256[:12]}...)")
