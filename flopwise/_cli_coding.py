@@ -41,6 +41,18 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from flopwise.coding.experiment import run_experiment
+
+    res = run_experiment(args.corpus, preset=args.preset, runs=args.runs, m1=args.m1, out_dir=args.out,
+                         device=args.device, m2_steps=args.m2_steps, progress=not args.quiet)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res.to_dict(), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("coding", help="compressed-text datasets: arithmetic coding, EqualInfoAC, GZip")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -78,3 +90,17 @@ def add_parser(sub) -> None:
     d.add_argument("--force", action="store_true", help="replace an existing TEXT_FILE")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_decode)
+
+    e = csub.add_parser("experiment", help="train M2 models over each method's tokens at matched compute "
+                                           "and compare validation bits per original byte")
+    e.add_argument("--preset", choices=("cpu", "gpu", "smoke"), help="sizes (default: gpu with CUDA, else cpu)")
+    e.add_argument("--corpus", help="corpus folder, or 'embedded' (default: the fetched corpus, else embedded)")
+    e.add_argument("--runs", help="M2 runs, comma separated: bytes, gzip, static, ac, equalinfo, each with an "
+                                  "optional :8 or :16 (token bits; default 8). Default: the preset's")
+    e.add_argument("--m1", metavar="CKPT", help="use this M1 (flopwise checkpoint folder) instead of training one")
+    e.add_argument("--m2-steps", type=_positive_int, help="M2 optimizer steps (default: the preset's)")
+    e.add_argument("--out", metavar="DIR", help="keep M1, the token arrays and results.json here")
+    e.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    e.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
+    e.set_defaults(func=_cmd_experiment)

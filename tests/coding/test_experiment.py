@@ -1,0 +1,45 @@
+"""``flopwise coding experiment`` at smoke size: every dataset decodes, M2 rows are consistent."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flopwise.coding.experiment import ExperimentPreset, parse_runs, run_experiment
+
+
+def test_parse_runs():
+    assert parse_runs("bytes,ac,equalinfo:16") == ("bytes", "ac:8", "equalinfo:16")
+    assert parse_runs(["gzip:16", "gzip:16"]) == ("gzip:16",)
+    with pytest.raises(ValueError, match="unknown run"):
+        parse_runs("ac:12")
+    with pytest.raises(ValueError, match="unknown experiment preset"):
+        ExperimentPreset.preset("huge")
+
+
+def test_smoke_experiment(tmp_path):
+    lines = []
+    res = run_experiment("embedded", preset="smoke", runs="bytes,static,equalinfo", out_dir=str(tmp_path),
+                         device="cpu", progress=False, log=lines.append)
+    coded = {(r.method, r.token_bits): r for r in res.coding}
+    assert set(coded) == {("gzip", 8), ("static", 8), ("ac", 8), ("equalinfo", 8)}
+    assert all(r.roundtrip for r in res.coding)
+    # EqualInfoAC b=16, N=8: exactly two tokens per window, so bytes/token = bytes per window / 2
+    assert [r.run for r in res.m2] == ["bytes", "static:8", "equalinfo:8"]
+    p = ExperimentPreset.preset("smoke")
+    for r in res.m2:
+        assert r.steps == p.m2_steps and r.tokens_trained == p.m2_steps * p.m2_batch * p.m2_seq_len
+        assert np.isfinite(r.val_bpb) and r.val_bpb > 0
+        assert r.val_bpb == pytest.approx(r.val_bits_per_token / r.bytes_per_token)
+        if r.run != "bytes":  # the uniform cost of a run is its method's coded size
+            assert r.compressed_bpb == pytest.approx(coded[(r.run.split(":")[0], 8)].bits_per_byte)
+    assert res.m2[0].compressed_bpb == 8.0
+    assert len({r.train_flops for r in res.m2}) == 1  # same model, steps and tokens: matched compute
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["m2"][2]["val_bpb"] == res.m2[2].val_bpb
+    val = np.load(tmp_path / "data" / "equalinfo-8" / "val.npy")
+    assert val.dtype == np.uint8 and val.size == coded[("equalinfo", 8)].tokens
+    assert (tmp_path / "m1" / "config.json").is_file()
+    assert any("EqualInfoAC[b=16] v=256" in line for line in lines)
