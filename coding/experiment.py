@@ -183,7 +183,7 @@ def _coder(method: str, bits: int, p: ExperimentPreset, m1_net, train_text: byte
         return ArithmeticCoding(lm, bits, p.chunk_bytes, streams_per_batch=p.streams_per_batch, device=device)
     lm = CachedLM(m1_net, context_len=min(p.max_window_bytes + 1, m1_net.cfg.max_seq_len), batch_rows=p.batch_rows)
     return EqualInfoAC(lm, p.window_bits, bits, p.chunk_bytes, max_window_bytes=p.max_window_bytes,
-                       streams_per_batch=p.streams_per_batch, batch_windows=max(p.streams_per_batch, 1024),
+                       streams_per_batch=p.streams_per_batch, batch_windows=max(p.streams_per_batch, 4096),
                        device=device)
 
 
@@ -264,7 +264,7 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
     notes: list[str] = []
     try:
         # ---------------------------------------------------------------- M1
-        data = ByteData(text, seed=0)
+        data = ByteData(text, seed=0, bos=0)  # M1 learns the empty context CachedLM restarts from
         if m1 is None:
             cfg = TrainConfig(seq_len=p.m1_seq_len, batch_size=p.m1_batch, max_steps=p.m1_steps, lr=p.lr,
                               warmup_steps=max(1, p.m1_steps // 10), eval_tokens=65536, device=str(dev),

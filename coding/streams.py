@@ -283,7 +283,8 @@ def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | None, model
 def decode_equal_info(windows: torch.Tensor, counts: torch.Tensor, model: ProbabilityModel, cfg: CoderConfig,
                       window_bits: int, *, batch_windows: int = 4096) -> list[torch.Tensor]:
     """Decode windows ``[W, window_bits/8] uint8`` holding ``counts [W]`` symbols each, all
-    windows of a batch in parallel. Returns one ``[counts[w]]`` int64 tensor per window."""
+    windows of a batch in parallel (batches of windows of similar length). Returns one
+    ``[counts[w]]`` int64 tensor per window, in the given order."""
     if not isinstance(windows, torch.Tensor) or windows.dtype != torch.uint8 or windows.dim() != 2:
         raise TypeError("windows must be a uint8 tensor [W, window_bits/8]")
     if windows.shape[1] * 8 != window_bits:
@@ -293,9 +294,14 @@ def decode_equal_info(windows: torch.Tensor, counts: torch.Tensor, model: Probab
         raise ValueError(f"counts must be a tensor [{W}]")
     if W and int(counts.min()) < 1:
         raise rc.CorruptStreamError("every window holds at least one symbol; found a count < 1")
-    pieces: list[torch.Tensor] = []
+    # A batch runs as many steps as its longest window: batches of windows sorted by length
+    # waste (almost) no steps. The pieces go back to stream order at the end.
+    order = torch.sort(counts.long().cpu(), stable=True).indices
+    pieces: list[torch.Tensor | None] = [None] * W
     for i in range(0, W, batch_windows):
-        c = counts[i : i + batch_windows].long().to(windows.device)
-        sym = decode_streams(windows[i : i + batch_windows], None, c, model, cfg, max_bits=window_bits)
-        pieces.extend(sym[j, : int(n)] for j, n in enumerate(c.tolist()))
+        idx = order[i : i + batch_windows]
+        c = counts.long().cpu()[idx].to(windows.device)
+        sym = decode_streams(windows[idx.to(windows.device)], None, c, model, cfg, max_bits=window_bits)
+        for j, (w, n) in enumerate(zip(idx.tolist(), c.tolist())):
+            pieces[w] = sym[j, :n]
     return pieces

@@ -308,6 +308,7 @@ class _WindowData:
     seed: int
     vocab_size: int
     bytes_per_token: float
+    bos: int | None = None
     # How error messages name the arrays and their length unit.
     _train_what, _val_what, _unit = "training tokens", "validation tokens", " tokens"
 
@@ -323,7 +324,14 @@ class _WindowData:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + micro)
         starts = torch.randint(0, n + 1, (batch_size,), generator=g)
         win = self.train[starts[:, None] + torch.arange(seq_len + 1)].long()
-        return win[:, :-1], win[:, 1:]
+        return self._inputs(win), win[:, 1:]
+
+    def _inputs(self, win: torch.Tensor) -> torch.Tensor:
+        x = win[:, :-1]
+        if self.bos is not None:
+            x = x.clone()
+            x[:, 0] = self.bos
+        return x
 
     def eval_windows(self, seq_len: int, batch_size: int, max_tokens: int | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -340,7 +348,7 @@ class _WindowData:
         for i in range(0, n_windows, batch_size):
             s = starts[i:i + batch_size]
             win = self.val[s[:, None] + torch.arange(seq_len + 1)].long()
-            yield win[:, :-1], win[:, 1:]
+            yield self._inputs(win), win[:, 1:]
 
 
 class ByteData(_WindowData):
@@ -350,15 +358,26 @@ class ByteData(_WindowData):
     ``seq_len + 1`` bytes from the training text with a generator seeded from
     ``(seed, step, micro)``: no hidden state, so resuming at ``step`` replays the same data.
     Tokens are bytes: ``vocab_size`` 256, ``bytes_per_token`` 1.
+
+    ``bos``: when set, the first input of every window (training and validation) is this id
+    instead of the window's first byte, whose successor stays the first target. The model
+    then learns to predict a byte from an empty context, as a coder that restarts its
+    context (an M1 under :class:`~flopwise.coding.models.CachedLM`, whose contexts start
+    with ``bos_id``) asks it to. Without it the first prediction after a restart comes from
+    an input the model never saw in training. (Not recorded in checkpoints: resume with the
+    same value.)
     """
 
     vocab_size = 256
     bytes_per_token = 1.0
     _train_what, _val_what, _unit = "training text", "validation text", " B"
 
-    def __init__(self, corpus: TextCorpus, *, seed: int = 0):
+    def __init__(self, corpus: TextCorpus, *, seed: int = 0, bos: int | None = None):
         if not isinstance(corpus, TextCorpus):
             raise TypeError(f"corpus must be a TextCorpus, got {type(corpus).__name__}")
+        if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < 256):
+            raise ValueError(f"bos must be None or a byte value in [0, 256), got {bos!r}")
+        self.bos = bos
         self.corpus = corpus
         self.seed = int(seed)
         self.train = torch.frombuffer(bytearray(corpus.train), dtype=torch.uint8)

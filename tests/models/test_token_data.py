@@ -217,3 +217,17 @@ def test_resume_refuses_other_tokens(tmp_path, pair_data, corpus):
         Trainer.resume(tmp_path / "ck", other, progress=False)
     with pytest.raises(ValueError, match="corpus"):
         Trainer.resume(tmp_path / "ck", corpus, progress=False)
+
+
+def test_byte_data_bos_replaces_first_input_only():
+    corpus = embedded_corpus()
+    plain, bos = ByteData(corpus, seed=3), ByteData(corpus, seed=3, bos=0)
+    x0, y0 = plain.batch(5, 0, 4, 16)
+    x1, y1 = bos.batch(5, 0, 4, 16)
+    assert torch.equal(y0, y1) and torch.equal(x0[:, 1:], x1[:, 1:])
+    assert bool((x1[:, 0] == 0).all()) and bool((x0[:, 0] != 0).all())
+    (ex0, ey0), (ex1, ey1) = next(plain.eval_windows(16, 4)), next(bos.eval_windows(16, 4))
+    assert torch.equal(ey0, ey1) and bool((ex1[:, 0] == 0).all()) and torch.equal(ex0[:, 1:], ex1[:, 1:])
+    for bad in (256, -1, True, 1.0):
+        with pytest.raises(ValueError, match="bos"):
+            ByteData(corpus, bos=bad)
