@@ -25,13 +25,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  if v is not None}
     corpus = load_corpus(args.corpus)
     if args.resume:
+        if args.bos is not None:
+            raise ValueError("--bos applies to a new run; a resumed run keeps the checkpoint's")
         trainer = Trainer.resume(args.resume, corpus, **overrides)
         print(f"resumed {args.resume} at step {trainer.step}", file=sys.stderr)
     else:
         from dataclasses import replace
 
+        from flopwise.models.data import ByteData
+
         mc, tc = load_run_config(args.config)
-        trainer = Trainer(mc, replace(tc, **overrides), corpus)
+        tc = replace(tc, **overrides)
+        trainer = Trainer(mc, tc, ByteData(corpus, seed=tc.seed, bos=args.bos))
     m = trainer.model
     print(f"model: {m.num_parameters():,} parameters, {trainer.flops_per_token:.3g} FLOPs/token at "
           f"S={trainer.cfg.seq_len}; corpus {corpus.name} ({len(corpus.train):,} B train); device {trainer.device}",
@@ -121,6 +126,9 @@ def add_parser(sub) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto (default), cpu, cuda, ...")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--bos", type=int, metavar="BYTE",
+                   help="start every training window with this byte (0 for an M1 that `coding build` "
+                        "restarts from an empty context; see ByteData)")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
     t.set_defaults(func=_cmd_train)
 

@@ -563,7 +563,7 @@ class Trainer:
         position)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": rng_state(),
                 "data": {"corpus": self.data.corpus.name, "sha256": self.data.corpus.sha256,
-                         "seed": self.data.seed, "next_step": self.step, "next_micro": 0},
+                         "seed": self.data.seed, "bos": self.data.bos, "next_step": self.step, "next_micro": 0},
                 "train_config": self.cfg.to_dict()}
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -589,6 +589,11 @@ class Trainer:
         if corpus.sha256 != st["data"]["sha256"]:
             raise ValueError(f"checkpoint {path} was trained on corpus {st['data']['corpus']!r} "
                              f"(sha256 {st['data']['sha256'][:12]}...), not {corpus.name!r} ({corpus.sha256[:12]}...)")
+        bos = st["data"].get("bos")
+        if isinstance(data, TextCorpus):
+            data = ByteData(data, seed=cfg.seed, bos=bos)
+        elif data.bos != bos:
+            raise ValueError(f"checkpoint {path} was trained with bos={bos}, the data given has bos={data.bos}")
         t = cls(ck.config, cfg, data, progress=progress, label=label)
         t.model.load_state_dict(ck.model.state_dict())
         load_optimizer_tensors(t.model, t.optimizer, ck.optimizer)

@@ -231,3 +231,15 @@ def test_byte_data_bos_replaces_first_input_only():
     for bad in (256, -1, True, 1.0):
         with pytest.raises(ValueError, match="bos"):
             ByteData(corpus, bos=bad)
+
+
+def test_resume_keeps_bos(tmp_path):
+    corpus = embedded_corpus()
+    cfg = ModelConfig.preset("tiny", max_seq_len=64)
+    t = Trainer(cfg, _tc(), ByteData(corpus, seed=0, bos=0), progress=False)
+    t.train_step()
+    t.save(tmp_path / "ck")
+    resumed = Trainer.resume(tmp_path / "ck", corpus, progress=False)
+    assert resumed.data.bos == 0 and resumed.data.seed == t.data.seed
+    with pytest.raises(ValueError, match="bos"):
+        Trainer.resume(tmp_path / "ck", ByteData(corpus, seed=0), progress=False)

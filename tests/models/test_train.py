@@ -341,6 +341,12 @@ def test_train_and_generate_cli(tmp_path, monkeypatch):
     assert sampled.startswith("The")
     model = load_model(ck)
     assert model.cfg.routing == ("all", "mod")
+    assert json.loads((ck / "trainer_state.json").read_text())["data"]["bos"] is None
+    # an M1 for the coders: every window starts from the empty context (bos), kept on resume
+    _cli(["train", str(cfg), "--out", str(tmp_path / "m1"), "--bos", "0", "--json"])
+    assert json.loads((tmp_path / "m1" / "last" / "trainer_state.json").read_text())["data"]["bos"] == 0
+    _cli(["train", "--resume", str(tmp_path / "m1" / "last"), "--steps", "4", "--json"])
+    assert json.loads((tmp_path / "m1" / "last" / "trainer_state.json").read_text())["data"]["bos"] == 0
 
 
 def test_data_info_cli(tmp_path, monkeypatch):
