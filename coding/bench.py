@@ -107,8 +107,52 @@ def _cases_for(B: int, S: int, device: str, with_constriction: bool) -> list[Cas
     ]
 
 
+def _equal_info_cases(n_streams: int, stream_bytes: int, device: str) -> list[Case]:
+    """EqualInfoAC decoding under a KV-cached LM (a small random Transformer on English text):
+    ``parallel`` decodes every window of a batch at once (windows are independent);
+    ``reference`` decodes each stream's windows in order, one window per stream at a time,
+    as a decoder without independent windows would (the encoder's schedule)."""
+    from pydoc_data.topics import topics
+
+    from flopwise.models.transformer import ModelConfig, Transformer
+
+    from . import streams as st
+    from .models import CachedLM
+
+    text = "\n".join(topics[k] for k in sorted(topics)).encode()[: n_streams * stream_bytes]
+    sym = torch.frombuffer(bytearray(text), dtype=torch.uint8).long().reshape(n_streams, stream_bytes).to(device)
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.preset("tiny", d_model=64, n_layers=2, n_heads=4, d_ff=176, max_seq_len=65))
+    lm = CachedLM(net.to(device), context_len=65, batch_rows=n_streams)
+    cfg = rc.CoderConfig(min_freq=st.equal_info_min_freq(16, 24))
+    enc = st.encode_equal_info(sym, None, lm, cfg, 16, 64)
+    counts, per_stream = enc.counts, enc.stream_windows.tolist()
+    first = np.concatenate([[0], np.cumsum(per_stream)[:-1]]).astype(np.int64)
+    n = int(counts.sum())
+
+    def parallel():
+        return torch.cat(st.decode_equal_info(enc.windows, counts, lm, cfg, 16, batch_windows=4096)).cpu().numpy()
+
+    def sequential():
+        pieces = [None] * len(counts)
+        for r in range(max(per_stream)):
+            idx = torch.tensor([first[b] + r for b in range(n_streams) if r < per_stream[b]], device=enc.windows.device)
+            out = st.decode_streams(enc.windows[idx], None, counts[idx], lm, cfg, max_bits=16)
+            for j, w in enumerate(idx.tolist()):
+                pieces[w] = out[j, : int(counts[w])]
+        return torch.cat(pieces).cpu().numpy()
+
+    def exact(out, ref):
+        return None if np.array_equal(out, ref) else "decoded symbols differ"
+
+    shape = f"streams={n_streams} bytes={stream_bytes} windows={len(counts)} b=16 {device}"
+    return [Case(op="equalinfo-decode", shape=shape, providers={"reference": sequential, "parallel": parallel},
+                 check=exact, count=n, unit="B", mode="decode")]
+
+
 def cases(gpu: bool) -> list[Case]:
     if gpu:
         # the target shape: 4,096 streams, vocabulary 256 (H100); constriction on this host's CPU
-        return _cases_for(4096, 32, "cuda", False) + _cases_for(4096, 32, "cpu", True)
-    return _cases_for(512, 32, "cpu", True)
+        return (_cases_for(4096, 32, "cuda", False) + _cases_for(4096, 32, "cpu", True)
+                + _equal_info_cases(64, 512, "cuda"))
+    return _cases_for(512, 32, "cpu", True) + _equal_info_cases(32, 256, "cpu")

@@ -264,10 +264,14 @@ class _CachedState:
                 self.k[i].mul_(keep)
                 self.v[i].mul_(keep)
         R = lm.batch_rows
-        new = torch.empty_like(self.logits)
-        for r0 in range(0, self.Bp, R):
-            sl = slice(r0, r0 + R)
-            new[sl] = self._forward(sl, tokens[sl], write[sl], active[sl])
+        new = self.logits.clone()
+        # micro-batches without an active row are skipped (same shapes for the others, so the
+        # same bits); streams sorted by length leave whole micro-batches idle
+        busy = active.view(-1, R).any(1).tolist()
+        for m, r0 in enumerate(range(0, self.Bp, R)):
+            if busy[m]:
+                sl = slice(r0, r0 + R)
+                new[sl] = self._forward(sl, tokens[sl], write[sl], active[sl])
         self.logits = torch.where(active[:, None], new, self.logits)
         self.pos = torch.where(active, write + 1, self.pos)
 

@@ -106,3 +106,29 @@ def test_equal_info_roundtrip_windows_decoded_in_other_batches(prose, token_bits
     comp = eq.compress(text)
     assert comp.n_windows > 100 and comp.tokens.size == comp.n_windows * 16 // token_bits
     assert eq.decompress(comp) == text
+
+
+def test_equal_info_bench_schedules_agree():
+    from flopwise.coding.bench import _equal_info_cases
+
+    (case,) = _equal_info_cases(3, 40, "cpu")
+    ref = case.providers["reference"]()
+    assert ref.size == 120 and case.check(case.providers["parallel"](), ref) is None
+
+
+def test_idle_micro_batches_are_skipped_without_changing_bits():
+    net = _net()
+    calls = []
+    lm = CachedLM(net, context_len=8, batch_rows=2)
+    state = lm.begin(6, "cpu")
+    forward = state._forward
+    state._forward = lambda sl, *a: calls.append(sl.start) or forward(sl, *a)
+    seq = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(0))
+    append = torch.tensor([True, False, False, False, False, True])
+    before = state.logits.clone()
+    state.update(seq, append)
+    assert calls == [0, 4]  # rows 2-3 idle: their micro-batch is not run
+    assert torch.equal(state.logits[1:5], before[1:5])
+    full = lm.begin(6, "cpu")
+    full.update(seq, torch.ones(6, dtype=torch.bool))
+    assert torch.equal(full.logits[[0, 5]], state.logits[[0, 5]])
