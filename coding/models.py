@@ -27,7 +27,6 @@ import hashlib
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
 from .rangecoder import CoderConfig, quantize_logits
 
@@ -179,8 +178,8 @@ class CachedLM:
     cache of exactly ``context_len`` slots (restarted rows are zeroed, unused slots masked), so a
     stream's logits depend only on its own history, not on which other streams share its
     batch. As for :class:`ModuleModel`, the weights, ``context_len``, ``batch_rows``,
-    ``bos_id``, device type, dtype and library versions must match between encoding and
-    decoding.
+    ``bos_id``, device type, dtype, number of CPU threads and library versions must match
+    between encoding and decoding.
 
     Args:
         module: a ``flopwise.models.transformer.Transformer`` whose layers are all dense
@@ -281,7 +280,7 @@ class _CachedState:
         m = self.lm.module
         R = tokens.shape[0]
         rows = torch.arange(R, device=tokens.device)
-        mask = (self.slots[None, :] <= write[:, None])[:, None, None, :]  # [R, 1, 1, L]
+        mask = self.slots[None, :] <= write[:, None]  # [R, L]
         x = m.embed(tokens)[:, None, :]  # [R, 1, D]
         for i, block in enumerate(m.layers):
             attn = block.attn
@@ -293,11 +292,28 @@ class _CachedState:
             keep = ~active[:, None, None]
             kc[rows, :, write] = torch.where(keep, kc[rows, :, write], k[:, 0])
             vc[rows, :, write] = torch.where(keep, vc[rows, :, write], v[:, 0])
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask)
-            a = attn.wo(out.transpose(1, 2).reshape(R, 1, -1))
+            out = _row_attention(q[:, 0], kc, vc, mask)  # [R, H, Dh]
+            a = attn.wo(out.reshape(R, 1, -1))
             mlp = block.mlp(normed) if block.parallel else block.mlp(block.norm2(x + a))
             x = x + (a + mlp)
         return m.head(m.norm(x))[:, 0, : self.lm.vocab_size].float()
+
+
+def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row against that row's cache: ``q [R, H, Dh]``, ``k, v [R, H, L, Dh]``,
+    ``mask [R, L]`` (True = attend) -> ``[R, H, Dh]``.
+
+    Written with elementwise products and reductions over fixed dimensions so that a row's
+    result is a function of that row alone. ``F.scaled_dot_product_attention`` is not: on CPU
+    with several threads its output for a row changes (by ~1e-6) with the other rows of the
+    batch, enough to make a decoder's frequencies differ from the encoder's (an EqualInfoAC
+    window then fails to decode; ``tests/coding/test_cached_lm.py`` shows it).
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = (q[:, :, None, :].float() * k.float()).sum(-1) * scale  # [R, H, L]
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    return (p[..., None] * v.float()).sum(-2).to(q.dtype)
 
 
 def file_sha256(path: str) -> str:

@@ -132,3 +132,38 @@ def test_idle_micro_batches_are_skipped_without_changing_bits():
     full = lm.begin(6, "cpu")
     full.update(seq, torch.ones(6, dtype=torch.bool))
     assert torch.equal(full.logits[[0, 5]], state.logits[[0, 5]])
+
+
+def test_every_row_bitwise_equal_to_its_own_run_in_a_mixed_batch():
+    """Streams at different positions and histories share micro-batches (as in an EqualInfoAC
+    encoder) and still compute exactly what each computes alone (as in its decoder). With
+    ``F.scaled_dot_product_attention`` in place of ``_row_attention`` this fails (torch 2.13,
+    CPU, 4 threads: rows differ by ~1e-6)."""
+    # several threads split a batch's work between them (the suite otherwise runs on one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        _mixed_batch_check()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _mixed_batch_check():
+    net = _net(d_model=64, n_layers=1, n_heads=2, d_ff=128, max_seq_len=40)
+    lm = CachedLM(net, context_len=40, batch_rows=16)
+    B, T = 48, 12
+    g = torch.Generator().manual_seed(5)
+    seq = torch.randint(0, 256, (B, T), generator=g)
+    start = torch.randint(0, 6, (B,), generator=g)  # rows begin at different steps
+    state = lm.begin(B, "cpu")
+    hist = {b: [] for b in range(B)}
+    for t in range(T):
+        state.update(seq[:, t], t >= start)
+        for b in range(B):
+            if t >= start[b]:
+                hist[b].append(t)
+    for b in range(B):
+        alone = lm.begin(1, "cpu")
+        for t in hist[b]:
+            alone.update(seq[b : b + 1, t], torch.tensor([True]))
+        assert torch.equal(alone.logits[0], state.logits[b]), b
