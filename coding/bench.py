@@ -145,7 +145,15 @@ def _equal_info_cases(n_streams: int, stream_bytes: int, device: str) -> list[Ca
     def exact(out, ref):
         return None if np.array_equal(out, ref) else "decoded symbols differ"
 
-    shape = f"streams={n_streams} bytes={stream_bytes} windows={len(counts)} b=16 {device}"
+    # model steps each schedule runs (what bounds a GPU, where one step costs about the same
+    # for 32 or 4,096 rows): rounds of one window per stream vs length-sorted batches
+    c = counts.cpu()
+    seq_steps = sum(max(int(c[first[b] + r]) for b in range(n_streams) if r < per_stream[b])
+                    for r in range(max(per_stream)))
+    srt = torch.sort(c).values
+    par_steps = sum(int(srt[i : i + 4096].max()) for i in range(0, len(srt), 4096))
+    shape = (f"streams={n_streams} bytes={stream_bytes} windows={len(counts)} b=16 "
+             f"steps seq/par={seq_steps}/{par_steps} {device}")
     return [Case(op="equalinfo-decode", shape=shape, providers={"reference": sequential, "parallel": parallel},
                  check=exact, count=n, unit="B", mode="decode")]
 

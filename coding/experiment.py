@@ -88,7 +88,7 @@ class ExperimentPreset:
 
     @classmethod
     def preset(cls, name: str) -> "ExperimentPreset":
-        """``"cpu"`` (about 15 minutes on 2 cores), ``"gpu"`` (the paper's M1 shape, larger
+        """``"cpu"`` (about 10 minutes on 2 cores), ``"gpu"`` (the paper's M1 shape, larger
         M2s, every run including 65k vocabularies), ``"smoke"`` (seconds; tests)."""
         if name not in _PRESETS:
             raise ValueError(f"unknown experiment preset {name!r}; choose from {sorted(_PRESETS)}")
