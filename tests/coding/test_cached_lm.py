@@ -148,14 +148,24 @@ def test_every_row_bitwise_equal_to_its_own_run_in_a_mixed_batch():
         torch.set_num_threads(threads)
 
 
-def _mixed_batch_check():
-    net = _net(d_model=64, n_layers=1, n_heads=2, d_ff=128, max_seq_len=40)
+@pytest.mark.gpu
+def test_rows_bitwise_independent_and_equal_info_roundtrip_on_cuda(prose):
+    _mixed_batch_check("cuda")
+    net = _net(max_seq_len=64).cuda()
+    eq = EqualInfoAC(CachedLM(net, context_len=33, batch_rows=64), window_bits=16, chunk_bytes=500,
+                     max_window_bytes=32, streams_per_batch=16, batch_windows=333, device="cuda")
+    text = prose[40_000:48_000]
+    assert eq.decompress(eq.compress(text)) == text
+
+
+def _mixed_batch_check(device="cpu"):
+    net = _net(d_model=64, n_layers=1, n_heads=2, d_ff=128, max_seq_len=40).to(device)
     lm = CachedLM(net, context_len=40, batch_rows=16)
     B, T = 48, 12
     g = torch.Generator().manual_seed(5)
-    seq = torch.randint(0, 256, (B, T), generator=g)
-    start = torch.randint(0, 6, (B,), generator=g)  # rows begin at different steps
-    state = lm.begin(B, "cpu")
+    seq = torch.randint(0, 256, (B, T), generator=g).to(device)
+    start = torch.randint(0, 6, (B,), generator=g).to(device)  # rows begin at different steps
+    state = lm.begin(B, device)
     hist = {b: [] for b in range(B)}
     for t in range(T):
         state.update(seq[:, t], t >= start)
@@ -163,7 +173,7 @@ def _mixed_batch_check():
             if t >= start[b]:
                 hist[b].append(t)
     for b in range(B):
-        alone = lm.begin(1, "cpu")
+        alone = lm.begin(1, device)
         for t in hist[b]:
-            alone.update(seq[b : b + 1, t], torch.tensor([True]))
+            alone.update(seq[b : b + 1, t], torch.tensor([True], device=device))
         assert torch.equal(alone.logits[0], state.logits[b]), b
