@@ -162,5 +162,5 @@ def cases(gpu: bool) -> list[Case]:
     if gpu:
         # the target shape: 4,096 streams, vocabulary 256 (H100); constriction on this host's CPU
         return (_cases_for(4096, 32, "cuda", False) + _cases_for(4096, 32, "cpu", True)
-                + _equal_info_cases(64, 512, "cuda"))
+                + _equal_info_cases(64, 256, "cuda"))
     return _cases_for(512, 32, "cpu", True) + _equal_info_cases(32, 256, "cpu")
