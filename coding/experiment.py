@@ -233,13 +233,12 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
     """
     from flopwise.models.checkpoint import load_checkpoint
     from flopwise.models.data import ByteData, TextCorpus, TokenData, load_corpus
-    from flopwise.models.train import Trainer, TrainConfig
+    from flopwise.models.train import Trainer, TrainConfig, resolve_device
     from flopwise.models.transformer import ModelConfig
 
     log = log or (lambda s: print(s, flush=True))
     t_start = time.perf_counter()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     if preset is None:
         preset = "gpu" if dev.type == "cuda" else "cpu"
     p = ExperimentPreset.preset(preset) if isinstance(preset, str) else preset

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from .data import ByteData, TextCorpus, decode, load_corpus
-from .train import TrainConfig, Trainer, active_params, peak_flops
+from .train import TrainConfig, Trainer, active_params, peak_flops, resolve_device
 from .transformer import ModelConfig
 
 __all__ = ["DemoPreset", "DemoRow", "DemoResult", "run_demo", "format_table"]
@@ -211,8 +211,7 @@ def run_demo(corpus: str | TextCorpus | None = None, *, preset: str | DemoPreset
     """
     log = log or (lambda s: print(s, flush=True))
     t_start = time.perf_counter()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     if preset is None:
         preset = "gpu" if dev.type == "cuda" else "cpu"
     p = DemoPreset.preset(preset) if isinstance(preset, str) else preset

@@ -51,7 +51,7 @@ from .data import ByteData, TextCorpus, TokenData, load_corpus
 from .transformer import ModelConfig, Transformer
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "lr_at", "peak_flops", "active_params", "load_run_config",
-           "Progress"]
+           "resolve_device", "Progress"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -339,7 +339,8 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when present, else CPU; any other name as ``torch.device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -376,7 +377,7 @@ class Trainer:
             raise ValueError(f"the model's vocab_size ({model_cfg.vocab_size}) is smaller than the data's "
                              f"vocab_size ({data.vocab_size}): token ids up to {data.vocab_size - 1} occur")
         self.cfg = cfg
-        self.device = _resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.data = data
         self.show_progress, self.label = progress, label
         torch.manual_seed(cfg.seed)
