@@ -107,7 +107,7 @@ _PRESETS: dict[str, Callable[[], ExperimentPreset]] = {
         m1_seq_len=1024, m1_batch=32, m2=dict(d_model=512, n_layers=8, n_heads=8, d_ff=1408, pad_to_multiple_of=64),
         m2_steps=3000, m2_seq_len=512, m2_batch=64, lr=2e-3, train_bytes=5_000_000, val_bytes=279_000,
         runs=("bytes", "gzip:8", "static:8", "ac:8", "equalinfo:8", "equalinfo:16", "ac:16", "gzip:16"),
-        # 2,048 streams x 512 cache slots x 3 layers of K and V: ~3 GB of fp32 cache
+        # 2,048 streams x 512 slots x 256 dims x 3 layers x (K, V) in fp32: ~6.4 GB of cache
         m1_context=512, streams_per_batch=2048, batch_rows=1024),
     "smoke": lambda: ExperimentPreset(
         "smoke", m1=dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32), m1_steps=30, m1_seq_len=32,
