@@ -98,7 +98,7 @@ def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, 
 
     ``eval_mode`` (see :data:`M1_EVAL`): ``"cached"`` gives a :class:`CachedLM` (dense flopwise
     Transformers only), ``"window"`` a :class:`ModuleModel`, ``"auto"`` the first that applies.
-    ``context_len`` defaults to the model's ``max_seq_len``, for a cached model capped at
+    ``context_len`` defaults to the model's ``max_seq_len``; a cached model's is capped at
     ``max_context``."""
     if eval_mode not in M1_EVAL:
         raise ValueError(f"eval_mode must be one of {M1_EVAL}, got {eval_mode!r}")
@@ -130,8 +130,8 @@ def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, 
         context_len = getattr(cfg, "max_seq_len", None)
         if context_len is None:
             raise ValueError("context_len is needed for a module without cfg.max_seq_len")
-        if max_context is not None and eval_mode == "cached":
-            context_len = min(context_len, max_context)
+    if max_context is not None and eval_mode == "cached":
+        context_len = min(context_len, max_context)  # slots past max_context would stay unused
     if eval_mode == "cached":
         model = CachedLM(module, context_len=context_len, batch_rows=batch_rows)
     else:
@@ -280,8 +280,10 @@ def decode(folder: str, text_file: str | None = None, *, force: bool = False, de
         raise ValueError(f"unsupported format_version {meta.get('format_version')}")
     bo = dict(meta["build_options"])
     bo.setdefault("m1_eval", "window")
-    if meta.get("m1") and meta["m1"].get("eval"):
-        bo["m1_eval"] = meta["m1"]["eval"]  # the mode "auto" resolved to when encoding
+    if meta.get("m1"):
+        # evaluate M1 exactly as the encoder did: the mode "auto" resolved to, the context used
+        bo["m1_eval"] = meta["m1"].get("eval", "window")
+        bo["context_len"] = meta["m1"]["context_len"]
     if device:
         bo["device"] = device
     if m1:

@@ -180,7 +180,7 @@ def _coder(method: str, bits: int, p: ExperimentPreset, m1_net, train_text: byte
     if method == "static":
         return StaticAC.fit(train_text, token_bits=bits, chunk_bytes=p.chunk_bytes, device=device)
     if method == "ac":
-        lm = CachedLM(m1_net, context_len=p.m1_context, batch_rows=p.batch_rows)
+        lm = CachedLM(m1_net, context_len=min(p.m1_context, m1_net.cfg.max_seq_len), batch_rows=p.batch_rows)
         return ArithmeticCoding(lm, bits, p.chunk_bytes, streams_per_batch=p.streams_per_batch, device=device)
     lm = CachedLM(m1_net, context_len=min(p.max_window_bytes + 1, m1_net.cfg.max_seq_len), batch_rows=p.batch_rows)
     return EqualInfoAC(lm, p.window_bits, bits, p.chunk_bytes, max_window_bytes=p.max_window_bytes,
@@ -276,8 +276,13 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
             net, m1_bpb = trainer.model, r.val_bpb
         else:
             m1_path = m1
-            net = load_checkpoint(m1, device=dev).model
-            m1_bpb = None
+            ck = load_checkpoint(m1, device=dev)
+            net, m1_bpb = ck.model, None
+            CachedLM(net, context_len=min(p.m1_context, net.cfg.max_seq_len))  # a dense byte LM, or fail now
+            bos = ((ck.trainer_state or {}).get("data") or {}).get("bos")
+            if bos != 0:
+                notes.append(f"M1 {m1} was not trained with bos=0 (its record says {bos}): every context "
+                             "restart starts from an input it never saw, which costs bits (`flopwise train --bos 0`)")
         net.eval()
         m1_info = {"path": os.path.abspath(m1_path) if out_dir or m1 else None, "params": net.num_parameters(),
                    "config": net.cfg.to_dict(), "val_bpb": m1_bpb, "context_ac": p.m1_context,

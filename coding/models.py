@@ -170,9 +170,9 @@ class CachedLM:
     symbol (about ``context_len`` times less than :class:`ModuleModel`).
 
     Each stream's context starts with ``bos_id`` at position 0 and holds at most
-    ``context_len`` tokens; a symbol that would not fit restarts the context with that symbol
-    at position 0 (so ``context_len`` bounds how far back a prediction looks, like
-    :class:`ModuleModel`'s window, in blocks rather than sliding).
+    ``context_len`` tokens; a symbol that would not fit restarts the context (bos, then that
+    symbol at position 1), so ``context_len - 1`` bounds how far back a prediction looks, in
+    blocks rather than sliding like :class:`ModuleModel`'s window.
 
     Determinism: every module call has exactly ``batch_rows`` rows of one token against a
     cache of exactly ``context_len`` slots (restarted rows are zeroed, unused slots masked), so a
@@ -199,9 +199,10 @@ class CachedLM:
                             "use ModuleModel for other modules")
         if not all(isinstance(layer, Block) and not layer.is_moe for layer in module.layers):
             raise ValueError("CachedLM needs a dense Transformer (no MoD or MoE layers); use ModuleModel")
-        for name, v in (("context_len", context_len), ("batch_rows", batch_rows), ("vocab_size", vocab_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name, v, lo in (("context_len", context_len, 2), ("batch_rows", batch_rows, 1),
+                             ("vocab_size", vocab_size, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if context_len > module.cfg.max_seq_len:
             raise ValueError(f"context_len {context_len} exceeds the model's max_seq_len {module.cfg.max_seq_len}")
         if vocab_size > module.cfg.vocab_size:
@@ -250,18 +251,25 @@ class _CachedState:
         restart = self._pad(restart.bool(), False) if restart is not None else torch.zeros_like(append)
         restart = restart & ~append
         full = append & (self.pos >= lm.context_len)
-        clear = restart | full
-        active = append | restart
+        if bool(full.any()):
+            # a full context starts again from bos (one extra step for those rows), then
+            # takes the symbol at position 1
+            self._step(torch.full_like(self.pos, lm.bos_id), full, full)
+        self._step(torch.where(restart, lm.bos_id, self._pad(symbols.long(), 0)), append | restart, restart)
+
+    def _step(self, tokens: torch.Tensor, active: torch.Tensor, clear: torch.Tensor) -> None:
+        """Feed ``tokens [Bp]`` to the rows where ``active``; rows in ``clear`` first empty
+        their context and take their token at position 0."""
+        lm = self.lm
         if not bool(active.any()):
             return
-        tokens = torch.where(restart, lm.bos_id, self._pad(symbols.long(), 0))
-        # inactive rows keep their state; a full one only needs an in-range (unused) slot index
+        # inactive rows keep their state; they only need an in-range (unused) slot index
         write = torch.where(clear, 0, self.pos).clamp(max=lm.context_len - 1)
         if bool(clear.any()):
-            keep = (~clear).to(self.k[0].dtype)[:, None, None, None]
+            rows = clear.nonzero()[:, 0]
             for i in range(len(self.k)):
-                self.k[i].mul_(keep)
-                self.v[i].mul_(keep)
+                self.k[i].index_fill_(0, rows, 0)
+                self.v[i].index_fill_(0, rows, 0)
         R = lm.batch_rows
         new = self.logits.clone()
         # micro-batches without an active row are skipped (same shapes for the others, so the

@@ -364,8 +364,8 @@ class ByteData(_WindowData):
     then learns to predict a byte from an empty context, as a coder that restarts its
     context (an M1 under :class:`~flopwise.coding.models.CachedLM`, whose contexts start
     with ``bos_id``) asks it to. Without it the first prediction after a restart comes from
-    an input the model never saw in training. (Not recorded in checkpoints: resume with the
-    same value.)
+    an input the model never saw in training. Checkpoints record it and
+    :meth:`~flopwise.models.train.Trainer.resume` restores it.
     """
 
     vocab_size = 256

@@ -340,10 +340,17 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU; any other name as ``torch.device``."""
+    """``"auto"`` -> CUDA when present, else CPU; any other name as ``torch.device``
+    (ValueError for a name torch does not know, or CUDA on a machine without it)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return dev
 
 
 class Trainer:
@@ -469,8 +476,9 @@ class Trainer:
         data.bytes_per_token`` (bits per byte of the original text; the same number for
         byte data), ``val_tokens`` the tokens predicted. For :class:`TokenData`,
         ``bytes_per_token`` is the average over the whole validation array, so ``val_bpb``
-        is exact only when all validation tokens are evaluated (``max_tokens=None``); on a
-        prefix it assumes the prefix compresses like the whole.
+        assumes the tokens evaluated compress like the whole array: with
+        ``max_tokens=None`` every window is evaluated, leaving out the first token and the
+        last partial window (at most ``seq_len`` tokens).
         """
         if max_tokens == -1:
             max_tokens = self.cfg.eval_tokens

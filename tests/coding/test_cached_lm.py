@@ -39,15 +39,16 @@ def test_logits_match_full_forward_with_restarts_and_wrap(parallel):
         for b in range(B):
             if append[b, t]:
                 wraps += len(hist[b]) == L
-                hist[b] = hist[b] + [int(seq[b, t])] if len(hist[b]) < L else [int(seq[b, t])]
+                hist[b] = hist[b] + [int(seq[b, t])] if len(hist[b]) < L else [0, int(seq[b, t])]
             elif restart[b, t]:
                 hist[b] = [0]
     assert checked == B * T and wraps > 0 and bool(restart.any())
-    # the wrap rule: a symbol that does not fit restarts the context with that symbol
+    # the wrap rule: a symbol that does not fit restarts the context as (bos, symbol)
     s = lm.begin(1, "cpu")
     for t in range(L):
         s.update(seq[:1, t], torch.tensor([True]))
-    torch.testing.assert_close(s.logits[0], net(seq[:1, L - 1:L]).logits[0, -1], rtol=1e-5, atol=1e-5)
+    ref = net(torch.tensor([[0, int(seq[0, L - 1])]])).logits[0, -1]
+    torch.testing.assert_close(s.logits[0], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_independent_of_batch_composition():
@@ -66,7 +67,7 @@ def test_validation():
     with pytest.raises(ValueError, match="max_seq_len"):
         CachedLM(_net(), context_len=64)
     with pytest.raises(ValueError, match="context_len"):
-        CachedLM(_net(), context_len=0)
+        CachedLM(_net(), context_len=1)  # bos and one symbol at least
     torch.manual_seed(0)
     mod = Transformer(ModelConfig.preset("tiny", d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32,
                                          mod="every_other"))

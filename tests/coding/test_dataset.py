@@ -86,7 +86,9 @@ def test_cli_build_decode_every_method(tmp_path, prose):
     runs = [("gzip", ["--token-bits", "16"]), ("static", []),
             ("ac", ["--m1", m1, "--chunk-bytes", "300"]),
             ("ac", ["--m1", m1, "--chunk-bytes", "300", "--m1-eval", "window"]),
-            ("equalinfo", ["--m1", m1, "--window-bits", "16", "--token-bits", "16", "--chunk-bytes", "300"])]
+            ("equalinfo", ["--m1", m1, "--window-bits", "16", "--token-bits", "16", "--chunk-bytes", "300"]),
+            # a cached model's context is capped at the window's bytes + bos, whatever was asked
+            ("equalinfo", ["--m1", m1, "--max-window-bytes", "5", "--context-len", "12", "--chunk-bytes", "300"])]
     for i, (method, extra) in enumerate(runs):
         out = tmp_path / f"out-{i}-{method}"
         assert _cli(["coding", "build", str(corpus), str(out), "--method", method, "--quiet", *extra]) == 0
@@ -95,11 +97,12 @@ def test_cli_build_decode_every_method(tmp_path, prose):
         assert stats["input_bytes"] == 1500 and stats["compression_ratio"] > 0
         assert abs(stats["compression_ratio"] * stats["token_bytes"] - 1500) < 1e-6
         if method in ("ac", "equalinfo"):
-            assert meta["m1"]["sha256"] and meta["m1"]["context_len"] == 12
+            assert meta["m1"]["sha256"] and meta["m1"]["context_len"] == (6 if "--max-window-bytes" in extra else 12)
             assert meta["m1"]["eval"] == ("window" if "window" in extra else "cached")
         if method == "equalinfo":
             assert stats["windows"] == np.load(out / "window_bytes.npy").size
-            assert np.load(out / "tokens.npy").size == stats["windows"]  # b = N = 16: one token per window
+            assert np.load(out / "tokens.npy").size == stats["windows"] * 16 // int(
+                extra[extra.index("--token-bits") + 1] if "--token-bits" in extra else 8)  # b = 16
         back = tmp_path / f"back-{i}-{method}.txt"
         assert _cli(["coding", "decode", str(out), str(back), "--quiet"]) == 0
         assert back.read_bytes() == prose[:1500]

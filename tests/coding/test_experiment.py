@@ -43,3 +43,26 @@ def test_smoke_experiment(tmp_path):
     assert val.dtype == np.uint8 and val.size == coded[("equalinfo", 8)].tokens
     assert (tmp_path / "m1" / "config.json").is_file()
     assert any("EqualInfoAC[b=16] v=256" in line for line in lines)
+
+
+def test_given_m1_is_checked_and_bad_devices_refused(tmp_path):
+    from flopwise.models.data import ByteData, embedded_corpus
+    from flopwise.models.train import TrainConfig, Trainer
+    from flopwise.models.transformer import ModelConfig
+
+    p = ExperimentPreset.preset("smoke")
+    corpus = embedded_corpus()
+    tc = TrainConfig(seq_len=32, batch_size=2, max_steps=1, eval_tokens=64, device="cpu")
+    t = Trainer(ModelConfig(**p.m1), tc, ByteData(corpus), progress=False)  # no bos
+    t.train_step()
+    t.save(tmp_path / "m1")
+    res = run_experiment(corpus, preset="smoke", runs="bytes", m1=str(tmp_path / "m1"), device="cpu",
+                         progress=False, log=lambda s: None)
+    assert any("bos=0" in n for n in res.notes) and res.m1["val_bpb"] is None
+    mod = Trainer(ModelConfig(**{**p.m1, "n_layers": 2, "routing": "every_other"}), tc, corpus, progress=False)
+    mod.save(tmp_path / "mod")
+    with pytest.raises(ValueError, match="dense"):
+        run_experiment(corpus, preset="smoke", runs="bytes", m1=str(tmp_path / "mod"), device="cpu",
+                       progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="device"):
+        run_experiment(corpus, preset="smoke", device="cdua", progress=False, log=lambda s: None)
