@@ -135,7 +135,8 @@ class MoDBlock(nn.Module):
         if self.cfg.impl == "torch":
             idx_e = idx.long()[..., None].expand(-1, -1, x.shape[-1])
             return x.scatter_add(1, idx_e, w.to(x.dtype)[..., None] * f)
-        return scatter_tokens(x, f, idx, w)
+        # Under autocast the block's output is bf16 while the residual stream stays fp32.
+        return scatter_tokens(x, f.to(x.dtype), idx, w)
 
     def _select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k per row: (indices [B, K] increasing, selected scores [B, K])."""
@@ -153,7 +154,10 @@ class MoDBlock(nn.Module):
         if x.dim() != 3 or positions.shape != x.shape[:2]:
             raise ValueError(f"x must be [B, S, D] and positions [B, S], got {tuple(x.shape)} and "
                              f"{tuple(positions.shape)}")
-        scores = self.router(x).squeeze(-1)  # [B, S]
+        # Router scores in fp32 even under autocast: top-k over bf16 scores (8 mantissa bits)
+        # would tie often among thousands of tokens, and ties go to the lower position.
+        with torch.autocast(x.device.type, enabled=False):
+            scores = self.router(x.to(self.router.weight.dtype)).squeeze(-1).float()  # [B, S]
         if self.routes_causally:
             return self._forward_causal(x, positions, scores, kv_cache)
         if kv_cache is not None:

@@ -117,6 +117,14 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The experts' matmul dtype: autocast's when it is on for x's device (as nn.Linear
+    would compute under it: a bf16 step must not run its expert GEMMs in fp32), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class MoE(nn.Module):
     """SwiGLU Mixture-of-Experts.
 
@@ -153,8 +161,11 @@ class MoE(nn.Module):
     def route(self, x_TD: torch.Tensor):
         """Router logits (float32) and the routing plan for ``x_TD [T, D]``."""
         c = self.config
-        # through the module (not its .weight) so FSDP2 can unshard it; float32 logits
-        logits = self.router(x_TD.to(self.router.weight.dtype)).float()
+        # through the module (not its .weight) so FSDP2 can unshard it; float32 logits. The
+        # router stays out of autocast (selective precision, as Switch Transformers): routing
+        # decisions from bf16 logits flip on near-ties and the router's input is small.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits = self.router(x_TD.to(self.router.weight.dtype)).float()
         if c.router == "token_choice":
             plan = topk_route(logits, c.top_k, score=c.score, renormalize=c.normalize_topk, block_m=c.block_m)
         else:
@@ -168,7 +179,7 @@ class MoE(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, c.d_model)
         logits, plan = self.route(x_TD)
-        y = self._routed_experts(x_TD, plan)
+        y = self._routed_experts(x_TD.to(_compute_dtype(x_TD)), plan)
         if self.shared is not None:
             y = y + self.shared(x_TD)
         aux, losses = self._aux_losses(logits, plan)

@@ -291,6 +291,38 @@ def test_compile_fullgraph_training_step():
     assert grads["layers.1.router.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("mlp", ["dense", "moe"])
+def test_autocast_training_step(mlp):
+    """The trainer's GPU step runs under bf16 autocast with an fp32 residual stream: the MoD
+    kernels take the block's bf16 output back into it, routers score in fp32, and the kernel
+    path computes what the plain-torch path does."""
+    torch.manual_seed(5)
+    cfg = _cfg(routing="every_other", mod_capacity=0.25, mlp=mlp, moe_n_experts=4)
+    ours = Transformer(cfg)
+    plain = Transformer(cfg.replace(mod_impl="torch"))
+    plain.load_state_dict(ours.state_dict())
+    tokens = torch.randint(0, 256, (2, S))
+    results = []
+    for model in (ours, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens, tokens)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=2e-2, atol=1e-4, msg=name)
+    assert grads["layers.1.router.weight"].dtype == torch.float32
+    assert grads["layers.1.router.weight"].abs().sum() > 0
+    scores = []
+    handle = ours.layers[1].router.register_forward_hook(lambda m, i, o: scores.append(o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(tokens)
+    handle.remove()
+    assert scores[0].dtype == torch.float32  # top-k over fp32 scores, not bf16 ones
+
+
 def test_validation():
     with pytest.raises(ValueError, match="capacity"):
         MoDConfig(capacity=0.0)

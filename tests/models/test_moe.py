@@ -161,3 +161,25 @@ def test_layer_compiles_without_graph_breaks():
     torch.testing.assert_close(loss, ref)
     for name, p in moe.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_experts_compute_in_the_autocast_dtype():
+    """Under autocast the expert matmuls run in autocast's dtype, as nn.Linear's would: the
+    output equals the layer fed bf16 inputs and bf16 weights outside autocast, not the fp32
+    computation, and gradients still reach the fp32 weights."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=32, d_ff=48, n_experts=4, top_k=2))
+    x = torch.randn(37, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(x)
+    assert y.dtype == torch.bfloat16
+    logits, plan = moe.route(x)
+    from flopwise.kernels import moe_mlp
+
+    bf = torch.bfloat16
+    expected = moe_mlp(x.to(bf), plan, moe.w_gate.to(bf), moe.w_up.to(bf), moe.w_down.to(bf))
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    fp32, _ = moe(x)
+    assert not torch.equal(y.float(), fp32)  # it did not compute in fp32
+    y.float().sum().backward()
+    assert moe.w_down.grad.dtype == torch.float32 and moe.w_down.grad.abs().sum() > 0
