@@ -125,7 +125,7 @@ def add_parser(sub) -> None:
     t.add_argument("--save-every", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto (default), cpu, cuda, ...")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--compile", action="store_true", help="torch.compile each block (regional compilation)")
     t.add_argument("--bos", type=int, metavar="BYTE",
                    help="start every training window with this byte (0 for an M1 that `coding build` "
                         "restarts from an empty context; see ByteData)")

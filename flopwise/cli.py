@@ -16,7 +16,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from flopwise.kernels import bench
 
-    bench.run(args.ops, json_path=args.json, budget_ms=args.budget_ms)
+    bench.run(args.ops, json_path=args.json, budget_ms=args.budget_ms, progress=args.progress)
     return 0
 
 
@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("bench", help="benchmark kernels against torch (GPU numbers need a GPU)")
-    p.add_argument("ops", nargs="*", help="suites to run (default: all): routing, mod, moe, mod_step, coding")
+    p.add_argument("ops", nargs="*", help="suites to run (default: all): routing, mod, moe, mod_step, coding, train")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
     p.add_argument("--budget-ms", type=float, default=100.0, help="timing budget per provider (default 100)")
+    p.add_argument("--progress", action="store_true",
+                   help="print each case's rows as soon as they are measured (the tables still follow)")
     p.set_defaults(func=_cmd_bench)
 
     from flopwise import _cli_coding, _cli_models, _cli_scaling, _cli_upcycle

@@ -50,8 +50,8 @@ from .checkpoint import load_checkpoint, load_optimizer_tensors, rng_state, save
 from .data import ByteData, TextCorpus, TokenData, load_corpus
 from .transformer import ModelConfig, Transformer
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "lr_at", "peak_flops", "active_params", "load_run_config",
-           "resolve_device", "Progress"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "lr_at", "peak_flops", "active_params", "compile_blocks",
+           "load_run_config", "resolve_device", "Progress"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -80,7 +80,9 @@ class TrainConfig:
     seed: model initialisation and data order.
     device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
     dtype: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
-    compile: wrap the model in ``torch.compile``.
+    compile: ``torch.compile`` each block (regional compilation: blocks of one kind share one
+        compiled graph, so compile time does not grow with depth); ``True`` uses the default
+        backend (inductor), a string names another backend (e.g. ``"aot_eager"``).
     time_budget_s: stop training after this many seconds (checked between steps).
     """
 
@@ -104,7 +106,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool | str = False
     time_budget_s: float | None = None
 
     def __post_init__(self):
@@ -128,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eval_tokens must be None or >= 1, got {self.eval_tokens!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise TypeError(f"TrainConfig.compile must be a bool or a torch.compile backend name, got {self.compile!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"TrainConfig.time_budget_s must be None or > 0, got {self.time_budget_s}")
 
@@ -339,6 +343,18 @@ class TrainResult:
     stopped_early: bool = False
 
 
+def compile_blocks(model: Transformer, backend: str | None = None) -> Transformer:
+    """Regional compilation, in place: ``torch.compile`` every layer of ``model`` rather than
+    the whole model. Layers of one class run the same code on different parameters, which
+    the compiled code takes as inputs, so a 24-layer model compiles one graph per layer
+    kind (dense, MoD, MoE), not one unrolled 24-layer graph. The embedding, final norm,
+    head and loss stay eager; they are a small share of the step. ``backend``: a
+    ``torch.compile`` backend name (None: the default, inductor)."""
+    for layer in model.layers:
+        layer.compile(**({} if backend is None else {"backend": backend}))
+    return model
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA when present, else CPU; any other name as ``torch.device``
     (ValueError for a name torch does not know, or CUDA on a machine without it)."""
@@ -389,7 +405,9 @@ class Trainer:
         self.show_progress, self.label = progress, label
         torch.manual_seed(cfg.seed)
         self.model = Transformer(model_cfg).to(self.device)
-        self._fwd = torch.compile(self.model) if cfg.compile else self.model
+        if cfg.compile:
+            compile_blocks(self.model, None if cfg.compile is True else cfg.compile)
+        self._fwd = self.model
         self.optimizer = self._make_optimizer()
         self.step = 0
         self.tokens_seen = 0

@@ -118,6 +118,7 @@ _PRESETS: dict[str, dict] = {
     "small": dict(d_model=512, n_layers=8, n_heads=8, d_ff=1408, max_seq_len=2048),     # ~26M
     "medium": dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, max_seq_len=2048),  # ~85M
     "large": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=2816, max_seq_len=2048),  # ~310M
+    "350m": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=3328, max_seq_len=2048),   # ~346M, the MFU target
     "1b": dict(d_model=2048, n_layers=16, n_heads=16, d_ff=5632, max_seq_len=4096,
                vocab_size=65536, tie_embeddings=False),                                 # ~1.0B
     "bench-d2048": dict(d_model=2048, n_layers=8, n_heads=16, d_ff=5632, max_seq_len=4096),
@@ -217,7 +218,7 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, *, mod: str | Sequence | None = None, **overrides) -> "ModelConfig":
-        """A named size (``tiny``, ``m1``, ``small``, ``medium``, ``large``, ``1b``,
+        """A named size (``tiny``, ``m1``, ``small``, ``medium``, ``large``, ``350m``, ``1b``,
         ``bench-d2048``, ``bench-d1024``) with optional overrides.
 
         ``mod="every_other"`` is the paper's best setting (MoD on every other block from the

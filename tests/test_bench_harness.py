@@ -67,3 +67,14 @@ def test_cli_bench_routing_writes_json(tmp_path, capsys):
 def test_cli_reports_bad_arguments(capsys):
     assert main(["bench", "nope"]) == 2
     assert "unknown benchmark op" in capsys.readouterr().err
+
+
+def test_mfu_and_case_budget():
+    calls = []
+    case = _case(lambda x: x * 2)
+    case.peak_flops, case.budget_ms = 1e6, 30.0
+    case.providers["torch"] = lambda: calls.append(1) or case.providers["reference"]()
+    rows = {r.provider: r for r in run_case(case, gpu=False, budget_ms=0)}
+    k = rows["triton-interp"]
+    assert k.mfu == pytest.approx(k.tflops * 1e12 / 1e6)
+    assert len(calls) > 10  # the case's 30 ms budget, not the run's 0 ms (3 calls), bounded the timing loop

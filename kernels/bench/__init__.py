@@ -23,6 +23,7 @@ import dataclasses
 import datetime as _dt
 import importlib
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ SUITES: dict[str, str] = {
     # model-level suites live with the models (the registry only names them)
     "mod_step": "flopwise.models.bench",
     "coding": "flopwise.coding.bench",
+    "train": "flopwise.models.bench_train",
 }
 
 
@@ -58,6 +60,11 @@ class Case:
     # items processed per call and their unit (e.g. 4096*32 "sym"): reported as a rate
     count: int = 0
     unit: str = ""
+    # the device's peak FLOP/s that the FLOPs are a fraction of (a training step's MFU)
+    peak_flops: float | None = None
+    # per-provider timing budget for cases much slower than a kernel (a training step):
+    # None uses the run's budget
+    budget_ms: float | None = None
 
 
 @dataclass
@@ -75,6 +82,7 @@ class Row:
     peak_mb: float | None = None  # CUDA: peak memory allocated during one call, above what was live before
     rate: float | None = None  # Case.count per second
     unit: str = ""
+    mfu: float | None = None  # achieved FLOP/s / Case.peak_flops
     device: str = ""
     torch: str = ""
     triton: str = ""
@@ -161,7 +169,7 @@ def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
             status[name] = f"WRONG ({why})"
             continue
         status[name] = "floor" if name in case.floors else "ok"
-        timed[name] = _time_ms(fn, gpu, budget_ms)
+        timed[name] = _time_ms(fn, gpu, case.budget_ms or budget_ms)
     torch_times = [ms for name, ms in timed.items() if name.startswith("torch") and name not in case.floors]
     best_torch = min(torch_times) if torch_times else None
     rows = []
@@ -185,6 +193,7 @@ def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
                 peak_mb=peak.get(name),
                 rate=case.count / (ms * 1e-3) if (ms and case.count) else None,
                 unit=case.unit,
+                mfu=tflops * 1e12 / case.peak_flops if (tflops and case.peak_flops) else None,
                 **env,
             )
         )
@@ -196,8 +205,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["op", "shape", "mode", "provider", "µs", "TB/s", "TFLOP/s", "rate", "vs torch", "of copy BW", "peak MiB",
-            "status"]
+    head = ["op", "shape", "mode", "provider", "µs", "TB/s", "TFLOP/s", "MFU", "rate", "vs torch", "of copy BW",
+            "peak MiB", "status"]
     body = [
         [
             r.op,
@@ -207,6 +216,7 @@ def format_table(rows: list[Row]) -> str:
             "-" if r.ms is None else f"{1e3 * r.ms:.1f}",
             _fmt(r.tbps, ".2f"),
             _fmt(r.tflops, ".1f"),
+            "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
             "-" if r.rate is None else f"{r.rate / 1e6:.2f} M{r.unit}/s",
             "-" if r.vs_torch is None else f"{r.vs_torch:.2f}x",
             "-" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%",
@@ -221,9 +231,23 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _row_line(r: Row) -> str:
+    ms = "-" if r.ms is None else f"{r.ms:.3f} ms"
+    extra = "".join(f", {v}" for v in (
+        None if r.tflops is None else f"{r.tflops:.1f} TFLOP/s", None if r.tbps is None else f"{r.tbps:.2f} TB/s",
+        None if r.mfu is None else f"MFU {100 * r.mfu:.1f}%",
+        None if r.rate is None else f"{r.rate / 1e6:.3g} M{r.unit}/s", None if r.vs_torch is None else f"{r.vs_torch:.2f}x torch")
+        if v)
+    return f"  {r.op} | {r.shape} | {r.mode} | {r.provider}: {ms}{extra} [{r.status}]"
+
+
 def run(ops: list[str] | None = None, *, json_path: str | None = None, budget_ms: float = 100.0,
-        print_fn: Callable[[str], None] = print) -> list[Row]:
-    """Run the named suites (all when ``ops`` is empty) and print one table per suite."""
+        print_fn: Callable[[str], None] = print, progress: bool = False) -> list[Row]:
+    """Run the named suites (all when ``ops`` is empty) and print one table per suite.
+
+    ``json_path`` is rewritten after every case, and ``progress`` prints each case's rows as
+    soon as they are measured, so a run stopped part-way (a time limit) keeps what it did.
+    """
     ops = list(ops or SUITES)
     unknown = [op for op in ops if op not in SUITES]
     if unknown:
@@ -241,12 +265,25 @@ def run(ops: list[str] | None = None, *, json_path: str | None = None, budget_ms
         module = importlib.import_module(SUITES[op])
         rows: list[Row] = []
         for case in module.cases(gpu):
-            rows.extend(run_case(case, gpu, budget_ms))
+            case_rows = run_case(case, gpu, budget_ms)
+            rows.extend(case_rows)
+            all_rows.extend(case_rows)
+            if progress:
+                for r in case_rows:
+                    print_fn(_row_line(r))
+            if json_path:
+                _write_json(json_path, all_rows)
         print_fn(format_table(rows))
-        all_rows.extend(rows)
+        if hasattr(module, "summary"):  # a suite may add a line comparing its rows
+            print_fn(module.summary(rows))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in all_rows], f, indent=1)
+        _write_json(json_path, all_rows)
         print_fn(f"wrote {len(all_rows)} rows to {json_path}")
     return all_rows
 
+
+def _write_json(path: str, rows: list[Row]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,80 @@
+"""``flopwise bench train``: the training-step suite, its model variants, regional compilation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flopwise.kernels import bench
+from flopwise.kernels.bench import Row
+from flopwise.models import bench_train
+from flopwise.models.data import ByteData, load_corpus
+from flopwise.models.train import TrainConfig, Trainer
+from flopwise.models.transformer import ModelConfig, Transformer
+
+
+def _params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        return Transformer(cfg).num_parameters()
+
+
+def test_cpu_suite_runs_every_variant_and_summarises():
+    lines: list[str] = []
+    rows = bench.run(["train"], budget_ms=1, print_fn=lines.append)
+    assert {r.shape.split(" (")[0] for r in rows} == {"dense", "MoD every other 12.5%", "MoE 4x top-2"}
+    assert all(r.status == "ok" and r.rate > 0 and r.unit == "tok" for r in rows), rows
+    assert all(r.mfu is None for r in rows)  # no peak FLOP/s for a CPU
+    assert lines[-1].startswith("tokens/s against dense") and "MoE 4x top-2:" in lines[-1]
+
+
+def test_gpu_variants_have_the_dense_parameter_count():
+    variants = dict(bench_train._variants(gpu=True))
+    dense = _params(variants["dense"])
+    assert 340e6 <= dense <= 355e6  # "~350M", the MFU target's size
+    for name, cfg in variants.items():
+        assert _params(cfg) == pytest.approx(dense, rel=5e-3), name
+    S = bench_train._GPU_S
+    assert variants["dense hd128"].head_dim == 128
+    assert variants["MoE 8x top-2"].flops_per_token(S) < 0.7 * variants["dense"].flops_per_token(S)
+    assert variants["MoD every other 12.5%"].flops_per_token(S) < 0.6 * variants["dense"].flops_per_token(S)
+
+
+def test_summary_compares_best_provider_with_dense():
+    def row(shape, provider, rate):
+        return Row(op="train_step", shape=shape, mode="x", provider=provider, ms=1.0, tbps=None, tflops=None,
+                   vs_torch=None, copy_fraction=None, status="ok", rate=rate)
+
+    rows = [row("dense (1M, D)", "reference", 100.0), row("dense (1M, D)", "compiled", 200.0),
+            row("MoD every other 12.5% (1M, D)", "reference", 150.0),
+            row("MoD every other 12.5% (1M, D)", "compiled", 300.0)]
+    assert bench_train.summary(rows).endswith("MoD every other 12.5%: 1.50x")
+    assert "no dense row" in bench_train.summary(rows[2:])
+
+
+@pytest.mark.parametrize("variant", ["dense", "mod", "moe"])
+def test_compiled_blocks_train_like_eager(variant):
+    """Regional compilation (``TrainConfig.compile``) changes nothing the model computes and
+    compiles one graph per kind of layer, however deep the model."""
+    from torch._dynamo.utils import counters
+
+    kw = {"dense": {}, "mod": dict(routing="every_other"), "moe": dict(mlp="moe", moe_n_experts=4)}[variant]
+    cfg = ModelConfig.preset("tiny", d_model=32, n_heads=2, n_layers=4, max_seq_len=64, **kw)
+    data = ByteData(load_corpus("embedded"), seed=0)
+    tc = TrainConfig(seq_len=32, batch_size=2, max_steps=10, warmup_steps=1, device="cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    eager = Trainer(cfg, tc, data, progress=False)
+    compiled = Trainer(cfg, TrainConfig(**{**tc.to_dict(), "compile": "aot_eager"}), data, progress=False)
+    for _ in range(2):
+        a, b = eager.train_step(), compiled.train_step()
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert counters["stats"]["unique_graphs"] == (2 if variant == "mod" else 1)
+    assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("bad", [3, "", None])
+def test_compile_option_is_validated(bad):
+    with pytest.raises(TypeError, match="compile"):
+        TrainConfig(compile=bad)
