@@ -156,8 +156,8 @@ def _coder(opts: BuildOptions, train: bytes | None, static_freqs: np.ndarray | N
         return StaticAC(model, opts.token_bits, opts.chunk_bytes, device=opts.device), None
     model, info = load_m1(opts.m1, context_len=opts.context_len, batch_rows=opts.batch_rows, device=opts.device,
                           eval_mode=opts.m1_eval,
-                          # an EqualInfoAC window restarts the context: more slots than its bytes are unused
-                          max_context=opts.max_window_bytes + 1 if opts.method == "equalinfo" else None)
+                          max_context=EqualInfoAC.context_len(opts.max_window_bytes)
+                          if opts.method == "equalinfo" else None)
     if opts.method == "ac":
         return ArithmeticCoding(model, opts.token_bits, opts.chunk_bytes, opts.precision,
                                 streams_per_batch=opts.streams_per_batch, device=opts.device), info

@@ -223,6 +223,13 @@ class EqualInfoAC:
 
     name = "equalinfo"
 
+    @staticmethod
+    def context_len(max_window_bytes: int) -> int:
+        """The longest context an EqualInfoAC window gives its model: the start symbol and
+        the window's bytes (the context restarts at every window, so a cached model needs
+        no more slots than this)."""
+        return max_window_bytes + 1
+
     def __init__(self, model: ProbabilityModel, window_bits: int = 16, token_bits: int = 8,
                  chunk_bytes: int = 4096, precision: int = 24, max_window_bytes: int = 64,
                  streams_per_batch: int = 256, batch_windows: int = 4096, device="cpu"):
