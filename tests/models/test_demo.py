@@ -88,3 +88,19 @@ def test_demo_presets_build(name):
     assert fpt["moe"] == pytest.approx(fpt["dense"], rel=0.02)
     assert fpt["mod"] < 0.7 * fpt["dense"]
     assert p.seq_len <= _model_cfg(p, "dense").max_seq_len
+
+
+def test_slow_machine_keeps_the_dense_floor_and_cuts_the_variants(monkeypatch):
+    """When the budget cannot pay for the floor, the reference (dense) run still trains its
+    floor of steps, uncut; the variants share what is left before the deadline and are
+    marked as cut."""
+    import dataclasses
+
+    monkeypatch.setenv("FLOPWISE_BACKEND", "reference")
+    p = dataclasses.replace(DemoPreset.preset("smoke"), fixed_dense_steps=None, min_dense_steps=40,
+                            max_dense_steps=80, sample_bytes=0)
+    result = run_demo(embedded_corpus(), preset=p, budget_s=0.5, threads=1, progress=False, log=lambda s: None)
+    dense, *variants = result.rows
+    assert dense.steps == dense.planned_steps == 40 and not dense.cut
+    assert any(r.cut for r in variants)
+    assert all(r.steps >= 1 for r in variants)
