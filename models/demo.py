@@ -162,10 +162,10 @@ def _model_cfg(p: DemoPreset, name: str) -> ModelConfig:
     return ModelConfig(**{**p.base, **p.variants[name]})
 
 
-def _train_cfg(p: DemoPreset, steps: int, device: str, time_limit: float | None) -> TrainConfig:
+def _train_cfg(p: DemoPreset, steps: int, device: str, time_limit: float | None, min_steps: int = 0) -> TrainConfig:
     return TrainConfig(seq_len=p.seq_len, batch_size=p.batch_size, max_steps=steps, lr=p.lr,
                        warmup_steps=max(1, int(p.warmup_frac * steps)), eval_tokens=p.eval_tokens,
-                       log_every=max(1, steps // 10), device=device, time_budget_s=time_limit)
+                       log_every=max(1, steps // 10), device=device, time_budget_s=time_limit, min_steps=min_steps)
 
 
 def _prompt(text: TextCorpus, n: int = 24) -> str:
@@ -302,10 +302,9 @@ def _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progre
         # text), so on a slow machine the variants give way instead.
         left = max(1.0, deadline - (time.perf_counter() - t_start))
         limit = left * weight[n] / sum(weight[m] for m in names[i:]) if hard_limit else None
-        if i == 0 and plan[n] <= p.min_dense_steps:
-            limit = None
-        trainer = Trainer(_model_cfg(p, n), _train_cfg(p, plan[n], str(dev), limit), data, progress=progress,
-                          label=f"{n:8s} ")
+        floor = min(p.min_dense_steps, plan[n]) if i == 0 else 1  # every row has a loss
+        trainer = Trainer(_model_cfg(p, n), _train_cfg(p, plan[n], str(dev), limit, floor), data,
+                          progress=progress, label=f"{n:8s} ")
         res = trainer.fit()
         topk = trainer.evaluate(causal=False)["val_bpb"] if trainer.model_cfg.n_mod_layers else None
         acc = res.metrics.get("mod_predictor_acc")

@@ -83,7 +83,8 @@ class TrainConfig:
     compile: ``torch.compile`` each block (regional compilation: blocks of one kind share one
         compiled graph, so compile time does not grow with depth); ``True`` uses the default
         backend (inductor), a string names another backend (e.g. ``"aot_eager"``).
-    time_budget_s: stop training after this many seconds (checked between steps).
+    time_budget_s: stop training after this many seconds (checked between steps), but not
+        before step ``min_steps``.
     """
 
     seq_len: int = 256
@@ -108,13 +109,14 @@ class TrainConfig:
     dtype: str = "auto"
     compile: bool | str = False
     time_budget_s: float | None = None
+    min_steps: int = 0
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "seed", "min_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
@@ -537,7 +539,8 @@ class Trainer:
         t_start = time.perf_counter()
         stopped = False
         while self.step < end:
-            if cfg.time_budget_s is not None and time.perf_counter() - t_start > cfg.time_budget_s:
+            if (cfg.time_budget_s is not None and self.step >= cfg.min_steps
+                    and time.perf_counter() - t_start > cfg.time_budget_s):
                 stopped = True
                 bar.note(f"time budget {cfg.time_budget_s:g} s reached at step {self.step}")
                 break

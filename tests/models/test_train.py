@@ -150,6 +150,17 @@ def test_trainer_loss_goes_down(corpus):
     assert res.flops == pytest.approx(12 * 128 * ModelConfig(**TINY).flops_per_token(32))
 
 
+def test_time_budget_stops_between_steps_but_not_before_min_steps(corpus):
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=12, time_budget_s=1e-9, min_steps=3), corpus, progress=False)
+    res = t.fit()
+    assert res.steps == 3 and res.stopped_early
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=12, time_budget_s=1e-9), corpus, progress=False)
+    assert t.fit().steps == 0  # checked before every step, the first included
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=4, time_budget_s=1e-9, min_steps=10), corpus, progress=False)
+    res = t.fit()
+    assert res.steps == 4 and not res.stopped_early
+
+
 def test_gradient_clipping(corpus):
     t = Trainer(ModelConfig(**TINY), _tc(grad_clip=1e-3), corpus, progress=False)
     seen = []
