@@ -38,6 +38,12 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # pragma: no cover - a Triton without it: no stage fallback
+        class OutOfResources(Exception):
+            pass
+
 __all__ = ["grouped_mm", "grouped_mm_reference", "moe_mlp", "moe_mlp_reference"]
 
 # Epilogues of the row-block kernel
@@ -264,6 +270,28 @@ def _tiles(K: int, N: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return bn, bk, 8 if bn >= 128 else 4, 3
 
 
+# Pipeline depth per kernel variant. Three stages fit an H100's 227 KiB of shared memory for
+# every variant (sm_90 builds: at most 192 KiB, the dual-input backward at BLOCK_M=128); a
+# card or Triton version that needs more gets fewer stages, remembered per variant, instead
+# of an OutOfResources error.
+_STAGES: dict[tuple, int] = {}
+
+
+def _launch_fitting(launch, key: tuple, stages: int) -> None:
+    """``launch(num_stages)`` with the deepest pipeline, at most ``stages``, that fits."""
+    s = _STAGES.get(key, stages)
+    while True:
+        try:
+            launch(s)
+        except OutOfResources:
+            if s <= 1:
+                raise
+            s -= 1
+            continue
+        _STAGES[key] = s
+        return
+
+
 def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool, a2=None, w2=None,
                  out2=None, out3=None, pre=None, pre2=None, weights=None, dw=None, transpose_w=False):
     """Launch the row-block kernel. ``w_t`` is ``[E, K, N]`` (or ``[E, N, K]`` read transposed)."""
@@ -277,18 +305,21 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
     bn, bk, warps, stages = _tiles(K, N, a.dtype)
     grid = (plan.max_blocks, triton.cdiv(N, bn))
     d = out  # placeholder for pointers a variant never dereferences
-    _grouped_mm_fwd_kernel[grid](
-        a, d if a2 is None else a2, plan.token_idx, a.stride(0),
-        w_t, d if w2 is None else w2, w_t.stride(0), sbk, sbn,
-        out, d if out2 is None else out2, d if out3 is None else out3, out.stride(0),
-        d if pre is None else pre, d if pre2 is None else pre2,
-        d if weights is None else weights, d if dw is None else dw, plan.token_idx,
-        plan.block_expert, plan.block_row, plan.expert_offsets,
-        K, N,
-        EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=out2 is not None,
-        PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages,
-    )
+    consts = dict(EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=out2 is not None,
+                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m, BLOCK_N=bn, BLOCK_K=bk)
+
+    def launch(num_stages):
+        _grouped_mm_fwd_kernel[grid](
+            a, d if a2 is None else a2, plan.token_idx, a.stride(0),
+            w_t, d if w2 is None else w2, w_t.stride(0), sbk, sbn,
+            out, d if out2 is None else out2, d if out3 is None else out3, out.stride(0),
+            d if pre is None else pre, d if pre2 is None else pre2,
+            d if weights is None else weights, d if dw is None else dw, plan.token_idx,
+            plan.block_expert, plan.block_row, plan.expert_offsets,
+            K, N, **consts, num_warps=warps, num_stages=num_stages,
+        )
+
+    _launch_fitting(launch, ("rows", a.dtype, warps, *consts.items()), stages)
     return E
 
 
@@ -300,15 +331,19 @@ def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, a
     br = 32 if a.dtype == torch.float32 else 64
     grid = (triton.cdiv(K, bk) * triton.cdiv(N, bn), E)
     d = dw
-    _grouped_mm_dw_kernel[grid](
-        a, d if a2 is None else a2, plan.token_idx, a.stride(0),
-        g, d if g2 is None else g2, plan.token_idx, g.stride(0), d if not gather_g else plan.weights,
-        dw, d if dw2 is None else dw2, dw.stride(0), dw.stride(1),
-        plan.expert_offsets, K, N,
-        GATHER_A=gather_a, SWIGLU_A=swiglu_a, GATHER_G=gather_g, DUAL_G=g2 is not None,
-        PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br,
-        num_warps=8 if bk * bn >= 64 * 128 else 4, num_stages=3,
-    )
+    consts = dict(GATHER_A=gather_a, SWIGLU_A=swiglu_a, GATHER_G=gather_g, DUAL_G=g2 is not None,
+                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br)
+    warps = 8 if bk * bn >= 64 * 128 else 4
+
+    def launch(num_stages):
+        _grouped_mm_dw_kernel[grid](
+            a, d if a2 is None else a2, plan.token_idx, a.stride(0),
+            g, d if g2 is None else g2, plan.token_idx, g.stride(0), d if not gather_g else plan.weights,
+            dw, d if dw2 is None else dw2, dw.stride(0), dw.stride(1),
+            plan.expert_offsets, K, N, **consts, num_warps=warps, num_stages=num_stages,
+        )
+
+    _launch_fitting(launch, ("dw", a.dtype, warps, *consts.items()), 3)
 
 
 def _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m: int, T: int) -> RoutingPlan:

@@ -172,3 +172,28 @@ def test_gpu_moe_mlp_bf16(T, D, Fh, E, k):
     ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
     for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
         assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
+
+
+def test_launch_falls_back_to_fewer_stages_when_shared_memory_runs_out():
+    import importlib
+
+    G = importlib.import_module("flopwise.kernels.grouped_mm")  # the module, not the function
+    tried = []
+
+    def launch(stages):
+        tried.append(stages)
+        if stages > 1:
+            raise G.OutOfResources(200_000, 100_000, "shared memory")
+
+    key = ("test-variant",)
+    G._STAGES.pop(key, None)
+    G._launch_fitting(launch, key, 3)
+    assert tried == [3, 2, 1] and G._STAGES[key] == 1
+    G._launch_fitting(launch, key, 3)  # remembered: no failing launch again
+    assert tried == [3, 2, 1, 1]
+
+    def never_fits(stages):
+        raise G.OutOfResources(200_000, 100_000, "shared memory")
+
+    with pytest.raises(G.OutOfResources):
+        G._launch_fitting(never_fits, ("other",), 2)
