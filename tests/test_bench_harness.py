@@ -78,3 +78,15 @@ def test_mfu_and_case_budget():
     k = rows["triton-interp"]
     assert k.mfu == pytest.approx(k.tflops * 1e12 / 1e6)
     assert len(calls) > 10  # the case's 30 ms budget, not the run's 0 ms (3 calls), bounded the timing loop
+
+
+def test_failing_reference_times_nothing_and_the_run_goes_on():
+    case = _case(lambda x: x * 2)
+
+    def boom():
+        raise MemoryError("out of memory")
+
+    case.providers["reference"] = boom
+    rows = run_case(case, gpu=False, budget_ms=1)
+    assert len(rows) == 3
+    assert all(r.ms is None and r.status.startswith("reference failed: MemoryError") for r in rows)
