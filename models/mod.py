@@ -154,10 +154,12 @@ class MoDBlock(nn.Module):
         if x.dim() != 3 or positions.shape != x.shape[:2]:
             raise ValueError(f"x must be [B, S, D] and positions [B, S], got {tuple(x.shape)} and "
                              f"{tuple(positions.shape)}")
-        # Router scores in fp32 even under autocast: top-k over bf16 scores (8 mantissa bits)
-        # would tie often among thousands of tokens, and ties go to the lower position.
+        # Router scores in fp32, under autocast and for a bf16 model alike: top-k over bf16
+        # scores (8 mantissa bits) would tie often among thousands of tokens, and ties go to
+        # the lower position. The router is D + 1 numbers; the fp32 pass over x is cheap.
         with torch.autocast(x.device.type, enabled=False):
-            scores = self.router(x.to(self.router.weight.dtype)).squeeze(-1).float()  # [B, S]
+            r = self.router
+            scores = F.linear(x.float(), r.weight.float(), r.bias.float()).squeeze(-1)  # [B, S]
         if self.routes_causally:
             return self._forward_causal(x, positions, scores, kv_cache)
         if kv_cache is not None:

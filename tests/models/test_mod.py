@@ -291,20 +291,21 @@ def test_compile_fullgraph_training_step():
     assert grads["layers.1.router.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mlp", ["dense", "moe"])
-def test_autocast_training_step(mlp):
+def test_autocast_training_step(mlp, device):
     """The trainer's GPU step runs under bf16 autocast with an fp32 residual stream: the MoD
     kernels take the block's bf16 output back into it, routers score in fp32, and the kernel
     path computes what the plain-torch path does."""
     torch.manual_seed(5)
     cfg = _cfg(routing="every_other", mod_capacity=0.25, mlp=mlp, moe_n_experts=4)
-    ours = Transformer(cfg)
-    plain = Transformer(cfg.replace(mod_impl="torch"))
+    ours = Transformer(cfg).to(device)
+    plain = Transformer(cfg.replace(mod_impl="torch")).to(device)
     plain.load_state_dict(ours.state_dict())
-    tokens = torch.randint(0, 256, (2, S))
+    tokens = torch.randint(0, 256, (2, S), device=device)
     results = []
     for model in (ours, plain):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             out = model(tokens, tokens)
         out.loss.backward()
         results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -315,12 +316,38 @@ def test_autocast_training_step(mlp):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=2e-2, atol=1e-4, msg=name)
     assert grads["layers.1.router.weight"].dtype == torch.float32
     assert grads["layers.1.router.weight"].abs().sum() > 0
-    scores = []
-    handle = ours.layers[1].router.register_forward_hook(lambda m, i, o: scores.append(o))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours(tokens)
-    handle.remove()
-    assert scores[0].dtype == torch.float32  # top-k over fp32 scores, not bf16 ones
+    scores, expected = _selection_scores(ours, tokens, autocast=device)
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
+
+
+def _selection_scores(model, tokens, autocast=None):
+    """(the scores the first MoD layer's top-k sees, the fp32 router output for its input)."""
+    layer = model.layers[1]
+    seen, inputs = [], []
+    real = layer._select
+    layer._select = lambda scores: seen.append(scores) or real(scores)
+    handle = layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    try:
+        with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            model(tokens)
+    finally:
+        del layer._select
+        handle.remove()
+    r = layer.router
+    expected = torch.nn.functional.linear(inputs[0].float(), r.weight.float(), r.bias.float()).squeeze(-1)
+    return seen[0], expected
+
+
+def test_bf16_model_routes_on_fp32_scores():
+    """A model cast to bf16 still scores its tokens in fp32: bf16 scores (8 mantissa bits)
+    tie often over a long sequence, and top-k ties go to the lower position."""
+    torch.manual_seed(6)
+    model = Transformer(_cfg(routing="every_other", mod_capacity=0.25)).to(torch.bfloat16)
+    tokens = torch.randint(0, 256, (2, S))
+    scores, expected = _selection_scores(model, tokens)
+    assert scores.dtype == torch.float32
+    assert not torch.equal(expected.bfloat16().float(), expected)  # bf16 rounding would show
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_validation():
