@@ -95,12 +95,17 @@ def test_slow_machine_keeps_the_dense_floor_and_cuts_the_variants(monkeypatch):
     floor of steps, uncut; the variants share what is left before the deadline and are
     marked as cut."""
     import dataclasses
+    import itertools
+    import time
 
     monkeypatch.setenv("FLOPWISE_BACKEND", "reference")
+    # A machine where every clock reading is a second later than the one before: far too slow
+    # for the budget, whatever the real speed of the machine running the test.
+    clock = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
     p = dataclasses.replace(DemoPreset.preset("smoke"), fixed_dense_steps=None, min_dense_steps=40,
                             max_dense_steps=80, sample_bytes=0)
-    result = run_demo(embedded_corpus(), preset=p, budget_s=0.5, threads=1, progress=False, log=lambda s: None)
+    result = run_demo(embedded_corpus(), preset=p, budget_s=30, threads=1, progress=False, log=lambda s: None)
     dense, *variants = result.rows
     assert dense.steps == dense.planned_steps == 40 and not dense.cut
-    assert any(r.cut for r in variants)
-    assert all(r.steps >= 1 for r in variants)
+    assert all(r.cut and r.steps >= 1 for r in variants)
