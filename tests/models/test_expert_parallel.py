@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,6 +27,14 @@ def _worker(rank: int, world: int, port: int, scenario: str):
     finally:
         dist.destroy_process_group()
     print(f"rank {rank}: checks passed", flush=True)
+    # Leave without running C++ static destructors: at interpreter exit a spawned gloo rank
+    # sometimes aborted ("terminate called without an active exception") after every check
+    # had passed and the group was destroyed. A failed check raises above, so exit code 0
+    # still means the checks passed.
+    import os
+
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _check(rank: int, world: int, scenario: str):
