@@ -145,7 +145,8 @@ def add_parser(sub) -> None:
 
     d = sub.add_parser("demo", help="dense vs MoE vs MoD vs MoD+MoE byte LMs at matched FLOPs: one table")
     d.add_argument("--corpus", help="folder, text file or 'embedded' (default: the fetched corpus, else embedded)")
-    d.add_argument("--budget-s", type=_positive_float, help="seconds for all training (default: 360 CPU, 480 GPU)")
+    d.add_argument("--budget-s", type=_positive_float, help="seconds for all training (default: 360 CPU, 480 GPU); the dense run's floor of "
+                        "steps (CPU: 340) is trained even when it takes longer")
     d.add_argument("--dense-steps", type=_positive_int, help="fix the dense step count (skips the timing)")
     d.add_argument("--preset", choices=("cpu", "gpu", "smoke"), help="default: by device")
     d.add_argument("--threads", type=_positive_int,

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark kernels against torch (GPU numbers need a GPU)")
     p.add_argument("ops", nargs="*", help="suites to run (default: all): routing, mod, moe, mod_step, coding, train")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
-    p.add_argument("--budget-ms", type=float, default=100.0, help="timing budget per provider (default 100)")
+    p.add_argument("--budget-ms", type=float, default=100.0, help="timing budget per provider in ms (default 100; a case may set its own, "
+                        "e.g. the train suite's 1500 ms on GPU)")
     p.add_argument("--progress", action="store_true",
                    help="print each case's rows as soon as they are measured (the tables still follow)")
     p.set_defaults(func=_cmd_bench)

@@ -161,9 +161,9 @@ class MoE(nn.Module):
     def route(self, x_TD: torch.Tensor):
         """Router logits (float32) and the routing plan for ``x_TD [T, D]``."""
         c = self.config
-        # through the module (not its .weight) so FSDP2 can unshard it; float32 logits. The
-        # router stays out of autocast (selective precision, as Switch Transformers): routing
-        # decisions from bf16 logits flip on near-ties and the router's input is small.
+        # Through the module (not its .weight) so FSDP2 can unshard it. The router stays out
+        # of autocast (selective precision, as Switch Transformers): with fp32 weights the
+        # logits are fp32; a model cast to bf16 computes them in bf16 (rounded, then widened).
         with torch.autocast(x_TD.device.type, enabled=False):
             logits = self.router(x_TD.to(self.router.weight.dtype)).float()
         if c.router == "token_choice":

@@ -80,9 +80,10 @@ class TrainConfig:
     seed: model initialisation and data order.
     device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
     dtype: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
-    compile: ``torch.compile`` each block (regional compilation: blocks of one kind share one
-        compiled graph, so compile time does not grow with depth); ``True`` uses the default
-        backend (inductor), a string names another backend (e.g. ``"aot_eager"``).
+    compile: ``torch.compile`` each block for training steps (regional compilation: blocks
+        of one kind share one compiled graph, so compile time does not grow with depth;
+        evaluation stays eager); ``True`` uses the default backend (inductor), a string
+        names another backend (e.g. ``"aot_eager"``).
     time_budget_s: stop training after this many seconds (checked between steps), but not
         before step ``min_steps``.
     """
@@ -133,7 +134,7 @@ class TrainConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if not isinstance(self.compile, (bool, str)) or self.compile == "":
-            raise TypeError(f"TrainConfig.compile must be a bool or a torch.compile backend name, got {self.compile!r}")
+            raise ValueError(f"TrainConfig.compile must be a bool or a torch.compile backend name, got {self.compile!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"TrainConfig.time_budget_s must be None or > 0, got {self.time_budget_s}")
 
@@ -409,7 +410,6 @@ class Trainer:
         self.model = Transformer(model_cfg).to(self.device)
         if cfg.compile:
             compile_blocks(self.model, None if cfg.compile is True else cfg.compile)
-        self._fwd = self.model
         self.optimizer = self._make_optimizer()
         self.step = 0
         self.tokens_seen = 0
@@ -458,7 +458,7 @@ class Trainer:
             x, y = self.data.batch(self.step, micro, cfg.batch_size, cfg.seq_len)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
-                out = self._fwd(x, y)
+                out = self.model(x, y)
             # Equal micro-batches: the mean of their means is the big batch's mean.
             (out.loss / cfg.grad_accum).backward()
             parts = {"loss": out.aux["lm_loss"], "total_loss": out.loss.detach()}
@@ -502,6 +502,12 @@ class Trainer:
         """
         if max_tokens == -1:
             max_tokens = self.cfg.eval_tokens
+        # Compiled blocks (TrainConfig.compile) serve training only: evaluation runs eager
+        # instead of compiling eval-mode graphs (causal MoD routing breaks graphs anyway).
+        with torch.compiler.set_stance("force_eager"):
+            return self._evaluate(max_tokens, causal)
+
+    def _evaluate(self, max_tokens: int | None, causal: bool) -> dict:
         was = self.model.training
         self.model.train(not causal)
         nats, n, acc, acc_n = 0.0, 0, 0.0, 0

@@ -16,8 +16,9 @@ cd "$(dirname "$0")/.."
 out="${OUT:-.}/gpu-check"
 mkdir -p "$out"
 
+export PYTHONUNBUFFERED=1  # a suite killed by its limit must not lose buffered rows
 run_tests=1
-if [ "${1:-}" = "--no-tests" ]; then run_tests=0; shift; fi
+if [ "${1:-}" = "--no-tests" ]; then run_tests=0; shift; fi  # first argument only
 suites=("$@")
 [ ${#suites[@]} -eq 0 ] && suites=(routing mod moe mod_step train coding)
 declare -A limit=([routing]=60 [mod]=60 [moe]=100 [mod_step]=90 [train]=210 [coding]=60)

@@ -1,20 +1,25 @@
 """Benchmark harness: ``flopwise bench [op ...]``.
 
 A suite (one module per op family, e.g. ``flopwise.kernels.bench.routing``) exposes
-``cases(gpu: bool) -> list[Case]``. Each :class:`Case` names its shape, the bytes and
-FLOPs the op must move/do, a ``check`` that compares a provider's output with the
-reference output, and its providers:
+``cases(gpu: bool)``, a list or a generator of :class:`Case` (a generator builds each
+case's inputs only when the harness reaches it), and optionally ``summary(rows) -> str``,
+a line printed under its table. Each :class:`Case` names its shape, the bytes and FLOPs
+the op must move/do, a ``check`` that compares a provider's output with the reference
+output, and its providers:
 
 * ``reference`` - the op's ``<op>_reference`` (plain PyTorch; the readable definition),
 * ``torch``     - the best-effort torch pipeline a user would write (what BASELINES.md times),
 * ``triton``    - our kernel (``triton-interp`` when it runs under the interpreter on CPU).
 
 The harness runs every provider once, checks it against the reference, and refuses to
-time (and so to report a speed-up for) a provider whose output is wrong on that shape.
-Timing is the median of ``triton.testing.do_bench`` on CUDA and of a plain wall-clock
-loop on CPU. Each row reports ms, TB/s and TFLOP/s from the case's byte and FLOP counts,
-the ratio to the fastest ``torch*`` provider, and the fraction of the measured copy
-bandwidth; rows are written as JSON with the device name, versions and date.
+time (and so to report a speed-up for) a provider whose output is wrong on that shape; a
+reference that fails marks its case and the suite goes on. Timing is the median of
+``triton.testing.do_bench`` on CUDA and of a plain wall-clock loop on CPU, within the run's
+budget per provider or the case's own (``Case.budget_ms``, for cases as slow as a training
+step). Each row reports ms, TB/s and TFLOP/s from the case's byte and FLOP counts, MFU
+(against ``Case.peak_flops``), a rate (``Case.count`` per second), the ratio to the fastest
+``torch*`` provider, and the fraction of the measured copy bandwidth; rows are written as
+JSON with the device name, versions and date, rewritten after every case.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import datetime as _dt
 import importlib
 import json
 import os
+import sys
 import statistics
 import time
 from dataclasses import dataclass
@@ -277,6 +283,7 @@ def run(ops: list[str] | None = None, *, json_path: str | None = None, budget_ms
             if progress:
                 for r in case_rows:
                     print_fn(_row_line(r))
+                sys.stdout.flush()  # a run stopped by a time limit keeps what it printed
             if json_path:
                 _write_json(json_path, all_rows)
         print_fn(format_table(rows))

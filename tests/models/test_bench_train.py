@@ -49,6 +49,7 @@ def test_summary_compares_best_provider_with_dense():
             row("MoD every other 12.5% (1M, D)", "compiled", 300.0)]
     assert bench_train.summary(rows).endswith("MoD every other 12.5%: 1.50x")
     assert "no dense row" in bench_train.summary(rows[2:])
+    assert "no other variant" in bench_train.summary(rows[:2])
 
 
 @pytest.mark.parametrize("variant", ["dense", "mod", "moe"])
@@ -70,13 +71,17 @@ def test_compiled_blocks_train_like_eager(variant):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
-    assert counters["stats"]["unique_graphs"] == (2 if variant == "mod" else 1)
+    graphs = 2 if variant == "mod" else 1
+    assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"]
+    # evaluation stays eager: no eval-mode graphs, the same numbers
+    assert compiled.evaluate(256)["val_bpb"] == pytest.approx(eager.evaluate(256)["val_bpb"], rel=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("bad", [3, "", None])
 def test_compile_option_is_validated(bad):
-    with pytest.raises(TypeError, match="compile"):
+    with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile=bad)
 
 

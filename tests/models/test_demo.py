@@ -109,3 +109,24 @@ def test_slow_machine_keeps_the_dense_floor_and_cuts_the_variants(monkeypatch):
     dense, *variants = result.rows
     assert dense.steps == dense.planned_steps == 40 and not dense.cut
     assert all(r.cut and r.steps >= 1 for r in variants)
+
+
+def test_a_cut_dense_run_rematches_the_variants(monkeypatch):
+    """Dense planned above its floor and cut at the floor by a slow clock: the variants are
+    planned for the FLOPs dense actually trained, not for its plan."""
+    import dataclasses
+    import itertools
+    import time
+
+    monkeypatch.setenv("FLOPWISE_BACKEND", "reference")
+    clock = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    p = dataclasses.replace(DemoPreset.preset("smoke"), fixed_dense_steps=None, min_dense_steps=10,
+                            max_dense_steps=80, sample_bytes=0)
+    lines = []
+    result = run_demo(embedded_corpus(), preset=p, dense_steps=30, budget_s=30, threads=1, progress=False,
+                      log=lines.append)
+    dense, moe, mod, _ = result.rows
+    assert dense.steps == 10 and dense.planned_steps == 30 and dense.cut
+    assert moe.planned_steps == 10 and mod.planned_steps == round(10 * dense.flops_per_token / mod.flops_per_token)
+    assert any("dense stopped at 10 of 30 steps" in line for line in lines)
