@@ -86,6 +86,23 @@ comp(M._rmsnorm_gather_tokens_fwd_kernel, {"x_ptr": bf, "idx_ptr": i32, "gamma_p
      dict(ROWS=1, BLOCK_D=4096), num_warps=8)
 comp(M._rmsnorm_gather_tokens_bwd_kernel, {"grad_ptr": bf, "x_ptr": bf, "idx_ptr": i32, "gamma_ptr": bf, "dx_ptr": bf,
      "dgamma_part_ptr": f32, "eps": "fp32"}, dict(BLOCK_D=4096), num_warps=8)
+# The same kernels as the trainer launches them under bf16 autocast and in eval/generation:
+# an fp32 residual stream (MoD moves fp32 rows) with int32 (top-k) or int64 (causal
+# routing) indices.
+for rows, idx in [(f32, i32), (f32, P("i64")), (bf, P("i64"))]:
+    lab = f"rows={rows[1:]} idx={idx[1:]}"
+    comp(M._gather_tokens_fwd_kernel, {"x_ptr": rows, "idx_ptr": idx, "out_ptr": rows}, dict(ROWS=2, BLOCK_D=1024),
+         label=lab)
+    comp(M._scatter_tokens_fwd_kernel, {"base_ptr": rows, "y_ptr": rows, "w_ptr": f32, "inv_ptr": i32, "out_ptr": rows},
+         dict(HAS_BASE=True, HAS_Y=True, HAS_WEIGHT=True, ROWS=2, BLOCK_D=1024), label=lab)
+    comp(M._scatter_tokens_inplace_kernel, {"res_ptr": rows, "y_ptr": rows, "w_ptr": f32, "idx_ptr": idx},
+         dict(ROWS=2, BLOCK_D=1024), label=lab)
+    comp(M._scatter_tokens_bwd_kernel, {"grad_ptr": rows, "y_ptr": rows, "w_ptr": f32, "idx_ptr": idx, "dy_ptr": rows,
+         "dw_ptr": f32}, dict(ROWS=2, BLOCK_D=1024), label=lab)
+    comp(M._rmsnorm_gather_tokens_fwd_kernel, {"x_ptr": rows, "idx_ptr": idx, "gamma_ptr": f32, "out_ptr": rows,
+         "eps": "fp32"}, dict(ROWS=1, BLOCK_D=1024), num_warps=8, label=lab)
+    comp(M._rmsnorm_gather_tokens_bwd_kernel, {"grad_ptr": rows, "x_ptr": rows, "idx_ptr": idx, "gamma_ptr": f32,
+         "dx_ptr": rows, "dgamma_part_ptr": f32, "eps": "fp32"}, dict(BLOCK_D=1024), num_warps=8, label=lab)
 # grouped mm
 base = {"a_ptr": P("bf16"), "a2_ptr": P("bf16"), "a_idx_ptr": P("i32"), "b_ptr": P("bf16"), "b2_ptr": P("bf16"),
         "out_ptr": P("bf16"), "out2_ptr": P("bf16"), "out3_ptr": P("bf16"), "pre_ptr": P("bf16"), "pre2_ptr": P("bf16"),
@@ -94,6 +111,13 @@ for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), 
     t = dict(base)
     if ep in (2, 4): t["out_ptr"] = P("fp32")
     comp(G._grouped_mm_fwd_kernel, t, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save, PRECISION=None, DOT_F32=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), num_warps=8, label=f"epilogue={ep}", pipelined=True)
+# fp32 operands (a model without autocast on CUDA): exact fp32 dots, BLOCK_K 32 (_tiles)
+f32_rows = {k: (P("fp32") if v == P("bf16") else v) for k, v in base.items()}
+for ep, gather, dual, save in [(1, True, False, True), (2, False, False, False), (3, True, False, False),
+                               (4, False, True, False)]:
+    comp(G._grouped_mm_fwd_kernel, f32_rows, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
+         PRECISION="ieee", DOT_F32=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), num_warps=8,
+         label=f"fp32 epilogue={ep}")
 t = {"a_ptr": P("bf16"), "a2_ptr": P("bf16"), "a_idx_ptr": P("i32"), "g_ptr": P("bf16"), "g2_ptr": P("bf16"), "g_idx_ptr": P("i32"), "w_ptr": P("fp32"), "dw_ptr": P("bf16"), "dw2_ptr": P("bf16"), "offsets_ptr": P("i32")}
 for ga, sw, gg, dg in [(True, False, False, True), (False, True, True, False), (True, False, False, False)]:
     comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, SWIGLU_A=sw, GATHER_G=gg, DUAL_G=dg, PRECISION=None, DOT_F32=False, BLOCK_K=64, BLOCK_N=128, BLOCK_R=64), num_warps=8, label=f"ga={ga} sw={sw} gg={gg} dual={dg}", pipelined=True)

@@ -1,4 +1,6 @@
-"""Every routing and grouped-matmul kernel variant compiles for sm_90 (H100), even without a GPU."""
+"""Every routing, MoD token-movement and grouped-matmul kernel variant (bf16, and the fp32/int64
+variants the trainer launches under autocast and in evaluation) compiles for sm_90 (H100),
+even without a GPU."""
 
 from __future__ import annotations
 
