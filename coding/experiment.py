@@ -232,17 +232,13 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
     """
     from flopwise.models.checkpoint import load_checkpoint
     from flopwise.models.data import ByteData, TextCorpus, TokenData, load_corpus
-    from flopwise.models.train import Trainer, TrainConfig, resolve_device
+    from flopwise.models.train import Trainer, TrainConfig, resolve_device, resolve_preset
     from flopwise.models.transformer import ModelConfig
 
     log = log or (lambda s: print(s, flush=True))
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    if preset is None:
-        preset = "gpu" if dev.type == "cuda" else "cpu"
-    p = ExperimentPreset.preset(preset) if isinstance(preset, str) else preset
-    if not isinstance(p, ExperimentPreset):
-        raise TypeError(f"preset must be a name or an ExperimentPreset, got {type(preset).__name__}")
+    p = resolve_preset(preset, ExperimentPreset, dev)
     run_keys = parse_runs(runs) if runs is not None else p.runs
     if m2_steps is not None:
         if isinstance(m2_steps, bool) or not isinstance(m2_steps, int) or m2_steps < 1:

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from .data import ByteData, TextCorpus, decode, load_corpus
-from .train import TrainConfig, Trainer, active_params, peak_flops, resolve_device
+from .train import TrainConfig, Trainer, active_params, peak_flops, resolve_device, resolve_preset
 from .transformer import ModelConfig
 
 __all__ = ["DemoPreset", "DemoRow", "DemoResult", "run_demo", "format_table"]
@@ -216,11 +216,7 @@ def run_demo(corpus: str | TextCorpus | None = None, *, preset: str | DemoPreset
     log = log or (lambda s: print(s, flush=True))
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    if preset is None:
-        preset = "gpu" if dev.type == "cuda" else "cpu"
-    p = DemoPreset.preset(preset) if isinstance(preset, str) else preset
-    if not isinstance(p, DemoPreset):
-        raise TypeError(f"preset must be a name or a DemoPreset, got {type(preset).__name__}")
+    p = resolve_preset(preset, DemoPreset, dev)
     if budget_s is not None and not budget_s > 0:
         raise ValueError(f"budget_s must be > 0, got {budget_s}")
     if dense_steps is not None and (isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 1):

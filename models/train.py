@@ -51,7 +51,7 @@ from .data import ByteData, TextCorpus, TokenData, load_corpus
 from .transformer import ModelConfig, Transformer
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "lr_at", "peak_flops", "active_params", "compile_blocks",
-           "load_run_config", "resolve_device", "Progress"]
+           "load_run_config", "resolve_device", "resolve_preset", "Progress"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -356,6 +356,17 @@ def compile_blocks(model: Transformer, backend: str | None = None) -> Transforme
     for layer in model.layers:
         layer.compile(**({} if backend is None else {"backend": backend}))
     return model
+
+
+def resolve_preset(preset, cls: type, device: torch.device):
+    """``preset`` as an instance of ``cls`` (a preset dataclass with a ``preset(name)``
+    classmethod): a name, an instance, or None (``"gpu"`` on CUDA, else ``"cpu"``)."""
+    if preset is None:
+        preset = "gpu" if device.type == "cuda" else "cpu"
+    p = cls.preset(preset) if isinstance(preset, str) else preset
+    if not isinstance(p, cls):
+        raise TypeError(f"preset must be a preset name or a {cls.__name__} instance, got {type(preset).__name__}")
+    return p
 
 
 def resolve_device(name: str) -> torch.device:

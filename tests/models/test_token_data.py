@@ -16,7 +16,7 @@ from flopwise.models import ModelConfig
 from flopwise.models.data import ByteData, TextCorpus, TokenData, embedded_corpus
 from flopwise.models.train import TrainConfig, Trainer
 
-from .train_fixtures import TINY, _reference_backend, _tc, corpus  # noqa: F401  (fixtures)
+from .train_fixtures import TINY, _reference_backend, _tc, assert_exact_resume, corpus  # noqa: F401  (fixtures)
 
 
 def _pairs(text: bytes) -> np.ndarray:
@@ -174,21 +174,9 @@ def test_refuses_model_vocab_smaller_than_data(pair_data, corpus):
 def test_exact_resume_on_tokens(tmp_path, pair_data):
     """N steps straight == N/2, save, resume on the same TokenData, N/2 more: identical losses."""
     cfg, tc = ModelConfig.preset("tiny", vocab_size=65536, max_seq_len=64), _tc(max_steps=4, grad_accum=2)
-    straight = Trainer(cfg, tc, pair_data, progress=False)
-    full = [straight.train_step()["total_loss"] for _ in range(4)]
-
-    first = Trainer(cfg, tc, pair_data, progress=False)
-    half = [first.train_step()["total_loss"] for _ in range(2)]
-    first.save(tmp_path / "ck")
-    torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it
     again = TokenData(pair_data.train.numpy().astype(np.uint16), pair_data.val.numpy().astype(np.uint16),
                       vocab_size=65536, val_bytes=pair_data.val_bytes, name="pairs", seed=1)
-    resumed = Trainer.resume(tmp_path / "ck", again, progress=False)
-    assert resumed.step == 2
-    rest = [resumed.train_step()["total_loss"] for _ in range(2)]
-    assert half + rest == full  # bitwise: same data, weights, moments, schedule
-    for k, v in straight.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[k], v), k
+    assert_exact_resume(tmp_path, cfg, tc, pair_data, again, 4)
 
 
 def test_resume_refuses_other_tokens(tmp_path, pair_data, corpus):

@@ -24,7 +24,7 @@ from flopwise.models.data import (ByteData, TextCorpus, bits_per_byte, decode, e
                                   split_text)
 from flopwise.models.train import TrainConfig, Trainer, active_params, load_run_config, lr_at
 
-from .train_fixtures import TINY, _reference_backend, _tc, corpus  # noqa: F401  (fixtures)
+from .train_fixtures import TINY, _reference_backend, _tc, assert_exact_resume, corpus  # noqa: F401  (fixtures)
 
 
 # ------------------------------------------------------------------ schedule and config
@@ -258,20 +258,7 @@ def test_dense_checkpoint_is_an_upcycling_source(tmp_path, corpus):
 def test_exact_resume(tmp_path, corpus, variant):
     """N steps straight == N/2, save, load in a fresh trainer, N/2 more: identical losses."""
     extra = {} if variant == "dense" else dict(routing="every_other", mlp="moe", moe_n_experts=4)
-    cfg, tc = ModelConfig(**TINY, **extra), _tc(max_steps=6, grad_accum=2)
-    straight = Trainer(cfg, tc, corpus, progress=False)
-    full = [straight.train_step()["total_loss"] for _ in range(6)]
-
-    first = Trainer(cfg, tc, corpus, progress=False)
-    half = [first.train_step()["total_loss"] for _ in range(3)]
-    first.save(tmp_path / "ck")
-    torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it
-    resumed = Trainer.resume(tmp_path / "ck", corpus, progress=False)
-    assert resumed.step == 3
-    rest = [resumed.train_step()["total_loss"] for _ in range(3)]
-    assert half + rest == full  # bitwise: same data, weights, moments, schedule
-    for k, v in straight.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[k], v), k
+    assert_exact_resume(tmp_path, ModelConfig(**TINY, **extra), _tc(max_steps=6, grad_accum=2), corpus, corpus, 6)
 
 
 def test_resume_refuses_another_corpus(tmp_path, corpus):
