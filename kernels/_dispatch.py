@@ -21,7 +21,7 @@ import os
 
 import torch
 
-__all__ = ["HAS_TRITON", "INTERPRET", "backend", "use_triton", "new_output"]
+__all__ = ["HAS_TRITON", "INTERPRET", "backend", "use_triton", "new_output", "traced", "eager_backward", "eager_function"]
 
 try:  # Triton has wheels for Linux only.
     import triton  # noqa: F401
@@ -86,3 +86,41 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device | str) -> torc
     if os.environ.get("FLOPWISE_POISON", "0") == "1":
         out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(dtype).min)
     return out
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def traced(*tensors: torch.Tensor) -> bool:
+    """True while torch.compile or torch.export traces, or when an input is not a plain tensor
+    (a fake or meta tensor, or a subclass such as a functional collective's pending result).
+
+    Ops then go through their ``torch.library`` custom op: the opaque node the compiler needs,
+    and the dispatcher unwraps subclasses before the kernel sees a data pointer. Otherwise
+    they call a plain ``torch.autograd.Function`` running the same kernels, because the
+    custom op's Python dispatch costs hundreds of microseconds of host time per call on a
+    slow host, more than a memory-bound kernel takes on the GPU."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(type(t) not in _PLAIN or t.device.type == "meta" for t in tensors)
+
+
+def eager_backward(backward, backward_op):
+    """A backward formula that runs the implementations (``backward``) on plain gradients and
+    the backward custom ops (``backward_op``) on anything else, e.g. a gradient still held by
+    a functional collective's wrapper, which only the dispatcher unwraps."""
+
+    def run(ctx, *grads):
+        if traced(*[g for g in grads if isinstance(g, torch.Tensor)]):
+            return backward_op(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return run
+
+
+def eager_function(name: str, forward, setup_context, backward) -> type:
+    """The eager twin of a custom op with ``register_autograd``: a ``torch.autograd.Function``
+    with the same forward (the op's implementation), ``setup_context`` and backward formula
+    (see :func:`eager_backward`)."""
+    return type(name, (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), setup_context=staticmethod(setup_context), backward=staticmethod(backward)))

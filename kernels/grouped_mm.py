@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, backend, new_output
+from ._dispatch import HAS_TRITON, backend, eager_backward, eager_function, new_output, traced
 from .routing import RoutingPlan
 
 if HAS_TRITON:
@@ -61,16 +61,29 @@ if HAS_TRITON:
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
     @triton.jit
+    def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """Program id -> (m tile, n tile), GROUP_M m tiles at a time across all n tiles.
+
+        The programs resident together then share GROUP_M row tiles and a band of column
+        tiles in L2. Walking m fastest instead (one column tile over every row block) re-reads
+        the whole A from memory once per column tile: at Mixtral's shape that traffic, not
+        the tensor cores, set the kernel's speed."""
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+    @triton.jit
     def _grouped_mm_fwd_kernel(
         a_ptr, a2_ptr, a_idx_ptr, stride_am,
         b_ptr, b2_ptr, stride_be, stride_bk, stride_bn,
         out_ptr, out2_ptr, out3_ptr, stride_om,
         pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr,
         block_expert_ptr, block_row_ptr, offsets_ptr,
-        K, N,
+        K, N, NB,
         EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, DUAL_A: tl.constexpr, SAVE_PRE: tl.constexpr,
         PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         """One (row block, column block) tile of ``A[rows] @ B[e]`` for the block's expert e.
 
@@ -82,8 +95,7 @@ if HAS_TRITON:
           _SWIGLU_BWD    acc = dY[tok] @ Wd^T: dw[r] += <h_r, acc>; dH = w*acc -> dG, dU
           _SCATTER       out[tok[r]] += acc (+ A2@B2 when DUAL_A)  (fp32 atomics)
         """
-        pid_b = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid_b, pid_n = _swizzle(tl.program_id(0), NB, tl.cdiv(N, BLOCK_N), GROUP_M)
         e = tl.load(block_expert_ptr + pid_b)
         if e < 0:
             return
@@ -166,18 +178,15 @@ if HAS_TRITON:
         offsets_ptr, K, N,
         GATHER_A: tl.constexpr, SWIGLU_A: tl.constexpr, GATHER_G: tl.constexpr, DUAL_G: tl.constexpr,
         PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         """dW[e] (and dW2[e]) = A_e^T @ G_e over expert e's rows ``offsets[e]:offsets[e+1]``.
 
         A rows: ``a[tok[r]]`` (GATHER_A) or ``a[r]``; SWIGLU_A: A = silu(a) * a2 (h recomputed
         from the saved pre-activations). G rows: ``w[r] * g[tok[r]]`` (GATHER_G) or ``g[r]``;
         DUAL_G: a second output from G2 with the same A (gate and up share the x tile)."""
-        pid = tl.program_id(0)
         e = tl.program_id(1)
-        n_blocks_n = tl.cdiv(N, BLOCK_N)
-        pid_k = pid // n_blocks_n
-        pid_n = pid % n_blocks_n
+        pid_k, pid_n = _swizzle(tl.program_id(0), tl.cdiv(K, BLOCK_K), tl.cdiv(N, BLOCK_N), GROUP_M)
         start = tl.load(offsets_ptr + e)
         end = tl.load(offsets_ptr + e + 1)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -263,11 +272,37 @@ def _dot_f32(a: torch.Tensor) -> bool:
     return a.device.type == "cpu" and a.dtype == torch.bfloat16
 
 
-def _tiles(K: int, N: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for the row-block kernel."""
-    bn = min(128, max(16, triton.next_power_of_2(N)))
+# Tile configurations, per kernel; ``scripts/tune_grouped_mm.py`` times alternatives on the
+# card at hand, through ``_OVERRIDE`` ({"rows" | "rows_dual" | "dw" | "dw_dual": {name: value}}).
+_OVERRIDE: dict[str, dict] = {}
+_GROUP_M = 8
+
+
+def _tiles(K: int, N: int, dtype: torch.dtype, wide: bool, dual: bool) -> dict:
+    """Meta-parameters of the row-block kernel (BLOCK_M is the plan's block_m).
+
+    ``wide``: a plain epilogue (store, or scale and scatter) with one A operand, which may
+    take 256 columns (H100, bf16: 604-638 TFLOP/s against 533 with 128 at Mixtral's and
+    OLMoE's up-projection); ``dual``: two fp32 accumulators (gate and up), capped at 128.
+    Long K loops get a fourth pipeline stage."""
+    cap = 256 if wide and dtype != torch.float32 else 128
+    bn = min(cap, max(16, triton.next_power_of_2(N)))
     bk = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(K)))
-    return bn, bk, 8 if bn >= 128 else 4, 3
+    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, num_warps=8 if bn >= 128 else 4,
+               num_stages=4 if wide and K >= 4096 else 3)
+    cfg.update(_OVERRIDE.get("rows_dual" if dual else "rows", {}))
+    return cfg
+
+
+def _dw_tiles(K: int, N: int, dtype: torch.dtype, dual: bool) -> dict:
+    """Meta-parameters of the weight-gradient kernel: a BLOCK_K x BLOCK_N tile of dW[e],
+    reduced over the expert's rows BLOCK_R at a time."""
+    bk = min(128, max(16, triton.next_power_of_2(K)))
+    bn = min(128, max(16, triton.next_power_of_2(N)))
+    cfg = dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=32 if dtype == torch.float32 else 64, GROUP_M=_GROUP_M,
+               num_warps=8 if bk * bn >= 64 * 128 else 4, num_stages=3)
+    cfg.update(_OVERRIDE.get("dw_dual" if dual else "dw", {}))
+    return cfg
 
 
 # Pipeline depth per kernel variant. Three stages fit an H100's 227 KiB of shared memory for
@@ -302,11 +337,13 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
     else:
         K, N = w_t.shape[1], w_t.shape[2]
         sbk, sbn = w_t.stride(1), w_t.stride(2)
-    bn, bk, warps, stages = _tiles(K, N, a.dtype)
-    grid = (plan.max_blocks, triton.cdiv(N, bn))
+    cfg = _tiles(K, N, a.dtype, wide=epilogue in (_STORE, _SCALE_SCATTER) and a2 is None, dual=epilogue == _SWIGLU)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    nb = plan.max_blocks
+    grid = (nb * triton.cdiv(N, cfg["BLOCK_N"]),)
     d = out  # placeholder for pointers a variant never dereferences
     consts = dict(EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=out2 is not None,
-                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m, BLOCK_N=bn, BLOCK_K=bk)
+                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m, **cfg)
 
     def launch(num_stages):
         _grouped_mm_fwd_kernel[grid](
@@ -316,7 +353,7 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
             d if pre is None else pre, d if pre2 is None else pre2,
             d if weights is None else weights, d if dw is None else dw, plan.token_idx,
             plan.block_expert, plan.block_row, plan.expert_offsets,
-            K, N, **consts, num_warps=warps, num_stages=num_stages,
+            K, N, nb, **consts, num_warps=warps, num_stages=num_stages,
         )
 
     _launch_fitting(launch, ("rows", a.dtype, warps, *consts.items()), stages)
@@ -326,14 +363,12 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
 def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, a2=None, g2=None, dw2=None,
                swiglu_a=False):
     E, K, N = dw.shape
-    bk = min(64, max(16, triton.next_power_of_2(K)))
-    bn = min(128, max(16, triton.next_power_of_2(N)))
-    br = 32 if a.dtype == torch.float32 else 64
-    grid = (triton.cdiv(K, bk) * triton.cdiv(N, bn), E)
+    cfg = _dw_tiles(K, N, a.dtype, dual=g2 is not None)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    grid = (triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(N, cfg["BLOCK_N"]), E)
     d = dw
     consts = dict(GATHER_A=gather_a, SWIGLU_A=swiglu_a, GATHER_G=gather_g, DUAL_G=g2 is not None,
-                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br)
-    warps = 8 if bk * bn >= 64 * 128 else 4
+                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), **cfg)
 
     def launch(num_stages):
         _grouped_mm_dw_kernel[grid](
@@ -343,7 +378,7 @@ def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, a
             plan.expert_offsets, K, N, **consts, num_warps=warps, num_stages=num_stages,
         )
 
-    _launch_fitting(launch, ("dw", a.dtype, warps, *consts.items()), 3)
+    _launch_fitting(launch, ("dw", a.dtype, warps, *consts.items()), stages)
 
 
 def _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m: int, T: int) -> RoutingPlan:
@@ -459,16 +494,19 @@ def _moe_setup(ctx, inputs, output):
     ctx.saved = save
 
 
-def _moe_backward(ctx, dy, dg_unused, du_unused):
-    x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
-    if not ctx.saved:
-        raise RuntimeError("moe_mlp was run without saving activations (save=False) and cannot be differentiated")
-    dx, dw, dwg, dwu, dwd = _moe_mlp_bwd_op(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets,
-                                             block_expert, block_row, ctx.block_m)
-    return dx, dw, dwg, dwu, dwd, None, None, None, None, None, None
+def _moe_backward(bwd):
+    def backward(ctx, dy, dg_unused, du_unused):
+        x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
+        if not ctx.saved:
+            raise RuntimeError("moe_mlp was run without saving activations (save=False) and cannot be differentiated")
+        dx, dw, dwg, dwu, dwd = bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets,
+                                    block_expert, block_row, ctx.block_m)
+        return dx, dw, dwg, dwu, dwd, None, None, None, None, None, None
+
+    return backward
 
 
-_moe_mlp_op.register_autograd(_moe_backward, setup_context=_moe_setup)
+_moe_mlp_op.register_autograd(_moe_backward(_moe_mlp_bwd_op), setup_context=_moe_setup)
 
 
 @torch.library.custom_op("flopwise::grouped_mm", mutates_args=())
@@ -500,13 +538,22 @@ def _gmm_setup(ctx, inputs, output):
     ctx.block_m, ctx.gather = block_m, gather
 
 
-def _gmm_backward(ctx, dout):
-    a, w, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
-    da, dw = _gmm_bwd_op(dout, a, w, token_idx, offsets, block_expert, block_row, ctx.block_m, ctx.gather)
-    return da, dw, None, None, None, None, None, None
+def _gmm_backward(bwd):
+    def backward(ctx, dout):
+        a, w, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
+        da, dw = bwd(dout, a, w, token_idx, offsets, block_expert, block_row, ctx.block_m, ctx.gather)
+        return da, dw, None, None, None, None, None, None
+
+    return backward
 
 
-_gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
+_gmm_op.register_autograd(_gmm_backward(_gmm_bwd_op), setup_context=_gmm_setup)
+
+# Eager twins (see ``_dispatch.traced``): the same launches without the dispatcher's host cost.
+_MoEMLPFunction = eager_function("MoEMLPFunction", _moe_fwd, _moe_setup,
+                                 eager_backward(_moe_backward(_moe_bwd), _moe_backward(_moe_mlp_bwd_op)))
+_GroupedMMFunction = eager_function("GroupedMMFunction", _gmm_fwd, _gmm_setup,
+                                    eager_backward(_gmm_backward(_gmm_bwd), _gmm_backward(_gmm_bwd_op)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -569,8 +616,8 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: b
     _check_weight(w, "w", plan.num_experts, (a.shape[1], None), a.dtype, a.device)
     if not _use_kernel(a, "grouped_mm") or plan.num_rows == 0:
         return grouped_mm_reference(a, w, plan, gather=gather)
-    return _gmm_op(a, w, plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row, plan.block_m,
-                   gather)
+    op = _gmm_op if traced(a, w, plan.token_idx) else _GroupedMMFunction.apply
+    return op(a, w, plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row, plan.block_m, gather)
 
 
 def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -606,6 +653,7 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
         return moe_mlp_reference(x, plan, w_gate, w_up, w_down)  # (nothing routed: zeros, no launch)
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, plan.weights, w_gate, w_up, w_down))
-    y, _, _ = _moe_mlp_op(x, plan.weights, w_gate, w_up, w_down, plan.token_idx, plan.expert_offsets,
+    op = _moe_mlp_op if traced(x, plan.weights, plan.token_idx, w_gate, w_up, w_down) else _MoEMLPFunction.apply
+    y, _, _ = op(x, plan.weights, w_gate, w_up, w_down, plan.token_idx, plan.expert_offsets,
                           plan.block_expert, plan.block_row, plan.block_m, save)
     return y

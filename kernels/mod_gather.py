@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import new_output, use_triton
+from ._dispatch import eager_backward, new_output, traced, use_triton
 
 __all__ = [
     "gather_tokens",
@@ -464,14 +464,86 @@ def _rmsnorm_gather_tokens_bwd(grad, x, idx, gamma, eps: float):
 # ----------------------------------------------------------------------------------------
 
 
+def _gather_fwd_impl(x, idx):
+    if use_triton(x, op="gather_tokens"):
+        return _gather_tokens_fwd(x, idx)
+    return gather_tokens_reference(x, idx)
+
+
+def _gather_bwd_impl(grad, idx, seq_len: int):
+    if use_triton(grad, op="gather_tokens backward"):
+        return _gather_tokens_bwd(grad, idx, seq_len)
+    return _gather_tokens_bwd_reference(grad, idx, seq_len)
+
+
+def _scatter_fwd_impl(residual, y, idx, weight):
+    if use_triton(residual, op="scatter_tokens"):
+        return _scatter_tokens_fwd(residual, y, idx, weight)
+    return scatter_tokens_reference(residual, y, idx, weight)
+
+
+def _scatter_inplace_impl(residual, y, idx, weight) -> None:
+    if use_triton(residual, op="scatter_tokens(inplace=True)"):
+        _scatter_tokens_inplace(residual, y, idx, weight)
+    else:
+        _scatter_tokens_inplace_reference(residual, y, idx, weight)
+
+
+def _scatter_bwd_impl(grad, y, idx, weight):
+    if use_triton(grad, op="scatter_tokens backward"):
+        return _scatter_tokens_bwd(grad, y, idx, weight)
+    return _scatter_tokens_bwd_reference(grad, y, idx, weight)
+
+
+def _rmsnorm_fwd_impl(x, idx, gamma, eps: float):
+    if use_triton(x, op="rmsnorm_gather_tokens"):
+        return _rmsnorm_gather_tokens_fwd(x, idx, gamma, eps)
+    return rmsnorm_gather_tokens_reference(x, idx, gamma, eps)
+
+
+def _rmsnorm_bwd_impl(grad, x, idx, gamma, eps: float):
+    if use_triton(x, op="rmsnorm_gather_tokens backward"):
+        return _rmsnorm_gather_tokens_bwd(grad, x, idx, gamma, eps)
+    return _rmsnorm_gather_tokens_bwd_reference(grad, x, idx, gamma, eps)
+
+
+# Each backward formula is written once and bound twice: to the eager autograd.Function with
+# the implementations (``*_impl``), and to the custom op with the backward custom ops.
+def _gather_backward(bwd):
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return (bwd(grad, idx, ctx.seq_len) if ctx.needs_input_grad[0] else None), None
+
+    return backward
+
+
+def _scatter_backward(bwd):
+    def backward(ctx, grad):
+        y, idx, weight = ctx.saved_tensors
+        dy = dw = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            dy, dw = bwd(grad, y, idx, weight)
+        dres = grad if ctx.needs_input_grad[0] else None
+        return dres, dy, None, dw
+
+    return backward
+
+
+def _rmsnorm_backward(bwd):
+    def backward(ctx, grad):
+        x, idx, gamma = ctx.saved_tensors
+        dx = dgamma = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            dx, dgamma = bwd(grad, x, idx, gamma, ctx.eps)
+        return dx, None, dgamma, None
+
+    return backward
+
+
 class GatherTokensFunction(torch.autograd.Function):
     """``gather_tokens`` with backward ``dx = rows of grad at idx, zeros elsewhere``."""
 
-    @staticmethod
-    def forward(x, idx):
-        if use_triton(x, op="gather_tokens"):
-            return _gather_tokens_fwd(x, idx)
-        return gather_tokens_reference(x, idx)
+    forward = staticmethod(_gather_fwd_impl)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -479,46 +551,23 @@ class GatherTokensFunction(torch.autograd.Function):
         ctx.save_for_backward(idx)
         ctx.seq_len = x.shape[1]
 
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        dx = torch.ops.flopwise.mod_gather_bwd(grad, idx, ctx.seq_len) if ctx.needs_input_grad[0] else None
-        return dx, None
-
 
 class ScatterTokensFunction(torch.autograd.Function):
     """Out-of-place ``scatter_tokens``: d residual = grad, d y = weight * grad[idx],
     d weight = <grad[idx], y> (the last two from one fused kernel)."""
 
-    @staticmethod
-    def forward(residual, y, idx, weight):
-        if use_triton(residual, op="scatter_tokens"):
-            return _scatter_tokens_fwd(residual, y, idx, weight)
-        return scatter_tokens_reference(residual, y, idx, weight)
+    forward = staticmethod(_scatter_fwd_impl)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _, y, idx, weight = inputs
         ctx.save_for_backward(y, idx, weight)
 
-    @staticmethod
-    def backward(ctx, grad):
-        y, idx, weight = ctx.saved_tensors
-        dy = dw = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            dy, dw = torch.ops.flopwise.mod_scatter_bwd(grad, y, idx, weight)
-        dres = grad if ctx.needs_input_grad[0] else None
-        return dres, dy, None, dw
-
 
 class RMSNormGatherTokensFunction(torch.autograd.Function):
     """``rmsnorm_gather_tokens`` with gradients for x (selected rows, zeros elsewhere) and gamma."""
 
-    @staticmethod
-    def forward(x, idx, gamma, eps):
-        if use_triton(x, op="rmsnorm_gather_tokens"):
-            return _rmsnorm_gather_tokens_fwd(x, idx, gamma, eps)
-        return rmsnorm_gather_tokens_reference(x, idx, gamma, eps)
+    forward = staticmethod(_rmsnorm_fwd_impl)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -526,23 +575,17 @@ class RMSNormGatherTokensFunction(torch.autograd.Function):
         ctx.save_for_backward(x, idx, gamma)
         ctx.eps = eps
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, idx, gamma = ctx.saved_tensors
-        dx = dgamma = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            dx, dgamma = torch.ops.flopwise.mod_rmsnorm_gather_bwd(grad, x, idx, gamma, ctx.eps)
-        return dx, None, dgamma, None
-
 
 # ----------------------------------------------------------------------------------------
-# Custom ops: what the public functions call, so torch.compile sees one opaque node per op.
+# Custom ops: what torch.compile sees, one opaque node per op. In eager the public functions
+# call the autograd.Functions above instead: the same kernels for a fraction of the host time
+# (the dispatcher's Python path costs hundreds of microseconds per op on a slow host).
 # ----------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("flopwise::mod_gather", mutates_args=())
 def _mod_gather_op(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return GatherTokensFunction.forward(x, idx)
+    return _gather_fwd_impl(x, idx)
 
 
 @_mod_gather_op.register_fake
@@ -552,9 +595,7 @@ def _(x, idx):
 
 @torch.library.custom_op("flopwise::mod_gather_bwd", mutates_args=())
 def _mod_gather_bwd_op(grad: torch.Tensor, idx: torch.Tensor, seq_len: int) -> torch.Tensor:
-    if use_triton(grad, op="gather_tokens backward"):
-        return _gather_tokens_bwd(grad, idx, seq_len)
-    return _gather_tokens_bwd_reference(grad, idx, seq_len)
+    return _gather_bwd_impl(grad, idx, seq_len)
 
 
 @_mod_gather_bwd_op.register_fake
@@ -564,7 +605,7 @@ def _(grad, idx, seq_len):
 
 @torch.library.custom_op("flopwise::mod_scatter", mutates_args=())
 def _mod_scatter_op(residual: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return ScatterTokensFunction.forward(residual, y, idx, weight)
+    return _scatter_fwd_impl(residual, y, idx, weight)
 
 
 @_mod_scatter_op.register_fake
@@ -574,10 +615,7 @@ def _(residual, y, idx, weight):
 
 @torch.library.custom_op("flopwise::mod_scatter_", mutates_args=("residual",))
 def _mod_scatter_inplace_op(residual: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> None:
-    if use_triton(residual, op="scatter_tokens(inplace=True)"):
-        _scatter_tokens_inplace(residual, y, idx, weight)
-    else:
-        _scatter_tokens_inplace_reference(residual, y, idx, weight)
+    _scatter_inplace_impl(residual, y, idx, weight)
 
 
 @_mod_scatter_inplace_op.register_fake
@@ -589,9 +627,7 @@ def _(residual, y, idx, weight):
 def _mod_scatter_bwd_op(
     grad: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(grad, op="scatter_tokens backward"):
-        return _scatter_tokens_bwd(grad, y, idx, weight)
-    return _scatter_tokens_bwd_reference(grad, y, idx, weight)
+    return _scatter_bwd_impl(grad, y, idx, weight)
 
 
 @_mod_scatter_bwd_op.register_fake
@@ -602,7 +638,7 @@ def _(grad, y, idx, weight):
 
 @torch.library.custom_op("flopwise::mod_rmsnorm_gather", mutates_args=())
 def _mod_rmsnorm_gather_op(x: torch.Tensor, idx: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
-    return RMSNormGatherTokensFunction.forward(x, idx, gamma, eps)
+    return _rmsnorm_fwd_impl(x, idx, gamma, eps)
 
 
 @_mod_rmsnorm_gather_op.register_fake
@@ -614,9 +650,7 @@ def _(x, idx, gamma, eps):
 def _mod_rmsnorm_gather_bwd_op(
     grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, gamma: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x, op="rmsnorm_gather_tokens backward"):
-        return _rmsnorm_gather_tokens_bwd(grad, x, idx, gamma, eps)
-    return _rmsnorm_gather_tokens_bwd_reference(grad, x, idx, gamma, eps)
+    return _rmsnorm_bwd_impl(grad, x, idx, gamma, eps)
 
 
 @_mod_rmsnorm_gather_bwd_op.register_fake
@@ -625,11 +659,19 @@ def _(grad, x, idx, gamma, eps):
     return torch.empty_like(x, memory_format=contiguous), torch.empty_like(gamma, memory_format=contiguous)
 
 
-_mod_gather_op.register_autograd(GatherTokensFunction.backward, setup_context=GatherTokensFunction.setup_context)
-_mod_scatter_op.register_autograd(ScatterTokensFunction.backward, setup_context=ScatterTokensFunction.setup_context)
-_mod_rmsnorm_gather_op.register_autograd(
-    RMSNormGatherTokensFunction.backward, setup_context=RMSNormGatherTokensFunction.setup_context
-)
+_mod_gather_op.register_autograd(_gather_backward(_mod_gather_bwd_op),
+                                 setup_context=GatherTokensFunction.setup_context)
+_mod_scatter_op.register_autograd(_scatter_backward(_mod_scatter_bwd_op),
+                                  setup_context=ScatterTokensFunction.setup_context)
+_mod_rmsnorm_gather_op.register_autograd(_rmsnorm_backward(_mod_rmsnorm_gather_bwd_op),
+                                         setup_context=RMSNormGatherTokensFunction.setup_context)
+# The eager Functions' backward: implementations on plain gradients (see eager_backward).
+GatherTokensFunction.backward = staticmethod(eager_backward(_gather_backward(_gather_bwd_impl),
+                                                            _gather_backward(_mod_gather_bwd_op)))
+ScatterTokensFunction.backward = staticmethod(eager_backward(_scatter_backward(_scatter_bwd_impl),
+                                                             _scatter_backward(_mod_scatter_bwd_op)))
+RMSNormGatherTokensFunction.backward = staticmethod(eager_backward(_rmsnorm_backward(_rmsnorm_bwd_impl),
+                                                                   _rmsnorm_backward(_mod_rmsnorm_gather_bwd_op)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -686,7 +728,9 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = F
     """
     _check_tensor(x, "x", 3)
     _check_idx(idx, x, "x", check_indices)
-    return torch.ops.flopwise.mod_gather(x, idx)
+    if traced(x, idx):
+        return torch.ops.flopwise.mod_gather(x, idx)
+    return GatherTokensFunction.apply(x, idx)
 
 
 def scatter_tokens(
@@ -751,9 +795,14 @@ def scatter_tokens(
             )
         if not residual.is_contiguous():
             raise ValueError("residual must be contiguous for scatter_tokens(..., inplace=True)")
-        torch.ops.flopwise.mod_scatter_(residual, y, idx, weight)
+        if traced(residual, y, idx, weight):
+            torch.ops.flopwise.mod_scatter_(residual, y, idx, weight)
+        else:
+            _scatter_inplace_impl(residual, y, idx, weight)
         return residual
-    return torch.ops.flopwise.mod_scatter(residual, y, idx, weight)
+    if traced(residual, y, idx, weight):
+        return torch.ops.flopwise.mod_scatter(residual, y, idx, weight)
+    return ScatterTokensFunction.apply(residual, y, idx, weight)
 
 
 def rmsnorm_gather_tokens(
@@ -795,4 +844,6 @@ def rmsnorm_gather_tokens(
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return torch.ops.flopwise.mod_rmsnorm_gather(x, idx, gamma, float(eps))
+    if traced(x, idx, gamma):
+        return torch.ops.flopwise.mod_rmsnorm_gather(x, idx, gamma, float(eps))
+    return RMSNormGatherTokensFunction.apply(x, idx, gamma, float(eps))

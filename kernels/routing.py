@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import HAS_TRITON, backend, new_output
+from ._dispatch import HAS_TRITON, backend, eager_backward, eager_function, new_output, traced
 
 if HAS_TRITON:
     import triton
@@ -764,15 +764,17 @@ def _topk_route_setup(ctx, inputs, output):
     ctx.score, ctx.renormalize = score, renormalize
 
 
-def _topk_route_backward(ctx, g_topk, g_sorted, *rest):
-    logits, ids, inverse = ctx.saved_tensors
-    if g_topk is None and g_sorted is None:
-        return None, None, None, None, None
-    d = _topk_route_bwd_op(logits, ids, inverse, g_topk, g_sorted, ctx.score, ctx.renormalize)
-    return d, None, None, None, None
+def _topk_route_backward(bwd):
+    def backward(ctx, g_topk, g_sorted, *rest):
+        logits, ids, inverse = ctx.saved_tensors
+        if g_topk is None and g_sorted is None:
+            return None, None, None, None, None
+        return bwd(logits, ids, inverse, g_topk, g_sorted, ctx.score, ctx.renormalize), None, None, None, None
+
+    return backward
 
 
-_topk_route_op.register_autograd(_topk_route_backward, setup_context=_topk_route_setup)
+_topk_route_op.register_autograd(_topk_route_backward(_topk_route_bwd_op), setup_context=_topk_route_setup)
 
 
 @torch.library.custom_op("flopwise::expert_choice_route", mutates_args=())
@@ -822,6 +824,10 @@ _expert_choice_op.register_autograd(_expert_choice_backward, setup_context=_expe
 
 @torch.library.custom_op("flopwise::topk_rows", mutates_args=())
 def _topk_rows_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _topk_rows_impl(x, k)
+
+
+def _topk_rows_impl(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     idx, val = _topk_rows_fwd(x, k)
     return val, idx
 
@@ -846,6 +852,15 @@ def _topk_rows_backward(ctx, g_val, g_idx):
 
 
 _topk_rows_op.register_autograd(_topk_rows_backward, setup_context=_topk_rows_setup)
+
+# Eager twins of the three ops: the same kernels and formulas without the dispatcher's host
+# cost (see ``_dispatch.traced``); the public functions pick one per call.
+_TopkRouteFunction = eager_function(
+    "TopkRouteFunction", _topk_route_fwd, _topk_route_setup,
+    eager_backward(_topk_route_backward(_topk_route_bwd), _topk_route_backward(_topk_route_bwd_op)))
+_ExpertChoiceFunction = eager_function("ExpertChoiceFunction", _expert_choice_fwd, _expert_choice_setup,
+                                       _expert_choice_backward)
+_TopkRowsFunction = eager_function("TopkRowsFunction", _topk_rows_impl, _topk_rows_setup, _topk_rows_backward)
 
 
 # ----------------------------------------------------------------------------------------
@@ -922,7 +937,8 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
     if not _kernel_ok(logits, "topk_route"):
         return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m)
     T, E = logits.shape
-    w, sw, ids, tok, pair, inv, counts, offsets, padded, bexp, brow = _topk_route_op(
+    op = _topk_route_op if traced(logits) else _TopkRouteFunction.apply
+    w, sw, ids, tok, pair, inv, counts, offsets, padded, bexp, brow = op(
         logits, k, _SCORES[score], bool(renormalize), block_m)
     return RoutingPlan(
         token_idx=tok, weights=sw, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
@@ -956,7 +972,8 @@ def expert_choice_route(logits: torch.Tensor, capacity_factor: float = 2.0, *, s
     if not _kernel_ok(logits, "expert_choice_route"):
         return expert_choice_route_reference(logits, capacity_factor, score=score, block_m=block_m)
     T, E = logits.shape
-    w, tok, counts, offsets, padded, bexp, brow = _expert_choice_op(logits, C, _SCORES[score], block_m)
+    op = _expert_choice_op if traced(logits) else _ExpertChoiceFunction.apply
+    w, tok, counts, offsets, padded, bexp, brow = op(logits, C, _SCORES[score], block_m)
     return RoutingPlan(
         token_idx=tok, weights=w, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
         block_expert=bexp, block_row=brow, num_tokens=T, num_experts=E, block_m=block_m, capacity=C,
@@ -976,7 +993,7 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     _check_int(k, "k", 1, x.shape[1])
     if not _kernel_ok(x, "topk_rows"):
         return topk_rows_reference(x, k)
-    val, idx = _topk_rows_op(x, k)
+    val, idx = (_topk_rows_op if traced(x) else _TopkRowsFunction.apply)(x, k)
     return idx, val
 
 

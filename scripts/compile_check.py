@@ -7,6 +7,7 @@ Usage: python scripts/compile_check.py   (exit status 1 if any variant fails)
 import os
 import sys
 os.environ.pop("TRITON_INTERPRET", None)
+import torch
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
@@ -33,13 +34,13 @@ def sig_of(fn, types, consts):
 ALIGNED_INTS = {"D", "stride_am", "stride_be", "stride_bk", "stride_om", "stride_gm", "stride_de", "stride_dk", "K", "N"}
 
 
-def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=False):
+def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=False, num_stages=3):
     sig = sig_of(fn, types, consts)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*") or n in ALIGNED_INTS}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     try:
-        k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": 3})
+        k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
         ptx = k.asm["ptx"]
         info = f"shared memory {k.metadata.shared}, wgmma {ptx.count('wgmma.mma_async')}, cp.async {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}"
         loads = [line for line in ptx.splitlines() if "ld.global" in line]
@@ -110,17 +111,27 @@ base = {"a_ptr": P("bf16"), "a2_ptr": P("bf16"), "a_idx_ptr": P("i32"), "b_ptr":
 for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), (2, False, False, False), (3, True, False, False), (4, False, True, False)]:
     t = dict(base)
     if ep in (2, 4): t["out_ptr"] = P("fp32")
-    comp(G._grouped_mm_fwd_kernel, t, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save, PRECISION=None, DOT_F32=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), num_warps=8, label=f"epilogue={ep}", pipelined=True)
+    # the tiles the launcher picks at Mixtral's shape (K = 4096 or 14336, N = 14336 or 4096)
+    cfg = G._tiles(4096, 14336, torch.bfloat16, wide=ep in (0, 2) and not dual, dual=ep == 1)
+    w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
+    comp(G._grouped_mm_fwd_kernel, t, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save, PRECISION=None,
+         DOT_F32=False, BLOCK_M=128, **cfg), num_warps=w_, num_stages=s_, label=f"epilogue={ep} {cfg}", pipelined=True)
 # fp32 operands (a model without autocast on CUDA): exact fp32 dots, BLOCK_K 32 (_tiles)
 f32_rows = {k: (P("fp32") if v == P("bf16") else v) for k, v in base.items()}
 for ep, gather, dual, save in [(1, True, False, True), (2, False, False, False), (3, True, False, False),
                                (4, False, True, False)]:
+    cfg = G._tiles(4096, 4096, torch.float32, wide=ep in (0, 2) and not dual, dual=ep == 1)
+    w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
     comp(G._grouped_mm_fwd_kernel, f32_rows, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
-         PRECISION="ieee", DOT_F32=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), num_warps=8,
+         PRECISION="ieee", DOT_F32=False, BLOCK_M=64, **cfg), num_warps=w_, num_stages=s_,
          label=f"fp32 epilogue={ep}")
 t = {"a_ptr": P("bf16"), "a2_ptr": P("bf16"), "a_idx_ptr": P("i32"), "g_ptr": P("bf16"), "g2_ptr": P("bf16"), "g_idx_ptr": P("i32"), "w_ptr": P("fp32"), "dw_ptr": P("bf16"), "dw2_ptr": P("bf16"), "offsets_ptr": P("i32")}
 for ga, sw, gg, dg in [(True, False, False, True), (False, True, True, False), (True, False, False, False)]:
-    comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, SWIGLU_A=sw, GATHER_G=gg, DUAL_G=dg, PRECISION=None, DOT_F32=False, BLOCK_K=64, BLOCK_N=128, BLOCK_R=64), num_warps=8, label=f"ga={ga} sw={sw} gg={gg} dual={dg}", pipelined=True)
+    cfg = G._dw_tiles(4096, 14336, torch.bfloat16, dual=dg)
+    w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
+    comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, SWIGLU_A=sw, GATHER_G=gg, DUAL_G=dg, PRECISION=None,
+         DOT_F32=False, **cfg), num_warps=w_, num_stages=s_, label=f"ga={ga} sw={sw} gg={gg} dual={dg}",
+         pipelined=True)
 
 print(f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all kernel variants compiled for sm_90'}")
 sys.exit(1 if FAILED else 0)

@@ -11,6 +11,8 @@
 #   bash scripts/gpu_check.sh --no-tests routing mod moe mod_step train   # <= 520 s
 #   bash scripts/gpu_check.sh coding                                       # GPU tests + coder, <= 240 s
 # (every benchmark row is itself checked against its reference before it is timed)
+# Environment: LIMIT_<suite>=seconds overrides a suite's limit; BUDGET_MS sets the timing
+# budget per provider (flopwise bench --budget-ms).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-.}/gpu-check"
@@ -22,6 +24,10 @@ if [ "${1:-}" = "--no-tests" ]; then run_tests=0; shift; fi  # first argument on
 suites=("$@")
 [ ${#suites[@]} -eq 0 ] && suites=(routing mod moe mod_step train coding)
 declare -A limit=([routing]=60 [mod]=60 [moe]=100 [mod_step]=90 [train]=210 [coding]=60)
+for s in "${!limit[@]}"; do  # LIMIT_<suite>=seconds overrides a limit (a shorter device slot)
+  v="LIMIT_$s"; [ -n "${!v:-}" ] && limit[$s]=${!v}
+done
+budget=(); [ -n "${BUDGET_MS:-}" ] && budget=(--budget-ms "$BUDGET_MS")  # timing budget per provider
 
 python -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || {
   echo "install failed"; cat "$out/install.log"; exit 1; }
@@ -42,7 +48,7 @@ fi
 
 for s in "${suites[@]}"; do
   echo "== bench $s (limit ${limit[$s]:-120} s)"
-  timeout "${limit[$s]:-120}" python -m flopwise bench "$s" --progress --json "$out/bench-$s.json" 2>&1 \
+  timeout "${limit[$s]:-120}" python -m flopwise bench "$s" "${budget[@]}" --progress --json "$out/bench-$s.json" 2>&1 \
     | tee "$out/bench-$s.txt"
   status+=("$s rc=${PIPESTATUS[0]}")
 done

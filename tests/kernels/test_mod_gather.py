@@ -355,7 +355,9 @@ def test_gpu_int64_offsets():
     y, w = torch.randn(1, 64, D, device="cuda", dtype=torch.bfloat16), torch.rand(1, 64, device="cuda")
     expected = (x[:, -64:].float() + w[..., None] * y.float()).to(torch.bfloat16)
     scatter_tokens(x, y, idx, w, inplace=True)
-    torch.testing.assert_close(x[:, -64:], expected, rtol=0, atol=0)
+    # The GPU fuses w*y + x into one FMA (one fp32 rounding, torch rounds twice), so a few
+    # elements land one bf16 step apart; a wrong row offset would be off by O(1) everywhere.
+    torch.testing.assert_close(x[:, -64:], expected, rtol=2**-7, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,96 @@
+"""Where a Mixture-of-Depths step spends its time: torch.profiler tables (top CUDA kernels,
+host time per call) for flopwise's token movement and for the MoD training step, each next to
+the plain-torch pipeline it replaces.
+
+    python scripts/profile_mod.py [--rows 12] [--only ops|step]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from flopwise.kernels import gather_tokens, mod_select, scatter_tokens
+from flopwise.models.transformer import ModelConfig, Transformer
+
+
+def _host_us(fn, n=20) -> float:
+    """Host time per call with the GPU idle beforehand (launch and dispatch cost)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def _show(name: str, fn, rows: int, iters: int = 5) -> None:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    cuda_total = sum(e.self_device_time_total for e in ev if str(e.device_type).endswith("CUDA")) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / iters * 1e6
+    print(f"\n### {name}: wall {wall:.0f} us/call, CUDA kernels {cuda_total:.0f} us/call, "
+          f"host enqueue {_host_us(fn):.0f} us/call")
+    print(ev.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def ops(rows: int) -> None:
+    for B, S, D, K in ((8, 4096, 1024, 512), (2, 4096, 2048, 512)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(B, S, D, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+        idx = torch.rand(B, S, device="cuda", generator=g).topk(K, 1).indices.sort(1).values.int()
+        y = torch.randn(B, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.rand(B, K, device="cuda", requires_grad=True)
+        gk, gs = torch.randn_like(y), torch.randn_like(x)
+        idx_e = idx.long()[..., None].expand(B, K, D)
+        tag = f"B{B} S{S} D{D} K{K}"
+        _show(f"gather fwd {tag} flopwise", lambda: gather_tokens(x.detach(), idx), rows)
+        _show(f"gather fwd+bwd {tag} flopwise", lambda: torch.autograd.grad(gather_tokens(x, idx), [x], gk), rows)
+        _show(f"gather fwd+bwd {tag} torch", lambda: torch.autograd.grad(torch.gather(x, 1, idx_e), [x], gk), rows)
+        _show(f"scatter fwd+bwd {tag} flopwise",
+              lambda: torch.autograd.grad(scatter_tokens(x, y, idx, w), [x, y, w], gs), rows)
+        s = torch.randn(B, S, device="cuda", requires_grad=True)
+        _show(f"mod_select fwd+bwd {tag}", lambda: torch.autograd.grad(mod_select(s, k=K).weights, [s],
+                                                                       torch.ones(B, K, device="cuda")), rows)
+
+
+def step(rows: int) -> None:
+    base = ModelConfig.preset("bench-d2048", max_seq_len=4096)
+    cfg = base.replace(routing="every_other", mod_capacity=0.125)
+    tokens = torch.randint(0, base.vocab_size, (2, 4096), device="cuda")
+    for impl in ("kernels", "torch"):
+        torch.manual_seed(0)
+        model = Transformer(cfg.replace(mod_impl=impl)).to(device="cuda", dtype=torch.bfloat16)
+
+        def run(model=model):
+            model.zero_grad(set_to_none=True)
+            model(tokens, tokens).loss.backward()
+
+        _show(f"mod_step D2048 L8 B2 S4096 mod_impl={impl}", run, rows, iters=3)
+        del model
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--only", choices=("ops", "step"))
+    a = p.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    if a.only != "step":
+        ops(a.rows)
+    if a.only != "ops":
+        step(a.rows)

@@ -1,0 +1,90 @@
+"""Time grouped-matmul tile configurations on the card at hand.
+
+Each kernel family (``rows``: the row-block kernel with one accumulator; ``rows_dual``: gate
+and up together; ``dw`` / ``dw_dual``: the weight gradients) is timed under a few candidate
+meta-parameter sets through ``flopwise.kernels.grouped_mm._OVERRIDE``, on the MoE benchmark's
+shapes, and every candidate's output is compared with the default's.
+
+    python scripts/tune_grouped_mm.py [--shapes mixtral,olmoe] [--rep 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+import importlib
+from flopwise.kernels import grouped_mm, moe_mlp, topk_route
+from flopwise.kernels.bench.moe import GPU_SHAPES
+
+gm = importlib.import_module("flopwise.kernels.grouped_mm")  # the package re-exports a function of that name
+
+CANDIDATES = {
+    "rows": [{}, dict(BLOCK_N=256), dict(num_stages=4), dict(BLOCK_N=256, num_stages=4)],
+    "rows_dual": [{}, dict(num_stages=4)],
+    "dw": [{}, dict(num_stages=4), dict(BLOCK_K=64)],
+}
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="mixtral,olmoe")
+    p.add_argument("--block-m", default="128", help="plan block sizes to try, e.g. 128,64")
+    p.add_argument("--rep", type=int, default=40, help="ms of timed repetitions per candidate")
+    a = p.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    print(f"{'shape':<13} {'family':<9} {'block_m':>7} {'candidate':<34} {'ms':>8} {'TFLOP/s':>8} {'rel err':>8}")
+    for label, T, D, Fh, E, k in GPU_SHAPES:
+        if label not in a.shapes.split(","):
+            continue
+        N = T * k
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        wg, wu = ((torch.randn(E, D, Fh, device="cuda") / D**0.5).bfloat16() for _ in range(2))
+        wd = (torch.randn(E, Fh, D, device="cuda") / Fh**0.5).bfloat16()
+        logits = torch.randn(T, E, device="cuda")
+        gy = torch.randn_like(x)
+        for bm in (int(b) for b in a.block_m.split(",")):
+            plan = topk_route(logits, k, renormalize=True, block_m=bm)
+            xs = x[plan.token_idx.long()]
+            leaves = [t.clone().requires_grad_(True) for t in (x, wg, wu, wd)]
+
+            def fwd_bwd():
+                y = moe_mlp(leaves[0], plan, *leaves[1:])
+                return torch.autograd.grad(y, leaves, gy)
+
+            runs = {
+                "rows": (lambda: grouped_mm(xs, wg, plan, gather=False), 2 * N * D * Fh),
+                "rows_dual": (lambda: moe_mlp(x, plan, wg, wu, wd), 6 * N * D * Fh),
+                "dw": (fwd_bwd, 18 * N * D * Fh),
+            }
+            for fam, (fn, flops) in runs.items():
+                ref = None
+                for cand in CANDIDATES[fam]:
+                    gm._OVERRIDE.clear()
+                    gm._OVERRIDE[fam] = dict(cand)
+                    if fam == "dw":  # two accumulators: BLOCK_N stays at 128
+                        gm._OVERRIDE["dw_dual"] = {n: v for n, v in cand.items() if n != "BLOCK_N"}
+                    try:
+                        out = fn()
+                        out = out[0] if isinstance(out, tuple) else out
+                        ref = out if ref is None else ref
+                        ms = do_bench(fn, warmup=10, rep=a.rep, return_mode="median")
+                        err = _rel(out, ref)
+                        desc = ",".join(f"{k_}={v}" for k_, v in cand.items()) or "default"
+                        print(f"{label:<13} {fam:<9} {bm:>7} {desc:<34} {ms:8.3f} {flops / ms / 1e9:8.1f} {err:8.1e}",
+                              flush=True)
+                    except Exception as exc:  # a candidate that does not fit this card
+                        print(f"{label:<13} {fam:<9} {bm:>7} {cand} failed: {type(exc).__name__}: {exc}"[:200],
+                              flush=True)
+            gm._OVERRIDE.clear()
+
+
+if __name__ == "__main__":
+    main()
