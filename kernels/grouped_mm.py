@@ -92,7 +92,8 @@ if HAS_TRITON:
           _STORE         out[r] = acc
           _SWIGLU        acc = A@Wg, acc2 = A@Wu: out[r] = silu(acc)*acc2 (+ pre-activations)
           _SCALE_SCATTER out[tok[r]] += w[r] * acc          (fp32 atomics)
-          _SWIGLU_BWD    acc = dY[tok] @ Wd^T: dw[r] += <h_r, acc>; dH = w*acc -> dG, dU
+          _SWIGLU_BWD    acc = dY[tok] @ Wd^T: dw[r] += <h_r, acc>; dH = w*acc -> dG, dU (+ w*h)
+        SAVE_PRE: _SWIGLU stores the pre-activations (pre, pre2); _SWIGLU_BWD stores w*h (out3).
           _SCATTER       out[tok[r]] += acc (+ A2@B2 when DUAL_A)  (fp32 atomics)
         """
         pid_b, pid_n = _swizzle(tl.program_id(0), NB, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -166,25 +167,28 @@ if HAS_TRITON:
             du = dh * silu
             tl.store(out_ptr + o_rows, dg.to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(out2_ptr + o_rows, du.to(out2_ptr.dtype.element_ty), mask=omask)
+            if SAVE_PRE:  # w*h: dW_down's A operand, so its kernel streams it instead of recomputing
+                tl.store(out3_ptr + o_rows, (h * w[:, None]).to(out3_ptr.dtype.element_ty), mask=omask)
         else:  # _SCATTER
             tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.atomic_add(out_ptr + tok[:, None] * stride_om + cols[None, :], acc, mask=omask, sem="relaxed")
 
     @triton.jit
     def _grouped_mm_dw_kernel(
-        a_ptr, a2_ptr, a_idx_ptr, stride_am,
-        g_ptr, g2_ptr, g_idx_ptr, stride_gm, w_ptr,
+        a_ptr, a_idx_ptr, stride_am,
+        g_ptr, g2_ptr, g_idx_ptr, stride_gm,
         dw_ptr, dw2_ptr, stride_de, stride_dk,
         offsets_ptr, K, N,
-        GATHER_A: tl.constexpr, SWIGLU_A: tl.constexpr, GATHER_G: tl.constexpr, DUAL_G: tl.constexpr,
+        GATHER_A: tl.constexpr, GATHER_G: tl.constexpr, DUAL_G: tl.constexpr,
         PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         """dW[e] (and dW2[e]) = A_e^T @ G_e over expert e's rows ``offsets[e]:offsets[e+1]``.
 
-        A rows: ``a[tok[r]]`` (GATHER_A) or ``a[r]``; SWIGLU_A: A = silu(a) * a2 (h recomputed
-        from the saved pre-activations). G rows: ``w[r] * g[tok[r]]`` (GATHER_G) or ``g[r]``;
-        DUAL_G: a second output from G2 with the same A (gate and up share the x tile)."""
+        A rows: ``a[tok[r]]`` (GATHER_A) or ``a[r]``; G rows: ``g[tok[r]]`` (GATHER_G) or
+        ``g[r]``; DUAL_G: a second output from G2 with the same A (gate and up share the x
+        tile). Both operands go from memory to the tensor cores unchanged: an operand computed
+        in registers (say h = silu(g) * u) would cost more ALU time per step than the MMA."""
         e = tl.program_id(1)
         pid_k, pid_n = _swizzle(tl.program_id(0), tl.cdiv(K, BLOCK_K), tl.cdiv(N, BLOCK_N), GROUP_M)
         start = tl.load(offsets_ptr + e)
@@ -204,16 +208,10 @@ if HAS_TRITON:
                 sa = rows.to(tl.int64)
             am = kmask[:, None] & rmask[None, :]
             a = tl.load(a_ptr + sa[None, :] * stride_am + ks[:, None], mask=am, other=0.0)
-            if SWIGLU_A:
-                gg = a.to(tl.float32)
-                uu = tl.load(a2_ptr + sa[None, :] * stride_am + ks[:, None], mask=am, other=0.0).to(tl.float32)
-                a = (gg * tl.sigmoid(gg) * uu).to(a2_ptr.dtype.element_ty)
             gm = rmask[:, None] & nmask[None, :]
             if GATHER_G:
                 sg = tl.load(g_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
-                g = tl.load(g_ptr + sg[:, None] * stride_gm + ns[None, :], mask=gm, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-                g = (g * w[:, None]).to(g_ptr.dtype.element_ty)
+                g = tl.load(g_ptr + sg[:, None] * stride_gm + ns[None, :], mask=gm, other=0.0)
             else:
                 g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ns[None, :], mask=gm, other=0.0)
             acc = _dot(a, g, acc, PRECISION, DOT_F32)
@@ -342,7 +340,7 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
     nb = plan.max_blocks
     grid = (nb * triton.cdiv(N, cfg["BLOCK_N"]),)
     d = out  # placeholder for pointers a variant never dereferences
-    consts = dict(EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=out2 is not None,
+    consts = dict(EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=out3 is not None,
                   PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m, **cfg)
 
     def launch(num_stages):
@@ -360,20 +358,19 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
     return E
 
 
-def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, a2=None, g2=None, dw2=None,
-               swiglu_a=False):
+def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, g2=None, dw2=None):
     E, K, N = dw.shape
     cfg = _dw_tiles(K, N, a.dtype, dual=g2 is not None)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(N, cfg["BLOCK_N"]), E)
     d = dw
-    consts = dict(GATHER_A=gather_a, SWIGLU_A=swiglu_a, GATHER_G=gather_g, DUAL_G=g2 is not None,
+    consts = dict(GATHER_A=gather_a, GATHER_G=gather_g, DUAL_G=g2 is not None,
                   PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), **cfg)
 
     def launch(num_stages):
         _grouped_mm_dw_kernel[grid](
-            a, d if a2 is None else a2, plan.token_idx, a.stride(0),
-            g, d if g2 is None else g2, plan.token_idx, g.stride(0), d if not gather_g else plan.weights,
+            a, plan.token_idx, a.stride(0),
+            g, d if g2 is None else g2, plan.token_idx, g.stride(0),
             dw, d if dw2 is None else dw2, dw.stride(0), dw.stride(1),
             plan.expert_offsets, K, N, **consts, num_warps=warps, num_stages=num_stages,
         )
@@ -414,19 +411,22 @@ def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, blo
     dev = x.device
     dg = new_output((N, Fh), dtype=x.dtype, device=dev)
     du = new_output((N, Fh), dtype=x.dtype, device=dev)
+    hw = new_output((N, Fh), dtype=x.dtype, device=dev)
     dweights = torch.zeros(N, dtype=torch.float32, device=dev)
-    # dY[tok] @ Wd^T, with d combine weights, d silu*mul fused in the epilogue
-    _launch_rows(dy, w_down, plan, dg, epilogue=_SWIGLU_BWD, gather=True, out2=du, pre=g, pre2=u,
+    # dY[tok] @ Wd^T, with d combine weights, d silu*mul and w*h fused in the epilogue
+    _launch_rows(dy, w_down, plan, dg, epilogue=_SWIGLU_BWD, gather=True, out2=du, out3=hw, pre=g, pre2=u,
                  weights=weights, dw=dweights, transpose_w=True)
+    # dWd = sum_r (w_r h_r)^T dY[tok_r], first: hw is freed before dX's fp32 buffer exists
+    dwd = new_output(w_down.shape, dtype=w_down.dtype, device=dev)
+    _launch_dw(hw, plan, dy, dwd, gather_a=False, gather_g=True)
+    del hw
     # dX[tok] += dG @ Wg^T + dU @ Wu^T
     dx = torch.zeros(T, D, dtype=torch.float32, device=dev)
     _launch_rows(dg, w_gate, plan, dx, epilogue=_SCATTER, gather=False, a2=du, w2=w_up, transpose_w=True)
-    # dWg = X^T dG, dWu = X^T dU (shared x tile), dWd = H^T (w * dY[tok])
+    # dWg = X^T dG, dWu = X^T dU (shared x tile)
     dwg = new_output(w_gate.shape, dtype=w_gate.dtype, device=dev)
     dwu = new_output(w_up.shape, dtype=w_up.dtype, device=dev)
     _launch_dw(x, plan, dg, dwg, gather_a=True, gather_g=False, g2=du, dw2=dwu)
-    dwd = new_output(w_down.shape, dtype=w_down.dtype, device=dev)
-    _launch_dw(g, plan, dy, dwd, gather_a=False, gather_g=True, a2=u, swiglu_a=True)
     return dx.to(x.dtype), dweights.to(weights.dtype), dwg, dwu, dwd
 
 

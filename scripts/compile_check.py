@@ -108,7 +108,7 @@ for rows, idx in [(f32, i32), (f32, P("i64")), (bf, P("i64"))]:
 base = {"a_ptr": P("bf16"), "a2_ptr": P("bf16"), "a_idx_ptr": P("i32"), "b_ptr": P("bf16"), "b2_ptr": P("bf16"),
         "out_ptr": P("bf16"), "out2_ptr": P("bf16"), "out3_ptr": P("bf16"), "pre_ptr": P("bf16"), "pre2_ptr": P("bf16"),
         "w_ptr": P("fp32"), "dw_ptr": P("fp32"), "tok_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32"), "offsets_ptr": P("i32")}
-for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), (2, False, False, False), (3, True, False, False), (4, False, True, False)]:
+for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), (2, False, False, False), (3, True, False, True), (4, False, True, False)]:
     t = dict(base)
     if ep in (2, 4): t["out_ptr"] = P("fp32")
     # the tiles the launcher picks at Mixtral's shape (K = 4096 or 14336, N = 14336 or 4096)
@@ -118,19 +118,19 @@ for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), 
          DOT_F32=False, BLOCK_M=128, **cfg), num_warps=w_, num_stages=s_, label=f"epilogue={ep} {cfg}", pipelined=True)
 # fp32 operands (a model without autocast on CUDA): exact fp32 dots, BLOCK_K 32 (_tiles)
 f32_rows = {k: (P("fp32") if v == P("bf16") else v) for k, v in base.items()}
-for ep, gather, dual, save in [(1, True, False, True), (2, False, False, False), (3, True, False, False),
+for ep, gather, dual, save in [(1, True, False, True), (2, False, False, False), (3, True, False, True),
                                (4, False, True, False)]:
     cfg = G._tiles(4096, 4096, torch.float32, wide=ep in (0, 2) and not dual, dual=ep == 1)
     w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
     comp(G._grouped_mm_fwd_kernel, f32_rows, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
          PRECISION="ieee", DOT_F32=False, BLOCK_M=64, **cfg), num_warps=w_, num_stages=s_,
          label=f"fp32 epilogue={ep}")
-t = {"a_ptr": P("bf16"), "a2_ptr": P("bf16"), "a_idx_ptr": P("i32"), "g_ptr": P("bf16"), "g2_ptr": P("bf16"), "g_idx_ptr": P("i32"), "w_ptr": P("fp32"), "dw_ptr": P("bf16"), "dw2_ptr": P("bf16"), "offsets_ptr": P("i32")}
-for ga, sw, gg, dg in [(True, False, False, True), (False, True, True, False), (True, False, False, False)]:
+t = {"a_ptr": P("bf16"), "a_idx_ptr": P("i32"), "g_ptr": P("bf16"), "g2_ptr": P("bf16"), "g_idx_ptr": P("i32"), "dw_ptr": P("bf16"), "dw2_ptr": P("bf16"), "offsets_ptr": P("i32")}
+for ga, gg, dg in [(True, False, True), (False, True, False), (True, False, False)]:
     cfg = G._dw_tiles(4096, 14336, torch.bfloat16, dual=dg)
     w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
-    comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, SWIGLU_A=sw, GATHER_G=gg, DUAL_G=dg, PRECISION=None,
-         DOT_F32=False, **cfg), num_warps=w_, num_stages=s_, label=f"ga={ga} sw={sw} gg={gg} dual={dg}",
+    comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, GATHER_G=gg, DUAL_G=dg, PRECISION=None,
+         DOT_F32=False, **cfg), num_warps=w_, num_stages=s_, label=f"ga={ga} gg={gg} dual={dg}",
          pipelined=True)
 
 print(f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all kernel variants compiled for sm_90'}")

@@ -5,7 +5,8 @@ and up together; ``dw`` / ``dw_dual``: the weight gradients) is timed under a fe
 meta-parameter sets through ``flopwise.kernels.grouped_mm._OVERRIDE``, on the MoE benchmark's
 shapes, and every candidate's output is compared with the default's.
 
-    python scripts/tune_grouped_mm.py [--shapes mixtral,olmoe] [--rep 40]
+    python scripts/tune_grouped_mm.py [--shapes mixtral,olmoe] [--block-m 128,64] [--rep 40]
+    python scripts/tune_grouped_mm.py --stages      # each forward/backward launch on its own
 """
 
 from __future__ import annotations
@@ -33,10 +34,44 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def stage_times(label: str, x, plan, wg, wu, wd, gy) -> dict:
+    """Time each launch of moe_mlp's forward and backward on its own (default tiles).
+
+    Returns the last outputs (y, dx and the weight gradients; the atomic ones accumulate
+    over the timed repetitions)."""
+    N, D, Fh = plan.num_rows, x.shape[1], wg.shape[2]
+    dev, dt = x.device, x.dtype
+    h, g, u, dg, du, hw = (torch.empty(N, Fh, device=dev, dtype=dt) for _ in range(6))
+    y = torch.zeros(x.shape, device=dev)
+    dx = torch.zeros(x.shape, device=dev)
+    dwts = torch.zeros(N, device=dev)
+    dwg, dwu, dwd = torch.empty_like(wg), torch.empty_like(wu), torch.empty_like(wd)
+    w = plan.weights
+    stages = [
+        ("fwd  gate+up, silu*mul", 4, lambda: gm._launch_rows(x, wg, plan, h, epilogue=gm._SWIGLU, gather=True,
+                                                               w2=wu, out2=g, out3=u, pre=g, pre2=u)),
+        ("fwd  down, scale, scatter", 2, lambda: gm._launch_rows(h, wd, plan, y, epilogue=gm._SCALE_SCATTER,
+                                                                  gather=False, weights=w)),
+        ("bwd  dY Wd^T, swiglu bwd", 2, lambda: gm._launch_rows(gy, wd, plan, dg, epilogue=gm._SWIGLU_BWD,
+                                                                 gather=True, out2=du, out3=hw, pre=g, pre2=u,
+                                                                 weights=w, dw=dwts, transpose_w=True)),
+        ("bwd  dW_down", 2, lambda: gm._launch_dw(hw, plan, gy, dwd, gather_a=False, gather_g=True)),
+        ("bwd  dX (two dots, scatter)", 4, lambda: gm._launch_rows(dg, wg, plan, dx, epilogue=gm._SCATTER,
+                                                                    gather=False, a2=du, w2=wu, transpose_w=True)),
+        ("bwd  dW_gate, dW_up", 4, lambda: gm._launch_dw(x, plan, dg, dwg, gather_a=True, gather_g=False,
+                                                         g2=du, dw2=dwu)),
+    ]
+    for name, mult, fn in stages:
+        ms = do_bench(fn, warmup=10, rep=30, return_mode="median")
+        print(f"{label:<13} {name:<30} {ms:8.3f} ms {mult * N * D * Fh / ms / 1e9:8.1f} TFLOP/s", flush=True)
+    return dict(y=y, dx=dx, dw_gate=dwg, dw_up=dwu, dw_down=dwd)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="mixtral,olmoe")
     p.add_argument("--block-m", default="128", help="plan block sizes to try, e.g. 128,64")
+    p.add_argument("--stages", action="store_true", help="only time each launch of moe_mlp (default tiles)")
     p.add_argument("--rep", type=int, default=40, help="ms of timed repetitions per candidate")
     a = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -52,6 +87,9 @@ def main() -> None:
         gy = torch.randn_like(x)
         for bm in (int(b) for b in a.block_m.split(",")):
             plan = topk_route(logits, k, renormalize=True, block_m=bm)
+            if a.stages:
+                stage_times(label, x, plan, wg, wu, wd, gy)
+                continue
             xs = x[plan.token_idx.long()]
             leaves = [t.clone().requires_grad_(True) for t in (x, wg, wu, wd)]
 
