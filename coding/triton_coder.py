@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flopwise.kernels._dispatch import cdiv
+
 from . import rangecoder as rc
 
 __all__ = ["encode_triton", "decode_triton"]
@@ -126,7 +128,7 @@ def encode_triton(symbols: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tenso
     lengths = torch.full((B,), S, dtype=torch.long, device=dev) if lengths is None else lengths.long().to(dev)
     st = rc.EncoderState.new(B, 3 * S + 8, dev)
     C = st.buf.shape[1]
-    grid = (triton.cdiv(B, block),)
+    grid = (cdiv(B, block),)
     _encode_kernel[grid](symbols.long().contiguous(), cdf.contiguous(), lengths, st.buf, st.low, st.rng, st.nbytes,
                          B, S, cdf.shape[2], C, C - 1, PREC=precision, BLOCK=block)
     return rc.encode_finish(st)
@@ -145,7 +147,7 @@ def decode_triton(data: torch.Tensor, nbits: torch.Tensor, cdf: torch.Tensor, le
     bad = st.bad.to(torch.int64)
     V1 = cdf.shape[2]
     logv = max(1, (V1 - 2).bit_length())
-    grid = (triton.cdiv(B, block),)
+    grid = (cdiv(B, block),)
     _decode_kernel[grid](st.data, cdf.contiguous(), lengths, out, st.code, st.low, st.rng, st.pos, bad,
                          B, S, V1, st.data.shape[1], PREC=precision, LOGV=logv, BLOCK=block)
     st.bad = bad.bool()

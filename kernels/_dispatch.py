@@ -21,7 +21,8 @@ import os
 
 import torch
 
-__all__ = ["HAS_TRITON", "INTERPRET", "backend", "use_triton", "new_output", "traced", "eager_backward", "eager_function"]
+__all__ = ["HAS_TRITON", "INTERPRET", "backend", "use_triton", "new_output", "traced", "eager_backward", "eager_function",
+           "cdiv", "next_pow2"]
 
 try:  # Triton has wheels for Linux only.
     import triton  # noqa: F401
@@ -34,6 +35,17 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _VALID = ("auto", "reference", "triton")
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids. (``triton.cdiv`` is a constexpr function whose host
+    call path costs several microseconds; launchers call these on every op.)"""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as ``triton.next_power_of_2``."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _requested() -> str:
@@ -118,9 +130,19 @@ def eager_backward(backward, backward_op):
     return run
 
 
-def eager_function(name: str, forward, setup_context, backward) -> type:
+def eager_function(name: str, forward, setup_context, backward, doc: str | None = None) -> type:
     """The eager twin of a custom op with ``register_autograd``: a ``torch.autograd.Function``
-    with the same forward (the op's implementation), ``setup_context`` and backward formula
-    (see :func:`eager_backward`)."""
+    running the op's implementation (``forward(*inputs)``), its ``setup_context`` and its
+    backward formula (see :func:`eager_backward`).
+
+    Written in the ``forward(ctx, *inputs)`` style: a Function with a separate
+    ``setup_context`` binds its arguments through ``inspect`` on every call, tens of
+    microseconds of host time."""
+
+    def fwd(ctx, *inputs):
+        out = forward(*inputs)
+        setup_context(ctx, inputs, out)
+        return out
+
     return type(name, (torch.autograd.Function,), dict(
-        forward=staticmethod(forward), setup_context=staticmethod(setup_context), backward=staticmethod(backward)))
+        __doc__=doc, forward=staticmethod(fwd), backward=staticmethod(backward)))

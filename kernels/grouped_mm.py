@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, backend, eager_backward, eager_function, new_output, traced
+from ._dispatch import HAS_TRITON, backend, cdiv, eager_backward, eager_function, new_output, next_pow2, traced
 from .routing import RoutingPlan
 
 if HAS_TRITON:
@@ -284,8 +284,8 @@ def _tiles(K: int, N: int, dtype: torch.dtype, wide: bool, dual: bool) -> dict:
     OLMoE's up-projection); ``dual``: two fp32 accumulators (gate and up), capped at 128.
     Long K loops get a fourth pipeline stage."""
     cap = 256 if wide and dtype != torch.float32 else 128
-    bn = min(cap, max(16, triton.next_power_of_2(N)))
-    bk = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(K)))
+    bn = min(cap, max(16, next_pow2(N)))
+    bk = min(64 if dtype != torch.float32 else 32, max(16, next_pow2(K)))
     cfg = dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, num_warps=8 if bn >= 128 else 4,
                num_stages=4 if wide and K >= 4096 else 3)
     cfg.update(_OVERRIDE.get("rows_dual" if dual else "rows", {}))
@@ -295,8 +295,8 @@ def _tiles(K: int, N: int, dtype: torch.dtype, wide: bool, dual: bool) -> dict:
 def _dw_tiles(K: int, N: int, dtype: torch.dtype, dual: bool) -> dict:
     """Meta-parameters of the weight-gradient kernel: a BLOCK_K x BLOCK_N tile of dW[e],
     reduced over the expert's rows BLOCK_R at a time."""
-    bk = min(128, max(16, triton.next_power_of_2(K)))
-    bn = min(128, max(16, triton.next_power_of_2(N)))
+    bk = min(128, max(16, next_pow2(K)))
+    bn = min(128, max(16, next_pow2(N)))
     cfg = dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=32 if dtype == torch.float32 else 64, GROUP_M=_GROUP_M,
                num_warps=8 if bk * bn >= 64 * 128 else 4, num_stages=3)
     cfg.update(_OVERRIDE.get("dw_dual" if dual else "dw", {}))
@@ -338,7 +338,7 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
     cfg = _tiles(K, N, a.dtype, wide=epilogue in (_STORE, _SCALE_SCATTER) and a2 is None, dual=epilogue == _SWIGLU)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     nb = plan.max_blocks
-    grid = (nb * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (nb * cdiv(N, cfg["BLOCK_N"]),)
     d = out  # placeholder for pointers a variant never dereferences
     consts = dict(EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=out3 is not None,
                   PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m, **cfg)
@@ -362,7 +362,7 @@ def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, g
     E, K, N = dw.shape
     cfg = _dw_tiles(K, N, a.dtype, dual=g2 is not None)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    grid = (triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(N, cfg["BLOCK_N"]), E)
+    grid = (cdiv(K, cfg["BLOCK_K"]) * cdiv(N, cfg["BLOCK_N"]), E)
     d = dw
     consts = dict(GATHER_A=gather_a, GATHER_G=gather_g, DUAL_G=g2 is not None,
                   PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), **cfg)

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import eager_backward, new_output, traced, use_triton
+from ._dispatch import cdiv, eager_backward, eager_function, new_output, next_pow2, traced, use_triton
 
 __all__ = [
     "gather_tokens",
@@ -315,7 +315,7 @@ _MAX_NORM_D = 65536
 
 def _copy_tile(D: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) for kernels that stream rows without a full-row reduction."""
-    block_d = min(max(16, triton.next_power_of_2(D)), _MAX_BLOCK_D)  # >= 16: no degenerate layouts
+    block_d = min(max(16, next_pow2(D)), _MAX_BLOCK_D)  # >= 16: no degenerate layouts
     rows = max(1, min(_MAX_ROWS, _TILE_ELEMS // block_d))
     return rows, block_d, 4
 
@@ -323,7 +323,7 @@ def _copy_tile(D: int) -> tuple[int, int, int]:
 def _norm_tile(D: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) with BLOCK_D >= D: one program holds whole rows.
     Warps grow with the tile (16 fp32 values per thread), as Liger-Kernel's RMSNorm does."""
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     rows = max(1, min(_MAX_ROWS, _TILE_ELEMS // block_d))
     warps = min(32, max(4, rows * block_d // 512))
     return rows, block_d, warps
@@ -354,7 +354,7 @@ def _gather_tokens_fwd(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     rows, block_d, warps = _copy_tile(D)
-    grid = (triton.cdiv(B * K, rows), triton.cdiv(D, block_d))
+    grid = (cdiv(B * K, rows), cdiv(D, block_d))
     _gather_tokens_fwd_kernel[grid](x, idx, out, B * K, S, K, D, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return out
 
@@ -365,7 +365,7 @@ def _dense_scatter(base, y, weight, inv, out, S: int, K: int) -> None:
     if out.numel() == 0:
         return
     rows, block_d, warps = _copy_tile(D)
-    grid = (triton.cdiv(B * S, rows), triton.cdiv(D, block_d))
+    grid = (cdiv(B * S, rows), cdiv(D, block_d))
     dummy = out  # never dereferenced when its flag is off
     _scatter_tokens_fwd_kernel[grid](
         dummy if base is None else base, dummy if y is None else y, dummy if weight is None else weight,
@@ -400,7 +400,7 @@ def _scatter_tokens_inplace(residual, y, idx, weight) -> None:
     if B * K * D == 0:
         return
     rows, block_d, warps = _copy_tile(D)
-    grid = (triton.cdiv(B * K, rows), triton.cdiv(D, block_d))
+    grid = (cdiv(B * K, rows), cdiv(D, block_d))
     _scatter_tokens_inplace_kernel[grid](residual, y, weight, idx, B * K, S, K, D,
                                          ROWS=rows, BLOCK_D=block_d, num_warps=warps)
 
@@ -416,7 +416,7 @@ def _scatter_tokens_bwd(grad, y, idx, weight):
     if D == 0:
         return dy, dw.zero_()
     rows, block_d, warps = _copy_tile(D)
-    grid = (triton.cdiv(B * K, rows),)
+    grid = (cdiv(B * K, rows),)
     _scatter_tokens_bwd_kernel[grid](grad, y, weight, idx, dy, dw, B * K, S, K, D,
                                      ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return dy, dw
@@ -432,7 +432,7 @@ def _rmsnorm_gather_tokens_fwd(x, idx, gamma, eps: float) -> torch.Tensor:
     if out.numel() == 0:
         return out
     rows, block_d, warps = _norm_tile(D)
-    grid = (triton.cdiv(B * K, rows),)
+    grid = (cdiv(B * K, rows),)
     _rmsnorm_gather_tokens_fwd_kernel[grid](x, idx, gamma, out, B * K, S, K, D, eps,
                                             ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return out
@@ -448,10 +448,10 @@ def _rmsnorm_gather_tokens_bwd(grad, x, idx, gamma, eps: float):
     n_prog = _persistent_programs(x.device, B * K)
     part = new_output((n_prog, D), dtype=torch.float32, device=x.device)
     # One row per loop iteration: warps follow the row length alone (16 values per thread).
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     warps = min(32, max(2, block_d // 512))
     _rmsnorm_gather_tokens_bwd_kernel[(n_prog,)](
-        grad, x, idx, gamma, dx, part, B * K, S, K, D, eps, triton.cdiv(B * K, n_prog),
+        grad, x, idx, gamma, dx, part, B * K, S, K, D, eps, cdiv(B * K, n_prog),
         BLOCK_D=block_d, num_warps=warps,
     )
     # Unselected rows of dx are zero: one pass that writes only those rows.
@@ -540,45 +540,26 @@ def _rmsnorm_backward(bwd):
     return backward
 
 
-class GatherTokensFunction(torch.autograd.Function):
-    """``gather_tokens`` with backward ``dx = rows of grad at idx, zeros elsewhere``."""
-
-    forward = staticmethod(_gather_fwd_impl)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, idx = inputs
-        ctx.save_for_backward(idx)
-        ctx.seq_len = x.shape[1]
+def _gather_setup(ctx, inputs, output):
+    x, idx = inputs
+    ctx.save_for_backward(idx)
+    ctx.seq_len = x.shape[1]
 
 
-class ScatterTokensFunction(torch.autograd.Function):
-    """Out-of-place ``scatter_tokens``: d residual = grad, d y = weight * grad[idx],
-    d weight = <grad[idx], y> (the last two from one fused kernel)."""
-
-    forward = staticmethod(_scatter_fwd_impl)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, y, idx, weight = inputs
-        ctx.save_for_backward(y, idx, weight)
+def _scatter_setup(ctx, inputs, output):
+    _, y, idx, weight = inputs
+    ctx.save_for_backward(y, idx, weight)
 
 
-class RMSNormGatherTokensFunction(torch.autograd.Function):
-    """``rmsnorm_gather_tokens`` with gradients for x (selected rows, zeros elsewhere) and gamma."""
-
-    forward = staticmethod(_rmsnorm_fwd_impl)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, idx, gamma, eps = inputs
-        ctx.save_for_backward(x, idx, gamma)
-        ctx.eps = eps
+def _rmsnorm_setup(ctx, inputs, output):
+    x, idx, gamma, eps = inputs
+    ctx.save_for_backward(x, idx, gamma)
+    ctx.eps = eps
 
 
 # ----------------------------------------------------------------------------------------
 # Custom ops: what torch.compile sees, one opaque node per op. In eager the public functions
-# call the autograd.Functions above instead: the same kernels for a fraction of the host time
+# call the autograd.Functions below instead: the same kernels for a fraction of the host time
 # (the dispatcher's Python path costs hundreds of microseconds per op on a slow host).
 # ----------------------------------------------------------------------------------------
 
@@ -660,18 +641,26 @@ def _(grad, x, idx, gamma, eps):
 
 
 _mod_gather_op.register_autograd(_gather_backward(_mod_gather_bwd_op),
-                                 setup_context=GatherTokensFunction.setup_context)
+                                 setup_context=_gather_setup)
 _mod_scatter_op.register_autograd(_scatter_backward(_mod_scatter_bwd_op),
-                                  setup_context=ScatterTokensFunction.setup_context)
+                                  setup_context=_scatter_setup)
 _mod_rmsnorm_gather_op.register_autograd(_rmsnorm_backward(_mod_rmsnorm_gather_bwd_op),
-                                         setup_context=RMSNormGatherTokensFunction.setup_context)
-# The eager Functions' backward: implementations on plain gradients (see eager_backward).
-GatherTokensFunction.backward = staticmethod(eager_backward(_gather_backward(_gather_bwd_impl),
-                                                            _gather_backward(_mod_gather_bwd_op)))
-ScatterTokensFunction.backward = staticmethod(eager_backward(_scatter_backward(_scatter_bwd_impl),
-                                                             _scatter_backward(_mod_scatter_bwd_op)))
-RMSNormGatherTokensFunction.backward = staticmethod(eager_backward(_rmsnorm_backward(_rmsnorm_bwd_impl),
-                                                                   _rmsnorm_backward(_mod_rmsnorm_gather_bwd_op)))
+                                         setup_context=_rmsnorm_setup)
+# The eager Functions (what the public functions call outside torch.compile): implementations
+# forward and backward, the custom ops only for gradients that are not plain tensors.
+GatherTokensFunction = eager_function(
+    "GatherTokensFunction", _gather_fwd_impl, _gather_setup,
+    eager_backward(_gather_backward(_gather_bwd_impl), _gather_backward(_mod_gather_bwd_op)),
+    doc="``gather_tokens`` with backward ``dx = rows of grad at idx, zeros elsewhere``.")
+ScatterTokensFunction = eager_function(
+    "ScatterTokensFunction", _scatter_fwd_impl, _scatter_setup,
+    eager_backward(_scatter_backward(_scatter_bwd_impl), _scatter_backward(_mod_scatter_bwd_op)),
+    doc="Out-of-place ``scatter_tokens``: d residual = grad, d y = weight * grad[idx], "
+        "d weight = <grad[idx], y> (the last two from one fused kernel).")
+RMSNormGatherTokensFunction = eager_function(
+    "RMSNormGatherTokensFunction", _rmsnorm_fwd_impl, _rmsnorm_setup,
+    eager_backward(_rmsnorm_backward(_rmsnorm_bwd_impl), _rmsnorm_backward(_mod_rmsnorm_gather_bwd_op)),
+    doc="``rmsnorm_gather_tokens`` with gradients for x (selected rows, zeros elsewhere) and gamma.")
 
 
 # ----------------------------------------------------------------------------------------

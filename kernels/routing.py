@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import HAS_TRITON, backend, eager_backward, eager_function, new_output, traced
+from ._dispatch import HAS_TRITON, backend, cdiv, eager_backward, eager_function, new_output, next_pow2, traced
 
 if HAS_TRITON:
     import triton
@@ -617,7 +617,7 @@ def mod_select_reference(scores: torch.Tensor, capacity: float = 0.125, *, k: in
 def _tile_tokens(E: int, K: int) -> int:
     # Tiles of 128 tokens give one wave of 128 programs at T=16384 on 132 SMs; fewer tokens
     # per tile when E is wide keep the [BLOCK_T, BLOCK_E] logits tile within registers.
-    block_e = triton.next_power_of_2(E)
+    block_e = next_pow2(E)
     return max(16, min(128, 8192 // block_e))
 
 
@@ -626,8 +626,8 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
     T, E = logits.shape
     dev = logits.device
     BLOCK_T = _tile_tokens(E, k)
-    BLOCK_E = triton.next_power_of_2(E)
-    n_tiles = triton.cdiv(T, BLOCK_T)
+    BLOCK_E = next_pow2(E)
+    n_tiles = cdiv(T, BLOCK_T)
     N = T * k
     nb = _max_blocks(N, E, block_m)
     i32 = torch.int32
@@ -637,7 +637,7 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
     _topk_route_fwd_kernel[(n_tiles,)](
         logits, logits.stride(0), T, E, k, ids, w, tile_counts,
         SCORE=score, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
-        BLOCK_K=triton.next_power_of_2(k), num_warps=4,
+        BLOCK_K=next_pow2(k), num_warps=4,
     )
     counts = new_output((E,), dtype=i32, device=dev)
     offsets = new_output((E + 1,), dtype=i32, device=dev)
@@ -656,7 +656,7 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
     pairs_per_tile = BLOCK_T * k
     _route_scatter_kernel[(n_tiles,)](
         ids, w, tile_counts, N, E, pairs_per_tile, token_idx, sorted_w, pair, inverse, k,
-        BLOCK_N=triton.next_power_of_2(pairs_per_tile), num_warps=4,
+        BLOCK_N=next_pow2(pairs_per_tile), num_warps=4,
     )
     # float outputs first (opcheck's aot check sums outputs into the first one's dtype)
     return w, sorted_w, ids, token_idx, pair, inverse, counts, offsets, padded, block_expert, block_row
@@ -669,13 +669,13 @@ def _topk_route_bwd(logits, ids, inverse, g_topk, g_sorted, score: int, renormal
     BLOCK_T = _tile_tokens(E, k)
     dlogits = new_output((T, E), dtype=torch.float32, device=logits.device)
     dummy = dlogits
-    _topk_route_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+    _topk_route_bwd_kernel[(cdiv(T, BLOCK_T),)](
         logits, logits.stride(0), T, E, k, ids,
         g_topk.contiguous() if g_topk is not None else dummy,
         g_sorted.contiguous() if g_sorted is not None else dummy,
         inverse, dlogits,
         HAS_G_TOPK=g_topk is not None, HAS_G_SORTED=g_sorted is not None,
-        SCORE=score, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=triton.next_power_of_2(E), num_warps=4,
+        SCORE=score, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=next_pow2(E), num_warps=4,
     )
     return dlogits.to(logits.dtype)
 
@@ -692,7 +692,7 @@ def _topk_rows_fwd(x: torch.Tensor, k: int):
     idx = new_output((R, k), dtype=torch.int32, device=x.device)
     val = new_output((R, k), dtype=x.dtype, device=x.device)
     single = L <= _SINGLE_MAX
-    BLOCK = triton.next_power_of_2(L) if single else _CHUNK
+    BLOCK = next_pow2(L) if single else _CHUNK
     num_warps = 4 if BLOCK <= 2048 else (8 if BLOCK <= 4096 else 16)
     _topk_rows_kernel[(R,)](x, x.stride(0), L, k, idx, val, k, BLOCK=BLOCK, SINGLE=single, num_warps=num_warps)
     return idx, val
@@ -706,7 +706,7 @@ def _const_plan(E: int, C: int, block_m: int, device):
     padded = new_output((E + 1,), dtype=i32, device=device)
     block_expert = new_output((nb,), dtype=i32, device=device)
     block_row = new_output((nb,), dtype=i32, device=device)
-    BLOCK_E = triton.next_power_of_2(E)
+    BLOCK_E = next_pow2(E)
     _const_plan_kernel[(1,)](E, C, counts, offsets, padded, block_expert, block_row, nb, BLOCK_E=BLOCK_E,
                              BLOCK_M=block_m, BLOCK_B=max(16, min(256, 8192 // BLOCK_E)), num_warps=4)
     return counts, offsets, padded, block_expert, block_row
@@ -715,10 +715,10 @@ def _const_plan(E: int, C: int, block_m: int, device):
 def _expert_choice_fwd(logits: torch.Tensor, C: int, score: int, block_m: int):
     logits = logits.contiguous()
     T, E = logits.shape
-    BLOCK_E = triton.next_power_of_2(E)
+    BLOCK_E = next_pow2(E)
     BLOCK_T = max(16, min(128, 8192 // BLOCK_E))
     probs_ET = new_output((E, T), dtype=torch.float32, device=logits.device)
-    _expert_scores_kernel[(triton.cdiv(T, BLOCK_T),)](logits, logits.stride(0), T, E, probs_ET, SCORE=score,
+    _expert_scores_kernel[(cdiv(T, BLOCK_T),)](logits, logits.stride(0), T, E, probs_ET, SCORE=score,
                                                        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
     tok, w = _topk_rows_fwd(probs_ET, C)
     return (w.reshape(-1), tok.reshape(-1), *_const_plan(E, C, block_m, logits.device))

@@ -5,6 +5,7 @@ GPU compiler rejects; this compiles each variant to a cubin, so such errors show
 Usage: python scripts/compile_check.py   (exit status 1 if any variant fails)
 """
 import os
+import re
 import sys
 os.environ.pop("TRITON_INTERPRET", None)
 import torch
@@ -31,13 +32,13 @@ def sig_of(fn, types, consts):
 # What the JIT specialises at launch for real shapes: 16-byte aligned pointers and integer
 # arguments divisible by 16 (strides, K, N). Without these hints no load is vectorised and
 # the software pipeliner leaves the GEMM loops synchronous.
-ALIGNED_INTS = {"D", "stride_am", "stride_be", "stride_bk", "stride_om", "stride_gm", "stride_de", "stride_dk", "K", "N"}
+ALIGNED_INTS = {"D", "stride_am", "stride_be", "stride_bk", "stride_bn", "stride_om", "stride_gm", "stride_de", "stride_dk", "K", "N"}
 
 
 def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=False, num_stages=3):
     sig = sig_of(fn, types, consts)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or n in ALIGNED_INTS}
+             if sig[n].startswith("*") or (n in ALIGNED_INTS and sig[n] != "constexpr")}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     try:
         k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
@@ -48,6 +49,12 @@ def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=F
             v4 = [line.strip() for line in loads][:3]
             FAILED.append(fn.__name__ + " (" + label + ": row loads not 128-bit)")
             print("FAIL", fn.__name__, label, "row loads not vectorised:", v4)
+            return
+        # operand tiles must move in 16-byte copies; the few narrower ones are row-index loads
+        narrow = len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*,\s*0x(?:1|2|4|8),", ptx))
+        if pipelined and narrow > 4:
+            FAILED.append(fn.__name__ + " (" + label + f": {narrow} narrow async copies)")
+            print("FAIL", fn.__name__, label, f"{narrow} async copies narrower than 16 bytes:", info)
             return
         if pipelined and "cp.async" not in ptx:
             FAILED.append(fn.__name__ + " (" + label + ": main loop not software-pipelined)")
@@ -114,16 +121,20 @@ for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), 
     # the tiles the launcher picks at Mixtral's shape (K = 4096 or 14336, N = 14336 or 4096)
     cfg = G._tiles(4096, 14336, torch.bfloat16, wide=ep in (0, 2) and not dual, dual=ep == 1)
     w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
+    # the weights' unit stride, which the JIT specialises to the constant 1: N for W, K for W^T
+    unit = dict(stride_bn=1) if ep in (0, 1, 2) else dict(stride_bk=1)
     comp(G._grouped_mm_fwd_kernel, t, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save, PRECISION=None,
-         DOT_F32=False, BLOCK_M=128, **cfg), num_warps=w_, num_stages=s_, label=f"epilogue={ep} {cfg}", pipelined=True)
+         DOT_F32=False, BLOCK_M=128, **cfg, **unit), num_warps=w_, num_stages=s_, label=f"epilogue={ep} {cfg}",
+         pipelined=True)
 # fp32 operands (a model without autocast on CUDA): exact fp32 dots, BLOCK_K 32 (_tiles)
 f32_rows = {k: (P("fp32") if v == P("bf16") else v) for k, v in base.items()}
 for ep, gather, dual, save in [(1, True, False, True), (2, False, False, False), (3, True, False, True),
                                (4, False, True, False)]:
     cfg = G._tiles(4096, 4096, torch.float32, wide=ep in (0, 2) and not dual, dual=ep == 1)
     w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
+    unit = dict(stride_bn=1) if ep in (0, 1, 2) else dict(stride_bk=1)
     comp(G._grouped_mm_fwd_kernel, f32_rows, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
-         PRECISION="ieee", DOT_F32=False, BLOCK_M=64, **cfg), num_warps=w_, num_stages=s_,
+         PRECISION="ieee", DOT_F32=False, BLOCK_M=64, **cfg, **unit), num_warps=w_, num_stages=s_,
          label=f"fp32 epilogue={ep}")
 t = {"a_ptr": P("bf16"), "a_idx_ptr": P("i32"), "g_ptr": P("bf16"), "g2_ptr": P("bf16"), "g_idx_ptr": P("i32"), "dw_ptr": P("bf16"), "dw2_ptr": P("bf16"), "offsets_ptr": P("i32")}
 for ga, gg, dg in [(True, False, True), (False, True, False), (True, False, False)]:
