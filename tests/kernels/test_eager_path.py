@@ -1,0 +1,97 @@
+"""Outside torch.compile the public ops call eager autograd.Functions; the compiler sees the
+custom ops. Both registrations must compute the same outputs and gradients, and inputs that
+are not plain tensors must still reach the custom op (whose dispatcher unwraps them)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import flopwise.kernels._dispatch as D
+from flopwise.kernels import (expert_choice_route, gather_tokens, mod_select, moe_mlp, rmsnorm_gather_tokens,
+                              scatter_tokens, topk_route)
+
+# the package re-exports functions named like some modules: import the modules themselves
+G, M, R = (importlib.import_module(f"flopwise.kernels.{m}") for m in ("grouped_mm", "mod_gather", "routing"))
+
+
+def _grads(fn, leaves, seed=0):
+    """Outputs of fn() and the gradients of a fixed random projection of them."""
+    outs = fn()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs if o.is_floating_point())
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, leaves, allow_unused=True))
+
+
+def _both(monkeypatch, fn, leaves):
+    """(eager results, custom-op results) of the same call."""
+    eager = _grads(fn, leaves)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager Function ran where the custom op was forced")
+
+    for mod in (G, R, M):
+        monkeypatch.setattr(mod, "traced", lambda *t: True)
+    for fn_cls in (M.GatherTokensFunction, M.ScatterTokensFunction, M.RMSNormGatherTokensFunction,
+                   R._TopkRouteFunction, R._ExpertChoiceFunction, R._TopkRowsFunction, G._MoEMLPFunction,
+                   G._GroupedMMFunction):
+        monkeypatch.setattr(fn_cls, "apply", refuse)
+    op = _grads(fn, leaves)
+    return eager, op
+
+
+def _assert_same(a, b):
+    (oa, ga), (ob, gb) = a, b
+    for x, y in zip(oa + ga, ob + gb):
+        if x is None or y is None:
+            assert x is None and y is None
+            continue
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_mod_ops(monkeypatch):
+    torch.manual_seed(0)
+    B, S, Dm, K = 2, 11, 6, 4
+    x = torch.randn(B, S, Dm, requires_grad=True)
+    y = torch.randn(B, K, Dm, requires_grad=True)
+    s = torch.randn(B, S, requires_grad=True)
+    gamma = torch.rand(Dm, requires_grad=True)
+
+    def run():
+        sel = mod_select(s, k=K)
+        h = gather_tokens(x, sel.indices)
+        n = rmsnorm_gather_tokens(x, sel.indices, gamma)
+        return scatter_tokens(x, h * n + y, sel.indices, torch.sigmoid(sel.weights)), sel.weights
+
+    _assert_same(*_both(monkeypatch, run, [x, y, s, gamma]))
+
+
+@pytest.mark.parametrize("route", ["token", "expert"])
+def test_routing_and_moe(monkeypatch, route):
+    torch.manual_seed(1)
+    T, Dm, Fh, E = 13, 8, 12, 3
+    x = torch.randn(T, Dm, requires_grad=True)
+    logits = torch.randn(T, E, requires_grad=True)
+    wg, wu = torch.randn(E, Dm, Fh, requires_grad=True), torch.randn(E, Dm, Fh, requires_grad=True)
+    wd = torch.randn(E, Fh, Dm, requires_grad=True)
+
+    def run():
+        if route == "token":
+            plan = topk_route(logits, 2, renormalize=True, block_m=4)
+        else:
+            plan = expert_choice_route(logits, 1.0, block_m=4)
+        return moe_mlp(x, plan, wg, wu, wd)
+
+    _assert_same(*_both(monkeypatch, run, [x, logits, wg, wu, wd]))
+
+
+def test_subclass_inputs_take_the_custom_op():
+    class Wrapped(torch.Tensor):
+        pass
+
+    x = torch.randn(2, 5, 3).as_subclass(Wrapped)
+    assert D.traced(x) and D.traced(torch.randn(2), torch.empty(2, device="meta"))
+    assert not D.traced(torch.randn(2), torch.nn.Parameter(torch.randn(2)))
