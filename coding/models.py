@@ -216,6 +216,30 @@ class CachedLM:
     def begin(self, batch: int, device) -> "_CachedState":
         return _CachedState(self, batch, torch.device(device))
 
+    def cache_bytes(self, batch: int) -> int:
+        """Bytes the key and value caches of ``batch`` streams take (rows padded to a multiple
+        of ``batch_rows``); :meth:`begin` checks them against the device's free memory."""
+        m, R = self.module, self.batch_rows
+        rows = max(R, -(-batch // R) * R)
+        elem = next(m.parameters()).element_size()
+        return 2 * len(m.layers) * rows * m.cfg.n_heads * self.context_len * m.cfg.head_dim * elem
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still get on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
 
 class _CachedState:
     """Per-stream KV caches of a :class:`CachedLM` (rows padded to a multiple of batch_rows)."""
@@ -225,6 +249,12 @@ class _CachedState:
         R = lm.batch_rows
         self.lm, self.B = lm, batch
         self.Bp = max(R, -(-batch // R) * R)
+        need, free = lm.cache_bytes(batch), _free_bytes(device)
+        if free is not None and need > free:
+            raise MemoryError(
+                f"CachedLM: the KV caches of {batch} streams need {need / 2**30:.2f} GiB but {device} has "
+                f"{free / 2**30:.2f} GiB free; code fewer streams at once (streams_per_batch, batch_windows) "
+                f"or use a shorter context_len")
         H, Dh = m.cfg.n_heads, m.cfg.head_dim
         dtype = next(m.parameters()).dtype
         shape = (self.Bp, H, lm.context_len, Dh)

@@ -178,3 +178,17 @@ def _mixed_batch_check(device="cpu"):
         for t in hist[b]:
             alone.update(seq[b : b + 1, t], torch.tensor([True], device=device))
         assert torch.equal(alone.logits[0], state.logits[b]), b
+
+
+def test_cache_bytes_is_what_begin_allocates_and_too_little_memory_is_refused(monkeypatch):
+    import flopwise.coding.models as cm
+
+    lm = CachedLM(_net(), context_len=8, batch_rows=4)
+    state = lm.begin(6, "cpu")  # 6 streams -> 8 rows
+    allocated = sum(t.numel() * t.element_size() for t in state.k + state.v)
+    assert lm.cache_bytes(6) == allocated
+    monkeypatch.setattr(cm, "_free_bytes", lambda device: allocated - 1)
+    with pytest.raises(MemoryError, match="KV caches of 6 streams need"):
+        lm.begin(6, "cpu")
+    monkeypatch.setattr(cm, "_free_bytes", lambda device: allocated)
+    lm.begin(6, "cpu")
