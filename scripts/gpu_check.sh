@@ -11,6 +11,8 @@
 #   bash scripts/gpu_check.sh --no-tests routing mod moe mod_step train   # <= 520 s
 #   bash scripts/gpu_check.sh coding                                       # GPU tests + coder, <= 240 s
 # (every benchmark row is itself checked against its reference before it is timed)
+# Diagnostics that fit beside a shorter check: python scripts/tune_grouped_mm.py --stages (each
+# MoE-layer launch on its own), python scripts/profile_mod.py --only ops (kernel vs host time).
 # Environment: LIMIT_<suite>=seconds overrides a suite's limit; BUDGET_MS sets the timing
 # budget per provider (flopwise bench --budget-ms).
 set -uo pipefail
