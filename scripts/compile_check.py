@@ -35,6 +35,29 @@ def sig_of(fn, types, consts):
 ALIGNED_INTS = {"D", "stride_am", "stride_be", "stride_bk", "stride_bn", "stride_om", "stride_gm", "stride_de", "stride_dk", "K", "N"}
 
 
+def _ptxas_report(ptx: str) -> str:
+    """Registers and spill bytes per thread from ptxas -v (sm_90a), where a ptxas that reads
+    this PTX version ships with Triton; '' otherwise. Spills in a GEMM epilogue cost local
+    memory traffic once per tile; in the main loop, every step."""
+    import subprocess
+    import tempfile
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        exe = os.path.join(bindir, name)
+        if not os.path.exists(exe):
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            r = subprocess.run([exe, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+        if r.returncode == 0:
+            regs = re.findall(r"Used (\d+) registers", r.stderr)
+            spill = re.findall(r"(\d+) bytes spill stores", r.stderr)
+            return f", registers {regs[0] if regs else '?'}, spill stores {spill[0] if spill else '?'} B"
+    return ""
+
+
 def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=False, num_stages=3):
     sig = sig_of(fn, types, consts)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
@@ -44,6 +67,8 @@ def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=F
         k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
         ptx = k.asm["ptx"]
         info = f"shared memory {k.metadata.shared}, wgmma {ptx.count('wgmma.mma_async')}, cp.async {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}"
+        if pipelined:
+            info += _ptxas_report(ptx)
         loads = [line for line in ptx.splitlines() if "ld.global" in line]
         if vectorized and not any(".v4." in line for line in loads):
             v4 = [line.strip() for line in loads][:3]
