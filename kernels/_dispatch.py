@@ -109,9 +109,9 @@ def traced(*tensors: torch.Tensor) -> bool:
 
     Ops then go through their ``torch.library`` custom op: the opaque node the compiler needs,
     and the dispatcher unwraps subclasses before the kernel sees a data pointer. Otherwise
-    they call a plain ``torch.autograd.Function`` running the same kernels, because the
-    custom op's Python dispatch costs hundreds of microseconds of host time per call on a
-    slow host, more than a memory-bound kernel takes on the GPU."""
+    they call a plain ``torch.autograd.Function`` running the same kernels without the
+    dispatcher's Python path: host time that, at small shapes, exceeds what a memory-bound
+    kernel takes on the GPU (``scripts/host_overhead.py`` measures it)."""
     if torch.compiler.is_compiling():
         return True
     return any(type(t) not in _PLAIN or t.device.type == "meta" for t in tensors)

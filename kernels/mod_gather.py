@@ -559,8 +559,8 @@ def _rmsnorm_setup(ctx, inputs, output):
 
 # ----------------------------------------------------------------------------------------
 # Custom ops: what torch.compile sees, one opaque node per op. In eager the public functions
-# call the autograd.Functions below instead: the same kernels for a fraction of the host time
-# (the dispatcher's Python path costs hundreds of microseconds per op on a slow host).
+# call the autograd.Functions below instead: the same kernels with less host time per call
+# (scripts/host_overhead.py).
 # ----------------------------------------------------------------------------------------
 
 
