@@ -24,6 +24,7 @@ Ranking rules (identical in every backend, so plans agree exactly):
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ from ._dispatch import HAS_TRITON, backend, cdiv, eager_backward, eager_function
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    # A masked histogram counts only the elements that match the radix prefix. Without the
+    # mask (older Triton), they all go to one overflow bin: one shared-memory address that
+    # every thread's atomic add hits in passes 2-4, serialising the pass.
+    _HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 else:  # pragma: no cover
     triton = None
 
@@ -297,6 +303,13 @@ if HAS_TRITON:
                                      block_expert_ptr, block_row_ptr, max_blocks, BLOCK_M, BLOCK_B)
 
     @triton.jit
+    def _prefix_hist(d, match):
+        """512-bin histogram of the digits ``d`` of the elements that match the prefix."""
+        if _HIST_MASK_C:
+            return tl.histogram(d, 512, mask=match)
+        return tl.histogram(tl.where(match, d, 256), 512)
+
+    @triton.jit
     def _radix_digit(hist, remaining, bins):
         """Pick the digit holding the ``remaining``-th largest element from a histogram
         (bins past 255 hold elements that do not match the prefix and are ignored).
@@ -318,8 +331,8 @@ if HAS_TRITON:
         """Per row: the k largest of L values, emitted in increasing position order.
 
         Radix select on the monotone int32 keys, 8 bits per pass from the top (4 passes,
-        one 512-bin histogram each: 256 digits + an overflow bin for elements outside the
-        current prefix), finds the k-th largest key exactly; a final pass keeps everything
+        one histogram each of the elements inside the current prefix), finds the k-th
+        largest key exactly; a final pass keeps everything
         above it plus the first ``remaining`` elements equal to it (ties: lower position wins)
         and compacts them with a prefix sum, so the output is already in position order.
         SINGLE: the row fits in one block and stays in registers across passes."""
@@ -343,7 +356,7 @@ if HAS_TRITON:
                     match = m
                 else:
                     match = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                hist = tl.histogram(tl.where(match, d, 256), 512)
+                hist = _prefix_hist(d, match)
             else:
                 hist = tl.zeros([512], dtype=tl.int32)
                 for start in range(0, L, BLOCK):
@@ -355,7 +368,7 @@ if HAS_TRITON:
                         match = mc
                     else:
                         match = mc & ((kc >> (shift + 8)) == (prefix >> (shift + 8)))
-                    hist += tl.histogram(tl.where(match, d, 256), 512)
+                    hist += _prefix_hist(d, match)
             digit, above = _radix_digit(hist, remaining, bins)
             remaining -= above
             if p == 0:
@@ -389,6 +402,7 @@ if HAS_TRITON:
                 n_eq += tl.sum(eq.to(tl.int32), 0)
 
     _INT32_MIN_C = tl.constexpr(_INT32_MIN)
+    _HIST_MASK_C = tl.constexpr(_HIST_MASK)
 
 
 # ----------------------------------------------------------------------------------------
