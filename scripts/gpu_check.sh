@@ -11,8 +11,11 @@
 #   bash scripts/gpu_check.sh --no-tests routing mod moe mod_step train   # <= 520 s
 #   bash scripts/gpu_check.sh coding                                       # GPU tests + coder, <= 240 s
 # (every benchmark row is itself checked against its reference before it is timed)
-# Diagnostics that fit beside a shorter check: python scripts/tune_grouped_mm.py --stages (each
-# MoE-layer launch on its own), python scripts/profile_mod.py --only ops (kernel vs host time).
+# Pseudo-suite "diagnose" (limit 90 s): python scripts/tune_grouped_mm.py --stages (each MoE
+# layer launch on its own) and python scripts/profile_mod.py --only ops (kernel vs host time).
+# With 15 minutes of device time in all, the next check is:
+#   bash scripts/gpu_check.sh --no-tests diagnose moe mod mod_step routing  # <= 370 s
+#   bash scripts/gpu_check.sh train                                         # GPU tests + train, <= 390 s
 # Environment: LIMIT_<suite>=seconds overrides a suite's limit; BUDGET_MS sets the timing
 # budget per provider (flopwise bench --budget-ms).
 set -uo pipefail
@@ -25,7 +28,7 @@ run_tests=1
 if [ "${1:-}" = "--no-tests" ]; then run_tests=0; shift; fi  # first argument only
 suites=("$@")
 [ ${#suites[@]} -eq 0 ] && suites=(routing mod moe mod_step train coding)
-declare -A limit=([routing]=60 [mod]=60 [moe]=100 [mod_step]=90 [train]=210 [coding]=60)
+declare -A limit=([routing]=60 [mod]=60 [moe]=100 [mod_step]=90 [train]=210 [coding]=60 [diagnose]=90)
 for s in "${!limit[@]}"; do  # LIMIT_<suite>=seconds overrides a limit (a shorter device slot)
   v="LIMIT_$s"; [ -n "${!v:-}" ] && limit[$s]=${!v}
 done
@@ -49,6 +52,13 @@ if [ $run_tests -eq 1 ]; then
 fi
 
 for s in "${suites[@]}"; do
+  if [ "$s" = diagnose ]; then
+    echo "== diagnose (limit ${limit[$s]} s)"
+    timeout "${limit[$s]}" bash -c "python scripts/tune_grouped_mm.py --stages && python scripts/profile_mod.py --only ops" \
+      2>&1 | tee "$out/diagnose.txt" | grep -v "^ "
+    status+=("diagnose rc=${PIPESTATUS[0]}")
+    continue
+  fi
   echo "== bench $s (limit ${limit[$s]:-120} s)"
   timeout "${limit[$s]:-120}" python -m flopwise bench "$s" "${budget[@]}" --progress --json "$out/bench-$s.json" 2>&1 \
     | tee "$out/bench-$s.txt"
