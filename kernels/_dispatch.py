@@ -21,8 +21,8 @@ import os
 
 import torch
 
-__all__ = ["HAS_TRITON", "INTERPRET", "backend", "use_triton", "new_output", "traced", "eager_backward", "eager_function",
-           "cdiv", "next_pow2"]
+__all__ = ["HAS_TRITON", "INTERPRET", "backend", "use_triton", "new_output", "traced", "autograd_twin", "cdiv",
+           "next_pow2"]
 
 try:  # Triton has wheels for Linux only.
     import triton  # noqa: F401
@@ -117,7 +117,7 @@ def traced(*tensors: torch.Tensor) -> bool:
     return any(type(t) not in _PLAIN or t.device.type == "meta" for t in tensors)
 
 
-def eager_backward(backward, backward_op):
+def _eager_backward(backward, backward_op):
     """A backward formula that runs the implementations (``backward``) on plain gradients and
     the backward custom ops (``backward_op``) on anything else, e.g. a gradient still held by
     a functional collective's wrapper, which only the dispatcher unwraps."""
@@ -130,14 +130,26 @@ def eager_backward(backward, backward_op):
     return run
 
 
-def eager_function(name: str, forward, setup_context, backward, doc: str | None = None) -> type:
-    """The eager twin of a custom op with ``register_autograd``: a ``torch.autograd.Function``
-    running the op's implementation (``forward(*inputs)``), its ``setup_context`` and its
-    backward formula (see :func:`eager_backward`).
+def autograd_twin(op, name: str, forward, setup_context, backward, *, bwd_impl=None, bwd_op=None,
+                  doc: str | None = None) -> type:
+    """Give the custom op ``op`` its autograd formula and return its eager twin: a
+    ``torch.autograd.Function`` running the op's implementation ``forward(*inputs)`` with the
+    same ``setup_context`` and backward formula.
 
-    Written in the ``forward(ctx, *inputs)`` style: a Function with a separate
+    ``backward`` is the formula ``backward(ctx, *grads)``; or, when the backward runs its own
+    kernels, a factory ``backward(bwd)`` bound to the backward custom op ``bwd_op`` for ``op``
+    and to its implementation ``bwd_impl`` for the twin (which still takes ``bwd_op`` for
+    gradients that are not plain tensors).
+
+    The twin is written in the ``forward(ctx, *inputs)`` style: a Function with a separate
     ``setup_context`` binds its arguments through ``inspect`` on every call, tens of
     microseconds of host time."""
+    if bwd_impl is None:
+        op_backward = eager_backward = backward
+    else:
+        op_backward = backward(bwd_op)
+        eager_backward = _eager_backward(backward(bwd_impl), op_backward)
+    op.register_autograd(op_backward, setup_context=setup_context)
 
     def fwd(ctx, *inputs):
         out = forward(*inputs)
@@ -145,4 +157,4 @@ def eager_function(name: str, forward, setup_context, backward, doc: str | None 
         return out
 
     return type(name, (torch.autograd.Function,), dict(
-        __doc__=doc, forward=staticmethod(fwd), backward=staticmethod(backward)))
+        __doc__=doc, forward=staticmethod(fwd), backward=staticmethod(eager_backward)))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, backend, cdiv, eager_backward, eager_function, new_output, next_pow2, traced
+from ._dispatch import HAS_TRITON, autograd_twin, backend, cdiv, new_output, next_pow2, traced
 from .routing import RoutingPlan
 
 if HAS_TRITON:
@@ -276,13 +276,15 @@ _OVERRIDE: dict[str, dict] = {}
 _GROUP_M = 8
 
 
-def _tiles(K: int, N: int, dtype: torch.dtype, wide: bool, dual: bool) -> dict:
+def _tiles(K: int, N: int, dtype: torch.dtype, epilogue: int, dual_a: bool) -> dict:
     """Meta-parameters of the row-block kernel (BLOCK_M is the plan's block_m).
 
     ``wide``: a plain epilogue (store, or scale and scatter) with one A operand, which may
     take 256 columns (H100, bf16: 604-638 TFLOP/s against 533 with 128 at Mixtral's and
     OLMoE's up-projection); ``dual``: two fp32 accumulators (gate and up), capped at 128.
     Long K loops get a fourth pipeline stage."""
+    wide = epilogue in (_STORE, _SCALE_SCATTER) and not dual_a
+    dual = epilogue == _SWIGLU
     cap = 256 if wide and dtype != torch.float32 else 128
     bn = min(cap, max(16, next_pow2(N)))
     bk = min(64 if dtype != torch.float32 else 32, max(16, next_pow2(K)))
@@ -335,12 +337,13 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
     else:
         K, N = w_t.shape[1], w_t.shape[2]
         sbk, sbn = w_t.stride(1), w_t.stride(2)
-    cfg = _tiles(K, N, a.dtype, wide=epilogue in (_STORE, _SCALE_SCATTER) and a2 is None, dual=epilogue == _SWIGLU)
+    cfg = _tiles(K, N, a.dtype, epilogue, dual_a=a2 is not None)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     nb = plan.max_blocks
     grid = (nb * cdiv(N, cfg["BLOCK_N"]),)
     d = out  # placeholder for pointers a variant never dereferences
-    consts = dict(EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=out3 is not None,
+    save = (pre is not None) if epilogue == _SWIGLU else (out3 is not None)  # see the kernel's SAVE_PRE
+    consts = dict(EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=save,
                   PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m, **cfg)
 
     def launch(num_stages):
@@ -394,8 +397,7 @@ def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert,
     g = new_output((N, Fh) if save else (0, Fh), dtype=x.dtype, device=x.device)
     u = new_output((N, Fh) if save else (0, Fh), dtype=x.dtype, device=x.device)
     _launch_rows(x, w_gate.contiguous(), plan, h, epilogue=_SWIGLU, gather=True, w2=w_up.contiguous(),
-                 out2=g if save else None, out3=u if save else None, pre=g if save else None,
-                 pre2=u if save else None)
+                 pre=g if save else None, pre2=u if save else None)
     y = torch.zeros(T, w_down.shape[2], dtype=torch.float32, device=x.device)
     _launch_rows(h, w_down.contiguous(), plan, y, epilogue=_SCALE_SCATTER, gather=False, weights=weights)
     return y.to(x.dtype), g, u
@@ -506,7 +508,6 @@ def _moe_backward(bwd):
     return backward
 
 
-_moe_mlp_op.register_autograd(_moe_backward(_moe_mlp_bwd_op), setup_context=_moe_setup)
 
 
 @torch.library.custom_op("flopwise::grouped_mm", mutates_args=())
@@ -547,13 +548,12 @@ def _gmm_backward(bwd):
     return backward
 
 
-_gmm_op.register_autograd(_gmm_backward(_gmm_bwd_op), setup_context=_gmm_setup)
-
-# Eager twins (see ``_dispatch.traced``): the same launches without the dispatcher's host cost.
-_MoEMLPFunction = eager_function("MoEMLPFunction", _moe_fwd, _moe_setup,
-                                 eager_backward(_moe_backward(_moe_bwd), _moe_backward(_moe_mlp_bwd_op)))
-_GroupedMMFunction = eager_function("GroupedMMFunction", _gmm_fwd, _gmm_setup,
-                                    eager_backward(_gmm_backward(_gmm_bwd), _gmm_backward(_gmm_bwd_op)))
+# Autograd for the custom ops, and their eager twins (see ``_dispatch.traced``): the same
+# launches without the dispatcher's host cost.
+_MoEMLPFunction = autograd_twin(_moe_mlp_op, "MoEMLPFunction", _moe_fwd, _moe_setup, _moe_backward,
+                                bwd_impl=_moe_bwd, bwd_op=_moe_mlp_bwd_op)
+_GroupedMMFunction = autograd_twin(_gmm_op, "GroupedMMFunction", _gmm_fwd, _gmm_setup, _gmm_backward,
+                                   bwd_impl=_gmm_bwd, bwd_op=_gmm_bwd_op)
 
 
 # ----------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import cdiv, eager_backward, eager_function, new_output, next_pow2, traced, use_triton
+from ._dispatch import autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
 
 __all__ = [
     "gather_tokens",
@@ -640,26 +640,21 @@ def _(grad, x, idx, gamma, eps):
     return torch.empty_like(x, memory_format=contiguous), torch.empty_like(gamma, memory_format=contiguous)
 
 
-_mod_gather_op.register_autograd(_gather_backward(_mod_gather_bwd_op),
-                                 setup_context=_gather_setup)
-_mod_scatter_op.register_autograd(_scatter_backward(_mod_scatter_bwd_op),
-                                  setup_context=_scatter_setup)
-_mod_rmsnorm_gather_op.register_autograd(_rmsnorm_backward(_mod_rmsnorm_gather_bwd_op),
-                                         setup_context=_rmsnorm_setup)
-# The eager Functions (what the public functions call outside torch.compile): implementations
-# forward and backward, the custom ops only for gradients that are not plain tensors.
-GatherTokensFunction = eager_function(
-    "GatherTokensFunction", _gather_fwd_impl, _gather_setup,
-    eager_backward(_gather_backward(_gather_bwd_impl), _gather_backward(_mod_gather_bwd_op)),
+# Autograd for the custom ops, and the eager Functions the public functions call outside
+# torch.compile: implementations forward and backward, the backward custom ops only for
+# gradients that are not plain tensors.
+GatherTokensFunction = autograd_twin(
+    _mod_gather_op, "GatherTokensFunction", _gather_fwd_impl, _gather_setup, _gather_backward,
+    bwd_impl=_gather_bwd_impl, bwd_op=_mod_gather_bwd_op,
     doc="``gather_tokens`` with backward ``dx = rows of grad at idx, zeros elsewhere``.")
-ScatterTokensFunction = eager_function(
-    "ScatterTokensFunction", _scatter_fwd_impl, _scatter_setup,
-    eager_backward(_scatter_backward(_scatter_bwd_impl), _scatter_backward(_mod_scatter_bwd_op)),
+ScatterTokensFunction = autograd_twin(
+    _mod_scatter_op, "ScatterTokensFunction", _scatter_fwd_impl, _scatter_setup, _scatter_backward,
+    bwd_impl=_scatter_bwd_impl, bwd_op=_mod_scatter_bwd_op,
     doc="Out-of-place ``scatter_tokens``: d residual = grad, d y = weight * grad[idx], "
         "d weight = <grad[idx], y> (the last two from one fused kernel).")
-RMSNormGatherTokensFunction = eager_function(
-    "RMSNormGatherTokensFunction", _rmsnorm_fwd_impl, _rmsnorm_setup,
-    eager_backward(_rmsnorm_backward(_rmsnorm_bwd_impl), _rmsnorm_backward(_mod_rmsnorm_gather_bwd_op)),
+RMSNormGatherTokensFunction = autograd_twin(
+    _mod_rmsnorm_gather_op, "RMSNormGatherTokensFunction", _rmsnorm_fwd_impl, _rmsnorm_setup, _rmsnorm_backward,
+    bwd_impl=_rmsnorm_bwd_impl, bwd_op=_mod_rmsnorm_gather_bwd_op,
     doc="``rmsnorm_gather_tokens`` with gradients for x (selected rows, zeros elsewhere) and gamma.")
 
 

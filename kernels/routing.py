@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import HAS_TRITON, backend, cdiv, eager_backward, eager_function, new_output, next_pow2, traced
+from ._dispatch import HAS_TRITON, autograd_twin, backend, cdiv, new_output, next_pow2, traced
 
 if HAS_TRITON:
     import triton
@@ -788,7 +788,6 @@ def _topk_route_backward(bwd):
     return backward
 
 
-_topk_route_op.register_autograd(_topk_route_backward(_topk_route_bwd_op), setup_context=_topk_route_setup)
 
 
 @torch.library.custom_op("flopwise::expert_choice_route", mutates_args=())
@@ -833,7 +832,6 @@ def _expert_choice_backward(ctx, g_w, *rest):
     return d.to(logits.dtype), None, None, None
 
 
-_expert_choice_op.register_autograd(_expert_choice_backward, setup_context=_expert_choice_setup)
 
 
 @torch.library.custom_op("flopwise::topk_rows", mutates_args=())
@@ -865,16 +863,16 @@ def _topk_rows_backward(ctx, g_val, g_idx):
     return g.scatter_(1, idx.long(), g_val), None
 
 
-_topk_rows_op.register_autograd(_topk_rows_backward, setup_context=_topk_rows_setup)
 
-# Eager twins of the three ops: the same kernels and formulas without the dispatcher's host
-# cost (see ``_dispatch.traced``); the public functions pick one per call.
-_TopkRouteFunction = eager_function(
-    "TopkRouteFunction", _topk_route_fwd, _topk_route_setup,
-    eager_backward(_topk_route_backward(_topk_route_bwd), _topk_route_backward(_topk_route_bwd_op)))
-_ExpertChoiceFunction = eager_function("ExpertChoiceFunction", _expert_choice_fwd, _expert_choice_setup,
-                                       _expert_choice_backward)
-_TopkRowsFunction = eager_function("TopkRowsFunction", _topk_rows_impl, _topk_rows_setup, _topk_rows_backward)
+# Autograd for the three custom ops, and their eager twins: the same kernels and formulas
+# without the dispatcher's host cost (see ``_dispatch.traced``); the public functions pick
+# one per call.
+_TopkRouteFunction = autograd_twin(_topk_route_op, "TopkRouteFunction", _topk_route_fwd, _topk_route_setup,
+                                   _topk_route_backward, bwd_impl=_topk_route_bwd, bwd_op=_topk_route_bwd_op)
+_ExpertChoiceFunction = autograd_twin(_expert_choice_op, "ExpertChoiceFunction", _expert_choice_fwd,
+                                      _expert_choice_setup, _expert_choice_backward)
+_TopkRowsFunction = autograd_twin(_topk_rows_op, "TopkRowsFunction", _topk_rows_impl, _topk_rows_setup,
+                                  _topk_rows_backward)
 
 
 # ----------------------------------------------------------------------------------------

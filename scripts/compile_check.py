@@ -144,7 +144,7 @@ for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), 
     t = dict(base)
     if ep in (2, 4): t["out_ptr"] = P("fp32")
     # the tiles the launcher picks at Mixtral's shape (K = 4096 or 14336, N = 14336 or 4096)
-    cfg = G._tiles(4096, 14336, torch.bfloat16, wide=ep in (0, 2) and not dual, dual=ep == 1)
+    cfg = G._tiles(4096, 14336, torch.bfloat16, ep, dual_a=dual)
     w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
     # the weights' unit stride, which the JIT specialises to the constant 1: N for W, K for W^T
     unit = dict(stride_bn=1) if ep in (0, 1, 2) else dict(stride_bk=1)
@@ -155,7 +155,7 @@ for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), 
 f32_rows = {k: (P("fp32") if v == P("bf16") else v) for k, v in base.items()}
 for ep, gather, dual, save in [(1, True, False, True), (2, False, False, False), (3, True, False, True),
                                (4, False, True, False)]:
-    cfg = G._tiles(4096, 4096, torch.float32, wide=ep in (0, 2) and not dual, dual=ep == 1)
+    cfg = G._tiles(4096, 4096, torch.float32, ep, dual_a=dual)
     w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
     unit = dict(stride_bn=1) if ep in (0, 1, 2) else dict(stride_bk=1)
     comp(G._grouped_mm_fwd_kernel, f32_rows, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,

@@ -49,7 +49,7 @@ def stage_times(label: str, x, plan, wg, wu, wd, gy) -> dict:
     w = plan.weights
     stages = [
         ("fwd  gate+up, silu*mul", 4, lambda: gm._launch_rows(x, wg, plan, h, epilogue=gm._SWIGLU, gather=True,
-                                                               w2=wu, out2=g, out3=u, pre=g, pre2=u)),
+                                                               w2=wu, pre=g, pre2=u)),
         ("fwd  down, scale, scatter", 2, lambda: gm._launch_rows(h, wd, plan, y, epilogue=gm._SCALE_SCATTER,
                                                                   gather=False, weights=w)),
         ("bwd  dY Wd^T, swiglu bwd", 2, lambda: gm._launch_rows(gy, wd, plan, dg, epilogue=gm._SWIGLU_BWD,
