@@ -74,6 +74,25 @@ if HAS_TRITON:
         return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
 
     @triton.jit
+    def _swiglu_bwd_half(acc, w, rows, rmask, cols, N, stride_om, pre_ptr, pre2_ptr, out_ptr, out2_ptr, out3_ptr,
+                         SAVE_PRE: tl.constexpr):
+        """SwiGLU backward on columns ``cols`` of a tile; returns each row's <h, acc>."""
+        omask = rmask[:, None] & (cols < N)[None, :]
+        o_rows = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        g = tl.load(pre_ptr + o_rows, mask=omask, other=0.0).to(tl.float32)
+        u = tl.load(pre2_ptr + o_rows, mask=omask, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        h = (silu * u).to(out_ptr.dtype.element_ty).to(tl.float32)  # the h the forward used
+        dh = acc * w[:, None]
+        dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+        tl.store(out_ptr + o_rows, dg.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(out2_ptr + o_rows, (dh * silu).to(out2_ptr.dtype.element_ty), mask=omask)
+        if SAVE_PRE:  # w*h: dW_down's A operand, so its kernel streams it instead of recomputing
+            tl.store(out3_ptr + o_rows, (h * w[:, None]).to(out3_ptr.dtype.element_ty), mask=omask)
+        return tl.sum(h * acc, 1)
+
+    @triton.jit
     def _grouped_mm_fwd_kernel(
         a_ptr, a2_ptr, a_idx_ptr, stride_am,
         b_ptr, b2_ptr, stride_be, stride_bk, stride_bn,
@@ -128,14 +147,21 @@ if HAS_TRITON:
             if EPILOGUE == _SWIGLU_C:
                 b2 = tl.load(b2_ptrs, mask=bmask, other=0.0)
                 acc2 = _dot(a, b2, acc2, PRECISION, DOT_F32)
-            if DUAL_A:
-                a2 = tl.load(a2_ptrs, mask=amask, other=0.0)
-                b2 = tl.load(b2_ptrs, mask=bmask, other=0.0)
-                acc = _dot(a2, b2, acc, PRECISION, DOT_F32)
             a_ptrs += BLOCK_K
-            a2_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_bk
             b2_ptrs += BLOCK_K * stride_bk
+        if DUAL_A:
+            # A2 @ B2 into the same accumulator, in a loop of its own: chaining both dots in
+            # one step makes the second wait for the first, so no tensor-core op would stay in
+            # flight across steps (ptx: wgmma.wait_group 0 every step).
+            b2_ptrs = b2_ptr + b_off
+            for k0 in range(0, K, BLOCK_K):
+                kmask = (k0 + offs_k) < K
+                a2 = tl.load(a2_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+                b2 = tl.load(b2_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                acc = _dot(a2, b2, acc, PRECISION, DOT_F32)
+                a2_ptrs += BLOCK_K
+                b2_ptrs += BLOCK_K * stride_bk
         omask = rmask[:, None] & nmask[None, :]
         o_rows = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
         if EPILOGUE == _STORE_C:
@@ -155,20 +181,16 @@ if HAS_TRITON:
             tl.atomic_add(out_ptr + tok[:, None] * stride_om + cols[None, :], acc * w[:, None], mask=omask,
                           sem="relaxed")
         elif EPILOGUE == _SWIGLU_BWD_C:
-            g = tl.load(pre_ptr + o_rows, mask=omask, other=0.0).to(tl.float32)
-            u = tl.load(pre2_ptr + o_rows, mask=omask, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(g)
-            silu = g * sg
-            h = (silu * u).to(out_ptr.dtype.element_ty).to(tl.float32)  # the h the forward used
-            tl.atomic_add(dw_ptr + rows, tl.sum(h * acc, 1), mask=rmask, sem="relaxed")
+            # in two column halves: the whole tile's epilogue (g, u, dg, du, w*h next to the
+            # accumulator) needs more than 255 registers and spilled 1.7 KB per thread
             w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-            dh = acc * w[:, None]
-            dg = dh * u * sg * (1.0 + g * (1.0 - sg))
-            du = dh * silu
-            tl.store(out_ptr + o_rows, dg.to(out_ptr.dtype.element_ty), mask=omask)
-            tl.store(out2_ptr + o_rows, du.to(out2_ptr.dtype.element_ty), mask=omask)
-            if SAVE_PRE:  # w*h: dW_down's A operand, so its kernel streams it instead of recomputing
-                tl.store(out3_ptr + o_rows, (h * w[:, None]).to(out3_ptr.dtype.element_ty), mask=omask)
+            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
+            half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            dw_rows = _swiglu_bwd_half(acc_lo, w, rows, rmask, half, N, stride_om, pre_ptr, pre2_ptr, out_ptr,
+                                       out2_ptr, out3_ptr, SAVE_PRE)
+            dw_rows += _swiglu_bwd_half(acc_hi, w, rows, rmask, half + BLOCK_N // 2, N, stride_om, pre_ptr, pre2_ptr,
+                                        out_ptr, out2_ptr, out3_ptr, SAVE_PRE)
+            tl.atomic_add(dw_ptr + rows, dw_rows, mask=rmask, sem="relaxed")
         else:  # _SCATTER
             tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.atomic_add(out_ptr + tok[:, None] * stride_om + cols[None, :], acc, mask=omask, sem="relaxed")
@@ -279,11 +301,12 @@ _GROUP_M = 8
 def _tiles(K: int, N: int, dtype: torch.dtype, epilogue: int, dual_a: bool) -> dict:
     """Meta-parameters of the row-block kernel (BLOCK_M is the plan's block_m).
 
-    ``wide``: a plain epilogue (store, or scale and scatter) with one A operand, which may
-    take 256 columns (H100, bf16: 604-638 TFLOP/s against 533 with 128 at Mixtral's and
-    OLMoE's up-projection); ``dual``: two fp32 accumulators (gate and up), capped at 128.
-    Long K loops get a fourth pipeline stage."""
-    wide = epilogue in (_STORE, _SCALE_SCATTER) and not dual_a
+    ``wide``: one fp32 accumulator and a light epilogue (store, scale and scatter, scatter;
+    a second A operand runs in a loop of its own into the same accumulator), which may take
+    256 columns (H100, bf16: 604-638 TFLOP/s against 533 with 128 at Mixtral's and OLMoE's
+    up-projection); ``dual``: two fp32 accumulators (gate and up), and the SwiGLU backward,
+    whose epilogue holds four tiles, capped at 128. Long K loops get a fourth pipeline stage."""
+    wide = epilogue in (_STORE, _SCALE_SCATTER, _SCATTER)
     dual = epilogue == _SWIGLU
     cap = 256 if wide and dtype != torch.float32 else 128
     bn = min(cap, max(16, next_pow2(N)))
@@ -294,13 +317,19 @@ def _tiles(K: int, N: int, dtype: torch.dtype, epilogue: int, dual_a: bool) -> d
     return cfg
 
 
-def _dw_tiles(K: int, N: int, dtype: torch.dtype, dual: bool) -> dict:
+def _dw_tiles(K: int, N: int, dtype: torch.dtype, dual: bool, gather: bool = True) -> dict:
     """Meta-parameters of the weight-gradient kernel: a BLOCK_K x BLOCK_N tile of dW[e],
-    reduced over the expert's rows BLOCK_R at a time."""
+    reduced over the expert's rows BLOCK_R at a time.
+
+    With a gathered operand, each step's operand addresses come from a row-index load in the
+    same loop, and Triton's pipeliner spends two of ``num_stages`` on that chain (3.6 and 3.9
+    alike: 3 or 4 stages give two operand buffers and wait for every copy at the top of each
+    step, so a copy's latency is hidden by one step's MMA only). Five stages give three
+    buffers and keep two steps of copies in flight, as three stages do without a gather."""
     bk = min(128, max(16, next_pow2(K)))
     bn = min(128, max(16, next_pow2(N)))
     cfg = dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=32 if dtype == torch.float32 else 64, GROUP_M=_GROUP_M,
-               num_warps=8 if bk * bn >= 64 * 128 else 4, num_stages=3)
+               num_warps=8 if bk * bn >= 64 * 128 else 4, num_stages=5 if gather else 3)
     cfg.update(_OVERRIDE.get("dw_dual" if dual else "dw", {}))
     return cfg
 
@@ -363,7 +392,7 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
 
 def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, g2=None, dw2=None):
     E, K, N = dw.shape
-    cfg = _dw_tiles(K, N, a.dtype, dual=g2 is not None)
+    cfg = _dw_tiles(K, N, a.dtype, dual=g2 is not None, gather=gather_a or gather_g)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (cdiv(K, cfg["BLOCK_K"]) * cdiv(N, cfg["BLOCK_N"]), E)
     d = dw

@@ -25,7 +25,8 @@ gm = importlib.import_module("flopwise.kernels.grouped_mm")  # the package re-ex
 CANDIDATES = {
     "rows": [{}, dict(BLOCK_N=256), dict(num_stages=4), dict(BLOCK_N=256, num_stages=4)],
     "rows_dual": [{}, dict(num_stages=4)],
-    "dw": [{}, dict(num_stages=4), dict(BLOCK_K=64)],
+    # 3 stages: the depth before the gathered-index fix (operand copies one step ahead)
+    "dw": [{}, dict(num_stages=3), dict(num_stages=7), dict(BLOCK_K=64)],
 }
 
 
@@ -56,7 +57,7 @@ def stage_times(label: str, x, plan, wg, wu, wd, gy) -> dict:
                                                                  gather=True, out2=du, out3=hw, pre=g, pre2=u,
                                                                  weights=w, dw=dwts, transpose_w=True)),
         ("bwd  dW_down", 2, lambda: gm._launch_dw(hw, plan, gy, dwd, gather_a=False, gather_g=True)),
-        ("bwd  dX (two dots, scatter)", 4, lambda: gm._launch_rows(dg, wg, plan, dx, epilogue=gm._SCATTER,
+        ("bwd  dX (two loops, scatter)", 4, lambda: gm._launch_rows(dg, wg, plan, dx, epilogue=gm._SCATTER,
                                                                     gather=False, a2=du, w2=wu, transpose_w=True)),
         ("bwd  dW_gate, dW_up", 4, lambda: gm._launch_dw(x, plan, dg, dwg, gather_a=True, gather_g=False,
                                                          g2=du, dw2=dwu)),
