@@ -46,6 +46,10 @@ if HAS_TRITON:
 
 __all__ = ["grouped_mm", "grouped_mm_reference", "moe_mlp", "moe_mlp_reference"]
 
+# What moe_mlp's forward saves: nothing, the pre-activations, or the pre-activations for a
+# backward that may write over them (the eager path only; the custom op's backward is functional)
+_SAVE_NONE, _SAVE, _SAVE_REUSE = 0, 1, 2
+
 # Epilogues of the row-block kernel
 _STORE, _SWIGLU, _SCALE_SCATTER, _SWIGLU_BWD, _SCATTER = 0, 1, 2, 3, 4
 
@@ -417,7 +421,7 @@ def _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m: in
 
 
 def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m: int,
-             save: bool):
+             save: int):
     x = x.contiguous()
     T, D = x.shape
     N, Fh = token_idx.shape[0], w_gate.shape[2]
@@ -433,15 +437,18 @@ def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert,
 
 
 def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row,
-             block_m: int):
+             block_m: int, reuse: bool = False):
+    """The backward's four launches. ``reuse``: dG and dU are written over the saved
+    pre-activations g and u (each tile reads its g, u before it writes the same elements),
+    which takes 2 x N x F off the backward's peak; g and u are garbage afterwards."""
     dy, x = dy.contiguous(), x.contiguous()
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
     T, D = x.shape
     N, Fh = g.shape
     plan = _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m, T)
     dev = x.device
-    dg = new_output((N, Fh), dtype=x.dtype, device=dev)
-    du = new_output((N, Fh), dtype=x.dtype, device=dev)
+    dg = g if reuse else new_output((N, Fh), dtype=x.dtype, device=dev)
+    du = u if reuse else new_output((N, Fh), dtype=x.dtype, device=dev)
     hw = new_output((N, Fh), dtype=x.dtype, device=dev)
     dweights = torch.zeros(N, dtype=torch.float32, device=dev)
     # dY[tok] @ Wd^T, with d combine weights, d silu*mul and w*h fused in the epilogue
@@ -491,7 +498,7 @@ def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: i
 @torch.library.custom_op("flopwise::moe_mlp", mutates_args=())
 def _moe_mlp_op(x: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                 w_down: torch.Tensor, token_idx: torch.Tensor, offsets: torch.Tensor, block_expert: torch.Tensor,
-                block_row: torch.Tensor, block_m: int, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                block_row: torch.Tensor, block_m: int, save: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save)
 
 
@@ -523,15 +530,29 @@ def _moe_setup(ctx, inputs, output):
     ctx.save_for_backward(x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row)
     ctx.block_m = block_m
     ctx.saved = save
+    ctx.consumed = False
+    # g and u are outputs only to be saved: without this, autograd would hand the backward
+    # two zero-filled N x F gradients for them (1.8 GB at Mixtral's shape)
+    ctx.mark_non_differentiable(g, u)
+    ctx.set_materialize_grads(False)
 
 
 def _moe_backward(bwd):
     def backward(ctx, dy, dg_unused, du_unused):
         x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
+        if dy is None:  # (grads are not materialised)
+            return (None,) * 11
         if not ctx.saved:
             raise RuntimeError("moe_mlp was run without saving activations (save=False) and cannot be differentiated")
+        if ctx.consumed:
+            raise RuntimeError(
+                "moe_mlp's backward ran before for this forward and wrote its gradients over the saved "
+                "activations; to backpropagate through it more than once (retain_graph=True), call "
+                "moe_mlp(..., retain_activations=True)")
+        reuse = ctx.saved == _SAVE_REUSE and bwd is _moe_bwd
         dx, dw, dwg, dwu, dwd = bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets,
-                                    block_expert, block_row, ctx.block_m)
+                                    block_expert, block_row, ctx.block_m, *((True,) if reuse else ()))
+        ctx.consumed = reuse
         return dx, dw, dwg, dwu, dwd, None, None, None, None, None, None
 
     return backward
@@ -650,7 +671,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: b
 
 
 def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torch.Tensor,
-            w_down: torch.Tensor) -> torch.Tensor:
+            w_down: torch.Tensor, *, retain_activations: bool = False) -> torch.Tensor:
     """SwiGLU experts applied along a routing plan and combined into each token's output.
 
     ``y[t] = sum over plan rows r of token t: w_r * (silu(x_t @ Wg_e) * (x_t @ Wu_e)) @ Wd_e``.
@@ -660,6 +681,11 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
         plan: a :class:`RoutingPlan` over T tokens and E experts; ``plan.weights`` are the
             combine weights and receive gradients (so the router learns).
         w_gate, w_up: ``[E, D, F]``; w_down: ``[E, F, D]``; x's dtype and device.
+        retain_activations: the forward saves the gate and up pre-activations (2 x N x F),
+            and by default the backward writes their gradients over them, so it needs no
+            further 2 x N x F and can run once per forward (a second backward, as with
+            ``retain_graph=True``, raises). True keeps them intact for repeated backwards.
+            Under ``torch.compile`` the backward never writes over them.
 
     Returns ``y: [T, D]`` in x's dtype (tokens no expert chose get zeros). Differentiable in
     x, the plan's weights and the three expert weights. Two launches forward, four backward.
@@ -680,8 +706,9 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
     _check_weight(w_down, "w_down", plan.num_experts, (Fh, D), x.dtype, x.device)
     if not _use_kernel(x, "moe_mlp") or plan.num_rows == 0 or x.shape[0] == 0:
         return moe_mlp_reference(x, plan, w_gate, w_up, w_down)  # (nothing routed: zeros, no launch)
-    save = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, plan.weights, w_gate, w_up, w_down))
+    save = _SAVE_NONE
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, plan.weights, w_gate, w_up, w_down)):
+        save = _SAVE if retain_activations else _SAVE_REUSE
     op = _moe_mlp_op if traced(x, plan.weights, plan.token_idx, w_gate, w_up, w_down) else _MoEMLPFunction.apply
     y, _, _ = op(x, plan.weights, w_gate, w_up, w_down, plan.token_idx, plan.expert_offsets,
                           plan.block_expert, plan.block_row, plan.block_m, save)

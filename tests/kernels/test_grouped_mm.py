@@ -107,6 +107,51 @@ def test_moe_mlp_without_grad_saves_nothing_and_matches():
     torch.testing.assert_close(y, moe_mlp_reference(x, plan, *ws), atol=1e-4, rtol=1e-4)
 
 
+def _moe_leaves(T=40, E=4, D=24, Fh=40, k=2):
+    x, logits = torch.randn(T, D), torch.randn(T, E)
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    leaves = [t.clone().requires_grad_(True) for t in (x, logits, *ws)]
+    return leaves, k
+
+
+def test_moe_mlp_backward_writes_over_saved_activations_once():
+    (x, lg, *ws), k = _moe_leaves()
+    gy = torch.randn(x.shape)
+    ref = torch.autograd.grad(moe_mlp_reference(x, topk_route_reference(lg, k, block_m=16), *ws), [x, lg, *ws], gy)
+    y = moe_mlp(x, topk_route(lg, k, block_m=16), *ws)
+    got = torch.autograd.grad(y, [x, lg, *ws], gy, retain_graph=True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+    # the saved pre-activations now hold dG and dU: a second backward must refuse, not be wrong
+    with pytest.raises(RuntimeError, match="retain_activations=True"):
+        torch.autograd.grad(y, [x, lg, *ws], gy)
+
+
+def test_moe_mlp_retain_activations_allows_repeated_backward():
+    (x, lg, *ws), k = _moe_leaves()
+    gy = torch.randn(x.shape)
+    y = moe_mlp(x, topk_route(lg, k, block_m=16), *ws, retain_activations=True)
+    first = torch.autograd.grad(y, [x, lg, *ws], gy, retain_graph=True)
+    second = torch.autograd.grad(y, [x, lg, *ws], gy)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_moe_backward_reuse_matches_fresh_buffers():
+    """The in-place backward (dG, dU over g, u) gives what separate buffers give."""
+    T, E, D, Fh, k = 45, 5, 17, 33, 2
+    x = torch.randn(T, D)
+    plan = topk_route(torch.randn(T, E), k, renormalize=True, block_m=16)
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    meta = (plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row, plan.block_m)
+    _, g, u = G._moe_fwd(x, plan.weights, *ws, *meta, G._SAVE)
+    dy = torch.randn(T, D)
+    fresh = G._moe_bwd(dy, x, g.clone(), u.clone(), plan.weights, *ws, *meta)
+    reused = G._moe_bwd(dy, x, g, u, plan.weights, *ws, *meta, reuse=True)
+    for a, b in zip(fresh, reused):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "sorted-rows"])
 @pytest.mark.parametrize("T,E,k,case", CASES[:4])
 def test_grouped_mm_matches_reference(gather, T, E, k, case):
@@ -149,7 +194,7 @@ def test_custom_ops_pass_opcheck():
     args = (torch.randn(T, D, requires_grad=True), plan.weights.detach().clone().requires_grad_(True),
             torch.randn(E, D, Fh, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
             torch.randn(E, Fh, D, requires_grad=True), plan.token_idx, plan.expert_offsets, plan.block_expert,
-            plan.block_row, plan.block_m, True)
+            plan.block_row, plan.block_m, G._SAVE)
     torch.library.opcheck(G._moe_mlp_op, args)
     torch.library.opcheck(G._gmm_op, (torch.randn(T, D, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
                                       plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row,
