@@ -11,7 +11,9 @@ Cases (``cases(gpu)``), per model configuration:
   compares them (top-k ties may break differently in bf16, hence a loose bf16 tolerance).
 * ``mod_step`` ``... dense``: the same decoder without MoD, the model MoD must beat per FLOP.
 
-Each provider returns the loss (LM loss + the MoD router's auxiliary BCE loss, as in
+Every row is also timed as CUDA-graph replays (``graph µs``): the step's device time, which
+the eager wall clock hides where the host enqueues more slowly than the GPU runs (measured
+on the lent H100 at these sizes). Each provider returns the loss (LM loss + the MoD router's auxiliary BCE loss, as in
 training) after ``backward()``. FLOPs are ``config.flops_per_token(S) * B * S`` (training
 FLOPs: attention included, MoD layers counting their capacity fraction), so TFLOP/s is
 comparable across dense and MoD rows. Parameters are bf16 on GPU (no autocast), fp32 on CPU.
@@ -76,10 +78,10 @@ def _cases_for(preset: str, overrides: dict, B: int, S: int, dtype: torch.dtype,
     shape = f"D{base.d_model} H{base.n_heads} L{base.n_layers} B{B} S{S} {dt}"
     torch_mod = _step(plain, tokens)
     return [
-        Case(op="mod_step", shape=f"{shape} MoD every other 12.5%", mode="fwd+bwd", check=_loss_check(dtype),
+        Case(op="mod_step", shape=f"{shape} MoD every other 12.5%", mode="fwd+bwd", check=_loss_check(dtype), graph=True,
              flops=int(mod_cfg.flops_per_token(S) * B * S),
              providers={"reference": torch_mod, "torch": torch_mod, "triton": _step(ours, tokens)}),
-        Case(op="mod_step", shape=f"{shape} dense", mode="fwd+bwd", check=_always_ok,
+        Case(op="mod_step", shape=f"{shape} dense", mode="fwd+bwd", check=_always_ok, graph=True,
              flops=int(base.flops_per_token(S) * B * S),
              providers={"reference": _step(dense, tokens)}),
     ]

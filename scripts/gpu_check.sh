@@ -6,7 +6,8 @@
 # Usage: bash scripts/gpu_check.sh [--no-tests] [suite ...]      (default: tests + all suites)
 #
 # Time limits (seconds; a suite stopped by its limit keeps the rows it measured):
-#   GPU tests 180 | routing 60 | mod 60 | moe 100 | mod_step 90 | train 210 | coding 60
+#   GPU tests 180 | routing 90 | mod 90 | moe 100 | mod_step 120 | train 210 | coding 60
+# (routing, mod and mod_step also time every provider as CUDA-graph replays: device time)
 # One device call may run 600 s, so a full check is two calls, back to back, the targets first:
 #   bash scripts/gpu_check.sh --no-tests routing mod moe mod_step train   # <= 520 s
 #   bash scripts/gpu_check.sh coding                                       # GPU tests + coder, <= 240 s
@@ -14,8 +15,8 @@
 # Pseudo-suite "diagnose" (limit 90 s): python scripts/tune_grouped_mm.py --stages (each MoE
 # layer launch on its own) and python scripts/profile_mod.py --only ops (kernel vs host time).
 # With 15 minutes of device time in all, the next check is:
-#   bash scripts/gpu_check.sh --no-tests diagnose moe mod mod_step routing  # <= 370 s
-#   bash scripts/gpu_check.sh train                                         # GPU tests + train, <= 390 s
+#   bash scripts/gpu_check.sh --no-tests diagnose moe mod routing           # <= 370 s
+#   LIMIT_train=150 bash scripts/gpu_check.sh mod_step train                # GPU tests + both, <= 450 s
 # Environment: LIMIT_<suite>=seconds overrides a suite's limit; BUDGET_MS sets the timing
 # budget per provider (flopwise bench --budget-ms).
 set -uo pipefail
@@ -28,7 +29,7 @@ run_tests=1
 if [ "${1:-}" = "--no-tests" ]; then run_tests=0; shift; fi  # first argument only
 suites=("$@")
 [ ${#suites[@]} -eq 0 ] && suites=(routing mod moe mod_step train coding)
-declare -A limit=([routing]=60 [mod]=60 [moe]=100 [mod_step]=90 [train]=210 [coding]=60 [diagnose]=90)
+declare -A limit=([routing]=90 [mod]=90 [moe]=100 [mod_step]=120 [train]=210 [coding]=60 [diagnose]=90)
 for s in "${!limit[@]}"; do  # LIMIT_<suite>=seconds overrides a limit (a shorter device slot)
   v="LIMIT_$s"; [ -n "${!v:-}" ] && limit[$s]=${!v}
 done

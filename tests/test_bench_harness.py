@@ -91,3 +91,58 @@ def test_failing_reference_times_nothing_and_the_run_goes_on():
     rows = run_case(case, gpu=False, budget_ms=1)
     assert len(rows) == 3
     assert all(r.ms is None and r.status.startswith("reference failed: MemoryError") for r in rows)
+
+
+def _fake_gpu(monkeypatch, eager: dict, graphed: dict):
+    """run_case(gpu=True) on a CPU: the CUDA calls and both timers replaced; providers are
+    told apart by the order the harness times them (the order of Case.providers)."""
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(bench, "copy_bandwidth_tbps", lambda: 3.0)
+    order = iter(eager)
+    current = []
+
+    def time_eager(fn, gpu, budget_ms):
+        current.append(next(order))
+        return eager[current[-1]]
+
+    def time_graph(fn, budget_ms):
+        t = graphed[current[-1]]
+        if isinstance(t, Exception):
+            raise t
+        return t
+
+    monkeypatch.setattr(bench, "_time_ms", time_eager)
+    monkeypatch.setattr(bench, "_time_graph_ms", time_graph)
+
+
+def test_graph_replay_timing_and_ratio(monkeypatch):
+    _fake_gpu(monkeypatch, eager={"reference": 1.0, "torch": 0.2, "triton": 0.4},
+              graphed={"reference": 1.0, "torch": 0.1, "triton": 0.02})
+    case = _case(lambda x: x * 2)
+    case.graph = True
+    rows = {r.provider: r for r in run_case(case, gpu=True, budget_ms=1)}
+    k = rows["triton"]
+    # host-bound eager call: slower than torch; replayed from a graph: 5x faster
+    assert k.vs_torch == pytest.approx(0.5) and k.graph_ms == 0.02 and k.graph_vs_torch == pytest.approx(5.0)
+    table = bench.format_table(list(rows.values()))
+    assert "graph vs torch" in table and "5.00x" in table and "20.0" in table
+
+
+def test_graph_capture_failure_keeps_eager_numbers(monkeypatch):
+    _fake_gpu(monkeypatch, eager={"reference": 1.0, "torch": 0.2, "triton": 0.4},
+              graphed={"reference": 1.0, "torch": RuntimeError("operation not permitted when stream is capturing"), "triton": 0.02})
+    case = _case(lambda x: x * 2)
+    case.graph = True
+    rows = {r.provider: r for r in run_case(case, gpu=True, budget_ms=1)}
+    assert rows["torch"].ms == 0.2 and rows["torch"].graph_ms is None
+    assert "no graph: RuntimeError" in rows["torch"].status
+    assert rows["triton"].graph_ms == 0.02 and rows["triton"].graph_vs_torch is None  # nothing to compare with
+    assert rows["triton"].vs_torch == pytest.approx(0.5)
+
+
+def test_graph_columns_only_when_a_case_asks():
+    rows = run_case(_case(lambda x: x * 2), gpu=False, budget_ms=1)
+    assert "graph" not in bench.format_table(rows)

@@ -71,6 +71,9 @@ class Case:
     # per-provider timing budget for cases much slower than a kernel (a training step):
     # None uses the run's budget
     budget_ms: float | None = None
+    # also time every provider as CUDA-graph replays (GPU only): the device time of an op
+    # whose eager call costs more host time to enqueue than its kernels take to run
+    graph: bool = False
 
 
 @dataclass
@@ -89,6 +92,8 @@ class Row:
     rate: float | None = None  # Case.count per second
     unit: str = ""
     mfu: float | None = None  # achieved FLOP/s / Case.peak_flops
+    graph_ms: float | None = None  # Case.graph: median of CUDA-graph replays, per call
+    graph_vs_torch: float | None = None  # the same ratio as vs_torch, both sides replayed from graphs
     device: str = ""
     torch: str = ""
     triton: str = ""
@@ -133,6 +138,15 @@ def _time_ms(fn: Callable[[], Any], gpu: bool, budget_ms: float) -> float:
     return statistics.median(times)
 
 
+def _time_graph_ms(fn: Callable[[], Any], budget_ms: float) -> float:
+    """Per-call time of ``fn`` captured in a CUDA graph (many calls unrolled) and replayed:
+    no host time, no L2 flush between calls. Ten replays of about a quarter of the eager
+    budget each: replays do not vary the way host-bound eager calls do."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=max(10, int(budget_ms) // 4), return_mode="median"))
+
+
 _COPY_TBPS: float | None = None
 
 
@@ -161,6 +175,7 @@ def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
                     vs_torch=None, copy_fraction=None, status=why, **env) for name in case.providers]
     copy = copy_bandwidth_tbps() if gpu else None
     timed: dict[str, float] = {}
+    graphed: dict[str, float] = {}
     status: dict[str, str] = {}
     peak: dict[str, float] = {}
     for name, fn in case.providers.items():
@@ -182,8 +197,20 @@ def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
             continue
         status[name] = "floor" if name in case.floors else "ok"
         timed[name] = _time_ms(fn, gpu, case.budget_ms or budget_ms)
-    torch_times = [ms for name, ms in timed.items() if name.startswith("torch") and name not in case.floors]
-    best_torch = min(torch_times) if torch_times else None
+        # graph replays for every compared provider (the reference only where it is all there is)
+        if case.graph and gpu and (name != "reference" or len(case.providers) == 1):
+            try:
+                graphed[name] = _time_graph_ms(fn, case.budget_ms or budget_ms)
+            except Exception as exc:  # e.g. a host sync, which capture forbids: eager numbers stand
+                status[name] += f" (no graph: {type(exc).__name__})"
+                if gpu:
+                    torch.cuda.synchronize()
+
+    def best_torch_of(times: dict[str, float]) -> float | None:
+        t = [ms for name, ms in times.items() if name.startswith("torch") and name not in case.floors]
+        return min(t) if t else None
+
+    best_torch, best_torch_graph = best_torch_of(timed), best_torch_of(graphed)
     rows = []
     for name in case.providers:
         ms = timed.get(name)
@@ -206,6 +233,8 @@ def run_case(case: Case, gpu: bool, budget_ms: float = 100.0) -> list[Row]:
                 rate=case.count / (ms * 1e-3) if (ms and case.count) else None,
                 unit=case.unit,
                 mfu=tflops * 1e12 / case.peak_flops if (tflops and case.peak_flops) else None,
+                graph_ms=graphed.get(name),
+                graph_vs_torch=(best_torch_graph / graphed[name]) if (name in graphed and best_torch_graph) else None,
                 **env,
             )
         )
@@ -219,6 +248,9 @@ def _fmt(x: float | None, spec: str) -> str:
 def format_table(rows: list[Row]) -> str:
     head = ["op", "shape", "mode", "provider", "µs", "TB/s", "TFLOP/s", "MFU", "rate", "vs torch", "of copy BW",
             "peak MiB", "status"]
+    graph = any(r.graph_ms is not None for r in rows)
+    if graph:  # CUDA-graph replays beside the eager wall clock
+        head[-1:-1] = ["graph µs", "graph TB/s", "graph vs torch"]
     body = [
         [
             r.op,
@@ -233,6 +265,10 @@ def format_table(rows: list[Row]) -> str:
             "-" if r.vs_torch is None else f"{r.vs_torch:.2f}x",
             "-" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%",
             _fmt(r.peak_mb, ".0f"),
+            *([] if not graph else [
+                "-" if r.graph_ms is None else f"{1e3 * r.graph_ms:.1f}",
+                "-" if not (r.graph_ms and r.tbps) else f"{r.tbps * r.ms / r.graph_ms:.2f}",
+                "-" if r.graph_vs_torch is None else f"{r.graph_vs_torch:.2f}x"]),
             r.status,
         ]
         for r in rows
@@ -248,7 +284,9 @@ def _row_line(r: Row) -> str:
     extra = "".join(f", {v}" for v in (
         None if r.tflops is None else f"{r.tflops:.1f} TFLOP/s", None if r.tbps is None else f"{r.tbps:.2f} TB/s",
         None if r.mfu is None else f"MFU {100 * r.mfu:.1f}%",
-        None if r.rate is None else f"{r.rate / 1e6:.3g} M{r.unit}/s", None if r.vs_torch is None else f"{r.vs_torch:.2f}x torch")
+        None if r.rate is None else f"{r.rate / 1e6:.3g} M{r.unit}/s", None if r.vs_torch is None else f"{r.vs_torch:.2f}x torch",
+        None if r.graph_ms is None else f"graph {r.graph_ms:.3f} ms",
+        None if r.graph_vs_torch is None else f"graph {r.graph_vs_torch:.2f}x torch")
         if v)
     return f"  {r.op} | {r.shape} | {r.mode} | {r.provider}: {ms}{extra} [{r.status}]"
 

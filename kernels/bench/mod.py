@@ -18,6 +18,10 @@ Bytes are what the op must move, whatever the implementation (e = element size):
 * backward of RMSNorm-gather: read K rows of x and of grad, write all of dx
 In-place providers keep their own copy of the residual, so each timed call adds to the result
 of the previous one (the values drift, the traffic does not).
+
+Every case is timed twice on a GPU: eagerly (the wall clock of back-to-back calls, which at
+these sizes the host's time to enqueue a call can set) and as CUDA-graph replays (``graph
+µs``, ``graph TB/s``: the kernels' device time, as inside a captured training step).
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ def _cases_for(B, S, D, K, dtype, device) -> list[Case]:
 
     # ---------------------------------------------------------------- gather
     cases.append(Case(
+        graph=True,
         op="gather", shape=shape, check=check, bytes=2 * rows * e + B * K * ie,
         providers={
             "reference": lambda: gather_tokens_reference(x, idx),
@@ -114,6 +119,7 @@ def _cases_for(B, S, D, K, dtype, device) -> list[Case]:
     bufs = {name: x.clone() for name in ("torch", "torch-index", "triton")}
     wd = w.to(dtype)[..., None]
     cases.append(Case(
+        graph=True,
         op="scatter-add in place", shape=shape, check=check, bytes=3 * rows * e + B * K * (ie + we),
         providers={
             "reference": lambda: scatter_tokens_reference(x, y, idx, w),
@@ -127,6 +133,7 @@ def _cases_for(B, S, D, K, dtype, device) -> list[Case]:
     # ---------------------------------------------------------------- scatter-add, out of place
     oop_bytes = (2 * B * S * D + rows) * e + B * K * (ie + we)
     cases.append(Case(
+        graph=True,
         op="scatter-add out of place", shape=shape, check=check, bytes=oop_bytes,
         providers={
             "reference": lambda: scatter_tokens_reference(x, y, idx, w),
@@ -138,6 +145,7 @@ def _cases_for(B, S, D, K, dtype, device) -> list[Case]:
 
     # ---------------------------------------------------------------- RMSNorm-gather
     cases.append(Case(
+        graph=True,
         op="rmsnorm-gather", shape=shape, check=check, bytes=2 * rows * e + D * gamma.element_size() + B * K * ie,
         providers={
             "reference": lambda: rmsnorm_gather_tokens_reference(x, idx, gamma, EPS),
@@ -151,6 +159,7 @@ def _cases_for(B, S, D, K, dtype, device) -> list[Case]:
     go_s = torch.randn(B, S, D, dtype=dtype, device=device)
     dense = B * S * D
     cases.append(Case(
+        graph=True,
         op="gather", shape=shape, check=check, mode="fwd+bwd",
         bytes=2 * rows * e + (rows + dense) * e + 2 * B * K * ie,
         providers={
@@ -160,6 +169,7 @@ def _cases_for(B, S, D, K, dtype, device) -> list[Case]:
         },
     ))
     cases.append(Case(
+        graph=True,
         op="scatter-add out of place", shape=shape, check=check, mode="fwd+bwd",
         bytes=oop_bytes + 3 * rows * e + B * K * (ie + 2 * we),
         providers={
@@ -169,6 +179,7 @@ def _cases_for(B, S, D, K, dtype, device) -> list[Case]:
         },
     ))
     cases.append(Case(
+        graph=True,
         op="rmsnorm-gather", shape=shape, check=check, mode="fwd+bwd",
         bytes=2 * rows * e + (2 * rows + dense) * e + 2 * B * K * ie,
         providers={

@@ -1,7 +1,8 @@
 """Routing benchmarks: token-choice plan, expert-choice selection, MoD selection.
 
 The torch providers are what BASELINES.md times: ``topk`` + stable ``argsort`` +
-``bincount`` + ``cumsum`` for the token-choice plan, ``topk`` along tokens for expert
+``bincount`` + ``cumsum`` for the token-choice plan (and the same with ``index_add_`` counts,
+which a CUDA graph can capture), ``topk`` along tokens for expert
 choice, ``topk`` + ``sort`` for MoD. Every provider's output is reduced to the same
 canonical form before the check, so a provider is timed only if it selects what the
 reference selects (expert choice: up to ties within 1e-6 of the selection threshold,
@@ -33,6 +34,20 @@ def _torch_token_choice(logits: torch.Tensor, k: int):
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=logits.shape[1])
+    offsets = torch.cumsum(counts, 0)
+    return order // k, w.reshape(-1)[order], counts, offsets
+
+
+def _torch_token_choice_graphable(logits: torch.Tensor, k: int):
+    """The same pipeline with the counts from ``index_add_``: ``bincount`` reads the largest
+    id back to the host, which CUDA-graph capture forbids."""
+    probs = torch.softmax(logits.float(), -1)
+    w, ids = torch.topk(probs, k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(logits.shape[1], dtype=torch.long, device=logits.device).index_add_(
+        0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0)
     return order // k, w.reshape(-1)[order], counts, offsets
 
@@ -115,10 +130,12 @@ def cases(gpu: bool) -> list[Case]:
         logits = torch.randn(T, E, device=dev)
         N = T * k
         out.append(Case(
+            graph=True,
             op="topk_route", shape=f"T={T} E={E} k={k}",
             providers={
                 "reference": lambda lg=logits, k=k: topk_route_reference(lg, k, renormalize=True),
                 "torch": lambda lg=logits, k=k: _torch_token_choice(lg, k),
+                "torch-index-add": lambda lg=logits, k=k: _torch_token_choice_graphable(lg, k),
                 "triton": lambda lg=logits, k=k: topk_route(lg, k, renormalize=True),
             },
             check=_check_token_choice,
@@ -130,6 +147,7 @@ def cases(gpu: bool) -> list[Case]:
         logits = torch.randn(T, E, device=dev)
         C = expert_choice_capacity(T, E, cf)
         out.append(Case(
+            graph=True,
             op="expert_choice", shape=f"T={T} E={E} C={C}",
             providers={
                 "reference": lambda lg=logits, cf=cf: expert_choice_route_reference(lg, cf),
@@ -145,6 +163,7 @@ def cases(gpu: bool) -> list[Case]:
         if gpu:
             scores = scores.to(torch.bfloat16)
         out.append(Case(
+            graph=True,
             op="mod_select", shape=f"B={B} S={S} k={k}",
             providers={
                 "reference": lambda s=scores, k=k: mod_select_reference(s, k=k),
