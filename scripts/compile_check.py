@@ -208,6 +208,13 @@ for ga, gg, dg in [(True, False, True), (False, True, False), (True, False, Fals
     comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, GATHER_G=gg, DUAL_G=dg, PRECISION=None,
          DOT_F32=False, **cfg), num_warps=w_, num_stages=s_, label=f"ga={ga} gg={gg} dual={dg}",
          pipelined=True)
+# fp32 weight gradients (BLOCK_R 32) at the gathered depth: they must fit in shared memory too
+t32 = {k: (P("fp32") if v == P("bf16") else v) for k, v in t.items()}
+for ga, gg, dg in [(True, False, True), (False, True, False)]:
+    cfg = G._dw_tiles(4096, 4096, torch.float32, dual=dg, gather=True)
+    w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
+    comp(G._grouped_mm_dw_kernel, t32, dict(GATHER_A=ga, GATHER_G=gg, DUAL_G=dg, PRECISION="ieee",
+         DOT_F32=False, **cfg), num_warps=w_, num_stages=s_, label=f"fp32 ga={ga} gg={gg} dual={dg}")
 
 print(f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all kernel variants compiled for sm_90'}")
 sys.exit(1 if FAILED else 0)
