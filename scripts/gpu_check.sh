@@ -12,10 +12,11 @@
 #   bash scripts/gpu_check.sh --no-tests routing mod moe mod_step train   # <= 520 s
 #   bash scripts/gpu_check.sh coding                                       # GPU tests + coder, <= 240 s
 # (every benchmark row is itself checked against its reference before it is timed)
-# Pseudo-suite "diagnose" (limit 90 s): python scripts/tune_grouped_mm.py --stages (each MoE
-# layer launch on its own) and python scripts/profile_mod.py --only ops (kernel vs host time).
+# Pseudo-suite "diagnose" (limit 120 s): python scripts/tune_grouped_mm.py --stages (each MoE
+# layer launch on its own), python scripts/profile_mod.py --only ops (kernel vs host time) and
+# --only memory (what is live at the MoD step's peak, by allocating line, ours and plain torch).
 # With 15 minutes of device time in all, the next check is:
-#   bash scripts/gpu_check.sh --no-tests diagnose moe mod routing           # <= 370 s
+#   bash scripts/gpu_check.sh --no-tests diagnose moe mod routing           # <= 400 s
 #   LIMIT_train=150 bash scripts/gpu_check.sh mod_step train                # GPU tests + both, <= 450 s
 # Environment: LIMIT_<suite>=seconds overrides a suite's limit; BUDGET_MS sets the timing
 # budget per provider (flopwise bench --budget-ms).
@@ -29,7 +30,7 @@ run_tests=1
 if [ "${1:-}" = "--no-tests" ]; then run_tests=0; shift; fi  # first argument only
 suites=("$@")
 [ ${#suites[@]} -eq 0 ] && suites=(routing mod moe mod_step train coding)
-declare -A limit=([routing]=90 [mod]=90 [moe]=100 [mod_step]=120 [train]=210 [coding]=60 [diagnose]=90)
+declare -A limit=([routing]=90 [mod]=90 [moe]=100 [mod_step]=120 [train]=210 [coding]=60 [diagnose]=120)
 for s in "${!limit[@]}"; do  # LIMIT_<suite>=seconds overrides a limit (a shorter device slot)
   v="LIMIT_$s"; [ -n "${!v:-}" ] && limit[$s]=${!v}
 done
@@ -55,7 +56,8 @@ fi
 for s in "${suites[@]}"; do
   if [ "$s" = diagnose ]; then
     echo "== diagnose (limit ${limit[$s]} s)"
-    timeout "${limit[$s]}" bash -c "python scripts/tune_grouped_mm.py --stages && python scripts/profile_mod.py --only ops" \
+    timeout "${limit[$s]}" bash -c "python scripts/tune_grouped_mm.py --stages && python scripts/profile_mod.py --only ops \
+      && python scripts/profile_mod.py --only memory" \
       2>&1 | tee "$out/diagnose.txt" | grep -v "^ "
     status+=("diagnose rc=${PIPESTATUS[0]}")
     continue

@@ -1,13 +1,15 @@
 """Where a Mixture-of-Depths step spends its time: torch.profiler tables (top CUDA kernels,
 host time per call) for flopwise's token movement and for the MoD training step, each next to
-the plain-torch pipeline it replaces.
+the plain-torch pipeline it replaces; and (``memory``) what is live at the step's peak memory,
+by the source line that allocated it, for both implementations.
 
-    python scripts/profile_mod.py [--rows 12] [--only ops|step]
+    python scripts/profile_mod.py [--rows 12] [--only ops|step|memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
 import torch
@@ -84,13 +86,79 @@ def step(rows: int) -> None:
         del model
 
 
+def _live_at_peak(fn) -> tuple[int, dict[str, list[int]]]:
+    """The CUDA caching allocator's trace of one ``fn()`` (after a warm-up call), replayed
+    by :func:`peak_sites`."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return peak_sites(snap["device_traces"][torch.cuda.current_device()])
+
+
+def peak_sites(trace: list[dict]) -> tuple[int, dict[str, list[int]]]:
+    """From an allocator trace (``alloc`` / ``free_completed`` events with ``addr``, ``size``
+    and ``frames``, innermost first): the peak of bytes allocated inside the trace and still
+    live, and the blocks live at that peak grouped by the innermost project source line that
+    allocated them (``{site: [bytes, blocks]}``). Frees of blocks allocated before the trace
+    do not count."""
+    live: dict[int, dict] = {}
+    cur = peak = 0
+    at_peak: dict[int, dict] = {}
+    for ev in trace:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            cur += ev["size"]
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            cur -= live.pop(ev["addr"])["size"]
+    sites: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for ev in at_peak.values():
+        frames = ev.get("frames") or [{"filename": "?", "line": 0, "name": "?"}]
+        ours = [f for f in frames if any(d in f["filename"] for d in ("/flopwise/", "/kernels/", "/models/"))]
+        f = (ours or frames)[0]
+        site = f"{'/'.join(f['filename'].rsplit('/', 2)[-2:])}:{f['line']} {f['name']}"
+        sites[site][0] += ev["size"]
+        sites[site][1] += 1
+    return peak, dict(sites)
+
+
+def memory(rows: int) -> None:
+    base = ModelConfig.preset("bench-d2048", max_seq_len=4096)
+    cfg = base.replace(routing="every_other", mod_capacity=0.125)
+    tokens = torch.randint(0, base.vocab_size, (2, 4096), device="cuda")
+    for impl in ("kernels", "torch"):
+        torch.manual_seed(0)
+        model = Transformer(cfg.replace(mod_impl=impl)).to(device="cuda", dtype=torch.bfloat16)
+
+        def run(model=model):
+            model.zero_grad(set_to_none=True)
+            model(tokens, tokens).loss.backward()
+
+        peak, sites = _live_at_peak(run)
+        print(f"\n### mod_step D2048 L8 B2 S4096 mod_impl={impl}: peak {peak / 2**20:.0f} MiB allocated "
+              f"during the step; live at the peak, by allocating line:")
+        for site, (size, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:rows]:
+            print(f"- {size / 2**20:9.1f} MiB  {n:4d} blocks  {site}")
+        del model, run
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=12)
-    p.add_argument("--only", choices=("ops", "step"))
+    p.add_argument("--only", choices=("ops", "step", "memory"))
     a = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    if a.only != "step":
+    if a.only in (None, "ops"):
         ops(a.rows)
-    if a.only != "ops":
+    if a.only in (None, "step"):
         step(a.rows)
+    if a.only in (None, "memory"):
+        memory(a.rows)
