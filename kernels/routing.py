@@ -276,11 +276,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _expert_scores_kernel(
-        logits_ptr, stride_t, T, E, scores_ptr,
-        SCORE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+        logits_ptr, stride_t, T, E, scores_ptr, C,
+        counts_ptr, offsets_ptr, padded_ptr, block_expert_ptr, block_row_ptr, max_blocks,
+        SCORE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_B: tl.constexpr,
     ):
         """Probabilities of a tile of tokens, written transposed ([E, T], float32) so that each
-        expert's selection reads one contiguous row."""
+        expert's selection reads one contiguous row. Program 0 also writes the plan's counts,
+        offsets and block map, which expert choice fixes in advance (every expert has C rows):
+        no launch of their own."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
@@ -289,18 +293,9 @@ if HAS_TRITON:
         m2 = rmask[:, None] & cmask[None, :]
         x, p = _load_scores(logits_ptr, stride_t, rows, cols, rmask, cmask, SCORE)
         tl.store(scores_ptr + cols[None, :].to(tl.int64) * T + rows[:, None], p, mask=m2)
-
-    @triton.jit
-    def _const_plan_kernel(
-        E, C, counts_ptr, offsets_ptr, padded_ptr, block_expert_ptr, block_row_ptr, max_blocks,
-        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
-    ):
-        """Offsets and block map of a plan in which every expert has exactly C rows."""
-        cols = tl.arange(0, BLOCK_E)
-        cmask = cols < E
-        counts = tl.where(cmask, C, 0)
-        _write_offsets_and_block_map(counts, cols, cmask, E, counts_ptr, offsets_ptr, padded_ptr,
-                                     block_expert_ptr, block_row_ptr, max_blocks, BLOCK_M, BLOCK_B)
+        if pid == 0:
+            _write_offsets_and_block_map(tl.where(cmask, C, 0), cols, cmask, E, counts_ptr, offsets_ptr, padded_ptr,
+                                         block_expert_ptr, block_row_ptr, max_blocks, BLOCK_M, BLOCK_B)
 
     @triton.jit
     def _prefix_hist(d, match):
@@ -712,30 +707,26 @@ def _topk_rows_fwd(x: torch.Tensor, k: int):
     return idx, val
 
 
-def _const_plan(E: int, C: int, block_m: int, device):
-    i32 = torch.int32
-    nb = _max_blocks(E * C, E, block_m)
-    counts = new_output((E,), dtype=i32, device=device)
-    offsets = new_output((E + 1,), dtype=i32, device=device)
-    padded = new_output((E + 1,), dtype=i32, device=device)
-    block_expert = new_output((nb,), dtype=i32, device=device)
-    block_row = new_output((nb,), dtype=i32, device=device)
-    BLOCK_E = next_pow2(E)
-    _const_plan_kernel[(1,)](E, C, counts, offsets, padded, block_expert, block_row, nb, BLOCK_E=BLOCK_E,
-                             BLOCK_M=block_m, BLOCK_B=max(16, min(256, 8192 // BLOCK_E)), num_warps=4)
-    return counts, offsets, padded, block_expert, block_row
-
-
 def _expert_choice_fwd(logits: torch.Tensor, C: int, score: int, block_m: int):
     logits = logits.contiguous()
     T, E = logits.shape
+    dev = logits.device
     BLOCK_E = next_pow2(E)
     BLOCK_T = max(16, min(128, 8192 // BLOCK_E))
-    probs_ET = new_output((E, T), dtype=torch.float32, device=logits.device)
-    _expert_scores_kernel[(cdiv(T, BLOCK_T),)](logits, logits.stride(0), T, E, probs_ET, SCORE=score,
-                                                       BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
+    i32 = torch.int32
+    nb = _max_blocks(E * C, E, block_m)
+    probs_ET = new_output((E, T), dtype=torch.float32, device=dev)
+    counts = new_output((E,), dtype=i32, device=dev)
+    offsets = new_output((E + 1,), dtype=i32, device=dev)
+    padded = new_output((E + 1,), dtype=i32, device=dev)
+    block_expert = new_output((nb,), dtype=i32, device=dev)
+    block_row = new_output((nb,), dtype=i32, device=dev)
+    _expert_scores_kernel[(cdiv(T, BLOCK_T),)](
+        logits, logits.stride(0), T, E, probs_ET, C, counts, offsets, padded, block_expert, block_row, nb,
+        SCORE=score, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_M=block_m, BLOCK_B=max(16, min(256, 8192 // BLOCK_E)),
+        num_warps=4)
     tok, w = _topk_rows_fwd(probs_ET, C)
-    return (w.reshape(-1), tok.reshape(-1), *_const_plan(E, C, block_m, logits.device))
+    return w.reshape(-1), tok.reshape(-1), counts, offsets, padded, block_expert, block_row
 
 
 # ----------------------------------------------------------------------------------------

@@ -132,8 +132,8 @@ comp(R._route_scatter_kernel, {"ids_ptr": P("i32"), "w_ptr": P("fp32"), "delta_p
      dict(BLOCK_N=1024))
 comp(R._topk_route_bwd_kernel, {"logits_ptr": P("fp32"), "ids_ptr": P("i32"), "g_topk_ptr": P("fp32"), "g_sorted_ptr": P("fp32"), "inverse_ptr": P("i32"), "dlogits_ptr": P("fp32")},
      dict(HAS_G_TOPK=True, HAS_G_SORTED=True, SCORE=0, RENORM=True, BLOCK_T=128, BLOCK_E=64))
-comp(R._expert_scores_kernel, {"logits_ptr": P("fp32"), "scores_ptr": P("fp32")}, dict(SCORE=0, BLOCK_T=128, BLOCK_E=64))
-comp(R._const_plan_kernel, {"counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32")}, dict(BLOCK_E=64, BLOCK_M=64, BLOCK_B=128))
+comp(R._expert_scores_kernel, {"logits_ptr": P("fp32"), "scores_ptr": P("fp32"), "counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32")},
+     dict(SCORE=0, BLOCK_T=128, BLOCK_E=64, BLOCK_M=64, BLOCK_B=128))
 for single, block, warps in [(True, 4096, 8), (True, 16384, 16), (False, 4096, 8)]:
     comp(R._topk_rows_kernel, {"x_ptr": P("bf16"), "idx_ptr": P("i32"), "val_ptr": P("bf16")}, dict(BLOCK=block, SINGLE=single), num_warps=warps, label=f"single={single} block={block}")
 # MoD token movement (bf16 rows, int32 indices, fp32 router weights)
