@@ -550,7 +550,7 @@ def _moe_backward(bwd):
             raise RuntimeError(
                 "moe_mlp's backward ran before for this forward and wrote its gradients over the saved "
                 "activations; to backpropagate through it more than once (retain_graph=True), call "
-                "moe_mlp(..., retain_activations=True)")
+                "moe_mlp(..., retain_activations=True) (MoE layers: MoEConfig(retain_activations=True))")
         reuse = ctx.saved == _SAVE_REUSE and bwd is _moe_bwd
         dx, dw, dwg, dwu, dwd = bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets,
                                     block_expert, block_row, ctx.block_m, *((True,) if reuse else ()))

@@ -36,7 +36,9 @@ class MoEConfig:
     weights to sum to 1 (Mixtral: True, OLMoE: False); shared_d_ff: hidden size of an
     always-on shared SwiGLU expert (0: none); load_balance_coef / z_loss_coef weight the
     auxiliary losses; block_m: rows per grouped-matmul block (64 suits experts with few rows
-    each, 128 large ones).
+    each, 128 large ones); retain_activations: keep the experts' saved pre-activations intact
+    through the backward (see ``moe_mlp``), for backpropagating more than once
+    (``retain_graph=True``) at 2 x N x F more memory.
     """
 
     d_model: int
@@ -52,6 +54,7 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     block_m: int = 64
     init_std: float = 0.02
+    retain_activations: bool = False
 
     def __post_init__(self):
         for name in ("d_model", "d_ff", "n_experts", "top_k", "block_m"):
@@ -191,7 +194,8 @@ class MoE(nn.Module):
     def _routed_experts(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
         """``[T, D]``: the experts' outputs along the plan, combined per token."""
         dt = x_TD.dtype
-        return moe_mlp(x_TD, plan, self.w_gate.to(dt), self.w_up.to(dt), self.w_down.to(dt))
+        return moe_mlp(x_TD, plan, self.w_gate.to(dt), self.w_up.to(dt), self.w_down.to(dt),
+                       retain_activations=self.config.retain_activations)
 
     def _aux_losses(self, logits: torch.Tensor, plan):
         """(weighted sum, {"load_balance", "z_loss"}) for the router's logits and plan."""

@@ -183,3 +183,20 @@ def test_experts_compute_in_the_autocast_dtype():
     assert not torch.equal(y.float(), fp32)  # it did not compute in fp32
     y.float().sum().backward()
     assert moe.w_down.grad.dtype == torch.float32 and moe.w_down.grad.abs().sum() > 0
+
+
+def test_backward_twice_needs_retain_activations():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    layer = MoE(MoEConfig(d_model=16, d_ff=24, n_experts=4, top_k=2, block_m=16))
+    y, aux = layer(x)
+    (y.sum() + aux).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_activations=True"):
+        (y.sum() + aux).backward()
+    kept = MoE(MoEConfig(d_model=16, d_ff=24, n_experts=4, top_k=2, block_m=16, retain_activations=True))
+    kept.load_state_dict(layer.state_dict())
+    y, aux = kept(x)
+    first = torch.autograd.grad(y.sum() + aux, [x, *kept.parameters()], retain_graph=True)
+    second = torch.autograd.grad(y.sum() + aux, [x, *kept.parameters()])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
