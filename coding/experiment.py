@@ -89,7 +89,9 @@ class ExperimentPreset:
     @classmethod
     def preset(cls, name: str) -> "ExperimentPreset":
         """``"cpu"`` (about 10 minutes on 2 cores), ``"gpu"`` (the paper's M1 shape, larger
-        M2s, every run including 65k vocabularies), ``"smoke"`` (seconds; tests)."""
+        M2s, every run including 65k vocabularies), ``"gpu-fit"`` (the same M1 shape, fewer
+        steps and a smaller M2, meant for one GPU call of a few minutes), ``"smoke"``
+        (seconds; tests)."""
         if name not in _PRESETS:
             raise ValueError(f"unknown experiment preset {name!r}; choose from {sorted(_PRESETS)}")
         return _PRESETS[name]()
@@ -108,6 +110,14 @@ _PRESETS: dict[str, Callable[[], ExperimentPreset]] = {
         m2_steps=3000, m2_seq_len=512, m2_batch=64, lr=2e-3, train_bytes=5_000_000, val_bytes=279_000,
         runs=("bytes", "gzip:8", "static:8", "ac:8", "equalinfo:8", "equalinfo:16", "ac:16", "gzip:16"),
         # 2,048 streams x 512 slots x 256 dims x 3 layers x (K, V) in fp32: ~6.4 GB of cache
+        m1_context=512, streams_per_batch=2048, batch_rows=1024),
+    # M2 sees 400 x 64 x 512 = 13M tokens: 2.6 epochs of the byte text, so a corpus of a few
+    # MB is not repeated much more for the byte baseline than for the coded runs' epochs
+    "gpu-fit": lambda: ExperimentPreset(
+        "gpu-fit", m1=dict(d_model=256, n_layers=3, n_heads=4, d_ff=1024, max_seq_len=1024), m1_steps=1500,
+        m1_seq_len=1024, m1_batch=32, m2=dict(d_model=384, n_layers=6, n_heads=6, d_ff=1024, pad_to_multiple_of=64),
+        m2_steps=400, m2_seq_len=512, m2_batch=64, lr=2e-3, train_bytes=5_000_000, val_bytes=279_000,
+        runs=("bytes", "gzip:8", "static:8", "ac:8", "equalinfo:8", "equalinfo:16"),
         m1_context=512, streams_per_batch=2048, batch_rows=1024),
     "smoke": lambda: ExperimentPreset(
         "smoke", m1=dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32), m1_steps=30, m1_seq_len=32,
@@ -161,9 +171,18 @@ class ExperimentResult:
     m2: list[M2Row]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    complete: bool = True  # False in the results.json a run rewrites as it goes
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Write through a temporary file and rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _label(method: str, bits: int, window_bits: int) -> str:
@@ -305,6 +324,15 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
 
         # ---------------------------------------------------------------- M2
         rows: list[M2Row] = []
+
+        def checkpoint_results() -> None:
+            """Rewrite results.json with what is done (a run stopped by a time limit keeps it)."""
+            if out_dir is not None:
+                part = ExperimentResult(p.name, text.name, str(dev), m1_info, coding, rows,
+                                        time.perf_counter() - t_start, list(notes), complete=False)
+                _write_json(os.path.join(work, "results.json"), part.to_dict())
+
+        checkpoint_results()
         for key in run_keys:
             if key == "bytes":
                 bits, train_tok, val_tok = 8, np.frombuffer(train_text, np.uint8), np.frombuffer(val_text, np.uint8)
@@ -340,6 +368,7 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
                 val_bpb=ev["val_bpb"], val_bits_per_token=ev["val_bits_per_token"],
                 learned=1 - ev["val_bpb"] / uniform, seconds=res.seconds))
             log(f"  {label}: validation {ev['val_bpb']:.3f} bits/byte (uniform over its tokens: {uniform:.3f})")
+            checkpoint_results()
         res = ExperimentResult(p.name, text.name, str(dev), m1_info, coding, rows, time.perf_counter() - t_start, notes)
         notes.append(f"M2: {p.m2_steps} steps x {p.m2_batch} sequences x {p.m2_seq_len} tokens for every run "
                      "(matched training FLOPs at equal vocabulary); val bpb = bits per token / bytes per token "
@@ -348,8 +377,7 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
         notes.append("every method's validation text was decoded again and compared byte for byte (a mismatch "
                      "stops the run); EqualInfoAC decodes all windows of a batch in parallel, AC decodes each stream in sequence")
         if out_dir is not None:
-            with open(os.path.join(work, "results.json"), "w") as f:
-                json.dump(res.to_dict(), f, indent=1)
+            _write_json(os.path.join(work, "results.json"), res.to_dict())
         log("")
         log(format_tables(res))
         for n in notes:

@@ -93,7 +93,8 @@ def add_parser(sub) -> None:
 
     e = csub.add_parser("experiment", help="train M2 models over each method's tokens at matched compute "
                                            "and compare validation bits per original byte")
-    e.add_argument("--preset", choices=("cpu", "gpu", "smoke"), help="sizes (default: gpu with CUDA, else cpu)")
+    e.add_argument("--preset", choices=("cpu", "gpu", "gpu-fit", "smoke"),
+                   help="sizes (default: gpu with CUDA, else cpu; gpu-fit: a few minutes on one GPU)")
     e.add_argument("--corpus", help="corpus folder, or 'embedded' (default: the fetched corpus, else embedded)")
     e.add_argument("--runs", help="M2 runs, comma separated: bytes, gzip, static, ac, equalinfo, each with an "
                                   "optional :8 or :16 (token bits; default 8). Default: the preset's")

@@ -18,6 +18,12 @@
 # With 15 minutes of device time in all, the next check is:
 #   bash scripts/gpu_check.sh --no-tests diagnose moe mod routing           # <= 400 s
 #   LIMIT_train=150 bash scripts/gpu_check.sh mod_step train                # GPU tests + both, <= 450 s
+# Pseudo-suite "experiment" (limit 420 s): flopwise coding experiment --preset gpu-fit (#8's
+# experiment at GPU scale); its results.json is rewritten after each M2 run, so a time limit
+# keeps what finished, and is copied to the output folder. The device has no network, so the
+# corpus travels with the call: here `flopwise data fetch`, then
+# `mkdir -p .data && cp -r "${FLOPWISE_DATA:-$HOME/.cache/flopwise}/corpus" .data/` (git-ignored),
+# and run with carry [".data"] and FLOPWISE_DATA=.data in front of the command.
 # Environment: LIMIT_<suite>=seconds overrides a suite's limit; BUDGET_MS sets the timing
 # budget per provider (flopwise bench --budget-ms).
 set -uo pipefail
@@ -30,7 +36,7 @@ run_tests=1
 if [ "${1:-}" = "--no-tests" ]; then run_tests=0; shift; fi  # first argument only
 suites=("$@")
 [ ${#suites[@]} -eq 0 ] && suites=(routing mod moe mod_step train coding)
-declare -A limit=([routing]=90 [mod]=90 [moe]=100 [mod_step]=120 [train]=210 [coding]=60 [diagnose]=120)
+declare -A limit=([routing]=90 [mod]=90 [moe]=100 [mod_step]=120 [train]=210 [coding]=60 [diagnose]=120 [experiment]=420)
 for s in "${!limit[@]}"; do  # LIMIT_<suite>=seconds overrides a limit (a shorter device slot)
   v="LIMIT_$s"; [ -n "${!v:-}" ] && limit[$s]=${!v}
 done
@@ -60,6 +66,15 @@ for s in "${suites[@]}"; do
       && python scripts/profile_mod.py --only memory" \
       2>&1 | tee "$out/diagnose.txt" | grep -v "^ "
     status+=("diagnose rc=${PIPESTATUS[0]}")
+    continue
+  fi
+  if [ "$s" = experiment ]; then
+    echo "== coding experiment, preset gpu-fit (limit ${limit[$s]} s)"
+    exp_dir="$(mktemp -d)"  # token arrays and M1 stay on the device; results.json comes back
+    timeout "${limit[$s]}" python -m flopwise coding experiment --preset gpu-fit --out "$exp_dir" --quiet 2>&1 \
+      | tee "$out/experiment.txt"
+    status+=("experiment rc=${PIPESTATUS[0]}")
+    cp "$exp_dir/results.json" "$out/experiment-results.json" 2>/dev/null
     continue
   fi
   echo "== bench $s (limit ${limit[$s]:-120} s)"

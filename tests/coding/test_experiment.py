@@ -37,7 +37,7 @@ def test_smoke_experiment(tmp_path):
     assert res.m2[0].compressed_bpb == 8.0
     assert len({r.train_flops for r in res.m2}) == 1  # same model, steps and tokens: matched compute
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["m2"][2]["val_bpb"] == res.m2[2].val_bpb
+    assert saved["m2"][2]["val_bpb"] == res.m2[2].val_bpb and saved["complete"] is True
     val = np.load(tmp_path / "data" / "equalinfo-8" / "val.npy")
     assert val.dtype == np.uint8 and val.size == coded[("equalinfo", 8)].tokens
     assert (tmp_path / "m1" / "config.json").is_file()
@@ -77,3 +77,22 @@ def test_a_wrong_decode_stops_the_experiment(monkeypatch):
     monkeypatch.setattr(GZip, "decompress", lambda self, comp: real(self, comp)[:-1] + b"?")
     with pytest.raises(CorruptStreamError, match="gzip .* did not decode"):
         run_experiment("embedded", preset="smoke", runs="bytes", device="cpu", progress=False, log=lambda s: None)
+
+
+def test_a_stopped_run_keeps_what_it_finished(tmp_path):
+    """results.json is rewritten after the coding table and after each M2 run, so a run
+    stopped by a time limit (here: an interrupt as the second M2 run starts) keeps them."""
+
+    def log(line):
+        if line.startswith("coded M2 training text"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("embedded", preset="smoke", runs="bytes,static", out_dir=str(tmp_path), device="cpu",
+                       progress=False, log=log)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False and [r["run"] for r in saved["m2"]] == ["bytes"]
+    assert {(r["method"], r["token_bits"]) for r in saved["coding"]} == {("gzip", 8), ("static", 8), ("ac", 8),
+                                                                        ("equalinfo", 8)}
+    assert not (tmp_path / "results.json.tmp").exists()
+    assert ExperimentPreset.preset("gpu-fit").runs[0] == "bytes"
