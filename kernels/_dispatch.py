@@ -33,6 +33,9 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read once, like TRITON_INTERPRET: new_output runs for every kernel output of every call,
+# where an environment lookup per allocation is host time a small op can notice.
+POISON = os.environ.get("FLOPWISE_POISON", "0") == "1"
 
 _VALID = ("auto", "reference", "triton")
 
@@ -91,11 +94,12 @@ def use_triton(*tensors: torch.Tensor, op: str = "op") -> bool:
 
 
 def new_output(shape, *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """Allocate a kernel output. With ``FLOPWISE_POISON=1`` (the test suite sets it) floats
-    are filled with NaN and integers with their minimum, so an element a kernel forgets
-    to write makes the comparison against the reference fail instead of passing by luck."""
+    """Allocate a kernel output. With ``FLOPWISE_POISON=1`` (the test suite sets it; read
+    when this module is imported) floats are filled with NaN and integers with their minimum,
+    so an element a kernel forgets to write makes the comparison against the reference fail
+    instead of passing by luck."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("FLOPWISE_POISON", "0") == "1":
+    if POISON:
         out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(dtype).min)
     return out
 

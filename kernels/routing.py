@@ -630,7 +630,23 @@ def _tile_tokens(E: int, K: int) -> int:
     return max(16, min(128, 8192 // block_e))
 
 
-def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool, block_m: int):
+def _int_outputs(shapes: list[tuple[int, ...]], device, pack: bool) -> list[torch.Tensor]:
+    """int32 outputs of the given shapes: separate tensors, or (``pack``) views of one buffer,
+    each starting on a 16-byte boundary: one allocation instead of many, which is host time
+    an eager call of a small op notices. (A custom op may not return outputs that alias one
+    another, so only the eager path packs.)"""
+    if not pack:
+        return [new_output(sh, dtype=torch.int32, device=device) for sh in shapes]
+    sizes = [math.prod(sh) for sh in shapes]
+    starts, total = [], 0
+    for n in sizes:
+        starts.append(total)
+        total += -(-n // 4) * 4
+    buf = new_output((total,), dtype=torch.int32, device=device)
+    return [buf[a:a + n].view(sh) for a, n, sh in zip(starts, sizes, shapes)]
+
+
+def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool, block_m: int, pack: bool = False):
     logits = logits.contiguous()
     T, E = logits.shape
     dev = logits.device
@@ -639,29 +655,20 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
     n_tiles = cdiv(T, BLOCK_T)
     N = T * k
     nb = _max_blocks(N, E, block_m)
-    i32 = torch.int32
-    ids = new_output((T, k), dtype=i32, device=dev)
+    ids, tile_counts, counts, offsets, padded, block_expert, block_row, token_idx, pair, inverse = _int_outputs(
+        [(T, k), (n_tiles, E), (E,), (E + 1,), (E + 1,), (nb,), (nb,), (N,), (N,), (N,)], dev, pack)
     w = new_output((T, k), dtype=torch.float32, device=dev)
-    tile_counts = new_output((n_tiles, E), dtype=i32, device=dev)
     _topk_route_fwd_kernel[(n_tiles,)](
         logits, logits.stride(0), T, E, k, ids, w, tile_counts,
         SCORE=score, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
         BLOCK_K=next_pow2(k), num_warps=4,
     )
-    counts = new_output((E,), dtype=i32, device=dev)
-    offsets = new_output((E + 1,), dtype=i32, device=dev)
-    padded = new_output((E + 1,), dtype=i32, device=dev)
-    block_expert = new_output((nb,), dtype=i32, device=dev)
-    block_row = new_output((nb,), dtype=i32, device=dev)
     _route_scan_kernel[(1,)](
         tile_counts, n_tiles, E, counts, offsets, padded, block_expert, block_row, nb,
         BLOCK_E=BLOCK_E, BLOCK_TILES=max(1, min(64, 4096 // BLOCK_E)), BLOCK_M=block_m,
         BLOCK_B=max(16, min(256, 8192 // BLOCK_E)), num_warps=4,
     )
-    token_idx = new_output((N,), dtype=i32, device=dev)
     sorted_w = new_output((N,), dtype=torch.float32, device=dev)
-    pair = new_output((N,), dtype=i32, device=dev)
-    inverse = new_output((N,), dtype=i32, device=dev)
     pairs_per_tile = BLOCK_T * k
     _route_scatter_kernel[(n_tiles,)](
         ids, w, tile_counts, N, E, pairs_per_tile, token_idx, sorted_w, pair, inverse, k,
@@ -858,7 +865,11 @@ def _topk_rows_backward(ctx, g_val, g_idx):
 # Autograd for the three custom ops, and their eager twins: the same kernels and formulas
 # without the dispatcher's host cost (see ``_dispatch.traced``); the public functions pick
 # one per call.
-_TopkRouteFunction = autograd_twin(_topk_route_op, "TopkRouteFunction", _topk_route_fwd, _topk_route_setup,
+def _topk_route_fwd_packed(logits, k: int, score: int, renormalize: bool, block_m: int):
+    return _topk_route_fwd(logits, k, score, renormalize, block_m, pack=True)
+
+
+_TopkRouteFunction = autograd_twin(_topk_route_op, "TopkRouteFunction", _topk_route_fwd_packed, _topk_route_setup,
                                    _topk_route_backward, bwd_impl=_topk_route_bwd, bwd_op=_topk_route_bwd_op)
 _ExpertChoiceFunction = autograd_twin(_expert_choice_op, "ExpertChoiceFunction", _expert_choice_fwd,
                                       _expert_choice_setup, _expert_choice_backward)

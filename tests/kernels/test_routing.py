@@ -434,3 +434,21 @@ def test_gpu_expert_choice():
     above = (probs.t() > thr[:, None] + 1e-6).sum(1)
     assert (above <= tok.shape[1]).all()
     torch.testing.assert_close(plan.weights, probs.t().gather(1, tok).reshape(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_eager_plan_packs_its_int_outputs_on_16_byte_boundaries():
+    """The eager path allocates the plan's int32 tensors as views of one buffer (host time);
+    each starts 16-byte aligned, so kernels reading them keep their aligned specialisation,
+    and none overlaps another."""
+    plan = topk_route(torch.randn(37, 5), 2, block_m=16)
+    ints = [plan.token_idx, plan.expert_counts, plan.expert_offsets, plan.padded_offsets, plan.block_expert,
+            plan.block_row, plan.topk_ids, plan.pair_idx, plan.inverse]
+    base = ints[0].untyped_storage().data_ptr()
+    spans = []
+    for t in ints:
+        assert t.dtype == torch.int32 and t.is_contiguous()
+        assert t.untyped_storage().data_ptr() == base  # one allocation
+        assert t.data_ptr() % 16 == 0
+        spans.append((t.data_ptr(), t.data_ptr() + 4 * t.numel()))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
