@@ -637,13 +637,12 @@ def _int_outputs(shapes: list[tuple[int, ...]], device, pack: bool) -> list[torc
     another, so only the eager path packs.)"""
     if not pack:
         return [new_output(sh, dtype=torch.int32, device=device) for sh in shapes]
-    sizes = [math.prod(sh) for sh in shapes]
     starts, total = [], 0
-    for n in sizes:
+    for sh in shapes:  # 1-D or 2-D
         starts.append(total)
-        total += -(-n // 4) * 4
+        total += -(-math.prod(sh) // 4) * 4
     buf = new_output((total,), dtype=torch.int32, device=device)
-    return [buf[a:a + n].view(sh) for a, n, sh in zip(starts, sizes, shapes)]
+    return [buf.as_strided(sh, (sh[1], 1) if len(sh) == 2 else (1,), a) for a, sh in zip(starts, shapes)]
 
 
 def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool, block_m: int, pack: bool = False):
