@@ -274,6 +274,9 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
     else:
         work = out_dir
         os.makedirs(work, exist_ok=True)
+        stale = os.path.join(work, "results.json")
+        if os.path.exists(stale):  # an earlier run's: never mistaken for this one's
+            os.remove(stale)
     notes: list[str] = []
     try:
         # ---------------------------------------------------------------- M1

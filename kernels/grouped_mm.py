@@ -552,9 +552,11 @@ def _moe_backward(bwd):
                 "activations; to backpropagate through it more than once (retain_graph=True), call "
                 "moe_mlp(..., retain_activations=True) (MoE layers: MoEConfig(retain_activations=True))")
         reuse = ctx.saved == _SAVE_REUSE and bwd is _moe_bwd
+        # marked before the launches: a backward that fails part-way (out of memory, say) may
+        # already have overwritten g and u, so a retry must refuse too
+        ctx.consumed = reuse
         dx, dw, dwg, dwu, dwd = bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets,
                                     block_expert, block_row, ctx.block_m, *((True,) if reuse else ()))
-        ctx.consumed = reuse
         return dx, dw, dwg, dwu, dwd, None, None, None, None, None, None
 
     return backward

@@ -634,7 +634,9 @@ def _int_outputs(shapes: list[tuple[int, ...]], device, pack: bool) -> list[torc
     """int32 outputs of the given shapes: separate tensors, or (``pack``) views of one buffer,
     each starting on a 16-byte boundary: one allocation instead of many, which is host time
     an eager call of a small op notices. (A custom op may not return outputs that alias one
-    another, so only the eager path packs.)"""
+    another, so only the eager path packs.) The views share one autograd version counter:
+    modifying any plan tensor in place makes the plan's backward refuse to run, as it would
+    if the saved ids or inverse were modified."""
     if not pack:
         return [new_output(sh, dtype=torch.int32, device=device) for sh in shapes]
     starts, total = [], 0

@@ -64,21 +64,25 @@ def _loop_overlap(ttgir: str) -> list[tuple[int, int]]:
     one step's MMA hides a copy's latency (a gathered row index in the loop does this at 3-4
     stages); 0 MMA groups: every step drains the tensor cores (two dots chained on one
     accumulator in one step do this)."""
-    loops, cur = [], None
+    loops, stack, depth = [], [], 0  # open loops: (depth inside their body, record)
     for line in ttgir.splitlines():
-        if "scf.for" in line:
-            cur = {"copies": [], "mma": [], "dot": False}
-        elif cur is not None:
+        opens = "scf.for" in line
+        depth += line.count("{") - line.count("}")  # attribute dicts balance on their line
+        if opens:
+            stack.append((depth, {"copies": [], "mma": [], "dot": False}))
+            continue
+        if stack:
+            cur = stack[-1][1]  # ops belong to the innermost open loop
             if "ttg.async_wait" in line:
                 cur["copies"] += [int(n) for n in re.findall(r"num = (\d+)", line)]
             if "warp_group_dot_wait" in line:
                 cur["mma"] += [int(n) for n in re.findall(r"pendings = (\d+)", line)]
             if "ttng.warp_group_dot " in line:
                 cur["dot"] = True
-            if "scf.yield" in line:
-                if cur["dot"]:
-                    loops.append((min(cur["copies"], default=0), min(cur["mma"], default=0)))
-                cur = None
+        while stack and depth < stack[-1][0]:  # the loop's region closed on this line
+            cur = stack.pop()[1]
+            if cur["dot"]:
+                loops.append((min(cur["copies"], default=0), min(cur["mma"], default=0)))
     return loops
 
 

@@ -23,7 +23,8 @@
 # keeps what finished, and is copied to the output folder. The device has no network, so the
 # corpus travels with the call: here `flopwise data fetch`, then
 # `mkdir -p .data && cp -r "${FLOPWISE_DATA:-$HOME/.cache/flopwise}/corpus" .data/` (git-ignored),
-# and run with carry [".data"] and FLOPWISE_DATA=.data in front of the command.
+# and run with carry [".data"] and FLOPWISE_DATA=.data in front of the command; with
+# --no-tests, so that one 600 s call holds it: FLOPWISE_DATA=.data bash scripts/gpu_check.sh --no-tests experiment
 # Environment: LIMIT_<suite>=seconds overrides a suite's limit; BUDGET_MS sets the timing
 # budget per provider (flopwise bench --budget-ms).
 set -uo pipefail
@@ -70,8 +71,12 @@ for s in "${suites[@]}"; do
   fi
   if [ "$s" = experiment ]; then
     echo "== coding experiment, preset gpu-fit (limit ${limit[$s]} s)"
+    corpus="${FLOPWISE_DATA:-$HOME/.cache/flopwise}/corpus"
+    if [ ! -f "$corpus/train.txt" ]; then  # never the small embedded text in its place
+      echo "no corpus at $corpus: carry it in (see this script's header)"; status+=("experiment rc=2"); continue
+    fi
     exp_dir="$(mktemp -d)"  # token arrays and M1 stay on the device; results.json comes back
-    timeout "${limit[$s]}" python -m flopwise coding experiment --preset gpu-fit --out "$exp_dir" --quiet 2>&1 \
+    timeout "${limit[$s]}" python -m flopwise coding experiment --preset gpu-fit --corpus "$corpus" --out "$exp_dir" --quiet 2>&1 \
       | tee "$out/experiment.txt"
     status+=("experiment rc=${PIPESTATUS[0]}")
     cp "$exp_dir/results.json" "$out/experiment-results.json" 2>/dev/null

@@ -146,3 +146,13 @@ def test_graph_capture_failure_keeps_eager_numbers(monkeypatch):
 def test_graph_columns_only_when_a_case_asks():
     rows = run_case(_case(lambda x: x * 2), gpu=False, budget_ms=1)
     assert "graph" not in bench.format_table(rows)
+
+
+def test_graph_skip_tries_no_capture(monkeypatch):
+    _fake_gpu(monkeypatch, eager={"reference": 1.0, "torch": 0.2, "triton": 0.4},
+              graphed={"reference": 1.0, "torch": AssertionError("capture attempted"), "triton": 0.02})
+    case = _case(lambda x: x * 2)
+    case.graph, case.graph_skip = True, ("torch",)
+    rows = {r.provider: r for r in run_case(case, gpu=True, budget_ms=1)}
+    assert rows["torch"].graph_ms is None and rows["torch"].status == "ok"
+    assert rows["triton"].graph_ms == 0.02

@@ -5,6 +5,8 @@ ops this way; a training step under ``torch.compile(mode="reduce-overhead")`` ru
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -23,8 +25,13 @@ def _graphed(fn):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    gc.collect()
+    gc.disable()  # a Triton kernel object collected mid-capture unloads its module
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    finally:
+        gc.enable()
     return graph, out
 
 

@@ -242,3 +242,21 @@ def test_launch_falls_back_to_fewer_stages_when_shared_memory_runs_out():
 
     with pytest.raises(G.OutOfResources):
         G._launch_fitting(never_fits, ("other",), 2)
+
+
+def test_moe_mlp_backward_that_failed_part_way_is_not_retried(monkeypatch):
+    """The first launch has overwritten g and u when a later one fails (out of memory, say):
+    a retry must refuse instead of computing from dG and dU."""
+    (x, lg, *ws), k = _moe_leaves()
+    y = moe_mlp(x, topk_route(lg, k, block_m=16), *ws)
+    real = G._launch_dw
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(G, "_launch_dw", real)
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(G, "_launch_dw", fail_once)
+    with pytest.raises(MemoryError):
+        y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_activations=True"):
+        y.sum().backward()
