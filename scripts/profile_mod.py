@@ -70,7 +70,9 @@ def ops(rows: int) -> None:
                                                                        torch.ones(B, K, device="cuda")), rows)
 
 
-def step(rows: int) -> None:
+def _mod_steps():
+    """(impl, one fwd+bwd step) of the D2048 MoD decoder, flopwise's ops then plain torch; each
+    model lives only while its step is in use."""
     base = ModelConfig.preset("bench-d2048", max_seq_len=4096)
     cfg = base.replace(routing="every_other", mod_capacity=0.125)
     tokens = torch.randint(0, base.vocab_size, (2, 4096), device="cuda")
@@ -82,8 +84,14 @@ def step(rows: int) -> None:
             model.zero_grad(set_to_none=True)
             model(tokens, tokens).loss.backward()
 
+        yield impl, run
+        del model, run
+        torch.cuda.empty_cache()
+
+
+def step(rows: int) -> None:
+    for impl, run in _mod_steps():
         _show(f"mod_step D2048 L8 B2 S4096 mod_impl={impl}", run, rows, iters=3)
-        del model
 
 
 def _live_at_peak(fn) -> tuple[int, dict[str, list[int]]]:
@@ -130,24 +138,12 @@ def peak_sites(trace: list[dict]) -> tuple[int, dict[str, list[int]]]:
 
 
 def memory(rows: int) -> None:
-    base = ModelConfig.preset("bench-d2048", max_seq_len=4096)
-    cfg = base.replace(routing="every_other", mod_capacity=0.125)
-    tokens = torch.randint(0, base.vocab_size, (2, 4096), device="cuda")
-    for impl in ("kernels", "torch"):
-        torch.manual_seed(0)
-        model = Transformer(cfg.replace(mod_impl=impl)).to(device="cuda", dtype=torch.bfloat16)
-
-        def run(model=model):
-            model.zero_grad(set_to_none=True)
-            model(tokens, tokens).loss.backward()
-
+    for impl, run in _mod_steps():
         peak, sites = _live_at_peak(run)
         print(f"\n### mod_step D2048 L8 B2 S4096 mod_impl={impl}: peak {peak / 2**20:.0f} MiB allocated "
               f"during the step; live at the peak, by allocating line:")
         for site, (size, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:rows]:
             print(f"- {size / 2**20:9.1f} MiB  {n:4d} blocks  {site}")
-        del model, run
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -8,21 +8,15 @@ pre-activations and the backward allocated dG and dU beside them."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from flopwise.kernels._dispatch import INTERPRET
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "peak_memory.py"
+from ..conftest import load_script
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs the Triton interpreter (tests/conftest.py sets it)")
 def test_moe_fwd_bwd_peak_below_torch_pipeline(capsys):
-    spec = importlib.util.spec_from_file_location("peak_memory", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("peak_memory")
     res = mod.main(["--scale", "128", "--shapes", "mixtral"])
     ours_fwd, ours = res[("mixtral", "ours")]
     torch_fwd, pipeline = res[("mixtral", "torch")]

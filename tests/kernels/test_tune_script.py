@@ -4,23 +4,17 @@ with the timer replaced; each stage's output is checked against moe_mlp's own ba
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from flopwise.kernels import moe_mlp, topk_route
 from flopwise.kernels._dispatch import INTERPRET
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "tune_grouped_mm.py"
+from ..conftest import load_script
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs the Triton interpreter (tests/conftest.py sets it)")
 def test_stage_times_runs_every_launch(capsys):
-    spec = importlib.util.spec_from_file_location("tune_grouped_mm", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tune_grouped_mm")
     calls = []
 
     def fake_bench(fn, **kwargs):

@@ -2,11 +2,7 @@
 replay is a pure function, checked here on a hand-made trace."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "profile_mod.py"
+from ..conftest import load_script
 
 
 def _frames(path, line, name):
@@ -16,9 +12,7 @@ def _frames(path, line, name):
 
 
 def test_peak_sites_finds_the_live_blocks_at_the_peak():
-    spec = importlib.util.spec_from_file_location("profile_mod", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("profile_mod")
     gather = _frames("/repo/kernels/mod_gather.py", 350, "_gather_tokens_fwd")
     mlp = _frames("/repo/models/transformer.py", 120, "mlp")
     trace = [
