@@ -151,9 +151,9 @@ if HAS_TRITON:
             if EPILOGUE == _SWIGLU_C:
                 b2 = tl.load(b2_ptrs, mask=bmask, other=0.0)
                 acc2 = _dot(a, b2, acc2, PRECISION, DOT_F32)
+                b2_ptrs += BLOCK_K * stride_bk
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_bk
-            b2_ptrs += BLOCK_K * stride_bk
         if DUAL_A:
             # A2 @ B2 into the same accumulator, in a loop of its own: chaining both dots in
             # one step makes the second wait for the first, so no tensor-core op would stay in
@@ -323,7 +323,7 @@ def _tiles(K: int, N: int, dtype: torch.dtype, epilogue: int, dual_a: bool) -> d
     return cfg
 
 
-def _dw_tiles(K: int, N: int, dtype: torch.dtype, dual: bool, gather: bool = True) -> dict:
+def _dw_tiles(K: int, N: int, dtype: torch.dtype, dual: bool, gather: bool) -> dict:
     """Meta-parameters of the weight-gradient kernel: a BLOCK_K x BLOCK_N tile of dW[e],
     reduced over the expert's rows BLOCK_R at a time.
 

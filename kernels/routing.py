@@ -721,14 +721,10 @@ def _expert_choice_fwd(logits: torch.Tensor, C: int, score: int, block_m: int):
     dev = logits.device
     BLOCK_E = next_pow2(E)
     BLOCK_T = max(16, min(128, 8192 // BLOCK_E))
-    i32 = torch.int32
     nb = _max_blocks(E * C, E, block_m)
     probs_ET = new_output((E, T), dtype=torch.float32, device=dev)
-    counts = new_output((E,), dtype=i32, device=dev)
-    offsets = new_output((E + 1,), dtype=i32, device=dev)
-    padded = new_output((E + 1,), dtype=i32, device=dev)
-    block_expert = new_output((nb,), dtype=i32, device=dev)
-    block_row = new_output((nb,), dtype=i32, device=dev)
+    counts, offsets, padded, block_expert, block_row = _int_outputs([(E,), (E + 1,), (E + 1,), (nb,), (nb,)], dev,
+                                                                    pack=False)
     _expert_scores_kernel[(cdiv(T, BLOCK_T),)](
         logits, logits.stride(0), T, E, probs_ET, C, counts, offsets, padded, block_expert, block_row, nb,
         SCORE=score, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_M=block_m, BLOCK_B=max(16, min(256, 8192 // BLOCK_E)),
