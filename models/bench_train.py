@@ -22,7 +22,11 @@ compiled (:func:`~flopwise.models.train.compile_blocks`). Both trainers start fr
 seed and see the same first batch, so their first losses (the forward) and gradient norms
 (the backward) must agree (bf16 tolerance): a compiled step that computes something else
 is reported, not timed. :func:`summary` prints each variant's tokens/s against the dense
-model's.
+model's. After each GPU case, :func:`step_breakdown` profiles a few more steps of the
+compiled trainer it timed and prints where the step's time goes: device time per kernel
+category (matmul, attention, optimizer and clipping, inductor's fused kernels, flopwise's
+kernels, eager elementwise, ...), each category's achieved TFLOP/s where its FLOPs are
+known, and the time the device sat idle.
 
 On CPU the cases are a tiny model in fp32 (no compiled provider: inductor needs a C++
 toolchain and minutes there); they check that the suite runs, not speed.
@@ -30,7 +34,9 @@ toolchain and minutes there); they check that the suite runs, not speed.
 
 from __future__ import annotations
 
-from typing import Iterator
+import re
+import time
+from typing import Iterable, Iterator
 
 import torch
 
@@ -39,7 +45,7 @@ from flopwise.models.data import ByteData, load_corpus
 from flopwise.models.train import TrainConfig, Trainer, peak_flops
 from flopwise.models.transformer import ModelConfig
 
-__all__ = ["cases", "summary"]
+__all__ = ["cases", "summary", "step_breakdown", "kernel_category", "format_breakdown"]
 
 _GPU_S, _GPU_B = 2048, 8
 
@@ -57,10 +63,11 @@ def _variants(gpu: bool) -> list[tuple[str, ModelConfig]]:
     return variants + ([("dense hd128", base.replace(n_heads=8))] if gpu else [])
 
 
-def _provider(model_cfg: ModelConfig, train_cfg: TrainConfig, data: ByteData):
+def _provider(model_cfg: ModelConfig, train_cfg: TrainConfig, data: ByteData, state: dict | None = None):
     """A provider that builds its trainer on first call (so a case's models exist only while
-    it runs) and then runs one optimizer step per call, returning that step's LM loss."""
-    state: dict = {}
+    it runs; ``state["trainer"]``) and then runs one optimizer step per call, returning that
+    step's LM loss and gradient norm."""
+    state = {} if state is None else state
 
     def step():
         if "trainer" not in state:
@@ -96,14 +103,17 @@ def cases(gpu: bool) -> Iterator[Case]:
     peak = peak_flops("cuda") if gpu else None
     for name, cfg in _variants(gpu):
         providers = {"reference": _provider(cfg, train_cfg, data)}
+        compiled: dict = {}
         if gpu:
-            providers["compiled"] = _provider(cfg, TrainConfig(**{**train_cfg.to_dict(), "compile": True}), data)
+            providers["compiled"] = _provider(cfg, TrainConfig(**{**train_cfg.to_dict(), "compile": True}), data,
+                                              compiled)
         params = _param_count(cfg)
         shape = (f"{name} ({params / 1e6:.3g}M, D{cfg.d_model} L{cfg.n_layers} hd{cfg.head_dim} "
                  f"B{B} S{S} {'bf16 autocast' if gpu else 'fp32'})")
         yield Case(op="train_step", shape=shape, mode="fwd+bwd+adamw", providers=providers,
                    check=_same_first_step(3e-2 if gpu else 1e-5), flops=int(cfg.flops_per_token(S) * B * S),
-                   count=B * S, unit="tok", peak_flops=peak, budget_ms=1500.0 if gpu else 50.0)
+                   count=B * S, unit="tok", peak_flops=peak, budget_ms=1500.0 if gpu else 50.0,
+                   after=(lambda c=compiled: step_breakdown(c["trainer"]) if "trainer" in c else None))
 
 
 def _param_count(cfg: ModelConfig) -> int:
@@ -127,3 +137,93 @@ def summary(rows: list[Row]) -> str:
         return "tokens/s against dense: no other variant was timed"
     parts = [f"{k}: {v / dense:.2f}x" for k, v in best.items() if k != "dense"]
     return "tokens/s against dense (best provider each): " + ", ".join(parts)
+
+
+# Kernel (CUDA) or operator (CPU profile) name patterns, lower case, first match wins.
+_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("attention", r"fmha|flash|attention|sdpa"),
+    ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|wgmma|^aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("optimizer+clip", r"adam|multi_tensor|foreach|lpnorm"),
+    ("inductor fused", r"^triton_"),
+    ("flopwise kernels", r"^_\w+_kernel$"),
+    ("memcpy/memset", r"memcpy|memset"),
+    ("eager elementwise", r"elementwise|^aten::(add|mul|sub|div|copy_|to|_to_copy|silu|neg|cat|fill_|zero_)"),
+    ("eager reduction", r"reduce_kernel|^aten::(sum|mean|max|min|amax)"),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The category a profiled kernel (or CPU operator) name belongs to, ``"other"`` if none."""
+    low = name.lower()
+    for cat, pattern in _CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def format_breakdown(times_us: Iterable[tuple[str, float]], wall_us: float, steps: int,
+                     flops: dict[str, float] | None = None, title: str = "") -> str:
+    """A table of device time per category, per step: ms, share of the step's wall time and,
+    for categories in ``flops`` (FLOPs per step), the achieved TFLOP/s; then the idle time
+    (wall minus all kernel time: host gaps and synchronisation). ``times_us``: (kernel name,
+    total µs over the ``steps`` profiled steps)."""
+    per: dict[str, float] = {}
+    for name, us in times_us:
+        cat = kernel_category(name)
+        per[cat] = per.get(cat, 0.0) + us / steps
+    wall = wall_us / steps
+    busy = sum(per.values())
+    lines = [f"step breakdown{' ' + title if title else ''}: {wall / 1e3:.2f} ms/step wall, "
+             f"{busy / 1e3:.2f} ms kernels"]
+    for cat, us in sorted(per.items(), key=lambda kv: -kv[1]):
+        rate = ""
+        if flops and flops.get(cat) and us > 0:
+            rate = f"  {flops[cat] / (us * 1e-6) / 1e12:7.1f} TFLOP/s"
+        lines.append(f"  {cat:<18} {us / 1e3:8.2f} ms  {100 * us / wall:5.1f}%{rate}")
+    lines.append(f"  {'idle':<18} {max(wall - busy, 0.0) / 1e3:8.2f} ms  {100 * max(wall - busy, 0.0) / wall:5.1f}%")
+    return "\n".join(lines)
+
+
+def _attention_flops_per_token(cfg: ModelConfig, S: int) -> float:
+    """Training FLOPs per token of the attention scores and values alone (3x the forward's
+    ``2 D (context + 1)`` per layer, MoD layers over their k selected tokens)."""
+    from flopwise.kernels import mod_capacity
+
+    total = 0.0
+    for routing in cfg.routing:
+        if routing == "mod":
+            k = mod_capacity(S, cfg.mod_capacity)
+            total += k / S * 2 * cfg.d_model * (k + 1)
+        else:
+            total += 2 * cfg.d_model * (S + 1)
+    return 3 * total
+
+
+def step_breakdown(trainer: Trainer, steps: int = 3) -> str:
+    """Profile ``steps`` optimizer steps of ``trainer`` (after one untimed step) and return
+    :func:`format_breakdown`'s table. On CUDA it counts kernel time; on CPU, operator self
+    time (a rough picture: CPU operators are not kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    trainer.train_step()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        sync()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    if cuda:
+        times = [(e.key, e.self_device_time_total) for e in prof.key_averages()
+                 if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
+    else:
+        times = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.key.startswith("aten::")]
+    cfg, tc = trainer.model_cfg, trainer.cfg
+    tokens = tc.tokens_per_step
+    attn = _attention_flops_per_token(cfg, tc.seq_len) * tokens
+    flops = {"attention": attn}
+    if all(m == "dense" for m in cfg.mlp):  # MoE layers' GEMMs run in flopwise's kernels
+        flops["matmul"] = cfg.flops_per_token(tc.seq_len) * tokens - attn
+    return format_breakdown(times, wall_us, steps, flops, title=f"({trainer.device.type}, {steps} steps)")

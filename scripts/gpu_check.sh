@@ -8,6 +8,7 @@
 # Time limits (seconds; a suite stopped by its limit keeps the rows it measured):
 #   GPU tests 180 | routing 90 | mod 90 | moe 100 | mod_step 120 | train 210 | coding 60
 # (routing, mod and mod_step also time every provider as CUDA-graph replays: device time)
+# (train also prints, per model, a profile of its compiled step by kernel category)
 # One device call may run 600 s, so a full check is two calls, back to back, the targets first:
 #   bash scripts/gpu_check.sh --no-tests routing mod moe mod_step train   # <= 520 s
 #   bash scripts/gpu_check.sh coding                                       # GPU tests + coder, <= 240 s

@@ -77,6 +77,9 @@ class Case:
     # providers that cannot be captured (a host sync, e.g. bincount): no capture is tried,
     # since a failed capture can leave the allocator's graph pool behind for later providers
     graph_skip: tuple[str, ...] = ()
+    # called after the case's rows are measured; what it returns (if not None) is printed
+    # under them (e.g. a profile of the step just timed); a failure is printed, not raised
+    after: Callable[[], str | None] | None = None
 
 
 @dataclass
@@ -330,6 +333,14 @@ def run(ops: list[str] | None = None, *, json_path: str | None = None, budget_ms
                 for r in case_rows:
                     print_fn(_row_line(r))
                 sys.stdout.flush()  # a run stopped by a time limit keeps what it printed
+            if case.after is not None:
+                try:
+                    report = case.after()
+                except Exception as exc:
+                    report = f"{case.op} | {case.shape}: after-case report failed: {type(exc).__name__}: {exc}"
+                if report:
+                    print_fn(report)
+                    sys.stdout.flush()
             if json_path:
                 _write_json(json_path, all_rows)
         print_fn(format_table(rows))

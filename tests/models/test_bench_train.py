@@ -101,3 +101,63 @@ def test_trainer_on_cuda(variant):
     prompt = torch.tensor([list(b"The assert statement")], device="cuda")
     cached = t.model.generate(prompt, 16)
     assert torch.equal(cached, t.model.generate(prompt, 16, use_cache=False))
+
+
+@pytest.mark.parametrize("name, cat", [
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0", "attention"),
+    ("void flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>, true>(Flash_fwd_params)", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNN", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
+    ("aten::mm", "matmul"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer+clip"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "inductor fused"),
+    ("_grouped_mm_fwd_kernel", "flopwise kernels"),
+    ("Memcpy HtoD (Pageable -> Device)", "memcpy/memset"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "eager elementwise"),
+    ("void at::native::reduce_kernel<512, 1, ReduceOp<float, NormOps<float>>>", "eager reduction"),
+    ("void at::native::(anonymous namespace)::embedding_backward_feature_kernel", "other"),
+])
+def test_kernel_categories(name, cat):
+    assert bench_train.kernel_category(name) == cat
+
+
+def test_breakdown_table_sums_per_step_and_reports_idle_time():
+    times = [("nvjet_a", 6000.0), ("sm90_xmma_gemm_b", 3000.0), ("flash_fwd_kernel", 1500.0), ("triton_poi_x", 900.0)]
+    text = bench_train.format_breakdown(times, wall_us=15000.0, steps=3, flops={"matmul": 3e9, "attention": 1e9})
+    lines = text.splitlines()
+    assert lines[0].startswith("step breakdown: 5.00 ms/step wall, 3.80 ms kernels")
+    assert lines[1].split() == ["matmul", "3.00", "ms", "60.0%", "1.0", "TFLOP/s"]  # 3e9 FLOPs in 3 ms
+    assert lines[2].split() == ["attention", "0.50", "ms", "10.0%", "2.0", "TFLOP/s"]
+    assert lines[3].split() == ["inductor", "fused", "0.30", "ms", "6.0%"]
+    assert lines[4].split() == ["idle", "1.20", "ms", "24.0%"]
+
+
+def test_step_breakdown_profiles_a_cpu_trainer():
+    cfg = ModelConfig.preset("tiny", d_model=32, n_heads=2, max_seq_len=64)
+    t = Trainer(cfg, TrainConfig(seq_len=64, batch_size=2, max_steps=10, warmup_steps=1, device="cpu"),
+                ByteData(load_corpus("embedded"), seed=0), progress=False)
+    text = bench_train.step_breakdown(t, steps=2)
+    assert t.step == 3  # one warm-up step, two profiled
+    assert "matmul" in text and "attention" in text and "TFLOP/s" in text and "idle" in text
+
+
+def test_after_case_report_is_printed_and_its_failure_contained(monkeypatch):
+    from flopwise.kernels.bench import Case
+
+    def cases(gpu):
+        ok = lambda: torch.ones(1)  # noqa: E731
+        yield Case(op="x", shape="a", providers={"reference": ok}, check=lambda o, r: None, after=lambda: "REPORT a")
+        yield Case(op="x", shape="b", providers={"reference": ok}, check=lambda o, r: None, after=lambda: 1 / 0)
+        yield Case(op="x", shape="c", providers={"reference": ok}, check=lambda o, r: None)
+
+    import types
+    mod = types.ModuleType("fake_suite")
+    mod.cases = cases
+    monkeypatch.setitem(__import__("sys").modules, "fake_suite", mod)
+    monkeypatch.setitem(bench.SUITES, "fake", "fake_suite")
+    lines: list[str] = []
+    rows = bench.run(["fake"], budget_ms=1, print_fn=lines.append)
+    assert len(rows) == 3
+    assert "REPORT a" in lines
+    assert any("x | b: after-case report failed: ZeroDivisionError" in line for line in lines)
