@@ -21,7 +21,7 @@ import os
 
 import torch
 
-__all__ = ["HAS_TRITON", "INTERPRET", "backend", "use_triton", "new_output", "traced", "autograd_twin", "cdiv",
+__all__ = ["HAS_TRITON", "INTERPRET", "KERNEL_DTYPES", "acc_dtype", "backend", "use_triton", "new_output", "traced", "autograd_twin", "cdiv",
            "next_pow2"]
 
 try:  # Triton has wheels for Linux only.
@@ -38,6 +38,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON = os.environ.get("FLOPWISE_POISON", "0") == "1"
 
 _VALID = ("auto", "reference", "triton")
+# floating dtypes the kernels take; others (float64) run the reference, which keeps their precision
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype references compute in: float32 for half inputs and float32, float64 for
+    float64 (which the references keep exact to its precision)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def cdiv(a: int, b: int) -> int:
@@ -73,7 +81,8 @@ def _triton_can_run(device: torch.device) -> tuple[bool, str]:
 def backend(*tensors: torch.Tensor, op: str = "op") -> str:
     """Return ``"triton"`` or ``"reference"`` for an op whose inputs are ``tensors``.
 
-    The first tensor's device decides. Raises ``RuntimeError`` if ``FLOPWISE_BACKEND``
+    The first tensor's device decides, and its dtype: a floating tensor outside
+    ``KERNEL_DTYPES`` (float64) takes the reference. Raises ``RuntimeError`` if ``FLOPWISE_BACKEND``
     forces a backend that cannot run on these inputs.
     """
     device = tensors[0].device if tensors else torch.device("cpu")
@@ -81,6 +90,9 @@ def backend(*tensors: torch.Tensor, op: str = "op") -> str:
     if requested == "reference":
         return "reference"
     ok, why = _triton_can_run(device)
+    if ok and tensors and tensors[0].is_floating_point() and tensors[0].dtype not in KERNEL_DTYPES:
+        # e.g. float64 for gradcheck: the kernels compute in float32, the reference keeps it
+        ok, why = False, f"there is no Triton kernel for {tensors[0].dtype} (float32, bfloat16, float16)"
     if requested == "triton":
         if not ok:
             raise RuntimeError(f"FLOPWISE_BACKEND=triton but {op} cannot run its Triton kernel: {why}")
@@ -121,12 +133,23 @@ def traced(*tensors: torch.Tensor) -> bool:
     return any(type(t) not in _PLAIN or t.device.type == "meta" for t in tensors)
 
 
-def _eager_backward(backward, backward_op):
+def _eager_backward(backward, backward_op, name: str):
     """A backward formula that runs the implementations (``backward``) on plain gradients and
     the backward custom ops (``backward_op``) on anything else, e.g. a gradient still held by
-    a functional collective's wrapper, which only the dispatcher unwraps."""
+    a functional collective's wrapper, which only the dispatcher unwraps.
+
+    The kernels' gradients carry no autograd graph, so a second derivative through them
+    (``create_graph=True`` with gradients that require grad) raises instead of silently
+    leaving their part out. (``torch.autograd.function.once_differentiable`` does not
+    protect this case: its error node is pruned whenever the inputs are also reachable
+    by another path.)"""
 
     def run(ctx, *grads):
+        if torch.is_grad_enabled() and any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            raise RuntimeError(
+                f"{name}: its backward runs Triton kernels and is differentiable once; a second "
+                "derivative (create_graph=True) through it is not supported. FLOPWISE_BACKEND=reference "
+                "runs the plain-PyTorch path, which is differentiable to any order.")
         if traced(*[g for g in grads if isinstance(g, torch.Tensor)]):
             return backward_op(ctx, *grads)
         return backward(ctx, *grads)
@@ -145,14 +168,16 @@ def autograd_twin(op, name: str, forward, setup_context, backward, *, bwd_impl=N
     and to its implementation ``bwd_impl`` for the twin (which still takes ``bwd_op`` for
     gradients that are not plain tensors).
 
-    The twin is written in the ``forward(ctx, *inputs)`` style: a Function with a separate
+    A backward that runs kernels (``bwd_impl``) is once differentiable: asking for a second
+    derivative through it (``create_graph=True``) raises. The twin is written in the
+    ``forward(ctx, *inputs)`` style: a Function with a separate
     ``setup_context`` binds its arguments through ``inspect`` on every call, tens of
     microseconds of host time."""
     if bwd_impl is None:
         op_backward = eager_backward = backward
     else:
         op_backward = backward(bwd_op)
-        eager_backward = _eager_backward(backward(bwd_impl), op_backward)
+        eager_backward = _eager_backward(backward(bwd_impl), op_backward, name)
     op.register_autograd(op_backward, setup_context=setup_context)
 
     def fwd(ctx, *inputs):

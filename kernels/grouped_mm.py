@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, autograd_twin, backend, cdiv, new_output, next_pow2, traced
+from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, backend, cdiv, new_output, next_pow2, traced
 from .routing import RoutingPlan
 
 if HAS_TRITON:
@@ -268,19 +268,21 @@ def _segments(plan: RoutingPlan) -> list[tuple[int, int]]:
 def grouped_mm_reference(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: bool = True) -> torch.Tensor:
     """``out[r] = a[src(r)] @ w[e(r)]``, one matmul per expert (fp32 accumulation)."""
     rows = a[plan.token_idx.long()] if gather else a
-    out = [rows[s:t].float() @ w[e].float() for e, (s, t) in enumerate(_segments(plan))]
+    acc = acc_dtype(a)
+    out = [rows[s:t].to(acc) @ w[e].to(acc) for e, (s, t) in enumerate(_segments(plan))]
     return torch.cat(out).to(a.dtype) if out else a.new_zeros(0, w.shape[2])
 
 
 def moe_mlp_reference(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torch.Tensor,
                       w_down: torch.Tensor) -> torch.Tensor:
     """The SwiGLU expert MLP, combined: ``y[t] = sum_r w_r * (silu(x_t Wg_e) * (x_t Wu_e)) Wd_e``."""
-    y = torch.zeros(x.shape[0], w_down.shape[2], dtype=torch.float32, device=x.device)
+    acc = acc_dtype(x)
+    y = torch.zeros(x.shape[0], w_down.shape[2], dtype=acc, device=x.device)
     for e, (s, t) in enumerate(_segments(plan)):
         tok = plan.token_idx[s:t].long()
-        h = x[tok].float()
-        act = F.silu(h @ w_gate[e].float()) * (h @ w_up[e].float())
-        y = y.index_add(0, tok, (act @ w_down[e].float()) * plan.weights[s:t, None].float())
+        h = x[tok].to(acc)
+        act = F.silu(h @ w_gate[e].to(acc)) * (h @ w_up[e].to(acc))
+        y = y.index_add(0, tok, (act @ w_down[e].to(acc)) * plan.weights[s:t, None].to(acc))
     return y.to(x.dtype)
 
 
@@ -617,9 +619,19 @@ def _check_plan(plan, T: int | None, E: int, name="plan"):
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"{name} must be a RoutingPlan (from topk_route / expert_choice_route), got {type(plan).__name__}")
     if plan.num_experts != E:
-        raise ValueError(f"{name} routes to {plan.num_experts} experts but the weights hold E = {E}")
+        raise ValueError(f"{name} routes to {plan.num_experts} experts but the expert weights hold E = {E}")
     if T is not None and plan.num_tokens != T:
         raise ValueError(f"{name} was made for T = {plan.num_tokens} tokens, the input has {T}")
+
+
+def _plan_tensors(plan: RoutingPlan, device: torch.device):
+    """The plan tensors the kernels read, on ``device`` and contiguous (the kernels index
+    them as plain arrays: a strided view, e.g. of a user-built plan, would be misread)."""
+    ts = (plan.weights, plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row)
+    for n, t in zip(("weights", "token_idx", "expert_offsets", "block_expert", "block_row"), ts):
+        if t.device != device:
+            raise ValueError(f"plan.{n} is on {t.device}, the input on {device}")
+    return tuple(t.contiguous() for t in ts)
 
 
 def _check_weight(w, name: str, E: int | None, shape2: tuple[int | None, int | None], dtype, device):
@@ -662,16 +674,19 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: b
         plan = topk_route(logits, k=2)
         up = grouped_mm(x, w_up, plan)      # [T*2, F]
     """
-    if not isinstance(a, torch.Tensor) or a.dim() != 2:
-        raise ValueError("a must be a 2-D tensor [T, K] (or [N, K] with gather=False)")
-    _check_plan(plan, a.shape[0] if gather else None, w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 3 else -1)
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
+    if a.dim() != 2:
+        raise ValueError(f"a must be a 2-D tensor [T, K] (or [N, K] with gather=False), got shape {tuple(a.shape)}")
+    _check_weight(w, "w", None, (a.shape[1], None), a.dtype, a.device)
+    _check_plan(plan, a.shape[0] if gather else None, w.shape[0])
     if not gather and a.shape[0] != plan.num_rows:
         raise ValueError(f"with gather=False a must have the plan's N = {plan.num_rows} rows, got {a.shape[0]}")
-    _check_weight(w, "w", plan.num_experts, (a.shape[1], None), a.dtype, a.device)
     if not _use_kernel(a, "grouped_mm") or plan.num_rows == 0:
         return grouped_mm_reference(a, w, plan, gather=gather)
-    op = _gmm_op if traced(a, w, plan.token_idx) else _GroupedMMFunction.apply
-    return op(a, w, plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row, plan.block_m, gather)
+    _, tok, offsets, bexp, brow = _plan_tensors(plan, a.device)
+    op = _gmm_op if traced(a, w, tok) else _GroupedMMFunction.apply
+    return op(a, w, tok, offsets, bexp, brow, plan.block_m, gather)
 
 
 def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -699,21 +714,22 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
         plan = topk_route(x @ w_router, k=2, renormalize=True)
         y = moe_mlp(x, plan, w_gate, w_up, w_down)
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D tensor [T, D], got {getattr(x, 'shape', type(x).__name__)}")
-    E = w_gate.shape[0] if isinstance(w_gate, torch.Tensor) and w_gate.dim() == 3 else -1
-    _check_plan(plan, x.shape[0], E)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [T, D], got shape {tuple(x.shape)}")
     T, D = x.shape
-    _check_weight(w_gate, "w_gate", plan.num_experts, (D, None), x.dtype, x.device)
+    _check_weight(w_gate, "w_gate", None, (D, None), x.dtype, x.device)
+    _check_plan(plan, T, w_gate.shape[0])
     Fh = w_gate.shape[2]
     _check_weight(w_up, "w_up", plan.num_experts, (D, Fh), x.dtype, x.device)
     _check_weight(w_down, "w_down", plan.num_experts, (Fh, D), x.dtype, x.device)
     if not _use_kernel(x, "moe_mlp") or plan.num_rows == 0 or x.shape[0] == 0:
         return moe_mlp_reference(x, plan, w_gate, w_up, w_down)  # (nothing routed: zeros, no launch)
+    weights, tok, offsets, bexp, brow = _plan_tensors(plan, x.device)
     save = _SAVE_NONE
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, plan.weights, w_gate, w_up, w_down)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate, w_up, w_down)):
         save = _SAVE if retain_activations else _SAVE_REUSE
-    op = _moe_mlp_op if traced(x, plan.weights, plan.token_idx, w_gate, w_up, w_down) else _MoEMLPFunction.apply
-    y, _, _ = op(x, plan.weights, w_gate, w_up, w_down, plan.token_idx, plan.expert_offsets,
-                          plan.block_expert, plan.block_row, plan.block_m, save)
+    op = _moe_mlp_op if traced(x, weights, tok, w_gate, w_up, w_down) else _MoEMLPFunction.apply
+    y, _, _ = op(x, weights, w_gate, w_up, w_down, tok, offsets, bexp, brow, plan.block_m, save)
     return y

@@ -51,10 +51,12 @@ Tile sizes and warp counts are first choices from these rules; re-tune them agai
 """
 
 import torch
-import triton
-import triton.language as tl
 
-from ._dispatch import autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
+from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 __all__ = [
     "gather_tokens",
@@ -72,165 +74,166 @@ __all__ = [
 # 1. Triton kernels
 # ----------------------------------------------------------------------------------------
 
+if HAS_TRITON:
 
-@triton.jit
-def _gather_tokens_fwd_kernel(
-    x_ptr, idx_ptr, out_ptr,
-    n_sel, S, K, D,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """out[j] = x[b*S + idx[j]] for the flattened selection j = b*K + i."""
-    j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = j < n_sel
-    src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
-    mask = row_ok[:, None] & (cols[None, :] < D)
-    # Each selected row is read exactly once: stream it past L2 ("evict_first").
-    v = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask, eviction_policy="evict_first")
-    tl.store(out_ptr + j[:, None] * D + cols[None, :], v, mask=mask)
-
-
-@triton.jit
-def _scatter_tokens_fwd_kernel(
-    base_ptr, y_ptr, w_ptr, inv_ptr, out_ptr,
-    n_rows, S, K, D,
-    HAS_BASE: tl.constexpr, HAS_Y: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Dense pass over all B*S rows of ``out`` through the inverse map ``inv`` (-1: unselected).
-
-    out[r] = (base[r] if HAS_BASE else 0) + (w[inv[r]] if HAS_WEIGHT else 1) * y[inv[r]]
-    (the second term only on selected rows). With HAS_Y=False the selected rows are left
-    untouched (another kernel writes them) and the others get ``base`` or zeros. Used for the
-    out-of-place scatter (all flags), gather's backward (HAS_Y only) and the zero rows of
-    RMSNorm-gather's backward (no flags).
-    """
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = r < n_rows
-    inv = tl.load(inv_ptr + r, mask=row_ok, other=-1)
-    sel = inv >= 0
-    mask = row_ok[:, None] & (cols[None, :] < D)
-    offs = r[:, None] * D + cols[None, :]
-    if HAS_BASE:
-        acc = tl.load(base_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    else:
-        acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-    if HAS_Y:
-        yrow = (r // S) * K + inv.to(tl.int64)
-        ymask = mask & sel[:, None]
-        yv = tl.load(y_ptr + yrow[:, None] * D + cols[None, :], mask=ymask, other=0.0).to(tl.float32)
-        if HAS_WEIGHT:
-            wv = tl.load(w_ptr + yrow, mask=row_ok & sel, other=0.0).to(tl.float32)
-            yv = yv * wv[:, None]
-        acc = acc + yv
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask & (inv < 0)[:, None])
-
-
-@triton.jit
-def _scatter_tokens_inplace_kernel(
-    res_ptr, y_ptr, w_ptr, idx_ptr,
-    n_sel, S, K, D,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """residual[b*S + idx[j]] += w[j] * y[j]; distinct indices -> one writer per row, no atomics."""
-    j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = j < n_sel
-    dst = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
-    mask = row_ok[:, None] & (cols[None, :] < D)
-    dst_offs = dst[:, None] * D + cols[None, :]
-    res = tl.load(res_ptr + dst_offs, mask=mask, other=0.0).to(tl.float32)
-    yv = tl.load(y_ptr + j[:, None] * D + cols[None, :], mask=mask, other=0.0,
-                 eviction_policy="evict_first").to(tl.float32)
-    wv = tl.load(w_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(res_ptr + dst_offs, (res + wv[:, None] * yv).to(res_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scatter_tokens_bwd_kernel(
-    grad_ptr, y_ptr, w_ptr, idx_ptr, dy_ptr, dw_ptr,
-    n_sel, S, K, D,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dy[j] = w[j] * grad[src_j];  dw[j] = <grad[src_j], y[j]>  (grad rows read once, fused).
-
-    One program owns ROWS selected rows and loops over D, so the dot product is finished in
-    registers (no second reduction stage, deterministic).
-    """
-    j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = j < n_sel
-    src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
-    wv = tl.load(w_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
-    dot = tl.zeros((ROWS,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+    @triton.jit
+    def _gather_tokens_fwd_kernel(
+        x_ptr, idx_ptr, out_ptr,
+        n_sel, S, K, D,
+        ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out[j] = x[b*S + idx[j]] for the flattened selection j = b*K + i."""
+        j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_ok = j < n_sel
+        src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
         mask = row_ok[:, None] & (cols[None, :] < D)
-        g = tl.load(grad_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        yv = tl.load(y_ptr + j[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dy_ptr + j[:, None] * D + cols[None, :], (g * wv[:, None]).to(dy_ptr.dtype.element_ty), mask=mask)
-        dot += tl.sum(g * yv, axis=1)
-    tl.store(dw_ptr + j, dot.to(dw_ptr.dtype.element_ty), mask=row_ok)
+        # Each selected row is read exactly once: stream it past L2 ("evict_first").
+        v = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask, eviction_policy="evict_first")
+        tl.store(out_ptr + j[:, None] * D + cols[None, :], v, mask=mask)
 
 
-@triton.jit
-def _rmsnorm_gather_tokens_fwd_kernel(
-    x_ptr, idx_ptr, gamma_ptr, out_ptr,
-    n_sel, S, K, D, eps,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """out[j] = x[src_j] * rsqrt(mean(x[src_j]**2) + eps) * gamma, whole rows in registers
-    (BLOCK_D >= D), so each selected row is read once."""
-    j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = j < n_sel
-    col_ok = cols < D
-    src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
-    mask = row_ok[:, None] & col_ok[None, :]
-    xv = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0,
-                 eviction_policy="evict_first").to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xv * xv, axis=1) / D + eps)
-    g = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    out = (xv * rstd[:, None]) * g[None, :]
-    tl.store(out_ptr + j[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    @triton.jit
+    def _scatter_tokens_fwd_kernel(
+        base_ptr, y_ptr, w_ptr, inv_ptr, out_ptr,
+        n_rows, S, K, D,
+        HAS_BASE: tl.constexpr, HAS_Y: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Dense pass over all B*S rows of ``out`` through the inverse map ``inv`` (-1: unselected).
+
+        out[r] = (base[r] if HAS_BASE else 0) + (w[inv[r]] if HAS_WEIGHT else 1) * y[inv[r]]
+        (the second term only on selected rows). With HAS_Y=False the selected rows are left
+        untouched (another kernel writes them) and the others get ``base`` or zeros. Used for the
+        out-of-place scatter (all flags), gather's backward (HAS_Y only) and the zero rows of
+        RMSNorm-gather's backward (no flags).
+        """
+        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_ok = r < n_rows
+        inv = tl.load(inv_ptr + r, mask=row_ok, other=-1)
+        sel = inv >= 0
+        mask = row_ok[:, None] & (cols[None, :] < D)
+        offs = r[:, None] * D + cols[None, :]
+        if HAS_BASE:
+            acc = tl.load(base_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        if HAS_Y:
+            yrow = (r // S) * K + inv.to(tl.int64)
+            ymask = mask & sel[:, None]
+            yv = tl.load(y_ptr + yrow[:, None] * D + cols[None, :], mask=ymask, other=0.0).to(tl.float32)
+            if HAS_WEIGHT:
+                wv = tl.load(w_ptr + yrow, mask=row_ok & sel, other=0.0).to(tl.float32)
+                yv = yv * wv[:, None]
+            acc = acc + yv
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask & (inv < 0)[:, None])
 
 
-@triton.jit
-def _rmsnorm_gather_tokens_bwd_kernel(
-    grad_ptr, x_ptr, idx_ptr, gamma_ptr, dx_ptr, dgamma_part_ptr,
-    n_sel, S, K, D, eps, rows_per_prog,
-    BLOCK_D: tl.constexpr,
-):
-    """Selected rows of dx and one partial row of dgamma per program (persistent grid).
+    @triton.jit
+    def _scatter_tokens_inplace_kernel(
+        res_ptr, y_ptr, w_ptr, idx_ptr,
+        n_sel, S, K, D,
+        ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """residual[b*S + idx[j]] += w[j] * y[j]; distinct indices -> one writer per row, no atomics."""
+        j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_ok = j < n_sel
+        dst = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
+        mask = row_ok[:, None] & (cols[None, :] < D)
+        dst_offs = dst[:, None] * D + cols[None, :]
+        res = tl.load(res_ptr + dst_offs, mask=mask, other=0.0).to(tl.float32)
+        yv = tl.load(y_ptr + j[:, None] * D + cols[None, :], mask=mask, other=0.0,
+                     eviction_policy="evict_first").to(tl.float32)
+        wv = tl.load(w_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(res_ptr + dst_offs, (res + wv[:, None] * yv).to(res_ptr.dtype.element_ty), mask=mask)
 
-    xhat = x * rstd (rstd recomputed from the row, which is read anyway: nothing saved),
-    dxhat = grad * gamma, dx = rstd * (dxhat - xhat * mean(dxhat * xhat)),
-    dgamma_part[pid] = sum over this program's rows of grad * xhat.
-    """
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    gam = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dg_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    start = pid.to(tl.int64) * rows_per_prog
-    for i in range(0, rows_per_prog):
-        j = start + i
-        ok = j < n_sel
-        # the row test broadcast to a vector first: the interpreter rejects scalar & vector masks
-        mask = col_ok & ((j + tl.zeros((BLOCK_D,), dtype=tl.int64)) < n_sel)
-        src = (j // K) * S + tl.load(idx_ptr + j, mask=ok, other=0).to(tl.int64)
-        xv = tl.load(x_ptr + src * D + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + j * D + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xv * xv, axis=0) / D + eps)
-        xhat = xv * rstd
-        dxhat = g * gam
-        c = tl.sum(dxhat * xhat, axis=0) / D
-        dx = (dxhat - xhat * c) * rstd
-        tl.store(dx_ptr + src * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dg_acc += g * xhat
-    tl.store(dgamma_part_ptr + pid.to(tl.int64) * D + cols, dg_acc, mask=col_ok)
+
+    @triton.jit
+    def _scatter_tokens_bwd_kernel(
+        grad_ptr, y_ptr, w_ptr, idx_ptr, dy_ptr, dw_ptr,
+        n_sel, S, K, D,
+        ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dy[j] = w[j] * grad[src_j];  dw[j] = <grad[src_j], y[j]>  (grad rows read once, fused).
+
+        One program owns ROWS selected rows and loops over D, so the dot product is finished in
+        registers (no second reduction stage, deterministic).
+        """
+        j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = j < n_sel
+        src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
+        wv = tl.load(w_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
+        dot = tl.zeros((ROWS,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (cols[None, :] < D)
+            g = tl.load(grad_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            yv = tl.load(y_ptr + j[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(dy_ptr + j[:, None] * D + cols[None, :], (g * wv[:, None]).to(dy_ptr.dtype.element_ty), mask=mask)
+            dot += tl.sum(g * yv, axis=1)
+        tl.store(dw_ptr + j, dot.to(dw_ptr.dtype.element_ty), mask=row_ok)
+
+
+    @triton.jit
+    def _rmsnorm_gather_tokens_fwd_kernel(
+        x_ptr, idx_ptr, gamma_ptr, out_ptr,
+        n_sel, S, K, D, eps,
+        ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out[j] = x[src_j] * rsqrt(mean(x[src_j]**2) + eps) * gamma, whole rows in registers
+        (BLOCK_D >= D), so each selected row is read once."""
+        j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = j < n_sel
+        col_ok = cols < D
+        src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
+        mask = row_ok[:, None] & col_ok[None, :]
+        xv = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0,
+                     eviction_policy="evict_first").to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xv * xv, axis=1) / D + eps)
+        g = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        out = (xv * rstd[:, None]) * g[None, :]
+        tl.store(out_ptr + j[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _rmsnorm_gather_tokens_bwd_kernel(
+        grad_ptr, x_ptr, idx_ptr, gamma_ptr, dx_ptr, dgamma_part_ptr,
+        n_sel, S, K, D, eps, rows_per_prog,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Selected rows of dx and one partial row of dgamma per program (persistent grid).
+
+        xhat = x * rstd (rstd recomputed from the row, which is read anyway: nothing saved),
+        dxhat = grad * gamma, dx = rstd * (dxhat - xhat * mean(dxhat * xhat)),
+        dgamma_part[pid] = sum over this program's rows of grad * xhat.
+        """
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        gam = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dg_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        start = pid.to(tl.int64) * rows_per_prog
+        for i in range(0, rows_per_prog):
+            j = start + i
+            ok = j < n_sel
+            # the row test broadcast to a vector first: the interpreter rejects scalar & vector masks
+            mask = col_ok & ((j + tl.zeros((BLOCK_D,), dtype=tl.int64)) < n_sel)
+            src = (j // K) * S + tl.load(idx_ptr + j, mask=ok, other=0).to(tl.int64)
+            xv = tl.load(x_ptr + src * D + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(grad_ptr + j * D + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(xv * xv, axis=0) / D + eps)
+            xhat = xv * rstd
+            dxhat = g * gam
+            c = tl.sum(dxhat * xhat, axis=0) / D
+            dx = (dxhat - xhat * c) * rstd
+            tl.store(dx_ptr + src * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dg_acc += g * xhat
+        tl.store(dgamma_part_ptr + pid.to(tl.int64) * D + cols, dg_acc, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -251,10 +254,11 @@ def gather_tokens_reference(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def scatter_tokens_reference(
     residual: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
-    """``out = residual`` with ``out[b, idx[b, j]] += weight[b, j] * y[b, j]`` (fp32 math, one
-    rounding to residual's dtype). residual: [B, S, D], y: [B, K, D], weight: [B, K]."""
+    """``out = residual`` with ``out[b, idx[b, j]] += weight[b, j] * y[b, j]`` (fp32 math, or
+    float64 for float64, one rounding to residual's dtype). residual: [B, S, D], y: [B, K, D], weight: [B, K]."""
     rows = (_batch_rows(idx), idx.long())
-    updated = residual[rows].float() + weight.float()[..., None] * y.float()
+    acc = acc_dtype(residual)
+    updated = residual[rows].to(acc) + weight.to(acc)[..., None] * y.to(acc)
     return residual.index_put(rows, updated.to(residual.dtype))
 
 
@@ -263,14 +267,15 @@ def rmsnorm_gather_tokens_reference(
 ) -> torch.Tensor:
     """``rmsnorm(gather_tokens(x, idx)) * gamma`` in fp32, rounded to x's dtype:
     ``out[b, j] = x[b, i] / sqrt(mean(x[b, i]**2) + eps) * gamma`` with ``i = idx[b, j]``."""
-    xs = gather_tokens_reference(x, idx).float()
+    xs = gather_tokens_reference(x, idx).to(acc_dtype(x))
     rstd = torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
-    return ((xs * rstd) * gamma.float()).to(x.dtype)
+    return ((xs * rstd) * gamma.to(xs.dtype)).to(x.dtype)
 
 
 def _scatter_tokens_inplace_reference(residual, y, idx, weight) -> None:
     rows = (_batch_rows(idx), idx.long())
-    updated = residual[rows].float() + weight.float()[..., None] * y.float()
+    acc = acc_dtype(residual)
+    updated = residual[rows].to(acc) + weight.to(acc)[..., None] * y.to(acc)
     residual[rows] = updated.to(residual.dtype)
 
 
@@ -282,19 +287,19 @@ def _gather_tokens_bwd_reference(grad: torch.Tensor, idx: torch.Tensor, S: int) 
 
 
 def _scatter_tokens_bwd_reference(grad, y, idx, weight):
-    g = gather_tokens_reference(grad, idx).float()
-    dy = (weight.float()[..., None] * g).to(y.dtype)
-    dw = (g * y.float()).sum(-1).to(weight.dtype)
+    g = gather_tokens_reference(grad, idx).to(acc_dtype(grad))
+    dy = (weight.to(g.dtype)[..., None] * g).to(y.dtype)
+    dw = (g * y.to(g.dtype)).sum(-1).to(weight.dtype)
     return dy, dw
 
 
 def _rmsnorm_gather_tokens_bwd_reference(grad, x, idx, gamma, eps):
-    xs = gather_tokens_reference(x, idx).float()
-    g = grad.float()
+    xs = gather_tokens_reference(x, idx).to(acc_dtype(x))
+    g = grad.to(xs.dtype)
     D = x.shape[-1]
     rstd = torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
     xhat = xs * rstd
-    dxhat = g * gamma.float()
+    dxhat = g * gamma.to(xs.dtype)
     dxs = (dxhat - xhat * (dxhat * xhat).sum(-1, keepdim=True) / D) * rstd
     dgamma = (g * xhat).sum((0, 1)).to(gamma.dtype)
     return _gather_tokens_bwd_reference(dxs.to(x.dtype), idx, x.shape[1]), dgamma

@@ -20,13 +20,15 @@ Ranking rules (identical in every backend, so plans agree exactly):
   permutation; the affected token's weights are NaN (softmax of a row holding NaN or
   ``+inf`` is NaN, as in torch), so the NaN surfaces in the layer output. A row of only
   ``-inf`` gives NaN softmax weights too. Check logits upstream if that must not happen.
+  In expert choice such a token's NaN probabilities rank lowest in every expert's column,
+  so no expert takes it while enough finite tokens remain (with sigmoid scores only the
+  NaN column is affected, and ``+inf`` scores 1).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -517,6 +519,18 @@ def _check_int(value, name, lo, hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
 
 
+def _check_block_m(block_m):
+    """Rows per grouped-matmul block: the kernels tile with it, so a power of two."""
+    _check_int(block_m, "block_m", 1, 1 << 16)
+    if block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two (the grouped matmul's row tile), got {block_m}")
+
+
+def _check_renormalize(renormalize):
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+
+
 def _check_score(score):
     if score not in _SCORES:
         raise ValueError(f"score must be one of {sorted(_SCORES)}, got {score!r}")
@@ -540,7 +554,7 @@ def _stable_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 def topk_route_reference(logits: torch.Tensor, k: int, *, score: str = "softmax",
                          renormalize: bool = False, block_m: int = 64) -> RoutingPlan:
     """Plain-PyTorch token-choice routing; the definition :func:`topk_route` must match."""
-    _validate_topk(logits, k, score, block_m)
+    _validate_topk(logits, k, score, block_m, renormalize)
     T, E = logits.shape
     probs = _scores_reference(logits, score)
     ids = _stable_topk(logits, k, dim=1)  # rank by logits (monotone in the probabilities)
@@ -566,15 +580,32 @@ def plan_from_counts(token_idx: torch.Tensor, weights: torch.Tensor, counts: tor
     """A :class:`RoutingPlan` for rows already sorted by expert (e.g. rows received from other
     ranks): ``token_idx [N]`` the token each row reads, ``weights [N]``, ``counts [E]`` rows per
     expert (summing to N). Offsets and the block map are computed with torch ops on the
-    device, no host sync."""
-    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.is_floating_point():
-        raise TypeError("counts must be a 1-D integer tensor [E]")
+    device, no host sync: counts that are negative or do not sum to N fail a device-side
+    assertion (``torch._assert_async``; on CUDA, where it is reported asynchronously)."""
+    for name, t in (("token_idx", token_idx), ("weights", weights), ("counts", counts)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if counts.dim() != 1 or counts.is_floating_point() or counts.dtype == torch.bool:
+        raise TypeError(f"counts must be a 1-D integer tensor [E], got {counts.dtype} of shape {tuple(counts.shape)}")
+    if token_idx.is_floating_point() or token_idx.dtype == torch.bool:
+        raise TypeError(f"token_idx must be an integer tensor, got {token_idx.dtype}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
     if token_idx.dim() != 1 or weights.shape != token_idx.shape:
         raise ValueError(f"token_idx and weights must both be [N], got {tuple(token_idx.shape)} and {tuple(weights.shape)}")
-    _check_int(block_m, "block_m", 1, 1 << 16)
-    counts, offsets, padded, block_expert, block_row = _block_map_reference(counts, token_idx.shape[0], block_m)
+    if len({t.device for t in (token_idx, weights, counts)}) != 1:
+        raise ValueError(f"token_idx, weights and counts must be on one device, got {token_idx.device}, "
+                         f"{weights.device}, {counts.device}")
+    _check_int(num_tokens, "num_tokens", 0, 1 << 62)
+    _check_block_m(block_m)
+    N = token_idx.shape[0]
+    torch._assert_async(((counts >= 0).all() & (counts.sum() == N)),
+                        f"plan_from_counts: counts must be >= 0 and sum to N = {N} (the rows of token_idx)")
+    counts, offsets, padded, block_expert, block_row = _block_map_reference(counts, N, block_m)
+    # the kernels index these as contiguous arrays
     return RoutingPlan(
-        token_idx=token_idx.to(torch.int32), weights=weights, expert_counts=counts, expert_offsets=offsets,
+        token_idx=token_idx.to(torch.int32).contiguous(), weights=weights.contiguous(), expert_counts=counts,
+        expert_offsets=offsets,
         padded_offsets=padded, block_expert=block_expert, block_row=block_row, num_tokens=num_tokens,
         num_experts=counts.shape[0], block_m=block_m,
     )
@@ -877,17 +908,18 @@ _TopkRowsFunction = autograd_twin(_topk_rows_op, "TopkRowsFunction", _topk_rows_
 # ----------------------------------------------------------------------------------------
 # 5. Public API
 # ----------------------------------------------------------------------------------------
-def _validate_topk(logits, k, score, block_m):
+def _validate_topk(logits, k, score, block_m, renormalize):
     _check_logits(logits)
+    _check_renormalize(renormalize)
     _check_int(k, "k", 1, logits.shape[1])
     _check_score(score)
-    _check_int(block_m, "block_m", 1, 1 << 16)
+    _check_block_m(block_m)
 
 
 def _validate_ec(logits, capacity_factor, score, block_m) -> int:
     _check_logits(logits)
     _check_score(score)
-    _check_int(block_m, "block_m", 1, 1 << 16)
+    _check_block_m(block_m)
     if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
         raise TypeError(f"capacity_factor must be a number, got {type(capacity_factor).__name__}")
     if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
@@ -916,13 +948,7 @@ def _validate_mod(scores, capacity, k) -> int:
 
 
 def _kernel_ok(t: torch.Tensor, op: str) -> bool:
-    if backend(t, op=op) != "triton":
-        return False
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        if os.environ.get("FLOPWISE_BACKEND", "").strip().lower() == "triton":
-            raise RuntimeError(f"FLOPWISE_BACKEND=triton but {op} has no Triton kernel for {t.dtype}")
-        return False  # float64 (e.g. gradcheck) takes the reference path
-    return True
+    return backend(t, op=op) == "triton"  # float64 (e.g. gradcheck) takes the reference path
 
 
 def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormalize: bool = False,
@@ -944,7 +970,7 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
         plan = topk_route(router(x), k=2, renormalize=True)
         rows = x[plan.token_idx]          # [T*k, D], expert-sorted
     """
-    _validate_topk(logits, k, score, block_m)
+    _validate_topk(logits, k, score, block_m, renormalize)
     if not _kernel_ok(logits, "topk_route"):
         return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m)
     T, E = logits.shape

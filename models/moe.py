@@ -61,6 +61,12 @@ class MoEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+        for name in ("normalize_topk", "retain_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"MoEConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.block_m & (self.block_m - 1):
+            raise ValueError(f"MoEConfig.block_m must be a power of two (the grouped matmul's row tile), "
+                             f"got {self.block_m}")
         if self.router not in _ROUTERS:
             raise ValueError(f"MoEConfig.router must be one of {_ROUTERS}, got {self.router!r}")
         if self.router == "token_choice" and self.top_k > self.n_experts:

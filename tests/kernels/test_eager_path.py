@@ -95,3 +95,77 @@ def test_subclass_inputs_take_the_custom_op():
     x = torch.randn(2, 5, 3).as_subclass(Wrapped)
     assert D.traced(x) and D.traced(torch.randn(2), torch.empty(2, device="meta"))
     assert not D.traced(torch.randn(2), torch.nn.Parameter(torch.randn(2)))
+
+
+def _second_order_cases():
+    """(name, leaves, forward) for every op whose backward runs kernels."""
+    from flopwise.kernels import grouped_mm, topk_route_reference
+
+    torch.manual_seed(0)
+    B, S, Dm, K = 1, 6, 8, 3
+    x = torch.randn(B, S, Dm, requires_grad=True)
+    y = torch.randn(B, K, Dm, requires_grad=True)
+    w = torch.rand(B, K, requires_grad=True)
+    gamma = torch.rand(Dm) + 0.5
+    idx = torch.tensor([[0, 2, 5]], dtype=torch.int32)
+    T, E, F = 5, 3, 16
+    xt = torch.randn(T, Dm, requires_grad=True)
+    lg = torch.randn(T, E, requires_grad=True)
+    ws = [(torch.randn(E, Dm, F) / 4).requires_grad_(), (torch.randn(E, Dm, F) / 4).requires_grad_(),
+          (torch.randn(E, F, Dm) / 4).requires_grad_()]
+    plan = topk_route_reference(lg.detach(), 2, block_m=16)
+    return [
+        ("gather_tokens", [x], lambda: gather_tokens(x, idx)),
+        ("scatter_tokens", [y, w], lambda: scatter_tokens(x.detach(), y, idx, w)),
+        ("rmsnorm_gather_tokens", [x], lambda: rmsnorm_gather_tokens(x, idx, gamma)),
+        ("topk_route", [lg], lambda: topk_route(lg, 2, renormalize=True).weights),
+        ("moe_mlp", [xt, ws[2]], lambda: moe_mlp(xt, plan, *ws, retain_activations=True)),
+        ("grouped_mm", [xt], lambda: grouped_mm(xt, ws[0], plan)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_second_derivative_through_a_kernel_backward_raises(case):
+    """The kernels' gradients carry no graph: create_graph=True must refuse, not silently drop
+    their part of the second derivative (which it did while another path reached the leaves)."""
+    name, leaves, fwd = _second_order_cases()[case]
+    out = fwd()
+    loss = (out.float() ** 2).sum() + sum((v ** 3).sum() for v in leaves)
+    with pytest.raises(RuntimeError, match="differentiable once.*FLOPWISE_BACKEND=reference"):
+        torch.autograd.grad(loss, leaves, create_graph=True)
+    # first derivatives still work, and the reference path gives the second derivative
+    assert all(g is not None for g in torch.autograd.grad((fwd().float() ** 2).sum(), leaves))
+
+
+def test_second_derivative_on_the_reference_path(monkeypatch):
+    monkeypatch.setenv("FLOPWISE_BACKEND", "reference")
+    name, leaves, fwd = _second_order_cases()[3]  # topk_route: softmax, renormalised
+    (g,) = torch.autograd.grad((fwd() ** 2).sum(), leaves, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), leaves)
+    assert torch.isfinite(h).all() and h.abs().sum() > 0
+
+
+def test_package_works_without_triton():
+    """Triton has wheels for Linux only: elsewhere every op must import and run its
+    reference path."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton raises
+import torch
+import flopwise.kernels as K
+from flopwise.models.transformer import ModelConfig, Transformer
+assert not K._dispatch.HAS_TRITON
+x = torch.randn(1, 5, 4)
+idx = torch.tensor([[1, 3]])
+torch.testing.assert_close(K.gather_tokens(x, idx), K.gather_tokens_reference(x, idx))
+m = Transformer(ModelConfig.preset("tiny", mod="every_other", mlp="moe", moe_n_experts=4))
+t = torch.randint(0, 256, (2, 32))
+m(t, t).loss.backward()
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

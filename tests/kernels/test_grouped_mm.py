@@ -260,3 +260,65 @@ def test_moe_mlp_backward_that_failed_part_way_is_not_retried(monkeypatch):
         y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_activations=True"):
         y.sum().backward()
+
+
+def test_float64_takes_the_reference_and_passes_gradcheck():
+    """float64 (gradcheck) runs the reference at float64 precision, on every backend setting."""
+    torch.manual_seed(0)
+    T, E, D, Fh = 5, 3, 6, 7
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    lg = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    ws = [(torch.randn(E, D, Fh, dtype=torch.float64) / 2).requires_grad_(),
+          (torch.randn(E, D, Fh, dtype=torch.float64) / 2).requires_grad_(),
+          (torch.randn(E, Fh, D, dtype=torch.float64) / 2).requires_grad_()]
+    assert torch.autograd.gradcheck(lambda x, lg, *w: moe_mlp(x, topk_route(lg, 2, block_m=16), *w),
+                                    (x, lg, *ws))
+    assert torch.autograd.gradcheck(lambda x, w: grouped_mm(x, w, topk_route(lg.detach(), 2, block_m=16)),
+                                    (x, ws[0]))
+
+
+def test_strided_plan_tensors_are_read_correctly():
+    """A plan built from strided views (plan_from_counts, or a RoutingPlan made by hand)."""
+    import dataclasses
+
+    from flopwise.kernels import plan_from_counts
+
+    torch.manual_seed(0)
+    T, E, D, Fh = 6, 2, 16, 16
+    x = torch.randn(T, D)
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    tok = torch.stack([torch.tensor([0, 2, 5, 1, 3, 4]), torch.zeros(6, dtype=torch.long)], 1).reshape(-1)[::2]
+    w = torch.rand(12)[::2]
+    plan = plan_from_counts(tok, w, torch.tensor([3, 3]), T, block_m=16)
+    torch.testing.assert_close(moe_mlp(x, plan, *ws), moe_mlp_reference(x, plan, *ws), atol=1e-5, rtol=1e-5)
+    hand = dataclasses.replace(plan, token_idx=torch.stack([plan.token_idx] * 2, 1)[:, 0],
+                               weights=torch.stack([plan.weights] * 2, 1)[:, 1])
+    assert not hand.token_idx.is_contiguous()
+    torch.testing.assert_close(grouped_mm(x, ws[0], hand), grouped_mm_reference(x, ws[0], plan), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe_mlp(x, hand, *ws), moe_mlp_reference(x, plan, *ws), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("counts, match", [([3, 4], "sum to N = 6"), ([7, -1], ">= 0")])
+def test_plan_from_counts_checks_counts(counts, match):
+    from flopwise.kernels import plan_from_counts
+
+    with pytest.raises(RuntimeError, match=match):
+        plan_from_counts(torch.arange(6), torch.rand(6), torch.tensor(counts), 6)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: __import__("flopwise.kernels", fromlist=["x"]).plan_from_counts(torch.arange(6), torch.rand(6),
+                                                                            torch.tensor([3, 3]), 6, block_m=48),
+     ValueError, "block_m must be a power of two"),
+    (lambda: topk_route(torch.randn(4, 3), 2, block_m=24), ValueError, "block_m must be a power of two"),
+    (lambda: topk_route(torch.randn(4, 3), 2, renormalize="no"), TypeError, "renormalize must be a bool"),
+    (lambda: moe_mlp(torch.randn(4, 8), topk_route(torch.randn(4, 3), 2, block_m=16), "w", None, None),
+     TypeError, "w_gate must be a torch.Tensor"),
+    (lambda: moe_mlp(torch.randn(4, 8), topk_route(torch.randn(4, 3), 2, block_m=16), torch.randn(3, 8), None, None),
+     ValueError, r"w_gate must have shape \[E, in, out\]"),
+    (lambda: grouped_mm([[1.0]], torch.randn(3, 1, 2), topk_route(torch.randn(1, 3), 2, block_m=16)),
+     TypeError, "a must be a torch.Tensor"),
+])
+def test_argument_errors_name_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

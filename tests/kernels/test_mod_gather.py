@@ -373,3 +373,22 @@ def test_gpu_deterministic_backward():
         rmsnorm_gather_tokens(x, idx, gamma).backward(go)
         grads.append((x.grad.clone(), gamma.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_float64_keeps_its_precision_and_passes_gradcheck():
+    """float64 runs the reference, in float64: an unselected row keeps bits that float32 would
+    round away, and every op passes gradcheck."""
+    res = torch.full((1, 4, 2), 1 + 2**-40, dtype=torch.float64)
+    y = torch.ones(1, 1, 2, dtype=torch.float64)
+    w = torch.full((1, 1), 2**-41, dtype=torch.float64)
+    out = scatter_tokens(res, y, torch.tensor([[2]]), w)
+    assert (out[0, 0] == 1 + 2**-40).all() and (out[0, 2] == 1 + 2**-40 + 2**-41).all()
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    yy = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    ww = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    idx = make_idx(2, 6, 3)
+    assert torch.autograd.gradcheck(lambda x: gather_tokens(x, idx), (x,))
+    assert torch.autograd.gradcheck(lambda x, y, w: scatter_tokens(x, y, idx, w), (x, yy, ww))
+    assert torch.autograd.gradcheck(lambda x, g: rmsnorm_gather_tokens(x, idx, g), (x, gamma))

@@ -154,7 +154,7 @@ def test_topk_route_reference_gradcheck(score, renorm):
     assert torch.autograd.gradcheck(f, (logits,))
 
 
-@pytest.mark.parametrize("score,renorm", [("softmax", False), ("softmax", True), ("sigmoid", True)])
+@pytest.mark.parametrize("score,renorm", [("softmax", False), ("softmax", True), ("sigmoid", False), ("sigmoid", True)])
 @pytest.mark.parametrize("which", ["sorted", "topk", "both"])
 def test_topk_route_kernel_gradients(score, renorm, which):
     logits = torch.randn(45, 12)
@@ -219,20 +219,42 @@ def test_expert_choice_token_may_get_zero_or_many_experts():
     assert_plans_equal(plan, expert_choice_route_reference(logits, 1.0, score="sigmoid"))
 
 
-def test_expert_choice_gradients():
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_expert_choice_gradients(score):
     logits = torch.randn(50, 8)
     g = torch.randn(8 * R.expert_choice_capacity(50, 8, 2.0))
     grads = []
     for fn in (expert_choice_route, expert_choice_route_reference):
         x = logits.clone().requires_grad_(True)
-        (fn(x, 2.0).weights * g).sum().backward()
+        (fn(x, 2.0, score=score).weights * g).sum().backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
-def test_expert_choice_reference_gradcheck():
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_expert_choice_reference_gradcheck(score):
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: expert_choice_route_reference(t, 2.0).weights, (x,))
+    assert torch.autograd.gradcheck(lambda t: expert_choice_route_reference(t, 2.0, score=score).weights, (x,))
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_expert_choice_nan_and_inf_logits(score):
+    """Expert choice ranks tokens by their scores: a NaN score ranks lowest. Softmax turns a
+    token's whole row NaN when one logit is NaN or +inf (so no expert takes it); sigmoid keeps
+    the other columns, and +inf scores 1, the highest. The plan stays valid either way."""
+    logits = torch.randn(12, 3)
+    logits[2, 0] = float("nan")
+    logits[5, 1] = float("inf")
+    plan = expert_choice_route(logits, 1.0, score=score, block_m=8)
+    assert_plan_valid(plan)
+    tok = plan.token_idx.long().view(3, plan.capacity)
+    assert 2 not in tok[0].tolist(), "NaN ranks lowest"
+    if score == "softmax":
+        assert not {2, 5} & set(tok.flatten().tolist())
+    else:
+        assert 5 in tok[1].tolist(), "+inf ranks highest"
+    assert torch.isfinite(plan.weights).all()
+    assert_plans_equal(plan, expert_choice_route_reference(logits, 1.0, score=score, block_m=8))
 
 
 # ------------------------------------------------------------------------------ MoD selection
@@ -308,6 +330,12 @@ def test_topk_rows_streaming_path(monkeypatch):
         ridx, rval = topk_rows_reference(x, k)
         assert torch.equal(idx, ridx)
         torch.testing.assert_close(val, rval, atol=0, rtol=0, equal_nan=True)
+
+
+def test_mod_select_reference_gradcheck():
+    x = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: mod_select_reference(t, k=4).weights, (x,))
+    assert torch.autograd.gradcheck(lambda t: mod_select(t, k=4).weights, (x,))  # float64: the reference
 
 
 def test_mod_select_gradients():

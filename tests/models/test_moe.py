@@ -64,6 +64,53 @@ def test_moe_matches_per_token_loop(cfg, shape):
         torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def per_token_expert_choice_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Expert choice by its definition: each expert takes the C tokens it scores highest
+    (ties: lower token), and each token sums w_te * expert_e(x_t) over the experts that took it."""
+    c = moe.config
+    x = x.reshape(-1, c.d_model)
+    T = x.shape[0]
+    logits = x.float() @ moe.router.weight.float().t()
+    probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
+    C = max(1, min(T, math.ceil(T * c.capacity_factor / c.n_experts)))
+    took = [set(torch.sort(probs[:, e], descending=True, stable=True).indices[:C].tolist())
+            for e in range(c.n_experts)]
+    ys = []
+    for t in range(T):
+        y = torch.zeros(c.d_model)
+        for e in range(c.n_experts):
+            if t in took[e]:
+                h = x[t] @ moe.w_gate[e]
+                y = y + probs[t, e] * ((F.silu(h) * (x[t] @ moe.w_up[e])) @ moe.w_down[e])
+        if moe.shared is not None:
+            y = y + moe.shared(x[t])
+        ys.append(y)
+    return torch.stack(ys)
+
+
+@pytest.mark.parametrize("cfg", [
+    pytest.param(dict(capacity_factor=1.5, shared_d_ff=8), id="cf1.5-shared"),
+    pytest.param(dict(capacity_factor=0.5, score="sigmoid"), id="cf0.5-sigmoid"),
+    pytest.param(dict(capacity_factor=4.0), id="C=T"),
+])
+def test_expert_choice_layer_matches_per_token_definition(cfg):
+    torch.manual_seed(2)
+    moe = MoE(MoEConfig(d_model=16, d_ff=24, n_experts=4, router="expert_choice", block_m=16, init_std=0.3, **cfg))
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    y, _ = moe(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    got_dx, got = x.grad.clone(), _params_grads(moe)
+    moe.zero_grad()
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = per_token_expert_choice_reference(moe, x2).reshape(y.shape)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(got_dx, x2.grad, atol=1e-5, rtol=1e-4)
+    for name, p in moe.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_expert_choice_layer_token_with_no_expert_gets_zero():
     torch.manual_seed(0)
     moe = MoE(MoEConfig(d_model=16, d_ff=16, n_experts=4, router="expert_choice", capacity_factor=0.5,
@@ -88,6 +135,7 @@ def test_all_tokens_to_one_expert_and_load_balance_loss():
     y, aux, losses = moe(x, return_losses=True)
     _, plan = moe.route(x)
     assert plan.expert_counts.tolist() == [0, 0, 10, 0]
+    torch.testing.assert_close(y, per_token_reference(moe, x), atol=1e-5, rtol=1e-4)
     # f = (0, 0, 1, 0); P_2 = mean softmax prob of expert 2 ~ 1  ->  loss = E * P_2 ~ 4
     probs = torch.softmax(x @ moe.router.weight.t(), -1)
     assert losses["load_balance"].item() == pytest.approx(4 * probs[:, 2].mean().item(), rel=1e-5)
@@ -121,12 +169,18 @@ def test_aux_loss_uses_coefficients_and_reaches_router():
     (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(score="relu"), "score"),
     (dict(n_experts=0), "n_experts"),
+    (dict(block_m=48), "block_m must be a power of two"),
 ])
 def test_config_validation(kw, match):
     base = dict(d_model=8, d_ff=8, n_experts=4)
     base.update(kw)
     with pytest.raises(ValueError, match=match):
         MoEConfig(**base)
+
+
+def test_config_flags_must_be_bools():
+    with pytest.raises(TypeError, match="normalize_topk must be a bool"):
+        MoEConfig(d_model=8, d_ff=8, n_experts=4, normalize_topk="no")
 
 
 def test_wrong_input_width_raises():
