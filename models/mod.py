@@ -35,7 +35,9 @@ Token movement goes through flopwise's kernels (``impl="kernels"``): ``mod_selec
 ``gather_tokens`` (or ``rmsnorm_gather_tokens`` for a parallel block, whose first and only
 use of the rows is the pre-norm, so the selected rows are read once and normalised in the
 same pass; a sequential block also needs the raw rows for its inner residual, so it gathers
-them once and normalises the contiguous copy), and the out-of-place ``scatter_tokens``.
+them once and normalises the contiguous copy), and ``scatter_tokens``: out of place while
+autograd records, in place (only the k selected rows read and written) in a
+:class:`~flopwise.models.transformer.Transformer` forward without autograd.
 ``impl="torch"`` is the plain-torch pipeline (``topk``, ``sort``, ``torch.gather``,
 ``scatter_add``), the same function, kept for benchmarks and as the readable definition.
 """
@@ -130,13 +132,16 @@ class MoDBlock(nn.Module):
             return None, rmsnorm_gather_tokens(x, idx, blk.norm1.weight, blk.norm1.eps)
         return gather_tokens(x, idx), None
 
-    def _scatter(self, x: torch.Tensor, f: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``x`` with ``x[b, idx[b, j]] += w[b, j] * f[b, j]``, out of place."""
+    def _scatter(self, x: torch.Tensor, f: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                 inplace: bool = False) -> torch.Tensor:
+        """``x`` with ``x[b, idx[b, j]] += w[b, j] * f[b, j]``: out of place, or into x's own
+        rows when ``inplace`` (no autograd: only the k selected rows are read and written)."""
         if self.cfg.impl == "torch":
             idx_e = idx.long()[..., None].expand(-1, -1, x.shape[-1])
-            return x.scatter_add(1, idx_e, w.to(x.dtype)[..., None] * f)
+            add = w.to(x.dtype)[..., None] * f
+            return x.scatter_add_(1, idx_e, add) if inplace else x.scatter_add(1, idx_e, add)
         # Under autocast the block's output is bf16 while the residual stream stays fp32.
-        return scatter_tokens(x, f.to(x.dtype), idx, w)
+        return scatter_tokens(x, f.to(x.dtype), idx, w, inplace=inplace)
 
     def _select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k per row: (indices [B, K] increasing, selected scores [B, K])."""
@@ -148,9 +153,14 @@ class MoDBlock(nn.Module):
         return sel.indices, sel.weights
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, *, kv_cache: LayerKVCache | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """x: ``[B, S, D]``; positions: ``[B, S]`` (original positions, int64)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, *, kv_cache: LayerKVCache | None = None,
+                inplace: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x: ``[B, S, D]``; positions: ``[B, S]`` (original positions, int64).
+
+        ``inplace``: when autograd is off (inference, evaluation), add the block's output into
+        x's selected rows and return x itself, instead of copying all B x S rows: the caller
+        hands over x (the :class:`~flopwise.models.transformer.Transformer` does, for its own
+        residual stream). Ignored while autograd records."""
         if x.dim() != 3 or positions.shape != x.shape[:2]:
             raise ValueError(f"x must be [B, S, D] and positions [B, S], got {tuple(x.shape)} and "
                              f"{tuple(positions.shape)}")
@@ -160,19 +170,19 @@ class MoDBlock(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             r = self.router
             scores = F.linear(x.float(), r.weight.float(), r.bias.float()).squeeze(-1)  # [B, S]
+        inplace = inplace and not torch.is_grad_enabled()
         if self.routes_causally:
-            return self._forward_causal(x, positions, scores, kv_cache)
+            return self._forward_causal(x, positions, scores, kv_cache, inplace)
         if kv_cache is not None:
             raise ValueError("a MoD layer can use a KV cache only with causal routing: call eval() and use "
                              "causal='router' or 'predictor'")
         idx, sel_scores = self._select(scores)
         h, normed = self._gather(x, idx)
         f, aux = self.block.delta(h, positions.gather(1, idx.long()), normed=normed)
-        out = self._scatter(x, f, idx, torch.sigmoid(sel_scores))
-        aux.update(self._aux(x, scores, idx))
-        return out, aux
+        aux.update(self._aux(x, scores, idx))  # before the scatter, which may update x in place
+        return self._scatter(x, f, idx, torch.sigmoid(sel_scores), inplace), aux
 
-    def _forward_causal(self, x, positions, scores, kv_cache):
+    def _forward_causal(self, x, positions, scores, kv_cache, inplace=False):
         """Eval: token i enters iff its causal logit > 0 (sigmoid > 0.5); rows padded to the
         batch maximum (see the module docstring)."""
         B, S, _ = x.shape
@@ -195,7 +205,7 @@ class MoDBlock(nn.Module):
         h, normed = self._gather(x, idx)
         f, block_aux = self.block.delta(h, positions.gather(1, idx), normed=normed, valid=valid, kv_cache=kv_cache)
         aux.update(block_aux)
-        return self._scatter(x, f, idx, w), aux
+        return self._scatter(x, f, idx, w, inplace), aux
 
     def _aux(self, x, scores, idx, decide=None) -> dict[str, torch.Tensor]:
         """BCE of the causal logit against top-k membership (weighted) and its accuracy."""

@@ -626,6 +626,7 @@ class Transformer(nn.Module):
                     predictor_hidden=cfg.predictor_hidden, impl=cfg.mod_impl))
             layers.append(block)
         self.layers = nn.ModuleList(layers)
+        self._mod_layers = frozenset(i for i, r in enumerate(cfg.routing) if r == "mod")
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -678,8 +679,12 @@ class Transformer(nn.Module):
         positions = (start + torch.arange(S, device=tokens.device)).expand(B, S)
         x = self.drop(self.embed(tokens))
         aux: dict[str, torch.Tensor] = {}
+        # Without autograd the residual stream is ours to update: MoD layers add into its
+        # selected rows in place instead of copying every row.
+        inplace = not torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x, layer_aux = layer(x, positions, kv_cache=None if kv_cache is None else kv_cache.layers[i])
+            kw = {"inplace": True} if inplace and i in self._mod_layers else {}
+            x, layer_aux = layer(x, positions, kv_cache=None if kv_cache is None else kv_cache.layers[i], **kw)
             for key, val in layer_aux.items():
                 aux[f"layer{i}.{key}"] = val
         if kv_cache is not None:

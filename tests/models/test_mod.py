@@ -145,6 +145,39 @@ def test_eval_padding_equals_row_by_row_and_uses_per_token_decision(causal):
     assert aux["mod_selected_frac"] == chosen.float().mean()
 
 
+@pytest.mark.parametrize("impl", ["kernels", "torch"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train-topk"])
+def test_no_grad_forward_scatters_in_place_and_matches(impl, train, monkeypatch):
+    """Without autograd the Transformer lets its MoD layers add into the residual stream in
+    place; the logits equal the out-of-place forward's. A direct call keeps the caller's x
+    unless it passes inplace=True, and autograd always gets the out-of-place form."""
+    import flopwise.models.mod as mod_module
+
+    torch.manual_seed(3)
+    model = Transformer(_cfg(routing="every_other", mod_capacity=0.25, n_layers=4, mod_impl=impl)).train(train)
+    tokens = torch.randint(0, 256, (2, S))
+    expect = model(tokens).logits.detach()  # autograd on: out of place
+    calls = []
+    real = mod_module.scatter_tokens
+    monkeypatch.setattr(mod_module, "scatter_tokens", lambda *a, **k: calls.append(k.get("inplace")) or real(*a, **k))
+    with torch.no_grad():
+        got = model(tokens).logits
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    assert calls == ([True, True] if impl == "kernels" else [])
+    layer = model.layers[1]
+    x = torch.randn(2, S, D)
+    pos = torch.arange(S).expand(2, S)
+    with torch.no_grad():
+        keep = x.clone()
+        out, _ = layer(x, pos)
+        assert torch.equal(x, keep) and out is not x
+        out2, _ = layer(x, pos, inplace=True)
+        assert out2 is x and torch.allclose(out2, out)
+    xg = keep.clone().requires_grad_(True)
+    out3, _ = layer(xg, pos, inplace=True)  # recorded by autograd: out of place
+    assert out3 is not xg and torch.equal(xg.detach(), keep)
+
+
 @pytest.mark.parametrize("causal", ["router", "predictor"])
 def test_eval_logits_never_depend_on_future_tokens(causal):
     torch.manual_seed(1)
