@@ -66,6 +66,12 @@ class BuildOptions:
             raise ValueError(f"m1_eval must be one of {M1_EVAL}, got {self.m1_eval!r}")
         if self.method in ("ac", "equalinfo") and not self.m1:
             raise ValueError(f"method {self.method!r} needs an M1 checkpoint (m1=...)")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch device name such as 'cpu' or 'cuda', got {self.device!r}") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no CUDA device is available here")
 
 
 class Progress:
@@ -113,7 +119,11 @@ def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, 
                 digest.update(name.encode() + b"\0" + file_sha256(full).encode())
         sha = digest.hexdigest()
     elif os.path.isfile(path):
-        module = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            module = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"M1 checkpoint {path} could not be loaded: it must be a flopwise checkpoint folder "
+                             f"or a torch.save'd module file ({type(exc).__name__}: {exc})") from None
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"{path} does not hold a torch.nn.Module")
         sha = file_sha256(path)
@@ -255,7 +265,10 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
             old = out + ".old-" + os.path.basename(tmp)
             os.rename(out, old)
             os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # --force over a file (or a link): remove it, not just folders
+                os.remove(old)
         else:
             os.rename(tmp, out)
     except BaseException:
@@ -276,8 +289,11 @@ def decode(folder: str, text_file: str | None = None, *, force: bool = False, de
         raise FileExistsError(f"{text_file} exists; pass force=True (--force) to replace it")
     with open(meta_path) as f:
         meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported format_version {meta.get('format_version')}")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported format_version {meta.get('format_version') if isinstance(meta, dict) else None}")
+    missing = [k for k in ("method", "build_options", "input") if not isinstance(meta.get(k), dict if k != "method" else str)]
+    if missing:
+        raise CorruptStreamError(f"{meta_path} lacks or has malformed field(s) {missing}")
     bo = dict(meta["build_options"])
     bo.setdefault("m1_eval", "window")
     if meta.get("m1"):

@@ -164,8 +164,13 @@ class _StreamAC:
     def decompress(self, comp: Compressed, progress: Progress = None) -> bytes:
         nbits = np.asarray(comp.arrays["stream_bits"], dtype=np.int64)
         nsym = np.asarray(comp.arrays["stream_bytes"], dtype=np.int64)
-        if nbits.shape != nsym.shape or (nbits < 0).any() or (nsym < 0).any():
+        if nbits.shape != nsym.shape or nbits.ndim != 1 or (nbits < 0).any() or (nsym < 0).any():
             raise CorruptStreamError("stream_bits / stream_bytes are inconsistent")
+        # compress cut the input into chunks of chunk_bytes, the last one shorter: any other
+        # length is corruption (and would make the decoder run that many model steps)
+        if nsym.size and ((nsym[:-1] != self.chunk_bytes).any() or not 1 <= nsym[-1] <= self.chunk_bytes):
+            raise CorruptStreamError(f"stream byte counts must be chunk_bytes = {self.chunk_bytes} for every "
+                                     f"stream but the last, and 1..{self.chunk_bytes} for the last")
         ntok = np.array([n_tokens(b, self.token_bits) for b in nbits.tolist()], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(ntok)])
         if offsets[-1] != comp.tokens.size:

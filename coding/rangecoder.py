@@ -115,13 +115,23 @@ def quantize_probs(probs: torch.Tensor, cfg: CoderConfig = CoderConfig()) -> tor
 
     ``f = min_freq + floor(p * (2^precision - V * min_freq))`` in float64; the remainder (a few
     units either way) goes to the most probable symbol (lowest index on ties). Deterministic
-    for identical inputs on the same device.
+    for identical inputs on the same device. Probabilities that are not finite, negative, or
+    sum so far from 1 that a frequency would fall below ``min_freq`` raise ``ValueError``.
     """
     if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
         raise TypeError("probs must be a floating-point tensor [..., V]")
-    V = probs.shape[-1]
-    cfg.check_vocab(V)
     p = probs.double()
+    f = _quantize(p, cfg)
+    if f.numel() and not bool(torch.isfinite(p).all() & (p >= 0).all() & (f >= cfg.min_freq).all()):
+        raise ValueError("probs must be finite, non-negative and sum to 1 (each row's frequencies would "
+                         f"otherwise not be a valid table: every symbol >= min_freq = {cfg.min_freq})")
+    return f
+
+
+def _quantize(p: torch.Tensor, cfg: CoderConfig) -> torch.Tensor:
+    """:func:`quantize_probs` without its input check (for a softmax, valid by construction)."""
+    V = p.shape[-1]
+    cfg.check_vocab(V)
     spare = cfg.total - V * cfg.min_freq
     f = torch.floor(p.clamp(0.0, 1.0) * spare).long() + cfg.min_freq
     rest = cfg.total - f.sum(-1, keepdim=True)
@@ -137,7 +147,7 @@ def quantize_logits(logits: torch.Tensor, cfg: CoderConfig = CoderConfig()) -> t
         raise TypeError("logits must be a floating-point tensor [..., V]")
     if not torch.isfinite(logits).all():
         raise ValueError("logits must be finite")
-    return quantize_probs(torch.softmax(logits.double(), dim=-1), cfg)
+    return _quantize(torch.softmax(logits.double(), dim=-1), cfg)
 
 
 def cdf_from_freqs(freqs: torch.Tensor) -> torch.Tensor:

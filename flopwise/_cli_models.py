@@ -52,12 +52,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from flopwise.models.checkpoint import load_model
     from flopwise.models.data import decode, encode
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from flopwise.models.train import resolve_device
+
+    device = resolve_device(args.device)
     model = load_model(args.checkpoint, device=device)
     if model.cfg.vocab_size != 256:
         raise ValueError(f"generate encodes the prompt as bytes; the checkpoint's vocab_size is {model.cfg.vocab_size}")

@@ -498,8 +498,9 @@ class Trainer:
 
         ``causal=True`` evaluates in ``eval()`` mode, where MoD layers route causally (the
         way generation runs); ``causal=False`` keeps training-mode top-k routing, which
-        looks at the whole window. ``max_tokens=-1``: ``cfg.eval_tokens``; None: all
-        validation tokens.
+        looks at the whole window. Expert-choice MoE layers route over the whole window in
+        either mode (expert choice has no causal form), so their score sees the future.
+        ``max_tokens=-1``: ``cfg.eval_tokens``; None: all validation tokens.
 
         Returns ``{"val_loss", "val_bits_per_token", "val_bpb", "val_tokens"}`` plus
         ``mod_predictor_acc`` for MoD models: ``val_loss`` in nats per token,
@@ -624,7 +625,8 @@ class Trainer:
         states and TrainConfig (``overrides`` change TrainConfig fields, e.g. ``max_steps``
         or ``out_dir``). ``data``: as in :class:`Trainer` (pass the run's
         :class:`~flopwise.models.data.TokenData` for a token run). A different corpus than
-        the run's is refused (its checksum is in the checkpoint)."""
+        the run's is refused (its checksum is in the checkpoint); so is data with another seed
+        (the data order), and a bare corpus gets the run's seed."""
         ck = load_checkpoint(path)
         st = ck.trainer_state
         if st is None or ck.optimizer is None:
@@ -637,10 +639,14 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was trained on corpus {st['data']['corpus']!r} "
                              f"(sha256 {st['data']['sha256'][:12]}...), not {corpus.name!r} ({corpus.sha256[:12]}...)")
         bos = st["data"].get("bos")
+        seed = int(st["data"].get("seed", cfg.seed))
         if isinstance(data, TextCorpus):
-            data = ByteData(data, seed=cfg.seed, bos=bos)
+            data = ByteData(data, seed=seed, bos=bos)  # the run's data order, whatever cfg.seed says
         elif data.bos != bos:
             raise ValueError(f"checkpoint {path} was trained with bos={bos}, the data given has bos={data.bos}")
+        elif data.seed != seed:
+            raise ValueError(f"checkpoint {path} was trained on data seed {seed}, the data given has seed "
+                             f"{data.seed}: its batches would differ from the run's (pass seed={seed}, or the corpus)")
         t = cls(ck.config, cfg, data, progress=progress, label=label)
         t.model.load_state_dict(ck.model.state_dict())
         load_optimizer_tensors(t.model, t.optimizer, ck.optimizer)

@@ -707,7 +707,9 @@ class Transformer(nn.Module):
         ``softmax(logits / temperature)``, restricted to the ``top_k`` most likely tokens when
         given, with a ``torch.Generator`` seeded by ``seed``. Runs in eval mode (MoD layers
         route causally) and restores the previous mode. ``use_cache=False`` recomputes the
-        whole sequence each step (the definition the cached path must match).
+        whole sequence each step (the definition the cached path must match). Expert-choice
+        MoE layers route over all tokens of a call, so they are not causal: such a model
+        generates only with ``use_cache=False``.
         """
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError("prompt must be an int tensor [B, S0] with S0 >= 1")
@@ -721,6 +723,11 @@ class Transformer(nn.Module):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         if use_cache and self.cfg.n_mod_layers and self.cfg.mod_causal == "none":
             raise ValueError("KV-cache generation needs causal MoD routing (mod_causal 'router' or 'predictor')")
+        if use_cache and "moe" in self.cfg.mlp and self.cfg.moe_router == "expert_choice":
+            raise ValueError(
+                "KV-cache generation needs causal routing, and expert choice is not causal: each expert picks "
+                "its top tokens among all tokens of the call (at a one-token step, every expert picks that "
+                "token). Use use_cache=False, which reruns the whole sequence each step, or token choice.")
         gen = None
         if seed is not None:
             gen = torch.Generator(device=prompt.device).manual_seed(seed)

@@ -134,3 +134,46 @@ def test_outputs_atomic_force_and_corruption(tmp_path, prose):
         BuildOptions(method="ac")
     with pytest.raises(FileNotFoundError):
         build(str(tmp_path / "missing.txt"), str(tmp_path / "x"), BuildOptions(), progress=False)
+
+
+@pytest.mark.parametrize("change", ["last-huge", "last-2**40", "middle-short", "last-zero"])
+def test_corrupt_stream_lengths_raise_at_once(tmp_path, prose, change):
+    """Every stream but the last holds chunk_bytes bytes: another count is corruption, caught
+    before the decoder would run that many model steps."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(prose[:6_000])
+    out = tmp_path / "ds"
+    build(str(corpus), str(out), BuildOptions(method="static", chunk_bytes=2000), progress=False)
+    a = np.load(out / "stream_bytes.npy")
+    i, v = {"last-huge": (-1, 3_000_000), "last-2**40": (-1, 2**40), "middle-short": (1, 1999),
+            "last-zero": (-1, 0)}[change]
+    a[i] = v
+    np.save(out / "stream_bytes.npy", a)
+    with pytest.raises(CorruptStreamError, match="chunk_bytes = 2000"):
+        decode(str(out), progress=False)
+
+
+def test_build_force_over_a_file_and_bad_arguments(tmp_path, prose, capsys):
+    from flopwise import cli
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(prose[:3_000])
+    target = tmp_path / "was-a-file"
+    target.write_text("hi")
+    build(str(corpus), str(target), BuildOptions(method="gzip"), force=True, progress=False)
+    assert target.is_dir() and sorted(os.listdir(tmp_path)) == ["c.txt", "was-a-file"]
+    (tmp_path / "notamodel.pt").write_text("not a checkpoint")
+    for argv, match in [
+        (["coding", "build", str(corpus), str(tmp_path / "o1"), "--method", "ac", "--m1",
+          str(tmp_path / "notamodel.pt")], "could not be loaded"),
+        (["coding", "build", str(corpus), str(tmp_path / "o2"), "--method", "gzip", "--device", "cuda:0" if not torch.cuda.is_available()
+          else "nodevice"], "device"),
+    ]:
+        assert cli.main(argv) == 2
+        assert match in capsys.readouterr().err
+    meta = json.loads((target / "meta.json").read_text())
+    del meta["build_options"]
+    (target / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptStreamError, match="build_options"):
+        decode(str(target), progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

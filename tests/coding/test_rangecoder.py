@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flopwise.coding import rangecoder as rc
-from flopwise.coding.rangecoder import CoderConfig, CorruptStreamError, cdf_from_freqs, quantize_logits
+from flopwise.coding.rangecoder import CoderConfig, CorruptStreamError, cdf_from_freqs, quantize_logits, quantize_probs
 
 
 def _roundtrip(sym, cdf, lengths=None, precision=24):
@@ -45,6 +45,23 @@ def test_quantize_properties():
         quantize_logits(torch.zeros(1, 65537))
     with pytest.raises(ValueError, match="precision"):
         CoderConfig(precision=25)
+
+
+@pytest.mark.parametrize("probs", [
+    pytest.param([[1.0, 1.0, 1.0, 1.0]], id="sum-4"),
+    pytest.param([[float("nan"), 0.5, 0.5, 0.0]], id="nan"),
+    pytest.param([[-0.1, 0.6, 0.5, 0.0]], id="negative"),
+])
+def test_quantize_probs_refuses_what_is_not_a_distribution(probs):
+    with pytest.raises(ValueError, match="finite, non-negative and sum to 1"):
+        quantize_probs(torch.tensor(probs))
+
+
+def test_quantize_probs_takes_a_rounded_distribution():
+    p = torch.softmax(torch.randn(3, 65536) * 4, -1)
+    for q in (p, p.bfloat16(), p.half()):
+        f = quantize_probs(q)
+        assert (f.sum(-1) == 2**24).all() and (f >= 1).all()
 
 
 def test_thousands_of_random_streams():

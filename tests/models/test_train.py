@@ -261,6 +261,17 @@ def test_exact_resume(tmp_path, corpus, variant):
     assert_exact_resume(tmp_path, ModelConfig(**TINY, **extra), _tc(max_steps=6, grad_accum=2), corpus, corpus, 6)
 
 
+def test_resume_keeps_the_runs_data_seed(tmp_path, corpus):
+    """A run on ByteData(seed=7) with TrainConfig.seed 0: resuming from the bare corpus replays
+    seed 7's batches; data with another seed is refused."""
+    from flopwise.models.data import ByteData
+
+    tc = _tc(max_steps=4)
+    assert_exact_resume(tmp_path, ModelConfig(**TINY), tc, ByteData(corpus, seed=7), corpus, 4)
+    with pytest.raises(ValueError, match="data seed 7"):
+        Trainer.resume(tmp_path / "ck", ByteData(corpus, seed=0), progress=False)
+
+
 def test_resume_refuses_another_corpus(tmp_path, corpus):
     t = Trainer(ModelConfig(**TINY), _tc(), corpus, progress=False)
     t.train_step()

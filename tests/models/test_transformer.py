@@ -250,3 +250,32 @@ def test_rope_tables_stay_fp32_under_dtype_casts():
     assert attn.wqkv.weight.dtype == torch.bfloat16
     assert attn.rope_cos.dtype == torch.float32 and attn.rope_sin.dtype == torch.float32
     torch.testing.assert_close(attn.rope_cos, Transformer(_cfg()).layers[0].attn.rope_cos, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [
+    pytest.param(dict(mlp="moe", moe_n_experts=4, moe_top_k=2), id="moe"),
+    pytest.param(dict(mlp="moe", moe_n_experts=4, routing="every_other", mod_capacity=0.25), id="mod+moe"),
+])
+def test_generation_cache_equals_recompute_moe(kw, monkeypatch):
+    monkeypatch.setenv("FLOPWISE_BACKEND", "reference")  # the cache logic, not the kernels (interpreter: minutes)
+    torch.manual_seed(0)
+    model = Transformer(_cfg(tie_embeddings=False, n_layers=2, **kw))
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    prompt = torch.randint(0, 256, (3, 5))
+    greedy = model.generate(prompt, 20)
+    assert greedy[:, 5:].unique().numel() > 4
+    assert torch.equal(greedy, model.generate(prompt, 20, use_cache=False))
+    sampled = model.generate(prompt, 20, temperature=1.0, seed=1)
+    assert torch.equal(sampled, model.generate(prompt, 20, temperature=1.0, seed=1, use_cache=False))
+
+
+def test_expert_choice_model_refuses_cached_generation(monkeypatch):
+    """Expert choice is not causal (at a one-token step every expert picks that token), so a
+    cached generation would silently differ from the recomputed one: it is refused."""
+    monkeypatch.setenv("FLOPWISE_BACKEND", "reference")
+    model = Transformer(_cfg(mlp="moe", moe_n_experts=4, moe_router="expert_choice"))
+    prompt = torch.randint(0, 256, (2, 5))
+    with pytest.raises(ValueError, match="expert choice is not causal"):
+        model.generate(prompt, 3)
+    assert model.generate(prompt, 3, use_cache=False).shape == (2, 8)
