@@ -9,6 +9,13 @@ per token, FLOPs per token, steps, tokens/s, MFU (GPU), validation bits per byte
 MoD routing-prediction accuracy, then a greedy sample from each model (KV-cache
 generation; MoD layers route causally).
 
+Then the other two results of the project, on the dense model it just trained: sparse
+upcycling (the checkpoint, Adam moments included, becomes an MoE of 4 copied experts,
+top-2, on every other layer; it and the dense model train on for the same steps) and
+training data over compressed text (GZip, StaticAC, ArithmeticCoding and EqualInfoAC[b=16]
+on a slice of validation text cut into 32 streams, with the dense model as M1, each decoded
+back and compared).
+
 Time: the wall-clock budget (``--budget-s``) is split by measurement, not guessed: a few
 steps of every variant are timed first, and the dense step count is the largest that fits
 the budget once every variant's matched steps are paid for, within the preset's floor and
@@ -38,7 +45,7 @@ from .data import ByteData, TextCorpus, decode, load_corpus
 from .train import TrainConfig, Trainer, active_params, peak_flops, resolve_device, resolve_preset
 from .transformer import ModelConfig
 
-__all__ = ["DemoPreset", "DemoRow", "DemoResult", "run_demo", "format_table"]
+__all__ = ["DemoPreset", "DemoRow", "DemoResult", "run_demo", "format_table", "format_upcycle", "format_coding"]
 
 
 @dataclass
@@ -61,6 +68,8 @@ class DemoPreset:
     warmup_frac: float = 0.1
     eval_tokens: int = 65536
     sample_bytes: int = 64
+    upcycle_steps: int = 100
+    coding_bytes: int = 16384
 
     @classmethod
     def preset(cls, name: str) -> "DemoPreset":
@@ -89,11 +98,11 @@ _PRESETS: dict[str, Callable[[], DemoPreset]] = {
     "gpu": lambda: DemoPreset("gpu", dict(d_model=512, n_layers=8, n_heads=8, d_ff=1408, max_seq_len=512,
                                           pad_to_multiple_of=64),
                               _variants(1408, experts=8), seq_len=512, batch_size=64, lr=2e-3, budget_s=480.0,
-                              max_dense_steps=2000, min_dense_steps=200),
+                              max_dense_steps=2000, min_dense_steps=200, upcycle_steps=300, coding_bytes=65536),
     "smoke": lambda: DemoPreset("smoke", dict(d_model=32, n_layers=2, n_heads=2, d_ff=96, max_seq_len=64),
                                 _variants(96), seq_len=64, batch_size=4, lr=1e-2, budget_s=30.0,
                                 max_dense_steps=12, min_dense_steps=12, fixed_dense_steps=12, eval_tokens=1024,
-                                sample_bytes=16),
+                                sample_bytes=16, upcycle_steps=3, coding_bytes=600),
 }
 
 
@@ -126,6 +135,11 @@ class DemoRow:
 
 @dataclass
 class DemoResult:
+    """``upcycle``: dense continued vs upcycled MoE after the same steps (dicts: name, params,
+    val_bpb_start, val_bpb, steps, tokens_per_s); ``coding``: the compression table of a
+    validation slice (dicts: method, bits_per_byte, compression_ratio, bytes_per_token,
+    encode_kbps, decode_kbps), every stream decoded back exactly."""
+
     rows: list[DemoRow]
     corpus: str
     device: str
@@ -133,6 +147,9 @@ class DemoResult:
     seconds: float
     table: str = ""
     notes: list[str] = field(default_factory=list)
+    upcycle: list[dict] = field(default_factory=list)
+    upcycle_max_abs_diff: float | None = None
+    coding: list[dict] = field(default_factory=list)
 
 
 def _fmt_n(x: float) -> str:
@@ -316,12 +333,18 @@ def _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progre
             sample = decode(out[0, ids.shape[1]:].cpu())
         if out_dir:
             trainer.save(f"{out_dir}/{n.replace('+', '_')}")
+        if i == 0:
+            dense_trainer = trainer
         rows.append(DemoRow(
             name=n, params=trainer.model.num_parameters(), active_params=active_params(trainer.model),
             flops_per_token=fpt[n], steps=res.steps, planned_steps=plan[n], tokens=res.tokens, flops=res.flops,
             tokens_per_s=res.tokens_per_s, mfu=res.mfu, val_bpb=res.val_bpb, val_bpb_topk=topk,
             mod_predictor_acc=acc, first_loss=res.losses[0], last_loss=res.losses[-1], seconds=res.seconds,
             sample=sample))
+    left = max(10.0, deadline - (time.perf_counter() - t_start))
+    upcycled, max_diff = _upcycle_stage(dense_trainer, data, p, left if hard_limit else None, progress)
+    coding = _coding_stage(dense_trainer.model, text, p, dev)
+    del dense_trainer
     seconds = time.perf_counter() - t_start
     table = format_table(rows)
     dense_flops = rows[0].flops
@@ -344,5 +367,109 @@ def _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progre
     log(f"samples (temperature 0.7, top-10, seed 0; prompt {prompt!r}):")
     for r in rows:
         log(f"  {r.name:8s} {r.sample!r}")
+    log("")
+    log(f"sparse upcycling: the dense model above upcycled to {_UPCYCLE_EXPERTS} experts, top-{_UPCYCLE_TOP_K}, "
+        f"on every other layer (copied MLPs, fresh router; logits right after: max |diff| {max_diff:.1e}), "
+        "then both trained on with the same data and schedule:")
+    log(format_upcycle(upcycled))
+    log("")
+    n_code = len(text.val[:p.coding_bytes])
+    log(f"compressed text: {n_code:,} validation bytes (GZip in 4,096-byte chunks, the coders in 32 streams of "
+        f"{max(256, -(-n_code // 32)):,} bytes), M1 = the dense model above; every stream decoded back exactly:")
+    log(format_coding(coding))
     log(f"corpus: {text.name}; total {seconds:.0f} s")
-    return DemoResult(rows, text.name, str(dev), p.name, seconds, table, notes)
+    return DemoResult(rows, text.name, str(dev), p.name, seconds, table, notes, upcycled, max_diff, coding)
+
+
+_UPCYCLE_EXPERTS, _UPCYCLE_TOP_K = 4, 2
+
+
+def _upcycle_stage(dense: Trainer, data: ByteData, p: DemoPreset, time_left: float | None,
+                   progress: bool) -> tuple[list[dict], float]:
+    """Upcycle the dense run's checkpoint (weights, AdamW moments, step) and continue it and
+    the dense model for ``p.upcycle_steps`` steps each (the cosine schedule stretched to the
+    new end, the same for both): equal steps, not equal compute (top-2 of full-width copies
+    costs more per token)."""
+    import os
+    import tempfile
+
+    from .upcycle import UpcycleOptions, upcycle
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="flopwise-demo-") as root:
+        dense_ck = os.path.join(root, "dense")
+        dense.save(dense_ck)
+        moe_ck = os.path.join(root, "upcycled")
+        report = upcycle(dense_ck, moe_ck, UpcycleOptions(n_experts=_UPCYCLE_EXPERTS, top_k=_UPCYCLE_TOP_K,
+                                                          layers="every_other", format="flopwise"),
+                         verify=True, force=True, fsync=False)
+        end = dense.step + p.upcycle_steps
+        for i, (name, path) in enumerate((("dense (continued)", dense_ck), ("upcycled MoE", moe_ck))):
+            limit = None if time_left is None else max(5.0, time_left / 2)
+            t = Trainer.resume(path, data, progress=progress, label=f"{name:8s} ", max_steps=end,
+                               time_budget_s=limit, min_steps=dense.step + 1, out_dir=None, save_every=0)
+            start = t.evaluate()["val_bpb"]
+            res = t.fit()
+            rows.append({"name": name, "params": t.model.num_parameters(), "val_bpb_start": start,
+                         "val_bpb": res.val_bpb, "steps": res.steps, "tokens_per_s": res.tokens_per_s})
+    return rows, report.verify.max_abs_diff
+
+
+def format_upcycle(rows: list[dict]) -> str:
+    head = ("model", "params", "steps", "val bpb before", "val bpb after", "tok/s")
+    lines = [(r["name"], _fmt_n(r["params"]), str(r["steps"]), f"{r['val_bpb_start']:.3f}", f"{r['val_bpb']:.3f}",
+              _fmt_n(r["tokens_per_s"])) for r in rows]
+    return _text_table(head, lines)
+
+
+def _coding_stage(model, text: TextCorpus, p: DemoPreset, dev: torch.device) -> list[dict]:
+    """Lester et al.'s methods on a validation slice with ``model`` as M1: GZip, StaticAC
+    (unigram of the training text), ArithmeticCoding and EqualInfoAC[b=16], 8-bit tokens.
+    Each result is decoded and compared with the input (a mismatch raises)."""
+    from flopwise.coding import ArithmeticCoding, CachedLM, EqualInfoAC, GZip, StaticAC, StaticModel
+    from flopwise.coding.dataset import compression_stats
+    from flopwise.coding.rangecoder import CorruptStreamError
+
+    data = text.val[: p.coding_bytes]
+    model = model.eval()
+    S = model.cfg.max_seq_len
+    # 32 streams coded side by side (one model call advances all of them): the coder's time
+    # goes with the steps of the longest stream, not with the bytes
+    chunk = max(256, -(-len(data) // 32))
+    coders = [
+        ("GZip", "gzip", lambda: GZip(8, 4096)),  # no model steps; smaller chunks would only hurt it
+        ("StaticAC", "static", lambda: StaticAC(StaticModel.fit(text.train[: 1 << 22]), 8, chunk, device=dev)),
+        ("AC", "ac", lambda: ArithmeticCoding(CachedLM(model, context_len=S), 8, chunk, device=dev)),
+        ("EqualInfoAC[b=16]", "equalinfo", lambda: EqualInfoAC(
+            CachedLM(model, context_len=min(S, EqualInfoAC.context_len(64))), 16, 8, chunk, device=dev)),
+    ]
+    rows = []
+    for name, method, make in coders:
+        coder = make()
+        t0 = time.perf_counter()
+        comp = coder.compress(data)
+        t1 = time.perf_counter()
+        back = coder.decompress(comp)
+        t2 = time.perf_counter()
+        if back != data:
+            raise CorruptStreamError(f"{name} did not decode back to its input")
+        st = compression_stats(comp, len(data), 8, method, 16 if method == "equalinfo" else None)
+        rows.append({"method": name, "bits_per_byte": st["bits_per_byte"], "compression_ratio":
+                     st["compression_ratio"], "bytes_per_token": st["bytes_per_token"],
+                     "encode_kbps": len(data) / max(t1 - t0, 1e-9) / 1e3,
+                     "decode_kbps": len(data) / max(t2 - t1, 1e-9) / 1e3})
+    rows.sort(key=lambda r: r["bits_per_byte"])
+    return rows
+
+
+def format_coding(rows: list[dict]) -> str:
+    head = ("method", "bits/byte", "ratio", "bytes/token", "encode kB/s", "decode kB/s")
+    lines = [(r["method"], f"{r['bits_per_byte']:.3f}", f"{r['compression_ratio']:.2f}", f"{r['bytes_per_token']:.2f}",
+              f"{r['encode_kbps']:,.1f}", f"{r['decode_kbps']:,.1f}") for r in rows]
+    return _text_table(head, lines)
+
+
+def _text_table(head: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, lines)])

@@ -130,3 +130,18 @@ def test_a_cut_dense_run_rematches_the_variants(monkeypatch):
     assert dense.steps == 10 and dense.planned_steps == 30 and dense.cut
     assert moe.planned_steps == 10 and mod.planned_steps == round(10 * dense.flops_per_token / mod.flops_per_token)
     assert any("dense stopped at 10 of 30 steps" in line for line in lines)
+
+
+def test_demo_upcycles_and_codes(demo):
+    """The demo grows the other results: the dense model upcycled to an MoE and both trained
+    on, and the dense model as M1 of every compressed-text method (each decoded exactly)."""
+    result, text, _ = demo
+    assert [r["name"] for r in result.upcycle] == ["dense (continued)", "upcycled MoE"]
+    dense, moe = result.upcycle
+    assert result.upcycle_max_abs_diff < 1e-4  # the upcycled MoE starts as the dense model
+    assert dense["val_bpb_start"] == pytest.approx(moe["val_bpb_start"], abs=1e-3)
+    assert moe["params"] > dense["params"] and dense["steps"] == moe["steps"] == 3
+    assert all(0 < r["val_bpb"] < 8 for r in result.upcycle)
+    assert {r["method"] for r in result.coding} == {"GZip", "StaticAC", "AC", "EqualInfoAC[b=16]"}
+    assert all(r["bits_per_byte"] > 0 and r["compression_ratio"] > 0 for r in result.coding)
+    assert "sparse upcycling" in text and "compressed text" in text and "decoded back exactly" in text
