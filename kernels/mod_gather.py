@@ -77,16 +77,23 @@ __all__ = [
 if HAS_TRITON:
 
     @triton.jit
+    def _selected_rows(idx_ptr, n_sel, S, K, ROWS: tl.constexpr):
+        """This program's ROWS selected rows ``j = b*K + i`` (int64), which exist, and the
+        flattened source row ``b*S + idx[j]`` of each."""
+        j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = j < n_sel
+        src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
+        return j, row_ok, src
+
+    @triton.jit
     def _gather_tokens_fwd_kernel(
         x_ptr, idx_ptr, out_ptr,
         n_sel, S, K, D,
         ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[j] = x[b*S + idx[j]] for the flattened selection j = b*K + i."""
-        j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        j, row_ok, src = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
         cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-        row_ok = j < n_sel
-        src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
         mask = row_ok[:, None] & (cols[None, :] < D)
         # Each selected row is read exactly once: stream it past L2 ("evict_first").
         v = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask, eviction_policy="evict_first")
@@ -139,10 +146,8 @@ if HAS_TRITON:
         ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """residual[b*S + idx[j]] += w[j] * y[j]; distinct indices -> one writer per row, no atomics."""
-        j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        j, row_ok, dst = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
         cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-        row_ok = j < n_sel
-        dst = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
         mask = row_ok[:, None] & (cols[None, :] < D)
         dst_offs = dst[:, None] * D + cols[None, :]
         res = tl.load(res_ptr + dst_offs, mask=mask, other=0.0).to(tl.float32)
@@ -163,9 +168,7 @@ if HAS_TRITON:
         One program owns ROWS selected rows and loops over D, so the dot product is finished in
         registers (no second reduction stage, deterministic).
         """
-        j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        row_ok = j < n_sel
-        src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
+        j, row_ok, src = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
         wv = tl.load(w_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
         dot = tl.zeros((ROWS,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -186,11 +189,9 @@ if HAS_TRITON:
     ):
         """out[j] = x[src_j] * rsqrt(mean(x[src_j]**2) + eps) * gamma, whole rows in registers
         (BLOCK_D >= D), so each selected row is read once."""
-        j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        j, row_ok, src = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
         cols = tl.arange(0, BLOCK_D)
-        row_ok = j < n_sel
         col_ok = cols < D
-        src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
         mask = row_ok[:, None] & col_ok[None, :]
         xv = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0,
                      eviction_policy="evict_first").to(tl.float32)

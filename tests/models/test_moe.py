@@ -48,15 +48,20 @@ def _params_grads(moe):
 def test_moe_matches_per_token_loop(cfg, shape):
     torch.manual_seed(1)
     moe = MoE(MoEConfig(d_model=16, d_ff=24, n_experts=4, block_m=16, init_std=0.2, **cfg))
-    x = torch.randn(*shape, 16, requires_grad=True)
-    y, aux = moe(x)
+    _assert_layer_matches(moe, torch.randn(*shape, 16), per_token_reference)
+
+
+def _assert_layer_matches(moe: MoE, x: torch.Tensor, reference) -> None:
+    """The layer's output and the gradients of x and of every parameter equal the reference's."""
+    x = x.requires_grad_(True)
+    y, _ = moe(x)
     assert y.shape == x.shape
     g = torch.randn_like(y)
     (y * g).sum().backward()
     got_dx, got = x.grad.clone(), _params_grads(moe)
     moe.zero_grad()
     x2 = x.detach().clone().requires_grad_(True)
-    ref = per_token_reference(moe, x2).reshape(y.shape)
+    ref = reference(moe, x2).reshape(y.shape)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
     (ref * g).sum().backward()
     torch.testing.assert_close(got_dx, x2.grad, atol=1e-5, rtol=1e-4)
@@ -96,19 +101,7 @@ def per_token_expert_choice_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor
 def test_expert_choice_layer_matches_per_token_definition(cfg):
     torch.manual_seed(2)
     moe = MoE(MoEConfig(d_model=16, d_ff=24, n_experts=4, router="expert_choice", block_m=16, init_std=0.3, **cfg))
-    x = torch.randn(2, 9, 16, requires_grad=True)
-    y, _ = moe(x)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    got_dx, got = x.grad.clone(), _params_grads(moe)
-    moe.zero_grad()
-    x2 = x.detach().clone().requires_grad_(True)
-    ref = per_token_expert_choice_reference(moe, x2).reshape(y.shape)
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
-    (ref * g).sum().backward()
-    torch.testing.assert_close(got_dx, x2.grad, atol=1e-5, rtol=1e-4)
-    for name, p in moe.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    _assert_layer_matches(moe, torch.randn(2, 9, 16), per_token_expert_choice_reference)
 
 
 def test_expert_choice_layer_token_with_no_expert_gets_zero():
