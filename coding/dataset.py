@@ -104,7 +104,8 @@ def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, 
 
     ``eval_mode`` (see :data:`M1_EVAL`): ``"cached"`` gives a :class:`CachedLM` (dense flopwise
     Transformers only), ``"window"`` a :class:`ModuleModel`, ``"auto"`` the first that applies.
-    ``context_len`` defaults to the model's ``max_seq_len`` and is capped at ``max_context``."""
+    ``context_len`` defaults to the model's ``max_seq_len``; a cached model's is capped at
+    ``max_context``."""
     if eval_mode not in M1_EVAL:
         raise ValueError(f"eval_mode must be one of {M1_EVAL}, got {eval_mode!r}")
     if os.path.isdir(path):
@@ -139,10 +140,8 @@ def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, 
         context_len = getattr(cfg, "max_seq_len", None)
         if context_len is None:
             raise ValueError("context_len is needed for a module without cfg.max_seq_len")
-    if max_context is not None:
-        # cached: slots past max_context would stay unused; window: positions past it would
-        # only re-read padding (the context restarts with every EqualInfoAC window)
-        context_len = min(context_len, max_context)
+    if max_context is not None and eval_mode == "cached":
+        context_len = min(context_len, max_context)  # slots past max_context would stay unused
     if eval_mode == "cached":
         model = CachedLM(module, context_len=context_len, batch_rows=batch_rows)
     else:
