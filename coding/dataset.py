@@ -67,11 +67,16 @@ class BuildOptions:
         if self.method in ("ac", "equalinfo") and not self.m1:
             raise ValueError(f"method {self.method!r} needs an M1 checkpoint (m1=...)")
         try:
-            dev = torch.device(self.device)
+            torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device must be a torch device name such as 'cpu' or 'cuda', got {self.device!r}") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r}: no CUDA device is available here")
+
+    def check_device(self) -> None:
+        """The coders run on ``device``: CUDA must be there (GZip runs on the host, always)."""
+        if self.method != "gzip" and torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no CUDA device is available here"
+                             + (" (decoding must use the device type the data were built on)"
+                                if self.m1 else ""))
 
 
 class Progress:
@@ -230,6 +235,7 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
     out = os.path.abspath(out)
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+    opts.check_device()
     data = _read_corpus(corpus)
     coder, m1_info = _coder(opts, _read_corpus(train) if train else data, None)
     show = len(data) > (1 << 20) if progress is None else progress
@@ -246,7 +252,8 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
         "m1": m1_info,
         "input": {"path": os.path.abspath(corpus), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
         "torch": torch.__version__,
-        "device": opts.device if not opts.device.startswith("cuda") else torch.cuda.get_device_name(opts.device),
+        "device": (torch.cuda.get_device_name(opts.device) if opts.device.startswith("cuda") and opts.method != "gzip"
+                   else opts.device),
     }
     parent = os.path.dirname(out) or "."
     os.makedirs(parent, exist_ok=True)
@@ -305,6 +312,7 @@ def decode(folder: str, text_file: str | None = None, *, force: bool = False, de
     if m1:
         bo["m1"] = m1
     opts = BuildOptions(**bo)
+    opts.check_device()
     static = None
     if opts.method == "static":
         static = np.load(os.path.join(folder, "static_model.npy"))

@@ -139,13 +139,16 @@ def _eager_backward(backward, backward_op, name: str):
     a functional collective's wrapper, which only the dispatcher unwraps.
 
     The kernels' gradients carry no autograd graph, so a second derivative through them
-    (``create_graph=True`` with gradients that require grad) raises instead of silently
+    (``create_graph=True`` with gradients or saved inputs that require grad) raises instead of silently
     leaving their part out. (``torch.autograd.function.once_differentiable`` does not
     protect this case: its error node is pruned whenever the inputs are also reachable
     by another path.)"""
 
     def run(ctx, *grads):
-        if torch.is_grad_enabled() and any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+        # grad mode is on in a backward only under create_graph=True; the result then needs a
+        # graph if the incoming gradients or the saved inputs require grad
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (*grads, *ctx.saved_tensors)):
             raise RuntimeError(
                 f"{name}: its backward runs Triton kernels and is differentiable once; a second "
                 "derivative (create_graph=True) through it is not supported. FLOPWISE_BACKEND=reference "

@@ -720,6 +720,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = F
     _check_idx(idx, x, "x", check_indices)
     if traced(x, idx):
         return torch.ops.flopwise.mod_gather(x, idx)
+    if not use_triton(x, op="gather_tokens"):  # plain torch ops: differentiable to any order
+        return gather_tokens_reference(x, idx)
     return GatherTokensFunction.apply(x, idx)
 
 
@@ -792,6 +794,8 @@ def scatter_tokens(
         return residual
     if traced(residual, y, idx, weight):
         return torch.ops.flopwise.mod_scatter(residual, y, idx, weight)
+    if not use_triton(residual, op="scatter_tokens"):
+        return scatter_tokens_reference(residual, y, idx, weight)
     return ScatterTokensFunction.apply(residual, y, idx, weight)
 
 
@@ -836,4 +840,6 @@ def rmsnorm_gather_tokens(
         raise ValueError(f"eps must be >= 0, got {eps}")
     if traced(x, idx, gamma):
         return torch.ops.flopwise.mod_rmsnorm_gather(x, idx, gamma, float(eps))
+    if not use_triton(x, op="rmsnorm_gather_tokens"):
+        return rmsnorm_gather_tokens_reference(x, idx, gamma, float(eps))
     return RMSNormGatherTokensFunction.apply(x, idx, gamma, float(eps))

@@ -158,8 +158,8 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("inductor fused", r"^triton_"),
     ("flopwise kernels", r"^_\w+_kernel$"),
     ("memcpy/memset", r"memcpy|memset"),
-    ("eager elementwise", r"elementwise|^aten::(add|mul|sub|div|copy_|to|_to_copy|silu|neg|cat|fill_|zero_)"),
-    ("eager reduction", r"reduce_kernel|^aten::(sum|mean|max|min|amax)"),
+    ("eager elementwise", r"elementwise|^aten::(add|mul|sub|div|copy_|to|_to_copy|silu|neg|cat|fill_|zero_)_?$"),
+    ("eager reduction", r"reduce_kernel|^aten::(sum|mean|max|min|amax)$"),
 )
 
 

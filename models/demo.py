@@ -14,7 +14,9 @@ upcycling (the checkpoint, Adam moments included, becomes an MoE of 4 copied exp
 top-2, on every other layer; it and the dense model train on for the same steps) and
 training data over compressed text (GZip, StaticAC, ArithmeticCoding and EqualInfoAC[b=16]
 on a slice of validation text cut into 32 streams, with the dense model as M1, each decoded
-back and compared).
+back and compared). These stages come after the deadline below (about 60 s more on the CPU
+preset); their two continued runs share what time is left before it, at least 5 s each, so
+on a loaded machine the upcycled MoE may train fewer steps than dense (the table shows steps).
 
 Time: the wall-clock budget (``--budget-s``) is split by measurement, not guessed: a few
 steps of every variant are timed first, and the dense step count is the largest that fits

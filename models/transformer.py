@@ -626,7 +626,6 @@ class Transformer(nn.Module):
                     predictor_hidden=cfg.predictor_hidden, impl=cfg.mod_impl))
             layers.append(block)
         self.layers = nn.ModuleList(layers)
-        self._mod_layers = frozenset(i for i, r in enumerate(cfg.routing) if r == "mod")
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -680,10 +679,11 @@ class Transformer(nn.Module):
         x = self.drop(self.embed(tokens))
         aux: dict[str, torch.Tensor] = {}
         # Without autograd the residual stream is ours to update: MoD layers add into its
-        # selected rows in place instead of copying every row.
-        inplace = not torch.is_grad_enabled()
+        # selected rows in place instead of copying every row. Not while forward hooks are
+        # registered: a hook may keep a layer's output, which the next MoD layer would change.
+        inplace = not torch.is_grad_enabled() and not _has_forward_hooks(self)
         for i, layer in enumerate(self.layers):
-            kw = {"inplace": True} if inplace and i in self._mod_layers else {}
+            kw = {"inplace": True} if inplace and self.cfg.routing[i] == "mod" else {}
             x, layer_aux = layer(x, positions, kv_cache=None if kv_cache is None else kv_cache.layers[i], **kw)
             for key, val in layer_aux.items():
                 aux[f"layer{i}.{key}"] = val
@@ -748,6 +748,16 @@ class Transformer(nn.Module):
             return tokens
         finally:
             self.train(was_training)
+
+
+def _has_forward_hooks(model: nn.Module) -> bool:
+    """A forward hook that could see the residual stream: on the model, the embedding, the
+    dropout after it, any layer (their outputs are the stream), or a global one."""
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in (model, model.embed, model.drop, *model.layers))
 
 
 def _collect(aux: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:

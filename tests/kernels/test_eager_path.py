@@ -124,13 +124,23 @@ def _second_order_cases():
     ]
 
 
+@pytest.mark.parametrize("squared", [True, False], ids=["grad-needs-grad", "plain-grad"])
 @pytest.mark.parametrize("case", range(6))
-def test_second_derivative_through_a_kernel_backward_raises(case):
+def test_second_derivative_through_a_kernel_backward_raises(case, squared):
     """The kernels' gradients carry no graph: create_graph=True must refuse, not silently drop
-    their part of the second derivative (which it did while another path reached the leaves)."""
+    their part of the second derivative (which it did while another path reached the leaves),
+    whether the incoming gradient or only the saved inputs require grad."""
     name, leaves, fwd = _second_order_cases()[case]
-    out = fwd()
-    loss = (out.float() ** 2).sum() + sum((v ** 3).sum() for v in leaves)
+    out = fwd().float()
+    if name == "gather_tokens" and not squared:
+        # gather's backward depends on the incoming gradient alone: nothing to refuse, and the
+        # first derivative (with a graph for the x**3 term) is right
+        (g,) = torch.autograd.grad(out.sum() + (leaves[0] ** 3).sum(), leaves, create_graph=True)
+        expect = 3 * leaves[0].detach() ** 2
+        expect[0, [0, 2, 5]] += 1
+        torch.testing.assert_close(g.detach(), expect)
+        return
+    loss = (out ** 2 if squared else out).sum() + sum((v ** 3).sum() for v in leaves)
     with pytest.raises(RuntimeError, match="differentiable once.*FLOPWISE_BACKEND=reference"):
         torch.autograd.grad(loss, leaves, create_graph=True)
     # first derivatives still work, and the reference path gives the second derivative
@@ -143,6 +153,16 @@ def test_second_derivative_on_the_reference_path(monkeypatch):
     (g,) = torch.autograd.grad((fwd() ** 2).sum(), leaves, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), leaves)
     assert torch.isfinite(h).all() and h.abs().sum() > 0
+    # the MoD ops take their plain-torch definitions there: second derivatives are exact
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(1, 2, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    idx = torch.tensor([[1, 3]])
+    assert torch.autograd.gradgradcheck(lambda x, y, w: scatter_tokens(x, y, idx, w), (x, y, w))
+    assert torch.autograd.gradgradcheck(lambda x, g: rmsnorm_gather_tokens(x, idx, g), (x, gamma))
+    assert torch.autograd.gradgradcheck(lambda x: gather_tokens(x, idx), (x,))
 
 
 def test_package_works_without_triton():

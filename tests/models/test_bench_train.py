@@ -118,6 +118,8 @@ def test_trainer_on_cuda(variant):
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "eager elementwise"),
     ("void at::native::reduce_kernel<512, 1, ReduceOp<float, NormOps<float>>>", "eager reduction"),
     ("void at::native::(anonymous namespace)::embedding_backward_feature_kernel", "other"),
+    ("aten::topk", "other"),
+    ("aten::add_", "eager elementwise"),
 ])
 def test_kernel_categories(name, cat):
     assert bench_train.kernel_category(name) == cat

@@ -164,6 +164,13 @@ def test_no_grad_forward_scatters_in_place_and_matches(impl, train, monkeypatch)
         got = model(tokens).logits
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
     assert calls == ([True, True] if impl == "kernels" else [])
+    # a hook that keeps a layer's output must see it as it was: no in-place update then
+    kept = []
+    handle = model.layers[0].register_forward_hook(lambda m, args, out: kept.append((out[0], out[0].clone())))
+    with torch.no_grad():
+        model(tokens)
+    handle.remove()
+    assert torch.equal(kept[0][0], kept[0][1])
     layer = model.layers[1]
     x = torch.randn(2, S, D)
     pos = torch.arange(S).expand(2, S)
