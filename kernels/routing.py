@@ -581,7 +581,8 @@ def plan_from_counts(token_idx: torch.Tensor, weights: torch.Tensor, counts: tor
     ranks): ``token_idx [N]`` the token each row reads, ``weights [N]``, ``counts [E]`` rows per
     expert (summing to N). Offsets and the block map are computed with torch ops on the
     device, no host sync: counts that are negative or do not sum to N fail a device-side
-    assertion (``torch._assert_async``; on CUDA, where it is reported asynchronously)."""
+    assertion (``torch._assert_async``; on CUDA it is reported asynchronously, as a device-side
+    assert after which the process's CUDA context is unusable)."""
     for name, t in (("token_idx", token_idx), ("weights", weights), ("counts", counts)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
