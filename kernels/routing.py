@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import HAS_TRITON, autograd_twin, backend, cdiv, new_output, next_pow2, traced
+from ._dispatch import HAS_TRITON, autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
 
 if HAS_TRITON:
     import triton
@@ -948,10 +948,6 @@ def _validate_mod(scores, capacity, k) -> int:
     return k
 
 
-def _kernel_ok(t: torch.Tensor, op: str) -> bool:
-    return backend(t, op=op) == "triton"  # float64 (e.g. gradcheck) takes the reference path
-
-
 def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormalize: bool = False,
                block_m: int = 64) -> RoutingPlan:
     """Token-choice top-k routing: each token picks its k best experts (dropless).
@@ -972,7 +968,7 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
         rows = x[plan.token_idx]          # [T*k, D], expert-sorted
     """
     _validate_topk(logits, k, score, block_m, renormalize)
-    if not _kernel_ok(logits, "topk_route"):
+    if not use_triton(logits, op="topk_route"):  # float64 (gradcheck): the reference
         return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m)
     T, E = logits.shape
     op = _topk_route_op if traced(logits) else _TopkRouteFunction.apply
@@ -1007,7 +1003,7 @@ def expert_choice_route(logits: torch.Tensor, capacity_factor: float = 2.0, *, s
         plan = expert_choice_route(router(x), capacity_factor=2.0)
     """
     C = _validate_ec(logits, capacity_factor, score, block_m)
-    if not _kernel_ok(logits, "expert_choice_route"):
+    if not use_triton(logits, op="expert_choice_route"):
         return expert_choice_route_reference(logits, capacity_factor, score=score, block_m=block_m)
     T, E = logits.shape
     op = _expert_choice_op if traced(logits) else _ExpertChoiceFunction.apply
@@ -1029,7 +1025,7 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"x must have R >= 1 and L >= 1, got {tuple(x.shape)}")
     _check_int(k, "k", 1, x.shape[1])
-    if not _kernel_ok(x, "topk_rows"):
+    if not use_triton(x, op="topk_rows"):
         return topk_rows_reference(x, k)
     val, idx = (_topk_rows_op if traced(x) else _TopkRowsFunction.apply)(x, k)
     return idx, val

@@ -173,9 +173,7 @@ def format_table(rows: list[DemoRow]) -> str:
             "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%", f"{r.val_bpb:.3f}",
             "-" if r.val_bpb_topk is None else f"{r.val_bpb_topk:.3f}",
             "-" if r.mod_predictor_acc is None else f"{100 * r.mod_predictor_acc:.1f}%"))
-    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, lines)])
+    return _text_table(head, lines)
 
 
 def _model_cfg(p: DemoPreset, name: str) -> ModelConfig:
