@@ -18,6 +18,9 @@ rows; dW is a per-expert ``X^T dY`` over each expert's variable row range (zero 
 zero gradients); the combine weights' gradient (``<h_r, dY[t] W_down^T>``) is reduced in
 the epilogue of the down projection's backward, which also applies the SwiGLU backward.
 
+Meta-parameters: ``_tiles`` and ``_dw_tiles`` give each launch a default; on CUDA the
+autotuner (:mod:`._tune`) times a few alternatives per shape once and keeps the fastest.
+
 Every kernel walks the plan's block map on the device: a program whose block is past the
 end (``block_expert == -1``) returns at once, so no host sync is ever needed.
 
@@ -31,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _tune
+from ._tune import OutOfResources
 from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, backend, cdiv, new_output, next_pow2, traced
 from .routing import RoutingPlan
 
@@ -38,11 +43,6 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    try:
-        from triton.runtime.errors import OutOfResources
-    except ImportError:  # pragma: no cover - a Triton without it: no stage fallback
-        class OutOfResources(Exception):
-            pass
 
 __all__ = ["grouped_mm", "grouped_mm_reference", "moe_mlp", "moe_mlp_reference"]
 
@@ -364,9 +364,68 @@ def _launch_fitting(launch, key: tuple, stages: int) -> None:
         return
 
 
+def _variants(default: dict, options: list[dict], N_cap: dict) -> list[dict]:
+    """``default`` first, then each option applied to it (tile sizes clamped to the problem
+    as the defaults are, duplicates dropped)."""
+    out = [default]
+    for opt in options:
+        cfg = dict(default, **opt)
+        for name, cap in N_cap.items():
+            cfg[name] = min(cfg[name], cap)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def _rows_candidates(default: dict, K: int, N: int, dtype: torch.dtype, epilogue: int) -> list[dict]:
+    """What the autotuner times for the row-block kernel: column tile and pipeline depth
+    around the default (never BLOCK_K, so the reduction order and the results do not depend
+    on the pick). The caps of ``_tiles`` hold: 256 columns only for single-accumulator
+    epilogues in 16-bit types, the SwiGLU backward's four epilogue tiles at most 128."""
+    cap = max(16, next_pow2(N))
+    if epilogue in (_STORE, _SCALE_SCATTER, _SCATTER) and dtype != torch.float32:
+        opts = [dict(BLOCK_N=bn, num_stages=s, num_warps=8) for bn in (128, 256) for s in (3, 4)]
+    elif epilogue == _SWIGLU_BWD:
+        opts = [dict(BLOCK_N=128, num_stages=s, num_warps=8) for s in (2, 3)] + [dict(BLOCK_N=64, num_warps=4)]
+    else:
+        opts = [dict(BLOCK_N=128, num_stages=s, num_warps=8) for s in (3, 4)] + [dict(BLOCK_N=64, num_warps=4)]
+    return _variants(default, opts, {"BLOCK_N": cap})
+
+
+def _dw_candidates(default: dict, K: int, N: int, gather: bool) -> list[dict]:
+    """The weight-gradient kernel's candidates: output tile shape and pipeline depth (never
+    BLOCK_R, the rows reduced per step)."""
+    stages = (4, 5, 6) if gather else (3, 4)
+    opts = [dict(num_stages=s) for s in stages] + [dict(BLOCK_K=64, BLOCK_N=128, num_warps=4),
+                                                   dict(BLOCK_K=128, BLOCK_N=64, num_warps=4)]
+    return _variants(default, opts, {"BLOCK_K": max(16, next_pow2(K)), "BLOCK_N": max(16, next_pow2(N))})
+
+
+def _shares_memory(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _launch_tuned(kind: str, key: tuple, default: dict, candidates, launch, trial, device) -> None:
+    """Launch ``launch(cfg)`` with the autotuner's pick for ``key`` (see ``_tune``), or with
+    the default and its stage fallback. ``candidates()`` lists what to time (called only
+    when tuning); ``trial(cfg)`` runs a candidate where it cannot disturb the real outputs.
+    An explicit ``_OVERRIDE`` (the tuning script's) turns the autotuner off."""
+    cfg = None if _OVERRIDE else _tune.pick(key, candidates, trial, device)
+    if cfg is None:
+        cfg = dict(default)
+        warps = cfg.pop("num_warps")
+        _launch_fitting(lambda s: launch(dict(cfg, num_warps=warps, num_stages=s)), (kind, warps, *key),
+                        cfg.pop("num_stages"))
+    else:
+        launch(cfg)
+
+
 def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool, a2=None, w2=None,
-                 out2=None, out3=None, pre=None, pre2=None, weights=None, dw=None, transpose_w=False):
-    """Launch the row-block kernel. ``w_t`` is ``[E, K, N]`` (or ``[E, N, K]`` read transposed)."""
+                 out2=None, out3=None, pre=None, pre2=None, weights=None, dw=None, transpose_w=False,
+                 out_zeroed=False):
+    """Launch the row-block kernel. ``w_t`` is ``[E, K, N]`` (or ``[E, N, K]`` read transposed).
+    ``out_zeroed``: ``out`` (an atomic epilogue's accumulator) holds zeros on entry, so the
+    autotuner's trials may accumulate into it and zero it again (no scratch copy)."""
     E = w_t.shape[0]
     if transpose_w:
         N, K = w_t.shape[1], w_t.shape[2]
@@ -374,48 +433,100 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
     else:
         K, N = w_t.shape[1], w_t.shape[2]
         sbk, sbn = w_t.stride(1), w_t.stride(2)
-    cfg = _tiles(K, N, a.dtype, epilogue, dual_a=a2 is not None)
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    default = _tiles(K, N, a.dtype, epilogue, dual_a=a2 is not None)
     nb = plan.max_blocks
-    grid = (nb * cdiv(N, cfg["BLOCK_N"]),)
-    d = out  # placeholder for pointers a variant never dereferences
     save = (pre is not None) if epilogue == _SWIGLU else (out3 is not None)  # see the kernel's SAVE_PRE
     consts = dict(EPILOGUE=epilogue, GATHER_A=gather, DUAL_A=a2 is not None, SAVE_PRE=save,
-                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m, **cfg)
+                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), BLOCK_M=plan.block_m)
+    bufs = dict(out=out, out2=out2, out3=out3, pre=pre, pre2=pre2, dw=dw)
 
-    def launch(num_stages):
-        _grouped_mm_fwd_kernel[grid](
+    def run(cfg, b):
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        d = b["out"]  # placeholder for pointers a variant never dereferences
+        _grouped_mm_fwd_kernel[(nb * cdiv(N, cfg["BLOCK_N"]),)](
             a, d if a2 is None else a2, plan.token_idx, a.stride(0),
             w_t, d if w2 is None else w2, w_t.stride(0), sbk, sbn,
-            out, d if out2 is None else out2, d if out3 is None else out3, out.stride(0),
-            d if pre is None else pre, d if pre2 is None else pre2,
-            d if weights is None else weights, d if dw is None else dw, plan.token_idx,
+            b["out"], _or(b["out2"], d), _or(b["out3"], d), b["out"].stride(0),
+            _or(b["pre"], d), _or(b["pre2"], d), d if weights is None else weights, _or(b["dw"], d), plan.token_idx,
             plan.block_expert, plan.block_row, plan.expert_offsets,
-            K, N, nb, **consts, num_warps=warps, num_stages=num_stages,
+            K, N, nb, **consts, **cfg, num_warps=warps, num_stages=stages,
         )
 
-    _launch_fitting(launch, ("rows", a.dtype, warps, *consts.items()), stages)
+    def trial(cfg):
+        # A candidate's trial must neither change what the real launch reads nor leave
+        # anything in what it accumulates into, and should cost no memory. Plain stores go to
+        # the real outputs (the real launch writes the same values again). Atomic scatters
+        # add into ``out``, which their callers pass zeroed (``out_zeroed``): it is zeroed
+        # again after each trial. The SwiGLU backward may write dG, dU over the g, u it reads
+        # (``reuse``): its trials send both to the w*h buffer instead (the values do not
+        # matter, only the traffic), and its combine-weight gradient to a small scratch.
+        b = dict(bufs)
+        if epilogue in (_SCALE_SCATTER, _SCATTER) and not out_zeroed:
+            b["out"] = torch.empty_like(out)
+        if epilogue == _SWIGLU_BWD:
+            b["dw"] = torch.empty_like(dw)
+            for n, src in (("out", pre), ("out2", pre2)):
+                if _shares_memory(b[n], src):
+                    b[n] = out3 if out3 is not None else torch.empty_like(b[n])
+        run(cfg, b)
+        if b["out"] is out and epilogue in (_SCALE_SCATTER, _SCATTER):
+            out.zero_()  # (the same memset in every candidate's time: the ranking holds)
+
+    key = ("rows", _tune.device_name(a.device), a.dtype, epilogue, gather, a2 is not None, save, transpose_w,
+           K, N, plan.block_m, next_pow2(nb))
+    _launch_tuned("rows", key, default, lambda: _rows_candidates(default, K, N, a.dtype, epilogue),
+                  lambda cfg: run(cfg, bufs), trial, a.device)
     return E
+
+
+def _or(t, d):
+    return d if t is None else t
 
 
 def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, g2=None, dw2=None):
     E, K, N = dw.shape
-    cfg = _dw_tiles(K, N, a.dtype, dual=g2 is not None, gather=gather_a or gather_g)
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    grid = (cdiv(K, cfg["BLOCK_K"]) * cdiv(N, cfg["BLOCK_N"]), E)
-    d = dw
+    gather = gather_a or gather_g
+    default = _dw_tiles(K, N, a.dtype, dual=g2 is not None, gather=gather)
     consts = dict(GATHER_A=gather_a, GATHER_G=gather_g, DUAL_G=g2 is not None,
-                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a), **cfg)
+                  PRECISION=_precision(a.dtype), DOT_F32=_dot_f32(a))
 
-    def launch(num_stages):
-        _grouped_mm_dw_kernel[grid](
+    def run(cfg):
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        _grouped_mm_dw_kernel[(cdiv(K, cfg["BLOCK_K"]) * cdiv(N, cfg["BLOCK_N"]), E)](
             a, plan.token_idx, a.stride(0),
-            g, d if g2 is None else g2, plan.token_idx, g.stride(0),
-            dw, d if dw2 is None else dw2, dw.stride(0), dw.stride(1),
-            plan.expert_offsets, K, N, **consts, num_warps=warps, num_stages=num_stages,
+            g, dw if g2 is None else g2, plan.token_idx, g.stride(0),
+            dw, dw if dw2 is None else dw2, dw.stride(0), dw.stride(1),
+            plan.expert_offsets, K, N, **consts, **cfg, num_warps=warps, num_stages=stages,
         )
 
-    _launch_fitting(launch, ("dw", a.dtype, warps, *consts.items()), stages)
+    # every program stores its own tile of dW: candidates may write the real outputs
+    key = ("dw", _tune.device_name(a.device), a.dtype, gather_a, gather_g, g2 is not None, K, N, E,
+           next_pow2(plan.num_rows))
+    _launch_tuned("dw", key, default, lambda: _dw_candidates(default, K, N, gather), run, run, a.device)
+
+
+_LAUNCH_NAMES = {_STORE: "grouped mm", _SWIGLU: "gate/up + SwiGLU", _SCALE_SCATTER: "down, scale, scatter",
+                 _SWIGLU_BWD: "dY Wd^T + SwiGLU bwd", _SCATTER: "dX, scatter"}
+
+
+def tuned_tiles() -> list[dict]:
+    """The autotuner's picks so far, one dict per launch shape: ``launch``, ``K``, ``N``,
+    ``chosen`` and ``default`` (meta-parameters; ``chosen`` is None where tuning was skipped)."""
+    out = []
+    for key, cfg in _tune.tuned().items():
+        if key[0] == "rows":
+            _, _, dtype, epi, gather, dual_a, _, _, K, N, *_ = key
+            name, default = _LAUNCH_NAMES[epi], _tiles(K, N, dtype, epi, dual_a)
+        elif key[0] == "dw":
+            _, _, dtype, ga, gg, dual, K, N, *_ = key
+            name = "dW gate, up" if dual else "dW (x^T dY)" if ga else "dW down" if gg else "dW"
+            default = _dw_tiles(K, N, dtype, dual=dual, gather=ga or gg)
+        else:
+            continue
+        out.append(dict(launch=name, K=K, N=N, chosen=cfg, default=default))
+    return out
 
 
 def _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m: int, T: int) -> RoutingPlan:
@@ -436,7 +547,8 @@ def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert,
     _launch_rows(x, w_gate.contiguous(), plan, h, epilogue=_SWIGLU, gather=True, w2=w_up.contiguous(),
                  pre=g if save else None, pre2=u if save else None)
     y = torch.zeros(T, w_down.shape[2], dtype=torch.float32, device=x.device)
-    _launch_rows(h, w_down.contiguous(), plan, y, epilogue=_SCALE_SCATTER, gather=False, weights=weights)
+    _launch_rows(h, w_down.contiguous(), plan, y, epilogue=_SCALE_SCATTER, gather=False, weights=weights,
+                 out_zeroed=True)
     return y.to(x.dtype), g, u
 
 
@@ -464,7 +576,8 @@ def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, blo
     del hw
     # dX[tok] += dG @ Wg^T + dU @ Wu^T
     dx = torch.zeros(T, D, dtype=torch.float32, device=dev)
-    _launch_rows(dg, w_gate, plan, dx, epilogue=_SCATTER, gather=False, a2=du, w2=w_up, transpose_w=True)
+    _launch_rows(dg, w_gate, plan, dx, epilogue=_SCATTER, gather=False, a2=du, w2=w_up, transpose_w=True,
+                 out_zeroed=True)
     # dWg = X^T dG, dWu = X^T dU (shared x tile)
     dwg = new_output(w_gate.shape, dtype=w_gate.dtype, device=dev)
     dwu = new_output(w_up.shape, dtype=w_up.dtype, device=dev)
@@ -485,7 +598,7 @@ def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: i
     plan = _plan_from(token_idx, a.new_empty(0), offsets, block_expert, block_row, block_m, a.shape[0])
     if gather:
         da = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
-        _launch_rows(dout, w, plan, da, epilogue=_SCATTER, gather=False, transpose_w=True)
+        _launch_rows(dout, w, plan, da, epilogue=_SCATTER, gather=False, transpose_w=True, out_zeroed=True)
         da = da.to(a.dtype)
     else:
         # rows outside every expert's range (none in a full plan) keep a zero gradient

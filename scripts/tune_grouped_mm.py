@@ -36,7 +36,9 @@ def _rel(a, b) -> float:
 
 
 def stage_times(label: str, x, plan, wg, wu, wd, gy) -> dict:
-    """Time each launch of moe_mlp's forward and backward on its own (default tiles).
+    """Time each launch of moe_mlp's forward and backward on its own, with the tiles
+    moe_mlp runs (the autotuner's pick, made in the first call; the defaults with
+    FLOPWISE_AUTOTUNE=0).
 
     Returns the last outputs (y, dx and the weight gradients; the atomic ones accumulate
     over the timed repetitions)."""

@@ -11,12 +11,16 @@ Providers as in BASELINES.md:
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 
 from flopwise.kernels import grouped_mm, grouped_mm_reference, moe_mlp, moe_mlp_reference, topk_route, \
     topk_route_reference
 from flopwise.kernels.bench import Case
+
+_gm = importlib.import_module("flopwise.kernels.grouped_mm")  # the package re-exports a function of that name
 
 GPU_SHAPES = [  # (label, T, D, F, E, k)
     ("mixtral", 16384, 4096, 14336, 8, 2),
@@ -105,6 +109,28 @@ def _fwd_bwd(fn, inputs, gy):
     return run
 
 
+def _tile_text(cfg: dict) -> str:
+    short = dict(BLOCK_N="n", BLOCK_K="k", BLOCK_R="r", GROUP_M="g", num_warps="w", num_stages="s")
+    return " ".join(f"{short.get(n, n)}{v}" for n, v in cfg.items())
+
+
+def tuned_report() -> str | None:
+    """The autotuner's pick for every grouped-matmul launch seen since the last report."""
+    lines = []
+    for t in _gm.tuned_tiles():
+        key = (t["launch"], t["K"], t["N"])
+        if key in _REPORTED:
+            continue
+        _REPORTED.add(key)
+        chosen = "not tuned" if t["chosen"] is None else (
+            "= default" if t["chosen"] == t["default"] else _tile_text(t["chosen"]))
+        lines.append(f"  {t['launch']:<22} K={t['K']:<6} N={t['N']:<6} default {_tile_text(t['default'])}: {chosen}")
+    return "autotuned tiles:\n" + "\n".join(lines) if lines else None
+
+
+_REPORTED: set = set()
+
+
 def _block_m(T, k, E):
     return 128 if T * k // E >= 1024 else 64
 
@@ -170,6 +196,6 @@ def cases(gpu: bool) -> list[Case]:
                 "dense": lambda a=dargs, g=torch.randn_like(xk): torch.autograd.grad(dense_floor(*a), a, g),
                 "triton": _fwd_bwd(lambda *a, bm=bm: ours(*a, bm), gargs, gy),
             },
-            check=_close(2e-2 if gpu else 1e-4), floors=("dense",),
+            check=_close(2e-2 if gpu else 1e-4), floors=("dense",), after=tuned_report,
         ))
     return out

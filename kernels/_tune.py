@@ -1,0 +1,144 @@
+"""Per-shape choice of kernel meta-parameters, timed on the device and remembered.
+
+A launcher offers a few candidate configurations (its heuristic default first) and a
+``trial(cfg)`` that runs the kernel with one of them on buffers it may scribble on. The
+first call for a shape key times every candidate and keeps the fastest for the rest of the
+process; later calls are a dictionary lookup. Candidates never change a kernel's reduction
+order (the grouped matmuls keep BLOCK_K of the row kernel and BLOCK_R of the weight-gradient
+kernel fixed), so the choice changes speed, not results.
+
+``FLOPWISE_AUTOTUNE`` (read when this module is imported):
+
+* ``auto`` (default): tune on CUDA; the CPU interpreter takes the defaults;
+* ``1``: tune on every device (the tests use it with a scripted timer);
+* ``0``: always the heuristic defaults, no timing.
+
+Tuning synchronises the device, once per shape key. It never runs while a CUDA graph is
+being captured (a cached choice is used, else the default, left untuned for a later eager
+call), and it is skipped, with the default remembered, when its scratch buffers do not fit
+in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from ._dispatch import HAS_TRITON
+
+if HAS_TRITON:
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # pragma: no cover - a Triton without it
+        class OutOfResources(Exception):
+            pass
+else:  # pragma: no cover
+    class OutOfResources(Exception):
+        pass
+
+__all__ = ["OutOfResources", "MODE", "clear", "enabled", "pick", "tuned"]
+
+_MODES = ("auto", "0", "1")
+
+
+def _parse_mode(value: str | None) -> str:
+    mode = (value or "auto").strip().lower() or "auto"
+    mode = {"on": "1", "true": "1", "off": "0", "false": "0"}.get(mode, mode)
+    if mode not in _MODES:
+        raise ValueError(f"FLOPWISE_AUTOTUNE must be one of auto, 0, 1 (or on/off), got {value!r}")
+    return mode
+
+
+MODE = _parse_mode(os.environ.get("FLOPWISE_AUTOTUNE"))
+# timed launches per candidate, after one untimed launch (compilation, caches)
+REPS = 5
+
+_UNTUNED = object()  # cache entry: tuning was skipped for good (no scratch memory); use the default
+_CACHE: dict[tuple, object] = {}
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name (part of every key: a choice made on one card does not carry over)."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_NAMES:
+        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return _DEVICE_NAMES[index]
+
+
+def enabled(device: torch.device) -> bool:
+    if MODE == "0":
+        return False
+    return MODE == "1" or device.type == "cuda"
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _measure(fn: Callable[[], None], device: torch.device) -> float:
+    """Median milliseconds of ``fn`` over REPS launches, after one untimed launch."""
+    fn()
+    times = []
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(REPS):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(REPS):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def pick(key: tuple, candidates, trial: Callable[[dict], None], device: torch.device) -> dict | None:
+    """The configuration to launch for ``key``: the remembered choice, or the fastest of
+    ``candidates`` (a list, or a function returning one, called only to tune) timed now
+    through ``trial(cfg)``; ``None`` means "use the default" (tuning
+    off, a graph being captured, or tuning skipped for lack of memory).
+
+    A candidate whose compilation runs out of shared memory or registers is left out. The
+    default should be ``candidates[0]``: it wins ties, and it is what runs when every other
+    candidate fails."""
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return None if hit is _UNTUNED else hit
+    if not enabled(device) or _capturing(device):
+        return None
+    best, best_ms = None, float("inf")
+    try:
+        for cfg in (candidates() if callable(candidates) else candidates):
+            try:
+                ms = _measure(lambda: trial(cfg), device)
+            except OutOfResources:
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+    except torch.OutOfMemoryError:
+        _CACHE[key] = _UNTUNED
+        return None
+    if best is None:  # nothing compiled: the caller's default path (with its stage fallback) decides
+        return None
+    _CACHE[key] = dict(best)
+    return _CACHE[key]
+
+
+def tuned() -> dict[tuple, dict | None]:
+    """Every choice made so far, ``{key: config}`` (``None``: the default, tuning skipped)."""
+    return {k: (None if v is _UNTUNED else dict(v)) for k, v in _CACHE.items()}
+
+
+def clear() -> None:
+    """Forget every choice (the next call per shape tunes again)."""
+    _CACHE.clear()

@@ -1,0 +1,242 @@
+"""The grouped matmuls' autotuner: a timed pick per shape that never changes results."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flopwise.kernels import grouped_mm, grouped_mm_reference, moe_mlp, moe_mlp_reference, topk_route
+
+from ..conftest import rel_err
+
+G = importlib.import_module("flopwise.kernels.grouped_mm")
+TUNE = importlib.import_module("flopwise.kernels._tune")
+
+
+@pytest.fixture
+def scripted_tuner(monkeypatch):
+    """Tuning on (the CPU interpreter too) with a scripted clock: every candidate runs for
+    real, and each one timed looks faster than the one before, so the last candidate of
+    every key wins. Returns the list of timings taken."""
+    monkeypatch.setattr(TUNE, "MODE", "1")
+    monkeypatch.setattr(TUNE, "_CACHE", {})
+    timed = []
+
+    def measure(fn, device):
+        fn()
+        timed.append(1)
+        return 1000.0 - len(timed)
+
+    monkeypatch.setattr(TUNE, "_measure", measure)
+    return timed
+
+
+def _moe_case(T, D, Fh, E, k, retain):
+    x = torch.randn(T, D)
+    logits = torch.randn(T, E)
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    gy = torch.randn(T, D)
+
+    def run(fn, **kw):
+        xx = x.clone().requires_grad_(True)
+        lg = logits.clone().requires_grad_(True)
+        wp = [w.clone().requires_grad_(True) for w in ws]
+        y = fn(xx, topk_route(lg, k, renormalize=True, block_m=16), *wp, **kw)
+        (y * gy).sum().backward()
+        return [y, xx.grad, lg.grad] + [w.grad for w in wp]
+
+    return run, dict(retain_activations=retain)
+
+
+@pytest.mark.parametrize("retain", [False, True], ids=["backward-over-saved", "retained"])
+def test_tuning_runs_every_candidate_and_changes_no_result(scripted_tuner, retain):
+    """The candidates really run during tuning (atomic scatters, the SwiGLU backward that
+    writes dG, dU over the saved g, u), and still every output and gradient matches the
+    reference: trials never touch what the real launch reads or accumulates into."""
+    run, kw = _moe_case(T=45, D=24, Fh=136, E=4, k=2, retain=retain)
+    got = run(moe_mlp, **kw)
+    ref = run(moe_mlp_reference)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+    picks = TUNE.tuned()
+    kinds = sorted(k[0] for k in picks)
+    assert kinds == ["dw", "dw", "rows", "rows", "rows", "rows"], kinds  # the six launches of moe_mlp
+    assert len(scripted_tuner) > 6  # more than one candidate per launch was timed
+    # the last candidate won, and it is not the heuristic default for every key
+    assert any(cfg["num_stages"] != G._tiles(k[8], k[9], torch.float32, k[3], k[5])["num_stages"]
+               or cfg["BLOCK_N"] != G._tiles(k[8], k[9], torch.float32, k[3], k[5])["BLOCK_N"]
+               for k, cfg in picks.items() if k[0] == "rows")
+    n = len(scripted_tuner)
+    again = run(moe_mlp, **kw)  # remembered: nothing is timed again, same results
+    assert len(scripted_tuner) == n
+    for a, b in zip(again, got):
+        assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "plan-order"])
+def test_tuned_grouped_mm_matches_reference(scripted_tuner, gather):
+    T, D, Fh, E, k = 40, 24, 136, 5, 2
+    plan = topk_route(torch.randn(T, E), k, block_m=16)
+    a = torch.randn(T if gather else T * k, D, requires_grad=True)
+    w = (torch.randn(E, D, Fh) / 4).requires_grad_(True)
+    gout = torch.randn(T * k, Fh)
+    got = grouped_mm(a, w, plan, gather=gather)
+    da, dw = torch.autograd.grad(got, (a, w), gout)
+    ref = grouped_mm_reference(a, w, plan, gather=gather)
+    rda, rdw = torch.autograd.grad(ref, (a, w), gout)
+    for name, x, y in (("out", got, ref), ("da", da, rda), ("dw", dw, rdw)):
+        assert rel_err(x, y) < 1e-5, name
+    assert len(TUNE.tuned()) == 3
+
+
+def test_trials_of_an_atomic_launch_into_a_nonzero_output_use_scratch(scripted_tuner):
+    """A caller that does not promise a zeroed accumulator gets its values kept: out ends
+    as its old contents plus exactly one launch's contribution."""
+    T, D, Fh, E = 30, 16, 40, 3
+    plan = topk_route(torch.randn(T, E), 2, block_m=16)
+    g = torch.randn(plan.num_rows, Fh)
+    w = torch.randn(E, D, Fh)  # read transposed: [E, N=D, K=Fh]
+    start = torch.randn(T, D)
+    out = start.clone()
+    G._launch_rows(g, w, plan, out, epilogue=G._SCATTER, gather=False, transpose_w=True)
+    want = start.index_add(0, plan.token_idx.long(), grouped_mm_reference(g, w.transpose(1, 2), plan, gather=False))
+    assert rel_err(out, want) < 1e-5
+    assert len(scripted_tuner) > 1
+
+
+def test_every_candidate_gives_the_same_result(monkeypatch):
+    """Each candidate alone (forced through the tuning script's override) reproduces the
+    default's output: the candidates vary tiles and pipelining, never the reduction."""
+    run, kw = _moe_case(T=30, D=20, Fh=136, E=3, k=2, retain=False)
+    base = run(moe_mlp)
+    for fam, opts in (("rows", [dict(BLOCK_N=64, num_warps=4), dict(BLOCK_N=128, num_stages=2)]),
+                      ("rows_dual", [dict(BLOCK_N=64, num_warps=4)]),
+                      ("dw", [dict(BLOCK_K=64, BLOCK_N=128), dict(BLOCK_K=128, BLOCK_N=64)])):
+        for opt in opts:
+            monkeypatch.setattr(G, "_OVERRIDE", {fam: opt, **({"dw_dual": opt} if fam == "dw" else {})})
+            for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], run(moe_mlp), base):
+                assert rel_err(a, b) < 1e-6, (fam, opt, name)
+
+
+def test_candidates_keep_the_reduction_and_the_caps():
+    for epi in (G._STORE, G._SWIGLU, G._SCALE_SCATTER, G._SWIGLU_BWD, G._SCATTER):
+        for dt in (torch.bfloat16, torch.float32):
+            for K, N in ((4096, 14336), (1024, 40), (2048, 1024)):
+                default = G._tiles(K, N, dt, epi, dual_a=False)
+                cands = G._rows_candidates(default, K, N, dt, epi)
+                assert cands[0] == default and len(cands) == len({tuple(sorted(c.items())) for c in cands})
+                for c in cands:
+                    assert c["BLOCK_K"] == default["BLOCK_K"]
+                    assert c["BLOCK_N"] <= max(16, 1 << (N - 1).bit_length())
+                    if epi in (G._SWIGLU, G._SWIGLU_BWD) or dt == torch.float32:
+                        assert c["BLOCK_N"] <= 128
+    for gather in (False, True):
+        default = G._dw_tiles(4096, 14336, torch.bfloat16, dual=True, gather=gather)
+        cands = G._dw_candidates(default, 4096, 14336, gather)
+        assert cands[0] == default and all(c["BLOCK_R"] == default["BLOCK_R"] for c in cands)
+        assert all(c["BLOCK_K"] <= 16 for c in G._dw_candidates(G._dw_tiles(9, 40, torch.float32, False, False), 9, 40,
+                                                                  False))
+
+
+def test_pick_leaves_out_candidates_that_do_not_compile(monkeypatch):
+    monkeypatch.setattr(TUNE, "MODE", "1")
+    monkeypatch.setattr(TUNE, "_CACHE", {})
+    monkeypatch.setattr(TUNE, "_measure", lambda fn, device: fn() or {"a": 3.0, "b": 1.0, "c": 2.0}[ran[-1]])
+    ran = []
+
+    def trial(cfg):
+        ran.append(cfg["name"])
+        if cfg["name"] == "b":
+            raise TUNE.OutOfResources(300_000, 200_000, "shared memory")
+
+    cands = [dict(name="a"), dict(name="b"), dict(name="c")]
+    assert TUNE.pick(("k",), cands, trial, torch.device("cpu")) == dict(name="c")
+    assert TUNE.pick(("k",), cands, trial, torch.device("cpu")) == dict(name="c")  # remembered
+    assert ran == ["a", "b", "c"]
+
+    def never(cfg):
+        raise TUNE.OutOfResources(300_000, 200_000, "shared memory")
+
+    assert TUNE.pick(("none-compiles",), cands, never, torch.device("cpu")) is None  # the default path decides
+    assert ("none-compiles",) not in TUNE.tuned()
+
+
+def test_pick_without_memory_for_scratch_keeps_the_default(monkeypatch):
+    monkeypatch.setattr(TUNE, "MODE", "1")
+    monkeypatch.setattr(TUNE, "_CACHE", {})
+    calls = []
+
+    def trial(cfg):
+        calls.append(cfg)
+        raise torch.OutOfMemoryError("scratch")
+
+    assert TUNE.pick(("big",), [dict(a=1), dict(a=2)], trial, torch.device("cpu")) is None
+    assert TUNE.tuned() == {("big",): None}
+    assert TUNE.pick(("big",), [dict(a=1), dict(a=2)], trial, torch.device("cpu")) is None
+    assert len(calls) == 1  # not retried on every call
+
+
+def test_tuning_off_and_override_time_nothing(monkeypatch):
+    monkeypatch.setattr(TUNE, "_CACHE", {})
+    monkeypatch.setattr(TUNE, "_measure", lambda fn, device: pytest.fail("timed with tuning off"))
+    monkeypatch.setattr(TUNE, "MODE", "0")
+    assert TUNE.pick(("k",), [dict(a=1)], lambda cfg: None, torch.device("cpu")) is None
+    monkeypatch.setattr(TUNE, "MODE", "auto")  # auto: CUDA only
+    assert TUNE.pick(("k",), [dict(a=1)], lambda cfg: None, torch.device("cpu")) is None
+    monkeypatch.setattr(TUNE, "MODE", "1")
+    monkeypatch.setattr(G, "_OVERRIDE", {"rows": dict(BLOCK_N=64)})  # the tuning script's explicit choice
+    run, kw = _moe_case(T=9, D=8, Fh=16, E=2, k=1, retain=False)
+    run(moe_mlp)
+    assert TUNE.tuned() == {}
+
+
+@pytest.mark.parametrize("value,mode", [(None, "auto"), ("", "auto"), ("AUTO", "auto"), ("1", "1"), ("on", "1"),
+                                        ("0", "0"), ("off", "0")])
+def test_mode_values(value, mode):
+    assert TUNE._parse_mode(value) == mode
+
+
+def test_bad_mode_names_the_variable():
+    with pytest.raises(ValueError, match="FLOPWISE_AUTOTUNE"):
+        TUNE._parse_mode("fast")
+    r = subprocess.run([sys.executable, "-c", "import flopwise.kernels"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "FLOPWISE_AUTOTUNE": "fast"})
+    assert r.returncode != 0 and "FLOPWISE_AUTOTUNE" in r.stderr
+
+
+# ------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_gpu_tuning_matches_reference_and_skips_capture(monkeypatch):
+    """On the card: tuning with the real clock keeps results; a shape first seen inside a
+    CUDA graph capture is not tuned there (no synchronisation in a capture) and replays
+    correctly; its next eager call tunes it."""
+    monkeypatch.setattr(TUNE, "_CACHE", {})
+    monkeypatch.setattr(TUNE, "MODE", "auto")
+    dev, dt = "cuda", torch.bfloat16
+    T, D, Fh, E, k = 1000, 512, 384, 8, 2
+    x = torch.randn(T, D, device=dev, dtype=dt)
+    logits = torch.randn(T, E, device=dev)
+    ws = [(torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt), (torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt),
+          (torch.randn(E, Fh, D, device=dev) / Fh**0.5).to(dt)]
+    plan = topk_route(logits, k, renormalize=True)
+    ref = moe_mlp_reference(x.float(), plan, *[w.float() for w in ws])
+    y = moe_mlp(x, plan, *ws)
+    assert rel_err(y, ref) < 2e-2
+    assert len(TUNE.tuned()) == 2
+    x2 = torch.randn(T // 2, D, device=dev, dtype=dt)  # new shape key
+    plan2 = topk_route(torch.randn(T // 2, E, device=dev), k, renormalize=True)
+    TUNE.clear()
+    g = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        y2 = moe_mlp(x2, plan2, *ws)
+    assert TUNE.tuned() == {}
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y2, moe_mlp_reference(x2.float(), plan2, *[w.float() for w in ws])) < 2e-2
+    moe_mlp(x2, plan2, *ws)
+    assert len(TUNE.tuned()) == 2
