@@ -43,6 +43,13 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    try:  # host-side tensor descriptors (TMA on Hopper); a Triton without them gets no TMA candidates
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover
+        TensorDescriptor = None
+else:  # pragma: no cover
+    TensorDescriptor = None
+
 
 __all__ = ["grouped_mm", "grouped_mm_reference", "moe_mlp", "moe_mlp_reference"]
 
@@ -78,6 +85,14 @@ if HAS_TRITON:
         return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
 
     @triton.jit
+    def _desc_tile(desc, e, k0, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
+        """The ``[BLOCK_K, BLOCK_N]`` tile at (k0, n0) of expert e's weight through its tensor
+        descriptor (zero past the edges, never another expert's rows: the descriptor is 3-D)."""
+        if TRANS:
+            return tl.trans(tl.reshape(desc.load([e, n0, k0]), [BLOCK_N, BLOCK_K]))
+        return tl.reshape(desc.load([e, k0, n0]), [BLOCK_K, BLOCK_N])
+
+    @triton.jit
     def _swiglu_bwd_half(acc, w, rows, rmask, cols, N, stride_om, pre_ptr, pre2_ptr, out_ptr, out2_ptr, out3_ptr,
                          SAVE_PRE: tl.constexpr):
         """SwiGLU backward on columns ``cols`` of a tile; returns each row's <h, acc>."""
@@ -99,7 +114,7 @@ if HAS_TRITON:
     @triton.jit
     def _grouped_mm_fwd_kernel(
         a_ptr, a2_ptr, a_idx_ptr, stride_am,
-        b_ptr, b2_ptr, stride_be, stride_bk, stride_bn,
+        b_ptr, b2_ptr, stride_be, stride_bk, stride_bn, b_desc, b2_desc,
         out_ptr, out2_ptr, out3_ptr, stride_om,
         pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr,
         block_expert_ptr, block_row_ptr, offsets_ptr,
@@ -107,6 +122,7 @@ if HAS_TRITON:
         EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, DUAL_A: tl.constexpr, SAVE_PRE: tl.constexpr,
         PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        B_TMA: tl.constexpr = False, B_TRANS: tl.constexpr = False,
     ):
         """One (row block, column block) tile of ``A[rows] @ B[e]`` for the block's expert e.
 
@@ -118,6 +134,9 @@ if HAS_TRITON:
           _SWIGLU_BWD    acc = dY[tok] @ Wd^T: dw[r] += <h_r, acc>; dH = w*acc -> dG, dU (+ w*h)
         SAVE_PRE: _SWIGLU stores the pre-activations (pre, pre2); _SWIGLU_BWD stores w*h (out3).
           _SCATTER       out[tok[r]] += acc (+ A2@B2 when DUAL_A)  (fp32 atomics)
+        B_TMA: the B tiles (the weights) come through tensor descriptors (TMA on Hopper),
+        ``b_desc`` / ``b2_desc`` over ``[E, K, N]``, or ``[E, N, K]`` when B_TRANS; the rows of A
+        are gathered by index, which TMA cannot do on Hopper, so they keep pointer loads.
         """
         pid_b, pid_n = _swizzle(tl.program_id(0), NB, tl.cdiv(N, BLOCK_N), GROUP_M)
         e = tl.load(block_expert_ptr + pid_b)
@@ -146,10 +165,16 @@ if HAS_TRITON:
             amask = rmask[:, None] & kmask[None, :]
             bmask = kmask[:, None] & nmask[None, :]
             a = tl.load(a_ptrs, mask=amask, other=0.0)
-            b = tl.load(b_ptrs, mask=bmask, other=0.0)
+            if B_TMA:
+                b = _desc_tile(b_desc, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, B_TRANS)
+            else:
+                b = tl.load(b_ptrs, mask=bmask, other=0.0)
             acc = _dot(a, b, acc, PRECISION, DOT_F32)
             if EPILOGUE == _SWIGLU_C:
-                b2 = tl.load(b2_ptrs, mask=bmask, other=0.0)
+                if B_TMA:
+                    b2 = _desc_tile(b2_desc, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, B_TRANS)
+                else:
+                    b2 = tl.load(b2_ptrs, mask=bmask, other=0.0)
                 acc2 = _dot(a, b2, acc2, PRECISION, DOT_F32)
                 b2_ptrs += BLOCK_K * stride_bk
             a_ptrs += BLOCK_K
@@ -162,7 +187,10 @@ if HAS_TRITON:
             for k0 in range(0, K, BLOCK_K):
                 kmask = (k0 + offs_k) < K
                 a2 = tl.load(a2_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b2 = tl.load(b2_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                if B_TMA:
+                    b2 = _desc_tile(b2_desc, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, B_TRANS)
+                else:
+                    b2 = tl.load(b2_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
                 acc = _dot(a2, b2, acc, PRECISION, DOT_F32)
                 a2_ptrs += BLOCK_K
                 b2_ptrs += BLOCK_K * stride_bk
@@ -377,11 +405,13 @@ def _variants(default: dict, options: list[dict], N_cap: dict) -> list[dict]:
     return out
 
 
-def _rows_candidates(default: dict, K: int, N: int, dtype: torch.dtype, epilogue: int) -> list[dict]:
+def _rows_candidates(default: dict, K: int, N: int, dtype: torch.dtype, epilogue: int, tma: bool = False) -> list[dict]:
     """What the autotuner times for the row-block kernel: column tile and pipeline depth
     around the default (never BLOCK_K, so the reduction order and the results do not depend
     on the pick). The caps of ``_tiles`` hold: 256 columns only for single-accumulator
-    epilogues in 16-bit types, the SwiGLU backward's four epilogue tiles at most 128."""
+    epilogues in 16-bit types, the SwiGLU backward's four epilogue tiles at most 128.
+    ``tma``: the weights may be read through tensor descriptors (``_tma_ok``); then the
+    default and the widest tile are also timed that way (16-bit types)."""
     cap = max(16, next_pow2(N))
     if epilogue in (_STORE, _SCALE_SCATTER, _SCATTER) and dtype != torch.float32:
         opts = [dict(BLOCK_N=bn, num_stages=s, num_warps=8) for bn in (128, 256) for s in (3, 4)]
@@ -389,7 +419,32 @@ def _rows_candidates(default: dict, K: int, N: int, dtype: torch.dtype, epilogue
         opts = [dict(BLOCK_N=128, num_stages=s, num_warps=8) for s in (2, 3)] + [dict(BLOCK_N=64, num_warps=4)]
     else:
         opts = [dict(BLOCK_N=128, num_stages=s, num_warps=8) for s in (3, 4)] + [dict(BLOCK_N=64, num_warps=4)]
+    if tma and dtype != torch.float32:
+        opts += [dict(B_TMA=True)] + [dict(o, B_TMA=True) for o in opts[-1:] if o.get("BLOCK_N") == 256]
     return _variants(default, opts, {"BLOCK_N": cap})
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _tma_device(device: torch.device) -> bool:
+    """Tensor-descriptor loads pay on Hopper and later (TMA); the interpreter runs them too."""
+    if TensorDescriptor is None:
+        return False
+    if device.type != "cuda":
+        return device.type == "cpu"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index] >= (9, 0)
+
+
+def _tma_ok(*ws) -> bool:
+    """Whether weights can be read through tensor descriptors: contiguous, 16-byte aligned
+    base and rows (TMA's requirements)."""
+    return TensorDescriptor is not None and all(
+        w is None or (w.is_contiguous() and w.data_ptr() % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
+                      and w.numel() > 0) for w in ws)
 
 
 def _dw_candidates(default: dict, K: int, N: int, gather: bool) -> list[dict]:
@@ -443,14 +498,21 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
     def run(cfg, b):
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        # (a descriptor choice meets weights it cannot describe, e.g. a misaligned view: pointers)
+        tma = cfg.pop("B_TMA", False) and _tma_ok(w_t, w2)
+        descs = (None, None)
+        if tma:
+            box = [1, cfg["BLOCK_N"], cfg["BLOCK_K"]] if transpose_w else [1, cfg["BLOCK_K"], cfg["BLOCK_N"]]
+            descs = tuple(None if w is None else TensorDescriptor(w, list(w.shape), list(w.stride()), box)
+                          for w in (w_t, w2))
         d = b["out"]  # placeholder for pointers a variant never dereferences
         _grouped_mm_fwd_kernel[(nb * cdiv(N, cfg["BLOCK_N"]),)](
             a, d if a2 is None else a2, plan.token_idx, a.stride(0),
-            w_t, d if w2 is None else w2, w_t.stride(0), sbk, sbn,
+            w_t, d if w2 is None else w2, w_t.stride(0), sbk, sbn, *descs,
             b["out"], _or(b["out2"], d), _or(b["out3"], d), b["out"].stride(0),
             _or(b["pre"], d), _or(b["pre2"], d), d if weights is None else weights, _or(b["dw"], d), plan.token_idx,
             plan.block_expert, plan.block_row, plan.expert_offsets,
-            K, N, nb, **consts, **cfg, num_warps=warps, num_stages=stages,
+            K, N, nb, **consts, **cfg, B_TMA=tma, B_TRANS=transpose_w, num_warps=warps, num_stages=stages,
         )
 
     def trial(cfg):
@@ -475,7 +537,8 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
 
     key = ("rows", _tune.device_name(a.device), a.dtype, epilogue, gather, a2 is not None, save, transpose_w,
            K, N, plan.block_m, next_pow2(nb))
-    _launch_tuned("rows", key, default, lambda: _rows_candidates(default, K, N, a.dtype, epilogue),
+    _launch_tuned("rows", key, default,
+                  lambda: _rows_candidates(default, K, N, a.dtype, epilogue, _tma_device(a.device) and _tma_ok(w_t, w2)),
                   lambda cfg: run(cfg, bufs), trial, a.device)
     return E
 

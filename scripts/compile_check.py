@@ -87,7 +87,11 @@ def _loop_overlap(ttgir: str) -> list[tuple[int, int]]:
 
 
 def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=False, num_stages=3,
-         ptxas=False, may_not_fit=False):
+         ptxas=False, may_not_fit=False, tma=False):
+    if fn is G._grouped_mm_fwd_kernel:  # weights through pointers unless a case says otherwise
+        consts = dict(dict(B_TMA=False, B_TRANS=False), **consts)
+        if not consts["B_TMA"]:
+            consts.update(b_desc=None, b2_desc=None)
     sig = sig_of(fn, types, consts)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*") or (n in ALIGNED_INTS and sig[n] != "constexpr")}
@@ -111,6 +115,12 @@ def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=F
             FAILED.append(fn.__name__ + " (" + label + f": {narrow} narrow async copies)")
             print("FAIL", fn.__name__, label, f"{narrow} async copies narrower than 16 bytes:", info)
             return
+        if tma and "cp.async.bulk.tensor" not in ptx:
+            FAILED.append(fn.__name__ + " (" + label + ": no TMA copy)")
+            print("FAIL", fn.__name__, label, "descriptor loads did not become TMA copies:", info)
+            return
+        if tma:
+            info += f", TMA copies {ptx.count('cp.async.bulk.tensor')}"
         if pipelined and "cp.async" not in ptx:
             FAILED.append(fn.__name__ + " (" + label + ": main loop not software-pipelined)")
             print("FAIL", fn.__name__, label, "not pipelined:", info)
@@ -233,13 +243,21 @@ for ep, gather, dual, save, K, N in [(0, True, False, False, 4096, 14336), (1, T
     tt = dict(base)
     if ep in (2, 4): tt["out_ptr"] = P("fp32")
     unit = dict(stride_bn=1) if ep in (0, 1, 2) else dict(stride_bk=1)
-    for cfg in G._rows_candidates(G._tiles(K, N, torch.bfloat16, ep, dual_a=dual), K, N, torch.bfloat16, ep)[1:]:
+    for cfg in G._rows_candidates(G._tiles(K, N, torch.bfloat16, ep, dual_a=dual), K, N, torch.bfloat16, ep,
+                                  tma=True)[1:]:
         cfg = dict(cfg)
         w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
-        comp(G._grouped_mm_fwd_kernel, tt, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
-             PRECISION=None, DOT_F32=False, BLOCK_M=128, **cfg, **unit), num_warps=w_, num_stages=s_,
-             label=f"candidate epilogue={ep} BLOCK_N={cfg['BLOCK_N']} warps={w_} stages={s_}", ptxas=True,
-             may_not_fit=True)
+        types, extra = tt, {}
+        if cfg.get("B_TMA"):  # weights through tensor descriptors: TMA copies, no pointer tiles
+            trans = ep in (3, 4)
+            box = [1, cfg["BLOCK_N"], cfg["BLOCK_K"]] if trans else [1, cfg["BLOCK_K"], cfg["BLOCK_N"]]
+            desc = f"tensordesc<bf16[{box[0]}, {box[1]}, {box[2]}]>"
+            types = dict(tt, b_desc=desc, **({"b2_desc": desc} if ep == 1 or dual else {}))
+            extra = dict(B_TRANS=trans, **({} if ep == 1 or dual else {"b2_desc": None}))
+        comp(G._grouped_mm_fwd_kernel, types, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
+             PRECISION=None, DOT_F32=False, BLOCK_M=128, **cfg, **unit, **extra), num_warps=w_, num_stages=s_,
+             label=f"candidate epilogue={ep} BLOCK_N={cfg['BLOCK_N']} warps={w_} stages={s_}"
+                   f"{' TMA' if cfg.get('B_TMA') else ''}", ptxas=True, may_not_fit=True, tma=bool(cfg.get("B_TMA")))
 for ga, gg, dg, K, N in [(True, False, True, 4096, 14336), (False, True, False, 14336, 4096)]:
     for cfg in G._dw_candidates(G._dw_tiles(K, N, torch.bfloat16, dual=dg, gather=True), K, N, True)[1:]:
         cfg = dict(cfg)
