@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -108,9 +109,10 @@ def pick(key: tuple, candidates, trial: Callable[[dict], None], device: torch.de
     through ``trial(cfg)``; ``None`` means "use the default" (tuning
     off, a graph being captured, or tuning skipped for lack of memory).
 
-    A candidate whose compilation runs out of shared memory or registers is left out. The
-    default should be ``candidates[0]``: it wins ties, and it is what runs when every other
-    candidate fails."""
+    A candidate whose compilation runs out of shared memory or registers is left out, and so
+    is any other candidate but the first that fails to build (with a warning). The default
+    should be ``candidates[0]``: it wins ties, its errors propagate, and it is what runs
+    when every other candidate fails."""
     hit = _CACHE.get(key)
     if hit is not None:
         return None if hit is _UNTUNED else hit
@@ -118,10 +120,21 @@ def pick(key: tuple, candidates, trial: Callable[[dict], None], device: torch.de
         return None
     best, best_ms = None, float("inf")
     try:
-        for cfg in (candidates() if callable(candidates) else candidates):
+        for i, cfg in enumerate(candidates() if callable(candidates) else candidates):
             try:
                 ms = _measure(lambda: trial(cfg), device)
             except OutOfResources:
+                continue
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                # an alternative that does not build (a compiler error, a descriptor the
+                # driver refuses) is left out, as one that does not fit; the default's own
+                # errors are the caller's
+                if i == 0:
+                    raise
+                warnings.warn(f"flopwise autotuner: candidate {cfg} for {key[0]} launch left out: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}", RuntimeWarning, stacklevel=2)
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
@@ -132,6 +145,11 @@ def pick(key: tuple, candidates, trial: Callable[[dict], None], device: torch.de
         return None
     _CACHE[key] = dict(best)
     return _CACHE[key]
+
+
+def forget(key: tuple) -> None:
+    """Drop one remembered choice (its launch failed later: the caller falls back)."""
+    _CACHE[key] = _UNTUNED
 
 
 def tuned() -> dict[tuple, dict | None]:

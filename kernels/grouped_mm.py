@@ -466,13 +466,18 @@ def _launch_tuned(kind: str, key: tuple, default: dict, candidates, launch, tria
     when tuning); ``trial(cfg)`` runs a candidate where it cannot disturb the real outputs.
     An explicit ``_OVERRIDE`` (the tuning script's) turns the autotuner off."""
     cfg = None if _OVERRIDE else _tune.pick(key, candidates, trial, device)
-    if cfg is None:
-        cfg = dict(default)
-        warps = cfg.pop("num_warps")
-        _launch_fitting(lambda s: launch(dict(cfg, num_warps=warps, num_stages=s)), (kind, warps, *key),
-                        cfg.pop("num_stages"))
-    else:
-        launch(cfg)
+    if cfg is not None:
+        try:
+            launch(cfg)
+            return
+        except OutOfResources:
+            # the pick fitted when it was timed, but this call specialises differently (an
+            # unaligned operand, say) and its build does not fit: the default path from now on
+            _tune.forget(key)
+    cfg = dict(default)
+    warps = cfg.pop("num_warps")
+    _launch_fitting(lambda s: launch(dict(cfg, num_warps=warps, num_stages=s)), (kind, warps, *key),
+                    cfg.pop("num_stages"))
 
 
 def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool, a2=None, w2=None,

@@ -7,19 +7,21 @@
 #
 # Time limits (seconds; a suite stopped by its limit keeps the rows it measured):
 #   GPU tests 180 | routing 90 | mod 90 | moe 150 | mod_step 120 | train 210 | coding 60
-# (moe's first call per shape autotunes the grouped matmuls: about 20 extra compiles, printed after each shape)
 # (routing, mod and mod_step also time every provider as CUDA-graph replays: device time)
 # (train also prints, per model, a profile of its compiled step by kernel category)
-# One device call may run 600 s, so a full check is two calls, back to back, the targets first:
-#   bash scripts/gpu_check.sh --no-tests routing mod moe mod_step         # <= 450 s
-#   bash scripts/gpu_check.sh coding train                                 # GPU tests + both, <= 450 s
+# (moe's first call per shape autotunes the grouped matmuls, about 50 extra kernel builds
+#  in the suite, and prints the picks after each shape; every row is checked against its
+#  reference in that same first call, so the picks' results are checked too. The GPU tests
+#  run with FLOPWISE_AUTOTUNE=0, except the autotuner's own test, which turns it on.)
 # (every benchmark row is itself checked against its reference before it is timed)
+# One device call may run 600 s, but 15 minutes of device time in all include the machine's
+# start (a minute or more) and the transfers, so plan two calls of about 360 s each:
+#   bash scripts/gpu_check.sh --no-tests moe diagnose mod                  # <= 360 s
+#   LIMIT_train=120 bash scripts/gpu_check.sh routing train                 # GPU tests + both, <= 390 s
+# and, in another session: mod_step, coding (LIMIT_<suite> shortens any suite).
 # Pseudo-suite "diagnose" (limit 120 s): python scripts/tune_grouped_mm.py --stages (each MoE
 # layer launch on its own), python scripts/profile_mod.py --only ops (kernel vs host time) and
 # --only memory (what is live at the MoD step's peak, by allocating line, ours and plain torch).
-# With 15 minutes of device time in all, the next check is:
-#   bash scripts/gpu_check.sh --no-tests diagnose moe mod routing           # <= 450 s
-#   LIMIT_train=150 bash scripts/gpu_check.sh mod_step train                # GPU tests + both, <= 450 s
 # Pseudo-suite "experiment" (limit 420 s): flopwise coding experiment --preset gpu-fit (#8's
 # experiment at GPU scale); its results.json is rewritten after each M2 run, so a time limit
 # keeps what finished, and is copied to the output folder. The device has no network, so the
@@ -57,7 +59,8 @@ status=()
 if [ $run_tests -eq 1 ]; then
   echo "== GPU tests (pytest -m gpu)"
   # the upcycling tests have no GPU test and import transformers: not collected here
-  timeout 180 python -m pytest -m gpu -q -rfE -p no:cacheprovider --ignore=tests/models/test_upcycle.py 2>&1 \
+  FLOPWISE_AUTOTUNE=0 timeout 180 python -m pytest -m gpu -q -rfE -p no:cacheprovider \
+    --ignore=tests/models/test_upcycle.py 2>&1 \
     | tee "$out/pytest-gpu.log" | tail -25
   status+=("tests rc=${PIPESTATUS[0]}")
 fi

@@ -218,6 +218,49 @@ def test_pick_leaves_out_candidates_that_do_not_compile(monkeypatch):
     assert ("none-compiles",) not in TUNE.tuned()
 
 
+def test_pick_leaves_out_alternatives_that_fail_to_build_but_not_the_default(monkeypatch):
+    monkeypatch.setattr(TUNE, "MODE", "1")
+    monkeypatch.setattr(TUNE, "_CACHE", {})
+    monkeypatch.setattr(TUNE, "_measure", lambda fn, device: fn() or 1.0)
+
+    def trial(cfg):
+        if cfg["name"] == "broken":
+            raise RuntimeError("ptxas error")
+
+    with pytest.warns(RuntimeWarning, match="left out: RuntimeError: ptxas error"):
+        assert TUNE.pick(("k",), [dict(name="ok"), dict(name="broken")], trial, torch.device("cpu")) == dict(name="ok")
+    with pytest.raises(RuntimeError, match="ptxas"):
+        TUNE.pick(("k2",), [dict(name="broken"), dict(name="ok")], trial, torch.device("cpu"))
+
+
+def test_a_pick_that_no_longer_fits_falls_back_to_the_default(monkeypatch):
+    """The pick compiled when it was timed; a later call that specialises differently and
+    runs out of shared memory takes the default path (with its stage fallback) for good."""
+    monkeypatch.setattr(TUNE, "MODE", "1")
+    monkeypatch.setattr(TUNE, "_CACHE", {})
+    monkeypatch.setattr(TUNE, "_measure", lambda fn, device: fn() or 1.0)
+    monkeypatch.setattr(G, "_STAGES", {})
+    default = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    big = dict(BLOCK_N=256, num_warps=8, num_stages=4)
+    launched, fits = [], [True]
+
+    def launch(cfg):
+        if cfg["BLOCK_N"] == 256 and not fits[0]:
+            raise G.OutOfResources(250_000, 232_448, "shared memory")
+        launched.append(cfg["BLOCK_N"])
+
+    key = ("rows", "test-key")
+    G._launch_tuned("rows", key, default, [default, big], launch, launch, torch.device("cpu"))
+    assert TUNE.tuned()[key]["BLOCK_N"] in (64, 256)
+    TUNE._CACHE[key] = dict(big)  # say the wide tile won
+    fits[0] = False
+    launched.clear()
+    G._launch_tuned("rows", key, default, [default, big], launch, launch, torch.device("cpu"))
+    assert launched == [64] and TUNE.tuned()[key] is None
+    G._launch_tuned("rows", key, default, [default, big], launch, launch, torch.device("cpu"))
+    assert launched == [64, 64]
+
+
 def test_pick_without_memory_for_scratch_keeps_the_default(monkeypatch):
     monkeypatch.setattr(TUNE, "MODE", "1")
     monkeypatch.setattr(TUNE, "_CACHE", {})
@@ -282,6 +325,11 @@ def test_gpu_tuning_matches_reference_and_skips_capture(monkeypatch):
     assert len(TUNE.tuned()) == 2
     x2 = torch.randn(T // 2, D, device=dev, dtype=dt)  # new shape key
     plan2 = topk_route(torch.randn(T // 2, E, device=dev), k, renormalize=True)
+    # warm-up outside the capture with tuning off: the default kernels are built (a capture
+    # must not compile), but nothing is tuned for this shape
+    monkeypatch.setattr(TUNE, "MODE", "0")
+    moe_mlp(x2, plan2, *ws)
+    monkeypatch.setattr(TUNE, "MODE", "auto")
     TUNE.clear()
     g = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
