@@ -86,6 +86,22 @@ if HAS_TRITON:
         return j, row_ok, src
 
     @triton.jit
+    def _inverse_index_kernel(idx_ptr, inv_ptr, S, K, BLOCK: tl.constexpr):
+        """``inv[b, s] = i`` where ``idx[b, i] == s``, else -1, for one sequence b per program:
+        first -1 over the row, then (after a barrier, which orders the CTA's global writes)
+        the selected positions. A position outside ``[0, S)`` is dropped, never written."""
+        b = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        row = inv_ptr + b * S
+        for s0 in range(0, S, BLOCK):
+            tl.store(row + s0 + offs, tl.full([BLOCK], -1, tl.int32), mask=(s0 + offs) < S)
+        tl.debug_barrier()
+        for i0 in range(0, K, BLOCK):
+            m = (i0 + offs) < K
+            pos = tl.load(idx_ptr + b * K + i0 + offs, mask=m, other=0).to(tl.int64)
+            tl.store(row + pos, (i0 + offs).to(tl.int32), mask=m & (pos >= 0) & (pos < S))
+
+    @triton.jit
     def _gather_tokens_fwd_kernel(
         x_ptr, idx_ptr, out_ptr,
         n_sel, S, K, D,
@@ -345,11 +361,22 @@ def _persistent_programs(device: torch.device, n: int) -> int:
 
 
 def _inverse_index(idx: torch.Tensor, S: int) -> torch.Tensor:
-    """inv[b, s] = j where idx[b, j] == s, else -1 (int32, B*S*4 bytes: small next to the rows)."""
+    """inv[b, s] = j where idx[b, j] == s, else -1 (int32, B*S*4 bytes: small next to the rows).
+
+    One launch, where the torch formulation (fill, arange, int64 copy of idx, scatter) took
+    four kernels and about 25 µs of host time per call on this project's CPU."""
+    B, K = idx.shape
+    inv = new_output((B, S), dtype=torch.int32, device=idx.device)
+    if B * S:
+        _inverse_index_kernel[(B,)](idx.contiguous(), inv, S, K, BLOCK=min(1024, max(16, next_pow2(max(S, K)))),
+                                    num_warps=4)
+    return inv
+
+
+def _inverse_index_reference(idx: torch.Tensor, S: int) -> torch.Tensor:
     B, K = idx.shape
     inv = torch.full((B, S), -1, dtype=torch.int32, device=idx.device)
-    j = torch.arange(K, dtype=torch.int32, device=idx.device).expand(B, K)
-    return inv.scatter_(1, idx.long(), j)
+    return inv.scatter_(1, idx.long(), torch.arange(K, dtype=torch.int32, device=idx.device).expand(B, K))
 
 
 def _gather_tokens_fwd(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -514,7 +541,9 @@ def _rmsnorm_bwd_impl(grad, x, idx, gamma, eps: float):
 
 
 # Each backward formula is written once and bound twice: to the eager autograd.Function with
-# the implementations (``*_impl``), and to the custom op with the backward custom ops.
+# the Triton launchers (the public ops take that Function only on the Triton path, so it
+# does not dispatch again), and to the custom op with the backward custom ops (whose
+# implementations, ``*_impl``, dispatch: the op also runs on the reference path).
 def _gather_backward(bwd):
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
@@ -650,17 +679,17 @@ def _(grad, x, idx, gamma, eps):
 # torch.compile: implementations forward and backward, the backward custom ops only for
 # gradients that are not plain tensors.
 GatherTokensFunction = autograd_twin(
-    _mod_gather_op, "GatherTokensFunction", _gather_fwd_impl, _gather_setup, _gather_backward,
-    bwd_impl=_gather_bwd_impl, bwd_op=_mod_gather_bwd_op,
+    _mod_gather_op, "GatherTokensFunction", _gather_tokens_fwd, _gather_setup, _gather_backward,
+    bwd_impl=_gather_tokens_bwd, bwd_op=_mod_gather_bwd_op,
     doc="``gather_tokens`` with backward ``dx = rows of grad at idx, zeros elsewhere``.")
 ScatterTokensFunction = autograd_twin(
-    _mod_scatter_op, "ScatterTokensFunction", _scatter_fwd_impl, _scatter_setup, _scatter_backward,
-    bwd_impl=_scatter_bwd_impl, bwd_op=_mod_scatter_bwd_op,
+    _mod_scatter_op, "ScatterTokensFunction", _scatter_tokens_fwd, _scatter_setup, _scatter_backward,
+    bwd_impl=_scatter_tokens_bwd, bwd_op=_mod_scatter_bwd_op,
     doc="Out-of-place ``scatter_tokens``: d residual = grad, d y = weight * grad[idx], "
         "d weight = <grad[idx], y> (the last two from one fused kernel).")
 RMSNormGatherTokensFunction = autograd_twin(
-    _mod_rmsnorm_gather_op, "RMSNormGatherTokensFunction", _rmsnorm_fwd_impl, _rmsnorm_setup, _rmsnorm_backward,
-    bwd_impl=_rmsnorm_bwd_impl, bwd_op=_mod_rmsnorm_gather_bwd_op,
+    _mod_rmsnorm_gather_op, "RMSNormGatherTokensFunction", _rmsnorm_gather_tokens_fwd, _rmsnorm_setup,
+    _rmsnorm_backward, bwd_impl=_rmsnorm_gather_tokens_bwd, bwd_op=_mod_rmsnorm_gather_bwd_op,
     doc="``rmsnorm_gather_tokens`` with gradients for x (selected rows, zeros elsewhere) and gamma.")
 
 
@@ -722,6 +751,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = F
         return torch.ops.flopwise.mod_gather(x, idx)
     if not use_triton(x, op="gather_tokens"):  # plain torch ops: differentiable to any order
         return gather_tokens_reference(x, idx)
+    if not (x.requires_grad and torch.is_grad_enabled()):  # no graph to record: the launch alone
+        return _gather_tokens_fwd(x, idx)
     return GatherTokensFunction.apply(x, idx)
 
 
@@ -796,6 +827,8 @@ def scatter_tokens(
         return torch.ops.flopwise.mod_scatter(residual, y, idx, weight)
     if not use_triton(residual, op="scatter_tokens"):
         return scatter_tokens_reference(residual, y, idx, weight)
+    if not ((residual.requires_grad or y.requires_grad or weight.requires_grad) and torch.is_grad_enabled()):
+        return _scatter_tokens_fwd(residual, y, idx, weight)
     return ScatterTokensFunction.apply(residual, y, idx, weight)
 
 
@@ -842,4 +875,6 @@ def rmsnorm_gather_tokens(
         return torch.ops.flopwise.mod_rmsnorm_gather(x, idx, gamma, float(eps))
     if not use_triton(x, op="rmsnorm_gather_tokens"):
         return rmsnorm_gather_tokens_reference(x, idx, gamma, float(eps))
+    if not ((x.requires_grad or gamma.requires_grad) and torch.is_grad_enabled()):
+        return _rmsnorm_gather_tokens_fwd(x, idx, gamma, float(eps))
     return RMSNormGatherTokensFunction.apply(x, idx, gamma, float(eps))

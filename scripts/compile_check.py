@@ -163,6 +163,8 @@ for base, y, w in [(True, True, True), (False, True, False), (False, False, Fals
          dict(HAS_BASE=base, HAS_Y=y, HAS_WEIGHT=w, ROWS=2, BLOCK_D=2048), label=f"base={base} y={y} w={w}")
 comp(M._scatter_tokens_inplace_kernel, {"res_ptr": bf, "y_ptr": bf, "w_ptr": f32, "idx_ptr": i32}, dict(ROWS=2, BLOCK_D=2048),
      vectorized=True)
+for idx_t in (i32, P("i64")):  # the inverse map the dense scatters read
+    comp(M._inverse_index_kernel, {"idx_ptr": idx_t, "inv_ptr": i32}, dict(BLOCK=1024), label=f"idx={idx_t[1:]}")
 comp(M._scatter_tokens_bwd_kernel, {"grad_ptr": bf, "y_ptr": bf, "w_ptr": f32, "idx_ptr": i32, "dy_ptr": bf, "dw_ptr": f32},
      dict(ROWS=2, BLOCK_D=2048))
 comp(M._rmsnorm_gather_tokens_fwd_kernel, {"x_ptr": bf, "idx_ptr": i32, "gamma_ptr": bf, "out_ptr": bf, "eps": "fp32"},

@@ -143,6 +143,39 @@ def test_kernels_actually_run(monkeypatch):
     assert len(calls) == 4, calls
 
 
+@pytest.mark.parametrize("B,S,K,sort", [(1, 1, 1, True), (2, 5, 5, False), (3, 100, 13, False),
+                                         (2, 3000, 1500, True), (1, 2048, 1, True)],
+                         ids=["S1", "K=S", "unsorted", "S-over-one-block", "K1"])
+def test_inverse_index_matches_torch(B, S, K, sort):
+    """The one-launch inverse map (a NaN/INT_MIN-poisoned output, so an unwritten entry
+    fails) against the torch formulation."""
+    idx = make_idx(B, S, K, dtype=torch.int32, sort=sort)
+    assert torch.equal(M._inverse_index(idx, S), M._inverse_index_reference(idx, S))
+
+
+def test_inverse_index_never_writes_outside_its_row():
+    idx = torch.tensor([[0, -1, 7], [8, 2, 3]], dtype=torch.int32)  # -1 and S=8 are out of range
+    inv = M._inverse_index(idx, 8)
+    want = torch.full((2, 8), -1, dtype=torch.int32)
+    want[0, 0], want[0, 7], want[1, 2], want[1, 3] = 0, 2, 1, 2
+    assert torch.equal(inv, want)
+
+
+def test_calls_without_a_graph_match_calls_with_one(device):
+    """Without autograd (inference, eval) the ops launch their kernels directly, skipping
+    the autograd Function: the same outputs, bit for bit."""
+    B, S, D, K = 2, 16, 24, 5
+    x, y, w = torch.randn(B, S, D, device=device), torch.randn(B, K, D, device=device), torch.rand(B, K, device=device)
+    gamma, idx = torch.rand(D, device=device) + 0.5, make_idx(B, S, K, device=device)
+    with torch.no_grad():
+        plain = [gather_tokens(x, idx), scatter_tokens(x, y, idx, w), rmsnorm_gather_tokens(x, idx, gamma)]
+    xg = x.clone().requires_grad_(True)
+    graphed = [gather_tokens(xg, idx), scatter_tokens(xg, y, idx, w), rmsnorm_gather_tokens(xg, idx, gamma)]
+    for a, b in zip(plain, graphed):
+        assert b.requires_grad and not a.requires_grad
+        assert torch.equal(a, b.detach())
+
+
 def test_expanded_grad_and_partial_requires_grad(device):
     """sum() hands the backward a stride-0 grad; only some inputs need grad."""
     B, S, D, K = 2, 16, 20, 4
