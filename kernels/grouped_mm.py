@@ -327,7 +327,8 @@ def _dot_f32(a: torch.Tensor) -> bool:
 
 
 # Tile configurations, per kernel; ``scripts/tune_grouped_mm.py`` times alternatives on the
-# card at hand, through ``_OVERRIDE`` ({"rows" | "rows_dual" | "dw" | "dw_dual": {name: value}}).
+# card at hand, through ``_OVERRIDE`` ({"rows" | "rows_dual" | "rows_swiglu_bwd" | "dw" | "dw_dual":
+# {name: value}}).
 _OVERRIDE: dict[str, dict] = {}
 _GROUP_M = 8
 
@@ -349,7 +350,7 @@ def _tiles(K: int, N: int, dtype: torch.dtype, epilogue: int, dual_a: bool) -> d
     bk = min(64 if dtype != torch.float32 else 32, max(16, next_pow2(K)))
     cfg = dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, num_warps=8 if bn >= 128 else 4,
                num_stages=4 if (wide or dual) and K >= 4096 else 3)
-    cfg.update(_OVERRIDE.get("rows_dual" if dual else "rows", {}))
+    cfg.update(_OVERRIDE.get("rows_dual" if dual else "rows_swiglu_bwd" if epilogue == _SWIGLU_BWD else "rows", {}))
     return cfg
 
 
@@ -392,23 +393,24 @@ def _launch_fitting(launch, key: tuple, stages: int) -> None:
         return
 
 
-def _variants(default: dict, options: list[dict], N_cap: dict) -> list[dict]:
+def _variants(default: dict, options: list[dict], caps: dict) -> list[dict]:
     """``default`` first, then each option applied to it (tile sizes clamped to the problem
     as the defaults are, duplicates dropped)."""
     out = [default]
     for opt in options:
         cfg = dict(default, **opt)
-        for name, cap in N_cap.items():
+        for name, cap in caps.items():
             cfg[name] = min(cfg[name], cap)
         if cfg not in out:
             out.append(cfg)
     return out
 
 
-def _rows_candidates(default: dict, K: int, N: int, dtype: torch.dtype, epilogue: int, tma: bool = False) -> list[dict]:
-    """What the autotuner times for the row-block kernel: column tile and pipeline depth
-    around the default (never BLOCK_K, so the reduction order and the results do not depend
-    on the pick). The caps of ``_tiles`` hold: 256 columns only for single-accumulator
+def _rows_candidates(default: dict, N: int, dtype: torch.dtype, epilogue: int, tma: bool = False) -> list[dict]:
+    """What the autotuner times for the row-block kernel: column tile, warps and pipeline
+    depth around the default. Never BLOCK_K (the dot's reduction step), nor the SwiGLU
+    backward's column tile and warps (its epilogue reduces over the tile): the pick is meant
+    to change speed, not bits (the interpreter tests check bit-equality). The caps of ``_tiles`` hold: 256 columns only for single-accumulator
     epilogues in 16-bit types, the SwiGLU backward's four epilogue tiles at most 128.
     ``tma``: the weights may be read through tensor descriptors (``_tma_ok``); then the
     default and the widest tile are also timed that way (16-bit types)."""
@@ -416,11 +418,14 @@ def _rows_candidates(default: dict, K: int, N: int, dtype: torch.dtype, epilogue
     if epilogue in (_STORE, _SCALE_SCATTER, _SCATTER) and dtype != torch.float32:
         opts = [dict(BLOCK_N=bn, num_stages=s, num_warps=8) for bn in (128, 256) for s in (3, 4)]
     elif epilogue == _SWIGLU_BWD:
-        opts = [dict(BLOCK_N=128, num_stages=s, num_warps=8) for s in (2, 3)] + [dict(BLOCK_N=64, num_warps=4)]
+        # its epilogue sums <h, dY W^T> over the column tile: BLOCK_N and the warps (the
+        # reduction's layout) stay the default's, so the router's gradient is the same bits
+        opts = [dict(num_stages=s) for s in (2, 3)]
     else:
         opts = [dict(BLOCK_N=128, num_stages=s, num_warps=8) for s in (3, 4)] + [dict(BLOCK_N=64, num_warps=4)]
-    if tma and dtype != torch.float32:
-        opts += [dict(B_TMA=True)] + [dict(o, B_TMA=True) for o in opts[-1:] if o.get("BLOCK_N") == 256]
+    if tma and dtype != torch.float32:  # the default's tiles, and the widest, with TMA weights
+        widest = [o for o in opts if o.get("BLOCK_N") == 256 and o.get("num_stages") == 4]
+        opts = opts + [dict(B_TMA=True)] + [dict(o, B_TMA=True) for o in widest]
     return _variants(default, opts, {"BLOCK_N": cap})
 
 
@@ -440,11 +445,12 @@ def _tma_device(device: torch.device) -> bool:
 
 
 def _tma_ok(*ws) -> bool:
-    """Whether weights can be read through tensor descriptors: contiguous, 16-byte aligned
-    base and rows (TMA's requirements)."""
+    """Whether weights can be read through tensor descriptors (TMA's requirements, on the
+    strides the descriptor is built from: a contiguous tensor may still carry an odd stride
+    on a size-1 dimension): unit last stride, 16-byte aligned base and other strides."""
     return TensorDescriptor is not None and all(
-        w is None or (w.is_contiguous() and w.data_ptr() % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
-                      and w.numel() > 0) for w in ws)
+        w is None or (w.numel() > 0 and w.stride(-1) == 1 and w.data_ptr() % 16 == 0
+                      and all(st * w.element_size() % 16 == 0 for st in w.stride()[:-1])) for w in ws)
 
 
 def _dw_candidates(default: dict, K: int, N: int, gather: bool) -> list[dict]:
@@ -460,7 +466,7 @@ def _shares_memory(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def _launch_tuned(kind: str, key: tuple, default: dict, candidates, launch, trial, device) -> None:
+def _launch_tuned(key: tuple, default: dict, candidates, launch, trial, device) -> None:
     """Launch ``launch(cfg)`` with the autotuner's pick for ``key`` (see ``_tune``), or with
     the default and its stage fallback. ``candidates()`` lists what to time (called only
     when tuning); ``trial(cfg)`` runs a candidate where it cannot disturb the real outputs.
@@ -470,13 +476,16 @@ def _launch_tuned(kind: str, key: tuple, default: dict, candidates, launch, tria
         try:
             launch(cfg)
             return
-        except OutOfResources:
-            # the pick fitted when it was timed, but this call specialises differently (an
-            # unaligned operand, say) and its build does not fit: the default path from now on
+        except Exception as exc:  # noqa: BLE001
+            if _tune.device_fault(exc):
+                raise
+            # the pick built when it was timed, but this call specialises differently (an
+            # unaligned operand, say) and its build fails or does not fit: the default path
+            # from now on, whose own errors are the caller's
             _tune.forget(key)
     cfg = dict(default)
     warps = cfg.pop("num_warps")
-    _launch_fitting(lambda s: launch(dict(cfg, num_warps=warps, num_stages=s)), (kind, warps, *key),
+    _launch_fitting(lambda s: launch(dict(cfg, num_warps=warps, num_stages=s)), (warps, *key),
                     cfg.pop("num_stages"))
 
 
@@ -512,10 +521,10 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
                           for w in (w_t, w2))
         d = b["out"]  # placeholder for pointers a variant never dereferences
         _grouped_mm_fwd_kernel[(nb * cdiv(N, cfg["BLOCK_N"]),)](
-            a, d if a2 is None else a2, plan.token_idx, a.stride(0),
-            w_t, d if w2 is None else w2, w_t.stride(0), sbk, sbn, *descs,
+            a, _or(a2, d), plan.token_idx, a.stride(0),
+            w_t, _or(w2, d), w_t.stride(0), sbk, sbn, *descs,
             b["out"], _or(b["out2"], d), _or(b["out3"], d), b["out"].stride(0),
-            _or(b["pre"], d), _or(b["pre2"], d), d if weights is None else weights, _or(b["dw"], d), plan.token_idx,
+            _or(b["pre"], d), _or(b["pre2"], d), _or(weights, d), _or(b["dw"], d), plan.token_idx,
             plan.block_expert, plan.block_row, plan.expert_offsets,
             K, N, nb, **consts, **cfg, B_TMA=tma, B_TRANS=transpose_w, num_warps=warps, num_stages=stages,
         )
@@ -542,13 +551,14 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
 
     key = ("rows", _tune.device_name(a.device), a.dtype, epilogue, gather, a2 is not None, save, transpose_w,
            K, N, plan.block_m, next_pow2(nb))
-    _launch_tuned("rows", key, default,
-                  lambda: _rows_candidates(default, K, N, a.dtype, epilogue, _tma_device(a.device) and _tma_ok(w_t, w2)),
+    _launch_tuned(key, default,
+                  lambda: _rows_candidates(default, N, a.dtype, epilogue, _tma_device(a.device) and _tma_ok(w_t, w2)),
                   lambda cfg: run(cfg, bufs), trial, a.device)
     return E
 
 
 def _or(t, d):
+    """``t``, or the placeholder ``d`` for a pointer the variant never dereferences."""
     return d if t is None else t
 
 
@@ -572,7 +582,7 @@ def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, g
     # every program stores its own tile of dW: candidates may write the real outputs
     key = ("dw", _tune.device_name(a.device), a.dtype, gather_a, gather_g, g2 is not None, K, N, E,
            next_pow2(plan.num_rows))
-    _launch_tuned("dw", key, default, lambda: _dw_candidates(default, K, N, gather), run, run, a.device)
+    _launch_tuned(key, default, lambda: _dw_candidates(default, K, N, gather), run, run, a.device)
 
 
 _LAUNCH_NAMES = {_STORE: "grouped mm", _SWIGLU: "gate/up + SwiGLU", _SCALE_SCATTER: "down, scale, scatter",
@@ -580,20 +590,23 @@ _LAUNCH_NAMES = {_STORE: "grouped mm", _SWIGLU: "gate/up + SwiGLU", _SCALE_SCATT
 
 
 def tuned_tiles() -> list[dict]:
-    """The autotuner's picks so far, one dict per launch shape: ``launch``, ``K``, ``N``,
-    ``chosen`` and ``default`` (meta-parameters; ``chosen`` is None where tuning was skipped)."""
+    """The autotuner's picks so far, one dict per tuned key: ``launch``, ``K``, ``N``,
+    ``chosen`` and ``default`` (meta-parameters; ``chosen`` is None where tuning was skipped),
+    and the ``key`` itself."""
     out = []
     for key, cfg in _tune.tuned().items():
         if key[0] == "rows":
-            _, _, dtype, epi, gather, dual_a, _, _, K, N, *_ = key
-            name, default = _LAUNCH_NAMES[epi], _tiles(K, N, dtype, epi, dual_a)
+            _, _, dtype, epi, gather, dual_a, save, _, K, N, *_ = key
+            name = _LAUNCH_NAMES[epi] + (" (gathered rows)" if gather and epi == _STORE else
+                                         " (saves g, u)" if save and epi == _SWIGLU else "")
+            default = _tiles(K, N, dtype, epi, dual_a)
         elif key[0] == "dw":
             _, _, dtype, ga, gg, dual, K, N, *_ = key
             name = "dW gate, up" if dual else "dW (x^T dY)" if ga else "dW down" if gg else "dW"
             default = _dw_tiles(K, N, dtype, dual=dual, gather=ga or gg)
         else:
             continue
-        out.append(dict(launch=name, K=K, N=N, chosen=cfg, default=default))
+        out.append(dict(launch=name, K=K, N=N, chosen=cfg, default=default, key=key))
     return out
 
 

@@ -51,6 +51,7 @@ Tile sizes and warp counts are first choices from these rules; re-tune them agai
 """
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
 
@@ -698,6 +699,13 @@ RMSNormGatherTokensFunction = autograd_twin(
 # ----------------------------------------------------------------------------------------
 
 
+def _records(*inputs: torch.Tensor) -> bool:
+    """Whether autograd would record this call: an input requires grad under grad mode, or
+    forward-mode AD is active (the autograd Function then raises for want of a jvp, where a
+    bare launch would silently drop the tangent)."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)) or fwAD._current_level >= 0
+
+
 def _check_tensor(t, name: str, ndim: int, *, floating: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -751,7 +759,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = F
         return torch.ops.flopwise.mod_gather(x, idx)
     if not use_triton(x, op="gather_tokens"):  # plain torch ops: differentiable to any order
         return gather_tokens_reference(x, idx)
-    if not (x.requires_grad and torch.is_grad_enabled()):  # no graph to record: the launch alone
+    if not _records(x):  # no graph to record: the launch alone
         return _gather_tokens_fwd(x, idx)
     return GatherTokensFunction.apply(x, idx)
 
@@ -827,7 +835,7 @@ def scatter_tokens(
         return torch.ops.flopwise.mod_scatter(residual, y, idx, weight)
     if not use_triton(residual, op="scatter_tokens"):
         return scatter_tokens_reference(residual, y, idx, weight)
-    if not ((residual.requires_grad or y.requires_grad or weight.requires_grad) and torch.is_grad_enabled()):
+    if not _records(residual, y, weight):
         return _scatter_tokens_fwd(residual, y, idx, weight)
     return ScatterTokensFunction.apply(residual, y, idx, weight)
 
@@ -875,6 +883,6 @@ def rmsnorm_gather_tokens(
         return torch.ops.flopwise.mod_rmsnorm_gather(x, idx, gamma, float(eps))
     if not use_triton(x, op="rmsnorm_gather_tokens"):
         return rmsnorm_gather_tokens_reference(x, idx, gamma, float(eps))
-    if not ((x.requires_grad or gamma.requires_grad) and torch.is_grad_enabled()):
+    if not _records(x, gamma):
         return _rmsnorm_gather_tokens_fwd(x, idx, gamma, float(eps))
     return RMSNormGatherTokensFunction.apply(x, idx, gamma, float(eps))

@@ -74,7 +74,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="mixtral,olmoe")
     p.add_argument("--block-m", default="128", help="plan block sizes to try, e.g. 128,64")
-    p.add_argument("--stages", action="store_true", help="only time each launch of moe_mlp (default tiles)")
+    p.add_argument("--stages", action="store_true",
+                   help="only time each launch of moe_mlp (the tiles it runs: the autotuner's picks)")
     p.add_argument("--rep", type=int, default=40, help="ms of timed repetitions per candidate")
     a = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)

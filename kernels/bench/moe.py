@@ -111,20 +111,21 @@ def _fwd_bwd(fn, inputs, gy):
 
 def _tile_text(cfg: dict) -> str:
     short = dict(BLOCK_N="n", BLOCK_K="k", BLOCK_R="r", GROUP_M="g", num_warps="w", num_stages="s")
-    return " ".join(f"{short.get(n, n)}{v}" for n, v in cfg.items())
+    return " ".join("tma" if n == "B_TMA" else f"{short.get(n, n)}{v}" for n, v in cfg.items()
+                    if n != "B_TMA" or v)
 
 
 def tuned_report() -> str | None:
     """The autotuner's pick for every grouped-matmul launch seen since the last report."""
     lines = []
     for t in _gm.tuned_tiles():
-        key = (t["launch"], t["K"], t["N"])
+        key = t["key"]
         if key in _REPORTED:
             continue
         _REPORTED.add(key)
         chosen = "not tuned" if t["chosen"] is None else (
             "= default" if t["chosen"] == t["default"] else _tile_text(t["chosen"]))
-        lines.append(f"  {t['launch']:<22} K={t['K']:<6} N={t['N']:<6} default {_tile_text(t['default'])}: {chosen}")
+        lines.append(f"  {t['launch']:<28} K={t['K']:<6} N={t['N']:<6} default {_tile_text(t['default'])}: {chosen}")
     return "autotuned tiles:\n" + "\n".join(lines) if lines else None
 
 

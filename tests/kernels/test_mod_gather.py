@@ -176,6 +176,22 @@ def test_calls_without_a_graph_match_calls_with_one(device):
         assert torch.equal(a, b.detach())
 
 
+def test_forward_mode_ad_is_refused_not_dropped(device):
+    """Under forward-mode AD the Triton path has no jvp: it raises, where a bare launch would
+    silently drop the tangent (the reference path computes it)."""
+    import torch.autograd.forward_ad as fwAD
+
+    B, S, D, K = 2, 8, 16, 3
+    x, t = torch.randn(B, S, D, device=device), torch.randn(B, S, D, device=device)
+    y, w = torch.randn(B, K, D, device=device), torch.rand(B, K, device=device)
+    idx = make_idx(B, S, K, device=device)
+    for call in (lambda d: gather_tokens(d, idx), lambda d: scatter_tokens(d, y, idx, w),
+                 lambda d: rmsnorm_gather_tokens(d, idx, torch.ones(D, device=device))):
+        with fwAD.dual_level():
+            with pytest.raises((NotImplementedError, RuntimeError)):
+                call(fwAD.make_dual(x, t))
+
+
 def test_expanded_grad_and_partial_requires_grad(device):
     """sum() hands the backward a stride-0 grad; only some inputs need grad."""
     B, S, D, K = 2, 16, 20, 4
