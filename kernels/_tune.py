@@ -42,7 +42,7 @@ else:  # pragma: no cover
     class OutOfResources(Exception):
         pass
 
-__all__ = ["OutOfResources", "MODE", "clear", "enabled", "pick", "tuned"]
+__all__ = ["OutOfResources", "MODE", "clear", "device_fault", "device_name", "enabled", "forget", "pick", "tuned"]
 
 _MODES = ("auto", "0", "1")
 
@@ -127,8 +127,9 @@ def device_fault(exc: BaseException) -> bool:
 def pick(key: tuple, candidates, trial: Callable[[dict], None], device: torch.device) -> dict | None:
     """The configuration to launch for ``key``: the remembered choice, or the fastest of
     ``candidates`` (a list, or a function returning one, called only to tune) timed now
-    through ``trial(cfg)``; ``None`` means "use the default" (tuning
-    off, a graph being captured, or tuning skipped for lack of memory).
+    through ``trial(cfg)``; ``None`` means "use the default" (tuning off, a graph being
+    captured, or tuning skipped for good: no memory for trials, nothing built, a pick that
+    failed later).
 
     A candidate whose compilation runs out of shared memory or registers is left out, and so
     is any other candidate but the first that fails to build (with a warning). The default

@@ -410,8 +410,8 @@ def _rows_candidates(default: dict, N: int, dtype: torch.dtype, epilogue: int, t
     """What the autotuner times for the row-block kernel: column tile, warps and pipeline
     depth around the default. Never BLOCK_K (the dot's reduction step), nor the SwiGLU
     backward's column tile and warps (its epilogue reduces over the tile): the pick is meant
-    to change speed, not bits (the interpreter tests check bit-equality). The caps of ``_tiles`` hold: 256 columns only for single-accumulator
-    epilogues in 16-bit types, the SwiGLU backward's four epilogue tiles at most 128.
+    to change speed, not bits (the interpreter tests check bit-equality). The caps of
+    ``_tiles`` hold: 256 columns only for single-accumulator epilogues in 16-bit types.
     ``tma``: the weights may be read through tensor descriptors (``_tma_ok``); then the
     default and the widest tile are also timed that way (16-bit types)."""
     cap = max(16, next_pow2(N))
