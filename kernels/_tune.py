@@ -42,7 +42,7 @@ else:  # pragma: no cover
     class OutOfResources(Exception):
         pass
 
-__all__ = ["OutOfResources", "MODE", "clear", "device_fault", "device_name", "enabled", "forget", "pick", "tuned"]
+__all__ = ["OutOfResources", "MODE", "clear", "device_capability", "device_fault", "device_name", "enabled", "forget", "pick", "tuned"]
 
 _MODES = ("auto", "0", "1")
 
@@ -61,17 +61,25 @@ REPS = 5
 
 _UNTUNED = object()  # cache entry: tuning was skipped for good (no scratch memory); use the default
 _CACHE: dict[tuple, object] = {}
-_DEVICE_NAMES: dict[int, str] = {}
+_CARDS: dict[int, tuple[str, tuple[int, int]]] = {}
+
+
+def _card(device: torch.device) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of a CUDA device, looked up once per device index."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CARDS:
+        _CARDS[index] = (torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
+    return _CARDS[index]
 
 
 def device_name(device: torch.device) -> str:
     """The card's name (part of every key: a choice made on one card does not carry over)."""
-    if device.type != "cuda":
-        return device.type
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _DEVICE_NAMES:
-        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
-    return _DEVICE_NAMES[index]
+    return _card(device)[0] if device.type == "cuda" else device.type
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability, None for other devices."""
+    return _card(device)[1] if device.type == "cuda" else None
 
 
 def enabled(device: torch.device) -> bool:

@@ -429,19 +429,13 @@ def _rows_candidates(default: dict, N: int, dtype: torch.dtype, epilogue: int, t
     return _variants(default, opts, {"BLOCK_N": cap})
 
 
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-
-
 def _tma_device(device: torch.device) -> bool:
     """Tensor-descriptor loads pay on Hopper and later (TMA); the interpreter runs them too."""
     if TensorDescriptor is None:
         return False
     if device.type != "cuda":
         return device.type == "cpu"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index] >= (9, 0)
+    return _tune.device_capability(device) >= (9, 0)
 
 
 def _tma_ok(*ws) -> bool:

@@ -42,21 +42,34 @@ def scripted_tuner(monkeypatch):
     return timed
 
 
-def _moe_case(T, D, Fh, E, k, retain):
-    x = torch.randn(T, D)
+def _moe_case(T, D, Fh, E, *, k=2, route=None, dtype=torch.float32):
+    """Inputs of one MoE layer call; ``run(fn, upcast=False, **kw)`` returns its output and
+    every gradient (x, logits, the three expert weights). ``route`` defaults to top-k."""
+    route = route or (lambda lg: topk_route(lg, k, renormalize=True, block_m=16))
+    x = torch.randn(T, D).to(dtype)
     logits = torch.randn(T, E)
-    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    ws = [(torch.randn(E, D, Fh) / 4).to(dtype), (torch.randn(E, D, Fh) / 4).to(dtype),
+          (torch.randn(E, Fh, D) / 4).to(dtype)]
     gy = torch.randn(T, D)
 
-    def run(fn, **kw):
-        xx = x.clone().requires_grad_(True)
+    def run(fn, *, upcast=False, **kw):
+        xx = (x.float() if upcast else x).clone().requires_grad_(True)
         lg = logits.clone().requires_grad_(True)
-        wp = [w.clone().requires_grad_(True) for w in ws]
-        y = fn(xx, topk_route(lg, k, renormalize=True, block_m=16), *wp, **kw)
-        (y * gy).sum().backward()
+        wp = [(w.float() if upcast else w).clone().requires_grad_(True) for w in ws]
+        y = fn(xx, route(lg), *wp, **kw)
+        (y.float() * gy).sum().backward()
         return [y, xx.grad, lg.grad] + [w.grad for w in wp]
 
-    return run, dict(retain_activations=retain)
+    return run
+
+
+@pytest.fixture
+def descriptors_built(monkeypatch):
+    """Counts the tensor descriptors the launchers build (one per weight read through TMA)."""
+    built = []
+    real = G.TensorDescriptor
+    monkeypatch.setattr(G, "TensorDescriptor", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    return built
 
 
 @pytest.mark.parametrize("retain", [False, True], ids=["backward-over-saved", "retained"])
@@ -64,8 +77,8 @@ def test_tuning_runs_every_candidate_and_changes_no_result(scripted_tuner, retai
     """The candidates really run during tuning (atomic scatters, the SwiGLU backward that
     writes dG, dU over the saved g, u), and still every output and gradient matches the
     reference: trials never touch what the real launch reads or accumulates into."""
-    run, kw = _moe_case(T=45, D=24, Fh=136, E=4, k=2, retain=retain)
-    got = run(moe_mlp, **kw)
+    run = _moe_case(T=45, D=24, Fh=136, E=4, k=2)
+    got = run(moe_mlp, retain_activations=retain)
     ref = run(moe_mlp_reference)
     for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
         assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
@@ -78,7 +91,7 @@ def test_tuning_runs_every_candidate_and_changes_no_result(scripted_tuner, retai
                or cfg["BLOCK_N"] != G._tiles(k[8], k[9], torch.float32, k[3], k[5])["BLOCK_N"]
                for k, cfg in picks.items() if k[0] == "rows")
     n = len(scripted_tuner)
-    again = run(moe_mlp, **kw)  # remembered: nothing is timed again, same results
+    again = run(moe_mlp, retain_activations=retain)  # remembered: nothing is timed again, same results
     assert len(scripted_tuner) == n
     for a, b in zip(again, got):
         assert rel_err(a, b) < 1e-6
@@ -120,7 +133,7 @@ def test_every_candidate_gives_the_same_result(monkeypatch):
     the default's outputs and gradients bit for bit, the router's included: the candidates
     vary tiles, warps and pipelining, never a reduction. (Weights read through descriptors:
     to the last bits, see below.)"""
-    run, kw = _moe_case(T=30, D=24, Fh=136, E=3, k=2, retain=False)
+    run = _moe_case(T=30, D=24, Fh=136, E=3, k=2)
     base = run(moe_mlp)
     for fam, opts in (("rows", [dict(BLOCK_N=64, num_warps=4), dict(BLOCK_N=128, num_stages=2), dict(B_TMA=True),
                                 dict(BLOCK_N=64, B_TMA=True)]),
@@ -139,7 +152,7 @@ def test_every_candidate_gives_the_same_result(monkeypatch):
 
 
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "plan-order"])
-def test_grouped_mm_with_weights_through_descriptors(monkeypatch, gather):
+def test_grouped_mm_with_weights_through_descriptors(monkeypatch, descriptors_built, gather):
     """grouped_mm's store epilogue and its transposed backward with TMA weight tiles: the
     same results as pointer tiles."""
     T, D, Fh, E, k = 37, 24, 40, 5, 2
@@ -154,48 +167,24 @@ def test_grouped_mm_with_weights_through_descriptors(monkeypatch, gather):
         return [out, *torch.autograd.grad(out, (aa, ww), gout)]
 
     base = run()
-    built = []
-    real = G.TensorDescriptor
-    monkeypatch.setattr(G, "TensorDescriptor", lambda *a_, **kw: built.append(1) or real(*a_, **kw))
     monkeypatch.setattr(G, "_OVERRIDE", {"rows": dict(B_TMA=True)})
     for x, y in zip(run(), base):
         assert rel_err(x, y) < 1e-6  # (the interpreter's products on a transposed view: last bits)
-    assert len(built) == 2  # forward and dA
-
-
-def _moe_case_typed(T, D, Fh, E, route, dtype):
-    x = torch.randn(T, D).to(dtype)
-    logits = torch.randn(T, E)
-    ws = [(torch.randn(E, D, Fh) / 4).to(dtype), (torch.randn(E, D, Fh) / 4).to(dtype),
-          (torch.randn(E, Fh, D) / 4).to(dtype)]
-    gy = torch.randn(T, D)
-
-    def run(fn, *, upcast=False):
-        xx = (x.float() if upcast else x).clone().requires_grad_(True)
-        lg = logits.clone().requires_grad_(True)
-        wp = [(w.float() if upcast else w).clone().requires_grad_(True) for w in ws]
-        y = fn(xx, route(lg), *wp)
-        (y.float() * gy).sum().backward()
-        return [y, xx.grad, lg.grad] + [w.grad for w in wp]
-
-    return run
+    assert len(descriptors_built) == 2  # forward and dA
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("router", ["topk", "expert_choice"])
-def test_tuned_half_precision_is_bit_equal_to_untuned(scripted_tuner, monkeypatch, dtype, router):
+def test_tuned_half_precision_is_bit_equal_to_untuned(scripted_tuner, monkeypatch, descriptors_built, dtype, router):
     """16-bit types also tune tensor-descriptor (TMA) candidates; the last one timed wins, so
     some launches read their weights through descriptors. Every output and gradient equals
     the untuned run's bit for bit (and both match the fp32 reference)."""
-    built = []
-    real = G.TensorDescriptor
-    monkeypatch.setattr(G, "TensorDescriptor", lambda *a, **kw: built.append(1) or real(*a, **kw))
     route = (lambda lg: topk_route(lg, 2, renormalize=True, block_m=16)) if router == "topk" else \
         (lambda lg: expert_choice_route(lg, 1.5, block_m=16))
-    run = _moe_case_typed(T=33, D=24, Fh=136, E=4, route=route, dtype=dtype)
+    run = _moe_case(T=33, D=24, Fh=136, E=4, route=route, dtype=dtype)
     monkeypatch.setattr(TUNE, "MODE", "0")
     untuned = run(moe_mlp)
-    assert not built
+    assert not descriptors_built
     monkeypatch.setattr(TUNE, "MODE", "1")
     tuned = run(moe_mlp)
     names = ["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"]
@@ -204,18 +193,14 @@ def test_tuned_half_precision_is_bit_equal_to_untuned(scripted_tuner, monkeypatc
     for name, a, b in zip(names, tuned, run(moe_mlp_reference, upcast=True)):
         assert rel_err(a, b) < 3e-2, (name, rel_err(a, b))
     assert any(cfg.get("B_TMA") for key, cfg in TUNE.tuned().items() if key[0] == "rows")
-    assert built  # descriptors were really used, in trials and in the chosen launches
+    assert descriptors_built  # descriptors were really used, in trials and in the chosen launches
 
 
-def test_descriptor_choice_falls_back_for_weights_it_cannot_describe(monkeypatch):
+def test_descriptor_choice_falls_back_for_weights_it_cannot_describe(monkeypatch, descriptors_built):
     """A descriptor configuration meets weights whose rows are not 16-byte aligned (D = 18
     fp32): the launch reads them through pointers instead and stays correct."""
-    built = []
-    real = G.TensorDescriptor
-    monkeypatch.setattr(G, "TensorDescriptor", lambda *a, **kw: built.append(1) or real(*a, **kw))
     monkeypatch.setattr(G, "_OVERRIDE", {"rows": dict(B_TMA=True), "rows_dual": dict(B_TMA=True)})
-    run = _moe_case_typed(T=21, D=18, Fh=36, E=3, route=lambda lg: topk_route(lg, 2, renormalize=True, block_m=16),
-                          dtype=torch.float32)
+    run = _moe_case(T=21, D=18, Fh=36, E=3, k=2)
     got = run(moe_mlp)
     ref = run(moe_mlp_reference)
     for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
@@ -226,7 +211,7 @@ def test_descriptor_choice_falls_back_for_weights_it_cannot_describe(monkeypatch
     odd = torch.zeros(40, 48, 1).permute(2, 0, 1)  # "contiguous", but its size-1 dimension has stride 1
     assert odd.is_contiguous() and not G._tma_ok(odd)
     # launches whose weights are aligned (the [E, 18, 36] ones) did use descriptors
-    assert built
+    assert descriptors_built
 
 
 def test_candidates_keep_the_reduction_and_the_caps():
@@ -361,7 +346,7 @@ def test_tuning_off_and_override_time_nothing(monkeypatch):
     assert TUNE.pick(("k",), [dict(a=1)], lambda cfg: None, torch.device("cpu")) is None
     monkeypatch.setattr(TUNE, "MODE", "1")
     monkeypatch.setattr(G, "_OVERRIDE", {"rows": dict(BLOCK_N=64)})  # the tuning script's explicit choice
-    run, kw = _moe_case(T=9, D=8, Fh=16, E=2, k=1, retain=False)
+    run = _moe_case(T=9, D=8, Fh=16, E=2, k=1)
     run(moe_mlp)
     assert TUNE.tuned() == {}
 
