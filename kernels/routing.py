@@ -27,7 +27,6 @@ Ranking rules (identical in every backend, so plans agree exactly):
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -38,11 +37,6 @@ from ._dispatch import HAS_TRITON, autograd_twin, cdiv, new_output, next_pow2, t
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    # A masked histogram counts only the elements that match the radix prefix. Without the
-    # mask (older Triton), they all go to one overflow bin: one shared-memory address that
-    # every thread's atomic add hits in passes 2-4, serialising the pass.
-    _HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 else:  # pragma: no cover
     triton = None
 
@@ -72,10 +66,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _monotone_key(x):
-        """float32 -> int32 whose signed order is the float order. NaN -> key(-inf), -0 -> +0."""
+        """float -> int32 whose signed order is the float order. NaN -> key(-inf), -0 -> +0.
+
+        16-bit floats are keyed from their own bits, into [-2**15, 2**15): the same order as
+        their (exact) float32 values, in a range a bisection covers in 16 steps, not 32.
+        Their NaN and -0 are fixed on the integer keys (the interpreter's bfloat16 select
+        returns its input unchanged)."""
+        if x.dtype.primitive_bitwidth == 16:
+            xf = x.to(tl.float32)
+            bits16 = x.to(tl.int16, bitcast=True).to(tl.int32)
+            bits16 = tl.where(bits16 == -32768, 0, bits16)
+            key16 = bits16 ^ ((bits16 >> 31) & 0x7FFF)
+            if x.dtype == tl.bfloat16:
+                return tl.where(xf != xf, -0x7F80 - 1, key16)  # key of bfloat16 -inf
+            return tl.where(xf != xf, -0x7C00 - 1, key16)  # key of float16 -inf
         x = tl.where(x != x, float("-inf"), x)
         x = tl.where(x == 0.0, 0.0, x)
-        bits = x.to(tl.int32, bitcast=True)
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
@@ -300,24 +307,16 @@ if HAS_TRITON:
                                          block_expert_ptr, block_row_ptr, max_blocks, BLOCK_M, BLOCK_B)
 
     @triton.jit
-    def _prefix_hist(d, match):
-        """512-bin histogram of the digits ``d`` of the elements that match the prefix."""
-        if _HIST_MASK_C:
-            return tl.histogram(d, 512, mask=match)
-        return tl.histogram(tl.where(match, d, 256), 512)
-
-    @triton.jit
-    def _radix_digit(hist, remaining, bins):
-        """Pick the digit holding the ``remaining``-th largest element from a histogram
-        (bins past 255 hold elements that do not match the prefix and are ignored).
-        Returns (digit, count of matching elements in higher digits)."""
-        live = bins < 256
-        h = tl.where(live, hist, 0)
-        total = tl.sum(h, 0)
-        cum_ge = total - tl.cumsum(h, 0) + h  # elements with digit >= d
-        digit = tl.max(tl.where(live & (cum_ge >= remaining), bins, -1), 0)
-        above = tl.sum(tl.where(live & (bins > digit), h, 0), 0)
-        return digit, above
+    def _count_at_least(row, L, key, mid, offs, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+        """How many keys of the row are >= ``mid`` (the row in registers, or streamed)."""
+        if SINGLE:
+            return tl.sum((key >= mid).to(tl.int32), 0)
+        cnt = tl.full([], 0, tl.int32)
+        for start in range(0, L, BLOCK):
+            mc = (start + offs) < L
+            kc = _monotone_key(tl.load(row + start + offs, mask=mc, other=0.0))
+            cnt += tl.sum((mc & (kc >= mid)).to(tl.int32), 0)
+        return cnt
 
     @triton.jit
     def _topk_rows_kernel(
@@ -327,69 +326,72 @@ if HAS_TRITON:
     ):
         """Per row: the k largest of L values, emitted in increasing position order.
 
-        Radix select on the monotone int32 keys, 8 bits per pass from the top (4 passes,
-        one histogram each of the elements inside the current prefix), finds the k-th
-        largest key exactly; a final pass keeps everything
-        above it plus the first ``remaining`` elements equal to it (ties: lower position wins)
-        and compacts them with a prefix sum, so the output is already in position order.
-        SINGLE: the row fits in one block and stays in registers across passes."""
+        The k-th largest monotone int32 key is found by bisection over the keys' range
+        [min, max]: each step counts the keys at or above a midpoint with one reduction
+        (at most 32 steps, fewer when the range is narrow). No histogram: a shared-memory
+        histogram of router probabilities, which share their sign and exponent bits, sends
+        nearly every element's atomic add to one bin, serialising the pass. A final pass
+        keeps every key above the threshold plus the first ``remaining`` keys equal to it
+        (ties: lower position wins) and compacts them with a prefix sum, so the output is
+        already in position order.
+        SINGLE: the row fits in one block and stays in registers; otherwise it is streamed
+        in chunks of BLOCK values, once per step."""
         r = tl.program_id(0)
         row = x_ptr + r.to(tl.int64) * stride_r
         orow = r.to(tl.int64) * stride_o
         offs = tl.arange(0, BLOCK)
-        bins = tl.arange(0, 512)
-        prefix = tl.full([], 0, tl.int32)
-        remaining = tl.full([], 0, tl.int32) + k
         if SINGLE:
             m = offs < L
             xv = tl.load(row + offs, mask=m, other=0.0)
-            key = _monotone_key(xv.to(tl.float32))
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            if SINGLE:
-                d = (key >> shift) & 255
-                if p == 0:
-                    d = d ^ 128  # the sign bit: flip so digit order matches signed order
-                    match = m
-                else:
-                    match = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                hist = _prefix_hist(d, match)
-            else:
-                hist = tl.zeros([512], dtype=tl.int32)
-                for start in range(0, L, BLOCK):
-                    mc = (start + offs) < L
-                    kc = _monotone_key(tl.load(row + start + offs, mask=mc, other=0.0).to(tl.float32))
-                    d = (kc >> shift) & 255
-                    if p == 0:
-                        d = d ^ 128
-                        match = mc
-                    else:
-                        match = mc & ((kc >> (shift + 8)) == (prefix >> (shift + 8)))
-                    hist += _prefix_hist(d, match)
-            digit, above = _radix_digit(hist, remaining, bins)
-            remaining -= above
-            if p == 0:
-                digit = digit ^ 128
-            prefix = prefix | (digit << shift)
-        # prefix is now the k-th largest key; take all keys above it and the first
-        # `remaining` keys equal to it, in position order.
+            # padding lanes get the smallest int32, below every real key (NaN maps to -inf's
+            # key), and never reach a count: every midpoint is above the smallest real key
+            key = tl.where(m, _monotone_key(xv), _INT32_MIN_C)
+            lo = tl.min(tl.where(m, key, _INT32_MAX_C), 0).to(tl.int64)
+            hi = tl.max(key, 0).to(tl.int64)
+        else:
+            key = tl.full([BLOCK], 0, tl.int32)  # unused
+            lo32 = tl.full([], _INT32_MAX_C, tl.int32)
+            hi32 = tl.full([], _INT32_MIN_C, tl.int32)
+            for start in range(0, L, BLOCK):
+                mc = (start + offs) < L
+                kc = _monotone_key(tl.load(row + start + offs, mask=mc, other=0.0))
+                lo32 = tl.minimum(lo32, tl.min(tl.where(mc, kc, _INT32_MAX_C), 0))
+                hi32 = tl.maximum(hi32, tl.max(tl.where(mc, kc, _INT32_MIN_C), 0))
+            lo = lo32.to(tl.int64)
+            hi = hi32.to(tl.int64)
+        # invariant: count(key >= lo) >= k > count(key > hi) == above
+        above = tl.full([], 0, tl.int32)
+        while lo < hi:
+            mid = lo + (hi - lo + 1) // 2  # int64: the range may span 2**32
+            cnt = _count_at_least(row, L, key, mid.to(tl.int32), offs, BLOCK, SINGLE)
+            take = cnt >= k
+            lo = tl.where(take, mid, lo)
+            above = tl.where(take, above, cnt)
+            hi = tl.where(take, hi, mid - 1)
+        thr = lo.to(tl.int32)  # the k-th largest key
+        remaining = k - above  # keys equal to thr to take, first by position
         if SINGLE:
-            gt = m & (key > prefix)
-            eq = m & (key == prefix)
-            eq_rank = tl.cumsum(eq.to(tl.int32), 0)
+            gt = key > thr
+            eq = key == thr
+            # one prefix sum counts both (L <= 16384 < 2**15): keys above the threshold in
+            # the low 15 bits, keys equal to it above them
+            packed = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 15), 0)
+            eq_rank = packed >> 15
             sel = gt | (eq & (eq_rank <= remaining))
-            pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+            pos = (packed & 32767) + tl.minimum(eq_rank, remaining) - 1
             tl.store(idx_ptr + orow + pos, offs, mask=sel)
-            tl.store(val_ptr + orow + pos, xv, mask=sel)
+            # the values are read again (cache hits) for the selected lanes only: holding
+            # the loaded row in registers through the search spills at 16,384 values
+            tl.store(val_ptr + orow + pos, tl.load(row + offs, mask=sel), mask=sel)
         else:
             n_sel = tl.full([], 0, tl.int32)
             n_eq = tl.full([], 0, tl.int32)
             for start in range(0, L, BLOCK):
                 mc = (start + offs) < L
                 xc = tl.load(row + start + offs, mask=mc, other=0.0)
-                kc = _monotone_key(xc.to(tl.float32))
-                gt = mc & (kc > prefix)
-                eq = mc & (kc == prefix)
+                kc = _monotone_key(xc)
+                gt = mc & (kc > thr)
+                eq = mc & (kc == thr)
                 eq_rank = n_eq + tl.cumsum(eq.to(tl.int32), 0)
                 sel = gt | (eq & (eq_rank <= remaining))
                 pos = n_sel + tl.cumsum(sel.to(tl.int32), 0) - 1
@@ -399,7 +401,7 @@ if HAS_TRITON:
                 n_eq += tl.sum(eq.to(tl.int32), 0)
 
     _INT32_MIN_C = tl.constexpr(_INT32_MIN)
-    _HIST_MASK_C = tl.constexpr(_HIST_MASK)
+    _INT32_MAX_C = tl.constexpr(2**31 - 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -729,9 +731,10 @@ def _topk_route_bwd(logits, ids, inverse, g_topk, g_sorted, score: int, renormal
     return dlogits.to(logits.dtype)
 
 
-# Largest row kept in registers by the selection kernel (16 warps x 32 threads x 32 values).
+# Largest row kept in registers by the selection kernel (16 warps x 32 threads x 32 values;
+# its one prefix sum packs two counts below 2**15 into an int32, so never above 32767).
 _SINGLE_MAX = 16384
-# Longer rows are streamed in chunks of this many values, re-read on each radix pass.
+# Longer rows are streamed in chunks of this many values, re-read on each bisection step.
 _CHUNK = 4096
 
 

@@ -33,7 +33,7 @@ def sig_of(fn, types, consts):
 # What the JIT specialises at launch for real shapes: 16-byte aligned pointers and integer
 # arguments divisible by 16 (strides, K, N). Without these hints no load is vectorised and
 # the software pipeliner leaves the GEMM loops synchronous.
-ALIGNED_INTS = {"D", "stride_am", "stride_be", "stride_bk", "stride_bn", "stride_om", "stride_gm", "stride_de", "stride_dk", "K", "N"}
+ALIGNED_INTS = {"D", "stride_r", "stride_o", "stride_am", "stride_be", "stride_bk", "stride_bn", "stride_om", "stride_gm", "stride_de", "stride_dk", "K", "N"}
 
 
 def _ptxas_report(ptx: str) -> str:
@@ -159,8 +159,11 @@ comp(R._topk_route_bwd_kernel, {"logits_ptr": P("fp32"), "ids_ptr": P("i32"), "g
      dict(HAS_G_TOPK=True, HAS_G_SORTED=True, SCORE=0, RENORM=True, BLOCK_T=128, BLOCK_E=64))
 comp(R._expert_scores_kernel, {"logits_ptr": P("fp32"), "scores_ptr": P("fp32"), "counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32")},
      dict(SCORE=0, BLOCK_T=128, BLOCK_E=64, BLOCK_M=64, BLOCK_B=128))
-for single, block, warps in [(True, 4096, 8), (True, 16384, 16), (False, 4096, 8)]:
-    comp(R._topk_rows_kernel, {"x_ptr": P("bf16"), "idx_ptr": P("i32"), "val_ptr": P("bf16")}, dict(BLOCK=block, SINGLE=single), num_warps=warps, label=f"single={single} block={block}")
+# the selection kernel: MoD scores (bf16) and expert choice's probabilities (fp32, [E, T])
+for dt in ("bf16", "fp32"):
+    for single, block, warps in [(True, 4096, 8), (True, 16384, 16), (False, 4096, 8)]:
+        comp(R._topk_rows_kernel, {"x_ptr": P(dt), "idx_ptr": P("i32"), "val_ptr": P(dt)}, dict(BLOCK=block, SINGLE=single),
+             num_warps=warps, label=f"{dt} single={single} block={block}", ptxas=True)
 # MoD token movement (bf16 rows, int32 indices, fp32 router weights)
 bf, i32, f32 = P("bf16"), P("i32"), P("fp32")
 comp(M._gather_tokens_fwd_kernel, {"x_ptr": bf, "idx_ptr": i32, "out_ptr": bf}, dict(ROWS=2, BLOCK_D=2048),

@@ -332,6 +332,38 @@ def test_topk_rows_streaming_path(monkeypatch):
         torch.testing.assert_close(val, rval, atol=0, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_topk_rows_threshold_search_extremes(monkeypatch, streamed, dtype):
+    # The k-th largest key is found by bisection over [min key, max key]: rows whose keys
+    # span the whole key range (-inf with +inf, NaN, -0/+0, subnormals, the largest finite
+    # values), a row of one repeated value (empty range), a row of two values, probabilities
+    # that share sign and exponent, and every k from 1 to L. 16-bit floats are keyed from
+    # their own bits; the order must still be that of their float32 values.
+    if streamed:
+        monkeypatch.setattr(R, "_SINGLE_MAX", 16)
+        monkeypatch.setattr(R, "_CHUNK", 16)
+    f32 = torch.finfo(torch.float32)
+    wide = torch.tensor([float("-inf"), float("inf"), float("nan"), -0.0, 0.0, f32.tiny / 4, -f32.tiny / 4,
+                         f32.max, -f32.max, 1.0, -1.0, 0.0, float("inf"), float("-inf"), float("nan"), 3.0,
+                         f32.tiny, -f32.tiny, 2.0, 2.0, -2.0, 1e-30, -1e-30, 7.0, 0.5, 0.25, 0.125])
+    L = wide.numel()
+    rows = torch.stack([
+        wide,
+        torch.full((L,), 0.3),
+        torch.where(torch.arange(L) % 3 == 0, 1.0, -1.0),
+        torch.softmax(torch.randn(L), 0),
+        wide.flip(0),
+    ]).to(dtype)
+    fin = torch.finfo(dtype)
+    rows[0, 7], rows[0, 8], rows[0, 5], rows[0, 6] = fin.max, -fin.max, fin.tiny / 4, -fin.tiny / 4
+    for k in range(1, L + 1):
+        idx, val = topk_rows(rows, k)
+        ridx, rval = topk_rows_reference(rows, k)
+        assert torch.equal(idx, ridx), k
+        torch.testing.assert_close(val, rval, atol=0, rtol=0, equal_nan=True)
+
+
 def test_mod_select_reference_gradcheck():
     x = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: mod_select_reference(t, k=4).weights, (x,))
