@@ -35,6 +35,8 @@ def test_gpu_variants_have_the_dense_parameter_count():
         assert _params(cfg) == pytest.approx(dense, rel=5e-3), name
     S = bench_train._GPU_S
     assert variants["dense hd128"].head_dim == 128
+    wide = variants[bench_train._WIDE_NAME]
+    assert (wide.d_model, wide.n_layers, wide.head_dim) == (1536, 12, 128)
     assert variants[bench_train._ACCUM_NAME] == variants["dense"]
     assert variants["MoE 8x top-2"].flops_per_token(S) < 0.7 * variants["dense"].flops_per_token(S)
     assert variants["MoD every other 12.5%"].flops_per_token(S) < 0.6 * variants["dense"].flops_per_token(S)
