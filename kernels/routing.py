@@ -103,14 +103,12 @@ if HAS_TRITON:
         return x, p
 
     @triton.jit
-    def _write_offsets_and_block_map(
-        counts, cols, cmask, E,
-        counts_ptr, offsets_ptr, padded_ptr, block_expert_ptr, block_row_ptr, max_blocks,
-        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    def _write_offsets(
+        counts, cols, cmask, E, counts_ptr, offsets_ptr, padded_ptr, BLOCK_M: tl.constexpr,
     ):
         """From per-expert counts (a [BLOCK_E] vector, zero past E) write counts, offsets
-        [E+1], padded offsets [E+1] (each expert padded to BLOCK_M rows) and the block map:
-        for block b, its expert (-1 past the end) and its first expert-sorted row."""
+        [E+1] and padded offsets [E+1] (each expert padded to BLOCK_M rows); returns the
+        exclusive offsets and the padded block ranges (first, end) for the block map."""
         incl = tl.cumsum(counts, 0)
         excl = incl - counts
         total = tl.sum(counts, 0)
@@ -122,7 +120,16 @@ if HAS_TRITON:
         pexcl = pincl - nblk
         tl.store(padded_ptr + cols, pexcl * BLOCK_M, mask=cmask)
         tl.store(padded_ptr + E, tl.sum(nblk, 0) * BLOCK_M)
-        for start in range(0, max_blocks, BLOCK_B):
+        return excl, pexcl, pincl
+
+    @triton.jit
+    def _write_block_map(
+        excl, pexcl, pincl, cols, cmask, E, block_expert_ptr, block_row_ptr, b_start, b_end,
+        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        """Blocks [b_start, b_end) of the block map: for block b, its expert (-1 past the
+        end) and its first expert-sorted row."""
+        for start in range(b_start, b_end, BLOCK_B):
             b = start + tl.arange(0, BLOCK_B)
             # expert of block b = number of experts whose padded range ends at or before b
             ended = (pincl[None, :] <= b[:, None]) & cmask[None, :]
@@ -131,7 +138,7 @@ if HAS_TRITON:
             first_blk = tl.sum(tl.where(sel, pexcl[None, :], 0), 1)
             first_row = tl.sum(tl.where(sel, excl[None, :], 0), 1)
             valid = e < E
-            bmask = b < max_blocks
+            bmask = b < b_end
             tl.store(block_expert_ptr + b, tl.where(valid, e, -1), mask=bmask)
             tl.store(block_row_ptr + b, tl.where(valid, first_row + (b - first_blk) * BLOCK_M, -1), mask=bmask)
 
@@ -173,13 +180,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _route_scan_kernel(
-        tile_counts_ptr, n_tiles, E,
-        counts_ptr, offsets_ptr, padded_ptr, block_expert_ptr, block_row_ptr, max_blocks,
-        BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+        tile_counts_ptr, n_tiles, E, counts_ptr, offsets_ptr, padded_ptr,
+        BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """Single program: per-expert totals, offsets, block map, and for every tile and
-        expert the shift ``delta`` that takes a pair's position in its tile's
-        expert-sorted order to its global expert-sorted row (written over the counts)."""
+        """Single program: per-expert totals and offsets, and for every tile and expert the
+        shift ``delta`` that takes a pair's position in its tile's expert-sorted order to its
+        global expert-sorted row (written over the counts). The block map, up to
+        E + N / BLOCK_M entries, is left to the scatter's programs, which split it."""
         cols = tl.arange(0, BLOCK_E)
         cmask = cols < E
         total = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -199,20 +206,29 @@ if HAS_TRITON:
             local_first = tl.cumsum(c, 1) - c  # first position of the expert in the tile's sorted order
             tl.store(ptrs, tile_base - local_first, mask=m)
             running += tl.sum(c, 0)
-        _write_offsets_and_block_map(total, cols, cmask, E, counts_ptr, offsets_ptr, padded_ptr,
-                                     block_expert_ptr, block_row_ptr, max_blocks, BLOCK_M, BLOCK_B)
+        _write_offsets(total, cols, cmask, E, counts_ptr, offsets_ptr, padded_ptr, BLOCK_M)
 
     @triton.jit
     def _route_scatter_kernel(
         ids_ptr, w_ptr, delta_ptr, TK, E, pairs_per_tile,
         token_idx_ptr, sorted_w_ptr, pair_ptr, inverse_ptr, K,
-        BLOCK_N: tl.constexpr,
+        offsets_ptr, padded_ptr, block_expert_ptr, block_row_ptr, max_blocks, blocks_per_prog,
+        BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
     ):
         """Counting-sort scatter of one tile's (token, slot) pairs to their expert-sorted
         rows. Within a tile pairs are ordered by (expert, pair index) with one bitonic sort
         of packed keys; the scan kernel's delta adds the rows of earlier tiles/experts, so the
-        global order is stable: expert-major, then token, then slot."""
+        global order is stable: expert-major, then token, then slot. Each program also
+        writes its ``blocks_per_prog`` entries of the block map from the scan's offsets."""
         pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_E)
+        cmask = cols < E
+        excl = tl.load(offsets_ptr + cols, mask=cmask, other=0)
+        pexcl = tl.load(padded_ptr + cols, mask=cmask, other=0) // BLOCK_M
+        pincl = tl.load(padded_ptr + cols + 1, mask=cmask, other=0) // BLOCK_M
+        b_start = pid * blocks_per_prog
+        _write_block_map(excl, pexcl, pincl, cols, cmask, E, block_expert_ptr, block_row_ptr, b_start,
+                         tl.minimum(b_start + blocks_per_prog, max_blocks), BLOCK_M, BLOCK_B)
         local = tl.arange(0, BLOCK_N)
         pair = pid * pairs_per_tile + local
         m = (local < pairs_per_tile) & (pair < TK)
@@ -303,8 +319,10 @@ if HAS_TRITON:
         x, p = _load_scores(logits_ptr, stride_t, rows, cols, rmask, cmask, SCORE)
         tl.store(scores_ptr + cols[None, :].to(tl.int64) * T + rows[:, None], p, mask=m2)
         if pid == 0:
-            _write_offsets_and_block_map(tl.where(cmask, C, 0), cols, cmask, E, counts_ptr, offsets_ptr, padded_ptr,
-                                         block_expert_ptr, block_row_ptr, max_blocks, BLOCK_M, BLOCK_B)
+            excl, pexcl, pincl = _write_offsets(tl.where(cmask, C, 0), cols, cmask, E, counts_ptr, offsets_ptr,
+                                                padded_ptr, BLOCK_M)
+            _write_block_map(excl, pexcl, pincl, cols, cmask, E, block_expert_ptr, block_row_ptr, 0, max_blocks,
+                             BLOCK_M, BLOCK_B)
 
     @triton.jit
     def _count_at_least(row, L, key, mid, offs, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
@@ -699,15 +717,17 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
         BLOCK_K=next_pow2(k), num_warps=4,
     )
     _route_scan_kernel[(1,)](
-        tile_counts, n_tiles, E, counts, offsets, padded, block_expert, block_row, nb,
-        BLOCK_E=BLOCK_E, BLOCK_TILES=max(1, min(64, 4096 // BLOCK_E)), BLOCK_M=block_m,
-        BLOCK_B=max(16, min(256, 8192 // BLOCK_E)), num_warps=4,
+        tile_counts, n_tiles, E, counts, offsets, padded,
+        BLOCK_E=BLOCK_E, BLOCK_TILES=max(1, min(64, 4096 // BLOCK_E)), BLOCK_M=block_m, num_warps=4,
     )
     sorted_w = new_output((N,), dtype=torch.float32, device=dev)
     pairs_per_tile = BLOCK_T * k
+    blocks_per_prog = cdiv(nb, n_tiles)
     _route_scatter_kernel[(n_tiles,)](
         ids, w, tile_counts, N, E, pairs_per_tile, token_idx, sorted_w, pair, inverse, k,
-        BLOCK_N=next_pow2(pairs_per_tile), num_warps=4,
+        offsets, padded, block_expert, block_row, nb, blocks_per_prog,
+        BLOCK_N=next_pow2(pairs_per_tile), BLOCK_E=BLOCK_E, BLOCK_M=block_m,
+        BLOCK_B=max(16, min(next_pow2(blocks_per_prog), 8192 // BLOCK_E)), num_warps=4,
     )
     # float outputs first (opcheck's aot check sums outputs into the first one's dtype)
     return w, sorted_w, ids, token_idx, pair, inverse, counts, offsets, padded, block_expert, block_row

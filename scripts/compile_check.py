@@ -151,10 +151,11 @@ P = lambda t: "*" + t
 # routing
 comp(R._topk_route_fwd_kernel, {"logits_ptr": P("fp32"), "ids_ptr": P("i32"), "w_ptr": P("fp32"), "tile_counts_ptr": P("i32")},
      dict(SCORE=0, RENORM=True, BLOCK_T=64, BLOCK_E=128, BLOCK_K=8))
-comp(R._route_scan_kernel, {"tile_counts_ptr": P("i32"), "counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32")},
-     dict(BLOCK_E=64, BLOCK_TILES=64, BLOCK_M=64, BLOCK_B=128))
-comp(R._route_scatter_kernel, {"ids_ptr": P("i32"), "w_ptr": P("fp32"), "delta_ptr": P("i32"), "token_idx_ptr": P("i32"), "sorted_w_ptr": P("fp32"), "pair_ptr": P("i32"), "inverse_ptr": P("i32")},
-     dict(BLOCK_N=1024))
+comp(R._route_scan_kernel, {"tile_counts_ptr": P("i32"), "counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32")},
+     dict(BLOCK_E=64, BLOCK_TILES=64, BLOCK_M=64))
+comp(R._route_scatter_kernel, {"ids_ptr": P("i32"), "w_ptr": P("fp32"), "delta_ptr": P("i32"), "token_idx_ptr": P("i32"), "sorted_w_ptr": P("fp32"), "pair_ptr": P("i32"), "inverse_ptr": P("i32"),
+                               "offsets_ptr": P("i32"), "padded_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32")},
+     dict(BLOCK_N=1024, BLOCK_E=64, BLOCK_M=64, BLOCK_B=32))
 comp(R._topk_route_bwd_kernel, {"logits_ptr": P("fp32"), "ids_ptr": P("i32"), "g_topk_ptr": P("fp32"), "g_sorted_ptr": P("fp32"), "inverse_ptr": P("i32"), "dlogits_ptr": P("fp32")},
      dict(HAS_G_TOPK=True, HAS_G_SORTED=True, SCORE=0, RENORM=True, BLOCK_T=128, BLOCK_E=64))
 comp(R._expert_scores_kernel, {"logits_ptr": P("fp32"), "scores_ptr": P("fp32"), "counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32")},

@@ -80,6 +80,7 @@ TC_SHAPES = [
     pytest.param(37, 5, 5, id="T37-E5-k=E"),
     pytest.param(130, 128, 8, id="T130-E128-k8"),
     pytest.param(50, 6, 3, id="T50-E6-k3"),
+    pytest.param(700, 16, 4, id="T700-E16-k4"),  # 6 tiles: the block map split over 6 programs
 ]
 
 
