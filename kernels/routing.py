@@ -391,12 +391,13 @@ if HAS_TRITON:
         if SINGLE:
             gt = key > thr
             eq = key == thr
-            # one prefix sum counts both (L <= 16384 < 2**15): keys above the threshold in
-            # the low 15 bits, keys equal to it above them
-            packed = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 15), 0)
-            eq_rank = packed >> 15
+            # one prefix sum counts both (L <= 2**15): keys above the threshold in the low 16
+            # bits, keys equal to it in the high 16 (2**15 equal keys wrap the int32's sign:
+            # the mask after the shift undoes it)
+            packed = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 16), 0)
+            eq_rank = (packed >> 16) & 0xFFFF
             sel = gt | (eq & (eq_rank <= remaining))
-            pos = (packed & 32767) + tl.minimum(eq_rank, remaining) - 1
+            pos = (packed & 0xFFFF) + tl.minimum(eq_rank, remaining) - 1
             tl.store(idx_ptr + orow + pos, offs, mask=sel)
             # the values are read again (cache hits) for the selected lanes only: holding
             # the loaded row in registers through the search spills at 16,384 values
@@ -751,11 +752,14 @@ def _topk_route_bwd(logits, ids, inverse, g_topk, g_sorted, score: int, renormal
     return dlogits.to(logits.dtype)
 
 
-# Largest row kept in registers by the selection kernel (16 warps x 32 threads x 32 values;
-# its one prefix sum packs two counts below 2**15 into an int32, so never above 32767).
-_SINGLE_MAX = 16384
-# Longer rows are streamed in chunks of this many values, re-read on each bisection step.
-_CHUNK = 4096
+# Largest row kept in registers by the selection kernel (16 warps x 32 threads x 64 values:
+# no spill in the search loop on sm_90, some in the final compaction; its one prefix sum
+# packs two counts of at most 2**15 into an int32, so never above 32768). 16-bit rows stop
+# at half that: at 2**15 values Triton 3.6 spills their search loop.
+_SINGLE_MAX = 32768
+# Longer rows are streamed in chunks of this many values (16 warps x 32 threads x 16),
+# re-read on each bisection step.
+_CHUNK = 8192
 
 
 def _topk_rows_fwd(x: torch.Tensor, k: int):
@@ -763,9 +767,9 @@ def _topk_rows_fwd(x: torch.Tensor, k: int):
     R, L = x.shape
     idx = new_output((R, k), dtype=torch.int32, device=x.device)
     val = new_output((R, k), dtype=x.dtype, device=x.device)
-    single = L <= _SINGLE_MAX
+    single = L <= (_SINGLE_MAX if x.element_size() >= 4 else _SINGLE_MAX // 2)
     BLOCK = next_pow2(L) if single else _CHUNK
-    num_warps = 4 if BLOCK <= 2048 else (8 if BLOCK <= 4096 else 16)
+    num_warps = 4 if BLOCK <= 2048 else (8 if BLOCK < _CHUNK else 16)
     _topk_rows_kernel[(R,)](x, x.stride(0), L, k, idx, val, k, BLOCK=BLOCK, SINGLE=single, num_warps=num_warps)
     return idx, val
 

@@ -162,7 +162,8 @@ comp(R._expert_scores_kernel, {"logits_ptr": P("fp32"), "scores_ptr": P("fp32"),
      dict(SCORE=0, BLOCK_T=128, BLOCK_E=64, BLOCK_M=64, BLOCK_B=128))
 # the selection kernel: MoD scores (bf16) and expert choice's probabilities (fp32, [E, T])
 for dt in ("bf16", "fp32"):
-    for single, block, warps in [(True, 4096, 8), (True, 16384, 16), (False, 4096, 8)]:
+    longest = 32768 if dt == "fp32" else 16384  # the launcher's limit by element size
+    for single, block, warps in sorted({(True, 4096, 8), (True, 16384, 16), (True, longest, 16), (False, 8192, 16)}):
         comp(R._topk_rows_kernel, {"x_ptr": P(dt), "idx_ptr": P("i32"), "val_ptr": P(dt)}, dict(BLOCK=block, SINGLE=single),
              num_warps=warps, label=f"{dt} single={single} block={block}", ptxas=True)
 # MoD token movement (bf16 rows, int32 indices, fp32 router weights)

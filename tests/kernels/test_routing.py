@@ -365,6 +365,22 @@ def test_topk_rows_threshold_search_extremes(monkeypatch, streamed, dtype):
         torch.testing.assert_close(val, rval, atol=0, rtol=0, equal_nan=True)
 
 
+def test_topk_rows_longest_row_in_registers():
+    # The longest row the kernel keeps in registers (2**15 values): its prefix sum packs
+    # two counts of up to 2**15 in one int32, which a row of equal values fills (the sign
+    # bit wraps). Also a row just below it, with ties everywhere.
+    L = R._SINGLE_MAX
+    rows = torch.stack([torch.full((L,), 0.5), torch.randint(0, 7, (L,)).float(), torch.randn(L)])
+    for k in (1, 12345, L - 1, L):
+        idx, val = topk_rows(rows, k)
+        ridx, rval = topk_rows_reference(rows, k)
+        assert torch.equal(idx, ridx), k
+        torch.testing.assert_close(val, rval, atol=0, rtol=0)
+    short = torch.randint(0, 3, (2, L - 5)).to(torch.bfloat16)
+    idx, val = topk_rows(short, 9999)
+    assert torch.equal(idx, topk_rows_reference(short, 9999)[0])
+
+
 def test_mod_select_reference_gradcheck():
     x = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: mod_select_reference(t, k=4).weights, (x,))
