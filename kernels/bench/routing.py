@@ -142,7 +142,8 @@ def cases(gpu: bool) -> list[Case]:
             # logits in; ids, weights [T,K]; token_idx, weights, pair, inverse [N]
             bytes=T * E * 4 + T * k * 8 + N * 16,
         ))
-    ec = [(16384, 64, 1.0), (16384, 8, 1.0)] if gpu else [(256, 8, 1.0)]
+    # the BASELINES shapes, then a longer token axis (rows of 32,768 held in registers)
+    ec = [(16384, 64, 1.0), (16384, 8, 1.0), (32768, 64, 1.0)] if gpu else [(256, 8, 1.0)]
     for T, E, cf in ec:
         logits = torch.randn(T, E, device=dev)
         C = expert_choice_capacity(T, E, cf)
