@@ -466,20 +466,30 @@ def _rows_candidates(default: dict, N: int, dtype: torch.dtype, epilogue: int, t
     to change speed, not bits (the interpreter tests check bit-equality). The caps of
     ``_tiles`` hold: 256 columns only for single-accumulator epilogues in 16-bit types.
     ``tma``: the weights may be read through tensor descriptors (``_tma_ok``); then the
-    default and the widest tile are also timed that way (16-bit types)."""
+    default and the widest tile are also timed that way (16-bit types).
+
+    ``PERSISTENT``: n programs per SM (``_tune.device_sm_count``), each looping over tiles in
+    the default's swizzled order; one program per SM for the default's tiles (and TMA's), two
+    for 64 columns and 4 warps, which fit twice on an SM (sm_90 builds at Mixtral's and
+    OLMoE's shapes: 96 KiB of shared memory, at most 230 registers; 128 columns do not).
+    Each tile is computed as the non-persistent kernel computes it."""
     cap = max(16, next_pow2(N))
+    persistent = [dict(PERSISTENT=1)]
     if epilogue in (_STORE, _SCALE_SCATTER, _SCATTER) and dtype != torch.float32:
         opts = [dict(BLOCK_N=bn, num_stages=s, num_warps=8) for bn in (128, 256) for s in (3, 4)]
+        persistent.append(dict(BLOCK_N=64, num_stages=4, num_warps=4, PERSISTENT=2))
     elif epilogue == _SWIGLU_BWD:
         # its epilogue sums <h, dY W^T> over the column tile: BLOCK_N and the warps (the
         # reduction's layout) stay the default's, so the router's gradient is the same bits
         opts = [dict(num_stages=s) for s in (2, 3)]
     else:
         opts = [dict(BLOCK_N=128, num_stages=s, num_warps=8) for s in (3, 4)] + [dict(BLOCK_N=64, num_warps=4)]
+        persistent.append(dict(BLOCK_N=64, num_stages=3, num_warps=4, PERSISTENT=2))
     if tma and dtype != torch.float32:  # the default's tiles, and the widest, with TMA weights
         widest = [o for o in opts if o.get("BLOCK_N") == 256 and o.get("num_stages") == 4]
         opts = opts + [dict(B_TMA=True)] + [dict(o, B_TMA=True) for o in widest]
-    return _variants(default, opts, {"BLOCK_N": cap})
+        persistent.append(dict(B_TMA=True, PERSISTENT=1))
+    return _variants(default, opts + persistent, {"BLOCK_N": cap})
 
 
 def _tma_device(device: torch.device) -> bool:
