@@ -331,6 +331,8 @@ for ep, gather, dual, save, K, N in [(0, True, False, False, 4096, 14336), (1, T
     unit = dict(stride_bn=1) if ep in (0, 1, 2) else dict(stride_bk=1)
     for cfg in G._rows_candidates(G._tiles(K, N, torch.bfloat16, ep, dual_a=dual), N, torch.bfloat16, ep,
                                   tma=True)[1:]:
+        if cfg.get("PERSISTENT"):  # (below, with the persistent kernel's own checks)
+            continue
         cfg = dict(cfg)
         w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
         types, extra = tt, {}
