@@ -42,7 +42,8 @@ else:  # pragma: no cover
     class OutOfResources(Exception):
         pass
 
-__all__ = ["OutOfResources", "MODE", "clear", "device_capability", "device_fault", "device_name", "enabled", "forget", "pick", "tuned"]
+__all__ = ["OutOfResources", "MODE", "clear", "device_capability", "device_fault", "device_name", "device_sm_count",
+           "enabled", "forget", "pick", "tuned"]
 
 _MODES = ("auto", "0", "1")
 
@@ -61,14 +62,18 @@ REPS = 5
 
 _UNTUNED = object()  # cache entry: tuning was skipped for good (no scratch memory); use the default
 _CACHE: dict[tuple, object] = {}
-_CARDS: dict[int, tuple[str, tuple[int, int]]] = {}
+_CARDS: dict[int, tuple[str, tuple[int, int], int]] = {}
+# what device_sm_count reports off CUDA (the interpreter): a few, so that a persistent
+# launch's programs each loop over several tiles in the tests
+CPU_SMS = 4
 
 
-def _card(device: torch.device) -> tuple[str, tuple[int, int]]:
-    """(name, compute capability) of a CUDA device, looked up once per device index."""
+def _card(device: torch.device) -> tuple[str, tuple[int, int], int]:
+    """(name, compute capability, multiprocessors) of a CUDA device, looked up once per device index."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CARDS:
-        _CARDS[index] = (torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
+        _CARDS[index] = (torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index),
+                         torch.cuda.get_device_properties(index).multi_processor_count)
     return _CARDS[index]
 
 
@@ -80,6 +85,12 @@ def device_name(device: torch.device) -> str:
 def device_capability(device: torch.device) -> tuple[int, int] | None:
     """The CUDA compute capability, None for other devices."""
     return _card(device)[1] if device.type == "cuda" else None
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a persistent launch's grid is a multiple
+    of it); ``CPU_SMS`` elsewhere."""
+    return _card(device)[2] if device.type == "cuda" else CPU_SMS
 
 
 def enabled(device: torch.device) -> bool:

@@ -22,7 +22,8 @@ Meta-parameters: ``_tiles`` and ``_dw_tiles`` give each launch a default; on CUD
 autotuner (:mod:`._tune`) times a few alternatives per shape once and keeps the fastest.
 
 Every kernel walks the plan's block map on the device: a program whose block is past the
-end (``block_expert == -1``) returns at once, so no host sync is ever needed.
+end (``block_expert == -1``) returns at once, and the persistent row kernel's tile loop stops
+at the block count it sums from the expert offsets, so no host sync is ever needed.
 
 Numerics: operands in their dtype (fp32, bf16, fp16), fp32 accumulation; token outputs and
 dX accumulate with fp32 atomics and are cast at the end, so sums over a token's experts are
@@ -112,36 +113,19 @@ if HAS_TRITON:
         return tl.sum(h * acc, 1)
 
     @triton.jit
-    def _grouped_mm_fwd_kernel(
+    def _rows_tile(
+        pid_b, pid_n, e,
         a_ptr, a2_ptr, a_idx_ptr, stride_am,
         b_ptr, b2_ptr, stride_be, stride_bk, stride_bn, b_desc, b2_desc,
         out_ptr, out2_ptr, out3_ptr, stride_om,
         pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr,
-        block_expert_ptr, block_row_ptr, offsets_ptr,
-        K, N, NB,
+        block_row_ptr, offsets_ptr, K, N,
         EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, DUAL_A: tl.constexpr, SAVE_PRE: tl.constexpr,
         PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        B_TMA: tl.constexpr = False, B_TRANS: tl.constexpr = False,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        B_TMA: tl.constexpr, B_TRANS: tl.constexpr,
     ):
-        """One (row block, column block) tile of ``A[rows] @ B[e]`` for the block's expert e.
-
-        A is row-major ``[*, K]``; B is ``[E, K, N]`` through strides (so ``W^T`` needs no copy).
-        EPILOGUE:
-          _STORE         out[r] = acc
-          _SWIGLU        acc = A@Wg, acc2 = A@Wu: out[r] = silu(acc)*acc2 (+ pre-activations)
-          _SCALE_SCATTER out[tok[r]] += w[r] * acc          (fp32 atomics)
-          _SWIGLU_BWD    acc = dY[tok] @ Wd^T: dw[r] += <h_r, acc>; dH = w*acc -> dG, dU (+ w*h)
-        SAVE_PRE: _SWIGLU stores the pre-activations (pre, pre2); _SWIGLU_BWD stores w*h (out3).
-          _SCATTER       out[tok[r]] += acc (+ A2@B2 when DUAL_A)  (fp32 atomics)
-        B_TMA: the B tiles (the weights) come through tensor descriptors (TMA on Hopper),
-        ``b_desc`` / ``b2_desc`` over ``[E, K, N]``, or ``[E, N, K]`` when B_TRANS; the rows of A
-        are gathered by index, which TMA cannot do on Hopper, so they keep pointer loads.
-        """
-        pid_b, pid_n = _swizzle(tl.program_id(0), NB, tl.cdiv(N, BLOCK_N), GROUP_M)
-        e = tl.load(block_expert_ptr + pid_b)
-        if e < 0:
-            return
+        """Tile (row block pid_b of expert e, column block pid_n) of the row-block kernel."""
         row0 = tl.load(block_row_ptr + pid_b)
         end = tl.load(offsets_ptr + e + 1)
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -226,6 +210,75 @@ if HAS_TRITON:
         else:  # _SCATTER
             tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.atomic_add(out_ptr + tok[:, None] * stride_om + cols[None, :], acc, mask=omask, sem="relaxed")
+
+    @triton.jit
+    def _row_blocks(offsets_ptr, E, BLOCK_M: tl.constexpr):
+        """Row blocks the plan really uses, sum over experts of cdiv(rows, BLOCK_M), read from
+        the expert offsets on the device (the block map's valid prefix)."""
+        nb = tl.zeros([], dtype=tl.int32)
+        for e0 in range(0, E, 128):
+            es = e0 + tl.arange(0, 128)
+            lo = tl.load(offsets_ptr + es, mask=es < E, other=0)
+            hi = tl.load(offsets_ptr + es + 1, mask=es < E, other=0)
+            nb += tl.sum((hi - lo + BLOCK_M - 1) // BLOCK_M, 0).to(tl.int32)
+        return nb
+
+    @triton.jit
+    def _grouped_mm_fwd_kernel(
+        a_ptr, a2_ptr, a_idx_ptr, stride_am,
+        b_ptr, b2_ptr, stride_be, stride_bk, stride_bn, b_desc, b2_desc,
+        out_ptr, out2_ptr, out3_ptr, stride_om,
+        pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr,
+        block_expert_ptr, block_row_ptr, offsets_ptr,
+        K, N, NB, E,
+        EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, DUAL_A: tl.constexpr, SAVE_PRE: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        B_TMA: tl.constexpr = False, B_TRANS: tl.constexpr = False,
+        PERSISTENT: tl.constexpr = False,
+    ):
+        """One (row block, column block) tile of ``A[rows] @ B[e]`` for the block's expert e.
+
+        A is row-major ``[*, K]``; B is ``[E, K, N]`` through strides (so ``W^T`` needs no copy).
+        EPILOGUE:
+          _STORE         out[r] = acc
+          _SWIGLU        acc = A@Wg, acc2 = A@Wu: out[r] = silu(acc)*acc2 (+ pre-activations)
+          _SCALE_SCATTER out[tok[r]] += w[r] * acc          (fp32 atomics)
+          _SWIGLU_BWD    acc = dY[tok] @ Wd^T: dw[r] += <h_r, acc>; dH = w*acc -> dG, dU (+ w*h)
+        SAVE_PRE: _SWIGLU stores the pre-activations (pre, pre2); _SWIGLU_BWD stores w*h (out3).
+          _SCATTER       out[tok[r]] += acc (+ A2@B2 when DUAL_A)  (fp32 atomics)
+        B_TMA: the B tiles (the weights) come through tensor descriptors (TMA on Hopper),
+        ``b_desc`` / ``b2_desc`` over ``[E, K, N]``, or ``[E, N, K]`` when B_TRANS; the rows of A
+        are gathered by index, which TMA cannot do on Hopper, so they keep pointer loads.
+        PERSISTENT: a grid of a few programs per SM; program p takes tiles p, p + programs, ...
+        of the same swizzled order, up to the row blocks the plan really uses (summed from the
+        E experts' offsets). Otherwise one program per tile of the upper bound NB, and a
+        program past the plan's last block returns at once.
+        """
+        num_n = tl.cdiv(N, BLOCK_N)
+        if PERSISTENT:
+            # launch and set-up costs per program, not per tile (the tuner keeps this variant
+            # only where it is faster)
+            nb = tl.minimum(_row_blocks(offsets_ptr, E, BLOCK_M), NB)
+            for tile in range(tl.program_id(0), nb * num_n, tl.num_programs(0)):
+                pid_b, pid_n = _swizzle(tile, nb, num_n, GROUP_M)
+                e = tl.load(block_expert_ptr + pid_b)
+                if e >= 0:
+                    _rows_tile(pid_b, pid_n, e, a_ptr, a2_ptr, a_idx_ptr, stride_am, b_ptr, b2_ptr, stride_be,
+                               stride_bk, stride_bn, b_desc, b2_desc, out_ptr, out2_ptr, out3_ptr, stride_om,
+                               pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr, block_row_ptr, offsets_ptr, K, N,
+                               EPILOGUE, GATHER_A, DUAL_A, SAVE_PRE, PRECISION, DOT_F32,
+                               BLOCK_M, BLOCK_N, BLOCK_K, B_TMA, B_TRANS)
+        else:
+            pid_b, pid_n = _swizzle(tl.program_id(0), NB, num_n, GROUP_M)
+            e = tl.load(block_expert_ptr + pid_b)
+            if e < 0:
+                return
+            _rows_tile(pid_b, pid_n, e, a_ptr, a2_ptr, a_idx_ptr, stride_am, b_ptr, b2_ptr, stride_be,
+                       stride_bk, stride_bn, b_desc, b2_desc, out_ptr, out2_ptr, out3_ptr, stride_om,
+                       pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr, block_row_ptr, offsets_ptr, K, N,
+                       EPILOGUE, GATHER_A, DUAL_A, SAVE_PRE, PRECISION, DOT_F32,
+                       BLOCK_M, BLOCK_N, BLOCK_K, B_TMA, B_TRANS)
 
     @triton.jit
     def _grouped_mm_dw_kernel(
@@ -413,20 +466,30 @@ def _rows_candidates(default: dict, N: int, dtype: torch.dtype, epilogue: int, t
     to change speed, not bits (the interpreter tests check bit-equality). The caps of
     ``_tiles`` hold: 256 columns only for single-accumulator epilogues in 16-bit types.
     ``tma``: the weights may be read through tensor descriptors (``_tma_ok``); then the
-    default and the widest tile are also timed that way (16-bit types)."""
+    default and the widest tile are also timed that way (16-bit types).
+
+    ``PERSISTENT``: n programs per SM (``_tune.device_sm_count``), each looping over tiles in
+    the default's swizzled order; one program per SM for the default's tiles (and TMA's), two
+    for 64 columns and 4 warps, which fit twice on an SM (sm_90 builds at Mixtral's and
+    OLMoE's shapes: 96 KiB of shared memory, at most 230 registers; 128 columns do not).
+    Each tile is computed as the non-persistent kernel computes it."""
     cap = max(16, next_pow2(N))
+    persistent = [dict(PERSISTENT=1)]
     if epilogue in (_STORE, _SCALE_SCATTER, _SCATTER) and dtype != torch.float32:
         opts = [dict(BLOCK_N=bn, num_stages=s, num_warps=8) for bn in (128, 256) for s in (3, 4)]
+        persistent.append(dict(BLOCK_N=64, num_stages=4, num_warps=4, PERSISTENT=2))
     elif epilogue == _SWIGLU_BWD:
         # its epilogue sums <h, dY W^T> over the column tile: BLOCK_N and the warps (the
         # reduction's layout) stay the default's, so the router's gradient is the same bits
         opts = [dict(num_stages=s) for s in (2, 3)]
     else:
         opts = [dict(BLOCK_N=128, num_stages=s, num_warps=8) for s in (3, 4)] + [dict(BLOCK_N=64, num_warps=4)]
+        persistent.append(dict(BLOCK_N=64, num_stages=3, num_warps=4, PERSISTENT=2))
     if tma and dtype != torch.float32:  # the default's tiles, and the widest, with TMA weights
         widest = [o for o in opts if o.get("BLOCK_N") == 256 and o.get("num_stages") == 4]
         opts = opts + [dict(B_TMA=True)] + [dict(o, B_TMA=True) for o in widest]
-    return _variants(default, opts, {"BLOCK_N": cap})
+        persistent.append(dict(B_TMA=True, PERSISTENT=1))
+    return _variants(default, opts + persistent, {"BLOCK_N": cap})
 
 
 def _tma_device(device: torch.device) -> bool:
@@ -514,13 +577,17 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
             descs = tuple(None if w is None else TensorDescriptor(w, list(w.shape), list(w.stride()), box)
                           for w in (w_t, w2))
         d = b["out"]  # placeholder for pointers a variant never dereferences
-        _grouped_mm_fwd_kernel[(nb * cdiv(N, cfg["BLOCK_N"]),)](
+        tiles = nb * cdiv(N, cfg["BLOCK_N"])  # (an upper bound: the plan's real row blocks are on the device)
+        per_sm = cfg.pop("PERSISTENT", 0)
+        grid = min(tiles, per_sm * _tune.device_sm_count(a.device)) if per_sm else tiles
+        _grouped_mm_fwd_kernel[(grid,)](
             a, _or(a2, d), plan.token_idx, a.stride(0),
             w_t, _or(w2, d), w_t.stride(0), sbk, sbn, *descs,
             b["out"], _or(b["out2"], d), _or(b["out3"], d), b["out"].stride(0),
             _or(b["pre"], d), _or(b["pre2"], d), _or(weights, d), _or(b["dw"], d), plan.token_idx,
             plan.block_expert, plan.block_row, plan.expert_offsets,
-            K, N, nb, **consts, **cfg, B_TMA=tma, B_TRANS=transpose_w, num_warps=warps, num_stages=stages,
+            K, N, nb, E, **consts, **cfg, B_TMA=tma, B_TRANS=transpose_w, PERSISTENT=per_sm > 0, num_warps=warps,
+            num_stages=stages,
         )
 
     def trial(cfg):

@@ -36,10 +36,9 @@ def sig_of(fn, types, consts):
 ALIGNED_INTS = {"D", "stride_r", "stride_o", "stride_am", "stride_be", "stride_bk", "stride_bn", "stride_om", "stride_gm", "stride_de", "stride_dk", "K", "N"}
 
 
-def _ptxas_report(ptx: str) -> str:
-    """Registers and spill bytes per thread from ptxas -v (sm_90a), where a ptxas that reads
-    this PTX version ships with Triton; '' otherwise. Spills in a GEMM epilogue cost local
-    memory traffic once per tile; in the main loop, every step."""
+def _ptxas_numbers(ptx: str) -> tuple[int | None, int | None] | None:
+    """(registers, spill-store bytes) per thread from ptxas -v (sm_90a), where a ptxas that
+    reads this PTX version ships with Triton; None otherwise."""
     import subprocess
     import tempfile
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -55,8 +54,61 @@ def _ptxas_report(ptx: str) -> str:
         if r.returncode == 0:
             regs = re.findall(r"Used (\d+) registers", r.stderr)
             spill = re.findall(r"(\d+) bytes spill stores", r.stderr)
-            return f", registers {regs[0] if regs else '?'}, spill stores {spill[0] if spill else '?'} B"
-    return ""
+            return (int(regs[0]) if regs else None), (int(spill[0]) if spill else None)
+    return None
+
+
+def _main_loop_spills(ptx: str) -> int | None:
+    """Spill stores and loads in the tensor-core main loops of the sm_90a code
+    (``_mma_loop_spills`` on nvdisasm's listing); None without ptxas and nvdisasm. A
+    persistent kernel keeps per-tile state across its tile loop, and a spill there costs once
+    per tile; in a main loop, every step."""
+    import subprocess
+    import tempfile
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    exes = [os.path.join(bindir, n) for n in ("ptxas-blackwell", "nvdisasm")]
+    if not all(os.path.exists(e) for e in exes):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(ptx)
+        r = subprocess.run([exes[0], "-arch=sm_90a", os.path.join(d, "k.ptx"), "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            return None
+        sass = subprocess.run([exes[1], "-c", os.path.join(d, "k.cubin")], capture_output=True, text=True).stdout
+    return _mma_loop_spills(sass)
+
+
+def _mma_loop_spills(sass: str) -> int:
+    """STL and LDL instructions inside the innermost loops (a branch back to an earlier
+    label) that hold an HGMMA, in an nvdisasm listing."""
+    labels, code = {}, []  # label -> index of the next instruction; instructions in order
+    for line in sass.splitlines():
+        m = re.match(r"^(\.L_x_\d+):", line.strip())
+        if m:
+            labels[m.group(1)] = len(code)
+        elif re.match(r"^/\*[0-9a-f]+\*/", line.strip()):
+            code.append(line)
+    loops = []  # (first, last) instruction of each loop
+    for i, line in enumerate(code):
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), len(code)) <= i:
+            loops.append((labels[m.group(1)], i))
+    mma = [(a, b) for a, b in loops if any("HGMMA" in code[j] for j in range(a, b + 1))]
+    inner = [(a, b) for a, b in mma if not any((c, d) != (a, b) and a <= c and d <= b for c, d in mma)]
+    return sum(1 for a, b in inner for j in range(a, b + 1) if re.search(r"\b(STL|LDL)\b", code[j]))
+
+
+def _ptxas_report(ptx: str) -> str:
+    """Registers and spill bytes per thread (``_ptxas_numbers``) as report text; '' without
+    a ptxas. Spills in a GEMM epilogue cost local memory traffic once per tile; in the main
+    loop, every step."""
+    nums = _ptxas_numbers(ptx)
+    if nums is None:
+        return ""
+    regs, spill = nums
+    return f", registers {'?' if regs is None else regs}, spill stores {'?' if spill is None else spill} B"
 
 
 def _loop_overlap(ttgir: str) -> list[tuple[int, int]]:
@@ -87,10 +139,17 @@ def _loop_overlap(ttgir: str) -> list[tuple[int, int]]:
     return loops
 
 
+SM90_SM_SHARED = 233472  # bytes of shared memory per SM (228 KiB), shared by its resident blocks
+SM90_SM_REGISTERS = 65536
+
+
 def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=False, num_stages=3,
-         ptxas=False, may_not_fit=False, tma=False):
-    if fn is G._grouped_mm_fwd_kernel:  # weights through pointers unless a case says otherwise
-        consts = dict(dict(B_TMA=False, B_TRANS=False), **consts)
+         ptxas=False, may_not_fit=False, tma=False, per_sm=0):
+    """Compile one variant for sm_90 and check it. ``per_sm``: a persistent launch's programs
+    per SM; they must fit on one SM together (shared memory and registers), and any spill
+    must stay out of the tensor-core main loops."""
+    if fn is G._grouped_mm_fwd_kernel:  # weights through pointers, not persistent, unless a case says otherwise
+        consts = dict(dict(B_TMA=False, B_TRANS=False, PERSISTENT=False), **consts)
         if not consts["B_TMA"]:
             consts.update(b_desc=None, b2_desc=None)
     sig = sig_of(fn, types, consts)
@@ -131,6 +190,24 @@ def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=F
             return
         if tma:
             info += f", TMA copies {ptx.count('cp.async.bulk.tensor')}"
+        if per_sm:
+            nums = _ptxas_numbers(ptx)
+            regs, spill = nums if nums is not None else (None, None)
+            threads = 32 * num_warps
+            info += f", {per_sm} per SM: shared memory {per_sm * k.metadata.shared} of {SM90_SM_SHARED}"
+            if regs is not None:
+                info += f", registers {per_sm * regs * threads} of {SM90_SM_REGISTERS}"
+            if per_sm * k.metadata.shared > SM90_SM_SHARED or (regs is not None and per_sm * regs * threads > SM90_SM_REGISTERS):
+                FAILED.append(fn.__name__ + " (" + label + f": {per_sm} programs do not fit on one SM)")
+                print("FAIL", fn.__name__, label, f"{per_sm} programs per SM do not fit:", info)
+                return
+            loop_spills = _main_loop_spills(ptx) if "wgmma" in ptx else 0
+            if spill:
+                info += f", main-loop spill instructions {'?' if loop_spills is None else loop_spills}"
+            if spill and loop_spills != 0:
+                FAILED.append(fn.__name__ + " (" + label + f": spills in a main loop)")
+                print("FAIL", fn.__name__, label, "spills in a main loop:", info)
+                return
         if pipelined and "cp.async" not in ptx:
             FAILED.append(fn.__name__ + " (" + label + ": main loop not software-pipelined)")
             print("FAIL", fn.__name__, label, "not pipelined:", info)
@@ -259,6 +336,8 @@ for ep, gather, dual, save, K, N in [(0, True, False, False, 4096, 14336), (1, T
     unit = dict(stride_bn=1) if ep in (0, 1, 2) else dict(stride_bk=1)
     for cfg in G._rows_candidates(G._tiles(K, N, torch.bfloat16, ep, dual_a=dual), N, torch.bfloat16, ep,
                                   tma=True)[1:]:
+        if cfg.get("PERSISTENT"):  # (below, with the persistent kernel's own checks)
+            continue
         cfg = dict(cfg)
         w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
         types, extra = tt, {}
@@ -279,6 +358,44 @@ for ga, gg, dg, K, N in [(True, False, True, 4096, 14336), (False, True, False, 
         comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, GATHER_G=gg, DUAL_G=dg, PRECISION=None, DOT_F32=False,
              **cfg), num_warps=w_, num_stages=s_, label=f"candidate dW dual={dg} BLOCK_K={cfg['BLOCK_K']} "
              f"BLOCK_N={cfg['BLOCK_N']} warps={w_} stages={s_}", ptxas=True, may_not_fit=True)
+
+# Persistent row kernels (the autotuner's PERSISTENT candidates): a grid of a few programs
+# per SM, each looping over tiles, at Mixtral's and OLMoE's launch shapes (BLOCK_M 128, as the
+# benchmark's plans use there); TMA weights too. Each must pipeline its main loops as the
+# non-persistent kernel does, fit its programs per SM together, and not spill in a main loop.
+for shape, D_, F_ in [("mixtral", 4096, 14336), ("olmoe", 2048, 1024)]:
+    for ep, gather, dual, save, K, N in [(0, True, False, False, D_, F_), (1, True, False, True, D_, F_),
+                                         (2, False, False, False, F_, D_), (3, True, False, True, D_, F_),
+                                         (4, False, True, False, F_, D_)]:
+        tt = dict(base)
+        if ep in (2, 4): tt["out_ptr"] = P("fp32")
+        unit = dict(stride_bn=1) if ep in (0, 1, 2) else dict(stride_bk=1)
+        for cfg in G._rows_candidates(G._tiles(K, N, torch.bfloat16, ep, dual_a=dual), N, torch.bfloat16, ep,
+                                      tma=True):
+            if not cfg.get("PERSISTENT"):
+                continue
+            cfg = dict(cfg)
+            w_, s_, per_sm = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("PERSISTENT")
+            types, extra = tt, {}
+            if cfg.get("B_TMA"):
+                trans = ep in (3, 4)
+                box = [1, cfg["BLOCK_N"], cfg["BLOCK_K"]] if trans else [1, cfg["BLOCK_K"], cfg["BLOCK_N"]]
+                desc = f"tensordesc<bf16[{box[0]}, {box[1]}, {box[2]}]>"
+                types = dict(tt, b_desc=desc, **({"b2_desc": desc} if ep == 1 or dual else {}))
+                extra = dict(B_TRANS=trans, **({} if ep == 1 or dual else {"b2_desc": None}))
+            comp(G._grouped_mm_fwd_kernel, types, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
+                 PRECISION=None, DOT_F32=False, BLOCK_M=128, PERSISTENT=True, **cfg, **unit, **extra), num_warps=w_,
+                 num_stages=s_, label=f"persistent {shape} epilogue={ep} BLOCK_N={cfg['BLOCK_N']} warps={w_} "
+                 f"stages={s_} per SM={per_sm}{' TMA' if cfg.get('B_TMA') else ''}", pipelined=True, ptxas=True,
+                 tma=bool(cfg.get("B_TMA")), per_sm=per_sm)
+# fp32 operands, persistent (default tiles, one program per SM)
+for ep, gather, dual, save in [(1, True, False, True), (3, True, False, True), (4, False, True, False)]:
+    cfg = G._tiles(4096, 4096, torch.float32, ep, dual_a=dual)
+    w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
+    unit = dict(stride_bn=1) if ep in (0, 1, 2) else dict(stride_bk=1)
+    comp(G._grouped_mm_fwd_kernel, f32_rows, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
+         PRECISION="ieee", DOT_F32=False, BLOCK_M=64, PERSISTENT=True, **cfg, **unit), num_warps=w_, num_stages=s_,
+         label=f"persistent fp32 epilogue={ep}", per_sm=1)
 
 print(f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all kernel variants compiled for sm_90'}")
 sys.exit(1 if FAILED else 0)

@@ -10,9 +10,10 @@
 # (routing, mod and mod_step also time every provider as CUDA-graph replays: device time)
 # (train also prints, per model, a profile of its compiled step by kernel category)
 # (moe's first call per shape autotunes the grouped matmuls, about 50 extra kernel builds
-#  in the suite, and prints the picks after each shape; every row is checked against its
-#  reference in that same first call, so the picks' results are checked too. The GPU tests
-#  run with FLOPWISE_AUTOTUNE=0, except the autotuner's own test, which turns it on.)
+#  in the suite and up to 33 more for the persistent row-kernel candidates, and prints the
+#  picks after each shape; every row is checked against its reference in that same first
+#  call, so the picks' results are checked too. The GPU tests run with FLOPWISE_AUTOTUNE=0,
+#  except the autotuner's own test, which turns it on.)
 # (every benchmark row is itself checked against its reference before it is timed)
 # One device call may run 600 s, but 15 minutes of device time in all include the machine's
 # start (a minute or more) and the transfers, so plan two calls of about 360 s each:

@@ -23,8 +23,10 @@ from flopwise.kernels.bench.moe import GPU_SHAPES
 gm = importlib.import_module("flopwise.kernels.grouped_mm")  # the package re-exports a function of that name
 
 CANDIDATES = {
-    "rows": [{}, dict(BLOCK_N=256), dict(num_stages=4), dict(BLOCK_N=256, num_stages=4)],
-    "rows_dual": [{}, dict(num_stages=4)],
+    # PERSISTENT: n programs per SM, each looping over tiles
+    "rows": [{}, dict(BLOCK_N=256), dict(num_stages=4), dict(BLOCK_N=256, num_stages=4), dict(PERSISTENT=1),
+             dict(BLOCK_N=64, num_warps=4, num_stages=4, PERSISTENT=2)],
+    "rows_dual": [{}, dict(num_stages=4), dict(PERSISTENT=1), dict(BLOCK_N=64, num_warps=4, PERSISTENT=2)],
     # 3 stages: the depth before the gathered-index fix (operand copies one step ahead)
     "dw": [{}, dict(num_stages=3), dict(num_stages=7), dict(BLOCK_K=64)],
 }

@@ -110,7 +110,7 @@ def _fwd_bwd(fn, inputs, gy):
 
 
 def _tile_text(cfg: dict) -> str:
-    short = dict(BLOCK_N="n", BLOCK_K="k", BLOCK_R="r", GROUP_M="g", num_warps="w", num_stages="s")
+    short = dict(BLOCK_N="n", BLOCK_K="k", BLOCK_R="r", GROUP_M="g", num_warps="w", num_stages="s", PERSISTENT="persist")
     return " ".join("tma" if n == "B_TMA" else f"{short.get(n, n)}{v}" for n, v in cfg.items()
                     if n != "B_TMA" or v)
 

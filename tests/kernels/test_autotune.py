@@ -131,14 +131,19 @@ def test_trials_of_an_atomic_launch_into_a_nonzero_output_use_scratch(scripted_t
 def test_every_candidate_gives_the_same_result(monkeypatch):
     """Each kind of candidate alone (forced through the tuning script's override) reproduces
     the default's outputs and gradients bit for bit, the router's included: the candidates
-    vary tiles, warps and pipelining, never a reduction. (Weights read through descriptors:
-    to the last bits, see below.)"""
+    vary tiles, warps, pipelining and the persistent tile loop (4 programs off CUDA, so each
+    loops over several tiles), never a reduction. (Weights read through descriptors: to the
+    last bits, see below.)"""
     run = _moe_case(T=30, D=24, Fh=136, E=3, k=2)
     base = run(moe_mlp)
     for fam, opts in (("rows", [dict(BLOCK_N=64, num_warps=4), dict(BLOCK_N=128, num_stages=2), dict(B_TMA=True),
-                                dict(BLOCK_N=64, B_TMA=True)]),
-                      ("rows_dual", [dict(BLOCK_N=64, num_warps=4), dict(B_TMA=True)]),
-                      ("rows_swiglu_bwd", [dict(num_stages=2), dict(B_TMA=True)]),
+                                dict(BLOCK_N=64, B_TMA=True), dict(PERSISTENT=1),
+                                dict(BLOCK_N=64, num_warps=4, num_stages=4, PERSISTENT=2),
+                                dict(B_TMA=True, PERSISTENT=1)]),
+                      ("rows_dual", [dict(BLOCK_N=64, num_warps=4), dict(B_TMA=True), dict(PERSISTENT=1),
+                                     dict(BLOCK_N=64, num_warps=4, PERSISTENT=2), dict(B_TMA=True, PERSISTENT=1)]),
+                      ("rows_swiglu_bwd", [dict(num_stages=2), dict(B_TMA=True), dict(PERSISTENT=1),
+                                           dict(B_TMA=True, PERSISTENT=1)]),
                       ("dw", [dict(BLOCK_K=64, BLOCK_N=128), dict(BLOCK_K=128, BLOCK_N=64)])):
         for opt in opts:
             monkeypatch.setattr(G, "_OVERRIDE", {fam: opt, **({"dw_dual": opt} if fam == "dw" else {})})
@@ -193,6 +198,7 @@ def test_tuned_half_precision_is_bit_equal_to_untuned(scripted_tuner, monkeypatc
     for name, a, b in zip(names, tuned, run(moe_mlp_reference, upcast=True)):
         assert rel_err(a, b) < 3e-2, (name, rel_err(a, b))
     assert any(cfg.get("B_TMA") for key, cfg in TUNE.tuned().items() if key[0] == "rows")
+    assert any(cfg.get("PERSISTENT") for key, cfg in TUNE.tuned().items() if key[0] == "rows")
     assert descriptors_built  # descriptors were really used, in trials and in the chosen launches
 
 
@@ -221,6 +227,9 @@ def test_candidates_keep_the_reduction_and_the_caps():
                 default = G._tiles(K, N, dt, epi, dual_a=False)
                 cands = G._rows_candidates(default, N, dt, epi, tma=True)
                 assert cands[0] == default and len(cands) == len({tuple(sorted(c.items())) for c in cands})
+                # the default stays non-persistent; persistent ones are timed beside it
+                assert not default.get("PERSISTENT") and any(c.get("PERSISTENT") for c in cands)
+                assert all(c.get("PERSISTENT", 0) in (0, 1, 2) for c in cands)
                 for c in cands:
                     assert c["BLOCK_K"] == default["BLOCK_K"]
                     assert c["BLOCK_N"] <= max(16, 1 << (N - 1).bit_length())

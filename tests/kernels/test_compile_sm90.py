@@ -20,16 +20,20 @@ def test_kernels_compile_for_sm90():
     assert "all kernel variants compiled for sm_90" in proc.stdout
 
 
-def _loop_overlap():
-    """The script compiles everything when imported; take just its TTGIR loop parser."""
+def _script_function(name):
+    """The script compiles everything when imported; take just one of its parsers."""
     import ast
     import re
 
     tree = ast.parse(SCRIPT.read_text())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_loop_overlap")
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
     ns = {"re": re}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), str(SCRIPT), "exec"), ns)
-    return ns["_loop_overlap"]
+    return ns[name]
+
+
+def _loop_overlap():
+    return _script_function("_loop_overlap")
 
 
 def test_loop_overlap_attributes_waits_to_their_own_loop():
@@ -59,3 +63,27 @@ def test_loop_overlap_attributes_waits_to_their_own_loop():
     # the first loop's drain after an scf.if and a nested loop still counts (a false pass
     # before); the inner loop has no dot and is not reported
     assert _loop_overlap()(ir) == [(2, 0), (4, 1)]
+
+
+def test_mma_loop_spills_counts_only_the_innermost_tensor_core_loops():
+    sass = """
+        /*0000*/                   STL [R1], R4 ;
+.L_x_5:
+        /*0010*/                   LDL R13, [R1] ;
+        /*0020*/              @!P0 BRA `(.L_x_2) ;
+.L_x_4:
+        /*0030*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ;
+        /*0040*/                   LDL R7, [R1+0x4] ;
+        /*0050*/              @!P5 BRA `(.L_x_4) ;
+.L_x_2:
+        /*0060*/                   STL [R1+0x8], R2 ;
+.L_x_1:
+        /*0070*/                   LDL R9, [R1+0x8] ;
+        /*0080*/              @!P1 BRA `(.L_x_1) ;
+        /*0090*/                   BRA `(.L_x_5) ;
+.L_x_6:
+        /*00a0*/                   BRA `(.L_x_6);
+    """
+    # the tile loop (.L_x_5) holds the main loop and three more spills; the loop at .L_x_1
+    # has no HGMMA: only the LDL inside the main loop (.L_x_4) counts
+    assert _script_function("_mma_loop_spills")(sass) == 1

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flopwise.kernels import (
+    expert_choice_route,
     expert_choice_route_reference,
     grouped_mm,
     grouped_mm_reference,
@@ -322,3 +323,121 @@ def test_plan_from_counts_checks_counts(counts, match):
 def test_argument_errors_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------ persistent row kernel
+TUNE = importlib.import_module("flopwise.kernels._tune")
+_ROW_FAMILIES = ("rows", "rows_dual", "rows_swiglu_bwd")
+# programs per launch: fewer than the tiles (each program loops over several, with a stride
+# that divides no tile count here), or more than the tiles (some programs find none)
+_PROGRAMS = [pytest.param(3, id="3-programs"), pytest.param(1000, id="1000-programs")]
+
+
+def _force_persistent(monkeypatch, programs: int, **cfg):
+    """Every row-kernel launch runs persistent, with ``programs`` programs (one per "SM")."""
+    monkeypatch.setattr(G, "_OVERRIDE", {f: dict(cfg, PERSISTENT=1) for f in _ROW_FAMILIES})
+    monkeypatch.setattr(TUNE, "device_sm_count", lambda device: programs)
+
+
+@pytest.mark.parametrize("programs", _PROGRAMS)
+@pytest.mark.parametrize("T,E,k,case", CASES)
+def test_persistent_moe_mlp_matches_reference_fp32(monkeypatch, programs, T, E, k, case):
+    """Every epilogue of the row kernel (gate/up + SwiGLU, down + combine weights, the SwiGLU
+    backward, dX scatter) through the persistent loop: a tile it skips leaves NaN or a missing
+    sum, a tile it repeats doubles an atomic sum."""
+    D, Fh = 17, 33
+    x = torch.randn(T, D)
+    logits = _logits(T, E, case)
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    gy = torch.randn(T, D)
+    ref = _run_moe(moe_mlp_reference, lambda lg: topk_route_reference(lg, k, renormalize=True, block_m=16),
+                   x, logits, ws, gy)
+    _force_persistent(monkeypatch, programs)
+    got = _run_moe(moe_mlp, lambda lg: topk_route(lg, k, renormalize=True, block_m=16), x, logits, ws, gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_persistent_moe_mlp_is_bit_equal_to_the_default(monkeypatch, dtype, router):
+    """The persistent kernel computes each tile as the default does (same K loop, same
+    epilogue), so outputs and gradients are the same bits. Only the order of the tiles
+    changes, and with it the order of the fp32 atomic sums: with top-2 routing each token's
+    sums have two terms (and the combine-weight gradients two column tiles), which commute
+    exactly; expert choice may give a token more experts, whose fp32 sum can then differ in
+    the last bit (as between any two GPU runs), which the 16-bit outputs round away here."""
+    T, E, k, D, Fh = 33, 4, 2, 24, 136  # Fh: two column tiles of 128
+    route = (lambda lg: topk_route(lg, k, renormalize=True, block_m=16)) if router == "topk" else \
+        (lambda lg: expert_choice_route(lg, 1.5, block_m=16))
+    x = torch.randn(T, D).to(dtype)
+    logits = torch.randn(T, E)
+    ws = [(torch.randn(E, D, Fh) / 4).to(dtype), (torch.randn(E, D, Fh) / 4).to(dtype),
+          (torch.randn(E, Fh, D) / 4).to(dtype)]
+    gy = torch.randn(T, D)
+    names = ["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"]
+    base = _run_moe(moe_mlp, route, x, logits, ws, gy)
+    ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
+    for name, a, b in zip(names, base, ref):
+        assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 3e-2), (name, rel_err(a, b))
+    for programs in (3, 1000):
+        _force_persistent(monkeypatch, programs)
+        for name, a, b in zip(names, _run_moe(moe_mlp, route, x, logits, ws, gy), base):
+            if router == "expert_choice" and dtype == torch.float32 and name in ("y", "dx"):
+                assert rel_err(a, b) < 1e-6, (programs, name, rel_err(a, b))
+            else:
+                assert torch.equal(a, b), (programs, name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("programs", _PROGRAMS)
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "sorted-rows"])
+@pytest.mark.parametrize("T,E,k,case", CASES[:4])
+def test_persistent_grouped_mm_matches_reference(monkeypatch, programs, gather, T, E, k, case):
+    """The store epilogue and grouped_mm's backward (dA by a transposed store or scatter)."""
+    K_, N_ = 20, 36
+    plan = topk_route(_logits(T, E, case), k, block_m=16)
+    a = torch.randn(T if gather else T * k, K_)
+    w = torch.randn(E, K_, N_)
+    go = torch.randn(T * k, N_)
+    aa, ww = a.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = grouped_mm_reference(aa, ww, plan, gather=gather)
+    want = [ref, *torch.autograd.grad(ref, (aa, ww), go)]
+    _force_persistent(monkeypatch, programs)
+    aa, ww = a.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = grouped_mm(aa, ww, plan, gather=gather)
+    for name, x, y in zip(("out", "da", "dw"), [out, *torch.autograd.grad(out, (aa, ww), go)], want):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_persistent_kernel_reads_the_block_count_of_many_experts(monkeypatch):
+    """More than 128 experts: the kernel sums the row blocks over the expert offsets in
+    chunks of 128; experts past the first chunk (here 128 and 129 take most rows) count too."""
+    T, E, k, K_, N_ = 40, 130, 2, 16, 24
+    logits = torch.randn(T, E)
+    logits[: T // 2, 128] += 100.0
+    logits[T // 2:, 129] += 100.0
+    plan = topk_route(logits, k, block_m=16)
+    a, w = torch.randn(T, K_), torch.randn(E, K_, N_)
+    _force_persistent(monkeypatch, 3)
+    torch.testing.assert_close(grouped_mm(a, w, plan), grouped_mm_reference(a, w, plan), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [dict(PERSISTENT=1), dict(BLOCK_N=64, num_warps=4, PERSISTENT=2)],
+                         ids=["1-per-SM", "2-per-SM"])
+@pytest.mark.parametrize("T,D,Fh,E,k", [(2048, 1024, 512, 128, 8), (333, 200, 120, 7, 3)])
+def test_gpu_persistent_moe_mlp_bf16(monkeypatch, cfg, T, D, Fh, E, k):
+    """The persistent row kernel on the card (its SM count), every launch of the layer."""
+    monkeypatch.setattr(G, "_OVERRIDE", {f: dict(cfg) for f in ("rows", "rows_dual")} |
+                        {"rows_swiglu_bwd": dict(PERSISTENT=1)})
+    dt, dev = torch.bfloat16, "cuda"
+    x = torch.randn(T, D, device=dev, dtype=dt)
+    logits = torch.randn(T, E, device=dev)
+    ws = [(torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt), (torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt),
+          (torch.randn(E, Fh, D, device=dev) / Fh**0.5).to(dt)]
+    gy = torch.randn(T, D, device=dev)
+    route = lambda lg: topk_route(lg, k, renormalize=True)  # noqa: E731
+    got = _run_moe(moe_mlp, route, x, logits, ws, gy)
+    ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
