@@ -6,7 +6,7 @@
 # Usage: bash scripts/gpu_check.sh [--no-tests] [suite ...]      (default: tests + all suites)
 #
 # Time limits (seconds; a suite stopped by its limit keeps the rows it measured):
-#   GPU tests 180 | routing 90 | mod 90 | moe 150 | mod_step 120 | train 210 | coding 60
+#   GPU tests 180 | routing 90 | mod 90 | moe 200 | mod_step 120 | train 210 | coding 60
 # (routing, mod and mod_step also time every provider as CUDA-graph replays: device time)
 # (train also prints, per model, a profile of its compiled step by kernel category)
 # (moe's first call per shape autotunes the grouped matmuls, about 50 extra kernel builds
@@ -17,9 +17,9 @@
 # (every benchmark row is itself checked against its reference before it is timed)
 # One device call may run 600 s, but 15 minutes of device time in all include the machine's
 # start (a minute or more) and the transfers, so plan two calls of about 360 s each:
-#   bash scripts/gpu_check.sh --no-tests moe diagnose mod                  # <= 360 s
+#   bash scripts/gpu_check.sh --no-tests moe mod                           # <= 290 s
 #   LIMIT_train=120 bash scripts/gpu_check.sh routing train                 # GPU tests + both, <= 390 s
-# and, in another session: mod_step, coding (LIMIT_<suite> shortens any suite).
+# and, in another session: diagnose, mod_step, coding (LIMIT_<suite> shortens any suite).
 # Pseudo-suite "diagnose" (limit 120 s): python scripts/tune_grouped_mm.py --stages (each MoE
 # layer launch on its own), python scripts/profile_mod.py --only ops (kernel vs host time) and
 # --only memory (what is live at the MoD step's peak, by allocating line, ours and plain torch).
@@ -42,7 +42,7 @@ run_tests=1
 if [ "${1:-}" = "--no-tests" ]; then run_tests=0; shift; fi  # first argument only
 suites=("$@")
 [ ${#suites[@]} -eq 0 ] && suites=(routing mod moe mod_step train coding)
-declare -A limit=([routing]=90 [mod]=90 [moe]=150 [mod_step]=120 [train]=210 [coding]=60 [diagnose]=120 [experiment]=420)
+declare -A limit=([routing]=90 [mod]=90 [moe]=200 [mod_step]=120 [train]=210 [coding]=60 [diagnose]=120 [experiment]=420)
 for s in "${!limit[@]}"; do  # LIMIT_<suite>=seconds overrides a limit (a shorter device slot)
   v="LIMIT_$s"; [ -n "${!v:-}" ] && limit[$s]=${!v}
 done

@@ -132,8 +132,10 @@ def test_every_candidate_gives_the_same_result(monkeypatch):
     """Each kind of candidate alone (forced through the tuning script's override) reproduces
     the default's outputs and gradients bit for bit, the router's included: the candidates
     vary tiles, warps, pipelining and the persistent tile loop (4 programs off CUDA, so each
-    loops over several tiles), never a reduction. (Weights read through descriptors: to the
-    last bits, see below.)"""
+    loops over several tiles), never a reduction. A persistent loop changes the order of the
+    fp32 atomic adds, which keeps bits only for sums of two terms: so this case has top-2
+    routing and a SwiGLU backward of two column tiles (Fh = 136), and the half-precision
+    test below covers longer sums. (Weights read through descriptors: to the last bits.)"""
     run = _moe_case(T=30, D=24, Fh=136, E=3, k=2)
     base = run(moe_mlp)
     for fam, opts in (("rows", [dict(BLOCK_N=64, num_warps=4), dict(BLOCK_N=128, num_stages=2), dict(B_TMA=True),
@@ -181,9 +183,14 @@ def test_grouped_mm_with_weights_through_descriptors(monkeypatch, descriptors_bu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("router", ["topk", "expert_choice"])
 def test_tuned_half_precision_is_bit_equal_to_untuned(scripted_tuner, monkeypatch, descriptors_built, dtype, router):
-    """16-bit types also tune tensor-descriptor (TMA) candidates; the last one timed wins, so
-    some launches read their weights through descriptors. Every output and gradient equals
-    the untuned run's bit for bit (and both match the fp32 reference)."""
+    """16-bit types also tune tensor-descriptor (TMA) and persistent candidates; the last one
+    timed wins, so some launches read their weights through descriptors and loop over tiles.
+    A persistent launch visits tiles in another order, so a sum of three or more fp32 atomic
+    adds may round differently: a token's output and dx under expert choice (any number of
+    experts per token) and the router's gradient (summed over column tiles). Those agree
+    within one 16-bit rounding; every other output and gradient equals the untuned run's
+    bit for bit (two atomic terms, a + b = b + a, so top-2's output and dx too); all match
+    the fp32 reference."""
     route = (lambda lg: topk_route(lg, 2, renormalize=True, block_m=16)) if router == "topk" else \
         (lambda lg: expert_choice_route(lg, 1.5, block_m=16))
     run = _moe_case(T=33, D=24, Fh=136, E=4, route=route, dtype=dtype)
@@ -193,8 +200,12 @@ def test_tuned_half_precision_is_bit_equal_to_untuned(scripted_tuner, monkeypatc
     monkeypatch.setattr(TUNE, "MODE", "1")
     tuned = run(moe_mlp)
     names = ["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"]
+    exact = {"dw_gate", "dw_up", "dw_down"} | ({"y", "dx"} if router == "topk" else set())
     for name, a, b in zip(names, tuned, untuned):
-        assert torch.equal(a, b), (name, rel_err(a, b))
+        if name in exact:
+            assert torch.equal(a, b), (name, rel_err(a, b))
+        else:
+            assert rel_err(a, b) < 2.0 ** -8, (name, rel_err(a, b))
     for name, a, b in zip(names, tuned, run(moe_mlp_reference, upcast=True)):
         assert rel_err(a, b) < 3e-2, (name, rel_err(a, b))
     assert any(cfg.get("B_TMA") for key, cfg in TUNE.tuned().items() if key[0] == "rows")
