@@ -224,6 +224,19 @@ def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=F
         FAILED.append(fn.__name__)
         print("FAIL", fn.__name__, label, type(e).__name__, str(e)[:1500])
 
+def _descriptor_types(tt: dict, cfg: dict, ep: int, dual: bool) -> tuple[dict, dict]:
+    """Argument types and constants of a row-kernel variant: with B_TMA the weights come
+    through tensor descriptors (TMA copies, no pointer tiles), read transposed for the
+    SwiGLU backward and dX (epilogues 3, 4)."""
+    if not cfg.get("B_TMA"):
+        return tt, {}
+    trans = ep in (3, 4)
+    box = [1, cfg["BLOCK_N"], cfg["BLOCK_K"]] if trans else [1, cfg["BLOCK_K"], cfg["BLOCK_N"]]
+    desc = f"tensordesc<bf16[{box[0]}, {box[1]}, {box[2]}]>"
+    two = ep == 1 or dual
+    return dict(tt, b_desc=desc, **({"b2_desc": desc} if two else {})), dict(B_TRANS=trans, **({} if two else {"b2_desc": None}))
+
+
 P = lambda t: "*" + t
 # routing
 comp(R._topk_route_fwd_kernel, {"logits_ptr": P("fp32"), "ids_ptr": P("i32"), "w_ptr": P("fp32"), "tile_counts_ptr": P("i32")},
@@ -340,13 +353,7 @@ for ep, gather, dual, save, K, N in [(0, True, False, False, 4096, 14336), (1, T
             continue
         cfg = dict(cfg)
         w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
-        types, extra = tt, {}
-        if cfg.get("B_TMA"):  # weights through tensor descriptors: TMA copies, no pointer tiles
-            trans = ep in (3, 4)
-            box = [1, cfg["BLOCK_N"], cfg["BLOCK_K"]] if trans else [1, cfg["BLOCK_K"], cfg["BLOCK_N"]]
-            desc = f"tensordesc<bf16[{box[0]}, {box[1]}, {box[2]}]>"
-            types = dict(tt, b_desc=desc, **({"b2_desc": desc} if ep == 1 or dual else {}))
-            extra = dict(B_TRANS=trans, **({} if ep == 1 or dual else {"b2_desc": None}))
+        types, extra = _descriptor_types(tt, cfg, ep, dual)
         comp(G._grouped_mm_fwd_kernel, types, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
              PRECISION=None, DOT_F32=False, BLOCK_M=128, **cfg, **unit, **extra), num_warps=w_, num_stages=s_,
              label=f"candidate epilogue={ep} BLOCK_N={cfg['BLOCK_N']} warps={w_} stages={s_}"
@@ -376,13 +383,7 @@ for shape, D_, F_ in [("mixtral", 4096, 14336), ("olmoe", 2048, 1024)]:
                 continue
             cfg = dict(cfg)
             w_, s_, per_sm = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("PERSISTENT")
-            types, extra = tt, {}
-            if cfg.get("B_TMA"):
-                trans = ep in (3, 4)
-                box = [1, cfg["BLOCK_N"], cfg["BLOCK_K"]] if trans else [1, cfg["BLOCK_K"], cfg["BLOCK_N"]]
-                desc = f"tensordesc<bf16[{box[0]}, {box[1]}, {box[2]}]>"
-                types = dict(tt, b_desc=desc, **({"b2_desc": desc} if ep == 1 or dual else {}))
-                extra = dict(B_TRANS=trans, **({} if ep == 1 or dual else {"b2_desc": None}))
+            types, extra = _descriptor_types(tt, cfg, ep, dual)
             comp(G._grouped_mm_fwd_kernel, types, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
                  PRECISION=None, DOT_F32=False, BLOCK_M=128, PERSISTENT=True, **cfg, **unit, **extra), num_warps=w_,
                  num_stages=s_, label=f"persistent {shape} epilogue={ep} BLOCK_N={cfg['BLOCK_N']} warps={w_} "

@@ -207,6 +207,11 @@ def test_custom_ops_pass_opcheck():
 @pytest.mark.parametrize("T,D,Fh,E,k", [(2048, 1024, 512, 128, 8), (2048, 2048, 1024, 64, 8), (1024, 4096, 1792, 8, 2),
                                         (333, 200, 120, 7, 3)])
 def test_gpu_moe_mlp_bf16(T, D, Fh, E, k):
+    _check_gpu_moe_mlp_bf16(T, D, Fh, E, k)
+
+
+def _check_gpu_moe_mlp_bf16(T, D, Fh, E, k):
+    """The layer in bf16 on the card, forward and every gradient, against the fp32 reference."""
     dt, dev = torch.bfloat16, "cuda"
     x = torch.randn(T, D, device=dev, dtype=dt)
     logits = torch.randn(T, E, device=dev)
@@ -430,14 +435,4 @@ def test_gpu_persistent_moe_mlp_bf16(monkeypatch, cfg, T, D, Fh, E, k):
     """The persistent row kernel on the card (its SM count), every launch of the layer."""
     monkeypatch.setattr(G, "_OVERRIDE", {f: dict(cfg) for f in ("rows", "rows_dual")} |
                         {"rows_swiglu_bwd": dict(PERSISTENT=1)})
-    dt, dev = torch.bfloat16, "cuda"
-    x = torch.randn(T, D, device=dev, dtype=dt)
-    logits = torch.randn(T, E, device=dev)
-    ws = [(torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt), (torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt),
-          (torch.randn(E, Fh, D, device=dev) / Fh**0.5).to(dt)]
-    gy = torch.randn(T, D, device=dev)
-    route = lambda lg: topk_route(lg, k, renormalize=True)  # noqa: E731
-    got = _run_moe(moe_mlp, route, x, logits, ws, gy)
-    ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
-    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
-        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
+    _check_gpu_moe_mlp_bf16(T, D, Fh, E, k)
