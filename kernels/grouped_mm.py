@@ -58,7 +58,9 @@ __all__ = ["grouped_mm", "grouped_mm_reference", "moe_mlp", "moe_mlp_reference"]
 # backward that may write over them (the eager path only; the custom op's backward is functional)
 _SAVE_NONE, _SAVE, _SAVE_REUSE = 0, 1, 2
 
-# Epilogues of the row-block kernel
+# Epilogues of the row-block kernel. The kernel compares EPILOGUE with these values as
+# literals: a global constexpr costs every launch a comparison in Triton's dispatch (2.5 µs
+# a launch for these four on a 2-core CPU: ``scripts/host_overhead.py --triton-dispatch``).
 _STORE, _SWIGLU, _SCALE_SCATTER, _SWIGLU_BWD, _SCATTER = 0, 1, 2, 3, 4
 
 # ----------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ if HAS_TRITON:
             else:
                 b = tl.load(b_ptrs, mask=bmask, other=0.0)
             acc = _dot(a, b, acc, PRECISION, DOT_F32)
-            if EPILOGUE == _SWIGLU_C:
+            if EPILOGUE == 1:  # _SWIGLU
                 if B_TMA:
                     b2 = _desc_tile(b2_desc, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, B_TRANS)
                 else:
@@ -180,9 +182,9 @@ if HAS_TRITON:
                 b2_ptrs += BLOCK_K * stride_bk
         omask = rmask[:, None] & nmask[None, :]
         o_rows = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-        if EPILOGUE == _STORE_C:
+        if EPILOGUE == 0:  # _STORE
             tl.store(out_ptr + o_rows, acc.to(out_ptr.dtype.element_ty), mask=omask)
-        elif EPILOGUE == _SWIGLU_C:
+        elif EPILOGUE == 1:  # _SWIGLU
             if SAVE_PRE:
                 tl.store(pre_ptr + o_rows, acc.to(pre_ptr.dtype.element_ty), mask=omask)
                 tl.store(pre2_ptr + o_rows, acc2.to(pre2_ptr.dtype.element_ty), mask=omask)
@@ -191,12 +193,12 @@ if HAS_TRITON:
             u = acc2.to(out_ptr.dtype.element_ty).to(tl.float32)
             h = g * tl.sigmoid(g) * u
             tl.store(out_ptr + o_rows, h.to(out_ptr.dtype.element_ty), mask=omask)
-        elif EPILOGUE == _SCALE_SCATTER_C:
+        elif EPILOGUE == 2:  # _SCALE_SCATTER
             w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.atomic_add(out_ptr + tok[:, None] * stride_om + cols[None, :], acc * w[:, None], mask=omask,
                           sem="relaxed")
-        elif EPILOGUE == _SWIGLU_BWD_C:
+        elif EPILOGUE == 3:  # _SWIGLU_BWD
             # in two column halves: the whole tile's epilogue (g, u, dg, du, w*h next to the
             # accumulator) needs more than 255 registers and spilled 1.7 KB per thread
             w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -331,11 +333,6 @@ if HAS_TRITON:
         if DUAL_G:
             tl.store(dw2_ptr + out, acc2.to(dw2_ptr.dtype.element_ty), mask=m)
 
-    _STORE_C = tl.constexpr(_STORE)
-    _SWIGLU_C = tl.constexpr(_SWIGLU)
-    _SCALE_SCATTER_C = tl.constexpr(_SCALE_SCATTER)
-    _SWIGLU_BWD_C = tl.constexpr(_SWIGLU_BWD)
-    _SCATTER_C = tl.constexpr(_SCATTER)
 
 
 # ----------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ if HAS_TRITON:
         rmask = rows < T
         cmask = cols < E
         x, p = _load_scores(logits_ptr, stride_t, rows, cols, rmask, cmask, SCORE)
-        key = tl.where(cmask[None, :], _monotone_key(x), _INT32_MIN_C)
+        key = tl.where(cmask[None, :], _monotone_key(x), -2147483648)
         kcols = tl.arange(0, BLOCK_K)
         ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
         w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
@@ -166,7 +166,7 @@ if HAS_TRITON:
             idx = tl.argmax(key, 1, tie_break_left=True).to(tl.int32)
             sel = cols[None, :] == idx[:, None]
             pj = tl.sum(tl.where(sel, p, 0.0), 1)
-            key = tl.where(sel, _INT32_MIN_C, key)
+            key = tl.where(sel, -2147483648, key)
             ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
             w = tl.where(kcols[None, :] == j, pj[:, None], w)
             counts += tl.sum((sel & rmask[:, None]).to(tl.int32), 0)
@@ -363,18 +363,18 @@ if HAS_TRITON:
             xv = tl.load(row + offs, mask=m, other=0.0)
             # padding lanes get the smallest int32, below every real key (NaN maps to -inf's
             # key), and never reach a count: every midpoint is above the smallest real key
-            key = tl.where(m, _monotone_key(xv), _INT32_MIN_C)
-            lo = tl.min(tl.where(m, key, _INT32_MAX_C), 0).to(tl.int64)
+            key = tl.where(m, _monotone_key(xv), -2147483648)
+            lo = tl.min(tl.where(m, key, 2147483647), 0).to(tl.int64)
             hi = tl.max(key, 0).to(tl.int64)
         else:
             key = tl.full([BLOCK], 0, tl.int32)  # unused
-            lo32 = tl.full([], _INT32_MAX_C, tl.int32)
-            hi32 = tl.full([], _INT32_MIN_C, tl.int32)
+            lo32 = tl.full([], 2147483647, tl.int32)
+            hi32 = tl.full([], -2147483648, tl.int32)
             for start in range(0, L, BLOCK):
                 mc = (start + offs) < L
                 kc = _monotone_key(tl.load(row + start + offs, mask=mc, other=0.0))
-                lo32 = tl.minimum(lo32, tl.min(tl.where(mc, kc, _INT32_MAX_C), 0))
-                hi32 = tl.maximum(hi32, tl.max(tl.where(mc, kc, _INT32_MIN_C), 0))
+                lo32 = tl.minimum(lo32, tl.min(tl.where(mc, kc, 2147483647), 0))
+                hi32 = tl.maximum(hi32, tl.max(tl.where(mc, kc, -2147483648), 0))
             lo = lo32.to(tl.int64)
             hi = hi32.to(tl.int64)
         # invariant: count(key >= lo) >= k > count(key > hi) == above
@@ -419,8 +419,6 @@ if HAS_TRITON:
                 n_sel += tl.sum(sel.to(tl.int32), 0)
                 n_eq += tl.sum(eq.to(tl.int32), 0)
 
-    _INT32_MIN_C = tl.constexpr(_INT32_MIN)
-    _INT32_MAX_C = tl.constexpr(2**31 - 1)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,27 +1,33 @@
-"""Host (Python) time per call of flopwise's eager ops, with every Triton launch stubbed out.
+"""Host (Python) time per call of flopwise's eager ops, next to the plain-torch pipeline.
 
 On a GPU, a memory-bound op at small shapes takes less time than its host path to enqueue;
-this measures that path (argument checks, dispatch, autograd, allocations, grid arithmetic)
-on any machine, next to the plain-torch pipeline it replaces (whose kernels do run, on
-tensors small enough that their cost is host time too). Triton's own launcher is not
-included: it is stubbed with the kernels.
+this measures that path on any machine, without a GPU, next to the plain-torch pipeline it
+replaces (whose kernels do run, on tensors small enough that their cost is host time too).
+Two modes:
 
-    python scripts/host_overhead.py [--repeat 5]
+* default: every Triton launch is stubbed out, so the time is flopwise's own host path
+  (argument checks, dispatch, autograd, allocations, grid arithmetic);
+* ``--triton-dispatch``: the launches go through Triton's own JIT dispatch (argument binding
+  and specialisation, the kernel-cache lookup, launch metadata), with each kernel compiled
+  for sm_90 on first use; only Triton's C launcher and the driver call are left out, so the
+  time is what a CUDA host spends before ``cuLaunchKernel``, less those two. The first
+  calls compile (seconds per kernel, cached by Triton across runs).
+
+    python scripts/host_overhead.py [--repeat 5] [--triton-dispatch]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import sys
 import time
+import types
 
-os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors take the Triton path (before flopwise is imported)
+import torch
 
-import torch  # noqa: E402
-
-import importlib  # noqa: E402
-
-MODULES = [importlib.import_module(f"flopwise.kernels.{m}") for m in ("mod_gather", "routing", "grouped_mm")]
+_LAUNCHES = [0]  # launches counted in --triton-dispatch mode
 
 
 class _Stub:
@@ -29,12 +35,52 @@ class _Stub:
         return lambda *args, **kwargs: None
 
 
-def _stub_kernels() -> None:
-    for mod in MODULES:
+def _stub_kernels(modules) -> None:
+    for mod in modules:
         for name in dir(mod):
             # launchable kernels (``kernel[grid](...)``), not helpers whose names end the same way
             if name.startswith("_") and name.endswith("_kernel") and hasattr(getattr(mod, name), "__getitem__"):
                 setattr(mod, name, _Stub())
+
+
+def _dispatch_only_driver() -> None:
+    """Make Triton compile for sm_90 and run its launch path on CPU tensors, up to its C
+    launcher, which becomes a counter. Must run before flopwise is imported (Triton decides
+    between the interpreter and its JIT when a kernel is decorated)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compiler
+    from triton.runtime.driver import driver
+
+    class _Driver:  # what JITFunction.run and CompiledKernel ask of the active driver
+        utils = types.SimpleNamespace(get_device_properties=lambda device: {"max_shared_mem": 232448,
+                                                                            "multiprocessor_count": 132})
+        launcher_cls = None
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        @staticmethod
+        def is_active():
+            return True
+
+    def launch(*args):
+        _LAUNCHES[0] += 1
+
+    def init_handles(self):  # instead of loading the cubin into a CUDA context
+        if self.module is None:
+            self.module, self.function, self._run = 0, 0, launch
+
+    driver.set_active(_Driver())
+    compiler.CompiledKernel._init_handles = init_handles
 
 
 def _us(fn, n: int, repeat: int) -> float:
@@ -62,8 +108,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("-n", type=int, default=300, help="calls per timing")
+    p.add_argument("--triton-dispatch", action="store_true",
+                   help="run Triton's own launch path (kernels compiled for sm_90) instead of stubbing it")
     a = p.parse_args()
-    _stub_kernels()
+    if "flopwise" in sys.modules:
+        raise SystemExit("run this as a script: flopwise must be imported after the mode is set up")
+    if a.triton_dispatch:
+        os.environ.pop("TRITON_INTERPRET", None)
+        _dispatch_only_driver()
+        importlib.import_module("flopwise.kernels._dispatch").INTERPRET = True  # CPU tensors take the kernels
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors take the Triton path
+        _stub_kernels([importlib.import_module(f"flopwise.kernels.{m}") for m in ("mod_gather", "routing",
+                                                                                    "grouped_mm")])
     from flopwise.kernels import gather_tokens, moe_mlp, scatter_tokens, topk_route, topk_route_reference
 
     B, S, D, K = 2, 64, 8, 8
@@ -90,9 +147,14 @@ def main() -> None:
         ("moe_mlp fwd+bwd", lambda: torch.autograd.grad(moe_mlp(xt, plan, *wg), wg, gt),
          lambda: torch.autograd.grad(_moe_torch(xt, plan, wg), wg, gt)),
     ]
-    print(f"{'op':<24} {'flopwise host µs':>17} {'torch µs':>9}")
+    what = "with Triton's dispatch" if a.triton_dispatch else "Triton stubbed"
+    print(f"{'op':<24} {'flopwise host µs':>17} {'launches':>9} {'torch µs':>9}   ({what})")
     for name, ours, ref in rows:
-        print(f"{name:<24} {_us(ours, a.n, a.repeat):17.1f} {_us(ref, a.n, a.repeat):9.1f}")
+        ours()
+        _LAUNCHES[0] = 0
+        ours()
+        launches = str(_LAUNCHES[0]) if a.triton_dispatch else "-"
+        print(f"{name:<24} {_us(ours, a.n, a.repeat):17.1f} {launches:>9} {_us(ref, a.n, a.repeat):9.1f}", flush=True)
 
 
 if __name__ == "__main__":
