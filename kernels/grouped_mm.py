@@ -121,11 +121,11 @@ if HAS_TRITON:
         b_ptr, b2_ptr, stride_be, stride_bk, stride_bn, b_desc, b2_desc,
         out_ptr, out2_ptr, out3_ptr, stride_om,
         pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr,
-        block_row_ptr, offsets_ptr, K, N,
+        block_row_ptr, offsets_ptr, K, N, dw_stride,
         EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, DUAL_A: tl.constexpr, SAVE_PRE: tl.constexpr,
         PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        B_TMA: tl.constexpr, B_TRANS: tl.constexpr,
+        B_TMA: tl.constexpr, B_TRANS: tl.constexpr, DW_PARTIAL: tl.constexpr,
     ):
         """Tile (row block pid_b of expert e, column block pid_n) of the row-block kernel."""
         row0 = tl.load(block_row_ptr + pid_b)
@@ -208,7 +208,10 @@ if HAS_TRITON:
                                        out2_ptr, out3_ptr, SAVE_PRE)
             dw_rows += _swiglu_bwd_half(acc_hi, w, rows, rmask, half + BLOCK_N // 2, N, stride_om, pre_ptr, pre2_ptr,
                                         out_ptr, out2_ptr, out3_ptr, SAVE_PRE)
-            tl.atomic_add(dw_ptr + rows, dw_rows, mask=rmask, sem="relaxed")
+            if DW_PARTIAL:  # this column tile's share, summed in a fixed order afterwards
+                tl.store(dw_ptr + pid_n.to(tl.int64) * dw_stride + rows, dw_rows, mask=rmask)
+            else:
+                tl.atomic_add(dw_ptr + rows, dw_rows, mask=rmask, sem="relaxed")
         else:  # _SCATTER
             tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.atomic_add(out_ptr + tok[:, None] * stride_om + cols[None, :], acc, mask=omask, sem="relaxed")
@@ -237,7 +240,7 @@ if HAS_TRITON:
         PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         B_TMA: tl.constexpr = False, B_TRANS: tl.constexpr = False,
-        PERSISTENT: tl.constexpr = False,
+        PERSISTENT: tl.constexpr = False, DW_PARTIAL: tl.constexpr = False,
     ):
         """One (row block, column block) tile of ``A[rows] @ B[e]`` for the block's expert e.
 
@@ -247,8 +250,10 @@ if HAS_TRITON:
           _SWIGLU        acc = A@Wg, acc2 = A@Wu: out[r] = silu(acc)*acc2 (+ pre-activations)
           _SCALE_SCATTER out[tok[r]] += w[r] * acc          (fp32 atomics)
           _SWIGLU_BWD    acc = dY[tok] @ Wd^T: dw[r] += <h_r, acc>; dH = w*acc -> dG, dU (+ w*h)
-        SAVE_PRE: _SWIGLU stores the pre-activations (pre, pre2); _SWIGLU_BWD stores w*h (out3).
           _SCATTER       out[tok[r]] += acc (+ A2@B2 when DUAL_A)  (fp32 atomics)
+        SAVE_PRE: _SWIGLU stores the pre-activations (pre, pre2); _SWIGLU_BWD stores w*h (out3).
+        DW_PARTIAL: _SWIGLU_BWD stores each column tile's share of dw[r] at
+          ``dw[pid_n * NB * BLOCK_M + r]`` instead of adding it atomically (deterministic mode).
         B_TMA: the B tiles (the weights) come through tensor descriptors (TMA on Hopper),
         ``b_desc`` / ``b2_desc`` over ``[E, K, N]``, or ``[E, N, K]`` when B_TRANS; the rows of A
         are gathered by index, which TMA cannot do on Hopper, so they keep pointer loads.
@@ -269,8 +274,8 @@ if HAS_TRITON:
                     _rows_tile(pid_b, pid_n, e, a_ptr, a2_ptr, a_idx_ptr, stride_am, b_ptr, b2_ptr, stride_be,
                                stride_bk, stride_bn, b_desc, b2_desc, out_ptr, out2_ptr, out3_ptr, stride_om,
                                pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr, block_row_ptr, offsets_ptr, K, N,
-                               EPILOGUE, GATHER_A, DUAL_A, SAVE_PRE, PRECISION, DOT_F32,
-                               BLOCK_M, BLOCK_N, BLOCK_K, B_TMA, B_TRANS)
+                               NB * BLOCK_M, EPILOGUE, GATHER_A, DUAL_A, SAVE_PRE, PRECISION, DOT_F32,
+                               BLOCK_M, BLOCK_N, BLOCK_K, B_TMA, B_TRANS, DW_PARTIAL)
         else:
             pid_b, pid_n = _swizzle(tl.program_id(0), NB, num_n, GROUP_M)
             e = tl.load(block_expert_ptr + pid_b)
@@ -279,8 +284,8 @@ if HAS_TRITON:
             _rows_tile(pid_b, pid_n, e, a_ptr, a2_ptr, a_idx_ptr, stride_am, b_ptr, b2_ptr, stride_be,
                        stride_bk, stride_bn, b_desc, b2_desc, out_ptr, out2_ptr, out3_ptr, stride_om,
                        pre_ptr, pre2_ptr, w_ptr, dw_ptr, tok_ptr, block_row_ptr, offsets_ptr, K, N,
-                       EPILOGUE, GATHER_A, DUAL_A, SAVE_PRE, PRECISION, DOT_F32,
-                       BLOCK_M, BLOCK_N, BLOCK_K, B_TMA, B_TRANS)
+                       NB * BLOCK_M, EPILOGUE, GATHER_A, DUAL_A, SAVE_PRE, PRECISION, DOT_F32,
+                       BLOCK_M, BLOCK_N, BLOCK_K, B_TMA, B_TRANS, DW_PARTIAL)
 
     @triton.jit
     def _grouped_mm_dw_kernel(
@@ -332,6 +337,29 @@ if HAS_TRITON:
         tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=m)
         if DUAL_G:
             tl.store(dw2_ptr + out, acc2.to(dw2_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _combine_rows_kernel(rows_ptr, stride_r, w_ptr, order_ptr, starts_ptr, out_ptr, stride_o, D,
+                             HAS_W: tl.constexpr, BLOCK_D: tl.constexpr):
+        """``out[t] = sum of (w[r] *) rows[r]`` over token t's rows, in expert order, fp32.
+
+        ``order`` lists the plan's rows sorted by token (stably, so each token's rows keep
+        their expert order) and token t's are ``order[starts[t]:starts[t+1]]``: one program per
+        (token, column block) adds them in that fixed order, which makes the result the same
+        on every run, unlike atomic adds (deterministic mode)."""
+        t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        lo = tl.load(starts_ptr + t)
+        hi = tl.load(starts_ptr + t + 1)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in range(lo, hi):
+            r = tl.load(order_ptr + j).to(tl.int64)
+            v = tl.load(rows_ptr + r * stride_r + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + r).to(tl.float32)
+            acc += v
+        tl.store(out_ptr + t.to(tl.int64) * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 
@@ -456,7 +484,8 @@ def _variants(default: dict, options: list[dict], caps: dict) -> list[dict]:
     return out
 
 
-def _rows_candidates(default: dict, N: int, dtype: torch.dtype, epilogue: int, tma: bool = False) -> list[dict]:
+def _rows_candidates(default: dict, N: int, dtype: torch.dtype, epilogue: int, tma: bool = False,
+                     fp32_out: bool = False) -> list[dict]:
     """What the autotuner times for the row-block kernel: column tile, warps and pipeline
     depth around the default. Never BLOCK_K (the dot's reduction step), nor the SwiGLU
     backward's column tile and warps (its epilogue reduces over the tile): the pick is meant
@@ -469,7 +498,10 @@ def _rows_candidates(default: dict, N: int, dtype: torch.dtype, epilogue: int, t
     the default's swizzled order; one program per SM for the default's tiles (and TMA's), two
     for 64 columns and 4 warps, which fit twice on an SM (sm_90 builds at Mixtral's and
     OLMoE's shapes: 96 KiB of shared memory, at most 230 registers; 128 columns do not).
-    Each tile is computed as the non-persistent kernel computes it."""
+    Each tile is computed as the non-persistent kernel computes it.
+    ``fp32_out``: a plain store of fp32 rows (deterministic mode's down projection and dX);
+    the persistent loop with TMA weights is left out there, because at 256 columns its fp32
+    epilogue leaves it spilling inside the main loop (sm_90 build: 254 registers)."""
     cap = max(16, next_pow2(N))
     persistent = [dict(PERSISTENT=1)]
     if epilogue in (_STORE, _SCALE_SCATTER, _SCATTER) and dtype != torch.float32:
@@ -485,7 +517,8 @@ def _rows_candidates(default: dict, N: int, dtype: torch.dtype, epilogue: int, t
     if tma and dtype != torch.float32:  # the default's tiles, and the widest, with TMA weights
         widest = [o for o in opts if o.get("BLOCK_N") == 256 and o.get("num_stages") == 4]
         opts = opts + [dict(B_TMA=True)] + [dict(o, B_TMA=True) for o in widest]
-        persistent.append(dict(B_TMA=True, PERSISTENT=1))
+        if not (fp32_out and epilogue == _STORE):
+            persistent.append(dict(B_TMA=True, PERSISTENT=1))
     return _variants(default, opts + persistent, {"BLOCK_N": cap})
 
 
@@ -545,10 +578,12 @@ def _launch_tuned(key: tuple, default: dict, candidates, launch, trial, device) 
 
 def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool, a2=None, w2=None,
                  out2=None, out3=None, pre=None, pre2=None, weights=None, dw=None, transpose_w=False,
-                 out_zeroed=False):
+                 out_zeroed=False, dw_partial=False):
     """Launch the row-block kernel. ``w_t`` is ``[E, K, N]`` (or ``[E, N, K]`` read transposed).
     ``out_zeroed``: ``out`` (an atomic epilogue's accumulator) holds zeros on entry, so the
-    autotuner's trials may accumulate into it and zero it again (no scratch copy)."""
+    autotuner's trials may accumulate into it and zero it again (no scratch copy).
+    ``dw_partial``: the SwiGLU backward writes ``dw`` (need not be zeroed) without atomics:
+    each column tile's share goes to a scratch ``[column tiles, rows]``, summed afterwards."""
     E = w_t.shape[0]
     if transpose_w:
         N, K = w_t.shape[1], w_t.shape[2]
@@ -574,6 +609,9 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
             descs = tuple(None if w is None else TensorDescriptor(w, list(w.shape), list(w.stride()), box)
                           for w in (w_t, w2))
         d = b["out"]  # placeholder for pointers a variant never dereferences
+        dw_buf = b["dw"]
+        if dw_partial:
+            dw_buf = new_output((cdiv(N, cfg["BLOCK_N"]), nb * plan.block_m), dtype=torch.float32, device=a.device)
         tiles = nb * cdiv(N, cfg["BLOCK_N"])  # (an upper bound: the plan's real row blocks are on the device)
         per_sm = cfg.pop("PERSISTENT", 0)
         grid = min(tiles, per_sm * _tune.device_sm_count(a.device)) if per_sm else tiles
@@ -581,11 +619,13 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
             a, _or(a2, d), plan.token_idx, a.stride(0),
             w_t, _or(w2, d), w_t.stride(0), sbk, sbn, *descs,
             b["out"], _or(b["out2"], d), _or(b["out3"], d), b["out"].stride(0),
-            _or(b["pre"], d), _or(b["pre2"], d), _or(weights, d), _or(b["dw"], d), plan.token_idx,
+            _or(b["pre"], d), _or(b["pre2"], d), _or(weights, d), _or(dw_buf, d), plan.token_idx,
             plan.block_expert, plan.block_row, plan.expert_offsets,
-            K, N, nb, E, **consts, **cfg, B_TMA=tma, B_TRANS=transpose_w, PERSISTENT=per_sm > 0, num_warps=warps,
-            num_stages=stages,
+            K, N, nb, E, **consts, **cfg, B_TMA=tma, B_TRANS=transpose_w, PERSISTENT=per_sm > 0,
+            DW_PARTIAL=dw_partial, num_warps=warps, num_stages=stages,
         )
+        if dw_partial:  # a fixed order of the column tiles' shares
+            torch.sum(dw_buf[:, :plan.num_rows], 0, out=b["dw"])
 
     def trial(cfg):
         # A candidate's trial must neither change what the real launch reads nor leave
@@ -608,9 +648,10 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
             out.zero_()  # (the same memset in every candidate's time: the ranking holds)
 
     key = ("rows", _tune.device_name(a.device), a.dtype, epilogue, gather, a2 is not None, save, transpose_w,
-           K, N, plan.block_m, next_pow2(nb))
+           K, N, plan.block_m, next_pow2(nb), out.dtype, dw_partial)
     _launch_tuned(key, default,
-                  lambda: _rows_candidates(default, N, a.dtype, epilogue, _tma_device(a.device) and _tma_ok(w_t, w2)),
+                  lambda: _rows_candidates(default, N, a.dtype, epilogue, _tma_device(a.device) and _tma_ok(w_t, w2),
+                                           out.dtype == torch.float32),
                   lambda cfg: run(cfg, bufs), trial, a.device)
     return E
 
@@ -618,6 +659,32 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
 def _or(t, d):
     """``t``, or the placeholder ``d`` for a pointer the variant never dereferences."""
     return d if t is None else t
+
+
+def _token_rows(token_idx: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's rows grouped by token: ``order`` (rows sorted by token, stably, so each
+    token's rows stay in expert order) and ``starts`` [T+1] (token t owns
+    ``order[starts[t]:starts[t+1]]``). Sorting and searching are deterministic on CUDA."""
+    order = torch.argsort(token_idx, stable=True)
+    bounds = torch.arange(T + 1, device=token_idx.device, dtype=token_idx.dtype)
+    starts = torch.searchsorted(token_idx[order], bounds)
+    return order.to(torch.int32), starts.to(torch.int32)
+
+
+def _combine_rows(rows: torch.Tensor, weights, token_idx: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum over plan rows r of token t of (weights[r] *) rows[r]``, ``[T, D]`` in
+    ``dtype``, summed in fp32 in a fixed order (deterministic mode's combine, instead of the
+    epilogues' atomic adds). Tokens without rows get zeros."""
+    D = rows.shape[1]
+    out = new_output((T, D), dtype=dtype, device=rows.device)
+    if T == 0 or D == 0:
+        return out
+    order, starts = _token_rows(token_idx, T)
+    block_d = min(1024, max(16, next_pow2(D)))
+    _combine_rows_kernel[(T, cdiv(D, block_d))](rows, rows.stride(0), _or(weights, rows), order, starts, out,
+                                                 out.stride(0), D, HAS_W=weights is not None, BLOCK_D=block_d,
+                                                 num_warps=4)
+    return out
 
 
 def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, g2=None, dw2=None):
@@ -675,7 +742,7 @@ def _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m: in
 
 
 def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m: int,
-             save: int):
+             save: int, deterministic: bool = False):
     x = x.contiguous()
     T, D = x.shape
     N, Fh = token_idx.shape[0], w_gate.shape[2]
@@ -685,6 +752,11 @@ def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert,
     u = new_output((N, Fh) if save else (0, Fh), dtype=x.dtype, device=x.device)
     _launch_rows(x, w_gate.contiguous(), plan, h, epilogue=_SWIGLU, gather=True, w2=w_up.contiguous(),
                  pre=g if save else None, pre2=u if save else None)
+    if deterministic:  # each row's output, then each token's rows summed in a fixed order
+        rows = new_output((N, w_down.shape[2]), dtype=torch.float32, device=x.device)
+        _launch_rows(h, w_down.contiguous(), plan, rows, epilogue=_STORE, gather=False)
+        del h
+        return _combine_rows(rows, weights, token_idx, T, x.dtype), g, u
     y = torch.zeros(T, w_down.shape[2], dtype=torch.float32, device=x.device)
     _launch_rows(h, w_down.contiguous(), plan, y, epilogue=_SCALE_SCATTER, gather=False, weights=weights,
                  out_zeroed=True)
@@ -692,10 +764,12 @@ def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert,
 
 
 def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row,
-             block_m: int, reuse: bool = False):
+             block_m: int, deterministic: bool = False, reuse: bool = False):
     """The backward's four launches. ``reuse``: dG and dU are written over the saved
     pre-activations g and u (each tile reads its g, u before it writes the same elements),
-    which takes 2 x N x F off the backward's peak; g and u are garbage afterwards."""
+    which takes 2 x N x F off the backward's peak; g and u are garbage afterwards.
+    ``deterministic``: no floating-point atomics (the combine weights' gradient from
+    per-column-tile shares, dX from per-row outputs summed per token in a fixed order)."""
     dy, x = dy.contiguous(), x.contiguous()
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
     T, D = x.shape
@@ -705,18 +779,24 @@ def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, blo
     dg = g if reuse else new_output((N, Fh), dtype=x.dtype, device=dev)
     du = u if reuse else new_output((N, Fh), dtype=x.dtype, device=dev)
     hw = new_output((N, Fh), dtype=x.dtype, device=dev)
-    dweights = torch.zeros(N, dtype=torch.float32, device=dev)
+    dweights = (new_output if deterministic else torch.zeros)((N,), dtype=torch.float32, device=dev)
     # dY[tok] @ Wd^T, with d combine weights, d silu*mul and w*h fused in the epilogue
     _launch_rows(dy, w_down, plan, dg, epilogue=_SWIGLU_BWD, gather=True, out2=du, out3=hw, pre=g, pre2=u,
-                 weights=weights, dw=dweights, transpose_w=True)
+                 weights=weights, dw=dweights, transpose_w=True, dw_partial=deterministic)
     # dWd = sum_r (w_r h_r)^T dY[tok_r], first: hw is freed before dX's fp32 buffer exists
     dwd = new_output(w_down.shape, dtype=w_down.dtype, device=dev)
     _launch_dw(hw, plan, dy, dwd, gather_a=False, gather_g=True)
     del hw
     # dX[tok] += dG @ Wg^T + dU @ Wu^T
-    dx = torch.zeros(T, D, dtype=torch.float32, device=dev)
-    _launch_rows(dg, w_gate, plan, dx, epilogue=_SCATTER, gather=False, a2=du, w2=w_up, transpose_w=True,
-                 out_zeroed=True)
+    if deterministic:
+        rows = new_output((N, D), dtype=torch.float32, device=dev)
+        _launch_rows(dg, w_gate, plan, rows, epilogue=_STORE, gather=False, a2=du, w2=w_up, transpose_w=True)
+        dx = _combine_rows(rows, None, token_idx, T, x.dtype)
+        del rows
+    else:
+        dx = torch.zeros(T, D, dtype=torch.float32, device=dev)
+        _launch_rows(dg, w_gate, plan, dx, epilogue=_SCATTER, gather=False, a2=du, w2=w_up, transpose_w=True,
+                     out_zeroed=True)
     # dWg = X^T dG, dWu = X^T dU (shared x tile)
     dwg = new_output(w_gate.shape, dtype=w_gate.dtype, device=dev)
     dwu = new_output(w_up.shape, dtype=w_up.dtype, device=dev)
@@ -732,10 +812,16 @@ def _gmm_fwd(a, w, token_idx, offsets, block_expert, block_row, block_m: int, ga
     return out
 
 
-def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: int, gather: bool):
+def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: int, gather: bool,
+             deterministic: bool = False):
     dout, a, w = dout.contiguous(), a.contiguous(), w.contiguous()
     plan = _plan_from(token_idx, a.new_empty(0), offsets, block_expert, block_row, block_m, a.shape[0])
-    if gather:
+    if gather and deterministic:  # per-row dA, then each token's rows summed in a fixed order
+        rows = new_output((token_idx.shape[0], a.shape[1]), dtype=torch.float32, device=a.device)
+        _launch_rows(dout, w, plan, rows, epilogue=_STORE, gather=False, transpose_w=True)
+        da = _combine_rows(rows, None, token_idx, a.shape[0], a.dtype)
+        del rows
+    elif gather:
         da = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
         _launch_rows(dout, w, plan, da, epilogue=_SCATTER, gather=False, transpose_w=True, out_zeroed=True)
         da = da.to(a.dtype)
@@ -754,12 +840,14 @@ def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: i
 @torch.library.custom_op("flopwise::moe_mlp", mutates_args=())
 def _moe_mlp_op(x: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                 w_down: torch.Tensor, token_idx: torch.Tensor, offsets: torch.Tensor, block_expert: torch.Tensor,
-                block_row: torch.Tensor, block_m: int, save: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save)
+                block_row: torch.Tensor, block_m: int, save: int,
+                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save,
+                    deterministic)
 
 
 @_moe_mlp_op.register_fake
-def _(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save):
+def _(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save, deterministic):
     N, Fh = token_idx.shape[0], w_gate.shape[2]
     rows = N if save else 0
     return (x.new_empty(x.shape[0], w_down.shape[2]), x.new_empty(rows, Fh), x.new_empty(rows, Fh))
@@ -769,19 +857,21 @@ def _(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_
 def _moe_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, weights: torch.Tensor,
                     w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, token_idx: torch.Tensor,
                     offsets: torch.Tensor, block_expert: torch.Tensor, block_row: torch.Tensor,
-                    block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    block_m: int, deterministic: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row,
-                    block_m)
+                    block_m, deterministic)
 
 
 @_moe_mlp_bwd_op.register_fake
-def _(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m):
+def _(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m,
+      deterministic):
     return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w_gate), torch.empty_like(w_up),
             torch.empty_like(w_down))
 
 
 def _moe_setup(ctx, inputs, output):
-    x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save = inputs
+    x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save, _ = inputs
     _, g, u = output
     ctx.save_for_backward(x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row)
     ctx.block_m = block_m
@@ -797,7 +887,7 @@ def _moe_backward(bwd):
     def backward(ctx, dy, dg_unused, du_unused):
         x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
         if dy is None:  # (grads are not materialised)
-            return (None,) * 11
+            return (None,) * 12
         if not ctx.saved:
             raise RuntimeError("moe_mlp was run without saving activations (save=False) and cannot be differentiated")
         if ctx.consumed:
@@ -809,9 +899,11 @@ def _moe_backward(bwd):
         # marked before the launches: a backward that fails part-way (out of memory, say) may
         # already have overwritten g and u, so a retry must refuse too
         ctx.consumed = reuse
+        # (deterministic mode as set when the backward runs, as for torch's own ops)
         dx, dw, dwg, dwu, dwd = bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets,
-                                    block_expert, block_row, ctx.block_m, *((True,) if reuse else ()))
-        return dx, dw, dwg, dwu, dwd, None, None, None, None, None, None
+                                    block_expert, block_row, ctx.block_m, torch.are_deterministic_algorithms_enabled(),
+                                    *((True,) if reuse else ()))
+        return dx, dw, dwg, dwu, dwd, None, None, None, None, None, None, None
 
     return backward
 
@@ -832,12 +924,12 @@ def _(a, w, token_idx, offsets, block_expert, block_row, block_m, gather):
 @torch.library.custom_op("flopwise::grouped_mm_bwd", mutates_args=())
 def _gmm_bwd_op(dout: torch.Tensor, a: torch.Tensor, w: torch.Tensor, token_idx: torch.Tensor,
                 offsets: torch.Tensor, block_expert: torch.Tensor, block_row: torch.Tensor, block_m: int,
-                gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather)
+                gather: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather, deterministic)
 
 
 @_gmm_bwd_op.register_fake
-def _(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather):
+def _(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather, deterministic):
     return torch.empty_like(a), torch.empty_like(w)
 
 
@@ -850,7 +942,8 @@ def _gmm_setup(ctx, inputs, output):
 def _gmm_backward(bwd):
     def backward(ctx, dout):
         a, w, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
-        da, dw = bwd(dout, a, w, token_idx, offsets, block_expert, block_row, ctx.block_m, ctx.gather)
+        da, dw = bwd(dout, a, w, token_idx, offsets, block_expert, block_row, ctx.block_m, ctx.gather,
+                     torch.are_deterministic_algorithms_enabled())
         return da, dw, None, None, None, None, None, None
 
     return backward
@@ -983,5 +1076,6 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate, w_up, w_down)):
         save = _SAVE if retain_activations else _SAVE_REUSE
     op = _moe_mlp_op if traced(x, weights, tok, w_gate, w_up, w_down) else _MoEMLPFunction.apply
-    y, _, _ = op(x, weights, w_gate, w_up, w_down, tok, offsets, bexp, brow, plan.block_m, save)
+    y, _, _ = op(x, weights, w_gate, w_up, w_down, tok, offsets, bexp, brow, plan.block_m, save,
+                 torch.are_deterministic_algorithms_enabled())
     return y

@@ -144,12 +144,13 @@ SM90_SM_REGISTERS = 65536
 
 
 def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=False, num_stages=3,
-         ptxas=False, may_not_fit=False, tma=False, per_sm=0):
+         ptxas=False, may_not_fit=False, tma=False, per_sm=0, no_atomics=False):
     """Compile one variant for sm_90 and check it. ``per_sm``: a persistent launch's programs
     per SM; they must fit on one SM together (shared memory and registers), and any spill
-    must stay out of the tensor-core main loops."""
-    if fn is G._grouped_mm_fwd_kernel:  # weights through pointers, not persistent, unless a case says otherwise
-        consts = dict(dict(B_TMA=False, B_TRANS=False, PERSISTENT=False), **consts)
+    must stay out of the tensor-core main loops. ``no_atomics``: a deterministic-mode
+    variant, whose PTX must hold no atomic instruction."""
+    if fn is G._grouped_mm_fwd_kernel:  # weights through pointers, not persistent, atomic router gradient, unless a case says otherwise
+        consts = dict(dict(B_TMA=False, B_TRANS=False, PERSISTENT=False, DW_PARTIAL=False), **consts)
         if not consts["B_TMA"]:
             consts.update(b_desc=None, b2_desc=None)
     sig = sig_of(fn, types, consts)
@@ -183,6 +184,10 @@ def comp(fn, types, consts, num_warps=4, label="", pipelined=False, vectorized=F
         if pipelined and narrow > 4 * num_stages:
             FAILED.append(fn.__name__ + " (" + label + f": {narrow} narrow async copies)")
             print("FAIL", fn.__name__, label, f"{narrow} async copies narrower than 16 bytes:", info)
+            return
+        if no_atomics and re.search(r"\b(atom|red)\.", ptx):
+            FAILED.append(fn.__name__ + " (" + label + ": atomics in a deterministic variant)")
+            print("FAIL", fn.__name__, label, "atomic instructions in a deterministic-mode variant")
             return
         if tma and "cp.async.bulk.tensor" not in ptx:
             FAILED.append(fn.__name__ + " (" + label + ": no TMA copy)")
@@ -365,6 +370,33 @@ for ga, gg, dg, K, N in [(True, False, True, 4096, 14336), (False, True, False, 
         comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, GATHER_G=gg, DUAL_G=dg, PRECISION=None, DOT_F32=False,
              **cfg), num_warps=w_, num_stages=s_, label=f"candidate dW dual={dg} BLOCK_K={cfg['BLOCK_K']} "
              f"BLOCK_N={cfg['BLOCK_N']} warps={w_} stages={s_}", ptxas=True, may_not_fit=True)
+
+# Deterministic mode (torch.use_deterministic_algorithms(True)): the down projection and dX
+# store fp32 rows (no atomic scatter), the SwiGLU backward stores the combine weights'
+# gradient per column tile, and a combine kernel sums each token's rows. Default tiles at
+# Mixtral's shapes must pipeline as the others do; every tuner candidate must compile (one
+# over the shared-memory limit is left out); none may hold an atomic instruction.
+for ep, gather, dual, save, K, N, extra in [(0, False, False, False, 14336, 4096, {}),
+                                            (0, False, True, False, 14336, 4096, {}),
+                                            (3, True, False, True, 4096, 14336, dict(DW_PARTIAL=True))]:
+    tt = dict(base, out_ptr=P("fp32")) if ep == 0 else dict(base)
+    unit = dict(stride_bn=1) if not (dual or ep == 3) else dict(stride_bk=1)
+    default = G._tiles(K, N, torch.bfloat16, ep, dual_a=dual)
+    for i, cfg in enumerate(G._rows_candidates(default, N, torch.bfloat16, ep, tma=True, fp32_out=ep == 0)):
+        cfg = dict(cfg)
+        w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
+        per_sm = cfg.pop("PERSISTENT", 0)
+        types, tma_extra = _descriptor_types(tt, cfg, 4 if dual else ep, dual)
+        comp(G._grouped_mm_fwd_kernel, types, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
+             PRECISION=None, DOT_F32=False, BLOCK_M=128, PERSISTENT=per_sm > 0, **cfg, **unit, **tma_extra, **extra),
+             num_warps=w_, num_stages=s_, label=f"deterministic epilogue={ep} dual={dual} {'default' if i == 0 else 'candidate'} "
+             f"BLOCK_N={cfg['BLOCK_N']} warps={w_} stages={s_}{' TMA' if cfg.get('B_TMA') else ''}"
+             f"{f' persistent {per_sm}/SM' if per_sm else ''}", pipelined=i == 0, ptxas=True,
+             may_not_fit=i > 0, tma=bool(cfg.get("B_TMA")), per_sm=per_sm, no_atomics=True)
+for rows_t in ("fp32", "bf16"):
+    comp(G._combine_rows_kernel, {"rows_ptr": P(rows_t), "w_ptr": P("fp32"), "order_ptr": P("i32"),
+         "starts_ptr": P("i32"), "out_ptr": P("bf16")}, dict(HAS_W=True, BLOCK_D=1024), label=f"rows={rows_t}",
+         vectorized=True, no_atomics=True)
 
 # Persistent row kernels (the autotuner's PERSISTENT candidates): a grid of a few programs
 # per SM, each looping over tiles, at Mixtral's and OLMoE's launch shapes (BLOCK_M 128, as the

@@ -6,12 +6,15 @@ Providers as in BASELINES.md:
   rows, and ``triton-gather`` reading the rows straight from the token matrix.
 * layer: ``torch`` = softmax, topk, argsort, gather, ``_grouped_mm`` x3, silu*mul, scale,
   ``index_add_``; ``torch-hf-loop`` = per expert mask, gather, three matmuls, ``index_add``;
-  ``dense`` = one SwiGLU MLP over T*K rows (floor); ``triton`` = ``topk_route`` + ``moe_mlp``.
+  ``dense`` = one SwiGLU MLP over T*K rows (floor); ``triton`` = ``topk_route`` + ``moe_mlp``;
+  ``triton-deterministic`` (forward+backward) the same under
+  ``torch.use_deterministic_algorithms(True)``: no floating-point atomics, what that costs.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +100,22 @@ def ours(x, router_w, wg, wu, wd, k, block_m):
 def reference(x, router_w, wg, wu, wd, k, block_m):
     plan = topk_route_reference(x.float() @ router_w.t(), k, renormalize=True, block_m=block_m)
     return moe_mlp_reference(x, plan, wg, wu, wd)
+
+
+def deterministic(fn):
+    """``fn`` run with ``torch.use_deterministic_algorithms(True)`` (warn-only, so the router's
+    cuBLAS matmul does not demand CUBLAS_WORKSPACE_CONFIG), restored after."""
+    def run(*args):
+        was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return fn(*args)
+        finally:
+            torch.use_deterministic_algorithms(was, warn_only=warn)
+
+    return run
 
 
 def _fwd_bwd(fn, inputs, gy):
@@ -196,6 +215,7 @@ def cases(gpu: bool) -> list[Case]:
                 "torch-hf-loop": _fwd_bwd(hf_loop, gargs, gy),
                 "dense": lambda a=dargs, g=torch.randn_like(xk): torch.autograd.grad(dense_floor(*a), a, g),
                 "triton": _fwd_bwd(lambda *a, bm=bm: ours(*a, bm), gargs, gy),
+                "triton-deterministic": deterministic(_fwd_bwd(lambda *a, bm=bm: ours(*a, bm), gargs, gy)),
             },
             check=_close(2e-2 if gpu else 1e-4), floors=("dense",), after=tuned_report,
         ))

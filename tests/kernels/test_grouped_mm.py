@@ -195,7 +195,7 @@ def test_custom_ops_pass_opcheck():
     args = (torch.randn(T, D, requires_grad=True), plan.weights.detach().clone().requires_grad_(True),
             torch.randn(E, D, Fh, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
             torch.randn(E, Fh, D, requires_grad=True), plan.token_idx, plan.expert_offsets, plan.block_expert,
-            plan.block_row, plan.block_m, G._SAVE)
+            plan.block_row, plan.block_m, G._SAVE, False)
     torch.library.opcheck(G._moe_mlp_op, args)
     torch.library.opcheck(G._gmm_op, (torch.randn(T, D, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
                                       plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row,
@@ -436,3 +436,161 @@ def test_gpu_persistent_moe_mlp_bf16(monkeypatch, cfg, T, D, Fh, E, k):
     monkeypatch.setattr(G, "_OVERRIDE", {f: dict(cfg) for f in ("rows", "rows_dual")} |
                         {"rows_swiglu_bwd": dict(PERSISTENT=1)})
     _check_gpu_moe_mlp_bf16(T, D, Fh, E, k)
+
+
+# ------------------------------------------------------------------------------ deterministic mode
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` for the test, restored after."""
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was, warn_only=warn)
+
+
+@pytest.fixture
+def row_launches(monkeypatch):
+    """Records (epilogue, dw_partial) of every row-kernel launch."""
+    seen = []
+    real = G._launch_rows
+
+    def spy(*args, **kw):
+        seen.append((kw["epilogue"], kw.get("dw_partial", False)))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(G, "_launch_rows", spy)
+    return seen
+
+
+_ATOMIC_FREE = {(G._SWIGLU, False), (G._STORE, False), (G._SWIGLU_BWD, True)}
+
+
+@pytest.mark.parametrize("T,E,k,case", CASES)
+@pytest.mark.parametrize("D,Fh", [(17, 33), (16, 300)], ids=["D17-F33", "D16-F300"])  # F300: 3 column tiles
+def test_deterministic_moe_mlp_matches_reference_without_atomics(deterministic, row_launches, T, E, k, case, D, Fh):
+    """Under ``torch.use_deterministic_algorithms(True)`` no launch uses an atomic epilogue
+    (the down projection and dX store per-row results, summed per token in a fixed order;
+    the combine weights' gradient is summed from per-column-tile shares), and outputs and
+    every gradient match the reference."""
+    x = torch.randn(T, D)
+    logits = _logits(T, E, case)
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    gy = torch.randn(T, D)
+    got = _run_moe(moe_mlp, lambda lg: topk_route(lg, k, renormalize=True, block_m=16), x, logits, ws, gy)
+    ref = _run_moe(moe_mlp_reference, lambda lg: topk_route_reference(lg, k, renormalize=True, block_m=16),
+                   x, logits, ws, gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
+    assert len(row_launches) == 4 and set(row_launches) <= _ATOMIC_FREE, row_launches
+    assert (G._SWIGLU_BWD, True) in row_launches
+
+
+@pytest.mark.parametrize("cf", [0.5, 2.0, 8.0], ids=["cf0.5", "cf2", "C=T"])
+def test_deterministic_moe_mlp_expert_choice(deterministic, row_launches, cf):
+    """Expert choice gives tokens anywhere from no rows (zeros) to E rows."""
+    T, E, D, Fh = 30, 4, 16, 32
+    x, logits = torch.randn(T, D), torch.randn(T, E)
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    gy = torch.randn(T, D)
+    route = lambda lg: expert_choice_route_reference(lg, cf, block_m=16)  # noqa: E731
+    got = _run_moe(moe_mlp, route, x, logits, ws, gy)
+    ref = _run_moe(moe_mlp_reference, route, x, logits, ws, gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
+    assert set(row_launches) <= _ATOMIC_FREE, row_launches
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deterministic_moe_mlp_half_precision(deterministic, dtype):
+    T, E, k, D, Fh = 40, 4, 2, 32, 200
+    x = torch.randn(T, D).to(dtype)
+    logits = torch.randn(T, E)
+    ws = [(torch.randn(E, D, Fh) / 4).to(dtype), (torch.randn(E, D, Fh) / 4).to(dtype),
+          (torch.randn(E, Fh, D) / 4).to(dtype)]
+    gy = torch.randn(T, D)
+    route = lambda lg: topk_route_reference(lg, k, renormalize=True, block_m=16)  # noqa: E731
+    got = _run_moe(moe_mlp, route, x, logits, ws, gy)
+    ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        assert a.dtype == (torch.float32 if name == "dlogits" else dtype), name
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("programs", _PROGRAMS)
+def test_deterministic_moe_mlp_persistent(deterministic, monkeypatch, programs):
+    """The per-column-tile shares of the combine weights' gradient from the persistent loop."""
+    T, E, k, D, Fh = 37, 5, 2, 16, 300
+    x, logits = torch.randn(T, D), _logits(T, E, "empty_expert")
+    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
+    gy = torch.randn(T, D)
+    ref = _run_moe(moe_mlp_reference, lambda lg: topk_route_reference(lg, k, block_m=16), x, logits, ws, gy)
+    _force_persistent(monkeypatch, programs)
+    got = _run_moe(moe_mlp, lambda lg: topk_route(lg, k, block_m=16), x, logits, ws, gy)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
+
+
+@pytest.mark.parametrize("T,E,k,case", CASES[:4])
+def test_deterministic_grouped_mm_backward(deterministic, row_launches, T, E, k, case):
+    K_, N_ = 20, 36
+    plan = topk_route(_logits(T, E, case), k, block_m=16)
+    a, w = torch.randn(T, K_, requires_grad=True), torch.randn(E, K_, N_, requires_grad=True)
+    out = grouped_mm(a, w, plan)
+    go = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, (a, w), go)]
+    ref = grouped_mm_reference(a, w, plan)
+    for name, x, y in zip(("out", "da", "dw"), got, [ref, *torch.autograd.grad(ref, (a, w), go)]):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=name)
+    assert set(row_launches) == {(G._STORE, False)}, row_launches
+
+
+def test_combine_rows_sums_each_tokens_rows_in_expert_order():
+    """The combine on its own: tokens with no rows get zeros, a token with many rows gets
+    their weighted sum; every output element is written (outputs start as NaN)."""
+    T, N, D = 9, 23, 37
+    token_idx = torch.randint(0, T - 2, (N,), dtype=torch.int32)  # tokens T-2, T-1 get none
+    token_idx[:7] = 3  # one token with many rows
+    rows, w = torch.randn(N, D), torch.rand(N)
+    for weights in (w, None):
+        got = G._combine_rows(rows, weights, token_idx, T, torch.float32)
+        scaled = rows * (1.0 if weights is None else weights[:, None])
+        want = torch.zeros(T, D).index_add(0, token_idx.long(), scaled)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert (got[T - 2:] == 0).all()
+    order, starts = G._token_rows(token_idx, T)
+    assert torch.equal(token_idx[order.long()], token_idx.sort(stable=True).values)
+    assert starts[0] == 0 and starts[-1] == N and bool((starts[1:] >= starts[:-1]).all())
+
+
+def test_deterministic_custom_ops_pass_opcheck():
+    T, E, D, Fh = 6, 3, 16, 16
+    plan = topk_route(torch.randn(T, E), 2, block_m=16)
+    args = (torch.randn(T, D, requires_grad=True), plan.weights.detach().clone().requires_grad_(True),
+            torch.randn(E, D, Fh, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
+            torch.randn(E, Fh, D, requires_grad=True), plan.token_idx, plan.expert_offsets, plan.block_expert,
+            plan.block_row, plan.block_m, G._SAVE, True)
+    torch.library.opcheck(G._moe_mlp_op, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D,Fh,E,k", [(2048, 1024, 512, 128, 8), (1024, 2048, 1792, 8, 2)])
+def test_gpu_deterministic_moe_mlp_is_bit_reproducible(T, D, Fh, E, k):
+    """On the card, where the default path's atomic sums may differ in their last bits from
+    run to run, deterministic mode gives the same bits twice, close to the fp32 reference."""
+    dt, dev = torch.bfloat16, "cuda"
+    x = torch.randn(T, D, device=dev, dtype=dt)
+    logits = torch.randn(T, E, device=dev)
+    ws = [(torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt), (torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt),
+          (torch.randn(E, Fh, D, device=dev) / Fh**0.5).to(dt)]
+    gy = torch.randn(T, D, device=dev)
+    route = lambda lg: topk_route(lg, k, renormalize=True)  # noqa: E731
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = [_run_moe(moe_mlp, route, x, logits, ws, gy) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
+    ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
+    for name, a, b, r in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], *runs, ref):
+        assert torch.equal(a, b), name
+        assert rel_err(a, r) < 2e-2, (name, rel_err(a, r))

@@ -189,7 +189,15 @@ def test_presets():
         MoEConfig.preset("gpt5")
 
 
-def test_layer_compiles_without_graph_breaks():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_layer_compiles_without_graph_breaks(monkeypatch, deterministic):
+    """Also under ``torch.use_deterministic_algorithms(True)``, which the compiled graph's
+    custom ops carry into every launch: none uses an atomic epilogue then."""
+    import importlib
+
+    G = importlib.import_module("flopwise.kernels.grouped_mm")
+    epilogues, real = [], G._launch_rows
+    monkeypatch.setattr(G, "_launch_rows", lambda *a, **kw: epilogues.append(kw["epilogue"]) or real(*a, **kw))
     torch._dynamo.reset()
     moe = MoE(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=2, block_m=16))
     x = torch.randn(2, 5, 16)
@@ -198,16 +206,24 @@ def test_layer_compiles_without_graph_breaks():
         y, aux = moe(x)
         return y.square().mean() + aux
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(x)
-    loss.backward()
-    grads = _params_grads(moe)
-    moe.zero_grad()
-    ref = step(x)
-    ref.backward()
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss = compiled(x)
+        loss.backward()
+        grads = _params_grads(moe)
+        moe.zero_grad()
+        ref = step(x)
+        ref.backward()
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
     torch.testing.assert_close(loss, ref)
     for name, p in moe.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert len(epilogues) == 8  # compiled and eager: two launches forward, two row launches backward
+    atomic = {G._SCALE_SCATTER, G._SCATTER}
+    assert bool(atomic & set(epilogues)) != deterministic, epilogues
 
 
 def test_experts_compute_in_the_autocast_dtype():
