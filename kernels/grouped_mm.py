@@ -721,9 +721,13 @@ def tuned_tiles() -> list[dict]:
     out = []
     for key, cfg in _tune.tuned().items():
         if key[0] == "rows":
-            _, _, dtype, epi, gather, dual_a, save, _, K, N, *_ = key
+            _, _, dtype, epi, gather, dual_a, save, trans, K, N, _, _, out_dtype, partial = key
             name = _LAUNCH_NAMES[epi] + (" (gathered rows)" if gather and epi == _STORE else
                                          " (saves g, u)" if save and epi == _SWIGLU else "")
+            if partial or (epi == _STORE and out_dtype == torch.float32 and dtype != torch.float32):
+                # deterministic mode: fp32 rows for the combine, per-tile shares of dw
+                name = ("dX rows" if dual_a else "dA rows" if trans else "down rows") if epi == _STORE else name
+                name += " (deterministic)"
             default = _tiles(K, N, dtype, epi, dual_a)
         elif key[0] == "dw":
             _, _, dtype, ga, gg, dual, K, N, *_ = key

@@ -376,20 +376,22 @@ for ga, gg, dg, K, N in [(True, False, True, 4096, 14336), (False, True, False, 
 # gradient per column tile, and a combine kernel sums each token's rows. Default tiles at
 # Mixtral's shapes must pipeline as the others do; every tuner candidate must compile (one
 # over the shared-memory limit is left out); none may hold an atomic instruction.
-for ep, gather, dual, save, K, N, extra in [(0, False, False, False, 14336, 4096, {}),
-                                            (0, False, True, False, 14336, 4096, {}),
-                                            (3, True, False, True, 4096, 14336, dict(DW_PARTIAL=True))]:
+for ep, gather, dual, save, K, N, trans, extra in [(0, False, False, False, 14336, 4096, False, {}),  # down
+                                                   (0, False, True, False, 14336, 4096, True, {}),  # dX
+                                                   (0, False, False, False, 14336, 4096, True, {}),  # dA
+                                                   (3, True, False, True, 4096, 14336, True, dict(DW_PARTIAL=True))]:
     tt = dict(base, out_ptr=P("fp32")) if ep == 0 else dict(base)
-    unit = dict(stride_bn=1) if not (dual or ep == 3) else dict(stride_bk=1)
+    unit = dict(stride_bk=1) if trans else dict(stride_bn=1)
     default = G._tiles(K, N, torch.bfloat16, ep, dual_a=dual)
     for i, cfg in enumerate(G._rows_candidates(default, N, torch.bfloat16, ep, tma=True, fp32_out=ep == 0)):
         cfg = dict(cfg)
         w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
         per_sm = cfg.pop("PERSISTENT", 0)
-        types, tma_extra = _descriptor_types(tt, cfg, 4 if dual else ep, dual)
+        types, tma_extra = _descriptor_types(tt, cfg, 4 if trans and ep == 0 else ep, dual)
         comp(G._grouped_mm_fwd_kernel, types, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save,
              PRECISION=None, DOT_F32=False, BLOCK_M=128, PERSISTENT=per_sm > 0, **cfg, **unit, **tma_extra, **extra),
-             num_warps=w_, num_stages=s_, label=f"deterministic epilogue={ep} dual={dual} {'default' if i == 0 else 'candidate'} "
+             num_warps=w_, num_stages=s_, label=f"deterministic epilogue={ep} dual={dual} transposed={trans} "
+             f"{'default' if i == 0 else 'candidate'} "
              f"BLOCK_N={cfg['BLOCK_N']} warps={w_} stages={s_}{' TMA' if cfg.get('B_TMA') else ''}"
              f"{f' persistent {per_sm}/SM' if per_sm else ''}", pipelined=i == 0, ptxas=True,
              may_not_fit=i > 0, tma=bool(cfg.get("B_TMA")), per_sm=per_sm, no_atomics=True)

@@ -213,6 +213,33 @@ def test_tuned_half_precision_is_bit_equal_to_untuned(scripted_tuner, monkeypatc
     assert descriptors_built  # descriptors were really used, in trials and in the chosen launches
 
 
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_deterministic_mode_gives_the_same_bits_whatever_the_pick(scripted_tuner, monkeypatch, descriptors_built,
+                                                                  router):
+    """Deterministic mode has no atomic sums, so not even a persistent pick's tile order can
+    move a bit: every output and gradient equals the untuned run's, with expert choice (a
+    token on up to E experts) and an expert width of three column tiles too. The picks are
+    reported under their deterministic launches' names."""
+    route = (lambda lg: topk_route(lg, 2, renormalize=True, block_m=16)) if router == "topk" else \
+        (lambda lg: expert_choice_route(lg, 1.5, block_m=16))
+    run = _moe_case(T=33, D=24, Fh=300, E=4, route=route, dtype=torch.bfloat16)
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        monkeypatch.setattr(TUNE, "MODE", "0")
+        untuned = run(moe_mlp)
+        monkeypatch.setattr(TUNE, "MODE", "1")
+        tuned = run(moe_mlp)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
+    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], tuned, untuned):
+        assert torch.equal(a, b), (name, rel_err(a, b))
+    assert any(cfg.get("PERSISTENT") for key, cfg in TUNE.tuned().items() if key[0] == "rows")
+    names = sorted(t["launch"] for t in G.tuned_tiles() if "deterministic" in t["launch"])
+    assert names == ["dX rows (deterministic)", "dY Wd^T + SwiGLU bwd (deterministic)",
+                     "down rows (deterministic)"], names
+
+
 def test_descriptor_choice_falls_back_for_weights_it_cannot_describe(monkeypatch, descriptors_built):
     """A descriptor configuration meets weights whose rows are not 16-byte aligned (D = 18
     fp32): the launch reads them through pointers instead and stays correct."""

@@ -501,7 +501,7 @@ def test_deterministic_moe_mlp_expert_choice(deterministic, row_launches, cf):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_deterministic_moe_mlp_half_precision(deterministic, dtype):
+def test_deterministic_moe_mlp_half_precision(deterministic, row_launches, dtype):
     T, E, k, D, Fh = 40, 4, 2, 32, 200
     x = torch.randn(T, D).to(dtype)
     logits = torch.randn(T, E)
@@ -514,10 +514,11 @@ def test_deterministic_moe_mlp_half_precision(deterministic, dtype):
     for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
         assert a.dtype == (torch.float32 if name == "dlogits" else dtype), name
         assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
+    assert len(row_launches) == 4 and set(row_launches) <= _ATOMIC_FREE, row_launches
 
 
 @pytest.mark.parametrize("programs", _PROGRAMS)
-def test_deterministic_moe_mlp_persistent(deterministic, monkeypatch, programs):
+def test_deterministic_moe_mlp_persistent(deterministic, row_launches, monkeypatch, programs):
     """The per-column-tile shares of the combine weights' gradient from the persistent loop."""
     T, E, k, D, Fh = 37, 5, 2, 16, 300
     x, logits = torch.randn(T, D), _logits(T, E, "empty_expert")
@@ -528,6 +529,7 @@ def test_deterministic_moe_mlp_persistent(deterministic, monkeypatch, programs):
     got = _run_moe(moe_mlp, lambda lg: topk_route(lg, k, block_m=16), x, logits, ws, gy)
     for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
+    assert len(row_launches) == 4 and set(row_launches) <= _ATOMIC_FREE, row_launches
 
 
 @pytest.mark.parametrize("T,E,k,case", CASES[:4])
