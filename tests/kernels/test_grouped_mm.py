@@ -53,9 +53,43 @@ def _run_moe(fn, route, x, logits, ws, gy):
     return [y, xx.grad, lg.grad] + [w.grad for w in wp]
 
 
+@pytest.fixture
+def row_launches(monkeypatch):
+    """Records (epilogue, dw_partial) of every row-kernel launch."""
+    seen = []
+    real = G._launch_rows
+
+    def spy(*args, **kw):
+        seen.append((kw["epilogue"], kw.get("dw_partial", False)))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(G, "_launch_rows", spy)
+    return seen
+
+
+_ATOMIC_FREE = {(G._SWIGLU, False), (G._STORE, False), (G._SWIGLU_BWD, True)}
+_ATOMIC = {(G._SCALE_SCATTER, False), (G._SCATTER, False), (G._SWIGLU_BWD, False)}
+MODES = ["default", "deterministic"]
+
+
+@pytest.fixture
+def mode(request, row_launches):
+    """The test's determinism mode (``torch.use_deterministic_algorithms``), restored after;
+    at the end, checks the row-kernel launches used only the mode's epilogues: atomic
+    scatters by default, none under the flag (per-row stores summed per token in a fixed
+    order, and the combine weights' gradient from per-column-tile shares)."""
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(request.param == "deterministic")
+    yield request.param
+    torch.use_deterministic_algorithms(was, warn_only=warn)
+    allowed = _ATOMIC_FREE if request.param == "deterministic" else {(G._SWIGLU, False), (G._STORE, False)} | _ATOMIC
+    assert row_launches and set(row_launches) <= allowed, row_launches
+
+
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 @pytest.mark.parametrize("T,E,k,case", CASES)
-@pytest.mark.parametrize("D,Fh", [(24, 40), (17, 33)], ids=["D24-F40", "D17-F33"])
-def test_moe_mlp_matches_reference_fp32(T, E, k, case, D, Fh):
+@pytest.mark.parametrize("D,Fh", [(24, 40), (16, 300)], ids=["D24-F40", "D16-F300"])  # F300: 3 column tiles
+def test_moe_mlp_matches_reference_fp32(mode, T, E, k, case, D, Fh):
     x = torch.randn(T, D)
     logits = _logits(T, E, case)
     ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
@@ -69,8 +103,10 @@ def test_moe_mlp_matches_reference_fp32(T, E, k, case, D, Fh):
         assert (got[5][-1] == 0).all() and (got[3][-1] == 0).all(), "an expert with no rows gets zero gradient"
 
 
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 @pytest.mark.parametrize("cf", [0.5, 2.0, 8.0], ids=["cf0.5", "cf2", "C=T"])
-def test_moe_mlp_expert_choice_plan(cf):
+def test_moe_mlp_expert_choice_plan(mode, cf):
+    """Expert choice gives tokens anywhere from no rows (zeros) to E rows."""
     T, E, D, Fh = 30, 4, 16, 32
     x, logits = torch.randn(T, D), torch.randn(T, E)
     ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
@@ -82,9 +118,10 @@ def test_moe_mlp_expert_choice_plan(cf):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
 
 
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_moe_mlp_half_precision(dtype):
-    T, E, k, D, Fh = 40, 4, 2, 32, 48
+def test_moe_mlp_half_precision(mode, dtype):
+    T, E, k, D, Fh = 40, 4, 2, 32, 200
     x = torch.randn(T, D).to(dtype)
     logits = torch.randn(T, E)
     ws = [(torch.randn(E, D, Fh) / 4).to(dtype), (torch.randn(E, D, Fh) / 4).to(dtype),
@@ -189,13 +226,14 @@ def test_bad_input_raises(call, exc, match):
         call(x, plan, ws)
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_custom_ops_pass_opcheck(deterministic):
     T, E, D, Fh = 6, 3, 16, 16
     plan = topk_route(torch.randn(T, E), 2, block_m=16)
     args = (torch.randn(T, D, requires_grad=True), plan.weights.detach().clone().requires_grad_(True),
             torch.randn(E, D, Fh, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
             torch.randn(E, Fh, D, requires_grad=True), plan.token_idx, plan.expert_offsets, plan.block_expert,
-            plan.block_row, plan.block_m, G._SAVE, False)
+            plan.block_row, plan.block_m, G._SAVE, deterministic)
     torch.library.opcheck(G._moe_mlp_op, args)
     torch.library.opcheck(G._gmm_op, (torch.randn(T, D, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
                                       plan.token_idx, plan.expert_offsets, plan.block_expert, plan.block_row,
@@ -210,15 +248,19 @@ def test_gpu_moe_mlp_bf16(T, D, Fh, E, k):
     _check_gpu_moe_mlp_bf16(T, D, Fh, E, k)
 
 
-def _check_gpu_moe_mlp_bf16(T, D, Fh, E, k):
-    """The layer in bf16 on the card, forward and every gradient, against the fp32 reference."""
+def _gpu_moe_case(T, D, Fh, E, k):
+    """bf16 inputs on the card: (route, x, logits, expert weights, output gradient)."""
     dt, dev = torch.bfloat16, "cuda"
     x = torch.randn(T, D, device=dev, dtype=dt)
     logits = torch.randn(T, E, device=dev)
     ws = [(torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt), (torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt),
           (torch.randn(E, Fh, D, device=dev) / Fh**0.5).to(dt)]
-    gy = torch.randn(T, D, device=dev)
-    route = lambda lg: topk_route(lg, k, renormalize=True)  # noqa: E731
+    return lambda lg: topk_route(lg, k, renormalize=True), x, logits, ws, torch.randn(T, D, device=dev)
+
+
+def _check_gpu_moe_mlp_bf16(T, D, Fh, E, k):
+    """The layer in bf16 on the card, forward and every gradient, against the fp32 reference."""
+    route, x, logits, ws, gy = _gpu_moe_case(T, D, Fh, E, k)
     got = _run_moe(moe_mlp, route, x, logits, ws, gy)
     ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
     for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
@@ -439,86 +481,11 @@ def test_gpu_persistent_moe_mlp_bf16(monkeypatch, cfg, T, D, Fh, E, k):
 
 
 # ------------------------------------------------------------------------------ deterministic mode
-@pytest.fixture
-def deterministic():
-    """``torch.use_deterministic_algorithms(True)`` for the test, restored after."""
-    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
-@pytest.fixture
-def row_launches(monkeypatch):
-    """Records (epilogue, dw_partial) of every row-kernel launch."""
-    seen = []
-    real = G._launch_rows
-
-    def spy(*args, **kw):
-        seen.append((kw["epilogue"], kw.get("dw_partial", False)))
-        return real(*args, **kw)
-
-    monkeypatch.setattr(G, "_launch_rows", spy)
-    return seen
-
-
-_ATOMIC_FREE = {(G._SWIGLU, False), (G._STORE, False), (G._SWIGLU_BWD, True)}
-
-
-@pytest.mark.parametrize("T,E,k,case", CASES)
-@pytest.mark.parametrize("D,Fh", [(17, 33), (16, 300)], ids=["D17-F33", "D16-F300"])  # F300: 3 column tiles
-def test_deterministic_moe_mlp_matches_reference_without_atomics(deterministic, row_launches, T, E, k, case, D, Fh):
-    """Under ``torch.use_deterministic_algorithms(True)`` no launch uses an atomic epilogue
-    (the down projection and dX store per-row results, summed per token in a fixed order;
-    the combine weights' gradient is summed from per-column-tile shares), and outputs and
-    every gradient match the reference."""
-    x = torch.randn(T, D)
-    logits = _logits(T, E, case)
-    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
-    gy = torch.randn(T, D)
-    got = _run_moe(moe_mlp, lambda lg: topk_route(lg, k, renormalize=True, block_m=16), x, logits, ws, gy)
-    ref = _run_moe(moe_mlp_reference, lambda lg: topk_route_reference(lg, k, renormalize=True, block_m=16),
-                   x, logits, ws, gy)
-    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
-    assert len(row_launches) == 4 and set(row_launches) <= _ATOMIC_FREE, row_launches
-    assert (G._SWIGLU_BWD, True) in row_launches
-
-
-@pytest.mark.parametrize("cf", [0.5, 2.0, 8.0], ids=["cf0.5", "cf2", "C=T"])
-def test_deterministic_moe_mlp_expert_choice(deterministic, row_launches, cf):
-    """Expert choice gives tokens anywhere from no rows (zeros) to E rows."""
-    T, E, D, Fh = 30, 4, 16, 32
-    x, logits = torch.randn(T, D), torch.randn(T, E)
-    ws = [torch.randn(E, D, Fh) / 4, torch.randn(E, D, Fh) / 4, torch.randn(E, Fh, D) / 4]
-    gy = torch.randn(T, D)
-    route = lambda lg: expert_choice_route_reference(lg, cf, block_m=16)  # noqa: E731
-    got = _run_moe(moe_mlp, route, x, logits, ws, gy)
-    ref = _run_moe(moe_mlp_reference, route, x, logits, ws, gy)
-    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
-    assert set(row_launches) <= _ATOMIC_FREE, row_launches
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_deterministic_moe_mlp_half_precision(deterministic, row_launches, dtype):
-    T, E, k, D, Fh = 40, 4, 2, 32, 200
-    x = torch.randn(T, D).to(dtype)
-    logits = torch.randn(T, E)
-    ws = [(torch.randn(E, D, Fh) / 4).to(dtype), (torch.randn(E, D, Fh) / 4).to(dtype),
-          (torch.randn(E, Fh, D) / 4).to(dtype)]
-    gy = torch.randn(T, D)
-    route = lambda lg: topk_route_reference(lg, k, renormalize=True, block_m=16)  # noqa: E731
-    got = _run_moe(moe_mlp, route, x, logits, ws, gy)
-    ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
-    for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
-        assert a.dtype == (torch.float32 if name == "dlogits" else dtype), name
-        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
-    assert len(row_launches) == 4 and set(row_launches) <= _ATOMIC_FREE, row_launches
-
-
+@pytest.mark.parametrize("mode", ["deterministic"], indirect=True)
 @pytest.mark.parametrize("programs", _PROGRAMS)
-def test_deterministic_moe_mlp_persistent(deterministic, row_launches, monkeypatch, programs):
+def test_deterministic_moe_mlp_persistent(mode, monkeypatch, programs):
     """The per-column-tile shares of the combine weights' gradient from the persistent loop."""
     T, E, k, D, Fh = 37, 5, 2, 16, 300
     x, logits = torch.randn(T, D), _logits(T, E, "empty_expert")
@@ -529,11 +496,11 @@ def test_deterministic_moe_mlp_persistent(deterministic, row_launches, monkeypat
     got = _run_moe(moe_mlp, lambda lg: topk_route(lg, k, block_m=16), x, logits, ws, gy)
     for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], got, ref):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
-    assert len(row_launches) == 4 and set(row_launches) <= _ATOMIC_FREE, row_launches
 
 
+@pytest.mark.parametrize("mode", ["deterministic"], indirect=True)
 @pytest.mark.parametrize("T,E,k,case", CASES[:4])
-def test_deterministic_grouped_mm_backward(deterministic, row_launches, T, E, k, case):
+def test_deterministic_grouped_mm_backward(mode, row_launches, T, E, k, case):
     K_, N_ = 20, 36
     plan = topk_route(_logits(T, E, case), k, block_m=16)
     a, w = torch.randn(T, K_, requires_grad=True), torch.randn(E, K_, N_, requires_grad=True)
@@ -564,28 +531,13 @@ def test_combine_rows_sums_each_tokens_rows_in_expert_order():
     assert starts[0] == 0 and starts[-1] == N and bool((starts[1:] >= starts[:-1]).all())
 
 
-def test_deterministic_custom_ops_pass_opcheck():
-    T, E, D, Fh = 6, 3, 16, 16
-    plan = topk_route(torch.randn(T, E), 2, block_m=16)
-    args = (torch.randn(T, D, requires_grad=True), plan.weights.detach().clone().requires_grad_(True),
-            torch.randn(E, D, Fh, requires_grad=True), torch.randn(E, D, Fh, requires_grad=True),
-            torch.randn(E, Fh, D, requires_grad=True), plan.token_idx, plan.expert_offsets, plan.block_expert,
-            plan.block_row, plan.block_m, G._SAVE, True)
-    torch.library.opcheck(G._moe_mlp_op, args)
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D,Fh,E,k", [(2048, 1024, 512, 128, 8), (1024, 2048, 1792, 8, 2)])
 def test_gpu_deterministic_moe_mlp_is_bit_reproducible(T, D, Fh, E, k):
     """On the card, where the default path's atomic sums may differ in their last bits from
     run to run, deterministic mode gives the same bits twice, close to the fp32 reference."""
-    dt, dev = torch.bfloat16, "cuda"
-    x = torch.randn(T, D, device=dev, dtype=dt)
-    logits = torch.randn(T, E, device=dev)
-    ws = [(torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt), (torch.randn(E, D, Fh, device=dev) / D**0.5).to(dt),
-          (torch.randn(E, Fh, D, device=dev) / Fh**0.5).to(dt)]
-    gy = torch.randn(T, D, device=dev)
-    route = lambda lg: topk_route(lg, k, renormalize=True)  # noqa: E731
+    route, x, logits, ws, gy = _gpu_moe_case(T, D, Fh, E, k)
     was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
