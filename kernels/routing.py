@@ -57,7 +57,8 @@ __all__ = [
 ]
 
 _SCORES = {"softmax": 0, "sigmoid": 1}
-_INT32_MIN = -(2**31)
+# The kernels write the int32 bounds (-2147483648, 2147483647) as literals: a global
+# constexpr would be compared with its compile-time value on every launch (Triton's dispatch).
 
 # ----------------------------------------------------------------------------------------
 # 1. Triton kernels
@@ -418,7 +419,6 @@ if HAS_TRITON:
                 tl.store(val_ptr + orow + pos, xc, mask=sel)
                 n_sel += tl.sum(sel.to(tl.int32), 0)
                 n_eq += tl.sum(eq.to(tl.int32), 0)
-
 
 
 # ----------------------------------------------------------------------------------------
