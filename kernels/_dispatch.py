@@ -17,11 +17,12 @@ changing it afterwards would not change the kernels.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-__all__ = ["HAS_TRITON", "INTERPRET", "KERNEL_DTYPES", "acc_dtype", "backend", "use_triton", "new_output", "traced", "autograd_twin", "cdiv",
+__all__ = ["HAS_TRITON", "deterministic_algorithms", "INTERPRET", "KERNEL_DTYPES", "acc_dtype", "backend", "use_triton", "new_output", "traced", "autograd_twin", "cdiv",
            "next_pow2"]
 
 try:  # Triton has wheels for Linux only.
@@ -190,3 +191,18 @@ def autograd_twin(op, name: str, forward, setup_context, backward, *, bwd_impl=N
 
     return type(name, (torch.autograd.Function,), dict(
         __doc__=doc, forward=staticmethod(fwd), backward=staticmethod(eager_backward)))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True, *, warn_only: bool = False):
+    """``torch.use_deterministic_algorithms(enabled, warn_only=...)`` inside the block, the
+    previous setting after it. Under the flag the grouped matmuls run without floating-point
+    atomics (``flopwise.kernels.grouped_mm``); ``warn_only`` lets torch ops without a
+    deterministic implementation (a cuBLAS matmul without CUBLAS_WORKSPACE_CONFIG) warn
+    instead of raising."""
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from flopwise.kernels import grouped_mm, grouped_mm_reference, moe_mlp, moe_mlp_reference, topk_route, \
     topk_route_reference
+from flopwise.kernels._dispatch import deterministic_algorithms
 from flopwise.kernels.bench import Case
 
 _gm = importlib.import_module("flopwise.kernels.grouped_mm")  # the package re-exports a function of that name
@@ -106,14 +107,9 @@ def deterministic(fn):
     """``fn`` run with ``torch.use_deterministic_algorithms(True)`` (warn-only, so the router's
     cuBLAS matmul does not demand CUBLAS_WORKSPACE_CONFIG), restored after."""
     def run(*args):
-        was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return fn(*args)
-        finally:
-            torch.use_deterministic_algorithms(was, warn_only=warn)
+        with deterministic_algorithms(warn_only=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return fn(*args)
 
     return run
 

@@ -17,6 +17,7 @@ from flopwise.kernels import (
     moe_mlp_reference,
     topk_route,
 )
+from flopwise.kernels._dispatch import deterministic_algorithms
 
 from ..conftest import rel_err
 
@@ -223,15 +224,11 @@ def test_deterministic_mode_gives_the_same_bits_whatever_the_pick(scripted_tuner
     route = (lambda lg: topk_route(lg, 2, renormalize=True, block_m=16)) if router == "topk" else \
         (lambda lg: expert_choice_route(lg, 1.5, block_m=16))
     run = _moe_case(T=33, D=24, Fh=300, E=4, route=route, dtype=torch.bfloat16)
-    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         monkeypatch.setattr(TUNE, "MODE", "0")
         untuned = run(moe_mlp)
         monkeypatch.setattr(TUNE, "MODE", "1")
         tuned = run(moe_mlp)
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn)
     for name, a, b in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], tuned, untuned):
         assert torch.equal(a, b), (name, rel_err(a, b))
     assert any(cfg.get("PERSISTENT") for key, cfg in TUNE.tuned().items() if key[0] == "rows")

@@ -17,6 +17,7 @@ from flopwise.kernels import (
     topk_route,
     topk_route_reference,
 )
+from flopwise.kernels._dispatch import deterministic_algorithms
 
 # the function flopwise.kernels.grouped_mm shadows the module attribute of the same name
 G = importlib.import_module("flopwise.kernels.grouped_mm")
@@ -78,10 +79,8 @@ def mode(request, row_launches):
     at the end, checks the row-kernel launches used only the mode's epilogues: atomic
     scatters by default, none under the flag (per-row stores summed per token in a fixed
     order, and the combine weights' gradient from per-column-tile shares)."""
-    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(request.param == "deterministic")
-    yield request.param
-    torch.use_deterministic_algorithms(was, warn_only=warn)
+    with deterministic_algorithms(request.param == "deterministic"):
+        yield request.param
     allowed = _ATOMIC_FREE if request.param == "deterministic" else {(G._SWIGLU, False), (G._STORE, False)} | _ATOMIC
     assert row_launches and set(row_launches) <= allowed, row_launches
 
@@ -538,12 +537,8 @@ def test_gpu_deterministic_moe_mlp_is_bit_reproducible(T, D, Fh, E, k):
     """On the card, where the default path's atomic sums may differ in their last bits from
     run to run, deterministic mode gives the same bits twice, close to the fp32 reference."""
     route, x, logits, ws, gy = _gpu_moe_case(T, D, Fh, E, k)
-    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic_algorithms(warn_only=True):
         runs = [_run_moe(moe_mlp, route, x, logits, ws, gy) for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn)
     ref = _run_moe(moe_mlp_reference, route, x.float(), logits, [w.float() for w in ws], gy)
     for name, a, b, r in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], *runs, ref):
         assert torch.equal(a, b), name

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flopwise.kernels._dispatch import deterministic_algorithms
 from flopwise.models.moe import MoE, MoEConfig, load_balancing_loss, router_z_loss
 
 
@@ -206,9 +207,7 @@ def test_layer_compiles_without_graph_breaks(monkeypatch, deterministic):
         y, aux = moe(x)
         return y.square().mean() + aux
 
-    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
+    with deterministic_algorithms(deterministic):
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
         loss = compiled(x)
         loss.backward()
@@ -216,8 +215,6 @@ def test_layer_compiles_without_graph_breaks(monkeypatch, deterministic):
         moe.zero_grad()
         ref = step(x)
         ref.backward()
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn)
     torch.testing.assert_close(loss, ref)
     for name, p in moe.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
