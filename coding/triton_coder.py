@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from flopwise.kernels._dispatch import cdiv
+from flopwise.kernels._launch import launch
 
 from . import rangecoder as rc
 
@@ -129,8 +130,8 @@ def encode_triton(symbols: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tenso
     st = rc.EncoderState.new(B, 3 * S + 8, dev)
     C = st.buf.shape[1]
     grid = (cdiv(B, block),)
-    _encode_kernel[grid](symbols.long().contiguous(), cdf.contiguous(), lengths, st.buf, st.low, st.rng, st.nbytes,
-                         B, S, cdf.shape[2], C, C - 1, PREC=precision, BLOCK=block)
+    launch(_encode_kernel, grid, symbols.long().contiguous(), cdf.contiguous(), lengths, st.buf, st.low, st.rng,
+           st.nbytes, B, S, cdf.shape[2], C, C - 1, PREC=precision, BLOCK=block)
     return rc.encode_finish(st)
 
 
@@ -148,8 +149,8 @@ def decode_triton(data: torch.Tensor, nbits: torch.Tensor, cdf: torch.Tensor, le
     V1 = cdf.shape[2]
     logv = max(1, (V1 - 2).bit_length())
     grid = (cdiv(B, block),)
-    _decode_kernel[grid](st.data, cdf.contiguous(), lengths, out, st.code, st.low, st.rng, st.pos, bad,
-                         B, S, V1, st.data.shape[1], PREC=precision, LOGV=logv, BLOCK=block)
+    launch(_decode_kernel, grid, st.data, cdf.contiguous(), lengths, out, st.code, st.low, st.rng, st.pos, bad,
+           B, S, V1, st.data.shape[1], PREC=precision, LOGV=logv, BLOCK=block)
     st.bad = bad.bool()
     rc.raise_if_bad(rc.decode_finish(st, nbits=nbits))
     mask = torch.arange(S, device=data.device)[None, :] < lengths[:, None]

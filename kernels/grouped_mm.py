@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from . import _tune
 from ._tune import OutOfResources
 from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, backend, cdiv, new_output, next_pow2, traced
+from ._launch import launch
 from .routing import RoutingPlan
 
 if HAS_TRITON:
@@ -614,7 +615,7 @@ def _launch_rows(a, w_t, plan: RoutingPlan, out, *, epilogue: int, gather: bool,
         tiles = nb * cdiv(N, cfg["BLOCK_N"])  # (an upper bound: the plan's real row blocks are on the device)
         per_sm = cfg.pop("PERSISTENT", 0)
         grid = min(tiles, per_sm * _tune.device_sm_count(a.device)) if per_sm else tiles
-        _grouped_mm_fwd_kernel[(grid,)](
+        launch(_grouped_mm_fwd_kernel, (grid,),
             a, _or(a2, d), plan.token_idx, a.stride(0),
             w_t, _or(w2, d), w_t.stride(0), sbk, sbn, *descs,
             b["out"], _or(b["out2"], d), _or(b["out3"], d), b["out"].stride(0),
@@ -680,7 +681,7 @@ def _combine_rows(rows: torch.Tensor, weights, token_idx: torch.Tensor, T: int, 
         return out
     order, starts = _token_rows(token_idx, T)
     block_d = min(1024, max(16, next_pow2(D)))
-    _combine_rows_kernel[(T, cdiv(D, block_d))](rows, rows.stride(0), _or(weights, rows), order, starts, out,
+    launch(_combine_rows_kernel, (T, cdiv(D, block_d)), rows, rows.stride(0), _or(weights, rows), order, starts, out,
                                                  out.stride(0), D, HAS_W=weights is not None, BLOCK_D=block_d,
                                                  num_warps=4)
     return out
@@ -696,7 +697,7 @@ def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, g
     def run(cfg):
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        _grouped_mm_dw_kernel[(cdiv(K, cfg["BLOCK_K"]) * cdiv(N, cfg["BLOCK_N"]), E)](
+        launch(_grouped_mm_dw_kernel, (cdiv(K, cfg["BLOCK_K"]) * cdiv(N, cfg["BLOCK_N"]), E),
             a, plan.token_idx, a.stride(0),
             g, dw if g2 is None else g2, plan.token_idx, g.stride(0),
             dw, dw if dw2 is None else dw2, dw.stride(0), dw.stride(1),

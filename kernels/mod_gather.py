@@ -54,6 +54,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
+from ._launch import launch
 
 if HAS_TRITON:
     import triton
@@ -369,7 +370,7 @@ def _inverse_index(idx: torch.Tensor, S: int) -> torch.Tensor:
     B, K = idx.shape
     inv = new_output((B, S), dtype=torch.int32, device=idx.device)
     if B * S:
-        _inverse_index_kernel[(B,)](idx.contiguous(), inv, S, K, BLOCK=min(1024, max(16, next_pow2(max(S, K)))),
+        launch(_inverse_index_kernel, (B,), idx.contiguous(), inv, S, K, BLOCK=min(1024, max(16, next_pow2(max(S, K)))),
                                     num_warps=4)
     return inv
 
@@ -389,7 +390,7 @@ def _gather_tokens_fwd(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return out
     rows, block_d, warps = _copy_tile(D)
     grid = (cdiv(B * K, rows), cdiv(D, block_d))
-    _gather_tokens_fwd_kernel[grid](x, idx, out, B * K, S, K, D, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    launch(_gather_tokens_fwd_kernel, grid, x, idx, out, B * K, S, K, D, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return out
 
 
@@ -401,7 +402,7 @@ def _dense_scatter(base, y, weight, inv, out, S: int, K: int) -> None:
     rows, block_d, warps = _copy_tile(D)
     grid = (cdiv(B * S, rows), cdiv(D, block_d))
     dummy = out  # never dereferenced when its flag is off
-    _scatter_tokens_fwd_kernel[grid](
+    launch(_scatter_tokens_fwd_kernel, grid,
         dummy if base is None else base, dummy if y is None else y, dummy if weight is None else weight,
         inv, out, B * S, S, K, D,
         HAS_BASE=base is not None, HAS_Y=y is not None, HAS_WEIGHT=weight is not None,
@@ -435,7 +436,7 @@ def _scatter_tokens_inplace(residual, y, idx, weight) -> None:
         return
     rows, block_d, warps = _copy_tile(D)
     grid = (cdiv(B * K, rows), cdiv(D, block_d))
-    _scatter_tokens_inplace_kernel[grid](residual, y, weight, idx, B * K, S, K, D,
+    launch(_scatter_tokens_inplace_kernel, grid, residual, y, weight, idx, B * K, S, K, D,
                                          ROWS=rows, BLOCK_D=block_d, num_warps=warps)
 
 
@@ -451,7 +452,7 @@ def _scatter_tokens_bwd(grad, y, idx, weight):
         return dy, dw.zero_()
     rows, block_d, warps = _copy_tile(D)
     grid = (cdiv(B * K, rows),)
-    _scatter_tokens_bwd_kernel[grid](grad, y, weight, idx, dy, dw, B * K, S, K, D,
+    launch(_scatter_tokens_bwd_kernel, grid, grad, y, weight, idx, dy, dw, B * K, S, K, D,
                                      ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return dy, dw
 
@@ -467,7 +468,7 @@ def _rmsnorm_gather_tokens_fwd(x, idx, gamma, eps: float) -> torch.Tensor:
         return out
     rows, block_d, warps = _norm_tile(D)
     grid = (cdiv(B * K, rows),)
-    _rmsnorm_gather_tokens_fwd_kernel[grid](x, idx, gamma, out, B * K, S, K, D, eps,
+    launch(_rmsnorm_gather_tokens_fwd_kernel, grid, x, idx, gamma, out, B * K, S, K, D, eps,
                                             ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return out
 
@@ -484,7 +485,7 @@ def _rmsnorm_gather_tokens_bwd(grad, x, idx, gamma, eps: float):
     # One row per loop iteration: warps follow the row length alone (16 values per thread).
     block_d = max(16, next_pow2(D))
     warps = min(32, max(2, block_d // 512))
-    _rmsnorm_gather_tokens_bwd_kernel[(n_prog,)](
+    launch(_rmsnorm_gather_tokens_bwd_kernel, (n_prog,),
         grad, x, idx, gamma, dx, part, B * K, S, K, D, eps, cdiv(B * K, n_prog),
         BLOCK_D=block_d, num_warps=warps,
     )

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ._dispatch import HAS_TRITON, autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
+from ._launch import launch
 
 if HAS_TRITON:
     import triton
@@ -710,19 +711,19 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
     ids, tile_counts, counts, offsets, padded, block_expert, block_row, token_idx, pair, inverse = _int_outputs(
         [(T, k), (n_tiles, E), (E,), (E + 1,), (E + 1,), (nb,), (nb,), (N,), (N,), (N,)], dev, pack)
     w = new_output((T, k), dtype=torch.float32, device=dev)
-    _topk_route_fwd_kernel[(n_tiles,)](
+    launch(_topk_route_fwd_kernel, (n_tiles,),
         logits, logits.stride(0), T, E, k, ids, w, tile_counts,
         SCORE=score, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
         BLOCK_K=next_pow2(k), num_warps=4,
     )
-    _route_scan_kernel[(1,)](
+    launch(_route_scan_kernel, (1,),
         tile_counts, n_tiles, E, counts, offsets, padded,
         BLOCK_E=BLOCK_E, BLOCK_TILES=max(1, min(64, 4096 // BLOCK_E)), BLOCK_M=block_m, num_warps=4,
     )
     sorted_w = new_output((N,), dtype=torch.float32, device=dev)
     pairs_per_tile = BLOCK_T * k
     blocks_per_prog = cdiv(nb, n_tiles)
-    _route_scatter_kernel[(n_tiles,)](
+    launch(_route_scatter_kernel, (n_tiles,),
         ids, w, tile_counts, N, E, pairs_per_tile, token_idx, sorted_w, pair, inverse, k,
         offsets, padded, block_expert, block_row, nb, blocks_per_prog,
         BLOCK_N=next_pow2(pairs_per_tile), BLOCK_E=BLOCK_E, BLOCK_M=block_m,
@@ -739,7 +740,7 @@ def _topk_route_bwd(logits, ids, inverse, g_topk, g_sorted, score: int, renormal
     BLOCK_T = _tile_tokens(E, k)
     dlogits = new_output((T, E), dtype=torch.float32, device=logits.device)
     dummy = dlogits
-    _topk_route_bwd_kernel[(cdiv(T, BLOCK_T),)](
+    launch(_topk_route_bwd_kernel, (cdiv(T, BLOCK_T),),
         logits, logits.stride(0), T, E, k, ids,
         g_topk.contiguous() if g_topk is not None else dummy,
         g_sorted.contiguous() if g_sorted is not None else dummy,
@@ -768,7 +769,7 @@ def _topk_rows_fwd(x: torch.Tensor, k: int):
     single = L <= (_SINGLE_MAX if x.element_size() >= 4 else _SINGLE_MAX // 2)
     BLOCK = next_pow2(L) if single else _CHUNK
     num_warps = 4 if BLOCK <= 2048 else (8 if BLOCK < _CHUNK else 16)
-    _topk_rows_kernel[(R,)](x, x.stride(0), L, k, idx, val, k, BLOCK=BLOCK, SINGLE=single, num_warps=num_warps)
+    launch(_topk_rows_kernel, (R,), x, x.stride(0), L, k, idx, val, k, BLOCK=BLOCK, SINGLE=single, num_warps=num_warps)
     return idx, val
 
 
@@ -782,7 +783,7 @@ def _expert_choice_fwd(logits: torch.Tensor, C: int, score: int, block_m: int):
     probs_ET = new_output((E, T), dtype=torch.float32, device=dev)
     counts, offsets, padded, block_expert, block_row = _int_outputs([(E,), (E + 1,), (E + 1,), (nb,), (nb,)], dev,
                                                                     pack=False)
-    _expert_scores_kernel[(cdiv(T, BLOCK_T),)](
+    launch(_expert_scores_kernel, (cdiv(T, BLOCK_T),),
         logits, logits.stride(0), T, E, probs_ET, C, counts, offsets, padded, block_expert, block_row, nb,
         SCORE=score, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_M=block_m, BLOCK_B=max(16, min(256, 8192 // BLOCK_E)),
         num_warps=4)

@@ -19,6 +19,7 @@ Two modes:
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -28,6 +29,8 @@ import types
 import torch
 
 _LAUNCHES = [0]  # launches counted in --triton-dispatch mode
+_RECORD: list = []  # (compiled kernel, grid, stream, function, metadata, args) per launch, when recording
+RECORDING = [False]
 
 
 class _Stub:
@@ -72,15 +75,39 @@ def _dispatch_only_driver() -> None:
         def is_active():
             return True
 
-    def launch(*args):
-        _LAUNCHES[0] += 1
-
     def init_handles(self):  # instead of loading the cubin into a CUDA context
         if self.module is None:
-            self.module, self.function, self._run = 0, 0, launch
+            self.module, self.function = 0, 0
+            self._run = functools.partial(_launch, self)
 
     driver.set_active(_Driver())
     compiler.CompiledKernel._init_handles = init_handles
+
+
+def _launch(compiled, *args):
+    """The C launcher's stand-in: counts, and records what it was given when asked to."""
+    _LAUNCHES[0] += 1
+    if RECORDING[0]:
+        hooks = args[6:9]  # launch metadata and hook chains: None on flopwise's direct path
+        assert all(h is None for h in hooks) or not (hooks[1].calls or hooks[2].calls)
+        _RECORD.append((compiled, args[:4], args[4], args[5], tuple(_norm(a) for a in args[9:])))
+
+
+def _norm(a):
+    if isinstance(a, torch.Tensor):
+        return "tensor", a.dtype, tuple(a.shape), tuple(a.stride()), a.data_ptr() & 15
+    return a
+
+
+def recorded(fn) -> list:
+    """The launches ``fn()`` makes, as the C launcher sees them."""
+    _RECORD.clear()
+    RECORDING[0] = True
+    try:
+        fn()
+    finally:
+        RECORDING[0] = False
+    return list(_RECORD)
 
 
 def _us(fn, n: int, repeat: int) -> float:
@@ -147,15 +174,30 @@ def main() -> None:
         ("moe_mlp fwd+bwd", lambda: torch.autograd.grad(moe_mlp(xt, plan, *wg), wg, gt),
          lambda: torch.autograd.grad(_moe_torch(xt, plan, wg), wg, gt)),
     ]
-    what = "with Triton's dispatch" if a.triton_dispatch else "Triton stubbed"
-    print(f"{'op':<24} {'flopwise host µs':>17} {'launches':>9} {'torch µs':>9}   ({what})")
+    if not a.triton_dispatch:
+        print(f"{'op':<24} {'flopwise host µs':>17} {'torch µs':>9}   (Triton stubbed)")
+        for name, ours, ref in rows:
+            print(f"{name:<24} {_us(ours, a.n, a.repeat):17.1f} {_us(ref, a.n, a.repeat):9.1f}", flush=True)
+        return
+    fl = importlib.import_module("flopwise.kernels._launch")
+    print(f"{'op':<24} {'Triton dispatch µs':>19} {'direct launch µs':>17} {'launches':>9} {'torch µs':>9}")
     for name, ours, ref in rows:
+        # flopwise's direct launches must reach the C launcher exactly as Triton's dispatch does:
+        # the same compiled kernels, grids and arguments
+        fl.FAST = False
         ours()
-        _LAUNCHES[0] = 0
+        slow = recorded(ours)
+        t_slow = _us(ours, a.n, a.repeat)
+        fl.FAST = True
         ours()
-        launches = str(_LAUNCHES[0]) if a.triton_dispatch else "-"
-        print(f"{name:<24} {_us(ours, a.n, a.repeat):17.1f} {launches:>9} {_us(ref, a.n, a.repeat):9.1f}", flush=True)
-
+        before = dict(fl.stats)
+        fast = recorded(ours)
+        direct = fl.stats["fast"] - before["fast"]
+        if fast != slow or direct != len(fast) or fl.stats["slow"] != before["slow"]:
+            raise SystemExit(f"{name}: direct launches differ from Triton's dispatch "
+                             f"({direct} of {len(fast)} direct)\n{slow}\n{fast}")
+        print(f"{name:<24} {t_slow:19.1f} {_us(ours, a.n, a.repeat):17.1f} {len(fast):>9} "
+              f"{_us(ref, a.n, a.repeat):9.1f}", flush=True)
 
 if __name__ == "__main__":
     main()

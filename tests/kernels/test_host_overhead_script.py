@@ -1,6 +1,7 @@
 """``scripts/host_overhead.py``: both modes run, and in ``--triton-dispatch`` mode every op goes
 through Triton's own launch path (kernels compiled for sm_90, no GPU) the expected number of
-times, so a change that adds a launch to an eager op shows here."""
+times, so a change that adds a launch to an eager op shows here; the script itself fails
+when flopwise's direct launches hand the C launcher anything else than Triton's dispatch."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def test_host_overhead_script(dispatch):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = _rows(proc.stdout)
     assert set(rows) == set(LAUNCHES), proc.stdout
-    for name, (ours, launches, torch_us) in rows.items():
-        assert float(ours) > 0 and float(torch_us) > 0
-        assert launches == (str(LAUNCHES[name]) if dispatch else "-"), (name, launches)
+    for name, cols in rows.items():
+        if dispatch:  # Triton's dispatch, direct launches, launches per call, torch
+            assert len(cols) == 4 and cols[2] == str(LAUNCHES[name]), (name, cols)
+            cols = cols[:2] + cols[3:]
+        assert len(cols) == (3 if dispatch else 2) and all(float(c) > 0 for c in cols), (name, cols)

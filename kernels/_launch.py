@@ -1,0 +1,146 @@
+"""Kernel launches without Triton's per-call Python dispatch.
+
+``kernel[grid](*args, **kwargs)`` runs Triton's JIT dispatch on every call before the
+compiled kernel's launcher: it binds the arguments, specialises each one (dtype and 16-byte
+alignment of tensors, the value class of integers), builds the kernel-cache key, reads its
+runtime settings and builds the launch metadata for its (empty) hook chains. On this
+project's CPU that is about 7 µs for a 9-argument kernel and 20-25 µs for the grouped
+matmul's 40 arguments (``scripts/host_overhead.py --triton-dispatch``), as much as an op's
+own host path.
+
+``launch(kernel, grid, *args, **kwargs)`` makes the same launch. The first call for a key
+goes through ``kernel[grid]`` (which compiles if it must) and keeps the compiled kernel that
+Triton picked; later calls with the same key call that kernel's launcher directly, with the
+same arguments Triton would pass it. The key holds everything Triton's pick depends on, or
+more:
+
+* the kernel and the current device (Triton launches on the current device, not the
+  tensors');
+* per positional argument: a tensor's dtype and address modulo 16; an integer's value
+  (Triton specialises on ``== 1``, divisibility by 16 and the int32/int64 range); any other
+  scalar's type and value;
+* every keyword argument (constexprs and launch options) by name and value.
+
+So two calls share a key only where Triton's dispatch would also pick the same compiled
+kernel, and a new shape, dtype, alignment or constexpr costs one slow call. Calls take
+Triton's own path every time when:
+
+* ``FLOPWISE_FAST_LAUNCH=0`` (read when this module is imported);
+* the kernel is not a compiled ``JITFunction`` (under ``TRITON_INTERPRET=1``, or a test's spy);
+* the grid is not a tuple, a positional argument is something else than a tensor or a
+  Python scalar (e.g. a TMA tensor descriptor), or a keyword argument something else than a
+  Python scalar or string (e.g. a tensor, a tuple);
+* a launch hook is registered (``triton.knobs.runtime.launch_enter_hook`` /
+  ``launch_exit_hook``, e.g. by a profiler), or the kernel has pre-run hooks;
+* the kernel reads global variables (Triton checks them on every call).
+
+What this path does not re-read after a key's first call: Triton's compile-affecting
+settings (``TRITON_DEBUG``, instrumentation modes, the default FP fusion), which Triton
+reads on every call. Change them before the first launch, or set ``FLOPWISE_FAST_LAUNCH=0``.
+The cache keeps at most ``_MAX_ENTRIES`` keys; past that it starts over.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["launch", "FAST", "stats"]
+
+FAST = os.environ.get("FLOPWISE_FAST_LAUNCH", "1") != "0"
+_MAX_ENTRIES = 4096
+_CACHE: dict = {}
+stats = {"fast": 0, "slow": 0}  # calls per path (read by tests and scripts/host_overhead.py)
+
+try:
+    from triton import knobs as _knobs
+    from triton.runtime.driver import driver as _driver
+    from triton.runtime.jit import JITFunction as _JIT
+except Exception:  # pragma: no cover - triton missing: every kernel call is kernel[grid]
+    _JIT = None
+
+_Tensor, _Param = torch.Tensor, torch.nn.Parameter
+
+
+def _no_hooks() -> bool:
+    """True when Triton's launch hook chains are empty (the C launcher then has nothing to call)."""
+    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+def _key(kernel, device, args, kwargs):
+    # A tensor adds two items (its dtype, then its address modulo 16), an int one (itself),
+    # another scalar one (its type and value): no item of one kind equals one of another, so
+    # two argument lists give equal keys only if they agree argument by argument.
+    key = [kernel, device]
+    append = key.append
+    for a in args:
+        c = a.__class__
+        if c is int:
+            append(a)
+        elif c is _Tensor or c is _Param:
+            append(a.dtype)
+            append(a.data_ptr() & 15)
+        elif c is float or c is bool or a is None:
+            append((c, a))
+        else:
+            return None
+    for v in kwargs.values():  # constexprs and launch options
+        c = v.__class__
+        if c is not int and c is not bool and c is not float and c is not str and v is not None:
+            return None
+    append(tuple(kwargs.items()))
+    return tuple(key)
+
+
+def _entry(kernel, compiled, args, kwargs):
+    """What a fast call needs: the launcher, the kernel handle and metadata, and the bound
+    values of the parameters after the positional ones (keywords and defaults, constant for
+    the key). None when the call cannot be repeated this way."""
+    if kernel.used_global_vals or kernel.pre_run_hooks or compiled is None:
+        return None
+    if hasattr(compiled, "result"):  # an asynchronous compile's future
+        return None
+    params = kernel.params
+    if len(args) > len(params):
+        return None
+    tail = []
+    for p in params[len(args):]:
+        if p.name in kwargs:
+            tail.append(kwargs[p.name])
+        elif p.has_default:
+            tail.append(p.default)
+        else:
+            return None
+    return compiled.run, compiled.function, compiled.packed_metadata, tuple(tail)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, with Triton's per-call dispatch skipped after a key's
+    first call (see the module's docstring for the key and when it is not skipped)."""
+    if FAST and _JIT is not None and type(kernel) is _JIT and grid.__class__ is tuple:
+        drv = _driver.active
+        device = drv.get_current_device()
+        key = _key(kernel, device, args, kwargs)
+        if key is not None and _no_hooks():
+            hit = _CACHE.get(key)
+            if hit is not None:
+                run, function, metadata, tail = hit
+                n = len(grid)
+                stats["fast"] += 1
+                run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, drv.get_current_stream(device),
+                    function, metadata, None, None, None, *args, *tail)
+                return
+            stats["slow"] += 1
+            compiled = kernel[grid](*args, **kwargs)
+            entry = _entry(kernel, compiled, args, kwargs)
+            if entry is not None:
+                if len(_CACHE) >= _MAX_ENTRIES:
+                    _CACHE.clear()
+                _CACHE[key] = entry
+            return
+    stats["slow"] += 1
+    kernel[grid](*args, **kwargs)
