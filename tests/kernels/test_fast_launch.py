@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 DRIVER = Path(__file__).with_name("fast_launch_driver.py")
@@ -51,3 +52,49 @@ def test_other_launchables_are_called_as_kernel_grid():
     fl.launch(Spy(), (2, 3), 1, 2, BLOCK=4)
     assert calls == [((2, 3), (1, 2), {"BLOCK": 4})]
     assert fl.stats["slow"] == before + 1
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launches_give_the_same_bits():
+    """On the card: every op's outputs and gradients are the same bits with direct launches as
+    with Triton's dispatch (deterministic mode, so the MoE layer's sums are ordered)."""
+    from flopwise.kernels import (expert_choice_route, gather_tokens, mod_select, moe_mlp, rmsnorm_gather_tokens,
+                                  scatter_tokens, topk_route)
+    from flopwise.kernels._dispatch import deterministic_algorithms
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, S, D, K, T, E, F = 2, 96, 200, 24, 300, 8, 96
+    x = torch.randn(B, S, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    y = torch.randn(B, K, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.rand(B, K, device="cuda", generator=g)
+    gamma = torch.rand(D, device="cuda", generator=g)
+    logits = torch.randn(T, E, device="cuda", generator=g)
+    xt = torch.randn(T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    ws = [torch.randn(E, D, F, device="cuda", generator=g, dtype=torch.bfloat16) / 16,
+          torch.randn(E, D, F, device="cuda", generator=g, dtype=torch.bfloat16) / 16,
+          torch.randn(E, F, D, device="cuda", generator=g, dtype=torch.bfloat16) / 16]
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, y, w, gamma, logits, xt, *ws)]
+        lx, ly, lw, lg, ll, lxt, *lws = leaves
+        idx = mod_select(lx[..., 0].float(), k=K).indices
+        plan = topk_route(ll, 2)
+        with deterministic_algorithms():
+            outs = [gather_tokens(lx, idx), scatter_tokens(lx, ly, idx, lw), rmsnorm_gather_tokens(lx, idx, lg),
+                    moe_mlp(lxt, plan, *lws), expert_choice_route(ll.detach(), 2.0).token_idx, idx]
+            loss = sum(o.float().square().sum() for o in outs[:4]) + plan.weights.sum()
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return outs + [gr for gr in grads if gr is not None]
+
+    fl.FAST = False
+    try:
+        slow = run()
+    finally:
+        fl.FAST = True
+    run()  # first calls of each key
+    before = fl.stats["fast"]
+    fast = run()
+    assert fl.stats["fast"] > before
+    assert len(fast) == len(slow)
+    for a, b in zip(slow, fast):
+        assert torch.equal(a, b)
