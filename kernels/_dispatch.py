@@ -86,10 +86,15 @@ def backend(*tensors: torch.Tensor, op: str = "op") -> str:
     ``KERNEL_DTYPES`` (float64) takes the reference. Raises ``RuntimeError`` if ``FLOPWISE_BACKEND``
     forces a backend that cannot run on these inputs.
     """
-    device = tensors[0].device if tensors else torch.device("cpu")
     requested = _requested()
     if requested == "reference":
         return "reference"
+    if tensors:  # the common case first, in tensor attributes (a device object costs more)
+        t = tensors[0]
+        if HAS_TRITON and (t.is_cuda or (INTERPRET and t.is_cpu)) and (
+                not t.is_floating_point() or t.dtype in KERNEL_DTYPES):
+            return "triton"
+    device = tensors[0].device if tensors else torch.device("cpu")
     ok, why = _triton_can_run(device)
     if ok and tensors and tensors[0].is_floating_point() and tensors[0].dtype not in KERNEL_DTYPES:
         # e.g. float64 for gradcheck: the kernels compute in float32, the reference keeps it
@@ -131,7 +136,10 @@ def traced(*tensors: torch.Tensor) -> bool:
     kernel takes on the GPU (``scripts/host_overhead.py`` measures it)."""
     if torch.compiler.is_compiling():
         return True
-    return any(type(t) not in _PLAIN or t.device.type == "meta" for t in tensors)
+    for t in tensors:
+        if type(t) not in _PLAIN or t.is_meta:
+            return True
+    return False
 
 
 def _eager_backward(backward, backward_op, name: str):

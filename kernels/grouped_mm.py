@@ -682,8 +682,7 @@ def _combine_rows(rows: torch.Tensor, weights, token_idx: torch.Tensor, T: int, 
     order, starts = _token_rows(token_idx, T)
     block_d = min(1024, max(16, next_pow2(D)))
     launch(_combine_rows_kernel, (T, cdiv(D, block_d)), rows, rows.stride(0), _or(weights, rows), order, starts, out,
-                                                 out.stride(0), D, HAS_W=weights is not None, BLOCK_D=block_d,
-                                                 num_warps=4)
+           out.stride(0), D, HAS_W=weights is not None, BLOCK_D=block_d, num_warps=4)
     return out
 
 

@@ -371,7 +371,7 @@ def _inverse_index(idx: torch.Tensor, S: int) -> torch.Tensor:
     inv = new_output((B, S), dtype=torch.int32, device=idx.device)
     if B * S:
         launch(_inverse_index_kernel, (B,), idx.contiguous(), inv, S, K, BLOCK=min(1024, max(16, next_pow2(max(S, K)))),
-                                    num_warps=4)
+               num_warps=4)
     return inv
 
 
@@ -437,7 +437,7 @@ def _scatter_tokens_inplace(residual, y, idx, weight) -> None:
     rows, block_d, warps = _copy_tile(D)
     grid = (cdiv(B * K, rows), cdiv(D, block_d))
     launch(_scatter_tokens_inplace_kernel, grid, residual, y, weight, idx, B * K, S, K, D,
-                                         ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+           ROWS=rows, BLOCK_D=block_d, num_warps=warps)
 
 
 def _scatter_tokens_bwd(grad, y, idx, weight):
@@ -453,7 +453,7 @@ def _scatter_tokens_bwd(grad, y, idx, weight):
     rows, block_d, warps = _copy_tile(D)
     grid = (cdiv(B * K, rows),)
     launch(_scatter_tokens_bwd_kernel, grid, grad, y, weight, idx, dy, dw, B * K, S, K, D,
-                                     ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+           ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return dy, dw
 
 
@@ -469,7 +469,7 @@ def _rmsnorm_gather_tokens_fwd(x, idx, gamma, eps: float) -> torch.Tensor:
     rows, block_d, warps = _norm_tile(D)
     grid = (cdiv(B * K, rows),)
     launch(_rmsnorm_gather_tokens_fwd_kernel, grid, x, idx, gamma, out, B * K, S, K, D, eps,
-                                            ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+           ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return out
 
 
