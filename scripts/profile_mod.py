@@ -1,6 +1,7 @@
 """Where a Mixture-of-Depths step spends its time: torch.profiler tables (top CUDA kernels,
 host time per call) for flopwise's token movement and for the MoD training step, each next to
-the plain-torch pipeline it replaces; and (``memory``) what is live at the step's peak memory,
+the plain-torch pipeline it replaces, with the token movement's host time through Triton's
+dispatch and through flopwise's direct launches; and (``memory``) what is live at the step's peak memory,
 by the source line that allocated it, for both implementations.
 
     python scripts/profile_mod.py [--rows 12] [--only ops|step|memory]
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import time
 
 import torch
@@ -50,6 +52,19 @@ def _show(name: str, fn, rows: int, iters: int = 5) -> None:
     print(ev.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
 
 
+def _launch_paths(name: str, fn) -> None:
+    """Host time to enqueue ``fn`` through Triton's dispatch and through flopwise's direct launches."""
+    fl = importlib.import_module("flopwise.kernels._launch")
+    times = {}
+    for fast in (False, True):
+        fl.FAST = fast
+        fn()
+        times[fast] = min(_host_us(fn, 100) for _ in range(3))
+    fl.FAST = True
+    print(f"{name}: host enqueue {times[False]:.1f} us/call through Triton's dispatch, "
+          f"{times[True]:.1f} us/call with direct launches")
+
+
 def ops(rows: int) -> None:
     for B, S, D, K in ((8, 4096, 1024, 512), (2, 4096, 2048, 512)):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -60,6 +75,10 @@ def ops(rows: int) -> None:
         gk, gs = torch.randn_like(y), torch.randn_like(x)
         idx_e = idx.long()[..., None].expand(B, K, D)
         tag = f"B{B} S{S} D{D} K{K}"
+        _launch_paths(f"gather fwd {tag}", lambda: gather_tokens(x.detach(), idx))
+        _launch_paths(f"gather fwd+bwd {tag}", lambda: torch.autograd.grad(gather_tokens(x, idx), [x], gk))
+        _launch_paths(f"scatter fwd+bwd {tag}",
+                      lambda: torch.autograd.grad(scatter_tokens(x, y, idx, w), [x, y, w], gs))
         _show(f"gather fwd {tag} flopwise", lambda: gather_tokens(x.detach(), idx), rows)
         _show(f"gather fwd+bwd {tag} flopwise", lambda: torch.autograd.grad(gather_tokens(x, idx), [x], gk), rows)
         _show(f"gather fwd+bwd {tag} torch", lambda: torch.autograd.grad(torch.gather(x, 1, idx_e), [x], gk), rows)
