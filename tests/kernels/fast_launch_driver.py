@@ -158,14 +158,7 @@ def _library_ops():
 
 def check_library() -> None:
     for name, op in _library_ops():
-        fl.FAST = False
-        op()
-        slow = ho.recorded(op)
-        fl.FAST = True
-        op()
-        before = dict(fl.stats)
-        fast = ho.recorded(op)
-        direct = fl.stats["fast"] - before["fast"]
+        slow, fast, direct = ho.both_paths(op)
         assert slow and fast == slow, f"{name}: direct launches differ from Triton's dispatch\n{slow}\n{fast}"
         assert direct == len(fast), f"{name}: {direct} of {len(fast)} launches direct"
         print(f"{name}: {len(fast)} launches, all direct, equal to Triton's dispatch")
