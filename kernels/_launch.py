@@ -31,7 +31,8 @@ Triton's own path every time when:
   Python scalar (e.g. a TMA tensor descriptor), or a keyword argument something else than a
   Python scalar or string (e.g. a tensor, a tuple);
 * a launch hook is registered (``triton.knobs.runtime.launch_enter_hook`` /
-  ``launch_exit_hook``, e.g. by a profiler), or the kernel has pre-run hooks;
+  ``launch_exit_hook``, e.g. by a profiler), a stages-inspection hook is set, or the kernel
+  has pre-run hooks (all checked on every call);
 * the kernel reads global variables (Triton checks them on every call).
 
 What this path does not re-read after a key's first call: Triton's compile-affecting
@@ -69,6 +70,11 @@ def _no_hooks() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return False
     return True
+
+
+def _stages_hook():
+    """Triton 3.9's pipeline-inspection hook, which changes the kernel Triton picks (None before 3.9)."""
+    return getattr(_knobs.runtime, "add_stages_inspection_hook", None)
 
 
 def _key(kernel, device, args, kwargs):
@@ -115,7 +121,8 @@ def _entry(kernel, compiled, args, kwargs):
             tail.append(p.default)
         else:
             return None
-    return compiled.run, compiled.function, compiled.packed_metadata, tuple(tail)
+    # the compiled kernel itself stays referenced: Triton unloads its module when it is freed
+    return compiled.run, compiled.function, compiled.packed_metadata, tuple(tail), compiled
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -125,10 +132,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         drv = _driver.active
         device = drv.get_current_device()
         key = _key(kernel, device, args, kwargs)
-        if key is not None and _no_hooks():
+        if key is not None and _no_hooks() and not kernel.pre_run_hooks and not _stages_hook():
             hit = _CACHE.get(key)
             if hit is not None:
-                run, function, metadata, tail = hit
+                run, function, metadata, tail, _ = hit
                 n = len(grid)
                 stats["fast"] += 1
                 run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, drv.get_current_stream(device),
