@@ -11,19 +11,22 @@ own host path.
 ``launch(kernel, grid, *args, **kwargs)`` makes the same launch. The first call for a key
 goes through ``kernel[grid]`` (which compiles if it must) and keeps the compiled kernel that
 Triton picked; later calls with the same key call that kernel's launcher directly, with the
-same arguments Triton would pass it. The key holds everything Triton's pick depends on, or
-more:
+same arguments Triton would pass it. Two caches hold these picks:
 
-* the kernel and the current device (Triton launches on the current device, not the
-  tensors');
-* per positional argument: a tensor's dtype and address modulo 16; an integer's value
-  (Triton specialises on ``== 1``, divisibility by 16 and the int32/int64 range); any other
-  scalar's type and value;
-* every keyword argument (constexprs and launch options) by name and value.
+* by value: the kernel and the current device (Triton launches on the current device, not
+  the tensors'); per positional argument a tensor's dtype and address modulo 16, an
+  integer's value, any other scalar's type and value; every keyword argument (constexprs
+  and launch options) by name and value. A hit costs one tuple built and hashed.
+* by class, looked up when the first misses: the same, except that an integer that is not a
+  constexpr counts only by what Triton specialises it on (``== 1``, divisible by 16, and
+  whether it fits int32, int64 or only uint64), a float by its type (Triton passes every
+  non-constexpr float as fp32) and a tensor's address by whether it is 16-byte aligned. So
+  shapes that change on every call (a growing KV cache, a variable token count) still skip
+  Triton's dispatch; their new values only add entries to the first cache.
 
-So two calls share a key only where Triton's dispatch would also pick the same compiled
-kernel, and a new shape, dtype, alignment or constexpr costs one slow call. Calls take
-Triton's own path every time when:
+So two calls share a key, in either cache, only where Triton's dispatch would also pick the
+same compiled kernel; a new dtype, alignment, constexpr or integer class costs one slow
+call. Calls take Triton's own path every time when:
 
 * ``FLOPWISE_FAST_LAUNCH=0`` (read when this module is imported);
 * the kernel is not a compiled ``JITFunction`` (under ``TRITON_INTERPRET=1``, or a test's spy);
@@ -36,9 +39,10 @@ Triton's own path every time when:
 * the kernel reads global variables (Triton checks them on every call).
 
 What this path does not re-read after a key's first call: Triton's compile-affecting
-settings (``TRITON_DEBUG``, instrumentation modes, the default FP fusion), which Triton
+settings (``TRITON_DEBUG``, instrumentation modes, the FP-fusion setting), which Triton
 reads on every call. Change them before the first launch, or set ``FLOPWISE_FAST_LAUNCH=0``.
-The cache keeps at most ``_MAX_ENTRIES`` keys; past that it starts over.
+Each cache keeps at most ``_MAX_ENTRIES`` keys; past that it starts over. An entry holds its
+kernel, so the kernel's ``id`` in a key (cheaper to hash than the kernel) stays its own.
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ import os
 
 import torch
 
-__all__ = ["launch", "FAST", "stats"]
+__all__ = ["launch", "clear", "FAST", "stats"]
 
 FAST = os.environ.get("FLOPWISE_FAST_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096
-_CACHE: dict = {}
+_CACHE: dict = {}  # key by value -> entry
+_BY_CLASS: dict = {}  # key by class -> entry
 stats = {"fast": 0, "slow": 0}  # calls per path (read by tests and scripts/host_overhead.py)
 
 try:
@@ -62,6 +67,13 @@ except Exception:  # pragma: no cover - triton missing: every kernel call is ker
     _JIT = None
 
 _Tensor, _Param = torch.Tensor, torch.nn.Parameter
+_I32_MIN, _I32_MAX, _U64_FROM = -(1 << 31), (1 << 31) - 1, 1 << 63
+
+
+def clear() -> None:
+    """Forget every cached pick (the next call of each key goes through Triton again)."""
+    _CACHE.clear()
+    _BY_CLASS.clear()
 
 
 def _no_hooks() -> bool:
@@ -81,7 +93,7 @@ def _key(kernel, device, args, kwargs):
     # A tensor adds two items (its dtype, then its address modulo 16), an int one (itself),
     # another scalar one (its type and value): no item of one kind equals one of another, so
     # two argument lists give equal keys only if they agree argument by argument.
-    key = [kernel, device]
+    key = [id(kernel), device]
     append = key.append
     for a in args:
         c = a.__class__
@@ -98,6 +110,36 @@ def _key(kernel, device, args, kwargs):
         c = v.__class__
         if c is not int and c is not bool and c is not float and c is not str and v is not None:
             return None
+    append(tuple(kwargs.items()))
+    return tuple(key)
+
+
+def _int_class(v: int) -> int:
+    """What Triton specialises a non-constexpr integer on: -1 for the value 1 (a constant);
+    else divisibility by 16 (bit 0) and the type: int32 (0), int64 (2) or uint64 (4)."""
+    if v == 1:
+        return -1
+    kind = 0 if _I32_MIN <= v <= _I32_MAX else (4 if v >= _U64_FROM else 2)
+    return kind + ((v & 15) == 0)
+
+
+def _class_key(kernel, device, args, kwargs):
+    """The key by class of a call whose key by value is not None (same layout, coarser items;
+    a constexpr positional argument keeps its type and value)."""
+    const = kernel.constexprs  # indices of the constexpr parameters
+    key = [id(kernel), device]
+    append = key.append
+    for i, a in enumerate(args):
+        c = a.__class__
+        if i in const:
+            append((c, a))
+        elif c is int:
+            append(_int_class(a))
+        elif c is _Tensor or c is _Param:
+            append(a.dtype)
+            append((a.data_ptr() & 15) == 0)
+        else:  # float (always fp32), bool (always u1) or None (a constant)
+            append((c,))
     append(tuple(kwargs.items()))
     return tuple(key)
 
@@ -121,21 +163,33 @@ def _entry(kernel, compiled, args, kwargs):
             tail.append(p.default)
         else:
             return None
-    # the compiled kernel itself stays referenced: Triton unloads its module when it is freed
-    return compiled.run, compiled.function, compiled.packed_metadata, tuple(tail), compiled
+    # the compiled kernel stays referenced (Triton unloads its module when it is freed), and
+    # so does the kernel (whose id is in the keys)
+    return compiled.run, compiled.function, compiled.packed_metadata, tuple(tail), compiled, kernel
+
+
+def _store(cache: dict, key, entry) -> None:
+    if len(cache) >= _MAX_ENTRIES:
+        cache.clear()
+    cache[key] = entry
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, with Triton's per-call dispatch skipped after a key's
-    first call (see the module's docstring for the key and when it is not skipped)."""
+    first call (see the module's docstring for the keys and when it is not skipped)."""
     if FAST and _JIT is not None and type(kernel) is _JIT and grid.__class__ is tuple:
         drv = _driver.active
         device = drv.get_current_device()
         key = _key(kernel, device, args, kwargs)
         if key is not None and _no_hooks() and not kernel.pre_run_hooks and not _stages_hook():
             hit = _CACHE.get(key)
+            if hit is None:
+                ckey = _class_key(kernel, device, args, kwargs)
+                hit = _BY_CLASS.get(ckey)
+                if hit is not None:
+                    _store(_CACHE, key, hit)
             if hit is not None:
-                run, function, metadata, tail, _ = hit
+                run, function, metadata, tail = hit[:4]
                 n = len(grid)
                 stats["fast"] += 1
                 run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, drv.get_current_stream(device),
@@ -145,9 +199,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             compiled = kernel[grid](*args, **kwargs)
             entry = _entry(kernel, compiled, args, kwargs)
             if entry is not None:
-                if len(_CACHE) >= _MAX_ENTRIES:
-                    _CACHE.clear()
-                _CACHE[key] = entry
+                _store(_CACHE, key, entry)
+                _store(_BY_CLASS, ckey, entry)
             return
     stats["slow"] += 1
     kernel[grid](*args, **kwargs)

@@ -31,6 +31,8 @@ import torch
 _LAUNCHES = [0]  # launches counted in --triton-dispatch mode
 _RECORD: list = []  # (compiled kernel, grid, stream, function, metadata, args) per launch, when recording
 RECORDING = [False]
+ADDRESSES = [False]  # record tensors' addresses too (for calls that reuse the same tensors)
+CURRENT = {"device": 0, "stream": 0}  # what the stand-in driver reports as current
 
 
 class _Stub:
@@ -60,10 +62,10 @@ def _dispatch_only_driver() -> None:
         launcher_cls = None
 
         def get_current_device(self):
-            return 0
+            return CURRENT["device"]
 
         def get_current_stream(self, device=None):
-            return 0
+            return CURRENT["stream"] + 1000 * (CURRENT["device"] if device is None else device)
 
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
@@ -95,7 +97,7 @@ def _launch(compiled, *args):
 
 def _norm(a):
     if isinstance(a, torch.Tensor):
-        return "tensor", a.dtype, tuple(a.shape), tuple(a.stride()), a.data_ptr() & 15
+        return "tensor", a.dtype, tuple(a.shape), tuple(a.stride()), a.data_ptr() if ADDRESSES[0] else a.data_ptr() & 15
     return a
 
 
@@ -110,17 +112,21 @@ def recorded(fn) -> list:
     return list(_RECORD)
 
 
-def both_paths(fn) -> tuple[list, list, int]:
+def both_paths(fn, reset=None) -> tuple[list, list, int]:
     """``fn``'s launches through Triton's dispatch and through flopwise's direct launches (each
-    after a warm-up call), and how many of the latter were direct."""
+    after a warm-up call), and how many of the latter were direct. ``reset()``, if given, runs
+    before each recorded call (for an ``fn`` whose arguments change from call to call)."""
     fl = importlib.import_module("flopwise.kernels._launch")
+    reset = reset or (lambda: None)
     fl.FAST = False
     try:
         fn()
+        reset()
         slow = recorded(fn)
     finally:
         fl.FAST = True
     fn()
+    reset()
     before = fl.stats["fast"]
     fast = recorded(fn)
     return slow, fast, fl.stats["fast"] - before
@@ -178,8 +184,17 @@ def main() -> None:
     ws = [torch.randn(8, 16, 32), torch.randn(8, 16, 32), torch.randn(8, 32, 16)]
     wg = [w.clone().requires_grad_(True) for w in ws]
     plan = topk_route_reference(logits.detach(), 2)  # (real indices: the routing kernels are stubbed)
+    # a sequence that grows by one token per call (as under a KV cache): a new length each call
+    grow, xlong = [0], torch.randn(1, 2048 + 64, D)
+
+    def grown():
+        grow[0] += 1
+        return xlong[:, :64 + grow[0] % 2048]
+
     rows = [
         ("gather fwd", lambda: gather_tokens(x.detach(), idx), lambda: torch.gather(x.detach(), 1, ie)),
+        ("gather fwd, S grows", lambda: gather_tokens(grown(), idx[:1]),
+         lambda: torch.gather(grown(), 1, ie[:1])),
         ("gather fwd+bwd", lambda: torch.autograd.grad(gather_tokens(x, idx), [x], gk),
          lambda: torch.autograd.grad(torch.gather(x, 1, ie), [x], gk)),
         ("scatter fwd+bwd", lambda: torch.autograd.grad(scatter_tokens(x, y, idx, w), [x, y, w], gs),
@@ -200,7 +215,7 @@ def main() -> None:
     for name, ours, ref in rows:
         # flopwise's direct launches must reach the C launcher exactly as Triton's dispatch does:
         # the same compiled kernels, grids and arguments
-        slow, fast, direct = both_paths(ours)
+        slow, fast, direct = both_paths(ours, reset=lambda: grow.__setitem__(0, 0))
         if fast != slow or direct != len(fast):
             raise SystemExit(f"{name}: direct launches differ from Triton's dispatch "
                              f"({direct} of {len(fast)} direct)\n{slow}\n{fast}")

@@ -1,8 +1,9 @@
 """Run by ``test_fast_launch.py`` in a process of its own: Triton compiles for sm_90 with no
-GPU (``scripts/host_overhead.py``'s stand-in driver records what the C launcher is given),
-and a small kernel is launched with every argument change that makes Triton pick another
-compiled kernel. flopwise's direct launches must hand the launcher the same compiled kernel,
-grid and arguments as Triton's own dispatch, call for call. Prints one line per check."""
+GPU (``scripts/host_overhead.py``'s stand-in driver records what the C launcher is given, and
+reports the device and stream the test sets), and small kernels are launched with argument
+changes that make Triton pick another compiled kernel and changes that must not. flopwise's
+direct launches must hand the launcher the same compiled kernel, grid, stream and arguments
+(tensors by address) as Triton's own dispatch, call for call. Prints one line per check."""
 
 from __future__ import annotations
 
@@ -35,68 +36,154 @@ def _scale_kernel(x_ptr, y_ptr, n, scale, FLAG: tl.constexpr, BLOCK: tl.constexp
     tl.store(y_ptr + offs, v, mask=mask)
 
 
-def main() -> None:
-    f32 = torch.zeros(80)
-    bf16 = torch.zeros(80, dtype=torch.bfloat16)
-    out = torch.zeros(80)
+@triton.jit
+def _positional_kernel(x_ptr, y_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr = 64, scale=2.0):
+    # a constexpr passed by position, a constexpr and a float left at their defaults
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * (scale + K), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _unspecialised_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+
+
+def _cases():
+    """(name, compiled-kernel group, new class, kernel, args, keyword args, device, stream).
+    Cases of one group must get the same compiled kernel from Triton, cases of different
+    groups different ones. A case that is not of a new class must be launched directly on its
+    first call (its key by value is new, its key by class is not). Every call gets tensors of
+    its own, so a direct launch that handed the launcher stale arguments would differ."""
+    f32, bf16 = torch.zeros(96), torch.zeros(96, dtype=torch.bfloat16)
     base = dict(FLAG=True, BLOCK=64, num_warps=4)
-    # (what changes, args, keyword args): each case is a different compiled kernel for Triton
-    cases = [
-        ("baseline", (f32, out, 64, 2.0), base),
-        ("misaligned pointer", (f32[1:], out, 64, 2.0), base),
-        ("n == 1", (f32, out, 1, 2.0), base),
-        ("n not a multiple of 16", (f32, out, 17, 2.0), base),
-        ("n beyond int32", (f32, out, 2 ** 31 + 16, 2.0), base),
-        ("bf16 tensors", (bf16, bf16, 64, 2.0), base),
-        ("constexpr", (f32, out, 64, 2.0), dict(base, FLAG=False)),
-        ("num_warps", (f32, out, 64, 2.0), dict(base, num_warps=8)),
-        ("int scale", (f32, out, 64, 2), base),
-        ("scale == 1", (f32, out, 64, 1), base),
-        ("bool scale", (f32, out, 64, True), base),
+    sk, pk, uk = _scale_kernel, _positional_kernel, _unspecialised_kernel
+    rows = [
+        ("baseline", "a", True, sk, (f32, f32, 64, 2.0), base, 0, 0),
+        ("another stream", "a", False, sk, (f32, f32, 64, 2.0), base, 0, 7),
+        ("n = 48: same class", "a", False, sk, (f32, f32, 48, 2.0), base, 0, 0),
+        ("n = 0: same class", "a", False, sk, (f32, f32, 0, 2.0), base, 0, 0),
+        ("n = -32: same class", "a", False, sk, (f32, f32, -32, 2.0), base, 0, 0),
+        ("another float: same class", "a", False, sk, (f32, f32, 64, -0.5), base, 0, 0),
+        ("pointer offset 4 B", "b", True, sk, (f32[1:], f32, 64, 2.0), base, 0, 0),
+        ("pointer offset 8 B: same class", "b", False, sk, (f32[2:], f32, 64, 2.0), base, 0, 0),
+        ("pointer offset 12 B: same class", "b", False, sk, (f32[3:], f32, 64, 2.0), base, 0, 0),
+        ("pointer offset 20 B: same class", "b", False, sk, (f32[5:], f32, 64, 2.0), base, 0, 0),
+        ("n == 1", "c", True, sk, (f32, f32, 1, 2.0), base, 0, 0),
+        ("n not a multiple of 16", "d", True, sk, (f32, f32, 17, 2.0), base, 0, 0),
+        ("n = -17: same class", "d", False, sk, (f32, f32, -17, 2.0), base, 0, 0),
+        ("n = 2**31 - 1: same class", "d", False, sk, (f32, f32, 2 ** 31 - 1, 2.0), base, 0, 0),
+        ("n beyond int32", "e", True, sk, (f32, f32, 2 ** 31 + 16, 2.0), base, 0, 0),
+        ("n below int32: same class", "e", False, sk, (f32, f32, -2 ** 31 - 16, 2.0), base, 0, 0),
+        ("n beyond int32, not a multiple of 16", "f", True, sk, (f32, f32, 2 ** 33 + 3, 2.0), base, 0, 0),
+        ("n beyond int64", "g", True, sk, (f32, f32, 2 ** 63 + 16, 2.0), base, 0, 0),
+        ("n beyond int64, not a multiple of 16", "h", True, sk, (f32, f32, 2 ** 64 - 1, 2.0), base, 0, 0),
+        ("bf16 tensors", "i", True, sk, (bf16, bf16, 64, 2.0), base, 0, 0),
+        ("constexpr", "j", True, sk, (f32, f32, 64, 2.0), dict(base, FLAG=False), 0, 0),
+        ("num_warps", "k", True, sk, (f32, f32, 64, 2.0), dict(base, num_warps=8), 0, 0),
+        ("int scale", "l", True, sk, (f32, f32, 64, 2), base, 0, 0),
+        ("scale == 1", "m", True, sk, (f32, f32, 64, 1), base, 0, 0),
+        ("bool scale", "n", True, sk, (f32, f32, 64, True), base, 0, 0),
+        ("another device", "o", True, sk, (f32, f32, 64, 2.0), base, 1, 3),
+        ("positional constexpr K = 3", "p", True, pk, (f32, f32, 64, 3), {}, 0, 0),
+        ("positional constexpr K = 5", "q", True, pk, (f32, f32, 64, 5), {}, 0, 0),
+        ("defaults given", "r", True, pk, (f32, f32, 64, 3), dict(BLOCK=32, scale=0.5), 0, 0),
+        ("not specialised: n = 16", "s", True, uk, (f32, f32, 16), dict(BLOCK=64), 0, 0),
+        ("not specialised: n = 1", "s", True, uk, (f32, f32, 1), dict(BLOCK=64), 0, 0),
+        ("not specialised: n = 17", "s", True, uk, (f32, f32, 17), dict(BLOCK=64), 0, 0),
     ]
-    # every case twice in a row, then all again: the second and third calls of a key are direct
-    calls = [c for c in cases for _ in range(2)] + cases
+
+    def fresh(a):  # a new tensor with the same values and address modulo 16
+        if not isinstance(a, torch.Tensor):
+            return a
+        base = torch.zeros(a.numel() + 16 + a.storage_offset(), dtype=a.dtype)
+        shift = ((a.data_ptr() & 15) - (base.data_ptr() & 15)) % 16 // a.element_size()
+        return base[shift:shift + a.numel()]
+
+    return [(name, group, new, kernel, tuple(fresh(a) for a in args), kw, dev, stream)
+            for name, group, new, kernel, args, kw, dev, stream in rows], fresh
+
+
+def main() -> None:
+    cases, fresh = _cases()
+    # every case twice in a row (each call with tensors of its own), then all again
+    calls = [(c, tuple(fresh(a) for a in c[4])) for c in cases for _ in range(2)]
+    calls += [(c, tuple(fresh(a) for a in c[4])) for c in cases]
 
     def run_all():
-        return ho.recorded(lambda: [fl.launch(_scale_kernel, (1,), *args, **kw) for _, args, kw in calls])
+        paths = []
+        for (_, _, _, kernel, _, kw, dev, stream), args in calls:
+            ho.CURRENT.update(device=dev, stream=stream)
+            before = fl.stats["fast"]
+            fl.launch(kernel, (3, 2), *args, **kw)
+            paths.append(fl.stats["fast"] - before)
+        ho.CURRENT.update(device=0, stream=0)
+        return paths
 
-    fl.FAST = False
-    slow = run_all()
-    fl.FAST = True
-    fl._CACHE.clear()
-    before = dict(fl.stats)
-    fast = run_all()
-    direct = fl.stats["fast"] - before["fast"]
+    ho.ADDRESSES[0] = True
+    try:
+        fl.FAST = False
+        slow = ho.recorded(run_all)
+        fl.FAST = True
+        fl.clear()
+        paths = []
+        fast = ho.recorded(lambda: paths.extend(run_all()))
+    finally:
+        ho.ADDRESSES[0] = False
     assert len(slow) == len(fast) == len(calls), (len(slow), len(fast))
-    for (name, _, _), s, f in zip(calls, slow, fast):
+    for ((name, *_), _), s, f in zip(calls, slow, fast):
         assert s == f, f"{name}: direct launch differs from Triton's dispatch\n{s}\n{f}"
-    kernels = {id(s[0]) for s in slow}
-    # Triton picked a different compiled kernel for every case, so a key that missed any of
-    # these differences would have handed a call the wrong one
-    assert len(kernels) == len(cases), (len(kernels), len(cases))
-    assert direct == len(calls) - len(cases), direct
-    print(f"specialisation: {len(calls)} launches, {direct} direct, {len(kernels)} compiled kernels, all equal")
+    # each group is one compiled kernel, and different groups are different ones: a key that
+    # missed a difference between groups would have handed a call the wrong kernel
+    picked = {}
+    for ((name, group, *_), _), s in zip(calls, slow):
+        assert picked.setdefault(group, s[0]) is s[0], f"{name}: Triton picked another kernel than for its group"
+    assert len({id(k) for k in picked.values()}) == len(picked), "two groups share a compiled kernel"
+    seen = set()
+    for ((name, _, new, *_), _), direct in zip(calls, paths):
+        expected = 0 if (new and name not in seen) else 1
+        seen.add(name)
+        assert direct == expected, f"{name}: {'direct' if direct else 'through Triton'}, expected otherwise"
+    print(f"specialisation: {len(calls)} launches, {sum(paths)} direct, {len(picked)} compiled kernels, all equal")
+    _hooks(cases[0])
 
+
+def _hooks(case) -> None:
+    _, _, _, kernel, args, kw, _, _ = case
+
+    def path():
+        before = dict(fl.stats)
+        fl.launch(kernel, (1,), *args, **kw)
+        return "direct" if fl.stats["fast"] > before["fast"] else "triton"
+
+    assert path() == "direct"
     # a registered launch hook sends every call through Triton's dispatch (which calls it)
     seen = []
     hook = seen.append
     triton.knobs.runtime.launch_enter_hook.add(hook)
     try:
-        before = dict(fl.stats)
-        fl.launch(_scale_kernel, (1,), *cases[0][1], **cases[0][2])
-        assert fl.stats["slow"] == before["slow"] + 1 and fl.stats["fast"] == before["fast"]
+        assert path() == "triton"  # (the C launcher, here a stand-in, would call it)
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hook)
-    before = dict(fl.stats)
-    fl.launch(_scale_kernel, (1,), *cases[0][1], **cases[0][2])
-    assert fl.stats["fast"] == before["fast"] + 1
-    print("launch hook: Triton's dispatch while registered, direct after")
+    assert path() == "direct"
+    # so does a pre-run hook added after the key was cached (Triton calls it before launching)
+    ran = []
+    kernel.add_pre_run_hook(lambda *a, **k: ran.append(1))
+    try:
+        assert path() == "triton" and ran == [1]
+    finally:
+        kernel.pre_run_hooks.clear()
+    assert path() == "direct"
+    print("launch and pre-run hooks: Triton's dispatch while registered, direct after")
 
     # arguments the key cannot describe take Triton's dispatch every time
+    f32 = torch.zeros(80)
     before = dict(fl.stats)
     for _ in range(2):
-        fl.launch(_scale_kernel, (1,), f32, y_ptr=out, n=64, scale=2.0, **base)  # a tensor keyword
-        fl.launch(_scale_kernel, lambda meta: (1,), f32, out, 64, 2.0, **base)
+        fl.launch(kernel, (1,), f32, y_ptr=f32, n=64, scale=2.0, **kw)  # a tensor keyword
+        fl.launch(kernel, lambda meta: (1,), f32, f32, 64, 2.0, **kw)
     assert fl.stats["fast"] == before["fast"] and fl.stats["slow"] == before["slow"] + 4
     print("unkeyable calls: Triton's dispatch")
 

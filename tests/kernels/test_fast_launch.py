@@ -41,6 +41,44 @@ def test_key_tells_arguments_apart():
     assert k(t, 3, B=1) is not None
 
 
+def test_int_class_is_as_fine_as_tritons_specialisation():
+    """Integers of one class get the same specialisation from Triton (its own C routine, for
+    the CUDA backend, with and without specialisation and alignment)."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    g = torch.Generator().manual_seed(0)
+    edges = [0, 1, -1, 2, 15, 16, 17, -16, -17, 2 ** 31 - 1, 2 ** 31, 2 ** 31 - 16, -2 ** 31, -2 ** 31 - 1,
+             -2 ** 31 - 16, 2 ** 32, 2 ** 63 - 1, 2 ** 63, 2 ** 63 + 16, 2 ** 64 - 1, 2 ** 64 - 16]
+    rand = [int(v) for v in torch.randint(-2 ** 40, 2 ** 40, (2000,), generator=g)]
+    rand += [int(v) * 16 for v in torch.randint(-2 ** 35, 2 ** 35, (500,), generator=g)]
+    rand += [2 ** 63 + int(v) for v in torch.randint(0, 2 ** 62, (500,), generator=g)]
+    classes = {}
+    for v in edges + rand:
+        triton_says = tuple(libtriton.native_specialize_impl(CUDABackend, v, False, spec, align)
+                            for spec in (True, False) for align in (True, False))
+        assert classes.setdefault(fl._int_class(v), triton_says) == triton_says, v
+    assert len(classes) == 7  # 1; and int32, int64, uint64, each divisible by 16 or not
+
+
+def test_class_key_keeps_constexpr_values():
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    def body(x_ptr, n, scale, K: tl.constexpr):
+        pass
+
+    kernel = JITFunction(body)  # (what @triton.jit makes without the interpreter)
+
+    t = torch.zeros(8)
+    k = lambda *args, **kw: fl._class_key(kernel, 0, args, kw)  # noqa: E731
+    assert k(t, 48, 2.0, 3) == k(t[4:], 64, -1.5, 3)  # aligned, int32 multiples of 16, any float
+    assert k(t, 48, 2.0, 3) != k(t, 48, 2.0, 5)  # a positional constexpr counts by value
+    assert k(t, 48, 2.0, 3) != k(t[1:], 48, 2.0, 3) != k(t, 17, 2.0, 3) != k(t, 1, 2.0, 3)
+    assert k(t, 48, 2.0, 3) != k(t, 48, 2, 3) != k(t, 48, True, 3)
+    assert k(t, 48, 2.0, 3, num_warps=4) != k(t, 48, 2.0, 3, num_warps=8)
+
+
 def test_other_launchables_are_called_as_kernel_grid():
     calls = []
 
