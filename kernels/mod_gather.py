@@ -337,20 +337,28 @@ _MAX_BLOCK_D = 2048
 _MAX_NORM_D = 65536
 
 
+_TILES: dict = {}  # (kind, D) -> tile: the launchers ask on every call
+
+
 def _copy_tile(D: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) for kernels that stream rows without a full-row reduction."""
-    block_d = min(max(16, next_pow2(D)), _MAX_BLOCK_D)  # >= 16: no degenerate layouts
-    rows = max(1, min(_MAX_ROWS, _TILE_ELEMS // block_d))
-    return rows, block_d, 4
+    hit = _TILES.get(("copy", D))
+    if hit is None:
+        block_d = min(max(16, next_pow2(D)), _MAX_BLOCK_D)  # >= 16: no degenerate layouts
+        rows = max(1, min(_MAX_ROWS, _TILE_ELEMS // block_d))
+        hit = _TILES[("copy", D)] = (rows, block_d, 4)
+    return hit
 
 
 def _norm_tile(D: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) with BLOCK_D >= D: one program holds whole rows.
     Warps grow with the tile (16 fp32 values per thread), as Liger-Kernel's RMSNorm does."""
-    block_d = max(16, next_pow2(D))
-    rows = max(1, min(_MAX_ROWS, _TILE_ELEMS // block_d))
-    warps = min(32, max(4, rows * block_d // 512))
-    return rows, block_d, warps
+    hit = _TILES.get(("norm", D))
+    if hit is None:
+        block_d = max(16, next_pow2(D))
+        rows = max(1, min(_MAX_ROWS, _TILE_ELEMS // block_d))
+        hit = _TILES[("norm", D)] = (rows, block_d, min(32, max(4, rows * block_d // 512)))
+    return hit
 
 
 def _persistent_programs(device: torch.device, n: int) -> int:

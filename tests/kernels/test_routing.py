@@ -450,6 +450,29 @@ def test_forced_triton_backend_without_interpreter_raises(monkeypatch):
         _dispatch.backend(torch.randn(2))
 
 
+def test_backend_setting_is_read_on_every_call(monkeypatch):
+    """FLOPWISE_BACKEND changes take effect on the next call, however they are made."""
+    import os
+
+    from flopwise.kernels import _dispatch
+
+    monkeypatch.delenv("FLOPWISE_BACKEND", raising=False)
+    assert _dispatch._requested() == "auto"
+    for raw, want in [(" Reference ", "reference"), ("reference", "reference"), ("TRITON", "triton"), ("", "auto"),
+                      ("auto", "auto"), ("reference", "reference")]:
+        monkeypatch.setenv("FLOPWISE_BACKEND", raw)
+        assert _dispatch._requested() == want, raw
+    os.environ["FLOPWISE_BACKEND"] = "triton"  # (monkeypatch restores it)
+    assert _dispatch._requested() == "triton"
+    del os.environ["FLOPWISE_BACKEND"]
+    assert _dispatch._requested() == "auto"
+    os.environ.update(FLOPWISE_BACKEND="cpu")
+    with pytest.raises(ValueError, match="FLOPWISE_BACKEND must be one of"):
+        _dispatch._requested()
+    with pytest.raises(ValueError, match="FLOPWISE_BACKEND must be one of"):  # not cached as valid
+        _dispatch._requested()
+
+
 def test_custom_ops_pass_opcheck():
     logits = torch.randn(5, 4, requires_grad=True)
     torch.library.opcheck(R._topk_route_op, (logits, 2, 0, True, 4))
