@@ -14,15 +14,21 @@ Triton picked; later calls with the same key call that kernel's launcher directl
 same arguments Triton would pass it. Two caches hold these picks:
 
 * by value: the kernel and the current device (Triton launches on the current device, not
-  the tensors'); per positional argument a tensor's dtype and address modulo 16, an
-  integer's value, any other scalar's type and value; every keyword argument (constexprs
-  and launch options) by name and value. A hit costs one tuple built and hashed.
+  the tensors'); the settings Triton reads on every call and compiles into the kernel
+  (``knobs.runtime.debug``, the instrumentation mode, and from Triton 3.9 the fpsan cast
+  mode); per positional argument a tensor's dtype and address modulo 16, an integer's value,
+  any other scalar's type and value; every keyword argument (constexprs and launch options)
+  by name, type and value. A hit costs one tuple built and hashed.
 * by class, looked up when the first misses: the same, except that an integer that is not a
-  constexpr counts only by what Triton specialises it on (``== 1``, divisible by 16, and
-  whether it fits int32, int64 or only uint64), a float by its type (Triton passes every
-  non-constexpr float as fp32) and a tensor's address by whether it is 16-byte aligned. So
-  shapes that change on every call (a growing KV cache, a variable token count) still skip
-  Triton's dispatch; their new values only add entries to the first cache.
+  constexpr counts by the properties Triton specialises integers on (``== 1``, divisible by
+  16, and whether it fits int32, int64 or uint64; a value that fits none, which Triton
+  refuses, shares its class with no other value), a float by its type (Triton's
+  specialisation of a float that is not a constexpr does not depend on its value) and a
+  tensor's address by whether it is 16-byte aligned. That is as fine as Triton's own
+  specialisation or finer (a ``do_not_specialize`` or annotated integer still counts by
+  these properties). So shapes that change on every call (a growing KV cache, a variable
+  token count) still skip Triton's dispatch; their new values only add entries to the first
+  cache.
 
 So two calls share a key, in either cache, only where Triton's dispatch would also pick the
 same compiled kernel; a new dtype, alignment, constexpr or integer class costs one slow
@@ -36,17 +42,18 @@ call. Calls take Triton's own path every time when:
 * a launch hook is registered (``triton.knobs.runtime.launch_enter_hook`` /
   ``launch_exit_hook``, e.g. by a profiler), a stages-inspection hook is set, or the kernel
   has pre-run hooks (all checked on every call);
-* the kernel reads global variables (Triton checks them on every call).
+* the kernel reads global variables (Triton checks them on every call), or takes
+  ``*args`` or ``**kwargs``.
 
-What this path does not re-read after a key's first call: Triton's compile-affecting
-settings (``TRITON_DEBUG``, instrumentation modes, the FP-fusion setting), which Triton
-reads on every call. Change them before the first launch, or set ``FLOPWISE_FAST_LAUNCH=0``.
-Each cache keeps at most ``_MAX_ENTRIES`` keys; past that it starts over. An entry holds its
-kernel, so the kernel's ``id`` in a key (cheaper to hash than the kernel) stays its own.
+Settings Triton reads only when it compiles (the default FP fusion, for one) behave as with
+Triton's own dispatch: a kernel already compiled keeps them. Each cache keeps at most
+``_MAX_ENTRIES`` keys; past that it starts over. An entry holds its kernel, so the kernel's
+``id`` in a key (cheaper to hash than the kernel) stays its own.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -67,13 +74,26 @@ except Exception:  # pragma: no cover - triton missing: every kernel call is ker
     _JIT = None
 
 _Tensor, _Param = torch.Tensor, torch.nn.Parameter
-_I32_MIN, _I32_MAX, _U64_FROM = -(1 << 31), (1 << 31) - 1, 1 << 63
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+_I32_MIN, _I32_MAX, _I64_MIN, _U64_FROM, _U64_MAX = -(1 << 31), (1 << 31) - 1, -(1 << 63), 1 << 63, (1 << 64) - 1
 
 
 def clear() -> None:
     """Forget every cached pick (the next call of each key goes through Triton again)."""
     _CACHE.clear()
     _BY_CLASS.clear()
+
+
+_FPSAN = _JIT is not None and hasattr(_knobs.compilation, "fpsan_homomorphic_casts")  # Triton >= 3.9
+
+
+def _settings():
+    """What Triton's ``JITFunction.run`` reads from its settings on every call and compiles
+    into the kernel it picks."""
+    comp = _knobs.compilation
+    if _FPSAN:
+        return _knobs.runtime.debug, comp.instrumentation_mode, comp.fpsan_homomorphic_casts
+    return _knobs.runtime.debug, comp.instrumentation_mode
 
 
 def _no_hooks() -> bool:
@@ -89,45 +109,55 @@ def _stages_hook():
     return getattr(_knobs.runtime, "add_stages_inspection_hook", None)
 
 
-def _key(kernel, device, args, kwargs):
+def _key(kernel, device, args, kwargs, settings=()):
     # A tensor adds two items (its dtype, then its address modulo 16), an int one (itself),
     # another scalar one (its type and value): no item of one kind equals one of another, so
     # two argument lists give equal keys only if they agree argument by argument.
-    key = [id(kernel), device]
+    key = [id(kernel), device, settings]
     append = key.append
     for a in args:
         c = a.__class__
-        if c is int:
-            append(a)
-        elif c is _Tensor or c is _Param:
+        if c is _Tensor or c is _Param:
             append(a.dtype)
             append(a.data_ptr() & 15)
+        elif c is int:
+            append(a)
         elif c is float or c is bool or a is None:
             append((c, a))
         else:
             return None
-    for v in kwargs.values():  # constexprs and launch options
+    named = []
+    for name, v in kwargs.items():  # constexprs and launch options; by type too (1 == 1.0 == True)
         c = v.__class__
         if c is not int and c is not bool and c is not float and c is not str and v is not None:
             return None
-    append(tuple(kwargs.items()))
+        named.append((name, c, v))
+    append(tuple(named))
     return tuple(key)
 
 
 def _int_class(v: int) -> int:
     """What Triton specialises a non-constexpr integer on: -1 for the value 1 (a constant);
-    else divisibility by 16 (bit 0) and the type: int32 (0), int64 (2) or uint64 (4)."""
+    else divisibility by 16 (bit 0) and the type: int32 (0), int64 (2) or uint64 (4). A value
+    outside int64 and uint64 is its own class."""
     if v == 1:
         return -1
-    kind = 0 if _I32_MIN <= v <= _I32_MAX else (4 if v >= _U64_FROM else 2)
+    if _I32_MIN <= v <= _I32_MAX:
+        kind = 0
+    elif _I64_MIN <= v < _U64_FROM:
+        kind = 2
+    elif _U64_FROM <= v <= _U64_MAX:
+        kind = 4
+    else:  # Triton refuses it: a class of its own, so its first call goes through Triton
+        return ("out of range", v)
     return kind + ((v & 15) == 0)
 
 
-def _class_key(kernel, device, args, kwargs):
+def _class_key(kernel, device, args, kwargs, settings=()):
     """The key by class of a call whose key by value is not None (same layout, coarser items;
     a constexpr positional argument keeps its type and value)."""
     const = kernel.constexprs  # indices of the constexpr parameters
-    key = [id(kernel), device]
+    key = [id(kernel), device, settings]
     append = key.append
     for i, a in enumerate(args):
         c = a.__class__
@@ -138,9 +168,9 @@ def _class_key(kernel, device, args, kwargs):
         elif c is _Tensor or c is _Param:
             append(a.dtype)
             append((a.data_ptr() & 15) == 0)
-        else:  # float (always fp32), bool (always u1) or None (a constant)
+        else:  # float, bool or None: Triton's specialisation does not depend on the value
             append((c,))
-    append(tuple(kwargs.items()))
+    append(tuple((name, v.__class__, v) for name, v in kwargs.items()))
     return tuple(key)
 
 
@@ -150,6 +180,8 @@ def _entry(kernel, compiled, args, kwargs):
     the key). None when the call cannot be repeated this way."""
     if kernel.used_global_vals or kernel.pre_run_hooks or compiled is None:
         return None
+    if any(p.kind in _VARIADIC for p in kernel.signature.parameters.values()):
+        return None  # Triton packs *args into one tuple argument
     if hasattr(compiled, "result"):  # an asynchronous compile's future
         return None
     params = kernel.params
@@ -180,11 +212,12 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if FAST and _JIT is not None and type(kernel) is _JIT and grid.__class__ is tuple:
         drv = _driver.active
         device = drv.get_current_device()
-        key = _key(kernel, device, args, kwargs)
+        settings = _settings()
+        key = _key(kernel, device, args, kwargs, settings)
         if key is not None and _no_hooks() and not kernel.pre_run_hooks and not _stages_hook():
             hit = _CACHE.get(key)
             if hit is None:
-                ckey = _class_key(kernel, device, args, kwargs)
+                ckey = _class_key(kernel, device, args, kwargs, settings)
                 hit = _BY_CLASS.get(ckey)
                 if hit is not None:
                     _store(_CACHE, key, hit)

@@ -51,6 +51,18 @@ def _unspecialised_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
 
 
+@triton.jit
+def _annotated_kernel(x_ptr, y_ptr, n: tl.int32, s: tl.float16, FLAG: tl.constexpr = False, m=3):
+    # annotated parameters, a pointer that may be None, a non-constexpr parameter with a default
+    offs = tl.arange(0, 64)
+    v = tl.load(x_ptr + offs, mask=offs < n)
+    if y_ptr is not None:
+        v += tl.load(y_ptr + offs, mask=offs < n)
+    if FLAG:
+        v = v * s
+    tl.store(x_ptr + offs, v + m, mask=offs < n)
+
+
 def _cases():
     """(name, compiled-kernel group, new class, kernel, args, keyword args, device, stream).
     Cases of one group must get the same compiled kernel from Triton, cases of different
@@ -59,7 +71,8 @@ def _cases():
     its own, so a direct launch that handed the launcher stale arguments would differ."""
     f32, bf16 = torch.zeros(96), torch.zeros(96, dtype=torch.bfloat16)
     base = dict(FLAG=True, BLOCK=64, num_warps=4)
-    sk, pk, uk = _scale_kernel, _positional_kernel, _unspecialised_kernel
+    sk, pk, uk, ak = _scale_kernel, _positional_kernel, _unspecialised_kernel, _annotated_kernel
+    p1, p2 = torch.nn.Parameter(torch.zeros(96)), torch.nn.Parameter(torch.zeros(96))
     rows = [
         ("baseline", "a", True, sk, (f32, f32, 64, 2.0), base, 0, 0),
         ("another stream", "a", False, sk, (f32, f32, 64, 2.0), base, 0, 7),
@@ -93,11 +106,24 @@ def _cases():
         ("not specialised: n = 16", "s", True, uk, (f32, f32, 16), dict(BLOCK=64), 0, 0),
         ("not specialised: n = 1", "s", True, uk, (f32, f32, 1), dict(BLOCK=64), 0, 0),
         ("not specialised: n = 17", "s", True, uk, (f32, f32, 17), dict(BLOCK=64), 0, 0),
+        ("annotated", "t", True, ak, (f32, None, 48, 2.0), {}, 0, 0),
+        ("annotated: n = 80, another float", "t", False, ak, (f32, None, 80, -1.0), {}, 0, 0),
+        ("annotated: int for the fp16", "t", True, ak, (f32, None, 48, 3), {}, 0, 0),
+        ("annotated: n == 1", "u", True, ak, (f32, None, 1, 2.0), {}, 0, 0),
+        ("annotated: n = 17", "v", True, ak, (f32, None, 17, 2.0), {}, 0, 0),
+        ("annotated: a tensor for None", "w", True, ak, (f32, f32, 48, 2.0), {}, 0, 0),
+        ("annotated: an empty tensor", "w", False, ak, (f32, torch.zeros(0), 48, 2.0), {}, 0, 0),
+        ("annotated: Parameters", "w", False, ak, (p1, p2, 48, 2.0), {}, 0, 0),
+        ("annotated: default given by keyword", "w", True, ak, (f32, f32, 48, 2.0), dict(m=5), 0, 0),
+        ("annotated: default given, multiple of 16", "x", True, ak, (f32, f32, 48, 2.0), dict(m=16), 0, 0),
+        ("annotated: FLAG=True", "y", True, ak, (f32, f32, 48, 2.0), dict(FLAG=True), 0, 0),
     ]
 
     def fresh(a):  # a new tensor with the same values and address modulo 16
-        if not isinstance(a, torch.Tensor):
+        if not isinstance(a, torch.Tensor) or a.numel() == 0:
             return a
+        if isinstance(a, torch.nn.Parameter):
+            return torch.nn.Parameter(fresh(a.data))
         base = torch.zeros(a.numel() + 16 + a.storage_offset(), dtype=a.dtype)
         shift = ((a.data_ptr() & 15) - (base.data_ptr() & 15)) % 16 // a.element_size()
         return base[shift:shift + a.numel()]
@@ -147,7 +173,68 @@ def main() -> None:
         seen.add(name)
         assert direct == expected, f"{name}: {'direct' if direct else 'through Triton'}, expected otherwise"
     print(f"specialisation: {len(calls)} launches, {sum(paths)} direct, {len(picked)} compiled kernels, all equal")
+
+    # both caches starting over every few entries change nothing but the paths taken
+    limit = fl._MAX_ENTRIES
+    fl._MAX_ENTRIES = 5
+    try:
+        ho.ADDRESSES[0] = True
+        again = ho.recorded(run_all)
+    finally:
+        ho.ADDRESSES[0] = False
+        fl._MAX_ENTRIES = limit
+    assert again == fast, "a cache starting over changed a launch"
+    print("caches starting over: the same launches")
+    _settings_and_errors(cases[0])
     _hooks(cases[0])
+
+
+def _both_raise(kernel, args, kw) -> str:
+    """The exception a call raises through Triton's dispatch, checked to be the one the
+    direct path raises too."""
+    raised = []
+    for fast in (False, True):
+        fl.FAST = fast
+        try:
+            fl.launch(kernel, (1,), *args, **kw)
+        except Exception as e:  # noqa: BLE001
+            raised.append(type(e).__name__)
+        else:
+            raised.append(None)
+    fl.FAST = True
+    assert raised[0] is not None and raised[0] == raised[1], raised
+    return raised[0]
+
+
+def _settings_and_errors(case) -> None:
+    _, _, _, kernel, args, kw, _, _ = case
+    # a setting Triton reads on every call: the direct path follows it
+    fl.launch(kernel, (1,), *args, **kw)
+    for debug in (True, False):
+        triton.knobs.runtime.debug = debug
+        try:
+            rec = []
+            for fast in (False, True):
+                fl.FAST = fast
+                rec.append(ho.recorded(lambda: fl.launch(kernel, (1,), *args, **kw)))
+        finally:
+            fl.FAST = True
+            triton.knobs.runtime.debug = False
+        assert rec[0] == rec[1], f"debug={debug}: direct launch differs"
+        if debug:
+            debug_kernel = rec[0][0][0]
+    assert debug_kernel is not rec[0][0][0], "the debug setting did not change Triton's pick"
+
+    # values Triton refuses are refused on the direct path too, after a value of the same
+    # class was cached: integers past uint64 or below int64, a float for num_warps
+    x = args[0]
+    refused = []
+    for ok, bad in [(2 ** 63 + 17, 2 ** 64 + 17), (-2 ** 62 - 3, -2 ** 63 - 3)]:
+        fl.launch(kernel, (1,), x, x, ok, 2.0, **kw)
+        fl.launch(kernel, (1,), x, x, ok, 2.0, **kw)
+        refused.append(_both_raise(kernel, (x, x, bad, 2.0), kw))
+    refused.append(_both_raise(kernel, args, dict(kw, num_warps=4.0)))
+    print(f"the debug setting followed; refused on both paths: {refused}")
 
 
 def _hooks(case) -> None:
@@ -185,6 +272,19 @@ def _hooks(case) -> None:
         fl.launch(kernel, (1,), f32, y_ptr=f32, n=64, scale=2.0, **kw)  # a tensor keyword
         fl.launch(kernel, lambda meta: (1,), f32, f32, 64, 2.0, **kw)
     assert fl.stats["fast"] == before["fast"] and fl.stats["slow"] == before["slow"] + 4
+
+    # a kernel taking *args (Triton packs them into one argument) is never launched directly
+    def rest_kernel(x_ptr, *rest, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs) + rest[0])
+
+    rest_kernel = triton.jit(rest_kernel)
+    try:
+        slow, fast, direct = ho.both_paths(lambda: fl.launch(rest_kernel, (1,), f32, 48, BLOCK=16))
+    except Exception as e:  # noqa: BLE001 - a Triton that refuses such kernels refuses them either way
+        print(f"(*args kernel refused by this Triton: {type(e).__name__})")
+    else:
+        assert slow == fast and direct == 0, (slow, fast, direct)
     print("unkeyable calls: Triton's dispatch")
 
 

@@ -32,8 +32,9 @@ def test_key_tells_arguments_apart():
     assert k(t, 3) != k(t[1:], 3)  # misaligned
     assert k(t, 3) != k(t.half(), 3)
     assert k(t, 3) != k(t, 4)
-    assert k(t, 1) != k(t, True) != k(t, 1.0)
-    assert k(t, 3, B=1) != k(t, 3, B=2)
+    assert len({k(t, 1), k(t, True), k(t, 1.0)}) == 3
+    assert len({k(t, 3, B=1), k(t, 3, B=2), k(t, 3, B=True), k(t, 3, B=1.0)}) == 4  # 1 == True == 1.0
+    assert fl._key("kernel", 0, (t,), {}, (True, "")) != fl._key("kernel", 0, (t,), {}, (False, ""))
     assert fl._key("a", 0, (t,), {}) != fl._key("b", 0, (t,), {}) != fl._key("a", 1, (t,), {})
     assert k(t, object()) is None  # e.g. a TMA descriptor
     assert k(t, y=t) is None  # a tensor keyword
@@ -59,6 +60,13 @@ def test_int_class_is_as_fine_as_tritons_specialisation():
                             for spec in (True, False) for align in (True, False))
         assert classes.setdefault(fl._int_class(v), triton_says) == triton_says, v
     assert len(classes) == 7  # 1; and int32, int64, uint64, each divisible by 16 or not
+    # values Triton refuses: each a class of its own, so none is launched on another's pick
+    refused = [2 ** 64, 2 ** 64 + 16, 2 ** 70, -2 ** 63 - 1, -2 ** 63 - 16, -2 ** 80]
+    for v in refused:
+        with pytest.raises(OverflowError):
+            libtriton.native_specialize_impl(CUDABackend, v, False, True, True)
+    assert len({fl._int_class(v) for v in refused} | set(classes)) == len(refused) + len(classes)
+    assert fl._int_class(-2 ** 63) in classes and fl._int_class(2 ** 64 - 1) in classes  # the last in range
 
 
 def test_class_key_keeps_constexpr_values():
@@ -73,10 +81,13 @@ def test_class_key_keeps_constexpr_values():
     t = torch.zeros(8)
     k = lambda *args, **kw: fl._class_key(kernel, 0, args, kw)  # noqa: E731
     assert k(t, 48, 2.0, 3) == k(t[4:], 64, -1.5, 3)  # aligned, int32 multiples of 16, any float
-    assert k(t, 48, 2.0, 3) != k(t, 48, 2.0, 5)  # a positional constexpr counts by value
-    assert k(t, 48, 2.0, 3) != k(t[1:], 48, 2.0, 3) != k(t, 17, 2.0, 3) != k(t, 1, 2.0, 3)
-    assert k(t, 48, 2.0, 3) != k(t, 48, 2, 3) != k(t, 48, True, 3)
-    assert k(t, 48, 2.0, 3, num_warps=4) != k(t, 48, 2.0, 3, num_warps=8)
+    others = [k(t, 48, 2.0, 5),  # a positional constexpr counts by value
+              k(t[1:], 48, 2.0, 3), k(t.half(), 48, 2.0, 3), k(t, 17, 2.0, 3), k(t, 1, 2.0, 3), k(t, 2 ** 32, 2.0, 3),
+              k(t, 2 ** 63, 2.0, 3), k(t, 48, 2, 3), k(t, 48, True, 3), k(t, 48, None, 3),
+              k(t, 48, 2.0, 3, num_warps=4), k(t, 48, 2.0, 3, num_warps=8), k(t, 48, 2.0, 3, num_warps=4.0)]
+    keys = [k(t, 48, 2.0, 3)] + others
+    assert len(set(keys)) == len(keys)  # pairwise different
+    assert fl._class_key(kernel, 0, (t, 48, 2.0, 3), {}, (True, "")) != k(t, 48, 2.0, 3)  # settings count
 
 
 def test_other_launchables_are_called_as_kernel_grid():
