@@ -348,7 +348,11 @@ def check_library() -> None:
         slow, fast, direct = ho.both_paths(op)
         assert slow and fast == slow, f"{name}: direct launches differ from Triton's dispatch\n{slow}\n{fast}"
         assert direct == len(fast), f"{name}: {direct} of {len(fast)} launches direct"
-        print(f"{name}: {len(fast)} launches, all direct, equal to Triton's dispatch")
+        # again with the cache by value emptied first: every launch through the key by class
+        _, by_class, direct = ho.both_paths(op, reset=fl._CACHE.clear)
+        assert by_class == slow, f"{name}: launches through the key by class differ\n{slow}\n{by_class}"
+        assert direct == len(by_class), f"{name}: {direct} of {len(by_class)} launches direct by class"
+        print(f"{name}: {len(fast)} launches, all direct (by value and by class), equal to Triton's dispatch")
 
 
 if __name__ == "__main__":
