@@ -4,21 +4,54 @@
 # tokenizers' native libraries); in a process that then runs the Triton interpreter, calls
 # into torch's custom-op dispatcher were seen to fail (std::length_error, segfaults), so
 # those tests get a process of their own.
+#
+# The packages run in two lanes at once: the kernel tests (most of the time, spent in the
+# single-threaded Triton interpreter) and everything else one after another. Each lane's
+# output goes to a log that is printed when the lane ends. FLOPWISE_TEST_LANES=1 runs the
+# packages one after another instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-failed=()
-run() {
+logs="$(mktemp -d)"
+trap 'rm -rf "$logs"' EXIT
+
+run() {  # run NAME PYTEST-ARGS...: one pytest process; NAME is recorded if it fails
+  local name="$1"
+  shift
   echo "== pytest $*"
-  python -m pytest -q "$@" || failed+=("$1")
+  python -m pytest -q "$@" || echo "$name" >>"$logs/failed"
 }
-run tests/kernels "$@"
-run tests/models --ignore=tests/models/test_upcycle.py "$@"
-run tests/models/test_upcycle.py "$@"
-run tests/coding "$@"
-run tests/scaling "$@"
-run tests/test_bench_harness.py "$@"
-if [ ${#failed[@]} -gt 0 ]; then
-  echo "FAILED groups: ${failed[*]}"
+
+lane_kernels() {
+  run tests/kernels tests/kernels "$@"
+}
+
+lane_rest() {
+  run tests/models tests/models --ignore=tests/models/test_upcycle.py "$@"
+  run tests/models/test_upcycle.py tests/models/test_upcycle.py "$@"
+  run tests/coding tests/coding "$@"
+  run tests/scaling tests/scaling "$@"
+  run tests/test_bench_harness.py tests/test_bench_harness.py "$@"
+}
+
+start=$SECONDS
+if [ "${FLOPWISE_TEST_LANES:-2}" = "1" ]; then
+  lane_kernels "$@"
+  lane_rest "$@"
+else
+  # one torch thread per process: two lanes on two cores
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  lane_kernels "$@" >"$logs/kernels.log" 2>&1 &
+  kernels_pid=$!
+  lane_rest "$@" >"$logs/rest.log" 2>&1
+  echo "== lane: models, upcycling, coding, scaling, bench harness ($((SECONDS - start)) s)"
+  cat "$logs/rest.log"
+  wait "$kernels_pid" || echo "tests/kernels (lane exited with $?)" >>"$logs/failed"
+  echo "== lane: kernels ($((SECONDS - start)) s)"
+  cat "$logs/kernels.log"
+fi
+
+if [ -s "$logs/failed" ]; then
+  echo "FAILED groups: $(tr '\n' ' ' <"$logs/failed")"
   exit 1
 fi
-echo "all test groups passed"
+echo "all test groups passed ($((SECONDS - start)) s)"
