@@ -70,19 +70,21 @@ try:
     _ENV_DECODE = os.environ.decodevalue
 except AttributeError:  # pragma: no cover - another Python
     _ENV_DATA = None
-_LAST = [None, "auto"]  # the raw value last parsed, and its parse
+_LAST = (None, "auto")  # the raw value last parsed, and its parse (one tuple: one store)
 
 
 def _requested() -> str:
-    if _ENV_DATA is None:  # pragma: no cover
+    global _LAST
+    if _ENV_DATA is None or _ENV_DATA is not getattr(os.environ, "_data", None):  # os.environ replaced
         return _parse(os.environ.get("FLOPWISE_BACKEND"))
     raw = _ENV_DATA.get(_ENV_KEY)
     if raw is None:
         return "auto"
-    if raw is _LAST[0]:
-        return _LAST[1]
+    last = _LAST
+    if raw is last[0]:
+        return last[1]
     value = _parse(_ENV_DECODE(raw))
-    _LAST[0], _LAST[1] = raw, value
+    _LAST = (raw, value)
     return value
 
 

@@ -43,7 +43,9 @@ call. Calls take Triton's own path every time when:
   ``launch_exit_hook``, e.g. by a profiler), a stages-inspection hook is set, or the kernel
   has pre-run hooks (all checked on every call);
 * the kernel reads global variables (Triton checks them on every call), or takes
-  ``*args`` or ``**kwargs``.
+  ``*args`` or ``**kwargs``;
+* the active target is not CUDA (e.g. ROCm, whose backend also specialises on a tensor's
+  storage size).
 
 Settings Triton reads only when it compiles (the default FP fusion, for one) behave as with
 Triton's own dispatch: a kernel already compiled keeps them. Each cache keeps at most
@@ -94,6 +96,21 @@ def _settings():
     if _FPSAN:
         return _knobs.runtime.debug, comp.instrumentation_mode, comp.fpsan_homomorphic_casts
     return _knobs.runtime.debug, comp.instrumentation_mode
+
+
+_BACKEND = []  # the active target's backend, read once
+
+
+def _on_cuda() -> bool:
+    """The keys describe what Triton's CUDA backend specialises on. Other backends specialise
+    on more (AMD's on whether a tensor's storage fits 32-bit offsets): they keep Triton's
+    dispatch."""
+    if not _BACKEND:
+        try:
+            _BACKEND.append(_driver.active.get_current_target().backend)
+        except Exception:  # noqa: BLE001 - no active driver: Triton's dispatch says why
+            return False
+    return _BACKEND[0] == "cuda"
 
 
 def _no_hooks() -> bool:
@@ -209,7 +226,7 @@ def _store(cache: dict, key, entry) -> None:
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, with Triton's per-call dispatch skipped after a key's
     first call (see the module's docstring for the keys and when it is not skipped)."""
-    if FAST and _JIT is not None and type(kernel) is _JIT and grid.__class__ is tuple:
+    if FAST and _JIT is not None and type(kernel) is _JIT and grid.__class__ is tuple and _on_cuda():
         drv = _driver.active
         device = drv.get_current_device()
         settings = _settings()

@@ -12,7 +12,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs="$(mktemp -d)"
-trap 'rm -rf "$logs"' EXIT
+kernels_pid=""
+# stopped or interrupted: stop the kernel lane too, and show what it had printed
+trap 'if [ -n "$kernels_pid" ]; then pkill -TERM -P "$kernels_pid" 2>/dev/null; kill "$kernels_pid" 2>/dev/null; cat "$logs/kernels.log" 2>/dev/null; fi; rm -rf "$logs"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 run() {  # run NAME PYTEST-ARGS...: one pytest process; NAME is recorded if it fails
   local name="$1"
@@ -21,8 +25,8 @@ run() {  # run NAME PYTEST-ARGS...: one pytest process; NAME is recorded if it f
   python -m pytest -q "$@" || echo "$name" >>"$logs/failed"
 }
 
-lane_kernels() {
-  run tests/kernels tests/kernels "$@"
+lane_kernels() {  # (a pytest cache of its own: two processes writing one would lose results)
+  run tests/kernels tests/kernels -o cache_dir=.pytest_cache/kernels "$@"
 }
 
 lane_rest() {
@@ -46,6 +50,7 @@ else
   echo "== lane: models, upcycling, coding, scaling, bench harness ($((SECONDS - start)) s)"
   cat "$logs/rest.log"
   wait "$kernels_pid" || echo "tests/kernels (lane exited with $?)" >>"$logs/failed"
+  kernels_pid=""
   echo "== lane: kernels ($((SECONDS - start)) s)"
   cat "$logs/kernels.log"
 fi

@@ -471,6 +471,8 @@ def test_backend_setting_is_read_on_every_call(monkeypatch):
         _dispatch._requested()
     with pytest.raises(ValueError, match="FLOPWISE_BACKEND must be one of"):  # not cached as valid
         _dispatch._requested()
+    monkeypatch.setattr(os, "environ", {"FLOPWISE_BACKEND": "reference"})  # os.environ replaced outright
+    assert _dispatch._requested() == "reference"
 
 
 def test_custom_ops_pass_opcheck():
