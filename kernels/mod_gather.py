@@ -18,7 +18,11 @@ write each destination row from exactly one program, with a plain read-add-write
 atomics: bit-for-bit deterministic and no atomic traffic. Ranks, shapes, dtypes and devices
 are validated on every call (no host synchronisation); ``check_indices=True`` additionally
 checks range and distinctness, which needs a device-to-host copy (keep it off the hot path).
-With repeated indices the results are unspecified.
+A position outside ``[0, S)`` (a negative one included: no Python-style wrap) selects no
+row, in every backend and both directions: it gathers a zero row and scatters nothing, and
+nothing out of bounds is ever read or written. With repeated indices the results are
+unspecified and differ between backends (the kernels' gather backward keeps one of the
+repeated rows' gradients, the reference sums them).
 
 Every op is a ``torch.library.custom_op`` (``flopwise::mod_gather`` ...) with a fake
 implementation and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through
@@ -80,12 +84,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _selected_rows(idx_ptr, n_sel, S, K, ROWS: tl.constexpr):
-        """This program's ROWS selected rows ``j = b*K + i`` (int64), which exist, and the
-        flattened source row ``b*S + idx[j]`` of each."""
+        """This program's ROWS selected rows ``j = b*K + i`` (int64), which exist, the
+        flattened source row ``b*S + idx[j]`` of each, and which of them have a source: a
+        position outside ``[0, S)`` selects no row (never read or written)."""
         j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_ok = j < n_sel
-        src = (j // K) * S + tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
-        return j, row_ok, src
+        pos = tl.load(idx_ptr + j, mask=row_ok, other=0).to(tl.int64)
+        src = (j // K) * S + pos
+        return j, row_ok, src, row_ok & (pos >= 0) & (pos < S)
 
     @triton.jit
     def _inverse_index_kernel(idx_ptr, inv_ptr, S, K, BLOCK: tl.constexpr):
@@ -110,12 +116,13 @@ if HAS_TRITON:
         ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[j] = x[b*S + idx[j]] for the flattened selection j = b*K + i."""
-        j, row_ok, src = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
+        j, row_ok, src, src_ok = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
         cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols[None, :] < D)
+        col_ok = cols[None, :] < D
         # Each selected row is read exactly once: stream it past L2 ("evict_first").
-        v = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask, eviction_policy="evict_first")
-        tl.store(out_ptr + j[:, None] * D + cols[None, :], v, mask=mask)
+        v = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=src_ok[:, None] & col_ok, other=0.0,
+                    eviction_policy="evict_first")
+        tl.store(out_ptr + j[:, None] * D + cols[None, :], v, mask=row_ok[:, None] & col_ok)
 
 
     @triton.jit
@@ -164,14 +171,14 @@ if HAS_TRITON:
         ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """residual[b*S + idx[j]] += w[j] * y[j]; distinct indices -> one writer per row, no atomics."""
-        j, row_ok, dst = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
+        j, row_ok, dst, dst_ok = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
         cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols[None, :] < D)
+        mask = dst_ok[:, None] & (cols[None, :] < D)
         dst_offs = dst[:, None] * D + cols[None, :]
         res = tl.load(res_ptr + dst_offs, mask=mask, other=0.0).to(tl.float32)
         yv = tl.load(y_ptr + j[:, None] * D + cols[None, :], mask=mask, other=0.0,
                      eviction_policy="evict_first").to(tl.float32)
-        wv = tl.load(w_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + j, mask=dst_ok, other=0.0).to(tl.float32)
         tl.store(res_ptr + dst_offs, (res + wv[:, None] * yv).to(res_ptr.dtype.element_ty), mask=mask)
 
 
@@ -186,13 +193,14 @@ if HAS_TRITON:
         One program owns ROWS selected rows and loops over D, so the dot product is finished in
         registers (no second reduction stage, deterministic).
         """
-        j, row_ok, src = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
+        j, row_ok, src, src_ok = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
         wv = tl.load(w_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
         dot = tl.zeros((ROWS,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             mask = row_ok[:, None] & (cols[None, :] < D)
-            g = tl.load(grad_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(grad_ptr + src[:, None] * D + cols[None, :], mask=mask & src_ok[:, None],
+                        other=0.0).to(tl.float32)
             yv = tl.load(y_ptr + j[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(dy_ptr + j[:, None] * D + cols[None, :], (g * wv[:, None]).to(dy_ptr.dtype.element_ty), mask=mask)
             dot += tl.sum(g * yv, axis=1)
@@ -207,11 +215,11 @@ if HAS_TRITON:
     ):
         """out[j] = x[src_j] * rsqrt(mean(x[src_j]**2) + eps) * gamma, whole rows in registers
         (BLOCK_D >= D), so each selected row is read once."""
-        j, row_ok, src = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
+        j, row_ok, src, src_ok = _selected_rows(idx_ptr, n_sel, S, K, ROWS)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         mask = row_ok[:, None] & col_ok[None, :]
-        xv = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0,
+        xv = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=src_ok[:, None] & col_ok[None, :], other=0.0,
                      eviction_policy="evict_first").to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xv * xv, axis=1) / D + eps)
         g = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -240,9 +248,12 @@ if HAS_TRITON:
         for i in range(0, rows_per_prog):
             j = start + i
             ok = j < n_sel
-            # the row test broadcast to a vector first: the interpreter rejects scalar & vector masks
-            mask = col_ok & ((j + tl.zeros((BLOCK_D,), dtype=tl.int64)) < n_sel)
-            src = (j // K) * S + tl.load(idx_ptr + j, mask=ok, other=0).to(tl.int64)
+            pos = tl.load(idx_ptr + j, mask=ok, other=0).to(tl.int64)
+            # a position outside [0, S) selects no row: its x reads as zeros, its dx is not written.
+            # (the row tests broadcast to vectors first: the interpreter rejects scalar & vector masks)
+            pos_v = pos + tl.zeros((BLOCK_D,), dtype=tl.int64)
+            mask = col_ok & ((j + tl.zeros((BLOCK_D,), dtype=tl.int64)) < n_sel) & (pos_v >= 0) & (pos_v < S)
+            src = (j // K) * S + pos
             xv = tl.load(x_ptr + src * D + cols, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(grad_ptr + j * D + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.rsqrt(tl.sum(xv * xv, axis=0) / D + eps)
@@ -265,9 +276,23 @@ def _batch_rows(idx: torch.Tensor) -> torch.Tensor:
     return torch.arange(idx.shape[0], device=idx.device)[:, None]
 
 
+def _selected(idx: torch.Tensor, S: int):
+    """The (batch, position) pairs of ``idx`` that name a row, and which entries of idx they
+    are: a position outside ``[0, S)`` selects nothing (gathers a zero row, scatters nothing;
+    the kernels mask it the same way, so a bad index never reads or writes out of bounds)."""
+    ok = (idx >= 0) & (idx < S)
+    if bool(ok.all()):  # host sync: fine for the reference
+        return (_batch_rows(idx), idx.long()), None
+    return (_batch_rows(idx).expand_as(idx)[ok], idx[ok].long()), ok
+
+
 def gather_tokens_reference(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``out[b, j] = x[b, idx[b, j]]``. x: [B, S, D], idx: [B, K] -> [B, K, D]."""
-    return x[_batch_rows(idx), idx.long()]
+    """``out[b, j] = x[b, idx[b, j]]`` (zeros where ``idx[b, j]`` is outside ``[0, S)``).
+    x: [B, S, D], idx: [B, K] -> [B, K, D]."""
+    rows, ok = _selected(idx, x.shape[1])
+    if ok is None:
+        return x[rows]
+    return x.new_zeros(idx.shape + x.shape[2:]).index_put((ok,), x[rows])
 
 
 def scatter_tokens_reference(
@@ -275,7 +300,9 @@ def scatter_tokens_reference(
 ) -> torch.Tensor:
     """``out = residual`` with ``out[b, idx[b, j]] += weight[b, j] * y[b, j]`` (fp32 math, or
     float64 for float64, one rounding to residual's dtype). residual: [B, S, D], y: [B, K, D], weight: [B, K]."""
-    rows = (_batch_rows(idx), idx.long())
+    rows, ok = _selected(idx, residual.shape[1])
+    if ok is not None:  # positions outside [0, S) scatter nothing
+        y, weight = y[ok], weight[ok]
     acc = acc_dtype(residual)
     updated = residual[rows].to(acc) + weight.to(acc)[..., None] * y.to(acc)
     return residual.index_put(rows, updated.to(residual.dtype))
@@ -292,7 +319,9 @@ def rmsnorm_gather_tokens_reference(
 
 
 def _scatter_tokens_inplace_reference(residual, y, idx, weight) -> None:
-    rows = (_batch_rows(idx), idx.long())
+    rows, ok = _selected(idx, residual.shape[1])
+    if ok is not None:
+        y, weight = y[ok], weight[ok]
     acc = acc_dtype(residual)
     updated = residual[rows].to(acc) + weight.to(acc)[..., None] * y.to(acc)
     residual[rows] = updated.to(residual.dtype)
@@ -301,7 +330,8 @@ def _scatter_tokens_inplace_reference(residual, y, idx, weight) -> None:
 def _gather_tokens_bwd_reference(grad: torch.Tensor, idx: torch.Tensor, S: int) -> torch.Tensor:
     B, _, D = grad.shape
     dx = grad.new_zeros(B, S, D)
-    dx[_batch_rows(idx), idx.long()] = grad
+    rows, ok = _selected(idx, S)
+    dx[rows] = grad if ok is None else grad[ok]
     return dx
 
 
@@ -437,6 +467,13 @@ def _scatter_tokens_fwd(residual, y, idx, weight) -> torch.Tensor:
 def _scatter_tokens_inplace(residual, y, idx, weight) -> None:
     if not residual.is_contiguous():
         raise ValueError("residual must be contiguous for scatter_tokens(..., inplace=True)")
+    # y or weight sharing residual's memory (y = residual[:, :k], say) would be read after other
+    # programs updated it: read them from a copy, as the reference's gather-then-write does
+    base = residual.untyped_storage().data_ptr()
+    if y.untyped_storage().data_ptr() == base:
+        y = y.clone()
+    if weight.untyped_storage().data_ptr() == base:
+        weight = weight.clone()
     y, idx, weight = y.contiguous(), idx.contiguous(), weight.contiguous()
     B, S, D = residual.shape
     K = idx.shape[1]
@@ -719,7 +756,7 @@ def _check_tensor(t, name: str, ndim: int, *, floating: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim != 1 else ''}, got shape {tuple(t.shape)}")
     if floating and not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
@@ -749,7 +786,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = F
     Args:
         x: ``[B, S, D]`` float tensor (bf16/fp16/fp32), the residual stream.
         idx: ``[B, K]`` int32/int64 positions in ``[0, S)``, distinct within each row
-            (MoD routing's sorted top-k). The backward relies on distinctness.
+            (MoD routing's sorted top-k). The backward relies on distinctness. A position
+            outside ``[0, S)`` gathers a zero row (no wrap-around for negatives).
         check_indices: also check range and distinctness (synchronises with the device).
 
     Returns:
@@ -790,13 +828,15 @@ def scatter_tokens(
         y: ``[B, K, D]``, same dtype as residual (the block's output on the selected tokens).
         idx: ``[B, K]`` int32/int64 positions in ``[0, S)``, **distinct within each row**:
             each destination row is updated by one program with a plain read-add-write (no
-            atomics), so a repeated position would lose one of its updates.
+            atomics), so a repeated position would lose one of its updates. A position
+            outside ``[0, S)`` updates nothing.
         weight: ``[B, K]`` float router weights (e.g. the sigmoid of the router score).
         inplace: update ``residual`` in place and return it. Only for tensors outside
             autograd (inference, or under ``torch.no_grad()``): with grad mode on and any of
             residual / y / weight requiring grad it raises ``ValueError`` (use the default
             out-of-place form in training; it writes every row of the result in one pass).
-            residual must then be contiguous.
+            residual must then be contiguous; y and weight may be views of it (they are
+            read from a copy then).
         check_indices: also check range and distinctness (synchronises with the device).
 
     Returns:
@@ -839,6 +879,9 @@ def scatter_tokens(
             torch.ops.flopwise.mod_scatter_(residual, y, idx, weight)
         else:
             _scatter_inplace_impl(residual, y, idx, weight)
+            # the kernel writes through a pointer: tell autograd, so that a graph which saved
+            # residual earlier refuses to backward through the stale value (as for any in-place op)
+            torch.autograd.graph.increment_version(residual)
         return residual
     if traced(residual, y, idx, weight):
         return torch.ops.flopwise.mod_scatter(residual, y, idx, weight)
@@ -863,7 +906,8 @@ def rmsnorm_gather_tokens(
 
     Args:
         x: ``[B, S, D]`` float tensor; D up to 65536 on the Triton path.
-        idx: ``[B, K]`` int32/int64 positions in ``[0, S)``, distinct within each row.
+        idx: ``[B, K]`` int32/int64 positions in ``[0, S)``, distinct within each row
+            (outside ``[0, S)``: a zero row).
         gamma: ``[D]`` float scale (any float dtype; its gradient has gamma's dtype).
         eps: added to the mean square, >= 0.
         check_indices: also check range and distinctness (synchronises with the device).

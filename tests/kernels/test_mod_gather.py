@@ -311,6 +311,82 @@ def test_inplace_allowed_under_no_grad(device):
     torch.testing.assert_close(res.detach(), expected)
 
 
+# Positions outside [0, S): -1 in the first and in the last sequence (no wrap-around, no read of
+# the neighbouring sequence or of memory before the tensor), S itself, and a far one.
+OUT_OF_RANGE = torch.tensor([[-1, 2, 5], [0, 6, -7], [1, 3, 1 << 40]])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_positions_outside_the_sequence_select_nothing(device, backend, monkeypatch):
+    monkeypatch.setenv("FLOPWISE_BACKEND", backend)
+    B, S, D = 3, 6, 5
+    idx = OUT_OF_RANGE.to(device)
+    ok = ((idx >= 0) & (idx < S))[..., None]
+    # the tensors sit inside larger buffers, so a write before or after them would show
+    buf = torch.randn(B + 2, S, D, device=device)
+    x = leaf(buf[1:-1])
+    gamma = leaf(torch.rand(D, device=device) + 0.5)
+    y, w = leaf(torch.randn(B, 3, D, device=device)), leaf(torch.rand(B, 3, device=device))
+    safe = torch.where(ok[..., 0], idx, 0)
+
+    out = gather_tokens(x, idx)
+    expected = torch.where(ok, x.detach()[torch.arange(B)[:, None], safe], 0.0)
+    assert torch.equal(out, expected)
+    out.backward(torch.ones_like(out))
+    dx = torch.zeros(B, S, D, device=device)
+    dx[torch.arange(B)[:, None].expand_as(idx)[ok[..., 0]], idx[ok[..., 0]]] = 1.0
+    assert torch.equal(x.grad, dx), "only rows inside the sequence get a gradient"
+
+    x.grad = None
+    out = rmsnorm_gather_tokens(x, idx, gamma)
+    torch.testing.assert_close(out, rmsnorm_gather_tokens_reference(x.detach(), safe, gamma.detach()) * ok)
+    out.backward(torch.randn_like(out))
+    assert not x.grad.isnan().any() and (x.grad[dx == 0] == 0).all()
+
+    out = scatter_tokens(x, y, idx, w)
+    expected = x.detach().clone()
+    for b, j in ok[..., 0].nonzero().tolist():
+        expected[b, idx[b, j]] += w[b, j].detach() * y[b, j].detach()
+    torch.testing.assert_close(out, expected)
+    go = torch.randn_like(out)
+    out.backward(go)
+    assert (y.grad[~ok[..., 0]] == 0).all() and (w.grad[~ok[..., 0]] == 0).all()
+
+    before = buf.clone()
+    with torch.no_grad():
+        scatter_tokens(buf[1:-1], y.detach(), idx, w.detach(), inplace=True)
+    torch.testing.assert_close(buf[1:-1], expected)
+    assert torch.equal(buf[0], before[0]) and torch.equal(buf[-1], before[-1]), "wrote outside residual"
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_inplace_scatter_invalidates_a_graph_that_saved_residual(device, backend, monkeypatch):
+    """residual needs no grad, but a graph saved it: its backward must refuse the changed value."""
+    monkeypatch.setenv("FLOPWISE_BACKEND", backend)
+    h = torch.randn(1, 4, 3, device=device)
+    p = torch.ones(3, device=device, requires_grad=True)
+    z = (h * p).sum()  # saves h for dz/dp
+    scatter_tokens(h, torch.ones(1, 2, 3, device=device), torch.tensor([[1, 3]], device=device),
+                   torch.ones(1, 2, device=device), inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(z, p)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_inplace_scatter_of_a_view_of_residual(device, backend, monkeypatch):
+    """y (and weight) read from residual's own memory: updates land as if read beforehand."""
+    monkeypatch.setenv("FLOPWISE_BACKEND", backend)
+    # D=2048 puts two rows in a program, so rows 2..5 are written by programs that run after
+    # (or, on a GPU, beside) those reading rows 0..3
+    h0 = torch.randn(1, 8, 2048, device=device)
+    h = h0.clone()
+    idx = torch.tensor([[2, 3, 4, 5]], device=device)
+    w = h.view(-1)[:4].view(1, 4)  # the weights are residual's first four values
+    expected = scatter_tokens_reference(h0, h0[:, 0:4], idx, h0.view(-1)[:4].view(1, 4))
+    scatter_tokens(h, h[:, 0:4], idx, w, inplace=True)
+    assert torch.equal(h, expected)
+
+
 # ------------------------------------------------------------------------------ custom ops, compile
 
 def _op_samples():
