@@ -1026,6 +1026,8 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: b
         raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
     if a.dim() != 2:
         raise ValueError(f"a must be a 2-D tensor [T, K] (or [N, K] with gather=False), got shape {tuple(a.shape)}")
+    if not a.is_floating_point():
+        raise TypeError(f"a must be a floating-point tensor (float32, bfloat16, float16), got {a.dtype}")
     _check_weight(w, "w", None, (a.shape[1], None), a.dtype, a.device)
     _check_plan(plan, a.shape[0] if gather else None, w.shape[0])
     if not gather and a.shape[0] != plan.num_rows:
@@ -1066,6 +1068,8 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [T, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (float32, bfloat16, float16), got {x.dtype}")
     T, D = x.shape
     _check_weight(w_gate, "w_gate", None, (D, None), x.dtype, x.device)
     _check_plan(plan, T, w_gate.shape[0])

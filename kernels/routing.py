@@ -600,8 +600,8 @@ def plan_from_counts(token_idx: torch.Tensor, weights: torch.Tensor, counts: tor
     """A :class:`RoutingPlan` for rows already sorted by expert (e.g. rows received from other
     ranks): ``token_idx [N]`` the token each row reads, ``weights [N]``, ``counts [E]`` rows per
     expert (summing to N). Offsets and the block map are computed with torch ops on the
-    device, no host sync: counts that are negative or do not sum to N fail a device-side
-    assertion (``torch._assert_async``; on CUDA it is reported asynchronously, as a device-side
+    device, no host sync: counts that are negative or do not sum to N, and a ``token_idx``
+    outside ``[0, num_tokens)``, fail a device-side assertion (``torch._assert_async``; on CUDA it is reported asynchronously, as a device-side
     assert after which the process's CUDA context is unusable)."""
     for name, t in (("token_idx", token_idx), ("weights", weights), ("counts", counts)):
         if not isinstance(t, torch.Tensor):
@@ -620,8 +620,12 @@ def plan_from_counts(token_idx: torch.Tensor, weights: torch.Tensor, counts: tor
     _check_int(num_tokens, "num_tokens", 0, 1 << 62)
     _check_block_m(block_m)
     N = token_idx.shape[0]
-    torch._assert_async(((counts >= 0).all() & (counts.sum() == N)),
-                        f"plan_from_counts: counts must be >= 0 and sum to N = {N} (the rows of token_idx)")
+    # token_idx is read by the grouped matmuls as a row address: one out of range would read
+    # (and, in the backward, atomically add) outside the token tensor
+    torch._assert_async(((counts >= 0).all() & (counts.sum() == N)
+                         & ((token_idx >= 0) & (token_idx < num_tokens)).all()),
+                        f"plan_from_counts: counts must be >= 0 and sum to N = {N} (the rows of token_idx), "
+                        f"and token_idx must lie in [0, num_tokens = {num_tokens})")
     counts, offsets, padded, block_expert, block_row = _block_map_reference(counts, N, block_m)
     # the kernels index these as contiguous arrays
     return RoutingPlan(

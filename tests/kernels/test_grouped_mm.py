@@ -216,6 +216,9 @@ def test_grouped_mm_matches_reference(gather, T, E, k, case):
     (lambda x, p, w: moe_mlp(x, p, w[0], w[1], w[2][:, :3]), ValueError, "w_down has shape"),
     (lambda x, p, w: grouped_mm(x, w[0], p, gather=False), ValueError, "N = 20"),
     (lambda x, p, w: moe_mlp(x[0], p, *w), ValueError, "2-D"),
+    # integer tokens: refused on every backend (the reference would truncate silu's output)
+    (lambda x, p, w: moe_mlp(x.long(), p, *(t.long() for t in w)), TypeError, "x must be a floating-point"),
+    (lambda x, p, w: grouped_mm(x.long(), w[0].long(), p), TypeError, "a must be a floating-point"),
 ])
 def test_bad_input_raises(call, exc, match):
     x = torch.randn(10, 8)
@@ -345,12 +348,17 @@ def test_strided_plan_tensors_are_read_correctly():
     torch.testing.assert_close(moe_mlp(x, hand, *ws), moe_mlp_reference(x, plan, *ws), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("counts, match", [([3, 4], "sum to N = 6"), ([7, -1], ">= 0")])
-def test_plan_from_counts_checks_counts(counts, match):
+@pytest.mark.parametrize("counts, tok, match", [
+    ([3, 4], [0, 1, 2, 3, 4, 5], "sum to N = 6"),
+    ([7, -1], [0, 1, 2, 3, 4, 5], ">= 0"),
+    ([3, 3], [0, 1, 2, 3, 4, -1], r"token_idx must lie in \[0, num_tokens = 6\)"),  # no wrap-around
+    ([3, 3], [0, 1, 2, 3, 4, 6], r"token_idx must lie in \[0, num_tokens = 6\)"),  # past the tokens
+])
+def test_plan_from_counts_checks_counts(counts, tok, match):
     from flopwise.kernels import plan_from_counts
 
     with pytest.raises(RuntimeError, match=match):
-        plan_from_counts(torch.arange(6), torch.rand(6), torch.tensor(counts), 6)
+        plan_from_counts(torch.tensor(tok), torch.rand(6), torch.tensor(counts), 6)
 
 
 @pytest.mark.parametrize("call, exc, match", [
