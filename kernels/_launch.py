@@ -45,7 +45,11 @@ call. Calls take Triton's own path every time when:
 * the kernel reads global variables (Triton checks them on every call), or takes
   ``*args`` or ``**kwargs``;
 * the active target is not CUDA (e.g. ROCm, whose backend also specialises on a tensor's
-  storage size).
+  storage size);
+* the installed Triton is not one of ``TESTED`` (3.6 to 3.9). The keys and the launcher call
+  follow Triton's internals of those versions, checked by the launch tests against each;
+  3.5 and older lack settings the key reads, and a later release may specialise or launch
+  differently, so any other version keeps Triton's dispatch until it is checked.
 
 Settings Triton reads only when it compiles (the default FP fusion, for one) behave as with
 Triton's own dispatch: a kernel already compiled keeps them. Each cache keeps at most
@@ -60,7 +64,7 @@ import os
 
 import torch
 
-__all__ = ["launch", "clear", "FAST", "stats"]
+__all__ = ["launch", "clear", "FAST", "SUPPORTED", "TESTED", "stats"]
 
 FAST = os.environ.get("FLOPWISE_FAST_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096
@@ -74,6 +78,23 @@ try:
     from triton.runtime.jit import JITFunction as _JIT
 except Exception:  # pragma: no cover - triton missing: every kernel call is kernel[grid]
     _JIT = None
+
+TESTED = ((3, 6), (3, 7), (3, 8), (3, 9))  # Triton releases the direct path was checked against
+
+
+def _triton_minor() -> tuple[int, int] | None:
+    try:
+        import triton
+
+        major, minor = triton.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except Exception:  # noqa: BLE001 - no triton, or a version string of another form
+        return None
+
+
+SUPPORTED = _JIT is not None and _triton_minor() in TESTED
+if not SUPPORTED:
+    _JIT = None  # every call takes Triton's dispatch
 
 _Tensor, _Param = torch.Tensor, torch.nn.Parameter
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
