@@ -225,8 +225,13 @@ def autograd_twin(op, name: str, forward, setup_context, backward, *, bwd_impl=N
         setup_context(ctx, inputs, out)
         return out
 
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"{name.removesuffix('Function')}: the Triton kernels have no forward-mode AD (jvp); "
+            "FLOPWISE_BACKEND=reference runs the PyTorch reference, which has it")
+
     return type(name, (torch.autograd.Function,), dict(
-        __doc__=doc, forward=staticmethod(fwd), backward=staticmethod(eager_backward)))
+        __doc__=doc, forward=staticmethod(fwd), backward=staticmethod(eager_backward), jvp=staticmethod(jvp)))
 
 
 @contextlib.contextmanager
