@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"flopwise: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # permissions, full disk, read-only filesystem: not a bug, no traceback
+        print(f"flopwise: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

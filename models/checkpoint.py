@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .safetensors_io import CheckpointReader, fsync_dir, publish_mode
 from .transformer import ModelConfig, Transformer
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_model", "optimizer_tensors",
@@ -161,11 +162,13 @@ def save_checkpoint(path: str | os.PathLike, model: Transformer, optimizer: torc
                       metadata={"format": "pt", "step": str(int(opt["step"]))})
         if trainer_state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
+        publish_mode(str(tmp))  # mkdtemp made it private; the checkpoint gets the usual mode
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "ckpt")
         os.replace(tmp, path)
+        fsync_dir(str(path.parent))  # make the rename durable before the old copy goes
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -192,25 +195,42 @@ def _read_config(path: Path) -> ModelConfig:
         raise FileNotFoundError(f"no config.json in {path}")
     try:
         raw = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"corrupt {f}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"corrupt {f}: not a JSON object")
     return ModelConfig.from_dict(raw)
 
 
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Transformer:
-    """The :class:`Transformer` stored in checkpoint folder ``path``. Missing or unexpected
-    tensors raise ValueError."""
-    from safetensors.torch import load_file
+def _read_tensors(path: Path, stem: str) -> dict[str, torch.Tensor]:
+    """All tensors of ``<stem>.safetensors`` or its shards (``<stem>.safetensors.index.json``,
+    as :mod:`flopwise.models.upcycle` writes large checkpoints). Corrupt files raise
+    ValueError naming the file."""
+    reader = CheckpointReader(str(path), stem=stem)
+    return {name: reader.get(name) for name in reader.infos}
 
+
+def _has(path: Path, stem: str) -> bool:
+    return (path / f"{stem}.safetensors").exists() or (path / f"{stem}.safetensors.index.json").exists()
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Transformer:
+    """The :class:`Transformer` stored in checkpoint folder ``path`` (``model.safetensors``
+    or shards with ``model.safetensors.index.json``). Missing or unexpected tensors, and
+    tensors whose shape differs from what config.json implies, raise ValueError."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     cfg = _read_config(path)
     model = Transformer(cfg)
-    f = path / "model.safetensors"
-    if not f.exists():
-        raise FileNotFoundError(f"no model.safetensors in {path}")
-    sd = load_file(str(f))
+    if not _has(path, "model"):
+        raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {path}")
+    sd = _read_tensors(path, "model")
+    own = model.state_dict()
+    for name, t in sd.items():
+        if name in own and own[name].shape != t.shape:
+            raise ValueError(f"checkpoint {path}: tensor {name!r} has shape {list(t.shape)}, the model of "
+                             f"config.json expects {list(own[name].shape)} (config.json does not match the weights)")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if not (cfg.tie_embeddings and m == "head.weight")]
     if missing or unexpected:
@@ -220,10 +240,16 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
     """Model, optimizer tensors and trainer state of the checkpoint folder ``path``."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     model = load_model(path, device=device)
-    opt = load_file(str(path / "optimizer.safetensors")) if (path / "optimizer.safetensors").exists() else None
-    state = json.loads((path / "trainer_state.json").read_text()) if (path / "trainer_state.json").exists() else None
+    opt = _read_tensors(path, "optimizer") if _has(path, "optimizer") else None
+    state = None
+    f = path / "trainer_state.json"
+    if f.exists():
+        try:
+            state = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"corrupt {f}: {exc}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"corrupt {f}: not a JSON object")
     return Checkpoint(model, model.cfg, opt, state)

@@ -194,8 +194,31 @@ def _describe_flopwise(folder: str, raw: dict) -> DenseSource:
     _check_shape(reader, "norm.weight", (D,))
     if not mc.tie_embeddings:
         _check_shape(reader, "head.weight", (mc.padded_vocab_size, D))
+    _check_flopwise_tensors(reader, mc)
     glob = sorted(n for n in reader.infos if not _LAYER_RE.match(n))
     return DenseSource("flopwise", folder, raw, reader, L, D, F, mlp, prefixes, layer_tensors, glob)
+
+
+def _check_flopwise_tensors(reader: CheckpointReader, mc) -> None:
+    """Every stored tensor must be one the model has, with its shape, and none may be
+    missing: a stray tensor would otherwise be copied into (or dropped from) the output
+    unnoticed. The expected set comes from the model itself, built without memory."""
+    import torch
+
+    from .transformer import Transformer
+
+    with torch.device("meta"):
+        expected = {n: tuple(t.shape) for n, t in Transformer(mc).state_dict().items()}
+    for name, info in reader.infos.items():
+        if name not in expected:
+            raise ValueError(f"unexpected tensor {name!r} in a flopwise checkpoint ({reader.path}): "
+                             "the ModelConfig in config.json has no such parameter")
+        if tuple(info.shape) != expected[name]:
+            raise ValueError(f"shape mismatch for tensor {name!r}: expected {list(expected[name])} from "
+                             f"config.json, got {list(info.shape)}")
+    for name in expected:
+        if name not in reader and not (mc.tie_embeddings and name == "head.weight"):
+            raise ValueError(f"missing tensor {name!r} in {reader.path}")
 
 
 def moe_names(fmt: str, src: DenseSource, layer: int, n_experts: int) -> dict:
@@ -233,19 +256,35 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
     if fmt == "flopwise":
         mc = _flopwise_config(src.config)
         mlp = tuple("moe" if i in moe_layers else m for i, m in enumerate(mc.mlp))
-        new = mc.replace(mlp=mlp, moe_n_experts=n_experts, moe_top_k=top_k, moe_router="token_choice",
-                         moe_d_ff=None if expert_d_ff == mc.ffn_dim else expert_d_ff)
+        if "moe" in mc.mlp:
+            # Existing MoE layers keep their router, capacity factor and expert size (one
+            # set of MoE fields covers every MoE layer; the compatibility check made the new
+            # layers agree with them).
+            new = mc.replace(mlp=mlp)
+        else:
+            new = mc.replace(mlp=mlp, moe_n_experts=n_experts, moe_top_k=top_k, moe_router="token_choice",
+                             moe_d_ff=None if expert_d_ff == mc.ffn_dim else expert_d_ff)
         if new.moe_ffn_dim != expert_d_ff:
-            raise ValueError(f"expert hidden size {expert_d_ff} is not a multiple of pad_to_multiple_of="
-                             f"{mc.pad_to_multiple_of} (option granularity)")
+            raise ValueError(f"expert hidden size {expert_d_ff} (d_ff / option granularity) cannot be stored: the "
+                             f"config's experts have {new.moe_ffn_dim} (moe_d_ff rounded up to a multiple of "
+                             f"pad_to_multiple_of={mc.pad_to_multiple_of}); choose another granularity")
         return json.loads(json.dumps(dataclasses.asdict(new)))
     c = src.config
     out = {k: c[k] for k in _COMMON if k in c}
     L = src.n_layers
     if fmt == "mixtral":
+        # Mixtral applies one sliding window to every layer (or none): a Qwen2 config keeps a
+        # sliding_window value even when use_sliding_window is off, so copying it would
+        # narrow the attention of a full-attention model.
+        types = source_layer_types(src)
+        if len(set(types)) > 1:
+            raise ValueError(f"{src.folder}/config.json: layers mix sliding and full attention "
+                             f"({types.count('sliding_attention')} of {L} sliding), which mixtral cannot "
+                             "express; use format 'qwen2_moe'")
+        window = c["sliding_window"] if types and types[0] == "sliding_attention" else None
         out.update(model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=expert_d_ff,
                    num_local_experts=n_experts, num_experts_per_tok=top_k, router_aux_loss_coef=aux_loss_coef,
-                   output_router_logits=False, router_jitter_noise=0.0, sliding_window=c.get("sliding_window"))
+                   output_router_logits=False, router_jitter_noise=0.0, sliding_window=window)
         return out
     # qwen2_moe
     sparse = sorted(moe_layers)
@@ -260,42 +299,113 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
                decoder_sparse_step=step, mlp_only_layers=only, norm_topk_prob=renormalize,
                shared_expert_intermediate_size=shared_d_ff, router_aux_loss_coef=aux_loss_coef,
                output_router_logits=False, qkv_bias=bool(src.attn_bias))
-    if src.arch == "qwen2":
-        for k in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"):
-            if k in c:
-                out[k] = c[k]
-    elif src.arch == "mistral" and c.get("sliding_window"):
-        out.update(use_sliding_window=True, sliding_window=c["sliding_window"], max_window_layers=0,
-                   layer_types=["sliding_attention"] * L)
+    # layer_types is always written: without it Qwen2MoeConfig derives the attention of each
+    # layer by its own rule (sliding on even layers below max_window_layers), which is not
+    # Qwen2's (sliding from max_window_layers on) nor Mistral's (every layer).
+    types = source_layer_types(src)
+    if "sliding_attention" in types:
+        out.update(use_sliding_window=True, sliding_window=c["sliding_window"], layer_types=types,
+                   max_window_layers=c.get("max_window_layers", 0))
     else:
-        out.update(use_sliding_window=False)
+        out.update(use_sliding_window=False, layer_types=types)
     return out
+
+
+def source_layer_types(src: DenseSource) -> list[str]:
+    """Per layer, ``"sliding_attention"`` or ``"full_attention"`` as the dense model runs it."""
+    c, L = src.config, src.n_layers
+    if src.arch == "qwen2":
+        if not (c.get("use_sliding_window") and c.get("sliding_window")):
+            return ["full_attention"] * L
+        types = c.get("layer_types")
+        if types is None:  # older configs: Qwen2Config's rule
+            mwl = c.get("max_window_layers", 28)
+            return ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)]
+        if not (isinstance(types, list) and len(types) == L
+                and set(types) <= {"sliding_attention", "full_attention"}):
+            raise ValueError(f"{src.folder}/config.json: layer_types must list 'sliding_attention' or "
+                             f"'full_attention' for each of the {L} layers, got {types!r}")
+        return list(types)
+    if src.arch == "mistral" and c.get("sliding_window"):
+        return ["sliding_attention"] * L
+    return ["full_attention"] * L
 
 
 # ------------------------------------------------------------------ flopwise folders
 def save_flopwise(model, folder: str, *, metadata: dict[str, str] | None = None) -> None:
     """Write a :class:`~flopwise.models.Transformer` as a flopwise checkpoint folder:
     ``config.json`` (its ModelConfig) and ``model.safetensors`` (the state dict; a tied head
-    is stored once, as ``embed.weight``)."""
+    is stored once, as ``embed.weight``).
+
+    Into an existing folder: other files stay, but the weights of an earlier save are
+    replaced whole: each new file is written beside its target and renamed onto it, and a
+    sharded checkpoint there (``model.safetensors.index.json`` and its shards, which readers
+    prefer over ``model.safetensors``) is removed after the new file is in place."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         sd.pop("head.weight", None)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(model.cfg), f, indent=2)
-    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+    index = os.path.join(folder, "model.safetensors.index.json")
+    stale = _stale_shards(folder, index)
+    tag = f".tmp-{os.getpid()}"
+    tmp_model = os.path.join(folder, "model.safetensors" + tag)
+    tmp_config = os.path.join(folder, "config.json" + tag)
+    try:
+        save_file(sd, tmp_model, metadata={"format": "pt", **(metadata or {})})
+        with open(tmp_config, "w") as f:
+            json.dump(dataclasses.asdict(model.cfg), f, indent=2)
+        for path in (tmp_model, tmp_config):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp_model, os.path.join(folder, "model.safetensors"))
+        os.replace(tmp_config, os.path.join(folder, "config.json"))
+    except BaseException:
+        for path in (tmp_model, tmp_config):
+            if os.path.lexists(path):
+                os.remove(path)
+        raise
+    # Until the index is gone a reader refuses the folder (both an index and a single file)
+    # rather than read the old shards.
+    if os.path.lexists(index):
+        os.remove(index)
+    for path in stale:
+        if os.path.lexists(path):
+            os.remove(path)
+
+
+def _stale_shards(folder: str, index: str) -> list[str]:
+    """Shard files of an earlier sharded save in ``folder``: those its index names and any
+    ``model-NNNNN-of-NNNNN.safetensors``."""
+    names = {n for n in os.listdir(folder) if re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)}
+    try:
+        with open(index) as f:
+            wm = json.load(f).get("weight_map", {})
+        names |= {v for v in wm.values() if isinstance(v, str) and os.path.basename(v) == v
+                  and v.startswith("model") and v.endswith(".safetensors") and v != "model.safetensors"}
+    except (OSError, ValueError, AttributeError):
+        pass  # no index, or an unreadable one: the pattern above still finds the shards
+    return [os.path.join(folder, n) for n in sorted(names)]
 
 
 def load_flopwise(folder: str, *, dtype=None):
     """Load a flopwise checkpoint folder (single file or sharded) into a
-    :class:`~flopwise.models.Transformer`. Missing or unexpected tensors raise ValueError."""
+    :class:`~flopwise.models.Transformer`. Missing or unexpected tensors, and shapes that
+    differ from config.json's, raise ValueError."""
     from .transformer import Transformer
 
     mc = _flopwise_config(_load_config(folder))
     model = Transformer(mc)
     reader = CheckpointReader(folder)
+    own = model.state_dict()
+    for name, info in reader.infos.items():
+        if name in own and tuple(own[name].shape) != tuple(info.shape):
+            raise ValueError(f"flopwise checkpoint {folder}: tensor {name!r} has shape {list(info.shape)}, the "
+                             f"model of config.json expects {list(own[name].shape)}")
     sd = {n: reader.get(n) for n in reader.infos}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if not (mc.tie_embeddings and m == "head.weight")]

@@ -137,6 +137,11 @@ class CheckpointReader:
         elif os.path.isdir(path):
             index = os.path.join(path, f"{stem}.safetensors.index.json")
             single = os.path.join(path, f"{stem}.safetensors")
+            if os.path.isfile(index) and os.path.isfile(single):
+                # Which one is current cannot be told from the files; reading either could
+                # silently return stale weights.
+                raise ValueError(f"{path} holds both {stem}.safetensors and {stem}.safetensors.index.json "
+                                 "(one of them is stale): remove the outdated one")
             if os.path.isfile(index):
                 self.files = self._files_from_index(index)
             elif os.path.isfile(single):
@@ -178,7 +183,10 @@ class CheckpointReader:
         files = []
         for fname in dict.fromkeys(self._weight_map.values()):
             full = os.path.join(folder, fname)
-            if os.path.basename(fname) != fname or not os.path.isfile(full):
+            if os.path.basename(fname) != fname or fname in ("", ".", ".."):
+                raise ValueError(f"index {index} names shard {fname!r}: shards must be plain file names in "
+                                 "the index's folder (paths are refused)")
+            if not os.path.isfile(full):
                 raise ValueError(f"index {index} names shard {fname!r}, which does not exist")
             files.append(full)
         return files
@@ -217,14 +225,47 @@ class CheckpointReader:
         return buf.view(info.dtype).reshape(shape)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (``os.umask`` sets
+    it, which would race with files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str) -> None:
+    """Give a folder made by ``tempfile.mkdtemp`` (mode 0700, private while written) the
+    mode ``os.mkdir`` would have given it, before it is renamed into place."""
+    os.chmod(path, 0o777 & ~_umask())
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or deletion in folder ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class FileRange:
     """A chunk given as bytes of an existing file: :func:`write_shard` copies it in the
-    kernel (``copy_file_range``) without passing it through user memory."""
+    kernel (``copy_file_range``) without passing it through user memory. ``dtype``: what
+    the bytes hold; raw bytes carry no type, so :func:`write_shard` checks it against the
+    planned dtype (None skips the check)."""
 
     path: str
     offset: int
     nbytes: int
+    dtype: torch.dtype | None = None
 
 
 _COPY_BLOCK = 64 * 2**20
@@ -331,6 +372,12 @@ def write_shard(path: str, plan: ShardPlan, produce: Callable[[str], Iterator[to
             got = 0
             for chunk in produce(name):
                 if isinstance(chunk, FileRange):
+                    if chunk.dtype is not None and chunk.dtype != dtype:
+                        raise TypeError(f"tensor {name!r}: bytes copied from {chunk.path} hold {chunk.dtype}, "
+                                        f"planned {dtype}")
+                    if got + chunk.nbytes > want:
+                        raise ValueError(f"tensor {name!r}: produced more than the planned {want} bytes "
+                                         f"for shape {list(shape)}")
                     _copy_range(chunk, f.fileno())
                     got += chunk.nbytes
                     continue

@@ -626,12 +626,22 @@ class Trainer:
         or ``out_dir``). ``data``: as in :class:`Trainer` (pass the run's
         :class:`~flopwise.models.data.TokenData` for a token run). A different corpus than
         the run's is refused (its checksum is in the checkpoint); so is data with another seed
-        (the data order), and a bare corpus gets the run's seed."""
+        (the data order), and a bare corpus gets the run's seed.
+
+        Checkpoints go to ``out_dir/last`` as in the original run; an upcycled checkpoint
+        (:func:`flopwise.models.upcycle.upcycle`, which clears ``out_dir``) writes to
+        ``path/last`` unless ``out_dir`` is given. An ``out_dir`` whose ``last`` checkpoint
+        is of another model is refused rather than overwritten."""
         ck = load_checkpoint(path)
         st = ck.trainer_state
         if st is None or ck.optimizer is None:
             raise ValueError(f"{path} is not a resumable checkpoint (needs trainer_state.json and optimizer.safetensors)")
         cfg = TrainConfig.from_dict({**st["train_config"], **overrides})
+        if cfg.out_dir is None and "out_dir" not in overrides and os.path.isfile(os.path.join(path, "upcycle.json")):
+            # An upcycled checkpoint does not name the dense run's folder (its checkpoints
+            # must stay); it continues in its own folder: path/last.
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), "out_dir": str(path)})
+        _check_out_dir(cfg.out_dir, ck.config, path)
         if data is None:
             data = load_corpus()
         corpus = data.corpus if isinstance(data, (ByteData, TokenData)) else data
@@ -653,3 +663,22 @@ class Trainer:
         t.step, t.tokens_seen = int(st["step"]), int(st["tokens_seen"])
         set_rng_state(st["rng"])
         return t
+
+
+def _check_out_dir(out_dir: str | None, model_cfg: ModelConfig, path) -> None:
+    """Refuse to resume into a run folder whose checkpoint is of another model: fit() would
+    replace it (e.g. an upcycled MoE resumed with the dense run's out_dir)."""
+    if not out_dir:
+        return
+    last = Path(out_dir) / "last" / "config.json"
+    try:
+        other = ModelConfig.from_dict(json.loads(last.read_text()))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"out_dir {out_dir} holds an unreadable checkpoint ({last}: {exc}); resuming {path} "
+                         "would replace it: pass another out_dir (--out)") from None
+    if other != model_cfg:
+        diff = [k for k, v in model_cfg.to_dict().items() if other.to_dict().get(k) != v]
+        raise ValueError(f"out_dir {out_dir} holds a checkpoint of another model (config differs in {diff[:3]}); "
+                         f"resuming {path} would replace it: pass another out_dir (--out)")

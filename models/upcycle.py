@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .hf_formats import MLP_KINDS, TARGET_FORMATS, DenseSource, describe_source, moe_names, target_config
-from .safetensors_io import CheckpointReader, FileRange, ShardPlan, plan_shards, rewrite_metadata, write_index, write_shard
+from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, fsync_dir, plan_shards, publish_mode,
+                             rewrite_metadata, write_index, write_shard)
 
 __all__ = ["UpcycleOptions", "UpcyclePlan", "UpcycleReport", "VerifyResult", "UpcycleWarning",
            "VerificationError", "resolve_layers", "plan_upcycle", "upcycle", "verify_upcycle"]
@@ -57,8 +59,15 @@ EXPERT_INITS = ("copy", "noise", "drop")
 ROUTER_INITS = ("normal", "zeros", "orthogonal", "kmeans")
 _BLOCK = 64 * 2**20  # bytes copied per read/write when the kernel cannot copy file to file
 _HASH_BUFFER = 8 * 2**20
+# Files beside the weights that describe how to tokenize, chat and generate: they apply
+# unchanged to the MoE, so they are copied.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                    "vocab.json", "merges.txt", "generation_config.json")
+                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+_TOKENIZER_DIRS = ("additional_chat_templates",)
+# What an upcycle output folder may hold; ``force`` replaces only folders like that.
+_OUTPUT_FILE = re.compile(r"(model|optimizer)(-\d+-of-\d+)?\.safetensors|(model|optimizer)\.safetensors\.index\.json"
+                          r"|config\.json|upcycle\.json|trainer_state\.json")
 
 
 class UpcycleWarning(UserWarning):
@@ -163,6 +172,9 @@ def resolve_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
         if spec == "all":
             return list(range(n_layers))
         if spec == "every_other":
+            if n_layers < 2:  # would select no layer: an "upcycle" that changes nothing
+                raise ValueError(f"option layers='every_other' selects layers 1, 3, ...: none of the source's "
+                                 f"{n_layers} layer(s); pick layers explicitly (e.g. 'all')")
             return list(range(1, n_layers, 2))
         m = re.fullmatch(r"last:(\d+)", spec)
         if m:
@@ -277,10 +289,27 @@ def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) ->
         if not src.mlp[i]:
             raise ValueError(f"option layers: layer {i} of the source is already MoE")
     if src.family == "flopwise" and any(not m for m in src.mlp):
-        c = src.config
+        # One set of MoE fields in ModelConfig covers every MoE layer: the new layers must
+        # match the existing ones (router and capacity factor are taken from the source).
+        from .hf_formats import _flopwise_config
+
+        c, mc = src.config, _flopwise_config(src.config)
         if (c.get("moe_n_experts"), c.get("moe_top_k")) != (o.n_experts, o.top_k):
             raise ValueError("options n_experts/top_k must match the source's existing MoE layers "
                              f"({c.get('moe_n_experts')}/{c.get('moe_top_k')})")
+        if src.d_ff // o.granularity != mc.moe_ffn_dim:
+            raise ValueError(f"the source's existing MoE layers have experts of hidden size {mc.moe_ffn_dim} "
+                             f"(moe_d_ff), the new ones would have {src.d_ff // o.granularity} (d_ff {src.d_ff} / "
+                             f"option granularity {o.granularity}): they must match; choose the granularity "
+                             "accordingly")
+
+
+def _source_warnings(src: DenseSource, moe_layers: list[int]) -> list[str]:
+    if src.family == "flopwise" and any(not m for m in src.mlp) and src.config.get("moe_router") == "expert_choice":
+        return [f"the source's MoE layers use expert-choice routing, which the new MoE layers {moe_layers} share: "
+                "a token may be processed by more or fewer experts than top_k, so the MoE no longer reproduces "
+                "the dense model"]
+    return []
 
 
 def _equality_warnings(o: UpcycleOptions) -> list[str]:
@@ -335,16 +364,19 @@ def plan_upcycle(src_folder: str, options: UpcycleOptions) -> UpcyclePlan:
                     copy(name)  # flopwise keeps gate and up in one tensor: copy it once
             continue
         names = moe_names(o.format, src, i, E)
-        dt = info(src.mlp[i]["gate"][0]).dtype
+        # Each expert matrix keeps its source matrix's dtype (they may differ within a
+        # layer); new tensors take the gate's.
+        dts = {kind: info(src.mlp[i][kind][0]).dtype for kind in MLP_KINDS}
+        dt = dts["gate"]
         recipes[names["router"]] = _Recipe("router", dt, (E, D), layer=i)
         for kind in MLP_KINDS:
             kshape = (Fe, D) if kind != "down" else (D, Fe)
             if "stacked" in names:
-                recipes[names["stacked"][kind]] = _Recipe("expert", dt, (E, kshape[1], kshape[0]), layer=i, mlp=kind,
-                                                          experts=tuple(range(E)), transpose=True)
+                recipes[names["stacked"][kind]] = _Recipe("expert", dts[kind], (E, kshape[1], kshape[0]), layer=i,
+                                                          mlp=kind, experts=tuple(range(E)), transpose=True)
             else:
                 for e, n in enumerate(names["experts"][kind]):
-                    recipes[n] = _Recipe("expert", dt, kshape, layer=i, mlp=kind, experts=(e,))
+                    recipes[n] = _Recipe("expert", dts[kind], kshape, layer=i, mlp=kind, experts=(e,))
         expert_params += 3 * D * Fe * E
         if "shared" in names:
             S, sh = o.shared_d_ff, names["shared"]
@@ -380,8 +412,8 @@ def plan_upcycle(src_folder: str, options: UpcycleOptions) -> UpcyclePlan:
                    for i in moe_layers for kk in MLP_KINDS), default=0)
     scratch = 0 if o.expert_init == "copy" and G == 1 else 3 * 4 * D * Fe
     peak = 2 * biggest + scratch + _BLOCK + _HASH_BUFFER
-    return UpcyclePlan(src, o, moe_layers, Fe, scale, config, recipes, shards, opt_shards, _equality_warnings(o),
-                       total, active, peak, opt_reader)
+    return UpcyclePlan(src, o, moe_layers, Fe, scale, config, recipes, shards, opt_shards,
+                       _equality_warnings(o) + _source_warnings(src, moe_layers), total, active, peak, opt_reader)
 
 
 def _has_optimizer(folder: str) -> bool:
@@ -392,7 +424,10 @@ def _has_optimizer(folder: str) -> bool:
 def _moment_dtype(reader: CheckpointReader, moment: str, r: _Recipe, src: DenseSource) -> torch.dtype:
     """Moments keep their stored dtype (often float32 beside bf16 weights); new tensors of an
     MoE layer (router, shared expert) take the dtype of that layer's MLP moments."""
-    name = r.src if r.kind == "copy" else src.mlp[r.layer]["gate"][0]
+    if r.kind == "copy":
+        name = r.src
+    else:  # an expert takes its own matrix's moments, new tensors the gate's
+        name = src.mlp[r.layer][r.mlp if r.kind == "expert" else "gate"][0]
     return reader.info(f"{moment}.{name}").dtype
 
 
@@ -451,9 +486,10 @@ class _Producer:
         # Unchanged bytes never enter user memory: the kernel copies them file to file.
         info = self.reader.info(name)
         if rows is None:
-            yield FileRange(info.file, info.start, info.nbytes)
+            yield FileRange(info.file, info.start, info.nbytes, info.dtype)
         else:
-            yield FileRange(info.file, info.start + rows[0] * info.row_bytes, (rows[1] - rows[0]) * info.row_bytes)
+            yield FileRange(info.file, info.start + rows[0] * info.row_bytes, (rows[1] - rows[0]) * info.row_bytes,
+                            info.dtype)
 
     def _router(self, r: _Recipe) -> torch.Tensor:
         o, (E, D) = self.o, r.shape
@@ -631,12 +667,16 @@ def _kmeans_routers(plan: UpcyclePlan) -> dict[int, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ writing
-def _sha256(path: str) -> str:
+def _sha256(path: str, stop: threading.Event | None = None) -> str:
+    """Hex digest of the file; "" as soon as ``stop`` is set (the upcycle failed, so hashing
+    the rest of a large source would only delay the error)."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(_HASH_BUFFER)
         view = memoryview(buf)
         while n := f.readinto(buf):
+            if stop is not None and stop.is_set():
+                return ""
             h.update(view[:n])
     return h.hexdigest()
 
@@ -662,16 +702,19 @@ def _metadata(prov: dict) -> dict[str, str]:
 
 @dataclass
 class VerifyResult:
-    """Dense vs MoE logits on a probe batch (float32)."""
+    """Dense vs MoE logits on a probe batch (float32), and the settings outside the MLPs that
+    must agree (``config_diffs``: attention, positions, sizes; a short probe cannot show a
+    different sliding window or long-context rope scaling)."""
 
     max_abs_diff: float
     kl: float  # mean over tokens of KL(dense || moe), nats
     expected_equal: bool
     tolerance: float
+    config_diffs: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return not self.expected_equal or self.max_abs_diff <= self.tolerance
+        return not self.config_diffs and (not self.expected_equal or self.max_abs_diff <= self.tolerance)
 
 
 @dataclass
@@ -694,6 +737,7 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool = T
     src = describe_source(src_folder)
     dense = _load_dense(src_folder, src.family)
     moe = _load_dense(moe_folder, src.family)
+    diffs = _config_diffs(src.family, dense, moe)
     vocab = src.config["vocab_size"]
     tokens = torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -701,7 +745,43 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool = T
         b = moe(tokens).logits.float()
     la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
     kl = max(0.0, float((la.exp() * (la - lb)).sum(-1).mean()))  # >= 0; rounding can dip below
-    return VerifyResult(float((a - b).abs().max()), kl, expected_equal, tolerance)
+    return VerifyResult(float((a - b).abs().max()), kl, expected_equal, tolerance, diffs)
+
+
+# Settings of a Hugging Face config that upcycling must carry over unchanged.
+_HF_SAME = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
+            "tie_word_embeddings", "hidden_act")
+
+
+def _attention_windows(cfg) -> list:
+    """Per layer, the sliding window the model applies (None: full attention)."""
+    window = getattr(cfg, "sliding_window", None) or None
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # llama, mistral, mixtral: one setting for every layer
+        return [window] * cfg.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def _config_diffs(family: str, dense, moe) -> list[str]:
+    """Differences between the loaded models' configs outside the MLPs, as
+    ``"field: dense value != moe value"``."""
+    if family == "flopwise":
+        a, b = asdict(dense.cfg), asdict(moe.cfg)
+        keys = [k for k in a if k != "mlp" and not k.startswith("moe_")]
+        return [f"{k}: {a[k]!r} != {b.get(k)!r}" for k in keys if a[k] != b.get(k)]
+    diffs = []
+    for k in _HF_SAME:
+        va, vb = getattr(dense.config, k, None), getattr(moe.config, k, None)
+        if k == "head_dim":  # some configs derive it instead of storing it
+            va = va or dense.config.hidden_size // dense.config.num_attention_heads
+            vb = vb or moe.config.hidden_size // moe.config.num_attention_heads
+        if va != vb:
+            diffs.append(f"{k}: {va!r} != {vb!r}")
+    wa, wb = _attention_windows(dense.config), _attention_windows(moe.config)
+    if wa != wb:
+        diffs.append(f"sliding window per layer: {wa} != {wb}")
+    return diffs
 
 
 def _write_all(plan: UpcyclePlan, tmp: str, routers, metadata, progress) -> list[tuple[str, ShardPlan, dict]]:
@@ -738,9 +818,12 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     Validation happens first, from headers; nothing is created if it fails. The output is
     written into a temporary folder beside ``dst_folder`` and renamed onto it at the end, so
     ``dst_folder`` either does not change or holds the complete result. An existing
-    ``dst_folder`` is replaced only with ``force=True``. With ``verify=True`` both models
-    are loaded and compared before the rename (:func:`verify_upcycle`); when exactness is
-    expected and not met, VerificationError is raised and nothing is published.
+    ``dst_folder`` is replaced only with ``force=True``, and only when it is an empty folder
+    or an earlier upcycle output (``upcycle.json`` and nothing an upcycle does not write);
+    a destination that is, contains or lies inside the source (symlinks resolved) is
+    refused. With ``verify=True`` both models are loaded and compared before the rename
+    (:func:`verify_upcycle`); when exactness is expected and not met, or the configs differ
+    outside the MLPs, VerificationError is raised and nothing is published.
     ``progress(done, total, tensor_name)`` is called after each tensor.
 
     Example::
@@ -751,26 +834,29 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     """
     t0 = time.perf_counter()
     plan = plan_upcycle(src_folder, options)
-    dst = os.path.abspath(dst_folder)
-    if os.path.abspath(src_folder) == dst:
-        raise ValueError("destination must differ from the source")
-    if os.path.lexists(dst) and not force:
-        raise FileExistsError(f"destination {dst_folder} exists; pass force=True (--force) to replace it")
+    dst = _check_destination(src_folder, dst_folder, force)
     parent = os.path.dirname(dst)
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"destination's parent folder does not exist: {parent}")
+    state = _trainer_state(plan, src_folder)
     for w in plan.warnings:
         warnings.warn(w, UpcycleWarning, stacklevel=2)
     routers = _kmeans_routers(plan) if options.router_init == "kmeans" else {}
     # Source hashes go into every shard's header, but hashing (~0.5 GB/s) would double the
     # time if done first: a thread hashes while the shards are written with fixed-length
-    # placeholders, which are then patched in place.
+    # placeholders, which are then patched in place. It starts only once the temporary
+    # folder exists, so a destination that cannot be written fails at once.
     sources = _source_files(plan)
-    pool = ThreadPoolExecutor(max_workers=1)
-    pending = {os.path.basename(f): pool.submit(_sha256, f) for f in sources}
-    placeholder = _metadata(_provenance(plan, {name: "0" * 64 for name in pending}))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    names = [os.path.basename(f) for f in sources]
+    placeholder = _metadata(_provenance(plan, {name: "0" * 64 for name in names}))
     try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    except OSError as exc:  # name the folder the user gave, not the temporary one
+        raise type(exc)(exc.errno, f"cannot create the destination {dst_folder} in {parent}: "
+                                   f"{exc.strerror}") from None
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1)
+    pending = {}
+    try:
+        pending = {name: pool.submit(_sha256, f, stop) for name, f in zip(names, sources)}
         shards = _write_all(plan, tmp, routers, placeholder, progress)
         prov = _provenance(plan, {name: fut.result() for name, fut in pending.items()})
         for file, shard, meta in shards:
@@ -783,25 +869,34 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
             json.dump(prov, f, indent=2, sort_keys=True)
             f.write("\n")
         files += ["config.json", "upcycle.json"]
-        carried = list(_TOKENIZER_FILES)
-        if options.format == "flopwise" and plan.optimizer_reader is not None:
-            # with the upcycled Adam moments the MoE resumes the dense run where it stopped:
-            # step, learning-rate schedule, data position and RNG states
-            carried.append("trainer_state.json")
-        for name in carried:
+        if state is not None:
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+                f.write("\n")
+            files.append("trainer_state.json")
+        for name in _TOKENIZER_FILES:
             if os.path.isfile(os.path.join(src_folder, name)):
                 shutil.copyfile(os.path.join(src_folder, name), os.path.join(tmp, name))
                 files.append(name)
+        for name in _TOKENIZER_DIRS:
+            if os.path.isdir(os.path.join(src_folder, name)):
+                shutil.copytree(os.path.join(src_folder, name), os.path.join(tmp, name))
+                files += [os.path.join(name, f) for f in sorted(os.listdir(os.path.join(tmp, name)))]
         if fsync:  # data on disk before the rename makes it visible
             _fsync_all(tmp, files)
         result = None
         if verify:
             result = verify_upcycle(src_folder, tmp, expected_equal=plan.exact)
+            if result.config_diffs:
+                raise VerificationError("the upcycled model's config differs from the source outside the MLPs: "
+                                        + "; ".join(result.config_diffs) + "; nothing was written")
             if not result.passed:
                 raise VerificationError(f"the upcycled model does not reproduce the dense logits: max |diff| "
                                         f"{result.max_abs_diff:.3g} > {result.tolerance:g}; nothing was written")
-        _publish(tmp, dst)
+        publish_mode(tmp)
+        _publish(tmp, dst, fsync=fsync)
     except BaseException:
+        stop.set()
         for fut in pending.values():
             fut.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -811,8 +906,82 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     return UpcycleReport(dst_folder, files, plan.output_bytes, time.perf_counter() - t0, plan.warnings, result, prov)
 
 
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_destination(src_folder: str, dst_folder: str, force: bool) -> str:
+    """The absolute destination path, after refusing destinations that would destroy the
+    source or unrelated files when replaced. Paths are compared with symlinks resolved."""
+    dst = os.path.abspath(dst_folder)
+    src_real, dst_real = os.path.realpath(src_folder), os.path.realpath(dst)
+    if _within(dst_real, src_real) or _within(src_real, dst_real):
+        what = "is" if src_real == dst_real else ("is inside" if _within(dst_real, src_real) else "contains")
+        raise ValueError(f"destination {dst_folder} {what} the source {src_folder} (symlinks resolved: "
+                         f"{dst_real} vs {src_real}); choose a destination outside the source")
+    if os.path.lexists(dst):
+        if not force:
+            raise FileExistsError(f"destination {dst_folder} exists; pass force=True (--force) to replace it")
+        _check_replaceable(dst_folder, dst)
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"destination's parent folder does not exist: {parent}")
+    return dst
+
+
+def _check_replaceable(dst_folder: str, dst: str) -> None:
+    """``force`` replaces an empty folder or an earlier upcycle output, nothing else."""
+    hint = "remove it yourself or choose another destination"
+    if os.path.islink(dst) or not os.path.isdir(dst):
+        kind = "a symlink" if os.path.islink(dst) else "not a folder"
+        raise FileExistsError(f"destination {dst_folder} is {kind}; --force replaces only an earlier upcycle "
+                              f"output folder: {hint}")
+    entries = sorted(os.listdir(dst))
+    if not entries:
+        return
+    if "upcycle.json" not in entries:
+        raise FileExistsError(f"destination {dst_folder} is not an upcycle output (no upcycle.json; it holds "
+                              f"{entries[0]!r}{' and more' if len(entries) > 1 else ''}); --force replaces only "
+                              f"earlier upcycle outputs: {hint}")
+    for e in entries:
+        p = os.path.join(dst, e)
+        ok = (not os.path.islink(p)
+              and ((os.path.isfile(p) and (_OUTPUT_FILE.fullmatch(e) or e in _TOKENIZER_FILES))
+                   or (os.path.isdir(p) and e in _TOKENIZER_DIRS)))
+        if not ok:
+            raise FileExistsError(f"destination {dst_folder} holds {e!r}, which an upcycle does not write; "
+                                  f"--force would delete it: {hint}")
+
+
+def _trainer_state(plan: UpcyclePlan, src_folder: str) -> dict | None:
+    """The source's trainer_state.json for the output, or None when it does not carry over.
+
+    With the upcycled Adam moments the MoE resumes the dense run where it stopped: step,
+    learning-rate schedule, data position and RNG states. Its ``out_dir`` is cleared: it
+    names the dense run's folder, and a resumed MoE must never write its checkpoints over
+    the dense ones (:meth:`~flopwise.models.train.Trainer.resume` then writes under the
+    upcycled folder unless given another ``out_dir``)."""
+    if plan.options.format != "flopwise" or plan.optimizer_reader is None:
+        return None
+    path = os.path.join(src_folder, "trainer_state.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("train_config", {}), dict):
+        raise ValueError(f"corrupt {path}: expected a JSON object with a 'train_config' object")
+    if "train_config" in state:
+        state["train_config"] = {**state["train_config"], "out_dir": None}
+    return state
+
+
 def _fsync_all(folder: str, files: list[str]) -> None:
     for name in files:
+        if os.path.isdir(os.path.join(folder, name)):
+            continue
         fd = os.open(os.path.join(folder, name), os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -825,11 +994,13 @@ def _fsync_all(folder: str, files: list[str]) -> None:
         os.close(fd)
 
 
-def _publish(tmp: str, dst: str) -> None:
+def _publish(tmp: str, dst: str, fsync: bool = True) -> None:
     """Rename the finished folder onto ``dst``; an existing ``dst`` is moved aside first and
     deleted only after the new one is in place (restored if the rename fails)."""
     if not os.path.lexists(dst):
         os.rename(tmp, dst)
+        if fsync:  # the rename itself survives a crash only once the parent is synced
+            fsync_dir(os.path.dirname(dst))
         return
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
     os.rmdir(old)
@@ -839,4 +1010,6 @@ def _publish(tmp: str, dst: str) -> None:
     except BaseException:
         os.rename(old, dst)
         raise
-    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+    if fsync:
+        fsync_dir(os.path.dirname(dst))
+    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)

@@ -68,7 +68,9 @@ def run_upcycle_experiment(corpus: str | None = None, *, dense_steps: int = 300,
                                                              format="flopwise"), verify=True, force=True)
         runs = {}
         for name, path in (("dense", dense_ckpt), ("moe", moe_ckpt)):
-            t = Trainer.resume(path, data, progress=progress, label=f"{name} (continued)")
+            # out_dir=None: the continued runs are compared, not kept (the checkpoints they
+            # start from stay as written, so a second run into the same --out replaces them)
+            t = Trainer.resume(path, data, progress=progress, label=f"{name} (continued)", out_dir=None)
             start = t.evaluate()["val_bpb"]
             res = t.fit(steps=continue_steps)
             runs[name] = {dense_steps: start, **dict(res.evals)}

@@ -292,6 +292,53 @@ def test_fit_writes_checkpoints_and_resumes(tmp_path, corpus):
     assert load_checkpoint(out / "last").trainer_state["step"] == 4
 
 
+def test_upcycled_checkpoint_resumes_in_its_own_folder(tmp_path, corpus):
+    """An upcycled (sharded) run resumes into the upcycled folder, never over the dense run."""
+    from flopwise.models.upcycle import UpcycleOptions, upcycle
+
+    run = tmp_path / "run"
+    Trainer(ModelConfig(**TINY), _tc(max_steps=4, out_dir=str(run)), corpus, progress=False).fit(steps=2)
+    moe = tmp_path / "moe"
+    upcycle(str(run / "last"), str(moe), UpcycleOptions(n_experts=2, top_k=1, max_shard_bytes=20_000))
+    assert (moe / "model.safetensors.index.json").exists() and (moe / "optimizer.safetensors.index.json").exists()
+    assert json.loads((moe / "trainer_state.json").read_text())["train_config"]["out_dir"] is None
+    ck = load_checkpoint(moe)  # sharded model and optimizer
+    assert ck.config.mlp == ("moe", "moe") and float(ck.optimizer["step"]) == 2.0
+    dense_before = (run / "last" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="another model"):  # the dense run's folder is refused
+        Trainer.resume(moe, corpus, progress=False, out_dir=str(run))
+    t = Trainer.resume(moe, corpus, progress=False)
+    t.fit(steps=1)
+    assert (run / "last" / "model.safetensors").read_bytes() == dense_before
+    assert load_checkpoint(moe / "last").config.mlp == ("moe", "moe") and t.step == 3
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    ("truncate_model", r"corrupt safetensors file .*model\.safetensors"),
+    ("empty_optimizer", r"corrupt safetensors file .*optimizer\.safetensors"),
+    ("config_d_ff", r"tensor 'layers\.0\.mlp\.w_in\.weight' has shape .*config\.json"),
+    ("trainer_state", r"corrupt .*trainer_state\.json"),
+])
+def test_load_checkpoint_names_the_damaged_file(tmp_path, corpus, damage, pattern):
+    t = Trainer(ModelConfig(**TINY), _tc(), corpus, progress=False)
+    t.train_step()
+    path = t.save(tmp_path / "ck")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's private 0700
+    if damage == "truncate_model":
+        os.truncate(path / "model.safetensors", os.path.getsize(path / "model.safetensors") - 100)
+    elif damage == "empty_optimizer":
+        (path / "optimizer.safetensors").write_bytes(b"")
+    elif damage == "config_d_ff":
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, "d_ff": 96}))
+    else:
+        (path / "trainer_state.json").write_text("{")
+    with pytest.raises(ValueError, match=pattern):
+        load_checkpoint(path)
+
+
 def test_active_params():
     from flopwise.models import Transformer
 

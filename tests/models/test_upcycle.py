@@ -288,7 +288,14 @@ def test_atomic_writes_and_force(llama, tmp_path, monkeypatch):
     (dst / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match="force"):
         upcycle(str(src), str(dst), opts)
-    assert (dst / "keep.txt").read_text() == "old"
+    # force replaces only earlier upcycle outputs, never a folder of other files
+    with pytest.raises(FileExistsError, match="not an upcycle output.*keep.txt"):
+        upcycle(str(src), str(dst), opts, force=True)
+    assert os.listdir(dst) == ["keep.txt"]
+    (dst / "keep.txt").unlink()
+    upcycle(str(src), str(dst), UpcycleOptions(n_experts=2, top_k=1, format="mixtral"), force=True)  # empty: ok
+    before = sorted(os.listdir(dst))
+    assert "upcycle.json" in before and "model.safetensors" in before
     # A failure in the middle (after some shards are written) leaves the old folder intact.
     from flopwise.models import upcycle as up
 
@@ -303,12 +310,16 @@ def test_atomic_writes_and_force(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(up, "write_shard", failing)
     with pytest.raises(OSError, match="disk full"):
         upcycle(str(src), str(dst), opts, force=True)
-    assert os.listdir(dst) == ["keep.txt"]
+    assert sorted(os.listdir(dst)) == before
     _no_leftovers(tmp_path)
     monkeypatch.setattr(up, "write_shard", real)
     upcycle(str(src), str(dst), opts, force=True)
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    assert (dst / "model.safetensors.index.json").exists() and not (dst / "model.safetensors").exists()
     _no_leftovers(tmp_path)
+    (dst / "notes.txt").write_text("mine")  # an upcycle output the user added to is kept too
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        upcycle(str(src), str(dst), opts, force=True)
+    assert (dst / "notes.txt").read_text() == "mine"
     # A verification failure publishes nothing.
     monkeypatch.setattr(up, "_equality_warnings", lambda o: [])
     with pytest.raises(VerificationError):
@@ -432,3 +443,190 @@ def test_streaming_reader_and_copy_fallback(llama, tmp_path, monkeypatch):
     b = CheckpointReader(str(tmp_path / "m"))
     assert torch.equal(b.get("model.layers.1.block_sparse_moe.experts.1.w2.weight"), reader.get(name))
     assert torch.equal(b.get("lm_head.weight"), reader.get("lm_head.weight"))
+
+
+# ------------------------------------------------------------------ destinations, sources and formats
+def _tiny_flopwise(folder, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(vocab_size=64, d_model=32, n_heads=2, d_ff=48, n_layers=2, max_seq_len=32), **kw})
+    model = Transformer(cfg).eval()
+    save_flopwise(model, str(folder))
+    return model
+
+
+def test_force_never_touches_the_source(tmp_path):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    _tiny_flopwise(parent / "dense")
+    _tiny_flopwise(parent / "dense2")
+    os.symlink(parent / "dense", tmp_path / "link")
+    opts = UpcycleOptions(n_experts=2, top_k=1)
+    before = {p: sorted(os.listdir(p)) for p in (parent, parent / "dense", parent / "dense2")}
+    for src, dst, what in ((tmp_path / "link", parent / "dense", "is the source"),  # same folder via a symlink
+                           (parent / "dense2", parent, "contains the source"),
+                           (parent / "dense", parent / "dense" / "model.safetensors", "is inside the source")):
+        with pytest.raises(ValueError, match=what):
+            upcycle(str(src), str(dst), opts, force=True)
+    assert {p: sorted(os.listdir(p)) for p in before} == before
+    # force replaces an earlier upcycle output, never an unrelated folder or a symlink
+    upcycle(str(parent / "dense"), str(tmp_path / "moe"), opts)
+    upcycle(str(parent / "dense"), str(tmp_path / "moe"), opts, force=True)
+    with pytest.raises(FileExistsError, match="not an upcycle output"):
+        upcycle(str(parent / "dense"), str(parent / "dense2"), opts, force=True)
+    with pytest.raises(FileExistsError, match="symlink"):
+        upcycle(str(parent / "dense2"), str(tmp_path / "link"), opts, force=True)
+    assert {p: sorted(os.listdir(p)) for p in before} == before
+    # the published folder has the mode a new folder gets, not mkdtemp's private 0700
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "moe").st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_flopwise_source_with_moe_layers_keeps_their_settings(tmp_path):
+    # expert choice: kept for the new layers, and exactness is no longer promised
+    _tiny_flopwise(tmp_path / "ec", mlp=("moe", "dense"), moe_router="expert_choice", moe_capacity_factor=1.5,
+                   moe_n_experts=4)
+    opts = UpcycleOptions(n_experts=4, top_k=2, layers=(1,))
+    with pytest.warns(UpcycleWarning, match="expert-choice"):
+        report = upcycle(str(tmp_path / "ec"), str(tmp_path / "ec_moe"), opts, verify=True)
+    assert not report.verify.expected_equal
+    cfg = json.loads((tmp_path / "ec_moe" / "config.json").read_text())
+    assert cfg["moe_router"] == "expert_choice" and cfg["moe_capacity_factor"] == 1.5 and cfg["mlp"] == ["moe", "moe"]
+    # existing experts of another hidden size: the new ones must match them
+    _tiny_flopwise(tmp_path / "dff", mlp=("moe", "dense"), d_ff=64, moe_d_ff=32, moe_n_experts=4)
+    with pytest.raises(ValueError, match=r"hidden size 32 \(moe_d_ff\).*granularity"):
+        upcycle(str(tmp_path / "dff"), str(tmp_path / "dff_moe"), opts)
+    assert not (tmp_path / "dff_moe").exists()
+    with pytest.warns(UpcycleWarning, match="granularity"):
+        upcycle(str(tmp_path / "dff"), str(tmp_path / "dff_moe"), UpcycleOptions(n_experts=4, top_k=2, layers=(1,),
+                                                                                 granularity=2))
+    moe = load_flopwise(str(tmp_path / "dff_moe"))
+    assert moe.cfg.moe_d_ff == 32 and moe.cfg.mlp == ("moe", "moe")
+
+
+def test_flopwise_source_rejects_stray_tensors(tmp_path):
+    _tiny_flopwise(tmp_path / "src")
+    path = str(tmp_path / "src" / "model.safetensors")
+    sd = load_file(path)
+    for extra in ("layers.2.norm1.weight", "extra_buffer"):
+        save_file({**sd, extra: torch.zeros(32)}, path)
+        with pytest.raises(ValueError, match=f"unexpected tensor '{extra}'"):
+            upcycle(str(tmp_path / "src"), str(tmp_path / "moe"), UpcycleOptions(n_experts=2, top_k=1))
+    assert not (tmp_path / "moe").exists()
+    with pytest.raises(ValueError, match="every_other.*none of the source's 1 layer"):
+        resolve_layers("every_other", 1)
+
+
+def test_qwen2_sliding_window_without_layer_types(tmp_path):
+    """Older Qwen2 configs have no layer_types: Qwen2 slides from max_window_layers on,
+    while Qwen2-MoE would derive another pattern; the output states the source's."""
+    torch.manual_seed(2)
+    src = tmp_path / "q"
+    dense = _tiny("qwen2", src, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("layer_types", None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    report = upcycle(str(src), str(tmp_path / "moe"), UpcycleOptions(n_experts=4, top_k=2, format="qwen2_moe"),
+                     verify=True)
+    assert report.verify.passed and not report.verify.config_diffs
+    out = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert out["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert _diff(dense, _load(Qwen2MoeForCausalLM, tmp_path / "moe")) <= TOL
+    # A window the probe is too short to show is still caught: verify compares the configs.
+    from flopwise.models.upcycle import verify_upcycle
+
+    out["sliding_window"] = 64
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(out))
+    v = verify_upcycle(str(src), str(tmp_path / "moe"), seq_len=4)
+    assert not v.passed and any("sliding window" in d for d in v.config_diffs)
+
+
+def test_mixed_mlp_dtypes_are_kept_per_matrix(llama, tmp_path):
+    src, _ = llama
+    reader = CheckpointReader(str(src))
+    tensors = {n: reader.get(n) for n in reader.infos}
+    for n in tensors:
+        if "up_proj" in n:
+            tensors[n] = tensors[n].to(torch.float16)
+        elif "gate_proj" in n:
+            tensors[n] = tensors[n].to(torch.bfloat16)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    save_file(tensors, str(mixed / "model.safetensors"), metadata={"format": "pt"})
+    (mixed / "config.json").write_text((src / "config.json").read_text())
+    upcycle(str(mixed), str(tmp_path / "moe"), UpcycleOptions(n_experts=2, top_k=1, format="mixtral"))
+    out = CheckpointReader(str(tmp_path / "moe"))
+    for w, kind in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+        got = out.get(f"model.layers.1.block_sparse_moe.experts.1.{w}.weight")
+        assert torch.equal(got, tensors[f"model.layers.1.mlp.{kind}_proj.weight"]), w  # dtype and values
+    # copied bytes of another dtype than planned are refused, not written
+    from flopwise.models.safetensors_io import FileRange, ShardPlan, write_shard
+
+    info = reader.info("model.layers.1.mlp.up_proj.weight")
+    plan = ShardPlan("x.safetensors", [("t", torch.bfloat16, info.shape)])
+    with pytest.raises(TypeError, match="hold torch.float32, planned torch.bfloat16"):
+        write_shard(str(tmp_path / "x.safetensors"), plan,
+                    lambda name: iter([FileRange(info.file, info.start, info.nbytes // 2, info.dtype)]))
+
+
+def test_tokenizer_and_chat_files_are_carried(llama, tmp_path):
+    src, _ = llama
+    copy = tmp_path / "src"
+    copy.mkdir()
+    for f in os.listdir(src):
+        (copy / f).write_bytes((src / f).read_bytes())
+    extra = {"chat_template.jinja": "{{ messages }}", "chat_template.json": "{}", "added_tokens.json": "{}"}
+    for name, text in extra.items():
+        (copy / name).write_text(text)
+    (copy / "additional_chat_templates").mkdir()
+    (copy / "additional_chat_templates" / "tool.jinja").write_text("{{ tools }}")
+    upcycle(str(copy), str(tmp_path / "moe"), UpcycleOptions(n_experts=2, top_k=1, format="mixtral"))
+    for name, text in extra.items():
+        assert (tmp_path / "moe" / name).read_text() == text
+    assert (tmp_path / "moe" / "additional_chat_templates" / "tool.jinja").read_text() == "{{ tools }}"
+    # and such an output can be replaced again with force
+    upcycle(str(copy), str(tmp_path / "moe"), UpcycleOptions(n_experts=2, top_k=1, format="mixtral"), force=True)
+
+
+def test_save_flopwise_replaces_a_sharded_checkpoint(tmp_path):
+    _tiny_flopwise(tmp_path / "dense")
+    out = tmp_path / "moe"
+    upcycle(str(tmp_path / "dense"), str(out), UpcycleOptions(n_experts=2, top_k=1, max_shard_bytes=20_000))
+    assert (out / "model.safetensors.index.json").exists()
+    model = load_flopwise(str(out))
+    with torch.no_grad():
+        model.layers[0].mlp.w_gate.zero_()
+    save_flopwise(model, str(out))
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not [f for f in os.listdir(out) if f.startswith("model-")]
+    assert (out / "upcycle.json").exists()  # other files stay
+    assert torch.count_nonzero(load_flopwise(str(out)).layers[0].mlp.w_gate) == 0
+    # a folder with both layouts is ambiguous: refused, not read
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(ValueError, match="both model.safetensors and model.safetensors.index.json"):
+        CheckpointReader(str(out))
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"embed.weight": "../x.safetensors"}}))
+    with pytest.raises(ValueError, match="paths are refused"):
+        CheckpointReader(str(out))
+
+
+def test_cli_reports_os_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    """A destination that cannot be created fails at once: no traceback, and the source is
+    not hashed first."""
+    from flopwise import cli
+    from flopwise.models import upcycle as up
+
+    _tiny_flopwise(tmp_path / "dense")
+    hashed = []
+    monkeypatch.setattr(up, "_sha256", lambda *a: hashed.append(a) or "0" * 64)
+
+    def denied(*a, **kw):
+        raise PermissionError(13, "Permission denied", kw.get("dir"))
+
+    monkeypatch.setattr(up.tempfile, "mkdtemp", denied)
+    assert cli.main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--experts", "2", "--top-k", "1",
+                     "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create the destination" in err and "Permission denied" in err
+    assert not hashed and not (tmp_path / "moe").exists()
