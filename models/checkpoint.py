@@ -189,17 +189,21 @@ class Checkpoint:
     trainer_state: dict | None
 
 
-def _read_config(path: Path) -> ModelConfig:
-    f = path / "config.json"
-    if not f.exists():
-        raise FileNotFoundError(f"no config.json in {path}")
+def _read_json_object(f: Path) -> dict:
     try:
         raw = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"corrupt {f}: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"corrupt {f}: not a JSON object")
-    return ModelConfig.from_dict(raw)
+    return raw
+
+
+def _read_config(path: Path) -> ModelConfig:
+    f = path / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"no config.json in {path}")
+    return ModelConfig.from_dict(_read_json_object(f))
 
 
 def _read_tensors(path: Path, stem: str) -> dict[str, torch.Tensor]:
@@ -246,10 +250,5 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     state = None
     f = path / "trainer_state.json"
     if f.exists():
-        try:
-            state = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"corrupt {f}: {exc}") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"corrupt {f}: not a JSON object")
+        state = _read_json_object(f)
     return Checkpoint(model, model.cfg, opt, state)
