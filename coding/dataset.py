@@ -12,14 +12,24 @@ An output folder holds:
   token and per window, coded bits against the ideal code length.
 
 The folder appears atomically: it is written under a temporary name beside ``out`` and
-renamed; an existing ``out`` is replaced only with ``force=True``.
+renamed. An existing ``out`` is replaced only with ``force=True``, and only when it is an empty
+folder or an earlier build's output (``meta.json`` and nothing a build does not write); ``out``
+may never be, or contain, the corpus, the training file or the M1 checkpoint.
+
+Decoding treats the folder as untrusted input: ``meta.json`` is checked field by field before
+anything else, every ``.npy`` header is checked against its file's size (and never unpickled),
+and an M1 checkpoint is hashed and compared with the recorded SHA-256 before it is opened.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
+import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,7 +41,8 @@ import torch
 
 from .methods import METHODS, ArithmeticCoding, Compressed, EqualInfoAC, GZip, StaticAC
 from .models import CachedLM, ModuleModel, StaticModel, file_sha256
-from .rangecoder import CoderConfig, CorruptStreamError
+from .rangecoder import MAX_PRECISION, CoderConfig, CorruptStreamError
+from .tokens import TOKEN_BITS, token_dtype
 
 __all__ = ["BuildOptions", "M1_EVAL", "build", "decode", "compression_stats", "load_m1", "Progress"]
 
@@ -40,6 +51,11 @@ FORMAT_VERSION = 1
 # (ModuleModel: the last context_len bytes re-read every step), "auto" (cached for a dense
 # flopwise Transformer, else window). Folders written before m1_eval existed used "window".
 M1_EVAL = ("auto", "cached", "window")
+# 256 byte symbols at frequency >= 1 need 2^precision > 256
+_MIN_PRECISION = 9
+# EqualInfoAC windows: at least 16 bits (see BuildOptions), at most 8 KiB so the per-window
+# buffers stay small whatever a meta.json claims
+_MIN_WINDOW_BITS, _MAX_WINDOW_BITS = 16, 1 << 16
 
 
 @dataclass
@@ -64,12 +80,40 @@ class BuildOptions:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.m1_eval not in M1_EVAL:
             raise ValueError(f"m1_eval must be one of {M1_EVAL}, got {self.m1_eval!r}")
+        if self.m1 is not None and not isinstance(self.m1, str):
+            raise TypeError(f"m1 must be a path (str) or None, got {type(self.m1).__name__}")
         if self.method in ("ac", "equalinfo") and not self.m1:
             raise ValueError(f"method {self.method!r} needs an M1 checkpoint (m1=...)")
+        if self.method in ("gzip", "static") and self.m1:
+            raise ValueError(f"m1 is used by methods 'ac' and 'equalinfo' only, not {self.method!r}")
+        for name, lo, hi in (("token_bits", None, None), ("window_bits", 1, None), ("chunk_bytes", 1, None),
+                             ("precision", _MIN_PRECISION, MAX_PRECISION), ("max_window_bytes", 1, None),
+                             ("context_len", 1, None), ("batch_rows", 1, None), ("streams_per_batch", 1, None)):
+            v = getattr(self, name)
+            if v is None and name == "context_len":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+            if lo is not None and (v < lo or (hi is not None and v > hi)):
+                raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v}" if hi is not None
+                                 else f"{name} must be an int >= {lo}, got {v}")
+        if self.token_bits not in TOKEN_BITS:
+            raise ValueError(f"token_bits must be one of {TOKEN_BITS}, got {self.token_bits}")
+        if self.method == "equalinfo" and (self.window_bits % self.token_bits
+                                           or not _MIN_WINDOW_BITS <= self.window_bits <= _MAX_WINDOW_BITS):
+            # a window must hold any single byte from an empty interval: with 8 bits no frequency
+            # floor leaves the other 255 bytes room (256 * 2^(precision - 8) = 2^precision)
+            raise ValueError(f"window_bits must be a multiple of token_bits={self.token_bits} in "
+                             f"[{_MIN_WINDOW_BITS}, {_MAX_WINDOW_BITS}], got {self.window_bits}"
+                             + (" (a window of 8 bits cannot hold every byte)" if self.window_bits < 16 else ""))
+        if not isinstance(self.device, str):
+            raise TypeError(f"device must be a torch device name such as 'cpu' or 'cuda', got {self.device!r}")
         try:
-            torch.device(self.device)
+            kind = torch.device(self.device).type
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device must be a torch device name such as 'cpu' or 'cuda', got {self.device!r}") from exc
+        if kind not in ("cpu", "cuda"):  # the coders' integer kernels run on these only
+            raise ValueError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:N'), got {self.device!r}")
 
     def check_device(self) -> None:
         """The coders run on ``device``: CUDA must be there (GZip runs on the host, always)."""
@@ -102,38 +146,90 @@ class Progress:
         self.stream.flush()
 
 
+# A torch.save'd module file is a pickle, and unpickling can run any code. M1 files are read
+# with torch's weights-only unpickler, which builds only the classes it is given: the module
+# classes of torch.nn and of flopwise's own models (and their config dataclasses / enums).
+_PICKLE_MODULES = ("torch.nn.modules", "flopwise.models")
+
+
+def _allowed_global(name: str):
+    """The class ``name`` (``module.Class``) when the weights-only unpickler may build it, else None."""
+    mod_name, _, attr = name.rpartition(".")
+    if not any(mod_name == m or mod_name.startswith(m + ".") for m in _PICKLE_MODULES):
+        return None
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr, None)
+    except ImportError:
+        return None
+    if not isinstance(obj, type) or obj.__module__ != mod_name:
+        return None
+    if issubclass(obj, (torch.nn.Module, enum.Enum)) or dataclasses.is_dataclass(obj):
+        return obj
+    return None
+
+
+def _load_module_file(path: str) -> torch.nn.Module:
+    """``torch.load`` of a module file with ``weights_only=True`` and only the classes of
+    :data:`_PICKLE_MODULES` allowed: a file that needs anything else is refused unopened."""
+    hint = ("it must be a flopwise checkpoint folder or a torch.save'd module built from torch.nn / "
+            "flopwise.models classes")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as exc:
+        raise ValueError(f"M1 checkpoint {path} could not be loaded: {hint} ({type(exc).__name__}: {exc})") from None
+    allowed = {n: _allowed_global(n) for n in names}
+    refused = [n for n, obj in allowed.items() if obj is None]
+    if refused:
+        raise ValueError(f"M1 checkpoint {path} could not be loaded: unpickling it would call {refused[:4]}, which "
+                         f"flopwise does not run from a file (it could execute any code); save the model as a "
+                         f"flopwise checkpoint folder (config.json + model.safetensors) instead")
+    try:
+        with torch.serialization.safe_globals(list(allowed.values())):
+            module = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"M1 checkpoint {path} could not be loaded: {hint} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"M1 checkpoint {path} does not hold a torch.nn.Module (found {type(module).__name__})")
+    return module
+
+
+def _m1_sha256(path: str) -> str:
+    """SHA-256 of a module file, or of a checkpoint folder's files (names and contents)."""
+    if os.path.isdir(path):
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if os.path.isfile(full):
+                digest.update(name.encode() + b"\0" + file_sha256(full).encode())
+        return digest.hexdigest()
+    return file_sha256(path)
+
+
 def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, device="cpu",
-            eval_mode: str = "window", max_context: int | None = None):
+            eval_mode: str = "window", max_context: int | None = None, expect_sha256: str | None = None):
     """A flopwise checkpoint folder (``config.json`` + ``model.safetensors``) or a ``torch.save``d
     module file -> (model, info dict with the path, SHA-256 and settings).
 
     ``eval_mode`` (see :data:`M1_EVAL`): ``"cached"`` gives a :class:`CachedLM` (dense flopwise
     Transformers only), ``"window"`` a :class:`ModuleModel`, ``"auto"`` the first that applies.
     ``context_len`` defaults to the model's ``max_seq_len``; a cached model's is capped at
-    ``max_context``."""
+    ``max_context``. ``expect_sha256``: the checkpoint is hashed first and a different hash
+    raises ``ValueError`` before anything is read from it. A module file is unpickled with
+    ``weights_only=True`` and only torch.nn / flopwise.models classes allowed."""
     if eval_mode not in M1_EVAL:
         raise ValueError(f"eval_mode must be one of {M1_EVAL}, got {eval_mode!r}")
+    if not os.path.isdir(path) and not os.path.isfile(path):
+        raise FileNotFoundError(f"M1 checkpoint not found: {path}")
+    sha = _m1_sha256(path)
+    if expect_sha256 is not None and sha != expect_sha256:
+        raise ValueError(f"M1 checkpoint {path} has SHA-256 {sha[:12]}..., "
+                         f"the data were built with {expect_sha256[:12]}...")
     if os.path.isdir(path):
         from flopwise.models.hf_formats import load_flopwise
 
         module = load_flopwise(path)
-        digest = hashlib.sha256()
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            if os.path.isfile(full):
-                digest.update(name.encode() + b"\0" + file_sha256(full).encode())
-        sha = digest.hexdigest()
-    elif os.path.isfile(path):
-        try:
-            module = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ValueError(f"M1 checkpoint {path} could not be loaded: it must be a flopwise checkpoint folder "
-                             f"or a torch.save'd module file ({type(exc).__name__}: {exc})") from None
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"{path} does not hold a torch.nn.Module")
-        sha = file_sha256(path)
     else:
-        raise FileNotFoundError(f"M1 checkpoint not found: {path}")
+        module = _load_module_file(path)
     module = module.to(device)
     if eval_mode == "auto":
         from flopwise.models.transformer import Block, Transformer
@@ -158,21 +254,19 @@ def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, 
     return model, info
 
 
-def _coder(opts: BuildOptions, train: bytes | None, static_freqs: np.ndarray | None):
+def _coder(opts: BuildOptions, train: bytes | None, static_model: StaticModel | None = None,
+           m1_sha256: str | None = None):
     """The method object for ``opts`` (and the M1 info dict, if any)."""
     if opts.method == "gzip":
         return GZip(opts.token_bits, opts.chunk_bytes), None
     if opts.method == "static":
-        cfg = CoderConfig(precision=opts.precision)
-        if static_freqs is not None:
-            model = StaticModel(torch.from_numpy(static_freqs).long(), cfg)
-        else:
-            model = StaticModel.fit(train, cfg=cfg)
+        model = static_model if static_model is not None else StaticModel.fit(
+            train, cfg=CoderConfig(precision=opts.precision))
         return StaticAC(model, opts.token_bits, opts.chunk_bytes, device=opts.device), None
     model, info = load_m1(opts.m1, context_len=opts.context_len, batch_rows=opts.batch_rows, device=opts.device,
                           eval_mode=opts.m1_eval,
                           max_context=EqualInfoAC.context_len(opts.max_window_bytes)
-                          if opts.method == "equalinfo" else None)
+                          if opts.method == "equalinfo" else None, expect_sha256=m1_sha256)
     if opts.method == "ac":
         return ArithmeticCoding(model, opts.token_bits, opts.chunk_bytes, opts.precision,
                                 streams_per_batch=opts.streams_per_batch, device=opts.device), info
@@ -216,11 +310,72 @@ def compression_stats(comp: Compressed, input_bytes: int, token_bits: int, metho
     return s
 
 
-def _read_corpus(path: str) -> bytes:
+def _read_corpus(path: str, what: str = "corpus") -> bytes:
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory; expected a file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"corpus not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     with open(path, "rb") as f:
         return f.read()
+
+
+# Everything build writes into an output folder: --force replaces only a folder holding
+# nothing else, so it can never delete files a user keeps there.
+_OUTPUT_FILES = frozenset({"tokens.npy", "stream_bits.npy", "stream_bytes.npy", "window_bytes.npy",
+                           "stream_nbytes.npy", "static_model.npy", "meta.json", "stats.json"})
+# the side arrays each method writes and its decoder needs
+_SIDE_ARRAYS = {"gzip": ("stream_nbytes",), "static": ("stream_bits", "stream_bytes"),
+                "ac": ("stream_bits", "stream_bytes"), "equalinfo": ("window_bytes",)}
+
+
+def _not_replaceable(out: str) -> str | None:
+    """Why ``--force`` must not replace ``out`` (None: an empty folder or an earlier build output)."""
+    if os.path.islink(out):
+        return "is a symbolic link"
+    if not os.path.isdir(out):
+        return "is not a folder"
+    names = os.listdir(out)
+    if not names:
+        return None
+    if "meta.json" not in names:
+        return "is not empty and holds no meta.json, so it is not a `coding build` output"
+    others = sorted(n for n in names if n not in _OUTPUT_FILES or not os.path.isfile(os.path.join(out, n)))
+    if others:
+        return (f"holds {len(others)} {'entry' if len(others) == 1 else 'entries'} a build does not write "
+                f"({', '.join(others[:3])}" + (", ...)" if len(others) > 3 else ")"))
+    try:
+        with open(os.path.join(out, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("method") not in METHODS:
+        return "has a meta.json that is not a `coding build` output's"
+    return None
+
+
+def _check_out(out: str, force: bool, inputs: dict[str, str | None]) -> None:
+    """Refuse an output folder that is, or contains, an input (a replaced folder would take the
+    input with it), and one that exists, unless ``force`` and it is safe to replace."""
+    real = os.path.realpath(out)
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        p = os.path.realpath(path)
+        if p == real or p.startswith(real.rstrip(os.sep) + os.sep):
+            raise ValueError(f"out {out} is or contains the {what} {path}; choose an output folder outside it")
+    if os.path.lexists(out):
+        if not force:
+            raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+        why = _not_replaceable(out)
+        if why:
+            raise FileExistsError(f"{out} {why}; force (--force) replaces only an empty folder or an earlier "
+                                  f"`coding build` output: remove it yourself if it should go")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, train: str | None = None,
@@ -229,25 +384,31 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
 
     ``train``: file to fit StaticAC's unigram model on (default: the corpus itself).
     ``progress``: show a progress bar (default: on stderr for inputs over 1 MB).
+    ``force``: replace an existing ``out`` that is an empty folder or an earlier build's output.
     """
     if not isinstance(opts, BuildOptions):
         raise TypeError("opts must be a BuildOptions")
+    if train is not None and opts.method != "static":
+        raise ValueError(f"train (--train) is used by method 'static' only, not {opts.method!r}")
     out = os.path.abspath(out)
-    if os.path.exists(out) and not force:
-        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+    inputs = {"corpus": corpus, "train file": train, "M1 checkpoint": opts.m1}
+    _check_out(out, force, inputs)
     opts.check_device()
     data = _read_corpus(corpus)
-    coder, m1_info = _coder(opts, _read_corpus(train) if train else data, None)
+    coder, m1_info = _coder(opts, _read_corpus(train, "train file") if train else data)
     show = len(data) > (1 << 20) if progress is None else progress
     t0 = time.perf_counter()
     comp = coder.compress(data, progress=Progress(f"{opts.method}", show))
     seconds = time.perf_counter() - t0
     stats = compression_stats(comp, len(data), opts.token_bits, opts.method, opts.window_bits)
     stats["encode_seconds"] = seconds
+    recorded = asdict(opts)
+    if opts.m1:  # decode may run from another directory
+        recorded["m1"] = os.path.abspath(opts.m1)
     meta = {
         "format_version": FORMAT_VERSION,
         "method": opts.method,
-        "build_options": asdict(opts),
+        "build_options": recorded,
         "coder_options": coder.options(),
         "m1": m1_info,
         "input": {"path": os.path.abspath(corpus), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
@@ -268,14 +429,14 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
             json.dump(meta, f, indent=1)
         with open(os.path.join(tmp, "stats.json"), "w") as f:
             json.dump(stats, f, indent=1)
-        if os.path.exists(out):
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 is for the unfinished folder only
+        # the folder may have changed during a long build: check again just before replacing it
+        _check_out(out, force, inputs)
+        if os.path.lexists(out):
             old = out + ".old-" + os.path.basename(tmp)
             os.rename(out, old)
             os.rename(tmp, out)
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # --force over a file (or a link): remove it, not just folders
-                os.remove(old)
+            shutil.rmtree(old, ignore_errors=True)  # an empty folder or a build output (_check_out)
         else:
             os.rename(tmp, out)
     except BaseException:
@@ -284,61 +445,181 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
     return stats
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_meta(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptStreamError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CorruptStreamError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    return meta
+
+
+def _check_meta(meta: dict, path: str) -> tuple[BuildOptions, dict | None, dict]:
+    """Every field decode reads, checked before anything else: -> (the recorded build options,
+    the M1 record or None, the input record). Raises CorruptStreamError naming the field."""
+    def bad(field: str, what: str):
+        raise CorruptStreamError(f"{path}: {field} {what}")
+
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
+                         f"(this flopwise reads {FORMAT_VERSION})")
+    method = meta.get("method")
+    if method not in METHODS:
+        bad("method", f"must be one of {METHODS}, got {method!r}")
+    bo = meta.get("build_options")
+    if not isinstance(bo, dict):
+        bad("build_options", "must be an object")
+    known = {f.name for f in dataclasses.fields(BuildOptions)}
+    unknown = sorted(set(bo) - known)
+    if unknown:
+        bad(f"build_options.{unknown[0]}", f"is not a build option (known: {sorted(known)})")
+    if bo.get("method") != method:
+        bad("build_options.method", f"must equal method {method!r}, got {bo.get('method')!r}")
+    inp = meta.get("input")
+    if not isinstance(inp, dict):
+        bad("input", "must be an object")
+    if not _is_int(inp.get("bytes")) or inp["bytes"] < 0:
+        bad("input.bytes", f"must be an int >= 0, got {inp.get('bytes')!r}")
+    if not isinstance(inp.get("sha256"), str) or not _SHA256.fullmatch(inp["sha256"]):
+        bad("input.sha256", "must be 64 lowercase hex digits")
+    bo = dict(bo)
+    bo.setdefault("m1_eval", "window")  # folders written before m1_eval existed
+    m1 = meta.get("m1")
+    if method in ("ac", "equalinfo"):
+        if not isinstance(m1, dict):
+            bad("m1", f"must be an object for method {method!r}, got {type(m1).__name__}")
+        if not isinstance(m1.get("sha256"), str) or not _SHA256.fullmatch(m1["sha256"]):
+            bad("m1.sha256", "must be 64 lowercase hex digits")
+        if not _is_int(m1.get("context_len")) or m1["context_len"] < 1:
+            bad("m1.context_len", f"must be an int >= 1, got {m1.get('context_len')!r}")
+        m1_eval = m1.get("eval", "window")
+        if m1_eval not in ("cached", "window"):
+            bad("m1.eval", f"must be 'cached' or 'window', got {m1_eval!r}")
+        # evaluate M1 exactly as the encoder did: the mode "auto" resolved to, the context used
+        bo["m1_eval"], bo["context_len"] = m1_eval, m1["context_len"]
+    else:
+        if m1 is not None:
+            bad("m1", f"must be null for method {method!r}")
+        bo["m1"] = None  # folders written before m1 was refused for these methods may name one
+    try:
+        opts = BuildOptions(**bo)
+    except (TypeError, ValueError) as exc:
+        raise CorruptStreamError(f"{path}: build_options: {exc}") from None
+    return opts, m1, inp
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    """A 1-D integer array from a .npy file, never unpickled, its header checked against the
+    file's size before any data is read (a header may claim any shape)."""
+    if not os.path.isfile(path):
+        raise CorruptStreamError(f"{path}: missing ({what} is needed to decode)")
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except (ValueError, TypeError, SyntaxError, EOFError, OverflowError) as exc:
+            raise CorruptStreamError(f"{path}: not a valid .npy file ({exc})") from None
+        if dtype.hasobject or dtype.kind not in "iu":
+            raise CorruptStreamError(f"{path}: holds {dtype}, expected integers")
+        if len(shape) != 1:
+            raise CorruptStreamError(f"{path}: has shape {shape}, expected a 1-D array")
+        n = shape[0]
+        size = os.fstat(f.fileno()).st_size - f.tell()
+        if size != n * dtype.itemsize:
+            raise CorruptStreamError(f"{path}: its header declares {n} entries of {dtype.itemsize} bytes, "
+                                     f"the file holds {size} bytes of data (truncated or padded)")
+        arr = np.fromfile(f, dtype=dtype, count=n)
+    if arr.size != n:
+        raise CorruptStreamError(f"{path}: read {arr.size} of {n} entries")
+    return arr
+
+
+def _write_atomic(path: str, data: bytes, *, force: bool) -> None:
+    """Write ``data`` to ``path`` through a fresh temporary file beside it (never a fixed name
+    another file may hold), renamed over ``path``; the temporary file never outlives a failure."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the unfinished file only
+        if os.path.isdir(path):
+            raise ValueError(f"text_file {path} is a directory; expected a file path")
+        if not force and os.path.lexists(path):
+            raise FileExistsError(f"{path} exists; pass force=True (--force) to replace it")
+        os.replace(tmp, path)
+        tmp = None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
 def decode(folder: str, text_file: str | None = None, *, force: bool = False, device: str | None = None,
            m1: str | None = None, progress: bool | None = None) -> bytes:
     """Invert :func:`build`: returns the original bytes (and writes them to ``text_file``
-    atomically when given). Raises :class:`CorruptStreamError` when the data do not decode to
-    the recorded input (SHA-256 checked), ``ValueError`` when the M1 checkpoint's hash differs."""
+    atomically when given). Raises :class:`CorruptStreamError` when the folder's files are
+    malformed or the data do not decode to the recorded input (SHA-256 checked), ``ValueError``
+    when the M1 checkpoint's hash differs (checked before the checkpoint is opened)."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{folder} is not a coding output folder (no meta.json)")
-    if text_file and os.path.exists(text_file) and not force:
-        raise FileExistsError(f"{text_file} exists; pass force=True (--force) to replace it")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported format_version {meta.get('format_version') if isinstance(meta, dict) else None}")
-    missing = [k for k in ("method", "build_options", "input") if not isinstance(meta.get(k), dict if k != "method" else str)]
-    if missing:
-        raise CorruptStreamError(f"{meta_path} lacks or has malformed field(s) {missing}")
-    bo = dict(meta["build_options"])
-    bo.setdefault("m1_eval", "window")
-    if meta.get("m1"):
-        # evaluate M1 exactly as the encoder did: the mode "auto" resolved to, the context used
-        bo["m1_eval"] = meta["m1"].get("eval", "window")
-        bo["context_len"] = meta["m1"]["context_len"]
+    if text_file:
+        if os.path.isdir(text_file):
+            raise ValueError(f"text_file {text_file} is a directory; expected a file path")
+        if os.path.lexists(text_file) and not force:
+            raise FileExistsError(f"{text_file} exists; pass force=True (--force) to replace it")
+        parent = os.path.dirname(os.path.abspath(text_file))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"the folder of text_file {text_file} does not exist")
+    opts, m1_meta, inp = _check_meta(_read_meta(meta_path), meta_path)
+    # decode-time overrides are the caller's input, not the folder's: plain ValueErrors
     if device:
-        bo["device"] = device
+        opts = dataclasses.replace(opts, device=device)
     if m1:
-        bo["m1"] = m1
-    opts = BuildOptions(**bo)
+        if opts.method not in ("ac", "equalinfo"):
+            raise ValueError(f"m1 is used by methods 'ac' and 'equalinfo' only; this folder holds {opts.method!r}")
+        opts = dataclasses.replace(opts, m1=m1)
     opts.check_device()
+    tokens = _load_npy(os.path.join(folder, "tokens.npy"), "the token array")
+    want = np.dtype(token_dtype(opts.token_bits))
+    if tokens.dtype.kind != want.kind or tokens.dtype.itemsize != want.itemsize:
+        raise CorruptStreamError(f"{os.path.join(folder, 'tokens.npy')}: holds {tokens.dtype}, "
+                                 f"expected {want} for token_bits={opts.token_bits}")
+    arrays = {name: _load_npy(os.path.join(folder, f"{name}.npy"), f"the side array {name}")
+              for name in _SIDE_ARRAYS[opts.method]}
     static = None
     if opts.method == "static":
-        static = np.load(os.path.join(folder, "static_model.npy"))
-    coder, m1_info = _coder(opts, None, static)
-    if m1_info is not None and m1_info["sha256"] != meta["m1"]["sha256"]:
-        raise ValueError(f"M1 checkpoint {opts.m1} has SHA-256 {m1_info['sha256'][:12]}..., "
-                         f"the data were built with {meta['m1']['sha256'][:12]}...")
-    tokens = np.load(os.path.join(folder, "tokens.npy"))
-    arrays = {}
-    for name in ("stream_bits", "stream_bytes", "window_bytes", "stream_nbytes"):
-        p = os.path.join(folder, f"{name}.npy")
-        if os.path.isfile(p):
-            arrays[name] = np.load(p)
+        p = os.path.join(folder, "static_model.npy")
+        freqs = _load_npy(p, "the static model")
+        try:
+            static = StaticModel(torch.from_numpy(freqs.astype(np.int64)), CoderConfig(precision=opts.precision))
+        except (TypeError, ValueError) as exc:
+            raise CorruptStreamError(f"{p}: not a valid frequency table ({exc})") from None
+    coder, _ = _coder(opts, None, static, m1_meta["sha256"] if m1_meta else None)
     comp = Compressed(tokens=tokens, arrays=arrays)
-    n = meta["input"]["bytes"]
+    n = inp["bytes"]
     show = n > (1 << 20) if progress is None else progress
-    try:
-        kwargs = {} if opts.method == "gzip" else {"progress": Progress("decode", show)}
-        data = coder.decompress(comp, **kwargs)
-    except KeyError as exc:
-        raise CorruptStreamError(f"missing side array {exc} in {folder}") from None
-    if len(data) != n or hashlib.sha256(data).hexdigest() != meta["input"]["sha256"]:
-        raise CorruptStreamError("decoded data do not match the recorded input (size or SHA-256 differ)")
+    kwargs = {} if opts.method == "gzip" else {"progress": Progress("decode", show)}
+    data = coder.decompress(comp, **kwargs)
+    if len(data) != n or hashlib.sha256(data).hexdigest() != inp["sha256"]:
+        raise CorruptStreamError(f"{folder}: decoded data do not match the recorded input (size or SHA-256 differ)")
     if text_file:
-        tmp = text_file + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, text_file)
+        _write_atomic(text_file, data, force=force)
     return data

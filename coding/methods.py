@@ -56,6 +56,11 @@ def _check_common(token_bits: int, chunk_bytes: int) -> None:
         raise ValueError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
 
 
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def _check_data(data) -> bytes:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
@@ -106,14 +111,23 @@ class GZip:
         raw = tokens_to_bytes(comp.tokens, self.token_bits)
         out, pos = [], 0
         step = self.token_bits // 8
-        for n in nbytes.tolist():
+        for i, n in enumerate(nbytes.tolist()):
             if n < 0 or pos + n > len(raw):
                 raise CorruptStreamError("gzip stream lengths exceed the token data (truncated input)")
+            # a stream must end exactly at its recorded length: zlib.decompress alone ignores
+            # bytes after the end of a stream, so a wrong length could still decode
+            z = zlib.decompressobj()
             try:
-                out.append(zlib.decompress(raw[pos : pos + n]))
+                piece = z.decompress(raw[pos : pos + n])
             except zlib.error as exc:
-                raise CorruptStreamError(f"corrupt gzip stream: {exc}") from None
-            pos += -(-n // step) * step
+                raise CorruptStreamError(f"corrupt gzip stream {i}: {exc}") from None
+            if not z.eof or z.unused_data:
+                raise CorruptStreamError(f"gzip stream {i} does not end at its recorded length of {n} bytes")
+            out.append(piece)
+            end = pos + -(-n // step) * step
+            if any(raw[pos + n : end]):
+                raise CorruptStreamError(f"gzip stream {i}: the padding to a whole token is not zero")
+            pos = end
         if pos != len(raw):
             raise CorruptStreamError(f"{len(raw) - pos} bytes of token data left over after the last stream")
         return b"".join(out)
@@ -125,8 +139,7 @@ class _StreamAC:
     def __init__(self, model: ProbabilityModel, cfg: CoderConfig, token_bits: int, chunk_bytes: int,
                  streams_per_batch: int, device):
         _check_common(token_bits, chunk_bytes)
-        if streams_per_batch < 1:
-            raise ValueError(f"streams_per_batch must be >= 1, got {streams_per_batch}")
+        _check_count("streams_per_batch", streams_per_batch)
         if model.vocab_size != 256:
             raise ValueError(f"byte coding needs a 256-symbol model, got vocab_size={model.vocab_size}")
         self.model, self.cfg = model, cfg
@@ -239,8 +252,14 @@ class EqualInfoAC:
                  chunk_bytes: int = 4096, precision: int = 24, max_window_bytes: int = 64,
                  streams_per_batch: int = 256, batch_windows: int = 4096, device="cpu"):
         _check_common(token_bits, chunk_bytes)
-        if isinstance(window_bits, bool) or not isinstance(window_bits, int) or window_bits % token_bits or window_bits < 8:
-            raise ValueError(f"window_bits must be a positive multiple of token_bits={token_bits}, got {window_bits!r}")
+        if isinstance(window_bits, bool) or not isinstance(window_bits, int) or window_bits % token_bits or window_bits < 16:
+            # an empty 8-bit window cannot hold every byte: 256 symbols would each need
+            # frequency >= 2^(precision - 8), the whole total
+            raise ValueError(f"window_bits must be a multiple of token_bits={token_bits} and >= 16 (an 8-bit "
+                             f"window cannot hold every byte), got {window_bits!r}")
+        for name, v in (("max_window_bytes", max_window_bytes), ("streams_per_batch", streams_per_batch),
+                        ("batch_windows", batch_windows)):
+            _check_count(name, v)
         if isinstance(model, StaticModel):
             raise TypeError("EqualInfoAC re-quantises the model per window; wrap an LM with ModuleModel")
         if model.vocab_size != 256:

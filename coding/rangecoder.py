@@ -56,6 +56,8 @@ __all__ = [
     "resolve_carries",
     "encode",
     "decode",
+    "check_encode_args",
+    "check_decode_args",
     "CorruptStreamError",
 ]
 
@@ -408,27 +410,128 @@ def decode_finish(st: DecoderState, nbits: torch.Tensor | None = None,
 # ----------------------------------------------------------------------------------------
 
 
-def _check_cdf(cdf: torch.Tensor, precision: int) -> None:
+def _check_precision(precision) -> int:
+    if isinstance(precision, bool) or not isinstance(precision, int):
+        raise TypeError(f"precision must be an int, got {type(precision).__name__}")
+    # the state keeps range >= 2^40 before a step and the step needs range >> precision >= 2^16
+    if not 1 <= precision <= MAX_PRECISION:
+        raise ValueError(f"precision must be in [1, {MAX_PRECISION}], got {precision}")
+    return precision
+
+
+def _check_cdf(cdf: torch.Tensor, precision: int, batch: int) -> None:
+    """A shared table ``[V+1]`` or per-step tables ``[batch, S', V+1]``: int64, starting at 0,
+    non-decreasing, ending at ``2^precision`` (one device sync for all of it)."""
+    _check_precision(precision)
     if not isinstance(cdf, torch.Tensor) or cdf.dtype != torch.int64:
-        raise TypeError("cdf must be an int64 tensor [..., V+1]")
+        raise TypeError("cdf must be an int64 tensor [V+1] (shared) or [B, S, V+1] (per step)")
+    if cdf.dim() not in (1, 3):
+        raise ValueError(f"cdf must be [V+1] (shared) or [B, S, V+1] (per step), got shape {tuple(cdf.shape)}")
     if cdf.shape[-1] < 3:
         raise ValueError("cdf must describe at least 2 symbols")
+    if cdf.dim() == 3 and cdf.shape[0] != batch:
+        raise ValueError(f"cdf has {cdf.shape[0]} streams, the data {batch}")
+    if cdf.numel():
+        ok = ((cdf[..., 0] == 0).all() & (cdf[..., -1] == (1 << precision)).all()
+              & (cdf[..., 1:] >= cdf[..., :-1]).all())
+        if not bool(ok):
+            raise ValueError(f"every cdf table must start at 0, be non-decreasing and end at 2^precision = "
+                             f"{1 << precision}")
+
+
+def _check_lengths(lengths, batch: int, device, most: int | None, what: str) -> torch.Tensor:
+    """``lengths``: an int (every stream) or an integer tensor ``[batch]`` in ``[0, most]``."""
+    if isinstance(lengths, int) and not isinstance(lengths, bool):
+        lengths = torch.full((batch,), lengths, dtype=torch.long, device=device)
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype.is_complex \
+            or lengths.dtype == torch.bool:
+        raise TypeError("lengths must be an int or an integer tensor [B]")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
+    lengths = lengths.long().to(device)
+    if batch:
+        lo, hi = torch.aminmax(lengths)
+        lo, hi = int(lo), int(hi)
+        if lo < 0:
+            raise ValueError(f"lengths must be >= 0, got {lo}")
+        if most is not None and hi > most:
+            raise ValueError(f"lengths must be <= {most} ({what}), got {hi}")
+    return lengths
+
+
+def check_encode_args(symbols, cdf, lengths, precision: int) -> torch.Tensor:
+    """Validate :func:`encode`'s arguments; returns ``lengths`` as an int64 tensor ``[B]``.
+
+    Every coded symbol (``t < lengths[b]``) must lie in ``[0, V)`` with a nonzero frequency in
+    its table: another one would code an interval the decoder can never return to."""
+    if not isinstance(symbols, torch.Tensor) or symbols.dim() != 2:
+        raise TypeError("symbols must be a tensor [B, S]")
+    if symbols.dtype.is_floating_point or symbols.dtype.is_complex or symbols.dtype == torch.bool:
+        raise TypeError(f"symbols must be an integer tensor, got {symbols.dtype}")
+    B, S = symbols.shape
+    _check_cdf(cdf, precision, B)
+    if cdf.dim() == 3 and cdf.shape[1] < S:
+        raise ValueError(f"cdf has {cdf.shape[1]} steps, symbols have {S}")
+    lengths = _check_lengths(S if lengths is None else lengths, B, symbols.device, S, "the symbols' columns")
+    if symbols.numel():
+        V = cdf.shape[-1] - 1
+        s = symbols.long()
+        inside = (s >= 0) & (s < V)
+        sc = torch.where(inside, s, 0)
+        if cdf.dim() == 1:
+            freq = cdf[sc + 1] - cdf[sc]
+        else:
+            c = cdf[:, :S]
+            freq = (c.gather(2, (sc + 1)[..., None]) - c.gather(2, sc[..., None]))[..., 0]
+        active = torch.arange(S, device=s.device)[None, :] < lengths[:, None]
+        bad = active & ~(inside & (freq > 0))
+        if bool(bad.any()):
+            b, t = (int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(f"symbols[{b}, {t}] = {int(s[b, t])}: every coded symbol must lie in [0, {V}) and "
+                             f"have a nonzero frequency in its cdf table")
+    return lengths
+
+
+def check_decode_args(data, nbits, cdf, lengths, precision: int) -> torch.Tensor:
+    """Validate :func:`decode`'s arguments (the data's own checks follow in the decoder);
+    returns ``lengths`` as an int64 tensor ``[B]``."""
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 2:
+        raise TypeError("data must be a uint8 tensor [B, C]")
+    if not isinstance(nbits, torch.Tensor) or nbits.dtype.is_floating_point or nbits.dtype == torch.bool:
+        raise TypeError("nbits must be an integer tensor [B]")
+    B = data.shape[0]
+    _check_cdf(cdf, precision, B)
+    most = cdf.shape[1] if cdf.dim() == 3 else None
+    return _check_lengths(lengths, B, data.device, most, f"cdf has {most} steps" if most is not None else "")
+
+
+def _trusted_lengths(lengths, batch: int, device, default: int) -> torch.Tensor:
+    """``lengths`` as an int64 tensor ``[batch]``, unchecked (``validate=False``)."""
+    if lengths is None:
+        lengths = default
+    if isinstance(lengths, int):
+        return torch.full((batch,), lengths, dtype=torch.long, device=device)
+    return lengths.long().to(device)
 
 
 def encode(symbols: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tensor | None = None, *,
-           precision: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+           precision: int = 24, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``symbols [B, S]`` (int64) with per-step tables ``cdf [B, S, V+1]`` or one shared
     table ``[V+1]``; stream ``b`` codes its first ``lengths[b]`` symbols (all when None).
 
-    Returns ``(data [B, C] uint8, nbits [B] int64)``. Each table must have every used symbol
-    at frequency >= 1 and total ``2^precision``.
+    Returns ``(data [B, C] uint8, nbits [B] int64)``. Each table must total ``2^precision``
+    (``precision`` in 1..24) and every coded symbol have frequency >= 1; ``ValueError``
+    otherwise (see :func:`check_encode_args`). The checks read every table once and wait for
+    the device; ``validate=False`` skips them, for tables valid by construction (those of
+    :func:`quantize_logits` and :func:`quantize_probs`, which the dataset builders use): an
+    invalid table then codes a stream that does not decode, or decodes to other symbols.
     """
-    if not isinstance(symbols, torch.Tensor) or symbols.dim() != 2:
-        raise TypeError("symbols must be a tensor [B, S]")
-    _check_cdf(cdf, precision)
     B, S = symbols.shape
-    symbols = symbols.long()
-    lengths = torch.full((B,), S, dtype=torch.long, device=symbols.device) if lengths is None else lengths.long()
+    lengths = (check_encode_args(symbols, cdf, lengths, precision) if validate
+               else _trusted_lengths(lengths, B, symbols.device, S))
+    # entries past a stream's length are never coded and may hold anything: the steps still
+    # look them up in the tables, so they become symbol 0
+    symbols = torch.where(torch.arange(S, device=symbols.device)[None, :] < lengths[:, None], symbols.long(), 0)
     st = EncoderState.new(B, 3 * S + 8, symbols.device)
     for t in range(S):
         table = cdf if cdf.dim() == 1 else cdf[:, t]
@@ -437,17 +540,15 @@ def encode(symbols: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tensor | Non
 
 
 def decode(data: torch.Tensor, nbits: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tensor | int, *,
-           precision: int = 24) -> torch.Tensor:
+           precision: int = 24, validate: bool = True) -> torch.Tensor:
     """Invert :func:`encode`: ``data [B, C] uint8``, ``nbits [B]``, tables as for encoding,
     ``lengths [B]`` symbols per stream. Returns ``symbols [B, S]`` (zeros past each length).
-    Raises :class:`CorruptStreamError` naming the streams that do not decode exactly."""
-    _check_cdf(cdf, precision)
+    Raises :class:`CorruptStreamError` naming the streams that do not decode exactly.
+    ``validate``: as for :func:`encode`."""
     B = data.shape[0]
-    if isinstance(lengths, int):
-        lengths = torch.full((B,), lengths, dtype=torch.long, device=data.device)
+    lengths = (check_decode_args(data, nbits, cdf, lengths, precision) if validate
+               else _trusted_lengths(lengths, B, data.device, 0))
     S = int(lengths.max()) if B else 0
-    if cdf.dim() == 3 and cdf.shape[1] < S:
-        raise ValueError(f"cdf has {cdf.shape[1]} steps, lengths need {S}")
     st = DecoderState.new(_clip_to_bits(data, nbits))
     out = torch.zeros(B, S, dtype=torch.long, device=data.device)
     for t in range(S):

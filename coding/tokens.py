@@ -54,6 +54,8 @@ def tokens_to_bytes(tokens: np.ndarray, token_bits: int) -> bytes:
     """Inverse of :func:`bits_to_tokens` up to padding: tokens -> the bytes they hold."""
     _check_n(token_bits)
     t = np.asarray(tokens)
+    if not np.issubdtype(t.dtype, np.integer):  # a cast would silently truncate floats
+        raise TypeError(f"tokens must be an integer array, got dtype {t.dtype}")
     if t.size and (t.min() < 0 or int(t.max()) >= (1 << token_bits)):
         raise ValueError(f"tokens must be in [0, 2^{token_bits})")
     if token_bits == 8:

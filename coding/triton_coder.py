@@ -5,7 +5,10 @@ registers, so a call is one launch instead of ~30 torch ops per step. Bit-identi
 :func:`flopwise.coding.rangecoder.encode` / ``decode`` (same arithmetic, same carry
 bookkeeping; termination and carry resolution reuse the torch code).
 
-Shapes: ``symbols [B, S]`` int64, ``cdf [B, S, V+1]`` int64, ``lengths [B]`` int64.
+Shapes: ``symbols [B, S]`` int64, ``cdf [B, S, V+1]`` (or one shared ``[V+1]``) int64,
+``lengths [B]`` int64. Arguments are validated as by the torch coder (symbols inside ``[0, V)``
+with nonzero frequency, tables totalling ``2^precision``, lengths within the steps): the
+kernels index memory with them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ _BOTTOM = 1 << (rc.STATE_BITS - 8)
 
 
 @triton.jit
-def _encode_kernel(sym_ptr, cdf_ptr, len_ptr, buf_ptr, low_ptr, rng_ptr, nb_ptr, B, S, V1, C, CAP,
+def _encode_kernel(sym_ptr, cdf_ptr, len_ptr, buf_ptr, low_ptr, rng_ptr, nb_ptr, B, S, V1, SB, SS, C, CAP,
                    PREC: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = rows < B
@@ -38,7 +41,7 @@ def _encode_kernel(sym_ptr, cdf_ptr, len_ptr, buf_ptr, low_ptr, rng_ptr, nb_ptr,
     for t in range(S):
         a = m & (t < n)
         s = tl.load(sym_ptr + rows64 * S + t, mask=a, other=0)
-        base = (rows64 * S + t) * V1
+        base = rows64 * SB + (rows64 * 0 + t) * SS  # int64 (S * (V+1) may pass 2^31); strides 0: a shared table
         lo = tl.load(cdf_ptr + base + s, mask=a, other=0)
         hi = tl.load(cdf_ptr + base + s + 1, mask=a, other=1)
         r = rng >> PREC
@@ -66,7 +69,7 @@ def _encode_kernel(sym_ptr, cdf_ptr, len_ptr, buf_ptr, low_ptr, rng_ptr, nb_ptr,
 
 @triton.jit
 def _decode_kernel(data_ptr, cdf_ptr, len_ptr, out_ptr, code_ptr, low_ptr, rng_ptr, pos_ptr, bad_ptr,
-                   B, S, V1, D, PREC: tl.constexpr, LOGV: tl.constexpr, BLOCK: tl.constexpr):
+                   B, S, V1, SB, SS, D, PREC: tl.constexpr, LOGV: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = rows < B
     rows64 = rows.to(tl.int64)
@@ -79,7 +82,7 @@ def _decode_kernel(data_ptr, cdf_ptr, len_ptr, out_ptr, code_ptr, low_ptr, rng_p
     total = 1 << PREC
     for t in range(S):
         a = m & (t < n)
-        base = (rows64 * S + t) * V1
+        base = rows64 * SB + (rows64 * 0 + t) * SS  # int64 (S * (V+1) may pass 2^31); strides 0: a shared table
         r = rng >> PREC
         target = code // r
         oob = (target >= total) | (target < 0)
@@ -119,39 +122,49 @@ def _decode_kernel(data_ptr, cdf_ptr, len_ptr, out_ptr, code_ptr, low_ptr, rng_p
     tl.store(bad_ptr + rows64, bad, mask=m)
 
 
+def _table_strides(cdf: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``cdf`` with a contiguous last dimension and its (stream, step) strides in elements."""
+    if cdf.dim() == 1:
+        return cdf.contiguous(), 0, 0
+    cdf = cdf.contiguous()
+    return cdf, cdf.stride(0), cdf.stride(1)
+
+
 def encode_triton(symbols: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tensor | None = None, *,
-                  precision: int = 24, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`flopwise.coding.rangecoder.encode` with ``cdf [B, S, V+1]``, in one launch."""
+                  precision: int = 24, block: int = 128, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`flopwise.coding.rangecoder.encode` (per-step ``cdf [B, S, V+1]`` or a shared
+    ``[V+1]``), in one launch; the same argument checks (``validate=False``: none, as there)."""
     B, S = symbols.shape
-    if cdf.dim() != 3 or cdf.shape[:2] != (B, S) or cdf.dtype != torch.int64:
-        raise ValueError("cdf must be an int64 tensor [B, S, V+1]")
+    lengths = (rc.check_encode_args(symbols, cdf, lengths, precision) if validate
+               else rc._trusted_lengths(lengths, B, symbols.device, S))
     dev = symbols.device
-    lengths = torch.full((B,), S, dtype=torch.long, device=dev) if lengths is None else lengths.long().to(dev)
     st = rc.EncoderState.new(B, 3 * S + 8, dev)
     C = st.buf.shape[1]
+    table, sb, ss = _table_strides(cdf)
     grid = (cdiv(B, block),)
-    launch(_encode_kernel, grid, symbols.long().contiguous(), cdf.contiguous(), lengths, st.buf, st.low, st.rng,
-           st.nbytes, B, S, cdf.shape[2], C, C - 1, PREC=precision, BLOCK=block)
+    launch(_encode_kernel, grid, symbols.long().contiguous(), table, lengths, st.buf, st.low, st.rng,
+           st.nbytes, B, S, table.shape[-1], sb, ss, C, C - 1, PREC=precision, BLOCK=block)
     return rc.encode_finish(st)
 
 
 def decode_triton(data: torch.Tensor, nbits: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tensor | int, *,
-                  precision: int = 24, block: int = 128) -> torch.Tensor:
-    """As :func:`flopwise.coding.rangecoder.decode` with ``cdf [B, S, V+1]``, in one launch."""
+                  precision: int = 24, block: int = 128, validate: bool = True) -> torch.Tensor:
+    """As :func:`flopwise.coding.rangecoder.decode` (per-step ``cdf [B, S, V+1]`` or a shared
+    ``[V+1]``), in one launch; the same argument checks (``validate=False``: none, as there)."""
     B = data.shape[0]
-    if isinstance(lengths, int):
-        lengths = torch.full((B,), lengths, dtype=torch.long, device=data.device)
-    lengths = lengths.long().to(data.device)
-    S = cdf.shape[1]
+    lengths = (rc.check_decode_args(data, nbits, cdf, lengths, precision) if validate
+               else rc._trusted_lengths(lengths, B, data.device, 0))
+    S = int(lengths.max()) if B else 0
     st = rc.DecoderState.new(rc._clip_to_bits(data, nbits))
     out = torch.zeros(B, S, dtype=torch.long, device=data.device)
     bad = st.bad.to(torch.int64)
-    V1 = cdf.shape[2]
+    table, sb, ss = _table_strides(cdf)
+    V1 = table.shape[-1]
     logv = max(1, (V1 - 2).bit_length())
     grid = (cdiv(B, block),)
-    launch(_decode_kernel, grid, st.data, cdf.contiguous(), lengths, out, st.code, st.low, st.rng, st.pos, bad,
-           B, S, V1, st.data.shape[1], PREC=precision, LOGV=logv, BLOCK=block)
+    launch(_decode_kernel, grid, st.data, table, lengths, out, st.code, st.low, st.rng, st.pos, bad,
+           B, S, V1, sb, ss, st.data.shape[1], PREC=precision, LOGV=logv, BLOCK=block)
     st.bad = bad.bool()
     rc.raise_if_bad(rc.decode_finish(st, nbits=nbits))
     mask = torch.arange(S, device=data.device)[None, :] < lengths[:, None]
-    return torch.where(mask, out, 0)[:, : int(lengths.max()) if B else 0]
+    return torch.where(mask, out, 0)

@@ -11,14 +11,30 @@ import json
 from flopwise._cli_types import positive_int as _positive_int
 
 
+# Options that only some methods use: given for another method they would be recorded in
+# meta.json and silently ignored, so they are refused instead.
+_METHOD_OPTIONS = {
+    "window_bits": ("--window-bits", ("equalinfo",)),
+    "max_window_bytes": ("--max-window-bytes", ("equalinfo",)),
+    "precision": ("--precision", ("static", "ac", "equalinfo")),
+    "m1": ("--m1", ("ac", "equalinfo")),
+    "context_len": ("--context-len", ("ac", "equalinfo")),
+    "m1_eval": ("--m1-eval", ("ac", "equalinfo")),
+    "batch_rows": ("--batch-rows", ("ac", "equalinfo")),
+    "streams_per_batch": ("--streams-per-batch", ("ac", "equalinfo")),
+    "train": ("--train", ("static",)),
+}
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from flopwise.coding.dataset import BuildOptions, build
 
-    opts = BuildOptions(method=args.method, token_bits=args.token_bits, window_bits=args.window_bits,
-                        chunk_bytes=args.chunk_bytes, precision=args.precision,
-                        max_window_bytes=args.max_window_bytes, m1=args.m1, context_len=args.context_len,
-                        batch_rows=args.batch_rows, streams_per_batch=args.streams_per_batch, device=args.device,
-                        m1_eval=args.m1_eval)
+    for dest, (flag, methods) in _METHOD_OPTIONS.items():
+        if getattr(args, dest) is not None and args.method not in methods:
+            raise ValueError(f"{flag} applies to --method {' / '.join(methods)} only, not {args.method}")
+    given = {k: getattr(args, k) for k in _METHOD_OPTIONS if k != "train" and getattr(args, k) is not None}
+    opts = BuildOptions(method=args.method, token_bits=args.token_bits, chunk_bytes=args.chunk_bytes,
+                        device=args.device, **given)
     stats = build(args.corpus, args.out, opts, force=args.force, train=args.train,
                   progress=False if args.quiet else None)
     if args.json:
@@ -63,18 +79,19 @@ def add_parser(sub) -> None:
     b.add_argument("out", help="output folder (created atomically)")
     b.add_argument("--method", required=True, choices=("gzip", "static", "ac", "equalinfo"))
     b.add_argument("--token-bits", type=int, choices=(8, 16), default=8, help="bits per token (default 8)")
-    b.add_argument("--window-bits", type=_positive_int, default=16, help="EqualInfoAC window size b (default 16)")
+    b.add_argument("--window-bits", type=_positive_int, help="EqualInfoAC window size b, a multiple of the token bits "
+                                                            ">= 16 (default 16)")
     b.add_argument("--chunk-bytes", type=_positive_int, default=4096, help="bytes per independent stream (default 4096)")
-    b.add_argument("--precision", type=_positive_int, default=24, help="frequency total 2^P (default 24, max 24)")
-    b.add_argument("--max-window-bytes", type=_positive_int, default=64, help="EqualInfoAC: bytes per window at most (default 64)")
+    b.add_argument("--precision", type=_positive_int, help="static/ac/equalinfo: frequency total 2^P, 9..24 (default 24)")
+    b.add_argument("--max-window-bytes", type=_positive_int, help="EqualInfoAC: bytes per window at most (default 64)")
     b.add_argument("--m1", metavar="CKPT", help="M1 checkpoint (flopwise folder or torch.save'd module); ac/equalinfo")
     b.add_argument("--context-len", type=_positive_int, help="M1 context (default: its max_seq_len)")
-    b.add_argument("--m1-eval", choices=("auto", "cached", "window"), default="auto",
+    b.add_argument("--m1-eval", choices=("auto", "cached", "window"),
                    help="M1 evaluation: cached (KV cache, one token per step; dense flopwise models), window "
                         "(re-read the last context-len bytes every step; any module), auto (default: cached "
                         "where it applies)")
-    b.add_argument("--batch-rows", type=_positive_int, default=64, help="rows per M1 call, fixed (default 64)")
-    b.add_argument("--streams-per-batch", type=_positive_int, default=256, help="streams coded together (default 256)")
+    b.add_argument("--batch-rows", type=_positive_int, help="ac/equalinfo: rows per M1 call, fixed (default 64)")
+    b.add_argument("--streams-per-batch", type=_positive_int, help="ac/equalinfo: streams coded together (default 256)")
     b.add_argument("--train", metavar="FILE", help="StaticAC: fit the unigram model on FILE (default: the corpus)")
     b.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); decoding must use the same")
     b.add_argument("--force", action="store_true", help="replace an existing OUT")

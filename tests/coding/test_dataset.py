@@ -160,7 +160,11 @@ def test_build_force_over_a_file_and_bad_arguments(tmp_path, prose, capsys):
     corpus.write_bytes(prose[:3_000])
     target = tmp_path / "was-a-file"
     target.write_text("hi")
-    build(str(corpus), str(target), BuildOptions(method="gzip"), force=True, progress=False)
+    with pytest.raises(FileExistsError, match="not a folder"):  # --force replaces build outputs only
+        build(str(corpus), str(target), BuildOptions(method="gzip"), force=True, progress=False)
+    assert target.read_text() == "hi"
+    target.unlink()
+    build(str(corpus), str(target), BuildOptions(method="gzip"), progress=False)
     assert target.is_dir() and sorted(os.listdir(tmp_path)) == ["c.txt", "was-a-file"]
     (tmp_path / "notamodel.pt").write_text("not a checkpoint")
     for argv, match in [

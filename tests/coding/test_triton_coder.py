@@ -27,3 +27,47 @@ def test_triton_matches_torch(V, device):
     bad[:, 0] ^= 0xFF
     with pytest.raises(rc.CorruptStreamError):
         decode_triton(bad, n1, cdf, lengths, block=16)
+
+
+_ENCODERS = {"torch": rc.encode, "triton": lambda *a, **k: encode_triton(*a, block=4, **k)}
+_DECODERS = {"torch": rc.decode, "triton": lambda *a, **k: decode_triton(*a, block=4, **k)}
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_coders_refuse_what_they_cannot_code(path):
+    """Both coders check their inputs alike; the kernels would read out of bounds or return an
+    undecodable stream otherwise."""
+    enc, dec = _ENCODERS[path], _DECODERS[path]
+    cdf = torch.tensor([0, 1 << 23, 1 << 23, 1 << 24])  # symbol 1 has frequency 0
+    per_step = cdf.expand(2, 3, 4).contiguous()
+    ok = torch.tensor([[0, 2, 0], [2, 2, 0]])
+    for table in (cdf, per_step):
+        for s, t in ((0, 1), (1, 2), (1, 0)):
+            bad_sym = ok.clone()
+            bad_sym[s, t] = (1, 3, -1)[t]  # zero frequency, == V, negative
+            with pytest.raises(ValueError, match=rf"symbols\[{s}, {t}\]"):
+                enc(bad_sym, table)
+    with pytest.raises(ValueError, match="lengths must be <= 3"):
+        enc(ok, per_step, torch.tensor([3, 5]))
+    with pytest.raises(ValueError, match="precision must be in"):
+        enc(ok, torch.tensor([0, 1 << 46, 1 << 47]), precision=47)
+    with pytest.raises(ValueError, match="end at 2"):
+        enc(ok, torch.tensor([0, 100, 1 << 20]))  # totals 2^20, precision 24
+    data, nbits = rc.encode(ok, per_step)
+    with pytest.raises(ValueError, match="cdf has 3 steps"):
+        dec(data, nbits, per_step, torch.tensor([3, 5]))
+    # past the last coded symbol anything may fill the symbols (they are never read)
+    padded = ok.clone()
+    padded[1, 2] = 99
+    assert torch.equal(enc(padded, cdf, torch.tensor([3, 2]))[0], rc.encode(ok, cdf, torch.tensor([3, 2]))[0])
+
+
+def test_triton_takes_a_shared_table_like_torch():
+    g = torch.Generator().manual_seed(3)
+    cdf = rc.cdf_from_freqs(rc.quantize_logits(torch.randn(300, generator=g) * 3))
+    sym = torch.randint(0, 300, (5, 9), generator=g)
+    lengths = torch.tensor([9, 0, 4, 9, 1])
+    d1, n1 = rc.encode(sym, cdf, lengths)
+    d2, n2 = encode_triton(sym, cdf, lengths, block=4)
+    assert torch.equal(d1, d2) and torch.equal(n1, n2)
+    assert torch.equal(decode_triton(d1, n1, cdf, lengths, block=4), rc.decode(d1, n1, cdf, lengths))
