@@ -18,6 +18,13 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "all kernel variants compiled for sm_90" in proc.stdout
+    # the persistent candidates were chosen with Triton 3.6 and 3.9, where none spills in a
+    # main loop; other releases only report it (the tuner times every candidate)
+    import triton
+
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) in ((3, 6), (3, 9)):
+        assert "spills in a main loop" not in proc.stdout, [
+            line for line in proc.stdout.splitlines() if "spills in a main loop" in line]
 
 
 def _script_function(name):
