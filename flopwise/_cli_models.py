@@ -21,14 +21,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                    ("device", args.device), ("compile", args.compile or None),
                                    ("batch_size", args.batch_size), ("seq_len", args.seq_len),
                                    ("grad_accum", args.grad_accum), ("lr", args.lr),
+                                   ("warmup_steps", args.warmup_steps),
                                    ("eval_every", args.eval_every), ("save_every", args.save_every))
                  if v is not None}
     corpus = load_corpus(args.corpus)
     if args.resume:
         if args.bos is not None:
             raise ValueError("--bos applies to a new run; a resumed run keeps the checkpoint's")
-        trainer = Trainer.resume(args.resume, corpus, **overrides)
-        print(f"resumed {args.resume} at step {trainer.step}", file=sys.stderr)
+        trainer = Trainer.resume(args.resume, corpus, force=args.force, **overrides)
+        if trainer.step >= trainer.cfg.max_steps:
+            raise ValueError(f"{args.resume} is at step {trainer.step} and max_steps is {trainer.cfg.max_steps}: "
+                             f"nothing to train; pass --steps N with N > {trainer.step} to continue it")
+        print(f"resumed {args.resume} at step {trainer.step}; checkpoints to {trainer.cfg.out_dir}/last",
+              file=sys.stderr)
     else:
         from dataclasses import replace
 
@@ -36,7 +41,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         mc, tc = load_run_config(args.config)
         tc = replace(tc, **overrides)
-        trainer = Trainer(mc, tc, ByteData(corpus, seed=tc.seed, bos=args.bos))
+        trainer = Trainer(mc, tc, ByteData(corpus, seed=tc.seed, bos=args.bos), force=args.force)
     m = trainer.model
     print(f"model: {m.num_parameters():,} parameters, {trainer.flops_per_token:.3g} FLOPs/token at "
           f"S={trainer.cfg.seq_len}; corpus {corpus.name} ({len(corpus.train):,} B train); device {trainer.device}",
@@ -81,7 +86,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from flopwise.models.demo import run_demo
 
     run_demo(args.corpus, preset=args.preset, budget_s=args.budget_s, dense_steps=args.dense_steps,
-             out_dir=args.out, device=args.device, progress=not args.quiet, threads=args.threads)
+             out_dir=args.out, device=args.device, progress=not args.quiet, threads=args.threads, force=args.force)
     return 0
 
 
@@ -114,13 +119,17 @@ def add_parser(sub) -> None:
                    help="a model preset (tiny, m1, small, ...) or a JSON/TOML file {model: ..., train: ...} (default m1)")
     t.add_argument("--corpus", help="folder with train.txt/val.txt, a text file, or 'embedded' "
                                     "(default: the fetched corpus, else the embedded text)")
-    t.add_argument("--out", help="checkpoint folder (writes OUT/last)")
+    t.add_argument("--out", help="checkpoint folder (writes OUT/last; default: none for a new run; a resumed run "
+                                 "keeps its own, or writes CKPT/last if it has none)")
+    t.add_argument("--force", action="store_true",
+                   help="replace an existing checkpoint in OUT/last that is not this run's (never other files)")
     t.add_argument("--resume", metavar="CKPT", help="continue a checkpoint (its config; flags override)")
     t.add_argument("--steps", type=_positive_int, help="max_steps")
     t.add_argument("--batch-size", type=_positive_int)
     t.add_argument("--seq-len", type=_positive_int)
     t.add_argument("--grad-accum", type=_positive_int)
     t.add_argument("--lr", type=_positive_float)
+    t.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 50)")
     t.add_argument("--eval-every", type=int)
     t.add_argument("--save-every", type=int)
     t.add_argument("--seed", type=int)
@@ -152,6 +161,8 @@ def add_parser(sub) -> None:
     d.add_argument("--threads", type=_positive_int,
                    help="CPU threads (default: 1 or all, whichever a timed step finds faster)")
     d.add_argument("--out", help="save each model's checkpoint to OUT/<model>")
+    d.add_argument("--force", action="store_true",
+                   help="replace earlier checkpoints in OUT/<model> (never folders of other files)")
     d.add_argument("--device", default="auto")
     d.add_argument("--quiet", action="store_true", help="no progress lines")
     d.set_defaults(func=_cmd_demo)

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # permissions, full disk, read-only filesystem: not a bug, no traceback
         print(f"flopwise: error: {exc}", file=sys.stderr)
         return 1
+    except ArithmeticError as exc:  # a diverged training run (FloatingPointError): not a bug either
+        print(f"flopwise: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ import torch
 from .safetensors_io import CheckpointReader, fsync_dir, publish_mode
 from .transformer import ModelConfig, Transformer
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_model", "optimizer_tensors",
+__all__ = ["Checkpoint", "save_checkpoint", "check_replaceable", "load_checkpoint", "load_model", "optimizer_tensors",
            "load_optimizer_tensors", "rng_state", "set_rng_state"]
 
 FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json")
@@ -142,15 +142,46 @@ def _model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_replaceable(path: str | os.PathLike) -> None:
+    """FileExistsError unless ``path`` is absent, an empty folder or a flopwise checkpoint
+    folder (config.json, model weights, and nothing but the files :func:`save_checkpoint`
+    writes): replacing it deletes what it holds, and a user's own files must never go."""
+    path = Path(path)
+    hint = "remove or move it yourself, or choose another folder"
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        kind = "a symlink" if path.is_symlink() else "not a folder"
+        raise FileExistsError(f"{path} is {kind}; a checkpoint replaces only an earlier checkpoint folder: {hint}")
+    entries = sorted(os.listdir(path))
+    if not entries:
+        return
+    for e in entries:
+        if e not in FILES or not (path / e).is_file() or (path / e).is_symlink():
+            raise FileExistsError(f"{path} is not a flopwise checkpoint folder: it holds {e!r}, which a checkpoint "
+                                  f"does not write, and saving there would delete it: {hint}")
+    if "config.json" not in entries or "model.safetensors" not in entries:
+        raise FileExistsError(f"{path} is not a flopwise checkpoint folder (no config.json and model.safetensors); "
+                              f"saving there would delete it: {hint}")
+
+
 def save_checkpoint(path: str | os.PathLike, model: Transformer, optimizer: torch.optim.Optimizer | None = None,
                     *, trainer_state: dict | None = None) -> Path:
     """Write ``model`` (and ``optimizer``, ``trainer_state``) to the folder ``path``,
-    atomically. An existing checkpoint there is replaced. Returns the path."""
+    atomically. An existing checkpoint there is replaced; anything else at ``path`` (a
+    folder of other files, a file, a symlink) raises FileExistsError and stays untouched
+    (see :func:`check_replaceable`). Returns the path."""
     from safetensors.torch import save_file
 
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a flopwise Transformer, got {type(model).__name__}")
     path = Path(path)
+    check_replaceable(path)
+    for parent in (path.parent, *path.parent.parents):
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise FileExistsError(f"cannot save a checkpoint to {path}: {parent} is a file, not a folder")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -164,7 +195,8 @@ def save_checkpoint(path: str | os.PathLike, model: Transformer, optimizer: torc
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
         publish_mode(str(tmp))  # mkdtemp made it private; the checkpoint gets the usual mode
         old = None
-        if path.exists():
+        if os.path.lexists(path):
+            check_replaceable(path)  # again: the folder may have changed while the files were written
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "ckpt")
         os.replace(tmp, path)

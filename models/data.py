@@ -280,7 +280,21 @@ def load_corpus(path: str | os.PathLike | None = None) -> TextCorpus:
                 or desc
         return TextCorpus(name, (p / "train.txt").read_bytes(), (p / "val.txt").read_bytes(), desc)
     if p.is_file():
-        train, val = split_text(p.read_text(encoding="utf-8"))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"corpus file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}): pass a text "
+                             "file, a folder with train.txt and val.txt, or 'embedded'") from None
+        train, val = split_text(text)
+        if not val.strip():
+            # No section reached the validation slot: validation would be one newline, and
+            # the run would fail only at its final evaluation, after all the training.
+            size = len(text.encode("utf-8"))
+            raise ValueError(
+                f"corpus file {p} ({size:,} B) is too small for the fixed split: every {VAL_EVERY}th section of "
+                f">= {SECTION_BYTES:,} B is validation, so it needs more than {(VAL_EVERY - 1) * SECTION_BYTES:,} B "
+                "of text (paragraphs separated by blank lines) to hold any validation text; or pass a folder "
+                "with train.txt and val.txt")
         return TextCorpus(p.stem, train.encode("utf-8"), val.encode("utf-8"), f"{p} (fixed section split)")
     raise FileNotFoundError(f"corpus not found: {p}")
 
@@ -316,8 +330,8 @@ class _WindowData:
         """``(tokens [B, S], targets [B, S])`` int64, targets shifted by one token."""
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
-        n = self.train.numel() - seq_len - 1
-        if n < 1:
+        n = self.train.numel() - seq_len - 1  # the last start a whole window fits after
+        if n < 0:
             raise ValueError(f"{self._train_what} ({self.train.numel()}{self._unit}) is shorter than "
                              f"seq_len + 1 = {seq_len + 1}")
         # One generator per (seed, step, micro): a large odd multiplier keeps the streams apart.
@@ -332,6 +346,14 @@ class _WindowData:
             x = x.clone()
             x[:, 0] = self.bos
         return x
+
+    def check_lengths(self, seq_len: int) -> None:
+        """ValueError unless both arrays hold at least one window of ``seq_len + 1`` tokens:
+        what :meth:`batch` and :meth:`eval_windows` need, checked before any training."""
+        for what, arr in ((self._train_what, self.train), (self._val_what, self.val)):
+            if arr.numel() < seq_len + 1:
+                raise ValueError(f"{what} of {self.corpus.name!r} ({arr.numel():,}{self._unit}) is shorter than one "
+                                 f"window, seq_len + 1 = {seq_len + 1}: use a shorter seq_len or more text")
 
     def eval_windows(self, seq_len: int, batch_size: int, max_tokens: int | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

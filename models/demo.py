@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -214,7 +215,7 @@ def _time_steps(p: DemoPreset, name: str, data: ByteData, device: str) -> float:
 def run_demo(corpus: str | TextCorpus | None = None, *, preset: str | DemoPreset | None = None,
              budget_s: float | None = None, dense_steps: int | None = None, out_dir: str | None = None,
              device: str = "auto", threads: int | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> DemoResult:
+             log: Callable[[str], None] | None = None, force: bool = False) -> DemoResult:
     """Train the preset's variants at matched FLOPs and return the table.
 
     Args:
@@ -224,7 +225,10 @@ def run_demo(corpus: str | TextCorpus | None = None, *, preset: str | DemoPreset
         budget_s: wall-clock seconds for all training (default: the preset's).
         dense_steps: fix the dense step count (skips the timing; runs are then reproducible).
         out_dir: save each model's checkpoint to ``out_dir/<variant>`` (``mod+moe`` ->
-            ``mod_moe``), ready for ``flopwise generate``.
+            ``mod_moe``), ready for ``flopwise generate``. Checked before any training: an
+            existing ``out_dir/<variant>`` is a FileExistsError unless ``force=True``, and
+            even then only an earlier checkpoint is replaced, never a folder of other files.
+        force: replace earlier checkpoints in ``out_dir`` (``flopwise demo --force``).
         threads: CPU threads for torch; None times a dense step with all threads and with
             one and keeps the faster (on a loaded machine one thread can be several times
             faster than two that wait for each other). Restored on return.
@@ -240,12 +244,35 @@ def run_demo(corpus: str | TextCorpus | None = None, *, preset: str | DemoPreset
         raise ValueError(f"dense_steps must be an int >= 1, got {dense_steps!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    if out_dir:
+        _check_out_dir(out_dir, p, force)
     budget = budget_s if budget_s is not None else p.budget_s
     old_threads = torch.get_num_threads()
     try:
         return _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progress, log, t_start)
     finally:
         _set_threads(old_threads)
+
+
+def _ckpt_name(variant: str) -> str:
+    return variant.replace("+", "_")
+
+
+def _check_out_dir(out_dir, p: DemoPreset, force: bool) -> None:
+    """Before minutes of training, not at the first save: out_dir must be (or can become) a
+    folder, and its checkpoints may be written (see :func:`run_demo`)."""
+    from .checkpoint import check_replaceable
+    from .train import _usable_out_dir
+
+    out = _usable_out_dir(out_dir)
+    for name in p.variants:
+        dst = out / _ckpt_name(name)
+        if not os.path.lexists(dst):
+            continue
+        if not force:
+            raise FileExistsError(f"{dst} already exists; the demo would replace it: choose another --out, or pass "
+                                  "force=True (--force) to replace earlier demo checkpoints")
+        check_replaceable(dst)
 
 
 def _set_threads(n: int) -> None:
@@ -332,7 +359,7 @@ def _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progre
             out = trainer.model.generate(ids, p.sample_bytes, temperature=0.7, top_k=10, seed=0)
             sample = decode(out[0, ids.shape[1]:].cpu())
         if out_dir:
-            trainer.save(f"{out_dir}/{n.replace('+', '_')}")
+            trainer.save(os.path.join(out_dir, _ckpt_name(n)))
         if i == 0:
             dense_trainer = trainer
         rows.append(DemoRow(
@@ -390,7 +417,6 @@ def _upcycle_stage(dense: Trainer, data: ByteData, p: DemoPreset, time_left: flo
     the dense model for ``p.upcycle_steps`` steps each (the cosine schedule stretched to the
     new end, the same for both): equal steps, not equal compute (top-2 of full-width copies
     costs more per token)."""
-    import os
     import tempfile
 
     from .upcycle import UpcycleOptions, upcycle

@@ -40,13 +40,15 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import load_checkpoint, load_optimizer_tensors, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (check_replaceable, load_checkpoint, load_optimizer_tensors, rng_state, save_checkpoint,
+                         set_rng_state)
 from .data import ByteData, TextCorpus, TokenData, load_corpus
 from .transformer import ModelConfig, Transformer
 
@@ -113,6 +115,24 @@ class TrainConfig:
     min_steps: int = 0
 
     def __post_init__(self):
+        # Types first, by name: a "0.1" from a config file would otherwise fail in a comparison
+        # that names no field, or (a bool) pass as a number.
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "time_budget_s"):
+            v = getattr(self, name)
+            if v is None and name == "time_budget_s":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"TrainConfig.{name} must be a number, got {v!r}")
+            if math.isnan(v):
+                raise ValueError(f"TrainConfig.{name} must be a number, got NaN")
+        if self.eval_tokens is not None and (isinstance(self.eval_tokens, bool) or not isinstance(self.eval_tokens, int)):
+            raise TypeError(f"TrainConfig.eval_tokens must be None or an int >= 1, got {self.eval_tokens!r}")
+        if self.out_dir is not None:
+            if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
+                raise TypeError(f"TrainConfig.out_dir must be None or a folder path, got {self.out_dir!r}")
+            self.out_dir = os.fspath(self.out_dir)  # JSON-able in trainer_state.json
+        if not isinstance(self.device, str):
+            raise TypeError(f"TrainConfig.device must be a str ('auto', 'cpu', 'cuda', ...), got {self.device!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -135,6 +155,16 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if not isinstance(self.compile, (bool, str)) or self.compile == "":
             raise ValueError(f"TrainConfig.compile must be a bool or a torch.compile backend name, got {self.compile!r}")
+        if isinstance(self.compile, str):
+            # Checked now: an unknown backend ("false" from a config file) would otherwise
+            # fail at the first training step, with a traceback.
+            from torch._dynamo import list_backends
+
+            known = list_backends(exclude_tags=())
+            if self.compile not in known:
+                raise ValueError(f"TrainConfig.compile must be true/false or a torch.compile backend name such as "
+                                 f"'inductor' or 'aot_eager' (torch._dynamo.list_backends(exclude_tags=()) lists "
+                                 f"them), got {self.compile!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"TrainConfig.time_budget_s must be None or > 0, got {self.time_budget_s}")
 
@@ -208,13 +238,18 @@ def load_run_config(spec: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
         mc = ModelConfig.preset(m)
     elif isinstance(m, dict):
         m = dict(m)
+        if "preset" in m and not isinstance(m["preset"], str):
+            raise TypeError(f"config {p}: model 'preset' must be a preset name, got {m['preset']!r}")
         preset = m.pop("preset", None)
         mod = m.pop("mod", None)
         mc = ModelConfig.preset(preset, mod=mod, **m) if preset else ModelConfig.from_dict(
             {**m, **({"routing": mod} if mod is not None else {})})
     else:
         raise TypeError(f"config {p}: 'model' must be a preset name or an object")
-    tc = TrainConfig.from_dict(raw.get("train", {}))
+    train = raw.get("train", {})
+    if not isinstance(train, dict):
+        raise TypeError(f"config {p}: 'train' must be an object of TrainConfig fields, got {train!r}")
+    tc = TrainConfig.from_dict(train)
     return mc, tc
 
 
@@ -222,23 +257,32 @@ def load_run_config(spec: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
 # Throughput accounting
 # ----------------------------------------------------------------------------------------
 
-# Dense bf16 tensor-core peaks (spec sheets, FLOP/s). Used for MFU; BASELINES.md's measured
-# H100 GEMM rate (774e12) is a tighter ceiling, the spec is the convention MFU uses.
-_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12),
-              ("4090", 165e12))
+# Dense bf16 tensor-core peaks (spec sheets, FLOP/s) by the exact name torch reports. Used
+# for MFU; BASELINES.md's measured H100 GEMM rate (774e12) is a tighter ceiling, the spec is
+# the convention MFU uses. Exact names, not substrings: "H100" is also the PCIe card (756e12)
+# and "A10" a prefix of the A10G; a card not listed gets MFU n/a rather than another's peak.
+_PEAK_BF16 = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA GeForce RTX 4090": 165e12,
+}
 
 
 def peak_flops(device: torch.device | str) -> float | None:
-    """Peak dense bf16 FLOP/s of ``device`` from a table of data-centre GPUs, or None
-    (CPUs, unknown GPUs: MFU is then reported as n/a rather than against a guess)."""
+    """Peak dense bf16 FLOP/s of ``device`` from a table of GPUs (exact device names), or
+    None (CPUs, GPUs not in the table: MFU is then reported as n/a rather than against a
+    guess)."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in _PEAK_BF16:
-        if key in name:
-            return peak
-    return None
+    return _PEAK_BF16.get(torch.cuda.get_device_name(device).strip())
 
 
 def active_params(model: Transformer) -> float:
@@ -395,16 +439,26 @@ class Trainer:
             ``cfg.seed``) or None (:func:`load_corpus`'s default). The model's
             ``vocab_size`` must be at least the data's.
         progress: show the progress line (stderr).
+        force: a new run whose ``cfg.out_dir`` already holds a checkpoint (``out_dir/last``)
+            replaces it only with ``force=True`` (the CLI's ``--force``); without it that is
+            a FileExistsError, raised before any training. Even with it, ``out_dir/last``
+            must be a checkpoint folder: a folder of other files is never replaced.
+
+    Everything a run needs is checked here, before the first step: the data holds a whole
+    training and validation window, ``out_dir`` is (or can become) a folder, and its
+    ``last`` checkpoint may be written. ``out_dir`` is stored as an absolute path.
     """
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig | None = None,
                  data: ByteData | TokenData | TextCorpus | None = None,
-                 *, progress: bool = True, label: str = ""):
+                 *, progress: bool = True, label: str = "", force: bool = False):
         if not isinstance(model_cfg, ModelConfig):
             raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
         cfg = cfg or TrainConfig()
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        if not isinstance(force, bool):
+            raise TypeError(f"force must be a bool, got {force!r}")
         if cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
         if data is None:
@@ -413,6 +467,16 @@ class Trainer:
         if model_cfg.vocab_size < data.vocab_size:
             raise ValueError(f"the model's vocab_size ({model_cfg.vocab_size}) is smaller than the data's "
                              f"vocab_size ({data.vocab_size}): token ids up to {data.vocab_size - 1} occur")
+        # Before training, not after it: the final evaluation needs a validation window.
+        data.check_lengths(cfg.seq_len)
+        if cfg.out_dir:
+            out = _usable_out_dir(cfg.out_dir)
+            cfg = dataclasses.replace(cfg, out_dir=str(out))
+            _check_new_run_out_dir(out, force)
+        if cfg.warmup_steps > cfg.max_steps:
+            warnings.warn(f"warmup_steps ({cfg.warmup_steps}) exceeds max_steps ({cfg.max_steps}): the learning "
+                          f"rate never reaches its peak {cfg.lr:g} (pass fewer warmup steps, --warmup-steps)",
+                          stacklevel=2)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.data = data
@@ -488,7 +552,8 @@ class Trainer:
         self.tokens_seen += cfg.tokens_per_step
         metrics = {k: float(v) for k, v in sums.items()}
         if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
+            raise FloatingPointError(f"training diverged: the loss is {metrics['loss']} at step {self.step} "
+                                     f"(learning rate {lr:.3g}; a lower lr, --lr, usually helps)")
         return {"step": self.step, "grad_norm": float(norm), "lr": lr, **metrics}
 
     # ------------------------------------------------------------------ evaluation
@@ -542,6 +607,18 @@ class Trainer:
             res["mod_predictor_acc"] = acc / acc_n
         return res
 
+    @property
+    def eval_routing(self) -> str:
+        """How :meth:`evaluate` (``causal=True``) routes: ``""`` for a model without routed
+        layers, ``"causal routing"``, or ``"non-causal routing"`` when a MoD layer has
+        ``mod_causal="none"`` or an MoE layer routes by expert choice: those look at the
+        whole window, so the validation score sees the future and flatters the model."""
+        c = self.model_cfg
+        moe_ec = "moe" in c.mlp and c.moe_router == "expert_choice"
+        if moe_ec or (c.n_mod_layers and c.mod_causal == "none"):
+            return "non-causal routing: sees the whole window"
+        return "causal routing" if c.n_mod_layers or "moe" in c.mlp else ""
+
     # ------------------------------------------------------------------ loop
     def fit(self, steps: int | None = None, *, callback: Callable[[dict], None] | None = None) -> TrainResult:
         """Train until ``cfg.max_steps`` (or ``steps`` more steps, or ``cfg.time_budget_s``),
@@ -551,6 +628,9 @@ class Trainer:
         cfg = self.cfg
         end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
         start_step = self.step
+        if end <= self.step and steps != 0:
+            warnings.warn(f"nothing to train: the run is at step {self.step} and max_steps is {cfg.max_steps} "
+                          "(raise max_steps, --steps, to continue it)", stacklevel=2)
         bar = Progress(cfg.max_steps, label=self.label, log_every=cfg.log_every, enabled=self.show_progress)
         losses, evals, train_s = [], [], 0.0
         last: dict = {}
@@ -588,15 +668,17 @@ class Trainer:
             bar.update(self.step, m, start_step=start_step)
             if cfg.out_dir and cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save(Path(cfg.out_dir) / "last")
+        # The checkpoint first: the steps just trained are kept even if evaluation fails.
+        if cfg.out_dir:
+            self.save(Path(cfg.out_dir) / "last")
         final = self.evaluate() if self.step > start_step or not evals else {}
         if final:
             evals.append((self.step, final["val_bpb"]))
             bar.val_bpb = final["val_bpb"]
+            routing = self.eval_routing
             bar.note(f"step {self.step}: val bpb {final['val_bpb']:.4f} "
-                     f"({final['val_tokens']:,} {'bytes' if isinstance(self.data, ByteData) else 'tokens'}, "
-                     "causal routing)")
-        if cfg.out_dir:
-            self.save(Path(cfg.out_dir) / "last")
+                     f"({final['val_tokens']:,} {'bytes' if isinstance(self.data, ByteData) else 'tokens'}"
+                     + (f", {routing}" if routing else "") + ")")
         n = self.step - start_step
         tps = last.get("tokens_per_s", 0.0)
         return TrainResult(
@@ -620,7 +702,7 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str | os.PathLike, data: ByteData | TokenData | TextCorpus | None = None, *,
-               progress: bool = True, label: str = "", **overrides) -> "Trainer":
+               progress: bool = True, label: str = "", force: bool = False, **overrides) -> "Trainer":
         """A trainer continuing the checkpoint at ``path``: weights, AdamW state, step, RNG
         states and TrainConfig (``overrides`` change TrainConfig fields, e.g. ``max_steps``
         or ``out_dir``). ``data``: as in :class:`Trainer` (pass the run's
@@ -628,20 +710,29 @@ class Trainer:
         the run's is refused (its checksum is in the checkpoint); so is data with another seed
         (the data order), and a bare corpus gets the run's seed.
 
-        Checkpoints go to ``out_dir/last`` as in the original run; an upcycled checkpoint
-        (:func:`flopwise.models.upcycle.upcycle`, which clears ``out_dir``) writes to
-        ``path/last`` unless ``out_dir`` is given. An ``out_dir`` whose ``last`` checkpoint
-        is of another model is refused rather than overwritten."""
+        Where it writes: ``out_dir/last`` as in the original run. A checkpoint without an
+        ``out_dir`` (saved with :meth:`save`, by ``flopwise demo --out``, or upcycled by
+        :func:`flopwise.models.upcycle.upcycle`, which clears it) continues in its own
+        folder, ``path/last``, so the steps trained are never lost; pass ``out_dir`` to
+        write elsewhere, or ``out_dir=None`` explicitly to write nothing.
+
+        ``out_dir/last`` is replaced only when it is this run's: ``path`` itself, or an
+        earlier checkpoint of the same model on the same data (corpus and seed). A
+        checkpoint of another model or other data, one further along than ``path``, or a
+        folder that is no checkpoint is refused (ValueError / FileExistsError) unless
+        ``force=True``; a folder that is no checkpoint is never replaced."""
         ck = load_checkpoint(path)
         st = ck.trainer_state
         if st is None or ck.optimizer is None:
             raise ValueError(f"{path} is not a resumable checkpoint (needs trainer_state.json and optimizer.safetensors)")
         cfg = TrainConfig.from_dict({**st["train_config"], **overrides})
-        if cfg.out_dir is None and "out_dir" not in overrides and os.path.isfile(os.path.join(path, "upcycle.json")):
-            # An upcycled checkpoint does not name the dense run's folder (its checkpoints
-            # must stay); it continues in its own folder: path/last.
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), "out_dir": str(path)})
-        _check_out_dir(cfg.out_dir, ck.config, path)
+        if cfg.out_dir is None and "out_dir" not in overrides:
+            # The run named no folder (a demo checkpoint, an upcycled one whose out_dir was
+            # cleared so that it never writes over the dense run): training on without one
+            # would save nothing. It continues in its own folder: path/last.
+            cfg = dataclasses.replace(cfg, out_dir=str(path))
+        if cfg.out_dir:
+            _check_resume_out_dir(_usable_out_dir(cfg.out_dir), ck.config, st, path, force)
         if data is None:
             data = load_corpus()
         corpus = data.corpus if isinstance(data, (ByteData, TokenData)) else data
@@ -657,7 +748,10 @@ class Trainer:
         elif data.seed != seed:
             raise ValueError(f"checkpoint {path} was trained on data seed {seed}, the data given has seed "
                              f"{data.seed}: its batches would differ from the run's (pass seed={seed}, or the corpus)")
-        t = cls(ck.config, cfg, data, progress=progress, label=label)
+        # force=True: out_dir/last was checked above as this run's (or the caller forced it).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # warmup vs max_steps was the original run's choice
+            t = cls(ck.config, cfg, data, progress=progress, label=label, force=True)
         t.model.load_state_dict(ck.model.state_dict())
         load_optimizer_tensors(t.model, t.optimizer, ck.optimizer)
         t.step, t.tokens_seen = int(st["step"]), int(st["tokens_seen"])
@@ -665,20 +759,78 @@ class Trainer:
         return t
 
 
-def _check_out_dir(out_dir: str | None, model_cfg: ModelConfig, path) -> None:
-    """Refuse to resume into a run folder whose checkpoint is of another model: fit() would
-    replace it (e.g. an upcycled MoE resumed with the dense run's out_dir)."""
-    if not out_dir:
-        return
-    last = Path(out_dir) / "last" / "config.json"
+def _usable_out_dir(out_dir) -> Path:
+    """``out_dir`` as an absolute path, if it is a folder or can be made one (its nearest
+    existing ancestor is a writable folder); else ValueError naming it. Checked before a
+    run trains, not when it first saves."""
+    out = Path(os.path.abspath(os.path.expanduser(os.fspath(out_dir))))
+    for p in (out, *out.parents):
+        if os.path.lexists(p):
+            if not p.is_dir():
+                what = "is a file" if p == out else f"lies under {p}, a file"
+                raise ValueError(f"out_dir {out_dir} {what}, not a folder: pass a folder for checkpoints (--out)")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"out_dir {out_dir}: {p} is not writable: pass another folder (--out)")
+            return out
+    return out  # pragma: no cover  (the root exists)
+
+
+def _describe(last: Path) -> str:
     try:
-        other = ModelConfig.from_dict(json.loads(last.read_text()))
-    except FileNotFoundError:
+        st = json.loads((last / "trainer_state.json").read_text())
+        return f"a checkpoint at step {int(st['step'])}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return "a checkpoint"
+
+
+def _check_new_run_out_dir(out: Path, force: bool) -> None:
+    """A new run refuses an ``out/last`` it would replace (an earlier run's checkpoint, or
+    anything else) unless ``force``; even then only a checkpoint folder is replaced."""
+    last = out / "last"
+    if not os.path.lexists(last):
         return
+    check_replaceable(last)  # a folder of other files: never, forced or not
+    if not force and os.listdir(last):
+        raise FileExistsError(f"out_dir {out} already holds {_describe(last)} in {last}; a new run would replace "
+                              f"it: resume it (--resume {last}), choose another out_dir (--out), or pass force=True "
+                              "(--force) to replace it")
+
+
+def _check_resume_out_dir(out: Path, model_cfg: ModelConfig, state: dict, path, force: bool) -> None:
+    """Refuse to resume into a run folder whose checkpoint is not this run's: fit() would
+    replace it (e.g. an upcycled MoE resumed with the dense run's out_dir)."""
+    last = out / "last"
+    if not os.path.lexists(last):
+        return
+    if os.path.isdir(path) and os.path.isdir(last) and os.path.samefile(last, path):
+        return
+    check_replaceable(last)  # a folder of other files is never replaced, forced or not
+    if force:
+        return
+    hint = "pass another out_dir (--out), or force=True (--force) to replace it"
+    f = last / "config.json"
+    try:
+        other = ModelConfig.from_dict(json.loads(f.read_text()))
+    except FileNotFoundError:
+        return  # an empty folder
     except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"out_dir {out_dir} holds an unreadable checkpoint ({last}: {exc}); resuming {path} "
-                         "would replace it: pass another out_dir (--out)") from None
+        raise ValueError(f"out_dir {out} holds an unreadable checkpoint ({f}: {exc}); resuming {path} "
+                         f"would replace it: {hint}") from None
     if other != model_cfg:
         diff = [k for k, v in model_cfg.to_dict().items() if other.to_dict().get(k) != v]
-        raise ValueError(f"out_dir {out_dir} holds a checkpoint of another model (config differs in {diff[:3]}); "
-                         f"resuming {path} would replace it: pass another out_dir (--out)")
+        raise ValueError(f"out_dir {out} holds a checkpoint of another model (config differs in {diff[:3]}); "
+                         f"resuming {path} would replace it: {hint}")
+    try:
+        theirs = json.loads((last / "trainer_state.json").read_text())
+        their_data, their_step = theirs["data"], int(theirs["step"])
+    except (OSError, ValueError, TypeError, KeyError):
+        raise ValueError(f"out_dir {out} holds a checkpoint without a readable trainer_state.json ({last}); "
+                         f"resuming {path} would replace it: {hint}") from None
+    ours = state["data"]
+    if (their_data.get("sha256"), their_data.get("seed")) != (ours.get("sha256"), ours.get("seed")):
+        raise ValueError(f"out_dir {out} holds a checkpoint of another run (trained on other data: corpus "
+                         f"{their_data.get('corpus')!r}, seed {their_data.get('seed')}); resuming {path} would "
+                         f"replace it: {hint}")
+    if their_step > int(state["step"]):
+        raise ValueError(f"out_dir {out} holds a checkpoint at step {their_step}, further than {path} (step "
+                         f"{int(state['step'])}); resuming would replace it: resume {last} instead, or {hint}")

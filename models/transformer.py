@@ -199,6 +199,24 @@ class ModelConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        # bool("false") is True: a string from a config file must not turn a switch on.
+        for name in ("tie_embeddings", "parallel_block"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool (true/false), got {getattr(self, name)!r}")
+        # Numbers first, so the range checks below compare numbers, not a "0.5" from a file.
+        for name in ("rope_theta", "norm_eps", "dropout", "mod_capacity", "mod_aux_loss_weight",
+                     "moe_capacity_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a number, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
+        # theta <= 0 makes the RoPE tables NaN, and SDPA on CPU turns NaN rows into zeros:
+        # attention would silently add nothing.
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if not self.norm_eps >= 0:
+            raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps}")
         if not 0 < self.mod_capacity <= 1:
             raise ValueError(f"mod_capacity must be in (0, 1], got {self.mod_capacity}")
         if not 0 <= self.dropout < 1:
@@ -209,12 +227,15 @@ class ModelConfig:
             raise ValueError(f"mod_impl must be one of {_MOD_IMPLS}, got {self.mod_impl!r}")
         if self.moe_router not in ("token_choice", "expert_choice"):
             raise ValueError(f"moe_router must be 'token_choice' or 'expert_choice', got {self.moe_router!r}")
-        if not (self.moe_capacity_factor > 0 and math.isfinite(self.moe_capacity_factor)):
+        if not self.moe_capacity_factor > 0:
             raise ValueError(f"moe_capacity_factor must be a finite number > 0, got {self.moe_capacity_factor}")
         if self.mod_aux_loss_weight < 0:
             raise ValueError(f"mod_aux_loss_weight must be >= 0, got {self.mod_aux_loss_weight}")
         self.routing = mod_pattern(self.n_layers, self.routing)
         self.mlp = _per_layer(self.mlp, self.n_layers, _MLPS, "mlp")
+        # Checked here, by this config's name, rather than later by MoEConfig's.
+        if "moe" in self.mlp and self.moe_router == "token_choice" and self.moe_top_k > self.moe_n_experts:
+            raise ValueError(f"moe_top_k ({self.moe_top_k}) must be <= moe_n_experts ({self.moe_n_experts})")
 
     @classmethod
     def preset(cls, name: str, *, mod: str | Sequence | None = None, **overrides) -> "ModelConfig":
@@ -235,7 +256,18 @@ class ModelConfig:
         return cls(**kwargs)
 
     def replace(self, **changes) -> "ModelConfig":
-        """A copy with some fields changed (per-layer fields re-validated)."""
+        """A copy with some fields changed (per-layer fields re-validated). Changing
+        ``n_layers`` keeps a uniform ``routing`` / ``mlp`` (every layer the same) for the new
+        depth; a per-layer one must then be given anew."""
+        if "n_layers" in changes and changes["n_layers"] != self.n_layers:
+            for name in ("routing", "mlp"):
+                if name in changes:
+                    continue
+                values = set(getattr(self, name))
+                if len(values) != 1:
+                    raise ValueError(f"{name} lists one entry per layer ({getattr(self, name)}); changing n_layers "
+                                     f"needs a new {name}= for {changes['n_layers']} layers")
+                changes[name] = values.pop()  # "all" / "mod" / "dense" / "moe": every layer
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -299,8 +331,8 @@ class ModelConfig:
         * MoE layer: ``top_k`` experts (expert choice: ``capacity_factor`` on average) of
           ``2 * 3 D F_e`` each plus the router ``2 D E``.
         """
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= self.max_seq_len:
+            raise ValueError(f"seq_len must be an int in [1, max_seq_len={self.max_seq_len}], got {seq_len!r}")
         D = self.d_model
         attn_proj = 2 * 4 * D * D
         total = 2.0 * D * self.padded_vocab_size
@@ -670,11 +702,22 @@ class Transformer(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise TypeError("tokens must be an int32/int64 tensor [B, S]")
         B, S = tokens.shape
+        if B < 1:
+            raise ValueError("tokens must hold at least one sequence (batch size >= 1), got shape "
+                             f"{tuple(tokens.shape)}")
         start = kv_cache.seq_len if kv_cache is not None else 0
         if S < 1 or start + S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + S} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
-        if targets is not None and tuple(targets.shape) != (B, S):
-            raise ValueError(f"targets must have shape {(B, S)} like tokens, got {tuple(targets.shape)}")
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int32, torch.int64):
+                raise TypeError("targets must be an int32/int64 tensor [B, S] of token ids (-100: ignored), got "
+                                + (f"dtype {targets.dtype}" if isinstance(targets, torch.Tensor)
+                                   else type(targets).__name__))
+            if tuple(targets.shape) != (B, S):
+                raise ValueError(f"targets must have shape {(B, S)} like tokens, got {tuple(targets.shape)}")
+        self._check_ids(tokens, targets)
+        if kv_cache is not None:
+            self._check_cache(kv_cache)
         positions = (start + torch.arange(S, device=tokens.device)).expand(B, S)
         x = self.drop(self.embed(tokens))
         aux: dict[str, torch.Tensor] = {}
@@ -682,11 +725,21 @@ class Transformer(nn.Module):
         # selected rows in place instead of copying every row. Not while forward hooks are
         # registered: a hook may keep a layer's output, which the next MoD layer would change.
         inplace = not torch.is_grad_enabled() and not _has_forward_hooks(self)
-        for i, layer in enumerate(self.layers):
-            kw = {"inplace": True} if inplace and self.cfg.routing[i] == "mod" else {}
-            x, layer_aux = layer(x, positions, kv_cache=None if kv_cache is None else kv_cache.layers[i], **kw)
-            for key, val in layer_aux.items():
-                aux[f"layer{i}.{key}"] = val
+        # Layers append to their caches one by one and seq_len advances only at the end: a
+        # layer that raises half-way would leave earlier layers one call ahead. Put the
+        # lengths back instead (appends write only beyond the old lengths).
+        saved = None if kv_cache is None else [(c.k, c.v, c.pos, c.length) for c in kv_cache.layers]
+        try:
+            for i, layer in enumerate(self.layers):
+                kw = {"inplace": True} if inplace and self.cfg.routing[i] == "mod" else {}
+                x, layer_aux = layer(x, positions, kv_cache=None if kv_cache is None else kv_cache.layers[i], **kw)
+                for key, val in layer_aux.items():
+                    aux[f"layer{i}.{key}"] = val
+        except BaseException:
+            if saved is not None:
+                for c, (k, v, pos, length) in zip(kv_cache.layers, saved):
+                    c.k, c.v, c.pos, c.length = k, v, pos, length
+            raise
         if kv_cache is not None:
             kv_cache.seq_len += S
         logits = self.head(self.norm(x))[..., : self.cfg.vocab_size]
@@ -697,6 +750,39 @@ class Transformer(nn.Module):
             aux["lm_loss"] = lm_loss.detach()
             loss = lm_loss + aux_loss
         return ModelOutput(logits, loss, aux)
+
+    def _check_ids(self, tokens: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """Token ids in [0, vocab_size), targets also -100 (ignored). An id past vocab_size
+        but inside the padded vocabulary would read an untrained embedding row silently.
+        On the CPU a direct check; elsewhere (and under torch.compile) an asynchronous
+        assert, so the training step pays no host synchronisation (the Trainer's data is
+        range-checked on the host, and generate checks its prompt there)."""
+        V = self.cfg.vocab_size
+        # Under torch.compile a value-dependent branch would break the graph: assert instead.
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= V:
+                raise ValueError(f"tokens must be ids in [0, vocab_size={V}), got values in [{lo}, {hi}]")
+            if targets is not None:
+                bad = (targets != -100) & ((targets < 0) | (targets >= V))
+                if bool(bad.any()):
+                    raise ValueError(f"targets must be ids in [0, vocab_size={V}) or -100 (ignored), got "
+                                     f"{int(targets[bad][0])}")
+            return
+        torch._assert_async(((tokens >= 0) & (tokens < V)).all(), f"tokens must be ids in [0, vocab_size={V})")
+        if targets is not None:
+            ok = (targets == -100) | ((targets >= 0) & (targets < V))
+            torch._assert_async(ok.all(), f"targets must be ids in [0, vocab_size={V}) or -100")
+
+    def _check_cache(self, kv_cache) -> None:
+        """Everything that would make a layer refuse the cache, checked before any layer
+        appends to it."""
+        if not isinstance(kv_cache, KVCache) or len(kv_cache.layers) != len(self.layers):
+            raise ValueError(f"kv_cache must be a KVCache({len(self.layers)}) for this model's {len(self.layers)} "
+                             "layers")
+        if self.cfg.n_mod_layers and (self.training or self.cfg.mod_causal == "none"):
+            raise ValueError("a KV cache needs causal MoD routing: call eval() and use mod_causal 'router' or "
+                             "'predictor'")
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
@@ -711,10 +797,16 @@ class Transformer(nn.Module):
         MoE layers route over all tokens of a call, so they are not causal: such a model
         generates only with ``use_cache=False``.
         """
-        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] < 1:
-            raise ValueError("prompt must be an int tensor [B, S0] with S0 >= 1")
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
+            raise ValueError("prompt must be an int tensor [B, S0] with B >= 1 and S0 >= 1")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if prompt.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"prompt must hold int32/int64 token ids, got dtype {prompt.dtype}")
+        lo, hi = int(prompt.min()), int(prompt.max())  # once per call, on the host: a clear error on any device
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"prompt must hold ids in [0, vocab_size={self.cfg.vocab_size}), got values in "
+                             f"[{lo}, {hi}]")
         if prompt.shape[1] + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"prompt length + max_new_tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         if not temperature >= 0:
@@ -722,12 +814,14 @@ class Transformer(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         if use_cache and self.cfg.n_mod_layers and self.cfg.mod_causal == "none":
-            raise ValueError("KV-cache generation needs causal MoD routing (mod_causal 'router' or 'predictor')")
+            raise ValueError("KV-cache generation needs causal MoD routing (mod_causal 'router' or 'predictor'); "
+                             "use_cache=False (flopwise generate --no-cache) reruns the whole sequence instead")
         if use_cache and "moe" in self.cfg.mlp and self.cfg.moe_router == "expert_choice":
             raise ValueError(
                 "KV-cache generation needs causal routing, and expert choice is not causal: each expert picks "
                 "its top tokens among all tokens of the call (at a one-token step, every expert picks that "
-                "token). Use use_cache=False, which reruns the whole sequence each step, or token choice.")
+                "token). Use use_cache=False (flopwise generate --no-cache), which reruns the whole sequence each "
+                "step, or token choice.")
         gen = None
         if seed is not None:
             gen = torch.Generator(device=prompt.device).manual_seed(seed)

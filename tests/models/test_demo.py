@@ -145,3 +145,25 @@ def test_demo_upcycles_and_codes(demo):
     assert {r["method"] for r in result.coding} == {"GZip", "StaticAC", "AC", "EqualInfoAC[b=16]"}
     assert all(r["bits_per_byte"] > 0 and r["compression_ratio"] > 0 for r in result.coding)
     assert "sparse upcycling" in text and "compressed text" in text and "decoded back exactly" in text
+
+
+def test_demo_never_replaces_other_files(tmp_path):
+    """Checked before any training: an existing OUT/<model> needs --force, and even then only
+    an earlier checkpoint is replaced."""
+    out = tmp_path / "demo_user"
+    (out / "mod").mkdir(parents=True)
+    (out / "mod" / "keep.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match=r"mod.*(keep\.txt|force)"):
+            run_demo(embedded_corpus(), preset="smoke", threads=1, out_dir=str(out), progress=False,
+                     log=lambda s: None, force=force)
+    assert (out / "mod" / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="is a file"):
+        run_demo(embedded_corpus(), preset="smoke", out_dir=str(out / "mod" / "keep.txt"), log=lambda s: None)
+
+
+def test_demo_refuses_a_corpus_without_validation_text(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text(embedded_corpus().train[:40000].decode("utf-8", errors="ignore"))
+    with pytest.raises(ValueError, match="too small"):
+        run_demo(str(small), preset="smoke", threads=1, progress=False, log=lambda s: None)

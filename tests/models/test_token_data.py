@@ -215,3 +215,12 @@ def test_resume_keeps_bos(tmp_path):
     assert resumed.data.bos == 0 and resumed.data.seed == t.data.seed
     with pytest.raises(ValueError, match="bos"):
         Trainer.resume(tmp_path / "ck", ByteData(corpus, seed=0), progress=False)
+
+
+def test_a_training_array_of_exactly_one_window_is_enough():
+    data = TokenData(np.arange(9), np.arange(9), vocab_size=16, val_bytes=9, name="one-window")
+    x, y = data.batch(0, 0, 2, 8)
+    assert torch.equal(x[0], torch.arange(8)) and torch.equal(y[1], torch.arange(1, 9))
+    data.check_lengths(8)
+    with pytest.raises(ValueError, match=r"training tokens of 'one-window' \(9 tokens\)"):
+        data.check_lengths(9)

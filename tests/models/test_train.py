@@ -127,7 +127,7 @@ def test_byte_batches_are_a_function_of_step(corpus):
 def test_load_corpus_paths(tmp_path, corpus):
     assert load_corpus("embedded").sha256 == corpus.sha256
     f = tmp_path / "doc.txt"
-    f.write_text(corpus.train[:20000].decode("utf-8", errors="ignore"))
+    f.write_text(corpus.train[:100000].decode("utf-8", errors="ignore"))  # holds a validation section
     c = load_corpus(f)
     assert c.train and c.val
     d = tmp_path / "corp"
@@ -394,3 +394,178 @@ def test_data_info_cli(tmp_path, monkeypatch):
     info = json.loads(_cli(["data", "info", "--json"]))
     assert info["name"] == "python-docs" and info["cache"] == str(tmp_path / "corpus")
     assert info["sha256"] == embedded_corpus().sha256
+
+
+def _main(argv: list[str]) -> int:
+    from flopwise.cli import main
+
+    return main(argv)
+
+
+# ------------------------------------------------------------------ never lose a user's files or a run
+def test_save_checkpoint_replaces_only_a_checkpoint(tmp_path):
+    from flopwise.models import Transformer
+    from flopwise.models.checkpoint import save_checkpoint
+
+    model = Transformer(ModelConfig(**TINY))
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"user.*notes\.txt"):
+        save_checkpoint(user, model)
+    assert (user / "notes.txt").read_text() == "precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        save_checkpoint(tmp_path / "file", model)
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_checkpoint(tmp_path / "file" / "ck", model)
+    ck = save_checkpoint(tmp_path / "ck", model)
+    save_checkpoint(ck, model)  # an earlier checkpoint is replaced
+    assert sorted(os.listdir(ck)) == ["config.json", "model.safetensors"]
+
+
+def test_new_run_refuses_an_existing_last(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    Trainer(ModelConfig(**TINY), _tc(max_steps=1, out_dir=str(run)), corpus, progress=False).fit()
+    before = (run / "last" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"step 1.*--resume.*--force"):
+        Trainer(ModelConfig(**TINY), _tc(max_steps=1, seed=3, out_dir=str(run)), corpus, progress=False)
+    assert (run / "last" / "model.safetensors").read_bytes() == before
+    Trainer(ModelConfig(**TINY), _tc(max_steps=1, seed=3, out_dir=str(run)), corpus, progress=False,
+            force=True).fit()
+    assert (run / "last" / "model.safetensors").read_bytes() != before
+    # a user's folder is never replaced, --force or not, and nothing trains first
+    user = tmp_path / "userdir"
+    (user / "last").mkdir(parents=True)
+    (user / "last" / "notes.txt").write_text("precious")
+    args = ["train", "tiny", "--corpus", "embedded", "--steps", "1", "--seq-len", "32", "--batch-size", "2",
+            "--out", str(user)]
+    for extra in ([], ["--force"]):
+        assert _main(args + extra) == 2
+        assert "notes.txt" in capsys.readouterr().err
+    assert (user / "last" / "notes.txt").read_text() == "precious"
+
+
+def test_resume_replaces_only_this_runs_checkpoint(tmp_path, corpus):
+    run = tmp_path / "run"
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=4, out_dir=str(run)), corpus, progress=False)
+    t.fit(steps=1)
+    t.save(tmp_path / "at1")
+    t.fit(steps=1)  # run/last at step 2
+    with pytest.raises(ValueError, match="step 2, further"):
+        Trainer.resume(tmp_path / "at1", corpus, progress=False, out_dir=str(run))
+    other = tmp_path / "other"
+    Trainer(ModelConfig(**TINY), _tc(max_steps=1, seed=5, out_dir=str(other)), ByteData(corpus, seed=5),
+            progress=False).fit()
+    with pytest.raises(ValueError, match="other data"):
+        Trainer.resume(tmp_path / "at1", corpus, progress=False, out_dir=str(other))
+    r = Trainer.resume(tmp_path / "at1", corpus, progress=False, out_dir=str(other), force=True)
+    r.fit(steps=1)
+    assert load_checkpoint(other / "last").trainer_state["step"] == 2
+
+
+def test_resume_without_out_dir_continues_in_the_checkpoint_folder(tmp_path, corpus):
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=3), corpus, progress=False)  # no out_dir, like the demo's
+    t.fit(steps=1)
+    t.save(tmp_path / "dense")
+    r = Trainer.resume(tmp_path / "dense", corpus, progress=False)
+    assert r.cfg.out_dir == str(tmp_path / "dense")
+    r.fit()
+    assert load_checkpoint(tmp_path / "dense" / "last").trainer_state["step"] == 3
+    assert load_checkpoint(tmp_path / "dense").trainer_state["step"] == 1  # the start stays
+    quiet = Trainer.resume(tmp_path / "dense", corpus, progress=False, out_dir=None)  # explicit: write nothing
+    assert quiet.cfg.out_dir is None
+
+
+# ------------------------------------------------------------------ problems found before training
+def test_bad_data_and_out_dir_fail_before_training(tmp_path, corpus):
+    small = tmp_path / "small.txt"
+    small.write_text(corpus.train[:40000].decode("utf-8", errors="ignore"))
+    with pytest.raises(ValueError, match=r"small\.txt \([\d,]+ B\) is too small"):
+        load_corpus(small)
+    binary = tmp_path / "bin.dat"
+    binary.write_bytes(b"text \xff\xfe\x00 more")
+    with pytest.raises(ValueError, match=r"bin\.dat is not UTF-8"):
+        load_corpus(binary)
+    short_val = TextCorpus("short", corpus.train[:5000], b"tiny val\n", "a slice")
+    with pytest.raises(ValueError, match=r"validation text of 'short' \(9 B\) is shorter than one window"):
+        Trainer(ModelConfig(**TINY), _tc(), short_val, progress=False)
+    with pytest.raises(TypeError, match="eval_tokens"):
+        _tc(eval_tokens=4096.0)
+    (tmp_path / "file.txt").write_text("x")
+    for bad in ("file.txt", "file.txt/sub"):
+        with pytest.raises(ValueError, match=f"out_dir {tmp_path / bad}.*not a folder"):
+            Trainer(ModelConfig(**TINY), _tc(out_dir=str(tmp_path / bad)), corpus, progress=False)
+
+
+def test_fit_saves_before_the_final_evaluation(tmp_path, corpus, monkeypatch):
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=2, out_dir=str(tmp_path / "run")), corpus, progress=False)
+
+    def broken(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(t, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        t.fit()
+    assert load_checkpoint(tmp_path / "run" / "last").trainer_state["step"] == 2
+
+
+def test_relative_out_dir_is_stored_resolved(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = Trainer(ModelConfig(**TINY), _tc(out_dir="rel"), corpus, progress=False)
+    assert t.cfg.out_dir == str(tmp_path / "rel")
+
+
+# ------------------------------------------------------------------ labels and field checks
+@pytest.mark.parametrize("kw, label", [
+    ({}, ""), ({"routing": "every_other"}, "causal routing"),
+    ({"routing": "every_other", "mod_causal": "none"}, "non-causal routing"),
+    ({"mlp": "moe", "moe_n_experts": 2, "moe_router": "expert_choice"}, "non-causal routing"),
+])
+def test_final_eval_names_its_routing(corpus, capsys, kw, label):
+    t = Trainer(ModelConfig(**TINY, **kw), _tc(max_steps=1, eval_tokens=64), corpus, progress=True)
+    t.fit()
+    line = [s for s in capsys.readouterr().err.splitlines() if "val bpb" in s and "step 1:" in s][-1]
+    assert t.eval_routing.startswith(label) and ("routing" in line) == bool(label)
+    if label:
+        assert f", {label}" in line and (("non-causal" in line) == label.startswith("non"))
+
+
+@pytest.mark.parametrize("field, value, exc", [
+    ("lr", "0.1", TypeError), ("time_budget_s", "5", TypeError), ("eval_tokens", 4096.0, TypeError),
+    ("compile", "false", ValueError), ("beta1", float("nan"), ValueError), ("out_dir", 3, TypeError),
+])
+def test_train_config_names_bad_fields(field, value, exc):
+    with pytest.raises(exc, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_run_config_and_cli_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FLOPWISE_DATA", str(tmp_path / "nodata"))
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"model": "tiny", "train": None}))
+    with pytest.raises(TypeError, match="'train' must be an object"):
+        load_run_config(f)
+    # divergence: one line, no traceback
+    assert _main(["train", "tiny", "--corpus", "embedded", "--steps", "3", "--seq-len", "32", "--batch-size", "2",
+                  "--lr", "1e9"]) == 1
+    assert "diverged" in capsys.readouterr().err
+    # resuming with --steps at or below the checkpoint's step trains nothing: an error, not silence
+    run = tmp_path / "run"
+    assert _main(["train", "tiny", "--corpus", "embedded", "--steps", "2", "--seq-len", "32", "--batch-size", "2",
+                  "--out", str(run), "--warmup-steps", "1"]) == 0
+    capsys.readouterr()
+    assert _main(["train", "--resume", str(run / "last"), "--corpus", "embedded", "--steps", "2"]) == 2
+    assert "nothing to train" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="warmup_steps"):
+        Trainer(ModelConfig(**TINY), _tc(max_steps=1, warmup_steps=5), load_corpus("embedded"), progress=False)
+
+
+def test_peak_flops_matches_exact_device_names(monkeypatch):
+    from flopwise.models.train import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", None),
+                       ("NVIDIA A10G", None), ("NVIDIA A10", 125e12), ("NVIDIA H200", 989e12)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert peak_flops("cuda") == peak, name

@@ -47,6 +47,19 @@ def test_presets_and_mod_patterns():
     (dict(mod_causal="oracle"), ValueError, "mod_causal"),
     (dict(vocab_size=0), ValueError, "vocab_size"),
     (dict(n_layers=2.0), TypeError, "n_layers"),
+    # RoPE tables of a theta <= 0 are NaN, which CPU attention turns into silent zeros
+    (dict(rope_theta=0.0), ValueError, "rope_theta"),
+    (dict(rope_theta=-1.0), ValueError, "rope_theta"),
+    (dict(rope_theta=float("nan")), ValueError, "rope_theta"),
+    (dict(norm_eps=-1e-6), ValueError, "norm_eps"),
+    (dict(norm_eps=float("inf")), ValueError, "norm_eps"),
+    # values from config files: named by field, strings never read as true
+    (dict(mod_capacity="0.5"), TypeError, "mod_capacity"),
+    (dict(moe_capacity_factor="2"), TypeError, "moe_capacity_factor"),
+    (dict(tie_embeddings="false"), TypeError, "tie_embeddings"),
+    (dict(parallel_block="no"), TypeError, "parallel_block"),
+    (dict(mod_aux_loss_weight=float("nan")), ValueError, "mod_aux_loss_weight"),
+    (dict(mlp="moe", moe_n_experts=8, moe_top_k=9), ValueError, "moe_top_k"),
 ])
 def test_config_validation(kwargs, exc, word):
     with pytest.raises(exc, match=word):
@@ -279,3 +292,59 @@ def test_expert_choice_model_refuses_cached_generation(monkeypatch):
     with pytest.raises(ValueError, match="expert choice is not causal"):
         model.generate(prompt, 3)
     assert model.generate(prompt, 3, use_cache=False).shape == (2, 8)
+
+
+def test_token_ids_are_range_checked():
+    """An id past vocab_size but inside the padded vocabulary would read an untrained row."""
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=250, pad_to_multiple_of=64))
+    ok = torch.tensor([[1, 2, 3]])
+    for bad in (252, 256, -1):
+        with pytest.raises(ValueError, match=r"tokens must be ids in \[0, vocab_size=250\)"):
+            model(torch.tensor([[1, bad, 3]]))
+        with pytest.raises(ValueError, match=r"targets must be ids in \[0, vocab_size=250\)"):
+            model(ok, torch.tensor([[1, bad, 3]]))
+        with pytest.raises(ValueError, match="prompt must hold ids"):
+            model.generate(torch.tensor([[1, bad]]), 2)
+    with pytest.raises(TypeError, match="targets"):
+        model(ok, ok.float())
+    with pytest.raises(TypeError, match="prompt"):
+        model.generate(ok.float(), 2)
+    with pytest.raises(ValueError, match="batch size"):
+        model(torch.zeros(0, 4, dtype=torch.long))
+    assert torch.isfinite(model(ok, torch.tensor([[1, -100, 249]])).loss)  # -100: ignored
+
+
+def test_failed_call_leaves_the_kv_cache_as_it_was(monkeypatch):
+    from flopwise.models.transformer import KVCache
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", max_seq_len=32, routing="every_other")).eval()
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = KVCache(len(model.layers))
+        model(x[:, :8], kv_cache=cache)
+        lengths = [c.length.clone() for c in cache.layers]
+        model.train()  # MoD routes by top-k: the cache is refused before any layer appends
+        with pytest.raises(ValueError, match="causal MoD routing"):
+            model(x[:, 8:9], kv_cache=cache)
+        model.eval()
+        # a layer that fails after earlier layers appended: their appends are undone
+        with monkeypatch.context() as m:
+            m.setattr(model.layers[1], "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+            with pytest.raises(RuntimeError, match="boom"):
+                model(x[:, 8:9], kv_cache=cache)
+        assert cache.seq_len == 8
+        assert all(torch.equal(c.length, n) for c, n in zip(cache.layers, lengths))
+        steps = [model(x[:, t:t + 1], kv_cache=cache).logits for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 8:12], rtol=1e-5, atol=1e-5)
+
+
+def test_replace_depth_and_flops_limits():
+    cfg = ModelConfig.preset("tiny")
+    assert cfg.replace(n_layers=3).routing == ("all",) * 3
+    assert ModelConfig.preset("tiny", mod="mod", mlp="moe").replace(n_layers=3).mlp == ("moe",) * 3
+    with pytest.raises(ValueError, match="routing"):
+        ModelConfig.preset("tiny", mod="every_other").replace(n_layers=3)
+    with pytest.raises(ValueError, match="max_seq_len=256"):
+        cfg.flops_per_token(512)
