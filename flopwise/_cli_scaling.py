@@ -7,13 +7,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
+import warnings
+from pathlib import Path
 
 from flopwise._cli_types import positive_float as _positive_float
 
 
 def _fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
     return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def _finite_or_none(obj):
+    """obj with every non-finite float replaced by None: JSON has no NaN or Infinity."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _print_json(obj) -> None:
+    # allow_nan=False: a stray NaN fails here instead of producing invalid JSON.
+    print(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False))
+
+
+# load_csv names its keyword arguments in errors; on the command line they are flags.
+_FLAG_NAMES = re.compile(r"\b(n_col|d_col|c_col|loss_col|drop_highest)\b")
+
+
+def _as_flags(message: str) -> str:
+    return _FLAG_NAMES.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def _bootstrap_path(plot: str) -> str:
+    """fig.png -> fig_bootstrap.png (the suffix of the file name only; none: .png)."""
+    p = Path(plot)
+    return str(p.with_name(p.stem + "_bootstrap" + (p.suffix or ".png")))
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -29,10 +65,37 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         cols["d_col" if args.d_col else "c_col"] = args.d_col or args.c_col
     drop = args.drop_highest if args.drop_highest is not None else (5 if args.epoch else 0)
     objective = args.objective or ("huber_likelihood" if args.epoch else "huber")
-    if args.bootstrap < 0:
-        raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    data = scaling.load_csv(args.file, k=args.k, drop_highest=drop, **cols)
-    result = scaling.fit(data, objective=objective, delta=args.delta)
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise ValueError(f"--bootstrap must be 0 (off) or >= 2 resamples, got {args.bootstrap}")
+    if drop < 0:
+        raise ValueError(f"--drop-highest must be >= 0, got {drop}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
+    if not 0.0 < args.level < 1.0:
+        raise ValueError(f"--level must be in (0, 1), e.g. 0.95, got {args.level}")
+    if args.plot:
+        # Before the fit: a missing matplotlib or an unwritable path should not cost
+        # a full fit and bootstrap.
+        from flopwise.scaling import plot as splot
+
+        try:
+            splot.output_path(args.plot)
+            if args.bootstrap:
+                splot.output_path(_bootstrap_path(args.plot))
+        except ImportError as exc:
+            raise ValueError(f"--plot: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"--plot: {exc}") from None
+    try:
+        data = scaling.load_csv(args.file, k=args.k, drop_highest=drop, **cols)
+    except ValueError as exc:
+        raise ValueError(_as_flags(str(exc))) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scaling.FitWarning)
+        result = scaling.fit(data, objective=objective, delta=args.delta)
+    for w in caught:
+        if not issubclass(w.category, scaling.FitWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     boot = None
     if args.bootstrap:
         # Epoch's published standard errors refit the Huber sum; --epoch does the same.
@@ -40,32 +103,23 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         boot = scaling.bootstrap(
             data, result, n=args.bootstrap, seed=args.seed, objective=b_obj, compute=args.compute, level=args.level
         )
-    if args.plot:
-        from flopwise.scaling import plot as splot
-
-        try:
-            splot.plot_fit(data, result.law, path=args.plot)
-            if boot is not None:
-                stem = args.plot.rsplit(".", 1)
-                splot.plot_bootstrap(boot, path=f"{stem[0]}_bootstrap.{stem[1] if len(stem) > 1 else 'png'}")
-        except ImportError as exc:
-            print(f"flopwise: error: {exc}", file=sys.stderr)
-            return 2
-    tpp = result.law.tokens_per_parameter(args.compute, data.k)
+    law = result.law
+    tpp = law.tokens_per_parameter(args.compute, data.k)
     if args.json:
-        params = {k: result.law.as_dict()[k] for k in ("E", "A", "B", "alpha", "beta")}
+        params = {k: law.as_dict()[k] for k in ("E", "A", "B", "alpha", "beta")}
         out = {
             "params": params,
-            "a": result.law.a,
-            "b": result.law.b,
+            "a": law.a,
+            "b": law.b,
             "tokens_per_parameter": tpp,
             "compute": args.compute,
             "objective": objective,
             "value": result.value,
             "scale": result.scale,
+            "converged": result.converged,
+            "warnings": list(result.warnings),
             "n_runs": result.n_runs,
             "n_starts": result.n_starts,
-            "n_converged": result.n_converged,
             "n_at_best": result.n_at_best,
             "seconds": result.seconds,
         }
@@ -81,23 +135,35 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 "seconds": boot.seconds,
                 "derived": {k: summary[k] for k in ("a", "b", "tokens_per_parameter")},
             }
-        print(json.dumps(out, indent=2))
-        return 0
-    law = result.law
-    print(f"{result.n_runs} runs, objective {objective}, {result.n_starts} starts "
-          f"({result.n_at_best} at the best), {result.seconds:.2f} s")
-    names = ("E", "A", "B", "alpha", "beta", "a", "b", "tokens_per_parameter")
-    vals = {**law.as_dict(), "a": law.a, "b": law.b, "tokens_per_parameter": tpp}
-    for name in names:
-        line = f"  {name:>22} {_fmt(vals[name])}"
+        _print_json(out)
+    else:
+        status = "converged" if result.converged else "NOT converged"
+        print(f"{result.n_runs} runs, objective {objective}, {result.n_starts} starts "
+              f"({result.n_at_best} at the best), {status}, {result.seconds:.2f} s")
+        names = ("E", "A", "B", "alpha", "beta", "a", "b", "tokens_per_parameter")
+        vals = {**law.as_dict(), "a": law.a, "b": law.b, "tokens_per_parameter": tpp}
+        for name in names:
+            line = f"  {name:>22} {_fmt(vals[name])}"
+            if boot is not None:
+                lo, hi = boot.interval[name]
+                line += f"  se {_fmt(boot.se[name])}  {100 * boot.level:.0f}% [{_fmt(lo)}, {_fmt(hi)}]"
+            print(line)
+        print(f"  (tokens_per_parameter at C = {args.compute:.3g} FLOPs)")
         if boot is not None:
-            lo, hi = boot.interval[name]
-            line += f"  se {_fmt(boot.se[name])}  {100 * boot.level:.0f}% [{_fmt(lo)}, {_fmt(hi)}]"
-        print(line)
-    print(f"  (tokens_per_parameter at C = {args.compute:.3g} FLOPs)")
-    if boot is not None:
-        print(f"bootstrap: {boot.n_resamples} resamples ({boot.objective}), {boot.seconds:.2f} s")
-    return 0
+            print(f"bootstrap: {boot.n_resamples} resamples ({boot.objective}), {boot.n_failed} without a valid law "
+                  f"(left out), {boot.seconds:.2f} s")
+    sys.stdout.flush()
+    for msg in result.warnings:
+        print(f"flopwise: warning: {msg}", file=sys.stderr)
+    if args.plot:
+        # After the numbers are printed: a plotting failure loses no results.
+        from flopwise.scaling import plot as splot
+
+        splot.plot_fit(data, law, path=args.plot)
+        if boot is not None:
+            splot.plot_bootstrap(boot, path=_bootstrap_path(args.plot))
+    # 1: results printed, but the fit is not one to rely on (see the warnings).
+    return 1 if result.warnings else 0
 
 
 def _cmd_optimal(args: argparse.Namespace) -> int:
@@ -108,13 +174,23 @@ def _cmd_optimal(args: argparse.Namespace) -> int:
     row = {"law": law.name, "compute": args.compute, "N_opt": n, "D_opt": d, "tokens_per_parameter": d / n,
            "loss": law.loss(n, d), "a": law.a, "b": law.b}
     if args.inference_tokens is not None:
+        if not (math.isfinite(args.inference_tokens) and args.inference_tokens >= 0):
+            raise ValueError(f"--inference-tokens must be a finite number >= 0, got {args.inference_tokens}")
+        if not row["loss"] - law.E > 1e-9 * law.E:
+            # The allocation is defined by the loss reached at --compute; when that is E to
+            # float precision, every model reaching it is infinitely large.
+            raise ValueError(
+                f"--compute {args.compute:.3g}: the predicted loss there ({row['loss']:.6g}) is within rounding "
+                f"of the irreducible loss E = {law.E:.6g}, so --inference-tokens has no finite allocation; "
+                "use a smaller --compute"
+            )
         io = scaling.inference_optimal(law, row["loss"], args.inference_tokens, k=args.k)
         row["inference_aware"] = io.as_dict()
     if args.json:
-        print(json.dumps(row, indent=2))
+        _print_json(row)
         return 0
     print(f"law {law.name}: C = {args.compute:.3g} FLOPs -> N_opt = {n:.3e}, D_opt = {d:.3e}, "
-          f"D/N = {d / n:.1f}, loss {row['loss']:.4f}  (N ∝ C^{law.a:.3f}, D ∝ C^{law.b:.3f})")
+          f"D/N = {d / n:.4g}, loss {row['loss']:.4f}  (N ∝ C^{law.a:.3f}, D ∝ C^{law.b:.3f})")
     if args.inference_tokens is not None:
         io = row["inference_aware"]
         print(f"serving {args.inference_tokens:.3g} tokens at the same loss: N = {io['N']:.3e} "
@@ -129,7 +205,7 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     law = scaling.get_law(args.law)
     rows = scaling.decompose(law, args.models, k=args.k)
     if args.json:
-        print(json.dumps({"law": law.name, "params": law.as_dict(), "rows": rows}, indent=2))
+        _print_json({"law": law.name, "params": law.as_dict(), "rows": rows})
         return 0
     print(f"law {law.name}: E={law.E:.4g} A={law.A:.4g} B={law.B:.4g} alpha={law.alpha:.4g} beta={law.beta:.4g}")
     print(f"{'model':>12} {'N':>9} {'D':>9} {'C':>9} {'E':>6} {'A/N^a':>7} {'B/D^b':>7} {'loss':>7} {'opt.loss':>8}")
@@ -167,8 +243,10 @@ def add_parser(sub) -> None:
     f.add_argument("--compute", type=_positive_float, default=CHINCHILLA_COMPUTE,
                    help="FLOPs at which to report tokens per parameter (default Chinchilla's 5.88e23)")
     f.add_argument("--plot", metavar="OUT.png", help="write the data/isoloss/frontier figure (needs matplotlib)")
-    f.add_argument("--json", action="store_true", help="print a JSON object")
+    f.add_argument("--json", action="store_true", help="print a JSON object (non-finite values as null)")
     f.set_defaults(func=_cmd_fit)
+    f.epilog = ("exit status 0: fitted; 1: results printed but not to rely on (the optimiser did not converge "
+                "or the law is on a boundary, e.g. beta ~ 0; see the warnings on stderr); 2: bad input")
 
     o = ssub.add_parser("optimal", help="compute-optimal N and D for a compute budget")
     o.add_argument("--compute", type=_positive_float, required=True, help="training FLOPs")

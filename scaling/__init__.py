@@ -18,7 +18,7 @@
 
 from .bootstrap import CHINCHILLA_COMPUTE, BootstrapResult, bootstrap, grid_check
 from .data import EPOCH_COLUMNS, ScalingData, drop_highest_loss, from_arrays, load_csv
-from .fit import OBJECTIVES, FitResult, fit, hoffmann_grid, huber_nll, huber_sum
+from .fit import OBJECTIVES, FitResult, FitWarning, fit, hoffmann_grid, huber_nll, huber_sum
 from .inference import InferenceOptimal, inference_optimal, training_optimal_for_loss
 from .isoflop import IsoFlopResult, isoflop_fit
 from .laws import KNOWN_MODELS, PRESETS, LossTerms, ScalingLaw, decompose, get_law
@@ -37,6 +37,7 @@ __all__ = [
     "EPOCH_COLUMNS",
     "fit",
     "FitResult",
+    "FitWarning",
     "OBJECTIVES",
     "hoffmann_grid",
     "huber_sum",

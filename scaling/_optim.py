@@ -53,18 +53,21 @@ def _tr_lambda(q2: np.ndarray, absmu: np.ndarray, radius: np.ndarray, floor: np.
     leave ||d|| within a few percent of the radius, which is all a trust region needs).
     """
     lam = floor.copy()
-    for _ in range(5):
-        den = absmu + lam[:, None]
-        n2 = (q2 / den**2).sum(axis=1)
-        norm = np.sqrt(n2)
-        outside = norm > radius * (1.0 + 1e-6)
-        if not outside.any():
-            break
-        dn2 = -2.0 * (q2 / den**3).sum(axis=1)  # d(n2)/dlam
-        # phi = 1/norm - 1/radius; dphi/dlam = -0.5 n2^-1.5 dn2
-        phi = 1.0 / norm - 1.0 / radius
-        dphi = -0.5 * n2**-1.5 * dn2
-        lam = np.where(outside, lam - phi / dphi, lam)
+    # A zero gradient (an exact fit: every residual 0) gives norm 0 and 0/0 below; those
+    # rows are inside the radius, so np.where keeps their lam and the nan is discarded.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(5):
+            den = absmu + lam[:, None]
+            n2 = (q2 / den**2).sum(axis=1)
+            norm = np.sqrt(n2)
+            outside = norm > radius * (1.0 + 1e-6)
+            if not outside.any():
+                break
+            dn2 = -2.0 * (q2 / den**3).sum(axis=1)  # d(n2)/dlam
+            # phi = 1/norm - 1/radius; dphi/dlam = -0.5 n2^-1.5 dn2
+            phi = 1.0 / norm - 1.0 / radius
+            dphi = -0.5 * n2**-1.5 * dn2
+            lam = np.where(outside, lam - phi / dphi, lam)
     return lam
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import platform
 import statistics
 import time
@@ -18,8 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from flopwise._cli_types import positive_int
+
 from . import EPOCH_COLUMNS, bootstrap, fit, hoffmann_grid, huber_sum, load_csv
 
+# The data sit beside a source checkout (<checkout>/../shared/data/chinchilla); an
+# installed package has no such folder, so FLOPWISE_CHINCHILLA_CSV or the CSV argument
+# says where the file is.
 _DEFAULT_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chinchilla" / "svg_extracted_data.csv"
 
 
@@ -34,11 +40,19 @@ def _median_time(fn, repeat: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flopwise.scaling.bench", description=__doc__)
-    p.add_argument("csv", nargs="?", default=str(_DEFAULT_CSV))
-    p.add_argument("--repeat", type=int, default=3)
+    default = os.environ.get("FLOPWISE_CHINCHILLA_CSV") or str(_DEFAULT_CSV)
+    p.add_argument("csv", nargs="?", default=default,
+                   help="Epoch's svg_extracted_data.csv (default: $FLOPWISE_CHINCHILLA_CSV, else beside the checkout)")
+    p.add_argument("--repeat", type=positive_int, default=3)
     p.add_argument("--scipy", type=int, default=45, help="scipy starts to time (0: skip)")
     args = p.parse_args(argv)
-    data = load_csv(args.csv, **EPOCH_COLUMNS, drop_highest=5)
+    if args.scipy < 0:
+        p.error(f"--scipy must be >= 0, got {args.scipy}")
+    try:
+        data = load_csv(args.csv, **EPOCH_COLUMNS, drop_highest=5)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{p.prog}: error: {exc} (pass the CSV path or set FLOPWISE_CHINCHILLA_CSV)", file=sys.stderr)
+        return 2
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, {len(data)} runs")
     t, r = _median_time(lambda: fit(data, objective="huber"), args.repeat)
     print(f"grid fit, Huber sum, 4,500 starts:            {t:6.2f} s  (E {r.law.E:.4f} A {r.law.A:.1f} B {r.law.B:.1f} alpha {r.law.alpha:.4f} beta {r.law.beta:.4f})")

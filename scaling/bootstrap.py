@@ -17,15 +17,15 @@ parameters, i.e. to the optimiser's tolerance.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import _checks
 from . import _objective as obj
 from .data import ScalingData
-from .fit import OBJECTIVES, FitResult, _huber_batch, _likelihood_refine, fit, hoffmann_grid
+from .fit import OBJECTIVES, FitResult, _huber_batch, _likelihood_refine, data_fingerprint, fit, hoffmann_grid
 
 __all__ = ["BootstrapResult", "bootstrap", "resample_weights", "grid_check", "CHINCHILLA_COMPUTE", "PARAM_NAMES"]
 
@@ -42,7 +42,9 @@ class BootstrapResult:
     (``a``, ``b`` are the frontier exponents, ``tokens_per_parameter`` is D_opt / N_opt
     at ``compute`` FLOPs). ``estimate``: the full-data fit's values. ``se``: standard
     deviations across resamples (ddof = 1). ``interval``: percentile intervals at
-    ``level``. ``n_failed`` resamples whose fit gave a non-finite objective are left out.
+    ``level``. ``n_failed`` resamples are left out: those whose fit gave a non-finite
+    objective, a law that is not one (alpha <= 0 or beta <= 0: loss not falling with N
+    or D in that resample) or non-finite derived values (frontier, tokens per parameter).
     """
 
     samples: dict
@@ -58,11 +60,22 @@ class BootstrapResult:
     seconds: float
 
     def as_dict(self) -> dict:
-        """JSON-ready summary (no per-resample samples)."""
+        """Summary (no per-resample samples); values may be nan when few resamples are valid."""
         return {
             name: {"estimate": self.estimate[name], "se": self.se[name], "interval": list(self.interval[name])}
             for name in PARAM_NAMES
         }
+
+
+def _check_same_data(data: ScalingData, result: FitResult) -> None:
+    # Resampling one dataset around another dataset's optimum gives numbers that
+    # describe neither.
+    if result.n_runs != len(data):
+        raise ValueError(
+            f"result was fitted to {result.n_runs} runs but data has {len(data)}; pass the FitResult of fit(data)"
+        )
+    if result.data_fingerprint and result.data_fingerprint != data_fingerprint(data):
+        raise ValueError("result was fitted to other runs than data (same count, other values); pass the FitResult of fit(data)")
 
 
 def resample_weights(n_runs: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -98,7 +111,7 @@ def _fit_weighted(design, starts_int: np.ndarray, w: np.ndarray, objective: str,
         # Only each resample's best Huber endpoint goes through the sigma/theta alternation.
         j = np.argmin(np.where(np.isfinite(val), val, np.inf), axis=1)
         xb = x[np.arange(n), j]
-        xl, _, nll = _likelihood_refine(design, xb, w, delta)
+        xl, _, nll, _ = _likelihood_refine(design, xb, w, delta)
         return xl, nll
     j = np.argmin(np.where(np.isfinite(val), val, np.inf), axis=1)
     return x[np.arange(n), j], val[np.arange(n), j]
@@ -121,23 +134,24 @@ def bootstrap(
     errors come from refitting the Huber sum (``"huber"``) even for their likelihood
     estimate; pass ``objective="huber"`` to reproduce them. ``n_starts``: how many of
     the full-data fit's distinct endpoints each resample starts from (best first).
-    ``seed``: numpy Generator seed (None: fresh entropy).
+    ``seed``: numpy Generator seed, an int >= 0 (None: fresh entropy). ``result`` must
+    come from ``data`` (checked by run count and fingerprint). Raises ValueError when
+    fewer than 2 resamples give a valid law (no spread to report).
     """
     t0 = time.perf_counter()
     if not isinstance(data, ScalingData):
         raise TypeError(f"data must be ScalingData, got {type(data).__name__}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2, got {n!r}")
-    if not isinstance(level, float) or not 0.0 < level < 1.0:
-        raise ValueError(f"level must be a float in (0, 1), got {level!r}")
-    if isinstance(compute, bool) or not isinstance(compute, (int, float)) or not math.isfinite(compute) or compute <= 0:
-        raise ValueError(f"compute must be a finite number > 0, got {compute!r}")
-    if isinstance(n_starts, bool) or not isinstance(n_starts, int) or n_starts < 1:
-        raise ValueError(f"n_starts must be a positive int, got {n_starts!r}")
+    n = _checks.integer(n, "n", low=2)
+    level = _checks.real(level, "level", low=0.0, high=1.0)
+    compute = _checks.real(compute, "compute", low=0.0)
+    n_starts = _checks.integer(n_starts, "n_starts", low=1)
+    if seed is not None:
+        seed = _checks.integer(seed, "seed", low=0)
     if result is None:
         result = fit(data, objective=objective or "huber")
     if not isinstance(result, FitResult):
         raise TypeError(f"result must be a FitResult, got {type(result).__name__}")
+    _check_same_data(data, result)
     objective = objective or result.objective
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -156,8 +170,20 @@ def bootstrap(
         values.append(v)
     theta = design.to_raw(np.concatenate(thetas))
     value = np.concatenate(values)
-    ok = np.isfinite(value) & np.all(np.isfinite(theta), axis=1)
-    samples = _derived(theta[ok], float(compute), data.k)
+    derived = _derived(theta, float(compute), data.k)
+    # Only real laws count: a resample whose loss does not fall with N or D gets alpha
+    # or beta <= 0, for which the frontier (a, b, tokens per parameter) means nothing;
+    # keeping it would put such laws into the intervals and standard errors.
+    ok = np.isfinite(value) & (theta[:, 3] > 0) & (theta[:, 4] > 0)
+    for v in derived.values():
+        ok &= np.isfinite(v)
+    n_ok = int(ok.sum())
+    if n_ok < 2:
+        raise ValueError(
+            f"bootstrap: only {n_ok} of {n} resamples gave a valid law (alpha, beta > 0, finite values); "
+            "the data do not determine the law well enough to bootstrap it"
+        )
+    samples = {k: v[ok] for k, v in derived.items()}
     estimate = {k: float(v[0]) for k, v in _derived(result.theta[None], float(compute), data.k).items()}
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     se = {k: float(np.std(v, ddof=1)) for k, v in samples.items()}
@@ -171,7 +197,7 @@ def bootstrap(
         compute=float(compute),
         objective=objective,
         n_resamples=n,
-        n_failed=int((~ok).sum()),
+        n_failed=n - n_ok,
         seed=seed,
         seconds=time.perf_counter() - t0,
     )
@@ -184,7 +210,14 @@ def grid_check(data: ScalingData, result: FitResult, n_check: int = 3, seed: int
     Returns ``{"objective_rel_diff": [n_check], "param_max_abs_diff": [n_check],
     "warm_not_worse": bool}`` for the Huber sum. Used to justify warm starts.
     """
-    rng = np.random.default_rng(seed)
+    if not isinstance(data, ScalingData):
+        raise TypeError(f"data must be ScalingData, got {type(data).__name__}")
+    if not isinstance(result, FitResult):
+        raise TypeError(f"result must be a FitResult, got {type(result).__name__}")
+    _check_same_data(data, result)
+    n_check = _checks.integer(n_check, "n_check", low=1)
+    n_starts = _checks.integer(n_starts, "n_starts", low=1)
+    rng = np.random.default_rng(_checks.integer(seed, "seed", low=0))
     R = len(data)
     w = resample_weights(R, n_check, rng)
     design = obj._Design.build(data.N, data.D, data.loss)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from . import _checks
 
 __all__ = ["ScalingData", "from_arrays", "load_csv", "drop_highest_loss", "EPOCH_COLUMNS"]
 
@@ -33,6 +35,27 @@ class ScalingData:
     C: np.ndarray
     loss: np.ndarray
     k: float = 6.0
+    # Set by the validating constructors so that their result is not checked twice.
+    _validated: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Built directly (not through from_arrays), the arrays get the same checks:
+        # the fits assume float64 [R] columns, positive and finite, and C = k N D.
+        if self._validated:
+            return
+        k = _checks.real(self.k, "k", low=0.0)
+        cols = {name: _column(getattr(self, name), name) for name in ("N", "D", "C", "loss")}
+        if len({a.shape for a in cols.values()}) != 1:
+            raise ValueError(f"N, D, C and loss must have the same length, got {[a.shape[0] for a in cols.values()]}")
+        _check_runs(cols["N"], cols["loss"], cols["D"], "D", lambda i: f"row {i}")
+        _check_runs(cols["N"], cols["loss"], cols["C"], "C", lambda i: f"row {i}")
+        _check_units(cols["N"], cols["D"], False, lambda i: f"row {i}")
+        if not np.allclose(cols["C"], k * cols["N"] * cols["D"], rtol=1e-9, atol=0):
+            raise ValueError("C must equal k * N * D for every run (build with from_arrays to derive one from the other)")
+        for name, arr in cols.items():
+            object.__setattr__(self, name, arr)
+        object.__setattr__(self, "k", k)
+        object.__setattr__(self, "_validated", True)
 
     def __len__(self) -> int:
         return int(self.N.shape[0])
@@ -40,29 +63,84 @@ class ScalingData:
     def subset(self, index) -> "ScalingData":
         """Rows selected by a boolean mask or integer index array."""
         idx = np.asarray(index)
-        return ScalingData(self.N[idx], self.D[idx], self.C[idx], self.loss[idx], self.k)
+        return ScalingData(self.N[idx], self.D[idx], self.C[idx], self.loss[idx], self.k, _validated=True)
 
 
 def _column(values, name: str) -> np.ndarray:
     try:
-        arr = np.asarray(values, dtype=np.float64)
+        raw = np.asarray(values)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be numeric") from exc
+    # Strings would be parsed by np.asarray(..., dtype=float) and bools become 0/1.
+    if raw.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be numeric, got an array of {raw.dtype}")
+    arr = raw.astype(np.float64)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
     return arr
+
+
+# Tokens per parameter outside this range are a unit mistake, not a training run:
+# Chinchilla-style runs sit at 1..1e3, and the most over-trained published models at
+# ~1e4. C in log10 FLOPs or in PF-days (1 PF-day = 8.64e19 FLOPs) gives D/N ~ 1e-10.
+TOKENS_PER_PARAMETER_RANGE = (1e-3, 1e6)
+
+
+def _check_runs(n, y, other, other_name: str, where) -> None:
+    """Values finite and > 0, D >= 1 and D / N plausible; ``where(i)`` names row i."""
+    for arr, name in ((n, "N"), (other, other_name), (y, "loss")):
+        bad = ~np.isfinite(arr) | (arr <= 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{name} must be finite and > 0 ({where(i)}: {arr[i]})")
+
+
+def _check_units(n, d, c_given: bool, where) -> None:
+    unit_hint = (
+        "C must be training FLOPs (not log10 FLOPs or PF-days; C = k N D)"
+        if c_given
+        else "D must be training tokens (not billions of tokens, not log10)"
+    )
+    bad = d < 1
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{'C' if c_given else 'D'}: {where(i)} gives D = {d[i]:.3g} tokens (< 1); {unit_hint}")
+    tpp = d / n
+    lo, hi = TOKENS_PER_PARAMETER_RANGE
+    bad = (tpp < lo) | (tpp > hi)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"{'C' if c_given else 'D'}: {where(i)} has D / N = {tpp[i]:.3g} tokens per parameter, "
+            f"outside [{lo:g}, {hi:g}]; {unit_hint}, and N parameters"
+        )
+
+
+def _build(n, y, other, d_given: bool, k: float, where) -> ScalingData:
+    """Validated ScalingData from float64 columns of one length; ``where(i)`` names row i in errors."""
+    _check_runs(n, y, other, "D" if d_given else "C", where)
+    if d_given:
+        d = other
+        c = k * n * d
+    else:
+        c = other
+        d = c / (k * n)
+    _check_units(n, d, not d_given, where)
+    return ScalingData(N=n, D=d, C=c, loss=y, k=float(k), _validated=True)
 
 
 def from_arrays(N, loss, D=None, C=None, k: float = 6.0, min_rows: int = 6) -> ScalingData:
     """Validated :class:`ScalingData` from arrays of shape [R].
 
     Give exactly one of ``D`` (tokens) or ``C`` (FLOPs). ``N``, ``D``, ``C`` must be finite
-    and > 0 and ``loss`` finite and > 0 (the fit works on log loss). ``min_rows``: fewer
-    rows than this raise (the parametric law has 5 parameters, so 6 is the least that
-    leaves a residual degree of freedom).
+    and > 0 and ``loss`` finite and > 0 (the fit works on log loss). D (given or derived)
+    must be at least 1 token and D / N within ``TOKENS_PER_PARAMETER_RANGE`` (outside it
+    the units are wrong, e.g. C in log10 FLOPs). ``min_rows``: fewer rows than this raise
+    (the parametric law has 5 parameters, so 6 is the least that leaves a residual
+    degree of freedom).
     """
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
-        raise ValueError(f"k must be a finite number > 0, got {k!r}")
+    k = _checks.real(k, "k", low=0.0)
+    min_rows = _checks.integer(min_rows, "min_rows", low=1)
     if (D is None) == (C is None):
         raise ValueError("give exactly one of D (tokens) or C (training FLOPs)")
     n = _column(N, "N")
@@ -70,24 +148,9 @@ def from_arrays(N, loss, D=None, C=None, k: float = 6.0, min_rows: int = 6) -> S
     other = _column(D if D is not None else C, "D" if D is not None else "C")
     if not (n.shape == y.shape == other.shape):
         raise ValueError(f"N, loss and {'D' if D is not None else 'C'} must have the same length")
-    for arr, name in ((n, "N"), (other, "D" if D is not None else "C")):
-        bad = ~np.isfinite(arr) | (arr <= 0)
-        if bad.any():
-            raise ValueError(f"{name} must be finite and > 0 (row {int(np.argmax(bad))}: {arr[bad][0]})")
-    bad = ~np.isfinite(y) | (y <= 0)
-    if bad.any():
-        raise ValueError(f"loss must be finite and > 0 (row {int(np.argmax(bad))}: {y[bad][0]})")
-    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
-        raise ValueError(f"min_rows must be a positive int, got {min_rows!r}")
     if n.shape[0] < min_rows:
         raise ValueError(f"need at least {min_rows} runs to fit 5 parameters, got {n.shape[0]}")
-    if D is not None:
-        d = other
-        c = k * n * d
-    else:
-        c = other
-        d = c / (k * n)
-    return ScalingData(N=n, D=d, C=c, loss=y, k=float(k))
+    return _build(n, y, other, D is not None, k, lambda i: f"row {i}")
 
 
 def drop_highest_loss(data: ScalingData, count: int) -> ScalingData:
@@ -97,8 +160,7 @@ def drop_highest_loss(data: ScalingData, count: int) -> ScalingData:
     """
     if not isinstance(data, ScalingData):
         raise TypeError(f"data must be ScalingData, got {type(data).__name__}")
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    count = _checks.integer(count, "count", low=0)
     if count == 0:
         return data
     if count >= len(data):
@@ -126,19 +188,40 @@ def load_csv(
     drop_highest=5)``.
     """
     path = Path(path)
+    k = _checks.real(k, "k", low=0.0)
+    drop_highest = _checks.integer(drop_highest, "drop_highest", low=0)
+    min_rows = _checks.integer(min_rows, "min_rows", low=1)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        rows = list(reader)
+    lines: list[int] = []
+    try:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark, which
+        # would otherwise become part of the first column's name.
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            # Header names are stripped so that "N, D, loss" names the columns N, D, loss.
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows = []
+            for row in reader:
+                rows.append(row)
+                lines.append(reader.line_num)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path.name}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise ValueError(f"{path.name}: not a readable CSV file ({exc})") from None
+    if not header:
+        raise ValueError(f"{path.name}: empty file; expected a header row naming the columns")
     if d_col is None and c_col is None:
         if "D" in header:
             d_col = "D"
         elif "C" in header:
             c_col = "C"
         else:
-            raise ValueError(f"no token or FLOP column: pass d_col or c_col (columns: {header})")
+            raise ValueError(
+                f"{path.name}: no token or FLOP column (looked for 'D' and 'C'); name one with d_col or c_col "
+                f"(columns: {header})"
+            )
     if d_col is not None and c_col is not None:
         raise ValueError("pass only one of d_col or c_col")
     wanted = {"n_col": n_col, "loss_col": loss_col, "d_col" if d_col else "c_col": d_col or c_col}
@@ -146,6 +229,8 @@ def load_csv(
     if missing:
         desc = ", ".join(f"{col!r} ({arg})" for arg, col in missing.items())
         raise ValueError(f"{path.name}: missing column(s) {desc}; columns are {header}")
+    if not rows:
+        raise ValueError(f"{path.name}: no data rows after the header")
 
     def read(col: str) -> np.ndarray:
         out = np.empty(len(rows))
@@ -154,19 +239,21 @@ def load_csv(
             try:
                 out[i] = float(text)
             except ValueError:
-                # An empty cell or text becomes NaN, which validation reports with its row.
-                out[i] = np.nan
+                what = "an empty cell" if not text else f"{text!r}, not a number"
+                raise ValueError(f"{path.name}, line {lines[i]}: {col} must be finite and > 0, got {what}") from None
+            if not (math.isfinite(out[i]) and out[i] > 0):
+                raise ValueError(f"{path.name}, line {lines[i]}: {col} must be finite and > 0, got {text!r}")
         return out
 
     n = read(n_col)
     loss = read(loss_col)
     other = read(d_col or c_col)
     try:
-        data = from_arrays(
-            n, loss, D=other if d_col else None, C=other if c_col else None, k=k, min_rows=1
-        )
+        data = _build(n, loss, other, d_col is not None, k, lambda i: f"line {lines[i]}")
     except ValueError as exc:
         raise ValueError(f"{path.name}: {exc}") from None
+    if drop_highest >= len(data):
+        raise ValueError(f"{path.name}: drop_highest ({drop_highest}) must be smaller than the number of runs ({len(data)})")
     data = drop_highest_loss(data, drop_highest)
     if len(data) < min_rows:
         raise ValueError(f"{path.name}: need at least {min_rows} runs to fit 5 parameters, got {len(data)}")

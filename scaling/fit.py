@@ -23,12 +23,15 @@ All starts are optimised together by the batched trust-region Newton method in
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _checks
 from . import _objective as obj
 from ._optim import newton_minimize
 from .data import ScalingData
@@ -36,6 +39,7 @@ from .laws import ScalingLaw
 
 __all__ = [
     "FitResult",
+    "FitWarning",
     "OBJECTIVES",
     "hoffmann_grid",
     "fit",
@@ -44,6 +48,25 @@ __all__ = [
 ]
 
 OBJECTIVES = ("huber", "huber_likelihood")
+
+# A fitted exponent or E outside these bounds sits on the edge of the model: the data
+# did not determine that term (e.g. loss that does not fall with D gives beta -> 0 and
+# a meaningless frontier). Published fits have exponents ~0.1..1 and E ~1..2 nats.
+EXPONENT_RANGE = (1e-3, 5.0)
+E_MIN = 1e-6
+
+
+class FitWarning(UserWarning):
+    """The fit finished but its optimum is not trustworthy (not converged, or on a boundary)."""
+
+
+def data_fingerprint(data: ScalingData) -> str:
+    """Short hash of the runs (N, D, loss, k): ties a FitResult to the data it was fitted on."""
+    h = hashlib.sha256()
+    for arr in (data.N, data.D, data.loss):
+        h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
+    h.update(repr(float(data.k)).encode())
+    return h.hexdigest()[:16]
 
 
 def hoffmann_grid() -> np.ndarray:
@@ -61,11 +84,17 @@ class FitResult:
 
     ``theta``: raw (a, b, e, alpha, beta). ``value``: the objective at the optimum
     (Huber sum, or negative log-likelihood for ``huber_likelihood``). ``scale``: the
-    fitted sigma (likelihood only, else None). ``n_starts`` starts were run,
-    ``n_converged`` met the tolerance, ``n_at_best`` ended within 0.1% of the best
-    Huber value (the first pass stops at that tolerance). ``seconds``: wall time of the
-    fit. ``candidates``: the polished distinct endpoints, raw [K, 5], best first (the
-    bootstrap warm-starts from them).
+    fitted sigma (likelihood only, else None). ``converged``: whether the returned
+    optimum met the final tolerance (the 1e-13 polish and, for the likelihood, the
+    sigma/theta alternation). ``warnings``: why the optimum is not trustworthy (not
+    converged, or a boundary solution: alpha or beta outside ``EXPONENT_RANGE``, E below
+    ``E_MIN``); each is also issued as a :class:`FitWarning`. ``n_starts`` starts were
+    run; ``n_converged`` of them met the loose first-pass tolerance ``ftol`` (it says
+    how many starts settled, not whether the result converged); ``n_at_best`` ended
+    within 0.1% of the best Huber value. ``seconds``: wall time of the fit.
+    ``candidates``: the polished distinct endpoints, raw [K, 5], best first (the
+    bootstrap warm-starts from them). ``data_fingerprint``: hash of the fitted runs
+    (:func:`bootstrap` checks it is given the same data).
     """
 
     law: ScalingLaw
@@ -81,6 +110,9 @@ class FitResult:
     seconds: float
     huber_value: float = field(default=float("nan"))
     candidates: np.ndarray = field(default_factory=lambda: np.empty((0, 5)))
+    converged: bool = True
+    warnings: tuple = ()
+    data_fingerprint: str = ""
 
     @property
     def params(self) -> dict:
@@ -91,18 +123,29 @@ class FitResult:
         return d
 
 
-def _check_data(data) -> ScalingData:
+def _check_data(data, identifiable: bool = False) -> ScalingData:
+    """``identifiable``: also require the spread in N and D a fit needs (see below)."""
     if not isinstance(data, ScalingData):
         raise TypeError(f"data must be ScalingData (see scaling.from_arrays / load_csv), got {type(data).__name__}")
     if len(data) < 6:
         raise ValueError(f"data: need at least 6 runs to fit 5 parameters, got {len(data)}")
+    if identifiable:
+        # A/N^alpha with one N is a constant that E absorbs, so A, alpha (and E) are not
+        # determined; two N values fix A/N^alpha at two points, still one short of
+        # separating E, A and alpha. The same holds for D with B and beta.
+        for name, col in (("N", data.N), ("D", data.D)):
+            k = np.unique(col).size
+            if k < 3:
+                raise ValueError(
+                    f"data: need at least 3 distinct {name} values to fit E, "
+                    f"{'A and alpha' if name == 'N' else 'B and beta'}, got {k}; "
+                    f"with fewer the {name} term is not determined by the data"
+                )
     return data
 
 
 def _check_delta(delta) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta <= 0:
-        raise ValueError(f"delta must be a finite number > 0, got {delta!r}")
-    return float(delta)
+    return _checks.real(delta, "delta", low=0.0)
 
 
 def _check_theta(theta) -> np.ndarray:
@@ -114,7 +157,33 @@ def _check_theta(theta) -> np.ndarray:
 
 def _law_from_theta(theta: np.ndarray, name: str = "fit") -> ScalingLaw:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    return ScalingLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, name=name)
+    try:
+        return ScalingLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, name=name)
+    except (OverflowError, ValueError) as exc:
+        why = "exp(a), exp(b) or exp(e) overflows" if isinstance(exc, OverflowError) else str(exc)
+        raise ValueError(
+            f"fit: the fitted law is invalid ({why}; a={a:.4g}, b={b:.4g}, e={e:.4g}, alpha={alpha:.4g}, "
+            f"beta={beta:.4g}); the data do not determine L = E + A/N^alpha + B/D^beta: check that loss "
+            "falls as N and D grow, and that N and D each span a range"
+        ) from None
+
+
+def _diagnose(theta: np.ndarray, converged: bool) -> tuple:
+    """Reasons not to trust the optimum raw ``theta`` [5] (empty when there are none)."""
+    a, b, e, alpha, beta = (float(v) for v in theta)
+    lo, hi = EXPONENT_RANGE
+    out = []
+    if not converged:
+        out.append("the optimiser did not converge at the best optimum; the parameters may be far from it")
+    for name, v, term in (("alpha", alpha, "N"), ("beta", beta, "D")):
+        if v < lo:
+            out.append(f"{name} = {v:.3g} is below {lo:g}: the loss barely changes with {term} in these data, "
+                       "so the frontier (a, b, tokens per parameter) is not determined")
+        elif v > hi:
+            out.append(f"{name} = {v:.3g} is above {hi:g}: a boundary solution, not a power law the data support")
+    if math.exp(e) < E_MIN:
+        out.append(f"E = {math.exp(e):.3g} is ~0: a boundary solution (the data do not determine the irreducible loss)")
+    return tuple(out)
 
 
 def huber_sum(theta, data: ScalingData, delta: float = 1e-3) -> np.ndarray:
@@ -139,8 +208,7 @@ def huber_nll(theta, scale, data: ScalingData, delta: float = 1e-3) -> float:
     th = _check_theta(theta)
     if th.shape[0] != 1:
         raise ValueError(f"theta must be one parameter vector [5], got shape {np.shape(theta)}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    scale = _checks.real(scale, "scale", low=0.0)
     r = np.log(data.loss) - obj.predict_log_loss(th, np.log(data.N), np.log(data.D))[0]
     n = r.shape[0]
     return float(obj.huber(r / scale, delta).sum() + n * (math.log(scale) + _log_z(delta)))
@@ -200,7 +268,9 @@ def _huber_batch(design, x0, w, tau, max_iter: int, ftol: float):
 
 
 def _likelihood_refine(design, x0, w, delta: float, max_rounds: int = 40):
-    """Alternate sigma and theta from internal starts x0 [S, 5]; returns (x, sigma, nll) per row.
+    """Alternate sigma and theta from internal starts x0 [S, 5]; returns (x, sigma, nll,
+    converged) per row. ``converged``: the last theta step met its tolerance and the
+    alternation met its stopping rule (below) for that row.
 
     theta step: Huber fit with tau = max(delta * sigma, previous tau / 10); sigma step:
     :func:`_best_scale`. Stops when tau has reached delta * sigma and the NLL changes
@@ -220,11 +290,12 @@ def _likelihood_refine(design, x0, w, delta: float, max_rounds: int = 40):
         nll = (rho if w is None else w * rho).sum(axis=1) + W * (np.log(sigma) + _log_z(delta))
         target = delta * sigma
         at_target = tau <= target * (1 + 1e-12)
-        if np.all(at_target & (np.abs(prev - nll) <= 1e-12 * np.abs(nll))):
+        done = at_target & (np.abs(prev - nll) <= 1e-12 * np.abs(nll))
+        if np.all(done):
             break
         prev = nll
         tau = np.maximum(target, tau / 10.0)
-    return x, sigma, nll
+    return x, sigma, nll, done & res.converged
 
 
 def fit(
@@ -241,12 +312,18 @@ def fit(
     ``objective``: ``"huber"`` (Hoffmann) or ``"huber_likelihood"`` (Epoch's headline).
     ``starts``: raw (a, b, e, alpha, beta) rows [S, 5]; default Hoffmann's grid.
     Every start is run until an interior Newton step changes the Huber sum by at most
-    ``ftol`` (relative) or for ``max_iter`` iterations; the ``refine`` best distinct
+    ``ftol`` (relative, in (0, 1)) or for ``max_iter`` iterations; the ``refine`` best distinct
     endpoints are then converged to 1e-13 (and, for the likelihood, carried through
     the sigma/theta alternation), and the best kept. The first pass only has to rank
     the starts, so its tolerance is loose (0.1%): on the Epoch data it picks the same
     optimum as running every start to 1e-9 (tests/scaling/test_fit.py), at ~1.8 s
     instead of ~4 s for the 4,500 starts.
+
+    Raises ValueError when the data cannot determine the law (fewer than 3 distinct N
+    or D values, or an optimum that is no valid law, e.g. loss rising with N). An
+    optimum that did not converge or lies on a boundary (an exponent below 1e-3 or
+    above 5, E ~ 0) is returned with ``converged`` / ``warnings`` set and a
+    :class:`FitWarning` issued: the numbers are then not a scaling law to rely on.
 
     >>> from flopwise.scaling import ScalingLaw, fit, from_arrays
     >>> import numpy as np
@@ -257,7 +334,7 @@ def fit(
     0.34
     """
     t0 = time.perf_counter()
-    data = _check_data(data)
+    data = _check_data(data, identifiable=True)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     delta = _check_delta(delta)
@@ -268,10 +345,9 @@ def fit(
         raise ValueError(f"starts must have shape [S, 5] (a, b, e, alpha, beta), got {starts.shape}")
     if not np.all(np.isfinite(starts)):
         raise ValueError("starts must be finite")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 1:
-        raise ValueError(f"refine must be a positive int, got {refine!r}")
+    max_iter = _checks.integer(max_iter, "max_iter", low=1)
+    refine = _checks.integer(refine, "refine", low=1)
+    ftol = _checks.real(ftol, "ftol", low=0.0, high=1.0)
 
     design = obj._Design.build(data.N, data.D, data.loss)
     S = starts.shape[0]
@@ -288,13 +364,19 @@ def fit(
 
     if objective == "huber":
         x_best, value, scale = polished.x[best], huber_best, None
+        converged = bool(polished.converged[best])
     else:
-        xs, sig, nll = _likelihood_refine(design, polished.x, None, delta)
+        xs, sig, nll, conv = _likelihood_refine(design, polished.x, None, delta)
         j = int(np.argmin(nll))
         x_best, value, scale = xs[j], float(nll[j]), float(sig[j])
+        converged = bool(conv[j])
     theta = design.to_raw(x_best)
+    law = _law_from_theta(theta)
+    problems = _diagnose(theta, converged)
+    for msg in problems:
+        warnings.warn(f"fit: {msg}", FitWarning, stacklevel=2)
     return FitResult(
-        law=_law_from_theta(theta),
+        law=law,
         theta=theta,
         objective=objective,
         delta=delta,
@@ -307,4 +389,7 @@ def fit(
         seconds=time.perf_counter() - t0,
         huber_value=huber_best,
         candidates=candidates,
+        converged=converged,
+        warnings=problems,
+        data_fingerprint=data_fingerprint(data),
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from . import _checks
 from .laws import ScalingLaw
 
 __all__ = ["InferenceOptimal", "inference_optimal", "training_optimal_for_loss"]
@@ -72,11 +73,17 @@ class InferenceOptimal:
 def _check(law, loss) -> float:
     if not isinstance(law, ScalingLaw):
         raise TypeError(f"law must be a ScalingLaw, got {type(law).__name__}")
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-        raise ValueError(f"loss must be a finite number, got {loss!r}")
+    loss = _checks.real(loss, "loss")
     if loss <= law.E:
-        raise ValueError(f"loss must exceed the irreducible loss E = {law.E:.4g}, got {loss}")
-    return float(loss)
+        raise ValueError(f"loss must exceed the irreducible loss E = {law.E:.6g}, got {loss}")
+    return loss
+
+
+def _finite(values: dict, hint: str) -> None:
+    bad = [name for name, v in values.items() if not (math.isfinite(v) and v > 0)]
+    if bad:
+        shown = ", ".join(f"{name} = {values[name]:.3g}" for name in bad)
+        raise ValueError(f"{hint}: {shown} (outside float64's range)")
 
 
 def _tokens_for(law: ScalingLaw, loss: float, n: float) -> float:
@@ -91,8 +98,14 @@ def training_optimal_for_loss(law: ScalingLaw, loss: float) -> tuple[float, floa
     """
     loss = _check(law, loss)
     s = law.alpha + law.beta
-    n = (law.A * s / (law.beta * (loss - law.E))) ** (1.0 / law.alpha)
-    d = (law.B * s / (law.alpha * (loss - law.E))) ** (1.0 / law.beta)
+    # In logs: close to E the powers overflow, which must be an error, not inf.
+    gap = math.log(loss - law.E)
+    ln = (math.log(law.A * s / law.beta) - gap) / law.alpha
+    ld = (math.log(law.B * s / law.alpha) - gap) / law.beta
+    # math.exp raises beyond ~709.78; inf is reported by _finite with the names.
+    n = math.exp(ln) if ln < 709.0 else math.inf
+    d = math.exp(ld) if ld < 709.0 else math.inf
+    _finite({"N": n, "D": d}, f"loss {loss} is too close to E = {law.E:.6g} for this law")
     return n, d
 
 
@@ -101,12 +114,9 @@ def inference_optimal(
 ) -> InferenceOptimal:
     """The (N, D) reaching ``loss`` that minimises k N D + k_inf N ``inference_tokens``."""
     loss = _check(law, loss)
-    for name, v in (("inference_tokens", inference_tokens), ("k", k), ("k_inf", k_inf)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if k <= 0:
-        raise ValueError(f"k must be > 0, got {k}")
-    T = float(inference_tokens)
+    T = _checks.real(inference_tokens, "inference_tokens", low=0.0, low_open=False)
+    k = _checks.real(k, "k", low=0.0)
+    k_inf = _checks.real(k_inf, "k_inf", low=0.0, low_open=False)
     n_chin, d_chin = training_optimal_for_loss(law, loss)
 
     def slope(n: float) -> float:
@@ -114,23 +124,34 @@ def inference_optimal(
         d = (law.B / g) ** (1.0 / law.beta)
         return k * d * (1.0 - law.alpha * law.A * n**-law.alpha / (law.beta * g)) + k_inf * T
 
-    if T == 0.0 or k_inf == 0.0:
-        n = n_chin
-    else:
-        lo = math.log((law.A / (loss - law.E)) ** (1.0 / law.alpha))  # g = 0 here
-        hi = math.log(n_chin)
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if mid in (lo, hi):
-                break
-            if slope(math.exp(mid)) > 0:
-                hi = mid
-            else:
-                lo = mid
-        n = math.exp(hi)
-    d = _tokens_for(law, loss, n)
-    train = k * n * d
-    inf = k_inf * n * T
+    try:
+        if T == 0.0 or k_inf == 0.0:
+            n = n_chin
+        else:
+            lo = math.log((law.A / (loss - law.E)) ** (1.0 / law.alpha))  # g = 0 here
+            hi = math.log(n_chin)
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                if mid in (lo, hi):
+                    break
+                if slope(math.exp(mid)) > 0:
+                    hi = mid
+                else:
+                    lo = mid
+            n = math.exp(hi)
+        d = _tokens_for(law, loss, n)
+        train = k * n * d
+        inf = k_inf * n * T
+    except (OverflowError, ZeroDivisionError):
+        # Python float powers raise instead of returning inf: the optimum is beyond float64.
+        raise ValueError(
+            f"inference_tokens {T:.3g} at loss {loss}: the optimal model is outside float64's range"
+        ) from None
+    chin_total = k * n_chin * d_chin + k_inf * n_chin * T
+    _finite(
+        {"N": n, "D": d, "total FLOPs": train + inf, "training-only total FLOPs": chin_total},
+        f"inference_tokens {T:.3g} at loss {loss}",
+    )
     return InferenceOptimal(
         loss=loss,
         inference_tokens=T,
@@ -142,5 +163,5 @@ def inference_optimal(
         chinchilla_N=n_chin,
         chinchilla_D=d_chin,
         chinchilla_train_flops=k * n_chin * d_chin,
-        chinchilla_total_flops=k * n_chin * d_chin + k_inf * n_chin * T,
+        chinchilla_total_flops=chin_total,
     )

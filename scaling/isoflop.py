@@ -9,11 +9,13 @@ squares across groups. With C = k N D, D_opt = C / (k N_opt), so b = 1 - a.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _checks
 from .data import ScalingData
+from .laws import _positive_array
 
 __all__ = ["IsoFlopResult", "isoflop_fit", "group_by_compute"]
 
@@ -22,10 +24,13 @@ __all__ = ["IsoFlopResult", "isoflop_fit", "group_by_compute"]
 class IsoFlopResult:
     """Per-profile minima (arrays [K]) and the power laws through them.
 
-    ``compute``: each profile's C (geometric mean of its runs' C); ``n_opt``,
-    ``d_opt``, ``loss_opt``: the parabola's minimum. N_opt(C) = ``n_coef`` * C^``a``,
-    D_opt(C) = ``d_coef`` * C^``b``. ``skipped``: profiles left out (too few distinct
-    N, or a parabola that opens downwards / has its minimum outside the sampled N).
+    ``compute``: each profile's C (geometric mean of its runs' C); ``span_decades``:
+    log10(max C / min C) within each profile (0 for an exact isoFLOP profile; a large
+    span means runs of different budgets were pooled); ``n_points``: runs per profile;
+    ``label``: each profile's group label. ``n_opt``, ``d_opt``, ``loss_opt``: the
+    parabola's minimum. N_opt(C) = ``n_coef`` * C^``a``, D_opt(C) = ``d_coef`` * C^``b``.
+    ``skipped``: profiles left out (too few distinct N, or a parabola that opens
+    downwards / has its minimum outside the sampled N).
     """
 
     compute: np.ndarray
@@ -38,12 +43,13 @@ class IsoFlopResult:
     d_coef: float
     k: float
     skipped: int
+    span_decades: np.ndarray = field(default_factory=lambda: np.empty(0))
+    n_points: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    label: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def optimal(self, compute) -> tuple:
         """(N_opt, D_opt) at ``compute`` FLOPs from the fitted power laws."""
-        c = np.asarray(compute, dtype=np.float64)
-        if np.any(~np.isfinite(c)) or np.any(c <= 0):
-            raise ValueError("compute must be finite and > 0")
+        c = _positive_array(compute, "compute")
         n = self.n_coef * c**self.a
         d = c / (self.k * n)
         return (float(n), float(d)) if c.ndim == 0 else (n, d)
@@ -54,31 +60,46 @@ class IsoFlopResult:
 
 
 def group_by_compute(C: np.ndarray, rtol_decades: float = 0.05) -> np.ndarray:
-    """Group label [R] for each run: runs whose log10 C are within ``rtol_decades`` of
-    their neighbour (after sorting) share a profile."""
-    if not isinstance(rtol_decades, (int, float)) or not rtol_decades >= 0:
-        raise ValueError(f"rtol_decades must be a number >= 0, got {rtol_decades!r}")
+    """Group label [R] for each run: after sorting by C, a profile takes runs while
+    their log10 C is within ``rtol_decades`` of the profile's smallest C, so no profile
+    spans more than ``rtol_decades`` decades.
+
+    (Chaining neighbours instead lets budgets a few percent apart pool into one
+    "profile" spanning a decade, whose parabola then mixes compute levels.)
+    """
+    rtol_decades = _checks.real(rtol_decades, "rtol_decades", low=0.0, low_open=False)
     lc = np.log10(np.asarray(C, dtype=np.float64))
     order = np.argsort(lc, kind="stable")
-    breaks = np.diff(lc[order]) > rtol_decades
-    labels_sorted = np.concatenate([[0], np.cumsum(breaks)])
+    labels_sorted = np.empty(lc.size, dtype=np.int64)
+    group, first = -1, -np.inf
+    for i, v in enumerate(lc[order]):
+        if v - first > rtol_decades:
+            group, first = group + 1, v
+        labels_sorted[i] = group
     labels = np.empty_like(labels_sorted)
     labels[order] = labels_sorted
     return labels
 
 
-def isoflop_fit(data: ScalingData, rtol_decades: float = 0.05, min_points: int = 3) -> IsoFlopResult:
+def isoflop_fit(data: ScalingData, rtol_decades: float = 0.05, min_points: int = 3, labels=None) -> IsoFlopResult:
     """Approach 2 on ``data``; needs at least two usable isoFLOP profiles.
 
-    ``rtol_decades``: compute values closer than this (in log10) belong to one profile.
+    ``rtol_decades``: a profile holds runs whose log10 C is within this of its smallest
+    (see :func:`group_by_compute`). ``labels``: profile label per run ([R], any values
+    ``np.unique`` can sort), when the runs' budgets are known; overrides the grouping.
     ``min_points``: fewest distinct model sizes a profile needs for its parabola.
     """
     if not isinstance(data, ScalingData):
         raise TypeError(f"data must be ScalingData, got {type(data).__name__}")
-    if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 3:
+    if _checks.integer(min_points, "min_points") < 3:
         raise ValueError(f"min_points must be an int >= 3 (a parabola has 3 coefficients), got {min_points!r}")
-    labels = group_by_compute(data.C, rtol_decades)
-    cs, ns, ls = [], [], []
+    if labels is None:
+        labels = group_by_compute(data.C, rtol_decades)
+    else:
+        labels = np.asarray(labels)
+        if labels.shape != (len(data),):
+            raise ValueError(f"labels must have one entry per run, shape ({len(data)},), got {labels.shape}")
+    cs, ns, ls, spans, counts, names = [], [], [], [], [], []
     skipped = 0
     for g in np.unique(labels):
         m = labels == g
@@ -98,6 +119,9 @@ def isoflop_fit(data: ScalingData, rtol_decades: float = 0.05, min_points: int =
         cs.append(math.exp(np.log(data.C[m]).mean()))
         ns.append(math.exp(x_star))
         ls.append(p0 + p1 * x_star + p2 * x_star**2)
+        spans.append(float(np.log10(data.C[m].max() / data.C[m].min())))
+        counts.append(int(m.sum()))
+        names.append(g)
     if len(cs) < 2:
         raise ValueError(
             f"data: found {len(cs)} usable isoFLOP profile(s) (need 2; {skipped} skipped); "
@@ -117,4 +141,7 @@ def isoflop_fit(data: ScalingData, rtol_decades: float = 0.05, min_points: int =
         d_coef=float(math.exp(-log_g) / data.k),
         k=data.k,
         skipped=skipped,
+        span_decades=np.asarray(spans),
+        n_points=np.asarray(counts, dtype=np.int64),
+        label=np.asarray(names),
     )

@@ -20,6 +20,8 @@ from typing import Iterable
 
 import numpy as np
 
+from . import _checks
+
 __all__ = [
     "ScalingLaw",
     "LossTerms",
@@ -33,10 +35,15 @@ __all__ = [
 
 def _positive_array(value, name: str) -> np.ndarray:
     """float64 array of ``value``; every entry finite and > 0, else ValueError naming ``name``."""
+    # Kind check first: np.asarray("1e23", dtype=float) would parse the string, and
+    # True would become 1.0; neither is a number the caller meant.
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        raw = np.asarray(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__}") from exc
+    if raw.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__} {value!r}")
+    arr = raw.astype(np.float64)
     if arr.size == 0:
         raise ValueError(f"{name} is empty")
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
@@ -104,9 +111,18 @@ class ScalingLaw:
         return self.alpha / (self.alpha + self.beta)
 
     @property
+    def log_G(self) -> float:
+        """log G, computed from logs: G itself under- or overflows when alpha + beta is tiny."""
+        s = self.alpha + self.beta
+        return (math.log(self.alpha) + math.log(self.A) - math.log(self.beta) - math.log(self.B)) / s
+
+    @property
     def G(self) -> float:
-        """(alpha A / (beta B))^(1 / (alpha + beta)), the frontier's prefactor."""
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        """(alpha A / (beta B))^(1 / (alpha + beta)), the frontier's prefactor (may be 0 or inf)."""
+        try:
+            return math.exp(self.log_G)
+        except OverflowError:
+            return math.inf
 
     def loss(self, N, D):
         """Predicted loss for ``N`` parameters trained on ``D`` tokens (broadcasting arrays)."""
@@ -136,14 +152,34 @@ class ScalingLaw:
         """
         c = _positive_array(compute, "compute")
         k = _check_k(k)
-        n_opt = self.G * (c / k) ** self.a
-        d_opt = (c / k) ** self.b / self.G
+        # In logs: with small exponents G alone under- or overflows although the
+        # products are representable.
+        lc, lg = np.log(c / k), self.log_G
+        with np.errstate(over="ignore", under="ignore"):
+            n_opt = np.exp(lg + self.a * lc)
+            d_opt = np.exp(self.b * lc - lg)
+        self._check_representable(c, (n_opt, d_opt), "N_opt, D_opt")
         return _scalar_or_array(n_opt), _scalar_or_array(d_opt)
+
+    def _check_representable(self, c, values, what: str) -> None:
+        bad = np.zeros(np.shape(c), dtype=bool)
+        for v in values:
+            bad |= ~np.isfinite(v) | (v <= 0)
+        if bad.any():
+            c0 = float(np.broadcast_to(c, bad.shape)[bad][0])
+            raise ValueError(
+                f"compute: {what} at {c0:.3g} FLOPs under- or overflow float64 for this law "
+                f"(alpha {self.alpha:.3g}, beta {self.beta:.3g}, log G {self.log_G:.4g})"
+            )
 
     def tokens_per_parameter(self, compute, k: float = 6.0):
         """D_opt / N_opt at ``compute`` FLOPs: G^-2 (C / k)^(b - a)."""
-        n_opt, d_opt = self.optimal(compute, k)
-        return _scalar_or_array(np.asarray(d_opt) / np.asarray(n_opt))
+        c = _positive_array(compute, "compute")
+        k = _check_k(k)
+        with np.errstate(over="ignore", under="ignore"):
+            tpp = np.exp((self.b - self.a) * np.log(c / k) - 2.0 * self.log_G)
+        self._check_representable(c, (tpp,), "tokens per parameter")
+        return _scalar_or_array(tpp)
 
     def optimal_loss(self, compute, k: float = 6.0):
         """Loss on the compute-optimal frontier at ``compute`` FLOPs."""
@@ -155,11 +191,7 @@ class ScalingLaw:
 
 
 def _check_k(k) -> float:
-    if isinstance(k, bool) or not isinstance(k, (int, float, np.floating, np.integer)):
-        raise TypeError(f"k must be a real number, got {type(k).__name__}")
-    if not math.isfinite(float(k)) or k <= 0:
-        raise ValueError(f"k must be finite and > 0, got {k}")
-    return float(k)
+    return _checks.real(k, "k", low=0.0)
 
 
 @dataclass(frozen=True)
@@ -227,7 +259,10 @@ def parse_models(spec) -> list[tuple[str, float, float]]:
                 name, n, d = item
             except (TypeError, ValueError):
                 raise TypeError(f"models: each entry must be a name or (name, N, D), got {item!r}") from None
-            out.append((str(name), float(n), float(d)))
+            try:
+                out.append((str(name), float(n), float(d)))
+            except (TypeError, ValueError):
+                raise TypeError(f"models: N and D of {name!r} must be numbers, got {n!r} and {d!r}") from None
     if not out:
         raise ValueError("models is empty")
     for name, n, d in out:

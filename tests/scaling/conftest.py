@@ -48,3 +48,12 @@ def synthetic(law: scaling.ScalingLaw, n_runs: int = 120, noise: float = 0.0, se
     D = 10 ** rng.uniform(8, 12, n_runs)
     L = law.loss(N, D) * np.exp(noise * rng.standard_normal(n_runs))
     return scaling.from_arrays(N, L, D=D)
+
+
+def loss_without_d_dependence(seed: int = 5) -> scaling.ScalingData:
+    """30 runs on a 6 x 5 (N, D) grid whose loss does not depend on D: the fit's beta -> 0."""
+    N = np.geomspace(1e8, 1e10, 6).repeat(5)
+    D = np.tile(np.geomspace(1e9, 1e11, 5), 6)
+    rng = np.random.default_rng(seed)
+    L = 3 + rng.normal(0, 0.1, 30) ** 2 + 50 / N**0.3
+    return scaling.from_arrays(N, L, D=D)

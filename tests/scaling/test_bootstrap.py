@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flopwise.scaling import bootstrap, grid_check
+from flopwise.scaling import FitWarning, bootstrap, fit, from_arrays, grid_check
 from flopwise.scaling.bootstrap import PARAM_NAMES, resample_weights
 
-from .conftest import EPOCH_SE
+from .conftest import EPOCH_SE, loss_without_d_dependence
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,46 @@ def test_bad_arguments(epoch_data, epoch_huber_fit):
         bootstrap(epoch_data, {"E": 1}, n=10)
     with pytest.raises(ValueError, match="compute"):
         bootstrap(epoch_data, epoch_huber_fit, n=10, compute=0)
+
+
+@pytest.fixture(scope="module")
+def flat_in_d():
+    data = loss_without_d_dependence()
+    with pytest.warns(FitWarning):
+        return data, fit(data)
+
+
+def test_resamples_without_a_valid_law_count_as_failed(flat_in_d):
+    # Loss independent of D: many resamples fit beta < 0, which is no scaling law.
+    data, result = flat_in_d
+    b = bootstrap(data, result, n=200, seed=0)
+    assert b.n_failed > 20
+    assert b.samples["beta"].shape == (200 - b.n_failed,)
+    assert np.all(b.samples["alpha"] > 0) and np.all(b.samples["beta"] > 0)
+    for name in PARAM_NAMES:
+        assert np.all(np.isfinite(b.samples[name])), name
+        assert np.isfinite(b.se[name]), name
+    assert b.interval["beta"][0] > 0
+
+
+def test_result_must_come_from_the_same_data(epoch_data, epoch_huber_fit, flat_in_d):
+    data, result = flat_in_d
+    with pytest.raises(ValueError, match="fitted to 240 runs but data has 30"):
+        bootstrap(data, epoch_huber_fit, n=10)
+    other = from_arrays(data.N, data.loss * 1.01, D=data.D)
+    with pytest.raises(ValueError, match="other runs than data"):
+        bootstrap(other, result, n=10)
+    with pytest.raises(ValueError, match="fitted to 30 runs"):
+        grid_check(epoch_data, result)
+
+
+def test_numpy_scalars_and_seed(flat_in_d):
+    data, result = flat_in_d
+    b = bootstrap(data, result, n=np.int64(5), compute=np.float32(1e23), level=np.float64(0.9), seed=np.int64(1))
+    assert b.n_resamples == 5 and b.compute == pytest.approx(1e23, rel=1e-6) and b.level == 0.9
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        bootstrap(data, result, n=5, seed=-1)
+    with pytest.raises(TypeError, match="seed"):
+        bootstrap(data, result, n=5, seed=1.5)
+    with pytest.raises(TypeError, match="n must be an int"):
+        bootstrap(data, result, n=True)

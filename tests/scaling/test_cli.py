@@ -9,7 +9,7 @@ import pytest
 from flopwise.cli import main
 from flopwise.scaling import ScalingLaw
 
-from .conftest import EPOCH_CSV, EPOCH_FIT
+from .conftest import EPOCH_CSV, EPOCH_FIT, loss_without_d_dependence
 
 
 def _json(capsys):
@@ -92,3 +92,102 @@ def test_decompose(capsys):
 def test_scaling_without_subcommand_prints_help(capsys):
     assert main(["scaling"]) == 2
     assert "fit" in capsys.readouterr().out
+
+
+def _strict_json(text):
+    def refuse(name):
+        raise ValueError(f"invalid JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_unreliable_fit_is_flagged_with_valid_json(capsys, tmp_path):
+    data = loss_without_d_dependence()
+    p = tmp_path / "flat.csv"
+    p.write_text("N,D,loss\n" + "\n".join(f"{float(a)!r},{float(b)!r},{float(c)!r}" for a, b, c in zip(data.N, data.D, data.loss)) + "\n")
+    assert main(["scaling", "fit", str(p), "--bootstrap", "50", "--json"]) == 1
+    captured = capsys.readouterr()
+    out = _strict_json(captured.out)
+    assert out["converged"] is False
+    assert any("beta" in w for w in out["warnings"])
+    assert out["bootstrap"]["n_failed"] > 0
+    assert "flopwise: warning: " in captured.err and "did not converge" in captured.err
+    assert main(["scaling", "fit", str(p)]) == 1
+    assert "NOT converged" in capsys.readouterr().out
+
+
+def test_json_maps_non_finite_to_null(capsys):
+    from flopwise._cli_scaling import _print_json
+
+    _print_json({"se": float("nan"), "interval": [float("-inf"), 1.0]})
+    assert _strict_json(capsys.readouterr().out) == {"se": None, "interval": [None, 1.0]}
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--bootstrap", "1"], "--bootstrap must be 0 (off) or >= 2"),
+        (["--drop-highest", "-1"], "--drop-highest must be >= 0"),
+        (["--seed", "-1", "--bootstrap", "5"], "--seed must be an integer >= 0"),
+        (["--level", "95"], "--level must be in (0, 1)"),
+        (["--drop-highest", "30"], "--drop-highest (30) must be smaller"),
+        (["--loss-col", "xent"], "'xent' (--loss-col)"),
+    ],
+)
+def test_fit_errors_name_flags(capsys, tmp_path, monkeypatch, extra, match):
+    from flopwise import scaling
+
+    monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("bad flags must fail before fitting"))
+    p = tmp_path / "runs.csv"
+    N = np.geomspace(1e8, 1e10, 6).repeat(5)
+    p.write_text("N,D,loss\n" + "\n".join(f"{n},{20 * n},3" for n in N) + "\n")
+    assert main(["scaling", "fit", str(p), *extra]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_missing_token_column_names_flags(capsys, tmp_path):
+    p = tmp_path / "runs.csv"
+    p.write_text("N,tokens,loss\n1e8,1e9,3\n")
+    assert main(["scaling", "fit", str(p)]) == 2
+    assert "--d-col or --c-col" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_fails_before_fitting(capsys, tmp_path, monkeypatch):
+    import sys
+
+    from flopwise import scaling
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("must not fit when it cannot plot"))
+    p = tmp_path / "runs.csv"
+    p.write_text("N,D,loss\n" + "\n".join(f"{n},{20 * n},3" for n in np.geomspace(1e8, 1e10, 6).repeat(5)) + "\n")
+    assert main(["scaling", "fit", str(p), "--plot", str(tmp_path / "fig.png")]) == 2
+    assert "--plot: plotting needs matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("plot, expected", [("a.b/fig", ("a.b/fig.png", "a.b/fig_bootstrap.png")),
+                                            ("fig", ("fig.png", "fig_bootstrap.png")),
+                                            ("out/fig.svg", ("out/fig.svg", "out/fig_bootstrap.svg"))])
+def test_plot_file_names(capsys, tmp_path, monkeypatch, plot, expected):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    for folder in ("a.b", "out"):
+        (tmp_path / folder).mkdir()
+    law = ScalingLaw(E=1.7, A=400.0, B=1000.0, alpha=0.33, beta=0.30)
+    N = np.geomspace(1e8, 1e10, 6).repeat(5)
+    D = np.tile(np.geomspace(1e9, 1e11, 5), 6)
+    rng = np.random.default_rng(0)
+    L = law.loss(N, D) * np.exp(rng.normal(0, 0.005, 30))
+    (tmp_path / "runs.csv").write_text("N,D,loss\n" + "\n".join(f"{a},{b},{c}" for a, b, c in zip(N, D, L)) + "\n")
+    assert main(["scaling", "fit", "runs.csv", "--bootstrap", "5", "--plot", plot]) == 0
+    assert "bootstrap: 5 resamples" in capsys.readouterr().out
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p.name != "runs.csv")
+    assert written == sorted(expected)
+
+
+def test_optimal_at_huge_compute(capsys):
+    assert main(["scaling", "optimal", "--compute", "1e300", "--inference-tokens", "1e13"]) == 2
+    err = capsys.readouterr().err
+    assert "--compute 1e+300: the predicted loss there" in err and "within rounding" in err
+    assert main(["scaling", "optimal", "--compute", "1e300"]) == 0
+    assert "D/N = 1.98e-06" in capsys.readouterr().out

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flopwise.scaling import EPOCH_COLUMNS, drop_highest_loss, from_arrays, load_csv
+from flopwise.scaling import EPOCH_COLUMNS, ScalingData, drop_highest_loss, from_arrays, load_csv
 
 from .conftest import EPOCH_CSV
 
@@ -81,3 +81,97 @@ def test_drop_highest_loss():
         drop_highest_loss(data, -1)
     with pytest.raises(ValueError, match="count"):
         drop_highest_loss(data, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"C": "log10"}, "C: row 0 gives D = .* tokens \\(< 1\\); C must be training FLOPs \\(not log10"),
+        ({"C": "pfdays"}, "C: row 0 gives D = .*not log10 FLOPs or PF-days"),
+        ({"D": "billions"}, "D: row 0 has D / N = 2e-08 .*D must be training tokens \\(not billions"),
+        ({"D": "tiny"}, "D / N = 1e-05 tokens per parameter, outside \\[0.001, 1e\\+06\\]"),
+    ],
+    ids=["C-in-log10", "C-in-PF-days", "D-in-billions", "D-over-N-tiny"],
+)
+def test_unit_mistakes_are_rejected(kwargs, match):
+    N = np.geomspace(1e8, 1e10, 6)
+    D = 20 * N
+    (key, unit), = kwargs.items()
+    value = {"log10": np.log10(6 * N * D), "pfdays": 6 * N * D / 8.64e19, "billions": D / 1e9, "tiny": N * 1e-5}[unit]
+    with pytest.raises(ValueError, match=match):
+        from_arrays(N, np.full(6, 3.0), **{key: value})
+
+
+def test_scalar_arguments_accept_numpy_and_refuse_strings():
+    n = np.geomspace(1e8, 1e9, 6)
+    assert from_arrays(n, np.full(6, 3.0), D=n, k=np.int64(6)).k == 6.0
+    assert from_arrays(n, np.full(6, 3.0), D=n, min_rows=np.int64(6)).k == 6.0
+    with pytest.raises(TypeError, match="k must be a real number"):
+        from_arrays(n, np.full(6, 3.0), D=n, k="6")
+    with pytest.raises(TypeError, match="k must be a real number"):
+        from_arrays(n, np.full(6, 3.0), D=n, k=True)
+    with pytest.raises(TypeError, match="N must be numeric"):
+        from_arrays([str(v) for v in n], np.full(6, 3.0), D=n)
+    with pytest.raises(TypeError, match="count"):
+        drop_highest_loss(from_arrays(n, np.full(6, 3.0), D=n), 2.0)
+
+
+def test_scaling_data_built_directly_is_validated():
+    n = np.geomspace(1e8, 1e9, 6)
+    ok = ScalingData(n, 10 * n, 60 * n * n, np.full(6, 3.0))
+    assert ok.N.dtype == np.float64 and len(ok) == 6
+    with pytest.raises(ValueError, match="loss must be finite and > 0"):
+        ScalingData(n, 10 * n, 60 * n * n, np.full(6, -3.0))
+    with pytest.raises(ValueError, match="C must equal k \\* N \\* D"):
+        ScalingData(n, 10 * n, 6 * n, np.full(6, 3.0))
+    with pytest.raises(ValueError, match="same length"):
+        ScalingData(n, 10 * n[:5], 60 * n * n, np.full(6, 3.0))
+
+
+_ROWS = "\n".join(f"{n:g},{20 * n:g},{3 - i / 10}" for i, n in enumerate(np.geomspace(1e8, 1e10, 6)))
+
+
+def test_csv_with_bom_and_spaces_in_header(tmp_path):
+    p = tmp_path / "runs.csv"
+    p.write_bytes(("\ufeffN, D , loss\n" + _ROWS.replace(",", ", ") + "\n").encode("utf-8"))
+    assert len(load_csv(p)) == 6
+
+
+@pytest.mark.parametrize(
+    "cell, match",
+    [("1B", "runs.csv, line 6: N must be finite and > 0, got '1B', not a number"),
+     ("", "runs.csv, line 6: N must be finite and > 0, got an empty cell"),
+     ("nan", "runs.csv, line 6: N must be finite and > 0, got 'nan'")],
+    ids=["text", "empty", "nan"],
+)
+def test_csv_errors_name_the_file_line_and_raw_cell(tmp_path, cell, match):
+    lines = _ROWS.split("\n")
+    lines[3] = cell + lines[3][lines[3].index(","):]
+    # A blank line before the bad row: the line number counts file lines, not data rows.
+    p = _write(tmp_path, "N,D,loss\n" + "\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=match):
+        load_csv(p)
+
+
+def test_csv_unit_errors_name_the_line(tmp_path):
+    p = _write(tmp_path, "N,C,loss\n" + "\n".join(f"{n:g},{np.log10(6 * n * 20 * n):.4f},3" for n in np.geomspace(1e8, 1e10, 6)) + "\n")
+    with pytest.raises(ValueError, match="runs.csv: C: line 2 gives D = .* tokens \\(< 1\\)"):
+        load_csv(p)
+
+
+def test_csv_encoding_empty_and_argument_errors(tmp_path):
+    p = tmp_path / "latin.csv"
+    p.write_bytes(b"N,D,loss\xe9\n1,2,3\n")
+    with pytest.raises(ValueError, match="latin.csv: not UTF-8 text"):
+        load_csv(p)
+    with pytest.raises(ValueError, match="runs.csv: no data rows after the header"):
+        load_csv(_write(tmp_path, "N,D,loss\n"))
+    with pytest.raises(ValueError, match="runs.csv: empty file"):
+        load_csv(_write(tmp_path, ""))
+    ok = _write(tmp_path, "N,D,loss\n" + _ROWS + "\n")
+    with pytest.raises(ValueError, match="min_rows must be an int >= 1"):
+        load_csv(ok, min_rows=0)
+    with pytest.raises(ValueError, match="drop_highest must be an int >= 0"):
+        load_csv(ok, drop_highest=-1)
+    with pytest.raises(ValueError, match="drop_highest \\(6\\) must be smaller"):
+        load_csv(ok, drop_highest=6)

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 
-from flopwise.scaling import ScalingLaw, fit, hoffmann_grid, huber_nll, huber_sum
+from flopwise.scaling import FitWarning, ScalingLaw, fit, from_arrays, hoffmann_grid, huber_nll, huber_sum
 from flopwise.scaling import _objective as obj
+from flopwise.scaling._optim import _tr_lambda
+from flopwise.scaling.fit import _law_from_theta
 
-from .conftest import EPOCH_FIT, EPOCH_LOG_SIGMA, EPOCH_THETA, synthetic
+from .conftest import EPOCH_FIT, EPOCH_LOG_SIGMA, EPOCH_THETA, loss_without_d_dependence, synthetic
 
 
 def test_hoffmann_grid():
@@ -154,3 +157,75 @@ def test_overflowing_starts_are_dropped_not_fatal():
     assert r.law.alpha == pytest.approx(law.alpha, rel=1e-6)
     with pytest.raises(ValueError, match="no start gave a finite objective"):
         fit(data, starts=np.array([[800.0, 0, 0, 0, 0]]))
+
+
+def test_headline_fits_report_convergence(epoch_huber_fit, epoch_likelihood_fit):
+    for r in (epoch_huber_fit, epoch_likelihood_fit):
+        assert r.converged and r.warnings == ()
+        assert len(r.data_fingerprint) == 16
+
+
+def test_unconverged_boundary_fit_is_flagged_not_reported_as_success():
+    # Loss independent of D: the optimum runs off towards beta = 0 and the polish stops
+    # at its iteration limit. That must not come back as a plain result.
+    data = loss_without_d_dependence()
+    with pytest.warns(FitWarning) as rec:
+        r = fit(data)
+    assert not r.converged
+    assert r.law.beta < 1e-3
+    assert any("beta" in w and "below" in w for w in r.warnings)
+    assert any("did not converge" in w for w in r.warnings)
+    assert {str(w.message) for w in rec} == {f"fit: {w}" for w in r.warnings}
+
+
+@pytest.mark.parametrize("which", ["N", "D"])
+def test_too_few_distinct_sizes_are_rejected(which):
+    rng = np.random.default_rng(0)
+    law = ScalingLaw.hoffmann()
+    grid = np.geomspace(1e9, 1e11, 12)
+    n, d = (np.full(12, 1e9), grid) if which == "N" else (grid / 10, np.full(12, 1e10))
+    data = from_arrays(n, law.loss(n, d) * np.exp(rng.normal(0, 0.01, 12)), D=d)
+    with pytest.raises(ValueError, match=f"at least 3 distinct {which} values"):
+        fit(data)
+    # Two values are still too few.
+    n2, d2 = (np.where(np.arange(12) % 2, 1e9, 2e9), grid) if which == "N" else (grid / 10, np.where(np.arange(12) % 2, 1e10, 2e10))
+    with pytest.raises(ValueError, match="got 2"):
+        fit(from_arrays(n2, law.loss(n2, d2), D=d2))
+
+
+def test_loss_rising_with_n_names_the_data_not_the_constructor():
+    N = np.geomspace(1e8, 1e10, 6).repeat(5)
+    D = np.tile(np.geomspace(1e9, 1e11, 5), 6)
+    L = 2 + 1e-3 * N**0.1 + 400 / D**0.3
+    with pytest.raises(ValueError, match="fitted law is invalid.*alpha=-0.1.*loss falls as N and D grow"):
+        fit(from_arrays(N, L, D=D), starts=hoffmann_grid()[::9])
+
+
+def test_law_from_theta_overflow_is_a_value_error():
+    with pytest.raises(ValueError, match="fitted law is invalid.*overflows.*e=1000"):
+        _law_from_theta(np.array([1.0, 1.0, 1000.0, 0.3, 0.3]))
+
+
+def test_numeric_arguments_accept_numpy_scalars_and_are_checked():
+    data = synthetic(ScalingLaw.epoch(), 30)
+    starts = hoffmann_grid()[::50]
+    r = fit(data, delta=np.float32(1e-3), max_iter=np.int64(50), ftol=np.float64(1e-3), starts=starts)
+    assert r.delta == pytest.approx(1e-3)
+    with pytest.raises(TypeError, match="ftol"):
+        fit(data, ftol="x", starts=starts)
+    for bad in (-1.0, 0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="ftol"):
+            fit(data, ftol=bad, starts=starts)
+    with pytest.raises(TypeError, match="delta"):
+        fit(data, delta=True, starts=starts)
+    with pytest.raises(TypeError, match="max_iter"):
+        fit(data, max_iter=10.0, starts=starts)
+
+
+def test_trust_region_lambda_is_quiet_for_a_zero_gradient():
+    # A row whose gradient is exactly 0 (an exact fit) next to a row that needs a step.
+    q2 = np.array([[0.0] * 5, [4.0] * 5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lam = _tr_lambda(q2, np.ones((2, 5)), np.array([0.1, 0.1]), np.full(2, 1e-12))
+    assert lam[0] == 1e-12 and lam[1] > 1

@@ -58,3 +58,22 @@ def test_bad_arguments():
         inference_optimal(law, math.nan, 1e12)
     with pytest.raises(TypeError, match="law"):
         inference_optimal("epoch", 2.0, 1e12)
+
+
+def test_numpy_scalars_are_accepted():
+    law = ScalingLaw.epoch()
+    ref = inference_optimal(law, 2.0, 1e12)
+    r = inference_optimal(law, np.float32(2.0), np.int64(10**12), k=np.int64(6), k_inf=np.float32(2))
+    assert r.N == pytest.approx(ref.N, rel=1e-6)
+    with pytest.raises(TypeError, match="inference_tokens"):
+        inference_optimal(law, 2.0, "1e12")
+    with pytest.raises(TypeError, match="loss"):
+        inference_optimal(law, True, 1e12)
+
+
+def test_results_beyond_float64_raise():
+    law = ScalingLaw.epoch()
+    with pytest.raises(ValueError, match="inference_tokens 1e\\+300.*outside float64's range"):
+        inference_optimal(law, 2.0, 1e300)
+    with pytest.raises(ValueError, match="too close to E"):
+        training_optimal_for_loss(ScalingLaw(E=1.0, A=1.0, B=1.0, alpha=0.02, beta=0.02), 1.0 + 1e-12)

@@ -50,3 +50,41 @@ def test_grouping_and_errors():
         isoflop_fit(data)
     with pytest.raises(ValueError, match="min_points"):
         isoflop_fit(data, min_points=2)
+
+
+def test_profiles_do_not_chain_across_budgets():
+    # Budgets 0.04 decades apart: chaining neighbours made one "profile" of four decades.
+    C = 10 ** np.arange(18, 22, 0.04)
+    labels = group_by_compute(C, 0.05)
+    for g in np.unique(labels):
+        lc = np.log10(C[labels == g])
+        assert lc.max() - lc.min() <= 0.05 + 1e-12
+    assert np.unique(labels).size == 50
+
+
+def test_spans_reported_and_user_labels():
+    law = ScalingLaw.epoch()
+    computes = np.geomspace(1e18, 1e22, 5)
+    data = _isoflop_data(law, computes)
+    r = isoflop_fit(data)
+    np.testing.assert_allclose(r.span_decades, 0.0, atol=1e-12)
+    np.testing.assert_array_equal(r.n_points, 11)
+    # Budgets jittered by +-10%: the grouping would split them; labels keep them together.
+    rng = np.random.default_rng(0)
+    jittered = from_arrays(data.N, data.loss, D=data.D * rng.uniform(0.9, 1.1, len(data)))
+    names = np.repeat([f"c{i}" for i in range(5)], 11)
+    rl = isoflop_fit(jittered, labels=names)
+    assert list(rl.label) == [f"c{i}" for i in range(5)]
+    assert np.all(rl.span_decades > 0.02) and np.all(rl.span_decades < 2 * np.log10(1.1 / 0.9))
+    assert rl.a == pytest.approx(law.a, abs=0.03)
+    with pytest.raises(ValueError, match="labels must have one entry per run"):
+        isoflop_fit(data, labels=names[:3])
+    with pytest.raises(TypeError, match="compute must be a number"):
+        r.optimal("x")
+
+
+def test_epoch_data_profiles_span_at_most_the_tolerance(epoch_data):
+    r = isoflop_fit(epoch_data)
+    assert r.span_decades.max() <= 0.05
+    assert r.compute.size == 27 and r.skipped == 24
+    assert r.a == pytest.approx(0.5166, abs=1e-4)

@@ -105,3 +105,33 @@ def test_law_is_immutable():
     law = ScalingLaw.epoch()
     with pytest.raises(AttributeError):
         law.E = 2.0
+
+
+def test_frontier_in_logs_for_small_exponents():
+    # G = (0.2)^(1 / 0.002) underflows to 0 alone; the frontier itself is representable.
+    law = ScalingLaw(E=1.0, A=400.0, B=2000.0, alpha=0.01, beta=0.02)
+    assert law.G > 0
+    n, d = law.optimal(1e23)
+    assert 6 * n * d == pytest.approx(1e23, rel=1e-9)
+    assert law.tokens_per_parameter(1e23) == pytest.approx(d / n, rel=1e-9)
+    # Where the optimum itself leaves float64, an error instead of (0.0, inf).
+    tiny = ScalingLaw(E=1.0, A=400.0, B=2000.0, alpha=1e-3, beta=1e-3)
+    with pytest.raises(ValueError, match="compute: N_opt, D_opt at 1e\\+23 FLOPs under- or overflow"):
+        tiny.optimal(1e23)
+    with pytest.raises(ValueError, match="tokens per parameter"):
+        tiny.tokens_per_parameter(1e23)
+
+
+@pytest.mark.parametrize("value", [True, "1e23", None, [1e23, "x"]], ids=["bool", "str", "None", "mixed"])
+def test_compute_must_be_numeric(value):
+    with pytest.raises(TypeError, match="compute must be a number or an array of numbers"):
+        ScalingLaw.epoch().optimal(value)
+
+
+def test_numpy_k_and_bad_model_tuple():
+    law = ScalingLaw.epoch()
+    assert law.optimal(1e22, k=np.int64(6)) == law.optimal(1e22)
+    with pytest.raises(TypeError, match="k must be a real number"):
+        law.optimal(1e22, k="6")
+    with pytest.raises(TypeError, match="models: N and D of 'x' must be numbers, got 'a'"):
+        decompose(law, [("x", "a", 1e10)])
