@@ -43,6 +43,7 @@ from .methods import METHODS, ArithmeticCoding, Compressed, EqualInfoAC, GZip, S
 from .models import CachedLM, ModuleModel, StaticModel, file_sha256
 from .rangecoder import MAX_PRECISION, CoderConfig, CorruptStreamError
 from .tokens import TOKEN_BITS, token_dtype
+from flopwise.models.safetensors_io import publish_mode, umask
 
 __all__ = ["BuildOptions", "M1_EVAL", "build", "decode", "compression_stats", "load_m1", "Progress"]
 
@@ -372,12 +373,6 @@ def _check_out(out: str, force: bool, inputs: dict[str, str | None]) -> None:
                                   f"`coding build` output: remove it yourself if it should go")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, train: str | None = None,
           progress: bool | None = None) -> dict:
     """Compress the file ``corpus`` into the folder ``out``; returns the stats dict.
@@ -429,7 +424,7 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
             json.dump(meta, f, indent=1)
         with open(os.path.join(tmp, "stats.json"), "w") as f:
             json.dump(stats, f, indent=1)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 is for the unfinished folder only
+        publish_mode(tmp)  # mkdtemp's 0700 is for the unfinished folder only
         # the folder may have changed during a long build: check again just before replacing it
         _check_out(out, force, inputs)
         if os.path.lexists(out):
@@ -556,7 +551,7 @@ def _write_atomic(path: str, data: bytes, *, force: bool) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the unfinished file only
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 is for the unfinished file only
         if os.path.isdir(path):
             raise ValueError(f"text_file {path} is a directory; expected a file path")
         if not force and os.path.lexists(path):

@@ -526,9 +526,9 @@ def encode(symbols: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tensor | Non
     :func:`quantize_logits` and :func:`quantize_probs`, which the dataset builders use): an
     invalid table then codes a stream that does not decode, or decodes to other symbols.
     """
-    B, S = symbols.shape
     lengths = (check_encode_args(symbols, cdf, lengths, precision) if validate
-               else _trusted_lengths(lengths, B, symbols.device, S))
+               else _trusted_lengths(lengths, symbols.shape[0], symbols.device, symbols.shape[1]))
+    B, S = symbols.shape
     # entries past a stream's length are never coded and may hold anything: the steps still
     # look them up in the tables, so they become symbol 0
     symbols = torch.where(torch.arange(S, device=symbols.device)[None, :] < lengths[:, None], symbols.long(), 0)
@@ -545,9 +545,9 @@ def decode(data: torch.Tensor, nbits: torch.Tensor, cdf: torch.Tensor, lengths: 
     ``lengths [B]`` symbols per stream. Returns ``symbols [B, S]`` (zeros past each length).
     Raises :class:`CorruptStreamError` naming the streams that do not decode exactly.
     ``validate``: as for :func:`encode`."""
-    B = data.shape[0]
     lengths = (check_decode_args(data, nbits, cdf, lengths, precision) if validate
-               else _trusted_lengths(lengths, B, data.device, 0))
+               else _trusted_lengths(lengths, data.shape[0], data.device, 0))
+    B = data.shape[0]
     S = int(lengths.max()) if B else 0
     st = DecoderState.new(_clip_to_bits(data, nbits))
     out = torch.zeros(B, S, dtype=torch.long, device=data.device)

@@ -134,9 +134,9 @@ def encode_triton(symbols: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tenso
                   precision: int = 24, block: int = 128, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`flopwise.coding.rangecoder.encode` (per-step ``cdf [B, S, V+1]`` or a shared
     ``[V+1]``), in one launch; the same argument checks (``validate=False``: none, as there)."""
-    B, S = symbols.shape
     lengths = (rc.check_encode_args(symbols, cdf, lengths, precision) if validate
-               else rc._trusted_lengths(lengths, B, symbols.device, S))
+               else rc._trusted_lengths(lengths, symbols.shape[0], symbols.device, symbols.shape[1]))
+    B, S = symbols.shape
     dev = symbols.device
     st = rc.EncoderState.new(B, 3 * S + 8, dev)
     C = st.buf.shape[1]
@@ -151,9 +151,9 @@ def decode_triton(data: torch.Tensor, nbits: torch.Tensor, cdf: torch.Tensor, le
                   precision: int = 24, block: int = 128, validate: bool = True) -> torch.Tensor:
     """As :func:`flopwise.coding.rangecoder.decode` (per-step ``cdf [B, S, V+1]`` or a shared
     ``[V+1]``), in one launch; the same argument checks (``validate=False``: none, as there)."""
-    B = data.shape[0]
     lengths = (rc.check_decode_args(data, nbits, cdf, lengths, precision) if validate
-               else rc._trusted_lengths(lengths, B, data.device, 0))
+               else rc._trusted_lengths(lengths, data.shape[0], data.device, 0))
+    B = data.shape[0]
     S = int(lengths.max()) if B else 0
     st = rc.DecoderState.new(rc._clip_to_bits(data, nbits))
     out = torch.zeros(B, S, dtype=torch.long, device=data.device)

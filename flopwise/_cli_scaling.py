@@ -116,8 +116,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             "objective": objective,
             "value": result.value,
             "scale": result.scale,
-            "converged": result.converged,
+            "converged": result.converged,  # the returned optimum's own convergence
             "warnings": list(result.warnings),
+            "n_converged": result.n_converged,  # starts whose first (loose) pass converged
             "n_runs": result.n_runs,
             "n_starts": result.n_starts,
             "n_at_best": result.n_at_best,

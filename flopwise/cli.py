@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # permissions, full disk, read-only filesystem: not a bug, no traceback
         print(f"flopwise: error: {exc}", file=sys.stderr)
         return 1
-    except ArithmeticError as exc:  # a diverged training run (FloatingPointError): not a bug either
+    except FloatingPointError as exc:  # a diverged training run: not a bug either (other arithmetic errors are)
         print(f"flopwise: error: {exc}", file=sys.stderr)
         return 1
 

@@ -257,21 +257,12 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    cfg = _read_config(path)
-    model = Transformer(cfg)
+    _read_config(path)  # a missing or corrupt config.json named as such
     if not _has(path, "model"):
         raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {path}")
-    sd = _read_tensors(path, "model")
-    own = model.state_dict()
-    for name, t in sd.items():
-        if name in own and own[name].shape != t.shape:
-            raise ValueError(f"checkpoint {path}: tensor {name!r} has shape {list(t.shape)}, the model of "
-                             f"config.json expects {list(own[name].shape)} (config.json does not match the weights)")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if not (cfg.tie_embeddings and m == "head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path}: missing tensors {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.to(device)
+    from .hf_formats import load_flopwise
+
+    return load_flopwise(str(path)).to(device)
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:

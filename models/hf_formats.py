@@ -405,7 +405,8 @@ def load_flopwise(folder: str, *, dtype=None):
     for name, info in reader.infos.items():
         if name in own and tuple(own[name].shape) != tuple(info.shape):
             raise ValueError(f"flopwise checkpoint {folder}: tensor {name!r} has shape {list(info.shape)}, the "
-                             f"model of config.json expects {list(own[name].shape)}")
+                             f"model of config.json expects {list(own[name].shape)} (config.json does not match "
+                             "the weights)")
     sd = {n: reader.get(n) for n in reader.infos}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if not (mc.tie_embeddings and m == "head.weight")]

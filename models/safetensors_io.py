@@ -225,7 +225,7 @@ class CheckpointReader:
         return buf.view(info.dtype).reshape(shape)
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process's umask, read without changing it where the OS allows (``os.umask`` sets
     it, which would race with files other threads create meanwhile)."""
     try:
@@ -243,7 +243,7 @@ def _umask() -> int:
 def publish_mode(path: str) -> None:
     """Give a folder made by ``tempfile.mkdtemp`` (mode 0700, private while written) the
     mode ``os.mkdir`` would have given it, before it is renamed into place."""
-    os.chmod(path, 0o777 & ~_umask())
+    os.chmod(path, 0o777 & ~umask())
 
 
 def fsync_dir(path: str) -> None:

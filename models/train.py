@@ -263,6 +263,7 @@ def load_run_config(spec: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
 # and "A10" a prefix of the A10G; a card not listed gets MFU n/a rather than another's peak.
 _PEAK_BF16 = {
     "NVIDIA H200": 989e12,
+    "NVIDIA GH200 480GB": 989e12,
     "NVIDIA H100 80GB HBM3": 989e12,
     "NVIDIA H100 PCIe": 756e12,
     "NVIDIA A100-SXM4-40GB": 312e12,
@@ -750,7 +751,8 @@ class Trainer:
                              f"{data.seed}: its batches would differ from the run's (pass seed={seed}, or the corpus)")
         # force=True: out_dir/last was checked above as this run's (or the caller forced it).
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # warmup vs max_steps was the original run's choice
+            # warmup vs max_steps was the original run's choice; other warnings still show
+            warnings.filterwarnings("ignore", message=r"warmup_steps \(")
             t = cls(ck.config, cfg, data, progress=progress, label=label, force=True)
         t.model.load_state_dict(ck.model.state_dict())
         load_optimizer_tensors(t.model, t.optimizer, ck.optimizer)

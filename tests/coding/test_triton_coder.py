@@ -49,6 +49,9 @@ def test_coders_refuse_what_they_cannot_code(path):
                 enc(bad_sym, table)
     with pytest.raises(ValueError, match="lengths must be <= 3"):
         enc(ok, per_step, torch.tensor([3, 5]))
+    for bad in (ok.tolist(), ok[None]):  # not a tensor; three dimensions
+        with pytest.raises(TypeError, match=r"symbols must be a tensor \[B, S\]"):
+            enc(bad, cdf)
     with pytest.raises(ValueError, match="precision must be in"):
         enc(ok, torch.tensor([0, 1 << 46, 1 << 47]), precision=47)
     with pytest.raises(ValueError, match="end at 2"):
