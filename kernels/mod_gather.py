@@ -277,22 +277,19 @@ def _batch_rows(idx: torch.Tensor) -> torch.Tensor:
 
 
 def _selected(idx: torch.Tensor, S: int):
-    """The (batch, position) pairs of ``idx`` that name a row, and which entries of idx they
-    are: a position outside ``[0, S)`` selects nothing (gathers a zero row, scatters nothing;
-    the kernels mask it the same way, so a bad index never reads or writes out of bounds)."""
+    """The (batch, position) index pair for ``idx`` and the mask of entries that name a row.
+    A position outside ``[0, S)`` selects nothing (gathers a zero row, scatters nothing; the
+    kernels mask it the same way, so a bad index never reads or writes out of bounds). Such an
+    entry is pointed at position 0 and masked out by value, so there is no host sync."""
     ok = (idx >= 0) & (idx < S)
-    if bool(ok.all()):  # host sync: fine for the reference
-        return (_batch_rows(idx), idx.long()), None
-    return (_batch_rows(idx).expand_as(idx)[ok], idx[ok].long()), ok
+    return (_batch_rows(idx), torch.where(ok, idx, 0).long()), ok[..., None]
 
 
 def gather_tokens_reference(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``out[b, j] = x[b, idx[b, j]]`` (zeros where ``idx[b, j]`` is outside ``[0, S)``).
     x: [B, S, D], idx: [B, K] -> [B, K, D]."""
     rows, ok = _selected(idx, x.shape[1])
-    if ok is None:
-        return x[rows]
-    return x.new_zeros(idx.shape + x.shape[2:]).index_put((ok,), x[rows])
+    return x[rows].masked_fill(~ok, 0)
 
 
 def scatter_tokens_reference(
@@ -301,11 +298,10 @@ def scatter_tokens_reference(
     """``out = residual`` with ``out[b, idx[b, j]] += weight[b, j] * y[b, j]`` (fp32 math, or
     float64 for float64, one rounding to residual's dtype). residual: [B, S, D], y: [B, K, D], weight: [B, K]."""
     rows, ok = _selected(idx, residual.shape[1])
-    if ok is not None:  # positions outside [0, S) scatter nothing
-        y, weight = y[ok], weight[ok]
     acc = acc_dtype(residual)
-    updated = residual[rows].to(acc) + weight.to(acc)[..., None] * y.to(acc)
-    return residual.index_put(rows, updated.to(residual.dtype))
+    update = (weight.to(acc)[..., None] * y.to(acc)).masked_fill(~ok, 0)  # outside [0, S): nothing
+    out = residual.to(acc, copy=True).index_put_(rows, update, accumulate=True)
+    return out.to(residual.dtype)
 
 
 def rmsnorm_gather_tokens_reference(
@@ -319,20 +315,13 @@ def rmsnorm_gather_tokens_reference(
 
 
 def _scatter_tokens_inplace_reference(residual, y, idx, weight) -> None:
-    rows, ok = _selected(idx, residual.shape[1])
-    if ok is not None:
-        y, weight = y[ok], weight[ok]
-    acc = acc_dtype(residual)
-    updated = residual[rows].to(acc) + weight.to(acc)[..., None] * y.to(acc)
-    residual[rows] = updated.to(residual.dtype)
+    residual.copy_(scatter_tokens_reference(residual, y, idx, weight))
 
 
 def _gather_tokens_bwd_reference(grad: torch.Tensor, idx: torch.Tensor, S: int) -> torch.Tensor:
     B, _, D = grad.shape
-    dx = grad.new_zeros(B, S, D)
     rows, ok = _selected(idx, S)
-    dx[rows] = grad if ok is None else grad[ok]
-    return dx
+    return grad.new_zeros(B, S, D).index_put_(rows, grad.masked_fill(~ok, 0), accumulate=True)
 
 
 def _scatter_tokens_bwd_reference(grad, y, idx, weight):

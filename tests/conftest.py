@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -20,8 +22,12 @@ if not torch.cuda.is_available():
 # Every kernel output allocated through kernels._dispatch.new_output starts as NaN / INT_MIN.
 os.environ.setdefault("FLOPWISE_POISON", "1")
 # Private compiler caches: a test run never loads a kernel another process is still writing.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="flopwise-inductor-"))
-os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="flopwise-triton-"))
+# The folders this process creates are removed when it exits (the Triton one grows by several
+# MiB per run); caches the user set are left alone.
+for _var, _prefix in (("TORCHINDUCTOR_CACHE_DIR", "flopwise-inductor-"), ("TRITON_CACHE_DIR", "flopwise-triton-")):
+    if _var not in os.environ:
+        os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
+        atexit.register(shutil.rmtree, os.environ[_var], ignore_errors=True)
 
 import random  # noqa: E402
 

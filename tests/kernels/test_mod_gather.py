@@ -359,6 +359,28 @@ def test_positions_outside_the_sequence_select_nothing(device, backend, monkeypa
     assert torch.equal(buf[0], before[0]) and torch.equal(buf[-1], before[-1]), "wrote outside residual"
 
 
+def test_references_make_no_host_sync():
+    """The references mask positions outside [0, S) by value: dynamo traces each one whole
+    (a data-dependent ``bool(tensor)`` would break the graph, and on CUDA wait for the device)."""
+    B, S, D = 3, 6, 5
+    x, y, w, gamma = torch.randn(B, S, D), torch.randn(B, 3, D), torch.rand(B, 3), torch.rand(D) + 0.5
+    idx = OUT_OF_RANGE
+    calls = [
+        (M.gather_tokens_reference, (x, idx)),
+        (M.scatter_tokens_reference, (x, y, idx, w)),
+        (M.rmsnorm_gather_tokens_reference, (x, idx, gamma)),
+        (M._gather_tokens_bwd_reference, (y, idx, S)),
+        (M._scatter_tokens_bwd_reference, (y, y, idx, w)),
+        (M._rmsnorm_gather_tokens_bwd_reference, (y, x, idx, gamma, 1e-6)),
+    ]
+    for fn, args in calls:
+        torch._dynamo.reset()
+        traced = torch.compile(fn, backend="eager", fullgraph=True)(*args)
+        plain = fn(*args)
+        for a, b in zip(traced if isinstance(traced, tuple) else (traced,), plain if isinstance(plain, tuple) else (plain,)):
+            assert torch.equal(a, b), fn.__name__
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_inplace_scatter_invalidates_a_graph_that_saved_residual(device, backend, monkeypatch):
     """residual needs no grad, but a graph saved it: its backward must refuse the changed value."""
