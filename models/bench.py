@@ -37,7 +37,7 @@ def _step(model: Transformer, tokens: torch.Tensor):
 
     def run():
         model.zero_grad(set_to_none=True)
-        loss = model(tokens, tokens).loss
+        loss = model(tokens, tokens, check_ids=False).loss  # ids made in range, as the Trainer's
         loss.backward()
         return loss.detach().float()
 

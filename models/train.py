@@ -481,6 +481,10 @@ class Trainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.data = data
+        # flopwise's own data classes check their ids when built, so the steps skip the model's
+        # per-call range check (on a GPU, a few small kernels per micro-batch); a subclass,
+        # which may produce its own batches, keeps it.
+        self._ids_checked = type(data) in (ByteData, TokenData)
         self.show_progress, self.label = progress, label
         torch.manual_seed(cfg.seed)
         self.model = Transformer(model_cfg).to(self.device)
@@ -534,7 +538,7 @@ class Trainer:
             x, y = self.data.batch(self.step, micro, cfg.batch_size, cfg.seq_len)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
-                out = self.model(x, y)
+                out = self.model(x, y, check_ids=not self._ids_checked)
             # Equal micro-batches: the mean of their means is the big batch's mean.
             (out.loss / cfg.grad_accum).backward()
             parts = {"loss": out.aux["lm_loss"], "total_loss": out.loss.detach()}
@@ -593,7 +597,7 @@ class Trainer:
             for x, y in self.data.eval_windows(self.cfg.seq_len, self.cfg.batch_size, max_tokens):
                 x, y = x.to(self.device), y.to(self.device)
                 with self._autocast():
-                    out = self.model(x, y)
+                    out = self.model(x, y, check_ids=not self._ids_checked)
                 nats += float(out.aux["lm_loss"]) * y.numel()
                 n += y.numel()
                 if "mod_predictor_acc" in out.aux:

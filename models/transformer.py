@@ -693,11 +693,14 @@ class Transformer(nn.Module):
         return n
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None) -> ModelOutput:
+                kv_cache: KVCache | None = None, check_ids: bool = True) -> ModelOutput:
         """tokens: ``[B, S]`` int ids; targets: ``[B, S]`` next-token ids (-100 ignored).
 
         With ``kv_cache`` the tokens continue the cached sequence (positions start at
         ``kv_cache.seq_len``); requires eval mode for MoD layers (causal routing).
+        ``check_ids=False`` skips the range check of the ids (on a GPU a few small kernels
+        per call) for callers that checked them already: the Trainer on flopwise's data
+        classes, whose arrays are checked when built, and :meth:`generate`.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise TypeError("tokens must be an int32/int64 tensor [B, S]")
@@ -715,7 +718,8 @@ class Transformer(nn.Module):
                                    else type(targets).__name__))
             if tuple(targets.shape) != (B, S):
                 raise ValueError(f"targets must have shape {(B, S)} like tokens, got {tuple(targets.shape)}")
-        self._check_ids(tokens, targets)
+        if check_ids:
+            self._check_ids(tokens, targets)
         if kv_cache is not None:
             self._check_cache(kv_cache)
         positions = (start + torch.arange(S, device=tokens.device)).expand(B, S)
@@ -831,14 +835,14 @@ class Transformer(nn.Module):
             tokens = prompt
             cache = KVCache(len(self.layers)) if use_cache else None
             if use_cache and max_new_tokens:
-                logits = self(prompt, kv_cache=cache).logits[:, -1]
+                logits = self(prompt, kv_cache=cache, check_ids=False).logits[:, -1]
             for step in range(max_new_tokens):
                 if not use_cache:
-                    logits = self(tokens).logits[:, -1]
+                    logits = self(tokens, check_ids=False).logits[:, -1]
                 nxt = _sample(logits, temperature, top_k, gen)
                 tokens = torch.cat((tokens, nxt[:, None].to(tokens.dtype)), dim=1)
                 if use_cache and step + 1 < max_new_tokens:
-                    logits = self(tokens[:, -1:], kv_cache=cache).logits[:, -1]
+                    logits = self(tokens[:, -1:], kv_cache=cache, check_ids=False).logits[:, -1]
             return tokens
         finally:
             self.train(was_training)

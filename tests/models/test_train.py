@@ -150,6 +150,28 @@ def test_trainer_loss_goes_down(corpus):
     assert res.flops == pytest.approx(12 * 128 * ModelConfig(**TINY).flops_per_token(32))
 
 
+def test_trainer_skips_the_id_check_only_for_its_own_data_classes(corpus, monkeypatch):
+    """ByteData/TokenData check their ids when built; a subclass may make its own batches."""
+    from flopwise.models.transformer import Transformer
+
+    calls = []
+    real = Transformer._check_ids
+    monkeypatch.setattr(Transformer, "_check_ids", lambda self, *a: calls.append(a) or real(self, *a))
+    data = ByteData(corpus)
+    Trainer(ModelConfig(**TINY), _tc(max_steps=2, eval_tokens=64), data, progress=False).fit()
+    assert calls == []
+
+    class Shifted(ByteData):
+        def batch(self, *a):
+            x, y = super().batch(*a)
+            return x, y + 256  # outside the model's vocabulary
+
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=2, eval_tokens=64), Shifted(corpus), progress=False)
+    with pytest.raises(ValueError, match="targets must be ids"):
+        t.train_step()
+    assert calls
+
+
 def test_time_budget_stops_between_steps_but_not_before_min_steps(corpus):
     t = Trainer(ModelConfig(**TINY), _tc(max_steps=12, time_budget_s=1e-9, min_steps=3), corpus, progress=False)
     res = t.fit()

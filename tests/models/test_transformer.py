@@ -314,6 +314,24 @@ def test_token_ids_are_range_checked():
     assert torch.isfinite(model(ok, torch.tensor([[1, -100, 249]])).loss)  # -100: ignored
 
 
+def test_check_ids_false_skips_only_the_range_check(monkeypatch):
+    """generate checks its prompt on the host and samples ids below vocab_size, so its model
+    calls skip the per-call check; a plain call keeps it, check_ids=False drops it."""
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=250, pad_to_multiple_of=64))
+    calls = []
+    real = Transformer._check_ids
+    monkeypatch.setattr(Transformer, "_check_ids", lambda self, *a: calls.append(a) or real(self, *a))
+    model.generate(torch.tensor([[1, 2]]), 3)
+    model.generate(torch.tensor([[1, 2]]), 3, use_cache=False)
+    assert calls == []
+    bad = torch.tensor([[1, 252, 3]])  # inside the padded vocabulary: only the check can see it
+    with pytest.raises(ValueError, match="tokens must be ids"):
+        model(bad)
+    assert len(calls) == 1
+    assert model(bad, check_ids=False).logits.shape == (1, 3, 250)
+    assert len(calls) == 1
+
+
 def test_failed_call_leaves_the_kv_cache_as_it_was(monkeypatch):
     from flopwise.models.transformer import KVCache
 
