@@ -43,7 +43,7 @@ from .methods import METHODS, ArithmeticCoding, Compressed, EqualInfoAC, GZip, S
 from .models import CachedLM, ModuleModel, StaticModel, file_sha256
 from .rangecoder import MAX_PRECISION, CoderConfig, CorruptStreamError
 from .tokens import TOKEN_BITS, token_dtype
-from flopwise.models.safetensors_io import publish_mode, umask
+from flopwise.models.safetensors_io import check_replaceable_folder, publish_mode, umask
 
 __all__ = ["BuildOptions", "M1_EVAL", "build", "decode", "compression_stats", "load_m1", "Progress"]
 
@@ -329,29 +329,8 @@ _SIDE_ARRAYS = {"gzip": ("stream_nbytes",), "static": ("stream_bits", "stream_by
                 "ac": ("stream_bits", "stream_bytes"), "equalinfo": ("window_bytes",)}
 
 
-def _not_replaceable(out: str) -> str | None:
-    """Why ``--force`` must not replace ``out`` (None: an empty folder or an earlier build output)."""
-    if os.path.islink(out):
-        return "is a symbolic link"
-    if not os.path.isdir(out):
-        return "is not a folder"
-    names = os.listdir(out)
-    if not names:
-        return None
-    if "meta.json" not in names:
-        return "is not empty and holds no meta.json, so it is not a `coding build` output"
-    others = sorted(n for n in names if n not in _OUTPUT_FILES or not os.path.isfile(os.path.join(out, n)))
-    if others:
-        return (f"holds {len(others)} {'entry' if len(others) == 1 else 'entries'} a build does not write "
-                f"({', '.join(others[:3])}" + (", ...)" if len(others) > 3 else ")"))
-    try:
-        with open(os.path.join(out, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        meta = None
-    if not isinstance(meta, dict) or meta.get("method") not in METHODS:
-        return "has a meta.json that is not a `coding build` output's"
-    return None
+_REPLACES = ("force (--force) replaces only an empty folder or an earlier `coding build` output: remove it "
+             "yourself if it should go")
 
 
 def _check_out(out: str, force: bool, inputs: dict[str, str | None]) -> None:
@@ -367,10 +346,19 @@ def _check_out(out: str, force: bool, inputs: dict[str, str | None]) -> None:
     if os.path.lexists(out):
         if not force:
             raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-        why = _not_replaceable(out)
-        if why:
-            raise FileExistsError(f"{out} {why}; force (--force) replaces only an empty folder or an earlier "
-                                  f"`coding build` output: remove it yourself if it should go")
+        check_replaceable_folder(out, _OUTPUT_FILES, required=("meta.json",), kind="a `coding build` output",
+                                 advice=_REPLACES)
+        if os.listdir(out) and not _is_build_meta(os.path.join(out, "meta.json")):
+            raise FileExistsError(f"{out} has a meta.json that is not a `coding build` output's; {_REPLACES}")
+
+
+def _is_build_meta(path: str) -> bool:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("method") in METHODS
 
 
 def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, train: str | None = None,

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .safetensors_io import CheckpointReader, fsync_dir, publish_mode
+from .safetensors_io import CheckpointReader, check_replaceable_folder, fsync_dir, publish_mode
 from .transformer import ModelConfig, Transformer
 
 __all__ = ["Checkpoint", "save_checkpoint", "check_replaceable", "load_checkpoint", "load_model", "optimizer_tensors",
@@ -146,23 +146,10 @@ def check_replaceable(path: str | os.PathLike) -> None:
     """FileExistsError unless ``path`` is absent, an empty folder or a flopwise checkpoint
     folder (config.json, model weights, and nothing but the files :func:`save_checkpoint`
     writes): replacing it deletes what it holds, and a user's own files must never go."""
-    path = Path(path)
-    hint = "remove or move it yourself, or choose another folder"
-    if not os.path.lexists(path):
-        return
-    if path.is_symlink() or not path.is_dir():
-        kind = "a symlink" if path.is_symlink() else "not a folder"
-        raise FileExistsError(f"{path} is {kind}; a checkpoint replaces only an earlier checkpoint folder: {hint}")
-    entries = sorted(os.listdir(path))
-    if not entries:
-        return
-    for e in entries:
-        if e not in FILES or not (path / e).is_file() or (path / e).is_symlink():
-            raise FileExistsError(f"{path} is not a flopwise checkpoint folder: it holds {e!r}, which a checkpoint "
-                                  f"does not write, and saving there would delete it: {hint}")
-    if "config.json" not in entries or "model.safetensors" not in entries:
-        raise FileExistsError(f"{path} is not a flopwise checkpoint folder (no config.json and model.safetensors); "
-                              f"saving there would delete it: {hint}")
+    check_replaceable_folder(path, FILES, kind="a flopwise checkpoint folder",
+                             required=("config.json", "model.safetensors"),
+                             advice="a checkpoint replaces only an empty folder or an earlier checkpoint folder: "
+                                    "remove or move it yourself, or choose another folder")
 
 
 def save_checkpoint(path: str | os.PathLike, model: Transformer, optimizer: torch.optim.Optimizer | None = None,

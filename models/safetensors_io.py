@@ -18,7 +18,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator, Sequence
 
 import torch
 
@@ -253,6 +253,46 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_replaceable_folder(path: str | os.PathLike, allowed: Collection[str] | Callable[[str], bool], *,
+                             kind: str, advice: str, required: Sequence[str] = (), folders: Collection[str] = (),
+                             name: str | None = None) -> None:
+    """FileExistsError unless a tool may delete what is at ``path`` to put its output folder
+    there: nothing, an empty folder, or a folder that holds every name in ``required`` and
+    nothing but regular files whose names ``allowed`` accepts (a collection of names or a
+    predicate) and folders named in ``folders`` (whose contents are not checked). Anything
+    else is a user's, and must never go: a symlink (at ``path`` or in it), a file, another
+    entry, hidden ones included. A folder that cannot be listed raises os.listdir's OSError.
+
+    The message reads ``"{name} {why}; {advice}"``: ``name`` (default: ``path``) names the
+    folder, ``kind`` says what it would have to be ("an upcycle output"), ``advice`` what may
+    be replaced and what to do instead."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path):
+        why = "is a symlink"
+    elif not os.path.isdir(path):
+        why = "is not a folder"
+    else:
+        entries = sorted(os.listdir(path))
+        ok = allowed if callable(allowed) else allowed.__contains__
+
+        def kept(e: str) -> bool:
+            p = os.path.join(path, e)
+            return not os.path.islink(p) and ((os.path.isfile(p) and ok(e)) or (os.path.isdir(p) and e in folders))
+
+        foreign = [e for e in entries if not kept(e)]
+        missing = [r for r in required if r not in entries]
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            why = f"is not {kind}: it holds {', '.join(map(repr, foreign[:3]))}{more}, which replacing it would delete"
+        elif entries and missing:
+            why = f"is not {kind} (no {' and no '.join(missing)})"
+        else:
+            return
+    raise FileExistsError(f"{path if name is None else name} {why}; {advice}")
 
 
 @dataclass(frozen=True)

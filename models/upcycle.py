@@ -49,8 +49,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .hf_formats import MLP_KINDS, TARGET_FORMATS, DenseSource, describe_source, moe_names, target_config
-from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, fsync_dir, plan_shards, publish_mode,
-                             rewrite_metadata, write_index, write_shard)
+from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, check_replaceable_folder, fsync_dir, plan_shards,
+                             publish_mode, rewrite_metadata, write_index, write_shard)
 
 __all__ = ["UpcycleOptions", "UpcyclePlan", "UpcycleReport", "VerifyResult", "UpcycleWarning",
            "VerificationError", "resolve_layers", "plan_upcycle", "upcycle", "verify_upcycle"]
@@ -894,6 +894,8 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
                 raise VerificationError(f"the upcycled model does not reproduce the dense logits: max |diff| "
                                         f"{result.max_abs_diff:.3g} > {result.tolerance:g}; nothing was written")
         publish_mode(tmp)
+        # the destination may have changed during a long upcycle: check again just before replacing it
+        _check_destination(src_folder, dst_folder, force)
         _publish(tmp, dst, fsync=fsync)
     except BaseException:
         stop.set()
@@ -922,35 +924,16 @@ def _check_destination(src_folder: str, dst_folder: str, force: bool) -> str:
     if os.path.lexists(dst):
         if not force:
             raise FileExistsError(f"destination {dst_folder} exists; pass force=True (--force) to replace it")
-        _check_replaceable(dst_folder, dst)
+        # force replaces an empty folder or an earlier upcycle output, nothing else
+        check_replaceable_folder(dst, lambda e: bool(_OUTPUT_FILE.fullmatch(e)) or e in _TOKENIZER_FILES,
+                                 folders=_TOKENIZER_DIRS, required=("upcycle.json",), kind="an upcycle output",
+                                 name=f"destination {dst_folder}",
+                                 advice="--force replaces only an empty folder or an earlier upcycle output: remove "
+                                        "it yourself or choose another destination")
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"destination's parent folder does not exist: {parent}")
     return dst
-
-
-def _check_replaceable(dst_folder: str, dst: str) -> None:
-    """``force`` replaces an empty folder or an earlier upcycle output, nothing else."""
-    hint = "remove it yourself or choose another destination"
-    if os.path.islink(dst) or not os.path.isdir(dst):
-        kind = "a symlink" if os.path.islink(dst) else "not a folder"
-        raise FileExistsError(f"destination {dst_folder} is {kind}; --force replaces only an earlier upcycle "
-                              f"output folder: {hint}")
-    entries = sorted(os.listdir(dst))
-    if not entries:
-        return
-    if "upcycle.json" not in entries:
-        raise FileExistsError(f"destination {dst_folder} is not an upcycle output (no upcycle.json; it holds "
-                              f"{entries[0]!r}{' and more' if len(entries) > 1 else ''}); --force replaces only "
-                              f"earlier upcycle outputs: {hint}")
-    for e in entries:
-        p = os.path.join(dst, e)
-        ok = (not os.path.islink(p)
-              and ((os.path.isfile(p) and (_OUTPUT_FILE.fullmatch(e) or e in _TOKENIZER_FILES))
-                   or (os.path.isdir(p) and e in _TOKENIZER_DIRS)))
-        if not ok:
-            raise FileExistsError(f"destination {dst_folder} holds {e!r}, which an upcycle does not write; "
-                                  f"--force would delete it: {hint}")
 
 
 def _trainer_state(plan: UpcyclePlan, src_folder: str) -> dict | None:

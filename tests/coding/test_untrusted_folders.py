@@ -104,6 +104,13 @@ def test_build_output_never_replaces_its_inputs_or_user_files(tmp_path, prose):
     with pytest.raises(FileExistsError, match="mine.txt"):
         build(str(corpus), str(out), gz, force=True, progress=False)
     assert (out / "mine.txt").read_text() == "keep"
+    # nor once one of its files is a symlink (a build writes none): someone else put it there
+    (out / "mine.txt").unlink()
+    os.replace(out / "stats.json", tmp_path / "stats.json")
+    (out / "stats.json").symlink_to(tmp_path / "stats.json")
+    with pytest.raises(FileExistsError, match="stats.json"):
+        build(str(corpus), str(out), gz, force=True, progress=False)
+    assert (out / "stats.json").is_symlink()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 

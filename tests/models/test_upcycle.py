@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import struct
 
 import pytest
@@ -480,6 +481,86 @@ def test_force_never_touches_the_source(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(tmp_path / "moe").st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_destination_checked_again_before_it_is_replaced(tmp_path, monkeypatch):
+    """A long upcycle: what appears at the destination meanwhile is never deleted."""
+    from flopwise.models import upcycle as up
+
+    _tiny_flopwise(tmp_path / "dense")
+    opts = UpcycleOptions(n_experts=2, top_k=1)
+    upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"), opts)
+    before = sorted(os.listdir(tmp_path / "moe"))
+    real = up.publish_mode
+
+    def meanwhile(folder):  # runs after the shards are written, before the rename
+        (tmp_path / "moe" / "notes.txt").write_text("mine")
+        (tmp_path / "new").mkdir(exist_ok=True)
+        real(folder)
+
+    monkeypatch.setattr(up, "publish_mode", meanwhile)
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"), opts, force=True)
+    assert sorted(os.listdir(tmp_path / "moe")) == sorted(before + ["notes.txt"])
+    with pytest.raises(FileExistsError, match="exists; pass force=True"):  # created meanwhile, no force
+        upcycle(str(tmp_path / "dense"), str(tmp_path / "new"), opts)
+    assert os.listdir(tmp_path / "new") == []
+    _no_leftovers(tmp_path)
+
+
+def test_check_replaceable_folder(tmp_path, monkeypatch):
+    """The rule every --force output folder follows (upcycle, checkpoints, coding build)."""
+    from flopwise.models.safetensors_io import check_replaceable_folder
+
+    def check(path, allowed=("a.json", "b.bin"), **kw):
+        check_replaceable_folder(path, allowed, kind="a test output", advice="do it yourself",
+                                 required=("a.json",), folders=("sub",), **kw)
+
+    check(tmp_path / "absent")
+    d = tmp_path / "d"
+    d.mkdir()
+    check(d)  # an empty folder
+    (d / "a.json").write_text("{}")
+    (d / "b.bin").write_bytes(b"")
+    (d / "sub").mkdir()
+    (d / "sub" / "anything").write_text("x")  # an allowed folder's contents are not checked
+    check(d)
+    check(d, allowed=lambda e: e.endswith((".json", ".bin")))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(d)
+    (tmp_path / "dangling").symlink_to(tmp_path / "absent")
+    for path, why in ((tmp_path / "file", "is not a folder"), (tmp_path / "link", "is a symlink"),
+                      (tmp_path / "dangling", "is a symlink")):
+        with pytest.raises(FileExistsError, match=f"^{path} {why}; do it yourself$"):
+            check(path)
+    e = tmp_path / "e"
+    for make, name in ((lambda p: p.write_text(""), ".hidden"), (lambda p: p.mkdir(), "a.json"),
+                       (lambda p: p.write_text(""), "sub"), (lambda p: p.symlink_to(d / "b.bin"), "b.bin"),
+                       (lambda p: p.symlink_to(d / "sub"), "sub")):
+        shutil.rmtree(e, ignore_errors=True)
+        shutil.copytree(d, e)
+        shutil.rmtree(e / name) if (e / name).is_dir() else (e / name).unlink(missing_ok=True)
+        make(e / name)
+        with pytest.raises(FileExistsError, match=f"^{e} is not a test output: it holds '{name}', which "
+                                                  f"replacing it would delete; do it yourself$"):
+            check(e)
+    (e / name).unlink()
+    for i in range(5):
+        (e / f"x{i}").write_text("")
+    with pytest.raises(FileExistsError, match=r"holds 'x0', 'x1', 'x2' and 2 more, which"):
+        check(e, name="the output")
+    f = tmp_path / "f"
+    f.mkdir()
+    (f / "b.bin").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=r"^the output is not a test output \(no a.json\); do it"):
+        check(f, name="the output")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "listdir", unreadable)
+    with pytest.raises(PermissionError):  # a folder that cannot be listed is never replaced
+        check(d)
 
 
 def test_flopwise_source_with_moe_layers_keeps_their_settings(tmp_path):
