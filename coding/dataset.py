@@ -27,6 +27,7 @@ import dataclasses
 import enum
 import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -169,13 +170,14 @@ def _allowed_global(name: str):
     return None
 
 
-def _load_module_file(path: str) -> torch.nn.Module:
-    """``torch.load`` of a module file with ``weights_only=True`` and only the classes of
-    :data:`_PICKLE_MODULES` allowed: a file that needs anything else is refused unopened."""
+def _load_module_file(path: str, data: bytes) -> torch.nn.Module:
+    """``torch.load`` of a module file's bytes ``data`` (read from ``path``) with
+    ``weights_only=True`` and only the classes of :data:`_PICKLE_MODULES` allowed: a file that
+    needs anything else is refused unopened."""
     hint = ("it must be a flopwise checkpoint folder or a torch.save'd module built from torch.nn / "
             "flopwise.models classes")
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
     except Exception as exc:
         raise ValueError(f"M1 checkpoint {path} could not be loaded: {hint} ({type(exc).__name__}: {exc})") from None
     allowed = {n: _allowed_global(n) for n in names}
@@ -186,7 +188,7 @@ def _load_module_file(path: str) -> torch.nn.Module:
                          f"flopwise checkpoint folder (config.json + model.safetensors) instead")
     try:
         with torch.serialization.safe_globals(list(allowed.values())):
-            module = torch.load(path, map_location="cpu", weights_only=True)
+            module = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"M1 checkpoint {path} could not be loaded: {hint} ({type(exc).__name__}: {exc})") from None
     if not isinstance(module, torch.nn.Module):
@@ -221,16 +223,24 @@ def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, 
         raise ValueError(f"eval_mode must be one of {M1_EVAL}, got {eval_mode!r}")
     if not os.path.isdir(path) and not os.path.isfile(path):
         raise FileNotFoundError(f"M1 checkpoint not found: {path}")
-    sha = _m1_sha256(path)
+    data = None
+    if os.path.isdir(path):
+        sha = _m1_sha256(path)
+    else:  # read once: the bytes hashed are the bytes loaded
+        with open(path, "rb") as f:
+            data = f.read()
+        sha = hashlib.sha256(data).hexdigest()
     if expect_sha256 is not None and sha != expect_sha256:
         raise ValueError(f"M1 checkpoint {path} has SHA-256 {sha[:12]}..., "
                          f"the data were built with {expect_sha256[:12]}...")
-    if os.path.isdir(path):
+    if data is None:
         from flopwise.models.hf_formats import load_flopwise
 
         module = load_flopwise(path)
+        if _m1_sha256(path) != sha:  # the hash recorded must be the model's that was loaded
+            raise ValueError(f"M1 checkpoint {path} changed while it was being loaded; load it again")
     else:
-        module = _load_module_file(path)
+        module = _load_module_file(path, data)
     module = module.to(device)
     if eval_mode == "auto":
         from flopwise.models.transformer import Block, Transformer

@@ -248,3 +248,38 @@ def test_cli_names_the_argument(tmp_path, prose, capsys):
     assert _cli(["coding", "build", str(corpus), str(tmp_path / "o"), "--method", "gzip", "--quiet"]) == 0
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     assert meta["build_options"]["window_bits"] == 16  # the defaults are still recorded
+
+
+def test_the_m1_loaded_is_the_one_hashed(tmp_path, monkeypatch):
+    """A module file is read once, and the bytes hashed are the bytes unpickled; a checkpoint
+    folder that changes while it loads is refused."""
+    from flopwise.coding.dataset import load_m1
+    from flopwise.models import hf_formats
+    from flopwise.models import transformer as tr
+
+    path = _tiny_m1(str(tmp_path / "m1.pt"))
+    sha = file_sha256(path)
+    first = torch.load(path, weights_only=False).embed.weight.clone()
+    real_scan = torch.serialization.get_unsafe_globals_in_checkpoint
+
+    def swap_then_scan(f):  # another file takes its place after the hash
+        torch.manual_seed(1)
+        torch.save(tr.Transformer(tr.ModelConfig.preset("tiny", max_seq_len=12, d_model=32, n_layers=1, d_ff=64)),
+                   path)
+        return real_scan(f)
+
+    monkeypatch.setattr(torch.serialization, "get_unsafe_globals_in_checkpoint", swap_then_scan)
+    model, info = load_m1(path, expect_sha256=sha)
+    assert info["sha256"] == sha and torch.equal(model.module.embed.weight, first)
+
+    folder = tmp_path / "m1"
+    hf_formats.save_flopwise(torch.load(path, weights_only=False), str(folder))
+    real_load = hf_formats.load_flopwise
+
+    def edit_then_load(p, *a, **kw):
+        (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
+        return real_load(p, *a, **kw)
+
+    monkeypatch.setattr(hf_formats, "load_flopwise", edit_then_load)
+    with pytest.raises(ValueError, match="changed while it was being loaded"):
+        load_m1(str(folder))
