@@ -138,9 +138,19 @@ _STALL_CYCLES = 1_000_000
 
 def device_fault(exc: BaseException) -> bool:
     """An error from the device itself (an illegal address, say), which leaves the context
-    unusable: never to be mistaken for a candidate that did not build."""
+    unusable: never to be mistaken for a candidate that did not build. Triton's launcher
+    reports every driver error as ``Triton Error [CUDA]: ...``, the sticky ones (a fault of an
+    earlier kernel surfacing here) and the harmless ones (a tensor map or launch size this
+    candidate cannot have); a synchronisation tells them apart."""
     accel = getattr(torch, "AcceleratorError", None)
-    return (accel is not None and isinstance(exc, accel)) or "CUDA error" in str(exc)
+    if (accel is not None and isinstance(exc, accel)) or "CUDA error" in str(exc):
+        return True
+    if "Triton Error [CUDA]" in str(exc) and torch.cuda.is_available():
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - the context is broken
+            return True
+    return False
 
 
 def pick(key: tuple, candidates, trial: Callable[[dict], None], device: torch.device) -> dict | None:

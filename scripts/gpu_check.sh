@@ -39,6 +39,11 @@ out="${OUT:-.}/gpu-check"
 mkdir -p "$out"
 
 export PYTHONUNBUFFERED=1  # a suite killed by its limit must not lose buffered rows
+# One kernel cache for the whole check (the processes run one after another): a suite reuses
+# the kernels the tests and earlier suites built instead of compiling them again. Outside $out,
+# so the compiled files do not travel back with the results.
+cache="${TMPDIR:-/tmp}/flopwise-gpu-check-cache"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$cache/triton}" TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$cache/inductor}"
 run_tests=1
 if [ "${1:-}" = "--no-tests" ]; then run_tests=0; shift; fi  # first argument only
 suites=("$@")
@@ -61,9 +66,10 @@ status=()
 if [ $run_tests -eq 1 ]; then
   echo "== GPU tests (pytest -m gpu)"
   # the upcycling tests have no GPU test and import transformers: not collected here
-  FLOPWISE_AUTOTUNE=0 timeout 180 python -m pytest -m gpu -q -rfE -p no:cacheprovider \
+  # SIGINT at the limit: pytest still prints which tests failed and the slowest ones
+  FLOPWISE_AUTOTUNE=0 timeout -s INT -k 20 180 python -m pytest -m gpu -q -rfE --durations=8 -p no:cacheprovider \
     --ignore=tests/models/test_upcycle.py 2>&1 \
-    | tee "$out/pytest-gpu.log" | tail -25
+    | tee "$out/pytest-gpu.log" | tail -40
   status+=("tests rc=${PIPESTATUS[0]}")
 fi
 

@@ -366,6 +366,25 @@ def test_a_pick_that_no_longer_fits_falls_back_to_the_default(monkeypatch):
         G._launch_tuned(key, default, [default, big], faults, faults, torch.device("cpu"))
 
 
+def test_device_fault_tells_sticky_driver_errors_from_a_candidates_own(monkeypatch):
+    """Triton's launcher words every driver error alike; a sticky one (the context is broken)
+    must propagate, a candidate's own (no tensor map for it) must only drop that candidate."""
+    from flopwise.kernels import _tune
+
+    assert _tune.device_fault(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not _tune.device_fault(RuntimeError("out of resource: shared memory"))
+    launch = RuntimeError("Triton Error [CUDA]: Failed to create tensor map descriptor: invalid argument")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    assert not _tune.device_fault(launch)
+
+    def broken(*a):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    assert _tune.device_fault(RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"))
+
+
 def test_pick_without_memory_for_scratch_keeps_the_default(monkeypatch):
     monkeypatch.setattr(TUNE, "MODE", "1")
     monkeypatch.setattr(TUNE, "_CACHE", {})
