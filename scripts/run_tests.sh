@@ -40,6 +40,7 @@ lane_rest() {
   run tests/coding tests/coding "$@"
   run tests/scaling tests/scaling "$@"
   run tests/test_bench_harness.py tests/test_bench_harness.py "$@"
+  run tests/test_readme.py tests/test_readme.py "$@"
 }
 
 filtered=0; [ $# -gt 0 ] && filtered=1
