@@ -7,13 +7,23 @@ import os
 import sys
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _prepare_bench(argv: list[str]) -> None:
+    """For ``flopwise bench`` without CUDA, set ``TRITON_INTERPRET=1`` (unless the user set
+    it), so that the Triton kernels run under the interpreter on CPU tensors. It must be set
+    before anything imports ``flopwise.kernels``: ``kernels._dispatch`` reads it once at
+    import, and Triton decides at decoration time. ``build_parser`` imports the other
+    commands' modules, which reach the kernels, so ``main`` calls this before it. Other
+    commands are left alone (the interpreter is far slower than the reference), and so is a
+    machine with CUDA. ``bench.run`` refuses to start if the kernels would still not run."""
+    if next((a for a in argv if not a.startswith("-")), None) != "bench":
+        return
     import torch
 
     if not torch.cuda.is_available():
-        # Run the Triton kernels under the interpreter on CPU tensors. Must be set
-        # before the kernel modules are imported (Triton decides at decoration time).
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
     from flopwise.kernels import bench
 
     bench.run(args.ops, json_path=args.json, budget_ms=args.budget_ms, progress=args.progress)
@@ -46,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _prepare_bench(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
