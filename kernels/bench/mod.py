@@ -43,7 +43,8 @@ EPS = 1e-6
 
 
 def _make_check(dtype: torch.dtype):
-    """Relative error ``||out - ref|| / ||ref||`` per tensor: 1e-5 in fp32, 1e-2 in bf16/fp16."""
+    """Relative error ``||out - ref|| / ||ref||`` per tensor: 1e-5 in fp32, 1e-2 in bf16/fp16;
+    a non-finite value in the output or the reference fails."""
     tol = 1e-5 if dtype == torch.float32 else 1e-2
 
     def check(out, ref) -> str | None:
@@ -55,10 +56,12 @@ def _make_check(dtype: torch.dtype):
             if tuple(o.shape) != tuple(r.shape):
                 return f"output {i}: shape {tuple(o.shape)} != {tuple(r.shape)}"
             o, r = o.detach().double(), r.detach().double()
+            if not torch.isfinite(r).all():  # NaN compares False: nothing could be judged
+                return f"output {i}: non-finite values in the reference"
             if not torch.isfinite(o).all():
                 return f"output {i}: non-finite values"
             err = float((o - r).norm() / r.norm().clamp_min(1e-30))
-            if err > tol:
+            if not err <= tol:
                 return f"output {i}: relative error {err:.1e} > {tol:.0e}"
         return None
 

@@ -34,24 +34,82 @@ GPU_SHAPES = [  # (label, T, D, F, E, k)
 CPU_SHAPES = [("tiny", 64, 32, 48, 4, 2)]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+# Relative Frobenius error bounds (whole tensor, every row) per op and dtype; see _close.
+# bf16: the reference computes in fp32 and rounds once, so a provider's error is its own
+# bf16 rounding. Emulated on the CPU (bf16 matmuls accumulating in fp32, T up to 2048, k 2
+# and 8), the torch pipeline and the HF loop (every op rounded to bf16) reach 5.1-7.2e-3 over
+# a whole tensor (dX the worst) and 1.03e-2 in their worst row; the Triton layer's rounding
+# points (g, u, h, dG, dU, w*h in bf16, fp32 accumulators) 2.6-5.0e-3 and 6.4e-3. The
+# bounds keep about 3x (tensor) and 6x (row) above the pipeline, as these figures are an
+# emulation and the worst row of a GPU run over 10^5 rows is not measured yet. A grouped GEMM
+# rounds once (errors well under 1e-3). fp32 (CPU): the old bounds, rows 10x looser.
+TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float]] = {
+    # bf16 layer bound over the whole tensor: the H100 run's (2e-2), which the kernels passed
+    # there; a few wrong rows (each with an error of about 1) are the row bound's to catch
+    ("grouped_mm", torch.bfloat16): (1e-2, 3e-2),
+    ("grouped_mm", torch.float32): (1e-5, 1e-4),
+    ("moe_layer", torch.bfloat16): (2e-2, 6e-2),
+    ("moe_layer", torch.float32): (1e-4, 1e-3),
+}
+_CHUNK = 1 << 22  # elements compared at a time: a Mixtral weight gradient holds 470M
 
 
-def _close(tol: float):
+def _compare(a: torch.Tensor, b: torch.Tensor, tol: float, row_tol: float) -> str | None:
+    """Why ``a`` is not ``b`` within ``tol`` (relative Frobenius error of the whole tensor) and
+    ``row_tol`` (of every row along the last dim), or None. Non-finite values fail. A row's
+    error is relative to its reference norm, floored at 1% of the mean row norm (a row that
+    is zero in the reference is not judged against zero)."""
+    cols = b.shape[-1] if b.dim() else 1
+    a2, b2 = a.detach().reshape(-1, cols), b.detach().reshape(-1, cols)
+    rows = b2.shape[0]
+    if rows == 0 or cols == 0:
+        return None
+    d2, r2 = [], []
+    step = max(1, _CHUNK // cols)
+    for s in range(0, rows, step):
+        ac, bc = a2[s:s + step].double(), b2[s:s + step].double()
+        if not bool(torch.isfinite(bc).all()):
+            return "non-finite values in the reference"
+        if not bool(torch.isfinite(ac).all()):
+            return "non-finite values"
+        d2.append((ac - bc).square().sum(1))
+        r2.append(bc.square().sum(1))
+    d2, r2 = torch.cat(d2), torch.cat(r2)
+    err = float(d2.sum().sqrt() / r2.sum().sqrt().clamp_min(1e-30))
+    if not err <= tol:
+        return f"relative error {err:.2e} > {tol:.1e}"
+    floor = 1e-2 * (r2.sum() / rows).sqrt()  # of the mean row norm
+    row_err = d2.sqrt() / torch.maximum(r2.sqrt(), floor).clamp_min(1e-30)
+    worst = int(row_err.argmax())
+    if not float(row_err[worst]) <= row_tol:
+        bad = int((~(row_err <= row_tol)).sum())
+        return f"row {worst}: relative error {float(row_err[worst]):.2e} > {row_tol:.1e} ({bad} of {rows} rows)"
+    return None
+
+
+def _close(tol: float, row_tol: float):
+    """Check of every output (a tensor or a tuple: the forward's output, then the gradients)."""
     def check(out, ref):
-        outs = out if isinstance(out, tuple) else (out,)
-        refs = ref if isinstance(ref, tuple) else (ref,)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        if len(outs) != len(refs):
+            return f"{len(outs)} outputs, expected {len(refs)}"
         for i, (a, b) in enumerate(zip(outs, refs)):
+            if not isinstance(a, torch.Tensor):
+                return f"output {i}: {type(a).__name__}, not a tensor"
             if a.shape != b.shape:
                 return f"output {i}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-            err = _rel(a, b)
-            if not err < tol:
-                return f"output {i}: relative error {err:.2e} >= {tol}"
+            why = _compare(a, b, tol, row_tol)
+            if why is not None:
+                return f"output {i}: {why}"
         return None
 
     return check
+
+
+def check_for(op: str, dtype: torch.dtype):
+    """The check the ``op`` cases ("grouped_mm", "moe_layer") use in ``dtype``."""
+    return _close(*TOLERANCES[(op, dtype)])
 
 
 def _offsets(ids: torch.Tensor, E: int) -> torch.Tensor:
@@ -115,11 +173,12 @@ def deterministic(fn):
 
 
 def _fwd_bwd(fn, inputs, gy):
-    """Forward and backward; returns (y, dx) so the check covers the backward too."""
+    """Forward and backward; returns (y, dx, dWg, dWu, dWd), so the check covers every
+    gradient. The router's weight needs none: the combine weights' gradient reaches dx
+    through the logits ``x @ router_w.T`` (a third to a half of dx's norm here)."""
     def run():
         y = fn(*inputs)
-        grads = torch.autograd.grad(y, [inputs[0], *inputs[2:5]], gy)
-        return y, grads[0]
+        return (y, *torch.autograd.grad(y, [inputs[0], *inputs[2:5]], gy))
 
     return run
 
@@ -176,7 +235,7 @@ def cases(gpu: bool) -> list[Case]:
                 "triton": lambda xs=xs, w=wg, p=plan: grouped_mm(xs, w, p, gather=False),
                 "triton-gather": lambda x=x, w=wg, p=plan: grouped_mm(x, w, p, gather=True),
             },
-            check=_close(2e-2 if gpu else 1e-5), floors=("dense",),
+            check=check_for("grouped_mm", dt), floors=("dense",),
         ))
 
         # whole layer, forward
@@ -193,7 +252,7 @@ def cases(gpu: bool) -> list[Case]:
                 "dense": lambda a=dense_args: dense_floor(*a),
                 "triton": lambda a=args, bm=bm: ours(*a, bm),
             },
-            check=_close(2e-2 if gpu else 1e-4), floors=("dense",),
+            check=check_for("moe_layer", dt), floors=("dense",),
         ))
 
         # whole layer, forward + backward (x and the three expert weights need grad)
@@ -213,6 +272,6 @@ def cases(gpu: bool) -> list[Case]:
                 "triton": _fwd_bwd(lambda *a, bm=bm: ours(*a, bm), gargs, gy),
                 "triton-deterministic": deterministic(_fwd_bwd(lambda *a, bm=bm: ours(*a, bm), gargs, gy)),
             },
-            check=_close(2e-2 if gpu else 1e-4), floors=("dense",), after=tuned_report,
+            check=check_for("moe_layer", dt), floors=("dense",), after=tuned_report,
         ))
     return out

@@ -6,7 +6,10 @@ which a CUDA graph can capture), ``topk`` along tokens for expert
 choice, ``topk`` + ``sort`` for MoD. Every provider's output is reduced to the same
 canonical form before the check, so a provider is timed only if it selects what the
 reference selects (expert choice: up to ties within 1e-6 of the selection threshold,
-since two exp implementations may differ in the last bit).
+since two exp implementations may differ in the last bit) with the reference's weights,
+and a plan only if every field the byte counts credit or later kernels read (pair and
+inverse maps, top-k ids and weights, counts, offsets, padded offsets, block map) equals
+the reference plan's; the torch pipelines are compared on the fields they compute.
 """
 
 from __future__ import annotations
@@ -52,47 +55,106 @@ def _torch_token_choice_graphable(logits: torch.Tensor, k: int):
     return order // k, w.reshape(-1)[order], counts, offsets
 
 
-def _tc_canonical(out):
+# Plan fields, each compared exactly (index fields: every backend ranks and breaks ties the
+# same way, see kernels/routing.py) or to within float rounding (weights: the kernels' exp
+# is not torch's).
+_PLAN_INDEX = ("token_idx", "expert_counts", "expert_offsets", "padded_offsets", "block_expert", "block_row",
+               "topk_ids", "pair_idx", "inverse")
+_PLAN_FLOAT = ("weights", "topk_weights")
+_PLAN_SCALARS = ("num_tokens", "num_experts", "block_m", "top_k", "capacity")
+
+
+def _tc_fields(out) -> dict:
+    """The fields a provider's token-choice output holds: a plan's every tensor, or the torch
+    pipeline's (token_idx, weights, counts, inclusive offsets), which computes no more."""
     if isinstance(out, RoutingPlan):
-        return out.token_idx.long(), out.weights, out.expert_counts.long(), out.expert_offsets[1:].long()
+        return {n: getattr(out, n) for n in (*_PLAN_INDEX, *_PLAN_FLOAT)}
     tok, w, counts, offsets = out
-    return tok.long(), w, counts.long(), offsets.long()
+    offsets = torch.cat([offsets.new_zeros(1), offsets])
+    return {"token_idx": tok, "weights": w, "expert_counts": counts, "expert_offsets": offsets}
+
+
+def _weights_close(x: torch.Tensor, y: torch.Tensor, atol: float, rtol: float) -> bool:
+    """Finite and within tolerance (NaN anywhere fails)."""
+    finite = bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())
+    return finite and torch.allclose(x, y, atol=atol, rtol=rtol)
+
+
+def _check_plan_extras(out, ref) -> str | None:
+    """A plan's scalars and dtypes against the reference plan's (the kernels read int32)."""
+    for name in _PLAN_SCALARS:
+        if getattr(out, name) != getattr(ref, name):
+            return f"{name} {getattr(out, name)} != {getattr(ref, name)}"
+    for name in (*_PLAN_INDEX, *_PLAN_FLOAT):
+        x, y = getattr(out, name), getattr(ref, name)
+        if (x is None) != (y is None):
+            return f"{name} is {'missing' if x is None else 'unexpected'}"
+        if x is not None and x.dtype != y.dtype:
+            return f"{name} dtype {x.dtype} != {y.dtype}"
+    return None
 
 
 def _check_token_choice(out, ref) -> str | None:
-    a, b = _tc_canonical(out), _tc_canonical(ref)
-    for name, x, y in zip(("token_idx", "weights", "counts", "offsets"), a, b):
+    if isinstance(out, RoutingPlan):
+        why = _check_plan_extras(out, ref)
+        if why is not None:
+            return why
+    a, b = _tc_fields(out), _tc_fields(ref)
+    for name, x in a.items():
+        y = b[name]
+        if x is None and y is None:
+            continue
         if x.shape != y.shape:
             return f"{name} shape {tuple(x.shape)} != {tuple(y.shape)}"
-        if name == "weights":
-            if not torch.allclose(x, y, atol=1e-5, rtol=1e-4):
-                return "weights differ"
-        elif not torch.equal(x, y):
+        if name in _PLAN_FLOAT:
+            if not _weights_close(x, y, atol=1e-5, rtol=1e-4):
+                return f"{name} differ"
+        elif not torch.equal(x.long(), y.long()):
             return f"{name} differs"
     return None
 
 
 # ---------------------------------------------------------------- expert choice
-def _ec_selected(out, E: int):
+def _ec_selection(out, E: int):
+    """(tokens [E, C] increasing, their weights [E, C]); the torch provider's top-k comes in
+    value order and is sorted by token here (its indices: duplicates stay visible)."""
     if isinstance(out, RoutingPlan):
-        return out.token_idx.long().view(E, -1)
-    return out[1].long()  # torch: (values, indices) of topk along tokens
+        return out.token_idx.long().view(E, -1), out.weights.view(E, -1)
+    values, idx = out
+    idx, order = torch.sort(idx.long(), dim=1)
+    return idx, values.gather(1, order)
 
 
 def _make_ec_check(logits: torch.Tensor, E: int):
+    """The selection must be a top-C of each expert's probabilities up to ties within 1e-6 of
+    the threshold (two exp implementations may differ in the last bit), each expert's tokens
+    strictly increasing (the plan's order; no duplicates), the weights the probabilities of
+    the tokens selected; a plan's counts, offsets and block map must equal the reference's."""
     probs_ET = torch.softmax(logits.float(), -1).t()
+    T = logits.shape[0]
 
     def check(out, ref) -> str | None:
-        sel, rsel = _ec_selected(out, E), _ec_selected(ref, E)
-        if sel.shape != rsel.shape:
-            return f"shape {tuple(sel.shape)} != {tuple(rsel.shape)}"
+        if isinstance(out, RoutingPlan):
+            why = _check_plan_extras(out, ref)
+            if why is not None:
+                return why
+            for name in ("expert_counts", "expert_offsets", "padded_offsets", "block_expert", "block_row"):
+                x, y = getattr(out, name), getattr(ref, name)
+                if x.shape != y.shape or not torch.equal(x, y):
+                    return f"{name} differs"
+        (sel, w), (rsel, _) = _ec_selection(out, E), _ec_selection(ref, E)
+        if sel.shape != rsel.shape or w.shape != rsel.shape:
+            return f"shape {tuple(sel.shape)}/{tuple(w.shape)} != {tuple(rsel.shape)}"
+        if not bool(((sel >= 0) & (sel < T)).all()):
+            return "token index out of range"
+        if sel.shape[1] > 1 and not bool((sel.diff(dim=1) > 0).all()):
+            return "tokens not strictly increasing per expert (duplicates or out of order)"
         chosen = probs_ET.gather(1, sel)
         rest = probs_ET.clone().scatter_(1, sel, float("-inf"))
-        if not (chosen.min(1).values >= rest.max(1).values - 1e-6).all():
+        if not bool((chosen.min(1).values >= rest.max(1).values - 1e-6).all()):
             return "not a top-C selection"
-        if torch.unique(sel, dim=1).shape[1] != sel.shape[1] and sel.shape[1] > 1:
-            if (torch.sort(sel, 1).values.diff(dim=1) == 0).any():
-                return "duplicate tokens"
+        if not _weights_close(w, chosen, atol=1e-6, rtol=1e-5):
+            return "weights differ from the selected tokens' probabilities"
         return None
 
     return check
@@ -112,12 +174,13 @@ def _mod_canonical(out):
 
 
 def _check_mod(out, ref) -> str | None:
+    """Indices and weights (the selected scores, gathered, so bit-exact) equal the reference's."""
     (i, w), (ri, rw) = _mod_canonical(out), _mod_canonical(ref)
-    if i.shape != ri.shape:
-        return f"shape {tuple(i.shape)} != {tuple(ri.shape)}"
+    if i.shape != ri.shape or w.shape != rw.shape:
+        return f"shape {tuple(i.shape)}/{tuple(w.shape)} != {tuple(ri.shape)}/{tuple(rw.shape)}"
     if not torch.equal(i, ri):
         return "indices differ"
-    if not torch.equal(w, rw):
+    if not (bool(torch.isfinite(w).all()) and torch.equal(w, rw)):
         return "weights differ"
     return None
 
