@@ -102,11 +102,13 @@ def _same_first_step(tol: float):
     """The first step's loss (the forward) and gradient norm (the backward) must agree."""
 
     def check(out, ref) -> str | None:
+        if not torch.isfinite(ref).all():
+            return "non-finite reference loss or gradient norm"
         if not torch.isfinite(out).all():
             return "non-finite loss or gradient norm"
         for i, what in enumerate(("loss", "gradient norm")):
             err = float((out[i] - ref[i]).abs() / ref[i].abs().clamp_min(1e-30))
-            if err > tol:
+            if not err <= tol:  # NaN compares False: refused, not let through
                 return f"first-step {what} relative error {err:.1e} > {tol:.0e}"
         return None
 

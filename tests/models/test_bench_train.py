@@ -166,3 +166,17 @@ def test_after_case_report_is_printed_and_its_failure_contained(monkeypatch):
     assert len(rows) == 3
     assert "REPORT a" in lines
     assert any("x | b: after-case report failed: ZeroDivisionError" in line for line in lines)
+
+
+def test_first_step_check_refuses_nan_and_disagreement():
+    """NaN compares False against any tolerance: a NaN reference or output is refused, not
+    let through, and so is a loss or gradient norm off by more than the tolerance."""
+    check = bench_train._same_first_step(1e-5)
+    ref = torch.tensor([5.5, 2.0], dtype=torch.float64)
+    nan = float("nan")
+    assert check(ref.clone(), ref) is None
+    for bad in ([nan, 2.0], [5.5, nan], [5.5, float("inf")]):
+        assert check(ref.clone(), torch.tensor(bad, dtype=torch.float64)) is not None, bad  # reference
+        assert check(torch.tensor(bad, dtype=torch.float64), ref) is not None, bad  # output
+    assert "loss" in check(torch.tensor([5.5 * 1.001, 2.0], dtype=torch.float64), ref)
+    assert "gradient norm" in check(torch.tensor([5.5, 2.0 * 1.001], dtype=torch.float64), ref)
