@@ -16,7 +16,18 @@ Each rank holds ``E / world`` consecutive experts (rank r owns experts
 Both collectives are differentiable (``torch.distributed._functional_collectives``), so
 gradients flow back to the tokens, the router and the local experts. Works with
 token-choice and expert-choice routers; each rank routes its own tokens, exactly as a
-single-process layer would on that rank's batch.
+single-process layer would on that rank's batch. In particular expert choice picks each
+expert's top ``C = ceil(T_local * capacity_factor / E)`` tokens among the rank's own
+``T_local`` tokens (per rank, not over the group's tokens), and the auxiliary losses
+(load balance, z-loss) use the rank's own tokens' statistics, as ``MoE`` on that rank's batch
+(average them over ranks as any per-rank loss). A rank with no tokens (``B * S == 0``) must
+still call ``forward`` (its experts serve the other ranks): it returns an empty output and a
+zero aux loss.
+
+Checkpoints: ``state_dict()`` holds this rank's shard under :class:`MoE`'s names;
+``load_state_dict`` also accepts a full single-process :class:`MoE` state dict (it keeps this
+rank's experts), and :meth:`ExpertParallelMoE.dense_state_dict` / ``to_dense_layer`` gather the
+full layer back (collectives: every rank of the group calls them).
 
 Data parallelism composes through a 2-D ``DeviceMesh`` with an expert-parallel dimension:
 pass ``mesh["ep"]``'s group here, and reduce the replicated parameters' gradients over the
@@ -33,6 +44,8 @@ import torch.distributed._functional_collectives as fc
 from flopwise.kernels import plan_from_counts
 
 from .moe import MoE, MoEConfig
+
+_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 __all__ = ["ExpertParallelMoE"]
 
@@ -56,6 +69,8 @@ class ExpertParallelMoE(MoE):
         self.group = group if group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
+        if self.rank < 0 or self.world < 1:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the given process group")
         if config.n_experts % self.world:
             raise ValueError(f"n_experts = {config.n_experts} must be divisible by the group size {self.world}")
         self.n_local = config.n_experts // self.world
@@ -74,15 +89,58 @@ class ExpertParallelMoE(MoE):
 
     @classmethod
     def from_dense_layer(cls, moe: MoE, group: dist.ProcessGroup | None = None) -> "ExpertParallelMoE":
-        """This rank's shard of a full (single-process) :class:`MoE` with the same config."""
+        """This rank's shard of a full (single-process) :class:`MoE` with the same config, on
+        ``moe``'s device and in its parameters' dtypes (copies; ``moe`` is left as it is)."""
         ep = cls(moe.config, group)
-        with torch.no_grad():
-            ep.router.weight.copy_(moe.router.weight)
-            for name in ("w_gate", "w_up", "w_down"):
-                getattr(ep, name).copy_(getattr(moe, name)[ep.expert_slice])
-            if moe.shared is not None:
-                ep.shared.load_state_dict(moe.shared.state_dict())
+        sd = {k: (v[ep.expert_slice] if k in _EXPERT_WEIGHTS else v).clone() for k, v in moe.state_dict().items()}
+        ep.load_state_dict(sd, assign=True)  # assign: take moe's dtypes and device
         return ep
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A full single-process MoE checkpoint ([E, ...] expert weights): keep this rank's experts.
+        for name in _EXPERT_WEIGHTS:
+            key = prefix + name
+            v = state_dict.get(key)
+            if isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[0] == self.config.n_experts \
+                    and self.n_local != self.config.n_experts:
+                state_dict[key] = v[self.expert_slice].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full single-process :class:`MoE` state dict (expert weights gathered over the
+        group, in group-rank order), on every rank. A collective: every rank of the group calls it."""
+        sd = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        for name in _EXPERT_WEIGHTS:
+            w = getattr(self, name).detach().contiguous()
+            parts = [torch.empty_like(w) for _ in range(self.world)]
+            dist.all_gather(parts, w, group=self.group)
+            sd[name] = torch.cat(parts)
+        return sd
+
+    def to_dense_layer(self) -> MoE:
+        """A single-process :class:`MoE` with the full layer's weights (see :meth:`dense_state_dict`)."""
+        moe = MoE(self.config)
+        moe.load_state_dict(self.dense_state_dict(), assign=True)
+        return moe
+
+    def route(self, x_TD: torch.Tensor):
+        if x_TD.shape[0] > 0:
+            return super().route(x_TD)
+        # No tokens on this rank: an empty plan (the routers need a token), so that this rank
+        # still joins the collectives and serves its experts to the others.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits = self.router(x_TD.to(self.router.weight.dtype)).float()
+        dev, E = x_TD.device, self.config.n_experts
+        plan = plan_from_counts(torch.zeros(0, dtype=torch.int32, device=dev), logits.new_zeros(0),
+                                torch.zeros(E, dtype=torch.int32, device=dev), 0, block_m=self.config.block_m)
+        return logits, plan
+
+    def _aux_losses(self, logits: torch.Tensor, plan):
+        if logits.shape[0] > 0:
+            return super()._aux_losses(logits, plan)
+        zero = logits.sum() * 0.0  # no tokens, no loss (the mean over none would be NaN); keeps the router in the graph
+        return self.config.z_loss_coef * zero, {"load_balance": zero, "z_loss": zero}
 
     def _experts(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
         """Run the plan's rows on the experts' owners and bring the outputs back: ``[N, D]``."""

@@ -22,7 +22,7 @@ def _worker(rank: int, world: int, port: int, scenario: str):
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        _check(rank, world, scenario)
+        (_check_edges if scenario == "edges" else _check)(rank, world, scenario)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -106,12 +106,78 @@ def _check(rank: int, world: int, scenario: str):
         assert counts[-(E // world):].sum() == 0  # nobody routes here, so this rank receives nothing
 
 
+def _check_edges(rank: int, world: int, scenario: str):
+    """Several cheap cases in one spawn: a rank without tokens, checkpoints, dtypes, groups."""
+    E = 2 * world
+    for router in ("token_choice", "expert_choice"):
+        # rank 0 has no tokens (B * S == 0): it must still serve its experts to the others
+        cfg = MoEConfig(d_model=8, d_ff=12, n_experts=E, top_k=2, router=router, capacity_factor=1.0, block_m=16,
+                        init_std=0.3)
+        torch.manual_seed(0)
+        full = MoE(cfg)
+        ep = ExpertParallelMoE.from_dense_layer(full)
+        x = torch.randn(2, 0 if rank == 0 else 3, 8, generator=torch.Generator().manual_seed(rank))
+        x1 = x.clone().requires_grad_(True)
+        y, aux = ep(x1)
+        (y.sum() + aux).backward()
+        assert y.shape == x.shape
+        if rank == 0:
+            assert aux.item() == 0.0, aux  # no tokens, no aux loss (not NaN)
+            for p in full.parameters():
+                p.grad = torch.zeros_like(p)
+        else:
+            y_ref, aux_ref = full(x)
+            (y_ref.sum() + aux_ref).backward()
+            _close(y, y_ref, f"{router}: output beside a rank without tokens")
+            _close(aux, aux_ref, f"{router}: aux loss")
+        _close(ep.router.weight.grad, full.router.weight.grad, f"{router}: router grad")
+        for name in ("w_gate", "w_up", "w_down"):
+            ref = getattr(full, name).grad.clone()
+            dist.all_reduce(ref)
+            _close(getattr(ep, name).grad, ref[ep.expert_slice], f"{router}: {name} grad")
+
+    # checkpoints: a full single-process state dict loads into the shard, and gathers back
+    cfg = MoEConfig(d_model=8, d_ff=12, n_experts=E, top_k=2, block_m=16, shared_d_ff=4)
+    torch.manual_seed(1)
+    full = MoE(cfg)
+    ep = ExpertParallelMoE(cfg)
+    ep.load_state_dict(full.state_dict())
+    for name in ("w_gate", "w_up", "w_down"):
+        torch.testing.assert_close(getattr(ep, name), getattr(full, name)[ep.expert_slice])
+    torch.testing.assert_close(ep.router.weight, full.router.weight)
+    dense = ep.to_dense_layer()
+    assert type(dense) is MoE
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(dense.state_dict()[k], v, msg=lambda m: f"to_dense_layer: {k}: {m}")
+    assert ep.dense_state_dict().keys() == full.state_dict().keys()
+
+    # from_dense_layer keeps the layer's dtype and copies (the dense layer stays independent)
+    full.to(torch.bfloat16)
+    ep = ExpertParallelMoE.from_dense_layer(full)
+    for (k, p), (_, q) in zip(ep.named_parameters(), full.named_parameters()):
+        assert isinstance(p, torch.nn.Parameter) and p.requires_grad and p.dtype == q.dtype == torch.bfloat16, k
+    with torch.no_grad():
+        full.router.weight.add_(1.0)
+        full.w_gate.add_(1.0)
+    assert not torch.equal(ep.router.weight, full.router.weight)
+    assert not torch.equal(ep.w_gate, full.w_gate[ep.expert_slice])
+
+    # a process that is not in the group gets a clear error; group ranks, not global ones
+    sub = dist.new_group([world - 1])  # the last rank alone: its group rank is 0
+    if rank == world - 1:
+        assert ExpertParallelMoE(cfg, sub).rank == 0
+    else:
+        with pytest.raises(ValueError, match="not a member"):
+            ExpertParallelMoE(cfg, sub)
+
+
 @pytest.mark.parametrize("world,scenario", [
     pytest.param(2, "plain", id="2-ranks"),
     pytest.param(4, "skewed", id="4-ranks-one-receives-nothing"),
     pytest.param(2, "expert_choice", id="2-ranks-expert-choice"),
     pytest.param(2, "shared", id="2-ranks-shared-expert"),
     pytest.param(4, "mesh", id="dp2-x-ep2-mesh"),
+    pytest.param(2, "edges", id="2-ranks-empty-rank-checkpoints-dtypes-groups"),
 ])
 def test_expert_parallel_matches_single_process(world, scenario):
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
