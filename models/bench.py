@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flopwise.kernels.bench import Case
+from flopwise.kernels.bench import Case, check_then
 from flopwise.models.transformer import ModelConfig, Transformer
 
 __all__ = ["cases"]
@@ -48,26 +48,19 @@ class StepCheck:
     grads: dict[str, torch.Tensor | None]
 
 
-class _Step:
+def _step(model: Transformer, tokens: torch.Tensor):
     """Provider: one training step's forward + backward. The first call returns a
     :class:`StepCheck`; later calls (the timed ones) return the loss (fp32 scalar) only, so
-    timing does no extra work. Reference and compared providers need separate instances
+    timing does no extra work. Reference and compared providers need separate providers
     (each one's first call is its check call)."""
 
-    def __init__(self, model: Transformer, tokens: torch.Tensor):
-        self.model, self.tokens = model, tokens
-        self.checked = False
-
-    def __call__(self):
-        model = self.model
+    def run():
         model.zero_grad(set_to_none=True)
-        loss = model(self.tokens, self.tokens, check_ids=False).loss  # ids made in range, as the Trainer's
+        loss = model(tokens, tokens, check_ids=False).loss  # ids made in range, as the Trainer's
         loss.backward()
-        loss = loss.detach().float()
-        if self.checked:
-            return loss
-        self.checked = True
-        return StepCheck(loss, {name: p.grad for name, p in model.named_parameters()})
+        return loss.detach().float()
+
+    return check_then(lambda: StepCheck(run(), {name: p.grad for name, p in model.named_parameters()}), run)
 
 
 # Tolerances (relative errors) of a step against the reference step: fp32 (CPU) and bf16
@@ -162,10 +155,10 @@ def _cases_for(preset: str, overrides: dict, B: int, S: int, dtype: torch.dtype,
     return [
         Case(op="mod_step", shape=f"{shape} MoD every other 12.5%", mode="fwd+bwd", check=_step_check(dtype),
              graph=True, flops=int(mod_cfg.flops_per_token(S) * B * S),
-             providers={"reference": _Step(plain, tokens), "torch": _Step(plain, tokens), "triton": _Step(ours, tokens)}),
+             providers={"reference": _step(plain, tokens), "torch": _step(plain, tokens), "triton": _step(ours, tokens)}),
         Case(op="mod_step", shape=f"{shape} dense", mode="fwd+bwd", check=_always_ok, graph=True,
              flops=int(base.flops_per_token(S) * B * S),
-             providers={"reference": _Step(dense, tokens)}),
+             providers={"reference": _step(dense, tokens)}),
     ]
 
 

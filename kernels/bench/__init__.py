@@ -71,7 +71,7 @@ import torch
 from flopwise.kernels import _dispatch
 
 __all__ = ["Case", "Row", "SUITES", "run", "run_case", "format_table", "environment", "run_header",
-           "triton_dispatch_problem"]
+           "triton_dispatch_problem", "check_then"]
 
 # op name -> module holding ``cases(gpu: bool)``
 SUITES: dict[str, str] = {
@@ -219,6 +219,21 @@ def copy_bandwidth_tbps() -> float | None:
         ms = _time_ms(lambda: dst.copy_(src), True, 100)
         _COPY_TBPS = 2 * src.numel() / (ms * 1e-3) / 1e12
     return _COPY_TBPS
+
+
+def check_then(full: Callable[[], Any], timed: Callable[[], Any]) -> Callable[[], Any]:
+    """A provider whose first call (the harness's check call) returns ``full()``, what its
+    case's check needs (e.g. gradients, encoded bytes), and every later call, the timed ones,
+    ``timed()``, which does only the work being measured."""
+    first = [True]
+
+    def provider():
+        if first:
+            first.clear()
+            return full()
+        return timed()
+
+    return provider
 
 
 def triton_dispatch_problem(gpu: bool) -> str | None:
