@@ -24,10 +24,21 @@ expert's top ``C = ceil(T_local * capacity_factor / E)`` tokens among the rank's
 still call ``forward`` (its experts serve the other ranks): it returns an empty output and a
 zero aux loss.
 
+Initialisation: constructing the layer is a collective (every rank of the group constructs it).
+Group rank 0's seed (see :meth:`MoE.reset_parameters`) initialises every rank, so the
+replicated router and shared expert are identical on all ranks whatever each rank's own seed,
+and the shards gathered equal ``MoE(config)`` built under that seed, for any group size. Only
+the rank's own experts are ever allocated.
+
 Checkpoints: ``state_dict()`` holds this rank's shard under :class:`MoE`'s names;
 ``load_state_dict`` also accepts a full single-process :class:`MoE` state dict (it keeps this
 rank's experts), and :meth:`ExpertParallelMoE.dense_state_dict` / ``to_dense_layer`` gather the
-full layer back (collectives: every rank of the group calls them).
+full layer back (collectives: every rank of the group calls them). Both also work on
+parameters that FSDP2's ``fully_shard`` made DTensors: a full checkpoint's tensors are split
+into the local shards without a collective, and the gather returns plain tensors.
+
+An error raised on one rank before the exchange (a wrong input width, say) leaves the other
+ranks waiting in the all-to-all until the process group's timeout.
 
 Data parallelism composes through a 2-D ``DeviceMesh`` with an expert-parallel dimension:
 pass ``mesh["ep"]``'s group here, and reduce the replicated parameters' gradients over the
@@ -40,6 +51,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from flopwise.kernels import plan_from_counts
 
@@ -74,18 +86,23 @@ class ExpertParallelMoE(MoE):
         if config.n_experts % self.world:
             raise ValueError(f"n_experts = {config.n_experts} must be divisible by the group size {self.world}")
         self.n_local = config.n_experts // self.world
-        super().__init__(config)
-        c = config
-        # keep only this rank's experts
-        self.w_gate = torch.nn.Parameter(torch.empty(self.n_local, c.d_model, c.d_ff))
-        self.w_up = torch.nn.Parameter(torch.empty(self.n_local, c.d_model, c.d_ff))
-        self.w_down = torch.nn.Parameter(torch.empty(self.n_local, c.d_ff, c.d_model))
-        self.reset_parameters()
+        super().__init__(config)  # allocates this rank's experts only (_held_experts)
 
     @property
     def expert_slice(self) -> slice:
         """The global expert ids this rank owns."""
         return slice(self.rank * self.n_local, (self.rank + 1) * self.n_local)
+
+    def _held_experts(self) -> range:
+        return range(self.rank * self.n_local, (self.rank + 1) * self.n_local)
+
+    def _init_seed(self) -> int:
+        # Every rank draws (its default generator advances as on the others), then group rank
+        # 0's draw wins: the replicated router and shared expert start identical everywhere,
+        # and the experts as a single-process MoE built under rank 0's seed.
+        seed = [super()._init_seed()]
+        dist.broadcast_object_list(seed, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return seed[0]
 
     @classmethod
     def from_dense_layer(cls, moe: MoE, group: dist.ProcessGroup | None = None) -> "ExpertParallelMoE":
@@ -97,22 +114,34 @@ class ExpertParallelMoE(MoE):
         return ep
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A full single-process MoE checkpoint ([E, ...] expert weights): keep this rank's experts.
-        for name in _EXPERT_WEIGHTS:
+        # Runs before the submodules load, so it may rewrite their entries too.
+        for name, p in self.named_parameters():
             key = prefix + name
             v = state_dict.get(key)
-            if isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[0] == self.config.n_experts \
+            if not isinstance(v, torch.Tensor) or isinstance(v, DTensor):
+                continue
+            # A full single-process MoE checkpoint ([E, ...] expert weights): keep this rank's experts.
+            if name in _EXPERT_WEIGHTS and v.dim() == 3 and v.shape[0] == self.config.n_experts \
                     and self.n_local != self.config.n_experts:
-                state_dict[key] = v[self.expert_slice].clone()
+                v = state_dict[key] = v[self.expert_slice].clone()
+            # Parameters sharded by FSDP2 (DTensors): a plain tensor of the parameter's full shape,
+            # the same on every rank (read from one file), is split locally, no collective.
+            if isinstance(p, DTensor) and v.shape == p.shape:
+                state_dict[key] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """The full single-process :class:`MoE` state dict (expert weights gathered over the
-        group, in group-rank order), on every rank. A collective: every rank of the group calls it."""
-        sd = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        group, in group-rank order), plain tensors on every rank, also when FSDP2 shards the
+        parameters (DTensors are gathered over their meshes first). A collective: every rank of
+        the group (and of the FSDP2 meshes) calls it."""
+        sd = {}
+        for k, v in self.state_dict().items():  # the same order on every rank
+            v = v.detach()
+            sd[k] = v.full_tensor() if isinstance(v, DTensor) else v.clone()
         for name in _EXPERT_WEIGHTS:
-            w = getattr(self, name).detach().contiguous()
+            w = sd[name].contiguous()
             parts = [torch.empty_like(w) for _ in range(self.world)]
             dist.all_gather(parts, w, group=self.group)
             sd[name] = torch.cat(parts)

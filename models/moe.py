@@ -156,16 +156,51 @@ class MoE(nn.Module):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         self.config = c = config
         self.router = nn.Linear(c.d_model, c.n_experts, bias=False)
-        self.w_gate = nn.Parameter(torch.empty(c.n_experts, c.d_model, c.d_ff))
-        self.w_up = nn.Parameter(torch.empty(c.n_experts, c.d_model, c.d_ff))
-        self.w_down = nn.Parameter(torch.empty(c.n_experts, c.d_ff, c.d_model))
+        n = len(self._held_experts())  # all E here; an expert-parallel shard allocates only its own
+        self.w_gate = nn.Parameter(torch.empty(n, c.d_model, c.d_ff))
+        self.w_up = nn.Parameter(torch.empty(n, c.d_model, c.d_ff))
+        self.w_down = nn.Parameter(torch.empty(n, c.d_ff, c.d_model))
         self.shared = SwiGLU(c.d_model, c.shared_d_ff) if c.shared_d_ff else None
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def _held_experts(self) -> range:
+        """The global ids of the experts whose weights this module holds."""
+        return range(self.config.n_experts)
+
+    def _init_seed(self) -> int:
+        """The seed :meth:`reset_parameters` uses when given none: one draw from torch's
+        default CPU generator."""
+        return int(torch.randint(0, 2**62, (), device="cpu"))
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None):
+        """Router and expert weights ~ N(0, init_std); the shared expert's Linear layers get
+        PyTorch's default (Kaiming-uniform). Every tensor comes from its own generator seeded
+        from ``seed`` (default: one draw from the default CPU generator, so ``torch.manual_seed``
+        still decides): the router and the shared expert from ``seed``, expert ``e``'s three
+        weights from a stream of their own. Expert ``e`` is therefore the same whatever other
+        experts a module holds: an expert-parallel layer's shards, gathered, equal the
+        single-process layer built under the same seed, on any number of ranks (for one device
+        type: CUDA and CPU generators draw different numbers)."""
+        seed = self._init_seed() if seed is None else int(seed)
         std = self.config.init_std
-        for w in (self.router.weight, self.w_gate, self.w_up, self.w_down):
-            nn.init.normal_(w, 0.0, std)
+
+        def gen(stream: int, like: torch.Tensor):
+            if like.device.type == "meta":
+                return None  # nothing is drawn on the meta device
+            g = torch.Generator(device=like.device)
+            g.manual_seed((seed * 1_000_003 + stream) % 2**63)
+            return g
+
+        g = gen(0, self.router.weight)
+        nn.init.normal_(self.router.weight, 0.0, std, generator=g)
+        if self.shared is not None:
+            for lin in (self.shared.gate, self.shared.up, self.shared.down):
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=g)
+        for i, e in enumerate(self._held_experts()):
+            g = gen(1 + e, self.w_gate)
+            for w in (self.w_gate, self.w_up, self.w_down):
+                nn.init.normal_(w[i], 0.0, std, generator=g)
 
     def route(self, x_TD: torch.Tensor):
         """Router logits (float32) and the routing plan for ``x_TD [T, D]``."""

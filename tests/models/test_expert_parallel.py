@@ -23,6 +23,8 @@ def _worker(rank: int, world: int, port: int, scenario: str):
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         (_check_edges if scenario == "edges" else _check)(rank, world, scenario)
+        if scenario in ("edges", "skewed"):  # two group sizes
+            _check_construction(rank, world)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -100,10 +102,49 @@ def _check(rank: int, world: int, scenario: str):
         if mesh is not None:  # FSDP2 over "dp" averages the two replicas' expert gradients
             got, ref = got.full_tensor(), ref / 2
         _close(got, ref[ep.expert_slice], f"{name} grad")
+    if mesh is not None:  # checkpoints both ways with FSDP2-sharded (DTensor) parameters
+        for k, v in ep.dense_state_dict().items():
+            assert torch.equal(v, full.state_dict()[k]), f"rank {rank}: dense_state_dict under FSDP2: {k}"
+        torch.manual_seed(9)
+        other = MoE(cfg)
+        ep.load_state_dict(other.state_dict())  # a full single-process checkpoint
+        for k, v in ep.dense_state_dict().items():
+            assert torch.equal(v, other.state_dict()[k]), f"rank {rank}: loaded under FSDP2: {k}"
+        with torch.no_grad():
+            _close(ep(x)[0], other(x)[0], "output after loading a full checkpoint under FSDP2")
     if scenario == "skewed" and rank == world - 1:
         _, plan = full.route(x)
         counts = plan.expert_counts.long()
         assert counts[-(E // world):].sum() == 0  # nobody routes here, so this rank receives nothing
+
+
+def _check_construction(rank: int, world: int):
+    """Only the rank's experts are allocated; rank 0's seed initialises every rank."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    E = 2 * world
+    cfg = MoEConfig(d_model=8, d_ff=12, n_experts=E, top_k=2, block_m=16, shared_d_ff=4)
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    torch.manual_seed(5 + rank)  # every rank seeded differently
+    with LargestTensor() as mode:
+        ep = ExpertParallelMoE(cfg)
+    assert mode.largest == (E // world) * 8 * 12, f"rank {rank}: a tensor of {mode.largest} elements was made"
+    got = ep.dense_state_dict()
+    torch.manual_seed(5)  # rank 0's seed
+    full = MoE(cfg)
+    assert got.keys() == full.state_dict().keys()
+    for k, v in full.state_dict().items():
+        assert torch.equal(got[k], v), f"rank {rank}: {k} differs from MoE(cfg) under rank 0's seed"
 
 
 def _check_edges(rank: int, world: int, scenario: str):

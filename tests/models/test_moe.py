@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -260,3 +261,29 @@ def test_backward_twice_needs_retain_activations():
     second = torch.autograd.grad(y.sum() + aux, [x, *kept.parameters()])
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_initialisation_per_expert_streams_and_seed():
+    cfg = MoEConfig(d_model=8, d_ff=12, n_experts=4, top_k=2, shared_d_ff=6, init_std=0.1)
+    torch.manual_seed(3)
+    a = MoE(cfg)
+    torch.manual_seed(3)
+    b = MoE(cfg)
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), f"{k}: torch.manual_seed does not decide the initialisation"
+    # explicit seeds: expert e's weights depend on the seed and e only
+    a.reset_parameters(seed=11)
+    b.reset_parameters(seed=11)
+    c = MoE(dataclasses.replace(cfg, n_experts=8))
+    c.reset_parameters(seed=11)
+    for name in ("w_gate", "w_up", "w_down"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+        assert torch.equal(getattr(a, name), getattr(c, name)[:4]), f"{name}: expert e depends on n_experts"
+        w = getattr(a, name)
+        assert not torch.equal(w[0], w[1]), f"{name}: two experts start equal"
+        assert abs(w.std().item() - 0.1) < 0.03
+    assert torch.equal(a.shared.gate.weight, b.shared.gate.weight)
+    bound = 1 / 8 ** 0.5  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert a.shared.gate.weight.abs().max() <= bound and a.shared.gate.weight.abs().max() > 0.5 * bound
+    a.reset_parameters(seed=12)
+    assert not torch.equal(a.w_gate, b.w_gate) and not torch.equal(a.router.weight, b.router.weight)
