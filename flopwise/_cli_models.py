@@ -28,6 +28,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.bos is not None:
             raise ValueError("--bos applies to a new run; a resumed run keeps the checkpoint's")
+        if args.config is not None:
+            raise ValueError(f"CONFIG ({args.config}) applies to a new run; a resumed run keeps the checkpoint's "
+                             "model (flags such as --steps or --lr change its training settings)")
         trainer = Trainer.resume(args.resume, corpus, force=args.force, **overrides)
         if trainer.step >= trainer.cfg.max_steps:
             raise ValueError(f"{args.resume} is at step {trainer.step} and max_steps is {trainer.cfg.max_steps}: "
@@ -39,7 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         from flopwise.models.data import ByteData
 
-        mc, tc = load_run_config(args.config)
+        mc, tc = load_run_config(args.config if args.config is not None else "m1")
         tc = replace(tc, **overrides)
         trainer = Trainer(mc, tc, ByteData(corpus, seed=tc.seed, bos=args.bos), force=args.force)
     m = trainer.model
@@ -115,7 +118,7 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     t = sub.add_parser("train", help="train a byte-level LM (AdamW, cosine, checkpoints, exact resume)")
-    t.add_argument("config", nargs="?", default="m1",
+    t.add_argument("config", nargs="?",
                    help="a model preset (tiny, m1, small, ...) or a JSON/TOML file {model: ..., train: ...} (default m1)")
     t.add_argument("--corpus", help="folder with train.txt/val.txt, a text file, or 'embedded' "
                                     "(default: the fetched corpus, else the embedded text)")

@@ -229,8 +229,9 @@ def add_parser(sub) -> None:
                    help="Epoch AI's conventions for svg_extracted_data.csv: columns 'Model Size', "
                         "'Training FLOP', 'loss'; D = C/(6N); drop the 5 highest-loss runs; Huber likelihood")
     f.add_argument("--n-col", help="parameter-count column (default N, or 'Model Size' with --epoch)")
-    f.add_argument("--d-col", help="training-token column")
-    f.add_argument("--c-col", help="training-FLOP column (D = C / (k N))")
+    dc = f.add_mutually_exclusive_group()
+    dc.add_argument("--d-col", help="training-token column")
+    dc.add_argument("--c-col", help="training-FLOP column (D = C / (k N))")
     f.add_argument("--loss-col", help="loss column (default loss)")
     f.add_argument("--k", type=_positive_float, default=6.0, help="FLOPs per parameter per token (default 6)")
     f.add_argument("--drop-highest", type=int, help="drop this many highest-loss runs (default 0, 5 with --epoch)")

@@ -32,6 +32,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from flopwise import __version__
+    from flopwise._cli_types import positive_float
 
     parser = argparse.ArgumentParser(prog="flopwise", description=__doc__)
     parser.add_argument("--version", action="version", version=f"flopwise {__version__}")
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark kernels against torch (GPU numbers need a GPU)")
     p.add_argument("ops", nargs="*", help="suites to run (default: all): routing, mod, moe, mod_step, coding, train")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
-    p.add_argument("--budget-ms", type=float, default=100.0, help="timing budget per provider in ms (default 100; a case may set its own, "
+    p.add_argument("--budget-ms", type=positive_float, default=100.0, help="timing budget per provider in ms (default 100; a case may set its own, "
                         "e.g. the train suite's 1500 ms on GPU)")
     p.add_argument("--progress", action="store_true",
                    help="print each case's rows as soon as they are measured (the tables still follow)")

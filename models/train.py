@@ -715,7 +715,9 @@ class Trainer:
         the run's is refused (its checksum is in the checkpoint); so is data with another seed
         (the data order), and a bare corpus gets the run's seed.
 
-        Where it writes: ``out_dir/last`` as in the original run. A checkpoint without an
+        Where it writes: ``out_dir/last`` as in the original run. A run's ``last`` found
+        elsewhere than that (its run folder moved or copied) continues where it is:
+        ``path`` itself, in ``path``'s parent folder. A checkpoint without an
         ``out_dir`` (saved with :meth:`save`, by ``flopwise demo --out``, or upcycled by
         :func:`flopwise.models.upcycle.upcycle`, which clears it) continues in its own
         folder, ``path/last``, so the steps trained are never lost; pass ``out_dir`` to
@@ -736,6 +738,14 @@ class Trainer:
             # cleared so that it never writes over the dense run): training on without one
             # would save nothing. It continues in its own folder: path/last.
             cfg = dataclasses.replace(cfg, out_dir=str(path))
+        elif "out_dir" not in overrides and cfg.out_dir is not None:
+            # A run's own `last` that is no longer where the run saved it (the run folder was
+            # moved or copied, or comes from another machine) continues where it now is, never
+            # in the folder recorded at save time, which may be another run's or gone.
+            here = Path(os.path.abspath(os.fspath(path)))
+            saved = Path(cfg.out_dir) / "last"
+            if here.name == "last" and not (saved.is_dir() and here.is_dir() and os.path.samefile(saved, here)):
+                cfg = dataclasses.replace(cfg, out_dir=str(here.parent))
         if cfg.out_dir:
             _check_resume_out_dir(_usable_out_dir(cfg.out_dir), ck.config, st, path, force)
         if data is None:

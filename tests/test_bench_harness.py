@@ -74,6 +74,11 @@ def test_cli_bench_routing_writes_json(tmp_path, capsys):
 def test_cli_reports_bad_arguments(capsys):
     assert main(["bench", "nope"]) == 2
     assert "unknown benchmark op" in capsys.readouterr().err
+    for budget in ("-5", "0", "nan"):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "routing", "--budget-ms", budget])
+        assert exc.value.code == 2
+        assert "--budget-ms: must be finite and > 0" in capsys.readouterr().err
 
 
 def test_mfu_and_case_budget(monkeypatch):

@@ -579,6 +579,9 @@ def test_run_config_and_cli_errors(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert _main(["train", "--resume", str(run / "last"), "--corpus", "embedded", "--steps", "2"]) == 2
     assert "nothing to train" in capsys.readouterr().err
+    # CONFIG names a new run's model: with --resume it would be silently ignored
+    assert _main(["train", "small", "--resume", str(run / "last"), "--corpus", "embedded", "--steps", "4"]) == 2
+    assert "applies to a new run" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="warmup_steps"):
         Trainer(ModelConfig(**TINY), _tc(max_steps=1, warmup_steps=5), load_corpus("embedded"), progress=False)
 
@@ -591,3 +594,27 @@ def test_peak_flops_matches_exact_device_names(monkeypatch):
                        ("NVIDIA A10G", None), ("NVIDIA A10", 125e12), ("NVIDIA H200", 989e12)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
         assert peak_flops("cuda") == peak, name
+
+
+def test_moved_or_copied_run_resumes_in_its_new_place(tmp_path, corpus):
+    """The absolute out_dir saved in the checkpoint must not pull a copied run back into the original."""
+    import shutil
+
+    run = tmp_path / "run"
+    Trainer(ModelConfig(**TINY), _tc(max_steps=4, out_dir=str(run)), corpus, progress=False).fit(steps=2)
+    original = (run / "last" / "model.safetensors").read_bytes()
+    shutil.copytree(run, tmp_path / "copy")
+    r = Trainer.resume(tmp_path / "copy" / "last", corpus, progress=False)
+    assert r.cfg.out_dir == str(tmp_path / "copy")
+    r.fit(steps=1)
+    assert load_checkpoint(tmp_path / "copy" / "last").trainer_state["step"] == 3
+    assert (run / "last" / "model.safetensors").read_bytes() == original  # the original run is untouched
+    shutil.move(run, tmp_path / "moved")
+    r = Trainer.resume(tmp_path / "moved" / "last", corpus, progress=False)
+    r.fit(steps=1)
+    assert not run.exists()  # not recreated
+    assert load_checkpoint(tmp_path / "moved" / "last").trainer_state["step"] == 3
+    # a run's own last in its place still continues there; an explicit out_dir still wins
+    assert Trainer.resume(tmp_path / "moved" / "last", corpus, progress=False).cfg.out_dir == str(tmp_path / "moved")
+    r = Trainer.resume(tmp_path / "moved" / "last", corpus, progress=False, out_dir=str(tmp_path / "elsewhere"))
+    assert r.cfg.out_dir == str(tmp_path / "elsewhere")

@@ -63,6 +63,10 @@ def test_fit_errors_are_reported(capsys, tmp_path):
     assert "missing column" in capsys.readouterr().err
     assert main(["scaling", "fit", str(tmp_path / "nope.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # one of them used to be ignored
+        main(["scaling", "fit", str(p), "--c-col", "C", "--d-col", "D"])
+    assert exc.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_optimal_json(capsys):
