@@ -57,10 +57,20 @@ class _Bar:
 def _options(args: argparse.Namespace):
     from flopwise.models.upcycle import UpcycleOptions
 
+    # options that only one choice uses: given with another, they would be silently ignored
+    for flag, value, owner, choice, used in (
+            ("--noise-std", args.noise_std, "--expert-init", args.expert_init, ("noise",)),
+            ("--drop-ratio", args.drop_ratio, "--expert-init", args.expert_init, ("drop",)),
+            ("--router-std", args.router_std, "--router-init", args.router_init, ("normal", "orthogonal", "kmeans"))):
+        if value is not None and choice not in used:
+            raise ValueError(f"{flag} is used only with {owner} {' or '.join(used)}, not {choice}: drop it")
+    given = {k: v for k, v in (("noise_std", args.noise_std), ("drop_ratio", args.drop_ratio),
+                               ("router_std", args.router_std)) if v is not None}
     return UpcycleOptions(
+        **given,
         n_experts=args.experts, top_k=args.top_k, format=args.format, layers=args.layers,
-        expert_init=args.expert_init, noise_std=args.noise_std, drop_ratio=args.drop_ratio,
-        granularity=args.granularity, router_init=args.router_init, router_std=args.router_std,
+        expert_init=args.expert_init,
+        granularity=args.granularity, router_init=args.router_init,
         calibration_text=args.calibration_text, renormalize=not args.no_renormalize,
         shared_d_ff=args.shared_d_ff, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
         max_shard_bytes=args.max_shard_size, optimizer=not args.no_optimizer)
@@ -128,12 +138,12 @@ def add_parser(sub) -> None:
                    help="which MLPs become MoE: all, every_other (1, 3, ...), last:N, or 0,2,5 (default all)")
     p.add_argument("--expert-init", choices=EXPERT_INITS, default="copy",
                    help="copy (the paper), noise (copy + Gaussian noise) or drop (Drop-Upcycling)")
-    p.add_argument("--noise-std", type=float, default=0.01, help="noise std relative to each matrix's std (default 0.01)")
-    p.add_argument("--drop-ratio", type=float, default=0.5, help="Drop-Upcycling fraction r of neurons (default 0.5)")
+    p.add_argument("--noise-std", type=float, help="noise std relative to each matrix's std (default 0.01)")
+    p.add_argument("--drop-ratio", type=float, help="Drop-Upcycling fraction r of neurons (default 0.5)")
     p.add_argument("--granularity", type=int, default=1, help="neuron-split granularity G (default 1)")
     p.add_argument("--router-init", choices=ROUTER_INITS, default="normal",
                    help="normal N(0, 0.02) (default), zeros, orthogonal or kmeans (needs --calibration-text)")
-    p.add_argument("--router-std", type=float, default=0.02, help="router init std / row scale (default 0.02)")
+    p.add_argument("--router-std", type=float, help="router init std / row scale (default 0.02)")
     p.add_argument("--calibration-text", metavar="FILE", help="UTF-8 text for --router-init kmeans")
     p.add_argument("--no-renormalize", action="store_true",
                    help="qwen2_moe: norm_topk_prob=False (breaks exact reproduction)")

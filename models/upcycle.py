@@ -146,6 +146,9 @@ class UpcycleOptions:
             raise ValueError(f"option router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
         if self.router_init == "kmeans" and not self.calibration_text:
             raise ValueError("option router_init='kmeans' needs calibration_text (a text file)")
+        if self.calibration_text is not None and self.router_init != "kmeans":
+            raise ValueError(f"option calibration_text is used only by router_init='kmeans', not "
+                             f"{self.router_init!r}: drop it or choose kmeans")
         if not (0 < self.drop_ratio <= 1):
             raise ValueError(f"option drop_ratio must be in (0, 1], got {self.drop_ratio}")
         for name in ("noise_std", "router_std", "aux_loss_coef"):

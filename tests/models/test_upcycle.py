@@ -424,6 +424,16 @@ def test_cli(llama, tmp_path, capsys):
         run(src, dst, "--experts", 4)
     with pytest.raises(ValueError, match="top_k"):
         run(src, tmp_path / "x", "--experts", 2, "--top-k", 3)
+    # an option the chosen method does not use is refused, not silently ignored
+    for extra, match in ((["--noise-std", "0.1"], "--noise-std is used only with --expert-init noise"),
+                         (["--expert-init", "noise", "--drop-ratio", "0.3"], "--drop-ratio is used only"),
+                         (["--router-init", "zeros", "--router-std", "0.1"], "--router-std is used only"),
+                         (["--calibration-text", src / "config.json"], "calibration_text is used only")):
+        with pytest.raises(ValueError, match=match):
+            run(src, tmp_path / "y", "--experts", 4, *extra)
+        assert not (tmp_path / "y").exists()
+    assert run(src, tmp_path / "y", "--experts", 4, "--expert-init", "noise", "--noise-std", "0.1",
+               "--dry-run", "--json") == 0
 
 
 def test_streaming_reader_and_copy_fallback(llama, tmp_path, monkeypatch):
