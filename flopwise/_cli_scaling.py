@@ -161,8 +161,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         from flopwise.scaling import plot as splot
 
         splot.plot_fit(data, law, path=args.plot)
+        print(f"figure: {splot.output_path(args.plot)[0]}", file=sys.stderr)
         if boot is not None:
             splot.plot_bootstrap(boot, path=_bootstrap_path(args.plot))
+            print(f"figure: {splot.output_path(_bootstrap_path(args.plot))[0]}", file=sys.stderr)
     # 1: results printed, but the fit is not one to rely on (see the warnings).
     return 1 if result.warnings else 0
 
@@ -196,7 +198,7 @@ def _cmd_optimal(args: argparse.Namespace) -> int:
         io = row["inference_aware"]
         print(f"serving {args.inference_tokens:.3g} tokens at the same loss: N = {io['N']:.3e} "
               f"({io['n_ratio']:.2f}x), D = {io['D']:.3e} ({io['d_ratio']:.2f}x), "
-              f"total compute {io['total_flops']:.3e} ({100 * io['savings']:.1f}% less)")
+              f"total compute {io['total_flops']:.3e} ({round(100 * io['savings'], 1) + 0.0:.1f}% less)")  # + 0.0: no "-0.0"
     return 0
 
 

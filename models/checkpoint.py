@@ -221,7 +221,8 @@ def _read_json_object(f: Path) -> dict:
 def _read_config(path: Path) -> ModelConfig:
     f = path / "config.json"
     if not f.exists():
-        raise FileNotFoundError(f"no config.json in {path}")
+        hint = f": the run's checkpoint is {path / 'last'}" if (path / "last" / "config.json").is_file() else ""
+        raise FileNotFoundError(f"no config.json in {path}{hint}")
     return ModelConfig.from_dict(_read_json_object(f))
 
 
@@ -242,6 +243,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     or shards with ``model.safetensors.index.json``). Missing or unexpected tensors, and
     tensors whose shape differs from what config.json implies, raise ValueError."""
     path = Path(path)
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file, not a checkpoint folder: pass the folder that holds "
+                                f"config.json and model.safetensors ({path.parent}?)")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     _read_config(path)  # a missing or corrupt config.json named as such

@@ -401,8 +401,11 @@ def _run(p, corpus, budget, budget_s, dense_steps, out_dir, dev, threads, progre
     log(format_upcycle(upcycled))
     log("")
     n_code = len(text.val[:p.coding_bytes])
-    log(f"compressed text: {n_code:,} validation bytes (GZip in 4,096-byte chunks, the coders in 32 streams of "
-        f"{max(256, -(-n_code // 32)):,} bytes), M1 = the dense model above; every stream decoded back exactly:")
+    chunk = _coding_chunk(n_code)
+    streams = -(-n_code // chunk)
+    log(f"compressed text: {n_code:,} validation bytes (GZip in 4,096-byte chunks, the coders in {streams} "
+        f"stream{'s' * (streams != 1)} of up to {chunk:,} bytes), M1 = the dense model above; every stream decoded "
+        "back exactly:")
     log(format_coding(coding))
     log(f"corpus: {text.name}; total {seconds:.0f} s")
     return DemoResult(rows, text.name, str(dev), p.name, seconds, table, notes, upcycled, max_diff, coding)
@@ -448,6 +451,11 @@ def format_upcycle(rows: list[dict]) -> str:
     return _text_table(head, lines)
 
 
+def _coding_chunk(n: int) -> int:
+    """Bytes per coder stream: the text cut into (at most) 32 streams of at least 256 bytes."""
+    return max(256, -(-n // 32))
+
+
 def _coding_stage(model, text: TextCorpus, p: DemoPreset, dev: torch.device) -> list[dict]:
     """Lester et al.'s methods on a validation slice with ``model`` as M1: GZip, StaticAC
     (unigram of the training text), ArithmeticCoding and EqualInfoAC[b=16], 8-bit tokens.
@@ -461,7 +469,7 @@ def _coding_stage(model, text: TextCorpus, p: DemoPreset, dev: torch.device) -> 
     S = model.cfg.max_seq_len
     # 32 streams coded side by side (one model call advances all of them): the coder's time
     # goes with the steps of the longest stream, not with the bytes
-    chunk = max(256, -(-len(data) // 32))
+    chunk = _coding_chunk(len(data))
     coders = [
         ("GZip", "gzip", lambda: GZip(8, 4096)),  # no model steps; smaller chunks would only hurt it
         ("StaticAC", "static", lambda: StaticAC(StaticModel.fit(text.train[: 1 << 22]), 8, chunk, device=dev)),

@@ -215,6 +215,9 @@ def load_run_config(spec: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
     if not p.exists() and p.suffix not in (".json", ".toml"):
         mc = ModelConfig.preset(spec)
         return mc, TrainConfig(seq_len=min(TrainConfig.seq_len, mc.max_seq_len))
+    if p.is_dir() and (p / "config.json").is_file():
+        raise ValueError(f"{p} is a checkpoint folder, not a config: continue it with --resume {p} "
+                         "(Trainer.resume), or pass a preset or a JSON/TOML config")
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     if p.suffix == ".toml":

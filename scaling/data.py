@@ -191,6 +191,8 @@ def load_csv(
     k = _checks.real(k, "k", low=0.0)
     drop_highest = _checks.integer(drop_highest, "drop_highest", low=0)
     min_rows = _checks.integer(min_rows, "min_rows", low=1)
+    if path.is_dir():
+        raise ValueError(f"path: {str(path)!r} is a folder, not a CSV file")
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
     lines: list[int] = []

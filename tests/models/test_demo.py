@@ -145,6 +145,8 @@ def test_demo_upcycles_and_codes(demo):
     assert {r["method"] for r in result.coding} == {"GZip", "StaticAC", "AC", "EqualInfoAC[b=16]"}
     assert all(r["bits_per_byte"] > 0 and r["compression_ratio"] > 0 for r in result.coding)
     assert "sparse upcycling" in text and "compressed text" in text and "decoded back exactly" in text
+    # the smoke preset codes 600 bytes: 3 streams of up to 256 (the line used to claim 32 of 256)
+    assert "600 validation bytes" in text and "the coders in 3 streams of up to 256 bytes" in text
 
 
 def test_demo_never_replaces_other_files(tmp_path):

@@ -582,6 +582,13 @@ def test_run_config_and_cli_errors(tmp_path, capsys, monkeypatch):
     # CONFIG names a new run's model: with --resume it would be silently ignored
     assert _main(["train", "small", "--resume", str(run / "last"), "--corpus", "embedded", "--steps", "4"]) == 2
     assert "applies to a new run" in capsys.readouterr().err
+    # the usual slips get a message that names the fix
+    assert _main(["train", str(run / "last"), "--corpus", "embedded", "--steps", "4"]) == 2
+    assert f"continue it with --resume {run / 'last'}" in capsys.readouterr().err
+    assert _main(["train", "--resume", str(run), "--corpus", "embedded", "--steps", "4"]) == 2
+    assert f"the run's checkpoint is {run / 'last'}" in capsys.readouterr().err
+    assert _main(["generate", str(run / "last" / "model.safetensors"), "--prompt", "a"]) == 2
+    assert "is a file, not a checkpoint folder" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="warmup_steps"):
         Trainer(ModelConfig(**TINY), _tc(max_steps=1, warmup_steps=5), load_corpus("embedded"), progress=False)
 

@@ -63,10 +63,18 @@ def test_fit_errors_are_reported(capsys, tmp_path):
     assert "missing column" in capsys.readouterr().err
     assert main(["scaling", "fit", str(tmp_path / "nope.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["scaling", "fit", str(tmp_path)]) == 2
+    assert "is a folder, not a CSV file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # one of them used to be ignored
         main(["scaling", "fit", str(p), "--c-col", "C", "--d-col", "D"])
     assert exc.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_optimal_prints_no_negative_zero(capsys):
+    assert main(["scaling", "optimal", "--compute", "1e23", "--law", "hoffmann", "--inference-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "(0.0% less)" in out and "-0.0" not in out
 
 
 def test_optimal_json(capsys):
