@@ -56,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    return f"flopwise: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself (not a caller passing argv): warnings as one line, no source
+        import warnings
+
+        warnings.formatwarning = _cli_warning
     _prepare_bench(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -74,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:  # a diverged training run: not a bug either (other arithmetic errors are)
         print(f"flopwise: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing half-written is left
+        print("flopwise: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

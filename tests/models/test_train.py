@@ -625,3 +625,31 @@ def test_moved_or_copied_run_resumes_in_its_new_place(tmp_path, corpus):
     assert Trainer.resume(tmp_path / "moved" / "last", corpus, progress=False).cfg.out_dir == str(tmp_path / "moved")
     r = Trainer.resume(tmp_path / "moved" / "last", corpus, progress=False, out_dir=str(tmp_path / "elsewhere"))
     assert r.cfg.out_dir == str(tmp_path / "elsewhere")
+
+
+def test_cli_interrupt_and_warnings_are_one_line(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from flopwise.models import train as train_mod
+
+    def interrupted(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", interrupted)
+    try:
+        rc = _main(["train", "tiny", "--corpus", "embedded", "--steps", "2", "--seq-len", "32"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C reached the user as a traceback")
+    assert rc == 130
+    assert capsys.readouterr().err.strip().endswith("flopwise: interrupted")
+    monkeypatch.undo()
+    # the command itself prints a warning as one line, without the source line that raised it
+    r = subprocess.run([sys.executable, "-m", "flopwise", "train", "tiny", "--corpus", "embedded", "--steps", "1",
+                        "--seq-len", "32", "--batch-size", "2", "--warmup-steps", "5", "--eval-every", "1"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    warn = [ln for ln in r.stderr.splitlines() if "warmup_steps (5)" in ln]
+    assert warn and all(ln.startswith("flopwise: warning: ") for ln in warn), r.stderr
+    assert "UserWarning" not in r.stderr and ".py:" not in r.stderr, r.stderr
