@@ -95,6 +95,13 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
         for w in summary["warnings"]:
             print(f"  warning: {w}")
         return 0
+    if args.quiet and args.verify:
+        try:  # --verify loads Hugging Face models: no loading bars either
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            pass
+        else:
+            hf_logging.disable_progress_bar()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", up.UpcycleWarning)  # printed below, once
         try:

@@ -611,7 +611,10 @@ def _load_dense(folder: str, family: str):
         return load_flopwise(folder, dtype=torch.float32).eval()
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with warnings.catch_warnings():
+        # transformers' init of a zero-size tensor (an MoE layer without a shared expert, say)
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def _mlp_modules(model, family: str) -> list:
