@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -168,7 +169,31 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_cmd_upcycle_default)
 
 
+# UpcycleOptions names its fields in errors ("option n_experts ..."); on the command line
+# they are flags.
+_FLAGS = {"n_experts": "--experts", "top_k": "--top-k", "format": "--format", "layers": "--layers",
+          "expert_init": "--expert-init", "noise_std": "--noise-std", "drop_ratio": "--drop-ratio",
+          "granularity": "--granularity", "router_init": "--router-init", "router_std": "--router-std",
+          "calibration_text": "--calibration-text", "renormalize": "--no-renormalize",
+          "shared_d_ff": "--shared-d-ff", "aux_loss_coef": "--aux-loss-coef", "seed": "--seed",
+          "max_shard_bytes": "--max-shard-size", "optimizer": "--no-optimizer"}
+_OPTION = re.compile(r"\boption (\w+)")
+_FIELD = re.compile(r"\b(" + "|".join(k for k in _FLAGS if "_" in k) + r")\b")
+
+
+def _as_flags(message: str) -> str:
+    message = _OPTION.sub(lambda m: _FLAGS.get(m.group(1), m.group(0)), message)
+    return _FIELD.sub(lambda m: _FLAGS[m.group(1)], message)
+
+
 def _cmd_upcycle_default(args: argparse.Namespace) -> int:
+    try:
+        return _run_upcycle(args)
+    except ValueError as exc:
+        raise ValueError(_as_flags(str(exc))) from None
+
+
+def _run_upcycle(args: argparse.Namespace) -> int:
     if args.format is None:
         import os
 

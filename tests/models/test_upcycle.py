@@ -422,13 +422,13 @@ def test_cli(llama, tmp_path, capsys):
     assert _diff(dense, _load(MixtralForCausalLM, dst)) <= TOL
     with pytest.raises(FileExistsError):
         run(src, dst, "--experts", 4)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match=r"--experts \(E=2\) must be >= --top-k"):  # flags, not field names
         run(src, tmp_path / "x", "--experts", 2, "--top-k", 3)
     # an option the chosen method does not use is refused, not silently ignored
     for extra, match in ((["--noise-std", "0.1"], "--noise-std is used only with --expert-init noise"),
                          (["--expert-init", "noise", "--drop-ratio", "0.3"], "--drop-ratio is used only"),
                          (["--router-init", "zeros", "--router-std", "0.1"], "--router-std is used only"),
-                         (["--calibration-text", src / "config.json"], "calibration_text is used only")):
+                         (["--calibration-text", src / "config.json"], "--calibration-text is used only")):
         with pytest.raises(ValueError, match=match):
             run(src, tmp_path / "y", "--experts", 4, *extra)
         assert not (tmp_path / "y").exists()
