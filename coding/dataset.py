@@ -383,6 +383,9 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
         raise TypeError("opts must be a BuildOptions")
     if train is not None and opts.method != "static":
         raise ValueError(f"train (--train) is used by method 'static' only, not {opts.method!r}")
+    if opts.method == "gzip" and torch.device(opts.device).type != "cpu":
+        raise ValueError(f"device (--device) is used by methods 'static', 'ac' and 'equalinfo' only: gzip runs on "
+                         f"the host (got device={opts.device!r})")
     out = os.path.abspath(out)
     inputs = {"corpus": corpus, "train file": train, "M1 checkpoint": opts.m1}
     _check_out(out, force, inputs)
@@ -564,12 +567,25 @@ def _write_atomic(path: str, data: bytes, *, force: bool) -> None:
                 pass
 
 
+def _check_text_file(text_file: str, what: str, path: str) -> None:
+    """Refuse a ``text_file`` that is, or lies inside, ``path`` (symlinks resolved): writing it
+    would change the data or the model being decoded."""
+    real = os.path.realpath(path)
+    # what os.replace would change (the parent resolved), and where a symlink text_file points
+    targets = {os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(text_file))),
+                            os.path.basename(text_file)), os.path.realpath(text_file)}
+    if any(t == real or t.startswith(real.rstrip(os.sep) + os.sep) for t in targets):
+        raise ValueError(f"text_file {text_file} is or is inside the {what} {path}; writing it would change what "
+                         "is being decoded: choose a path outside it")
+
+
 def decode(folder: str, text_file: str | None = None, *, force: bool = False, device: str | None = None,
            m1: str | None = None, progress: bool | None = None) -> bytes:
     """Invert :func:`build`: returns the original bytes (and writes them to ``text_file``
     atomically when given). Raises :class:`CorruptStreamError` when the folder's files are
     malformed or the data do not decode to the recorded input (SHA-256 checked), ``ValueError``
-    when the M1 checkpoint's hash differs (checked before the checkpoint is opened)."""
+    when the M1 checkpoint's hash differs (checked before the checkpoint is opened), and when
+    ``text_file`` is inside ``folder`` or is (or is inside) the M1 checkpoint, symlinks resolved."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{folder} is not a coding output folder (no meta.json)")
@@ -581,7 +597,13 @@ def decode(folder: str, text_file: str | None = None, *, force: bool = False, de
         parent = os.path.dirname(os.path.abspath(text_file))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"the folder of text_file {text_file} does not exist")
+        _check_text_file(text_file, "dataset folder", folder)
     opts, m1_meta, inp = _check_meta(_read_meta(meta_path), meta_path)
+    # text_file may be none of the folder, the M1 named in meta.json or one given instead of it
+    protected = [(what, path) for what, path in (("dataset folder", folder), ("M1 checkpoint recorded in meta.json",
+                 opts.m1), ("M1 checkpoint (m1, --m1)", m1)) if path]
+    for what, path in protected if text_file else ():
+        _check_text_file(text_file, what, path)
     # decode-time overrides are the caller's input, not the folder's: plain ValueErrors
     if device:
         opts = dataclasses.replace(opts, device=device)
@@ -614,5 +636,7 @@ def decode(folder: str, text_file: str | None = None, *, force: bool = False, de
     if len(data) != n or hashlib.sha256(data).hexdigest() != inp["sha256"]:
         raise CorruptStreamError(f"{folder}: decoded data do not match the recorded input (size or SHA-256 differ)")
     if text_file:
+        for what, path in protected:  # again: paths may have changed during a long decode
+            _check_text_file(text_file, what, path)
         _write_atomic(text_file, data, force=force)
     return data

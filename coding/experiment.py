@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -185,6 +186,94 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+# What an experiment writes into OUT: ``results.json`` (rewritten through ``results.json.tmp``),
+# the M1 checkpoint ``m1/`` and ``data/<run>/{train,val}.npy``. --force replaces only a folder
+# holding these and nothing else.
+_OUT_FILES = frozenset({"results.json", "results.json.tmp"})
+_OUT_FOLDERS = frozenset({"m1", "data"})
+_DATA_FOLDERS = frozenset(k.replace(":", "-") for k in RUN_KEYS)
+_REPLACES = ("--force replaces only an earlier `coding experiment` output (results.json, m1/ and data/, nothing "
+             "else): remove or move it yourself, or choose another --out")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _is_experiment_results(path: str) -> bool:
+    """Whether ``path`` is a results.json this command wrote (complete or not)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    want = {"preset", "corpus", "device", "m1", "coding", "m2", "complete"}
+    return (isinstance(obj, dict) and want <= set(obj) and isinstance(obj["coding"], list)
+            and isinstance(obj["m2"], list) and isinstance(obj["complete"], bool))
+
+
+def _check_out(out_dir: str, force: bool, inputs: dict[str, str | None]) -> bool:
+    """Refuse an ``out_dir`` that is or contains an input, and an existing one unless it is
+    empty, or an earlier experiment output (only what this command writes) and ``force``.
+    Returns True when it holds an earlier run that the new one is to replace."""
+    from flopwise.models.checkpoint import check_replaceable
+    from flopwise.models.safetensors_io import check_replaceable_folder
+
+    out = os.path.abspath(out_dir)
+    real = os.path.realpath(out)
+    for what, path in inputs.items():
+        if path is not None and _within(os.path.realpath(path), real):
+            raise ValueError(f"out {out_dir} is or contains the {what} {path}; choose an output folder outside it")
+    if not os.path.lexists(out):
+        return False
+    if os.path.isdir(out) and not os.listdir(out):
+        return False  # an empty folder: written in place
+    kind = "a `coding experiment` output"
+    check_replaceable_folder(out, _OUT_FILES, folders=_OUT_FOLDERS, required=("results.json",), kind=kind,
+                             advice=_REPLACES, name=f"out {out_dir}")
+    if not _is_experiment_results(os.path.join(out, "results.json")):
+        raise FileExistsError(f"out {out_dir} has a results.json that is not a `coding experiment` one's; {_REPLACES}")
+    m1_dir, data_dir = os.path.join(out, "m1"), os.path.join(out, "data")
+    if os.path.isdir(m1_dir):
+        try:
+            check_replaceable(m1_dir)
+        except FileExistsError as exc:
+            raise FileExistsError(f"out {out_dir}: its m1/ is not the checkpoint an experiment writes "
+                                  f"({exc})") from None
+    if os.path.isdir(data_dir):
+        check_replaceable_folder(data_dir, (), folders=_DATA_FOLDERS, kind=kind, advice=_REPLACES,
+                                 name=f"out {out_dir}: data/")
+        for sub in os.listdir(data_dir):
+            check_replaceable_folder(os.path.join(data_dir, sub), ("train.npy", "val.npy"), kind=kind,
+                                     advice=_REPLACES, name=f"out {out_dir}: data/{sub}/")
+    if not force:
+        raise FileExistsError(f"out {out_dir} holds an earlier `coding experiment` run; pass force=True (--force) "
+                              "to replace it, or choose another --out")
+    return True
+
+
+def _publish(tmp: str, out: str) -> None:
+    """Put the finished folder ``tmp`` at ``out``; an earlier output there is moved aside and
+    deleted only once the new one is in place (moved back if that fails)."""
+    from flopwise.models.safetensors_io import fsync_dir
+
+    parent = os.path.dirname(out)
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        fsync_dir(parent)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+    os.rmdir(old)
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _label(method: str, bits: int, window_bits: int) -> str:
     if method == "bytes":
         return "Bytes"
@@ -213,6 +302,11 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _percent(x: float) -> str:
+    s = f"{100 * x:.1f}"
+    return ("0.0" if s == "-0.0" else s) + "%"  # a loss within 0.05% of uniform is no sign of anything
+
+
 def format_tables(res: ExperimentResult) -> str:
     """The compression table and the M2 table as fixed-width text."""
 
@@ -227,7 +321,7 @@ def format_tables(res: ExperimentResult) -> str:
     ct = table(("method (validation text)", "bits/byte", "ratio", "bytes/token", "enc kB/s", "dec kB/s"), c_lines)
     m_lines = [(r.label, f"{r.params / 1e6:.2f}M", f"{r.steps}", f"{r.tokens_trained / 1e3:,.0f}k",
                 f"{r.epochs:.2f}", f"{r.train_flops:.3g}", f"{r.bytes_per_token:.2f}", f"{r.compressed_bpb:.3f}",
-                f"{r.val_bpb:.3f}", f"{100 * r.learned:.1f}%") for r in res.m2]
+                f"{r.val_bpb:.3f}", _percent(r.learned)) for r in res.m2]
     mt = table(("M2 trained on", "params", "steps", "tokens", "epochs", "train FLOPs", "bytes/tok", "uniform bpb",
                 "val bpb", "learned"), m_lines)
     return ct + "\n\n" + mt
@@ -235,7 +329,8 @@ def format_tables(res: ExperimentResult) -> str:
 
 def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None, runs=None, m1: str | None = None,
                    out_dir: str | None = None, device: str = "auto", m2_steps: int | None = None,
-                   progress: bool = True, log: Callable[[str], None] | None = None) -> ExperimentResult:
+                   progress: bool = True, log: Callable[[str], None] | None = None,
+                   force: bool = False) -> ExperimentResult:
     """Run the experiment and return (and log) its tables.
 
     Args:
@@ -246,8 +341,12 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
         runs: M2 runs (see :func:`parse_runs`); default: the preset's.
         m1: an M1 checkpoint folder (a dense flopwise byte LM) instead of training one.
         out_dir: keep M1's checkpoint, every token array (``data/<run>/{train,val}.npy``)
-            and ``results.json`` there (default: a temporary folder, removed).
+            and ``results.json`` there (default: a temporary folder, removed). A new or empty
+            folder is written in place (a run stopped part-way keeps what it finished).
         m2_steps: override the preset's M2 steps.
+        force: replace an ``out_dir`` that holds an earlier experiment (only what this
+            command writes; anything else is refused). The new run is written beside it and
+            swapped in when it finishes, so a failed run leaves the earlier one as it was.
     """
     from flopwise.models.checkpoint import load_checkpoint
     from flopwise.models.data import ByteData, TextCorpus, TokenData, load_corpus
@@ -263,22 +362,41 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
         if isinstance(m2_steps, bool) or not isinstance(m2_steps, int) or m2_steps < 1:
             raise ValueError(f"m2_steps must be an int >= 1, got {m2_steps!r}")
         p = ExperimentPreset(**{**asdict(p), "m2_steps": m2_steps})
+    if not isinstance(force, bool):
+        raise TypeError(f"force must be a bool, got {force!r}")
     text = corpus if isinstance(corpus, TextCorpus) else load_corpus(corpus)
     train_text, val_text = text.train[: p.train_bytes], text.val[: p.val_bytes]
     log(f"corpus: {text.description}; M2 text: train {len(train_text):,} B, validation {len(val_text):,} B")
+    notes: list[str] = []
+    if m1 is not None:  # a given M1 is checked before anything is written
+        ck = load_checkpoint(m1, device=dev)
+        net, m1_bpb = ck.model, None
+        CachedLM(net, context_len=min(p.m1_context, net.cfg.max_seq_len))  # a dense byte LM, or fail now
+        bos = ((ck.trainer_state or {}).get("data") or {}).get("bos")
+        if bos != 0:
+            notes.append(f"M1 {m1} was not trained with bos=0 (its record says {bos}): every context "
+                         "restart starts from an input it never saw, which costs bits (`flopwise train --bos 0`)")
 
-    tmp = None
+    tmp = staging = out = None
     if out_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="flopwise-coding-")
         work = tmp.name
     else:
-        work = out_dir
-        os.makedirs(work, exist_ok=True)
-        stale = os.path.join(work, "results.json")
-        if os.path.exists(stale):  # an earlier run's: never mistaken for this one's
-            os.remove(stale)
-    notes: list[str] = []
+        out = os.path.abspath(out_dir)
+        inputs = {"M1 checkpoint": m1,
+                  "corpus": corpus if isinstance(corpus, str) and os.path.exists(corpus) else None}
+        if _check_out(out_dir, force, inputs):  # an earlier run stays until this one has finished
+            staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+            work = staging
+            log(f"writing to {staging}; it replaces {out_dir} when the run has finished")
+        else:
+            work = out
+            os.makedirs(work, exist_ok=True)
     try:
+        if out_dir is not None:  # marks the folder as this command's from the start
+            _write_json(os.path.join(work, "results.json"), ExperimentResult(
+                p.name, text.name, str(dev), {}, [], [], time.perf_counter() - t_start, list(notes),
+                complete=False).to_dict())
         # ---------------------------------------------------------------- M1
         data = ByteData(text, seed=0, bos=0)  # M1 learns the empty context CachedLM restarts from
         if m1 is None:
@@ -287,20 +405,13 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
                               log_every=max(1, p.m1_steps // 10))
             trainer = Trainer(ModelConfig(**p.m1), cfg, data, progress=progress, label="M1       ")
             r = trainer.fit()
-            m1_path = os.path.join(work, "m1")
-            trainer.save(m1_path)
+            trainer.save(os.path.join(work, "m1"))
+            m1_path = None if out is None else os.path.join(out, "m1")  # where it is once the run is done
             net, m1_bpb = trainer.model, r.val_bpb
         else:
-            m1_path = m1
-            ck = load_checkpoint(m1, device=dev)
-            net, m1_bpb = ck.model, None
-            CachedLM(net, context_len=min(p.m1_context, net.cfg.max_seq_len))  # a dense byte LM, or fail now
-            bos = ((ck.trainer_state or {}).get("data") or {}).get("bos")
-            if bos != 0:
-                notes.append(f"M1 {m1} was not trained with bos=0 (its record says {bos}): every context "
-                             "restart starts from an input it never saw, which costs bits (`flopwise train --bos 0`)")
+            m1_path = os.path.abspath(m1)
         net.eval()
-        m1_info = {"path": os.path.abspath(m1_path) if out_dir or m1 else None, "params": net.num_parameters(),
+        m1_info = {"path": m1_path, "params": net.num_parameters(),
                    "config": net.cfg.to_dict(), "val_bpb": m1_bpb, "context_ac": p.m1_context,
                    "window_bits": p.window_bits, "max_window_bytes": p.max_window_bytes}
         log(f"M1: {net.num_parameters() / 1e6:.2f}M parameters" +
@@ -336,6 +447,8 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
                 _write_json(os.path.join(work, "results.json"), part.to_dict())
 
         checkpoint_results()
+        width = max(len(_label(k.split(":")[0], 8 if k == "bytes" else int(k.split(":")[1]), p.window_bits))
+                    for k in run_keys)  # progress labels in full, aligned
         for key in run_keys:
             if key == "bytes":
                 bits, train_tok, val_tok = 8, np.frombuffer(train_text, np.uint8), np.frombuffer(val_text, np.uint8)
@@ -360,7 +473,7 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
                                warmup_steps=max(1, p.m2_steps // 10), eval_tokens=None, device=str(dev),
                                log_every=max(1, p.m2_steps // 10))
             label = _label(method, bits, p.window_bits)
-            trainer = Trainer(mcfg, tcfg, tdata, progress=progress, label=f"{label[:12]:12s} ")
+            trainer = Trainer(mcfg, tcfg, tdata, progress=progress, label=f"{label:{width}s} ")
             res = trainer.fit()
             ev = res.metrics  # the final evaluation: every validation token (eval_tokens=None)
             uniform = bits / tdata.bytes_per_token
@@ -381,6 +494,14 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
                      "stops the run); EqualInfoAC decodes all windows of a batch in parallel, AC decodes each stream in sequence")
         if out_dir is not None:
             _write_json(os.path.join(work, "results.json"), res.to_dict())
+        if staging is not None:
+            from flopwise.models.safetensors_io import publish_mode
+
+            publish_mode(staging)  # mkdtemp's 0700 is for the unfinished folder only
+            # OUT may have changed during a long run: check again just before replacing it
+            _check_out(out, True, inputs)
+            _publish(staging, out)
+            staging = None
         log("")
         log(format_tables(res))
         for n in notes:
@@ -390,3 +511,5 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
     finally:
         if tmp is not None:
             tmp.cleanup()
+        if staging is not None:  # failed or stopped: the earlier run in OUT stays as it was
+            shutil.rmtree(staging, ignore_errors=True)

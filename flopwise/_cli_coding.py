@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 
 from flopwise._cli_types import positive_int as _positive_int
 
@@ -23,6 +25,7 @@ _METHOD_OPTIONS = {
     "batch_rows": ("--batch-rows", ("ac", "equalinfo")),
     "streams_per_batch": ("--streams-per-batch", ("ac", "equalinfo")),
     "train": ("--train", ("static",)),
+    "device": ("--device", ("static", "ac", "equalinfo")),  # GZip runs on the host
 }
 
 
@@ -33,8 +36,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         if getattr(args, dest) is not None and args.method not in methods:
             raise ValueError(f"{flag} applies to --method {' / '.join(methods)} only, not {args.method}")
     given = {k: getattr(args, k) for k in _METHOD_OPTIONS if k != "train" and getattr(args, k) is not None}
-    opts = BuildOptions(method=args.method, token_bits=args.token_bits, chunk_bytes=args.chunk_bytes,
-                        device=args.device, **given)
+    opts = BuildOptions(method=args.method, token_bits=args.token_bits, chunk_bytes=args.chunk_bytes, **given)
     stats = build(args.corpus, args.out, opts, force=args.force, train=args.train,
                   progress=False if args.quiet else None)
     if args.json:
@@ -57,14 +59,44 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_json_path(path: str) -> None:
+    """Refuse a --json FILE that could not be written, before the run rather than after it."""
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path} is a folder; expected a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"--json {path}: its folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--json {path}: its folder {parent} is not writable")
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    """Write through a fresh temporary file beside ``path``, renamed over it: a reader never
+    sees half a file, and a failure leaves no temporary file behind."""
+    from flopwise.models.safetensors_io import umask
+
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 is for the unfinished file only
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from flopwise.coding.experiment import run_experiment
 
-    res = run_experiment(args.corpus, preset=args.preset, runs=args.runs, m1=args.m1, out_dir=args.out,
-                         device=args.device, m2_steps=args.m2_steps, progress=not args.quiet)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res.to_dict(), f, indent=1)
+        _check_json_path(args.json)
+    res = run_experiment(args.corpus, preset=args.preset, runs=args.runs, m1=args.m1, out_dir=args.out,
+                         device=args.device, m2_steps=args.m2_steps, progress=not args.quiet, force=args.force)
+    if args.json:
+        _check_json_path(args.json)  # again: the run may have taken hours
+        _write_json_atomic(args.json, res.to_dict())
         print(f"wrote {args.json}")
     return 0
 
@@ -93,7 +125,8 @@ def add_parser(sub) -> None:
     b.add_argument("--batch-rows", type=_positive_int, help="ac/equalinfo: rows per M1 call, fixed (default 64)")
     b.add_argument("--streams-per-batch", type=_positive_int, help="ac/equalinfo: streams coded together (default 256)")
     b.add_argument("--train", metavar="FILE", help="StaticAC: fit the unigram model on FILE (default: the corpus)")
-    b.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); decoding must use the same")
+    b.add_argument("--device", help="static/ac/equalinfo: cpu or cuda (default cpu); decoding must use the same "
+                                    "device type")
     b.add_argument("--force", action="store_true", help="replace an existing OUT")
     b.add_argument("--json", action="store_true", help="print the stats as JSON")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -117,7 +150,10 @@ def add_parser(sub) -> None:
                                   "optional :8 or :16 (token bits; default 8). Default: the preset's")
     e.add_argument("--m1", metavar="CKPT", help="use this M1 (flopwise checkpoint folder) instead of training one")
     e.add_argument("--m2-steps", type=_positive_int, help="M2 optimizer steps (default: the preset's)")
-    e.add_argument("--out", metavar="DIR", help="keep M1, the token arrays and results.json here")
+    e.add_argument("--out", metavar="DIR", help="keep M1, the token arrays and results.json here (a new or "
+                                                "empty folder, or an earlier experiment's with --force)")
+    e.add_argument("--force", action="store_true", help="replace an earlier experiment in --out (swapped in once "
+                                                        "the new run has finished)")
     e.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -283,3 +283,51 @@ def test_the_m1_loaded_is_the_one_hashed(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_formats, "load_flopwise", edit_then_load)
     with pytest.raises(ValueError, match="changed while it was being loaded"):
         load_m1(str(folder))
+
+
+def test_decode_never_writes_into_the_folder_or_the_m1(folders, tmp_path):
+    """TEXT_FILE may not be a file of the folder being decoded, nor the M1 checkpoint (or a
+    file in it), however it is named: --force replaces a user's file, never these."""
+    ds = _copy(folders, "gzip", tmp_path / "ds")
+    kept = {p: (ds / p).read_bytes() for p in os.listdir(ds)}
+    (tmp_path / "link").symlink_to(ds)
+    for target in (ds / "tokens.npy", ds / "meta.json", ds / "new.txt", tmp_path / "link" / "tokens.npy"):
+        with pytest.raises(ValueError, match="text_file .* inside the dataset folder"):
+            decode(str(ds), str(target), force=True, progress=False)
+    assert {p: (ds / p).read_bytes() for p in os.listdir(ds)} == kept
+    # the M1 named in meta.json (here a copy of it, so the shared fixture stays intact)
+    ac = _copy(folders, "ac", tmp_path / "ac")
+    m1 = tmp_path / "m1.pt"
+    shutil.copy(folders / "m1.pt", m1)
+    _edit_meta(ac, lambda m: m["build_options"].update(m1=str(m1)))
+    m1_bytes = m1.read_bytes()
+    (tmp_path / "m1link.pt").symlink_to(m1)
+    for target in (m1, tmp_path / "m1link.pt"):
+        with pytest.raises(ValueError, match="is or is inside the M1 checkpoint recorded in meta.json"):
+            decode(str(ac), str(target), force=True, progress=False)
+    assert m1.read_bytes() == m1_bytes
+    # an M1 given instead (a checkpoint folder): nothing inside it either
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is or is inside the M1 checkpoint \(m1, --m1\)"):
+        decode(str(ac), str(ck / "config.json"), m1=str(ck), force=True, progress=False)
+    assert (ck / "config.json").read_text() == "{}"
+    # anywhere else is fine
+    assert decode(str(ac), str(tmp_path / "back.txt"), progress=False) == (folders / "corpus.txt").read_bytes()
+
+
+def test_gzip_build_refuses_a_device(tmp_path, prose, capsys):
+    """GZip runs on the host: --device is refused like every option a method does not use
+    (it used to be recorded in meta.json, even "cuda" on a machine without CUDA)."""
+    from flopwise import cli
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(prose[:300])
+    assert cli.main(["coding", "build", str(corpus), str(tmp_path / "o"), "--method", "gzip", "--device", "cuda"]) == 2
+    assert "--device applies to --method static / ac / equalinfo only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="gzip runs on the host"):
+        build(str(corpus), str(tmp_path / "o"), BuildOptions(method="gzip", device="cuda"), progress=False)
+    assert not (tmp_path / "o").exists()
+    assert _cli(["coding", "build", str(corpus), str(tmp_path / "o"), "--method", "gzip", "--quiet"]) == 0
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["device"] == "cpu"
