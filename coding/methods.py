@@ -142,6 +142,7 @@ class _StreamAC:
         _check_count("streams_per_batch", streams_per_batch)
         if model.vocab_size != 256:
             raise ValueError(f"byte coding needs a 256-symbol model, got vocab_size={model.vocab_size}")
+        cfg.check_vocab(model.vocab_size)  # precision too low for 256 symbols: now, not at compress()
         self.model, self.cfg = model, cfg
         self.token_bits, self.chunk_bytes, self.streams_per_batch = token_bits, chunk_bytes, streams_per_batch
         self.device = torch.device(device)

@@ -1032,7 +1032,8 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: b
     _check_plan(plan, a.shape[0] if gather else None, w.shape[0])
     if not gather and a.shape[0] != plan.num_rows:
         raise ValueError(f"with gather=False a must have the plan's N = {plan.num_rows} rows, got {a.shape[0]}")
-    if not _use_kernel(a, "grouped_mm") or plan.num_rows == 0:
+    # meta inputs: the custom op, whose fake implementation gives the shapes (the reference reads offsets)
+    if not a.is_meta and (not _use_kernel(a, "grouped_mm") or plan.num_rows == 0):
         return grouped_mm_reference(a, w, plan, gather=gather)
     _, tok, offsets, bexp, brow = _plan_tensors(plan, a.device)
     op = _gmm_op if traced(a, w, tok) else _GroupedMMFunction.apply
@@ -1076,7 +1077,7 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
     Fh = w_gate.shape[2]
     _check_weight(w_up, "w_up", plan.num_experts, (D, Fh), x.dtype, x.device)
     _check_weight(w_down, "w_down", plan.num_experts, (Fh, D), x.dtype, x.device)
-    if not _use_kernel(x, "moe_mlp") or plan.num_rows == 0 or x.shape[0] == 0:
+    if not x.is_meta and (not _use_kernel(x, "moe_mlp") or plan.num_rows == 0 or x.shape[0] == 0):
         return moe_mlp_reference(x, plan, w_gate, w_up, w_down)  # (nothing routed: zeros, no launch)
     weights, tok, offsets, bexp, brow = _plan_tensors(plan, x.device)
     save = _SAVE_NONE

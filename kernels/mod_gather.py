@@ -221,7 +221,8 @@ if HAS_TRITON:
         mask = row_ok[:, None] & col_ok[None, :]
         xv = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=src_ok[:, None] & col_ok[None, :], other=0.0,
                      eviction_policy="evict_first").to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xv * xv, axis=1) / D + eps)
+        # a row that names no position is a zero row, also at eps = 0 (0 * rsqrt(0) would be NaN)
+        rstd = tl.where(src_ok, tl.rsqrt(tl.sum(xv * xv, axis=1) / D + eps), 0.0)
         g = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         out = (xv * rstd[:, None]) * g[None, :]
         tl.store(out_ptr + j[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -256,7 +257,10 @@ if HAS_TRITON:
             src = (j // K) * S + pos
             xv = tl.load(x_ptr + src * D + cols, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(grad_ptr + j * D + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(xv * xv, axis=0) / D + eps)
+            # no row (past the end, or a position outside [0, S)): rstd 0, so it adds nothing to
+            # dgamma, also at eps = 0 (0 * rsqrt(0) would be NaN)
+            valid = ok & (pos >= 0) & (pos < S)
+            rstd = tl.where(valid, tl.rsqrt(tl.sum(xv * xv, axis=0) / D + eps), 0.0)
             xhat = xv * rstd
             dxhat = g * gam
             c = tl.sum(dxhat * xhat, axis=0) / D
@@ -310,8 +314,15 @@ def rmsnorm_gather_tokens_reference(
     """``rmsnorm(gather_tokens(x, idx)) * gamma`` in fp32, rounded to x's dtype:
     ``out[b, j] = x[b, i] / sqrt(mean(x[b, i]**2) + eps) * gamma`` with ``i = idx[b, j]``."""
     xs = gather_tokens_reference(x, idx).to(acc_dtype(x))
-    rstd = torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
+    rstd = _masked_rstd(xs, idx, x.shape[1], eps)
     return ((xs * rstd) * gamma.to(xs.dtype)).to(x.dtype)
+
+
+def _masked_rstd(xs: torch.Tensor, idx: torch.Tensor, S: int, eps: float) -> torch.Tensor:
+    """``rsqrt(mean(xs**2) + eps)`` per row, 0 for a row that names no position (a zero row
+    then, also at eps = 0, where 0 * rsqrt(0) would be NaN)."""
+    rstd = torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
+    return torch.where(_selected(idx, S)[1], rstd, 0.0)
 
 
 def _scatter_tokens_inplace_reference(residual, y, idx, weight) -> None:
@@ -335,7 +346,7 @@ def _rmsnorm_gather_tokens_bwd_reference(grad, x, idx, gamma, eps):
     xs = gather_tokens_reference(x, idx).to(acc_dtype(x))
     g = grad.to(xs.dtype)
     D = x.shape[-1]
-    rstd = torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
+    rstd = _masked_rstd(xs, idx, x.shape[1], eps)
     xhat = xs * rstd
     dxhat = g * gamma.to(xs.dtype)
     dxs = (dxhat - xhat * (dxhat * xhat).sum(-1, keepdim=True) / D) * rstd

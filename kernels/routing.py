@@ -28,6 +28,7 @@ Ranking rules (identical in every backend, so plans agree exactly):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -533,17 +534,21 @@ def _check_logits(logits, name="logits"):
 
 
 def _check_int(value, name, lo, hi):
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int (a numpy or other integral scalar is taken; bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
 
 
 def _check_block_m(block_m):
     """Rows per grouped-matmul block: the kernels tile with it, so a power of two."""
-    _check_int(block_m, "block_m", 1, 1 << 16)
+    block_m = _check_int(block_m, "block_m", 1, 1 << 16)
     if block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two (the grouped matmul's row tile), got {block_m}")
+    return block_m
 
 
 def _check_renormalize(renormalize):
@@ -574,7 +579,7 @@ def _stable_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 def topk_route_reference(logits: torch.Tensor, k: int, *, score: str = "softmax",
                          renormalize: bool = False, block_m: int = 64) -> RoutingPlan:
     """Plain-PyTorch token-choice routing; the definition :func:`topk_route` must match."""
-    _validate_topk(logits, k, score, block_m, renormalize)
+    k, block_m = _validate_topk(logits, k, score, block_m, renormalize)
     T, E = logits.shape
     probs = _scores_reference(logits, score)
     ids = _stable_topk(logits, k, dim=1)  # rank by logits (monotone in the probabilities)
@@ -617,8 +622,8 @@ def plan_from_counts(token_idx: torch.Tensor, weights: torch.Tensor, counts: tor
     if len({t.device for t in (token_idx, weights, counts)}) != 1:
         raise ValueError(f"token_idx, weights and counts must be on one device, got {token_idx.device}, "
                          f"{weights.device}, {counts.device}")
-    _check_int(num_tokens, "num_tokens", 0, 1 << 62)
-    _check_block_m(block_m)
+    num_tokens = _check_int(num_tokens, "num_tokens", 0, 1 << 62)
+    block_m = _check_block_m(block_m)
     N = token_idx.shape[0]
     # token_idx is read by the grouped matmuls as a row address: one out of range would read
     # (and, in the backward, atomically add) outside the token tensor
@@ -644,7 +649,7 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: f
 def expert_choice_route_reference(logits: torch.Tensor, capacity_factor: float = 2.0, *, score: str = "softmax",
                                   block_m: int = 64) -> RoutingPlan:
     """Plain-PyTorch expert-choice routing; the definition :func:`expert_choice_route` must match."""
-    C = _validate_ec(logits, capacity_factor, score, block_m)
+    C, block_m = _validate_ec(logits, capacity_factor, score, block_m)
     T, E = logits.shape
     probs_ET = _scores_reference(logits, score).t()
     tok = torch.sort(_stable_topk(probs_ET, C, dim=1), dim=1).values  # [E, C] increasing tokens
@@ -939,23 +944,23 @@ _TopkRowsFunction = autograd_twin(_topk_rows_op, "TopkRowsFunction", _topk_rows_
 # ----------------------------------------------------------------------------------------
 # 5. Public API
 # ----------------------------------------------------------------------------------------
-def _validate_topk(logits, k, score, block_m, renormalize):
+def _validate_topk(logits, k, score, block_m, renormalize) -> tuple[int, int]:
     _check_logits(logits)
     _check_renormalize(renormalize)
-    _check_int(k, "k", 1, logits.shape[1])
+    k = _check_int(k, "k", 1, logits.shape[1])
     _check_score(score)
-    _check_block_m(block_m)
+    return k, _check_block_m(block_m)
 
 
-def _validate_ec(logits, capacity_factor, score, block_m) -> int:
+def _validate_ec(logits, capacity_factor, score, block_m) -> tuple[int, int]:
     _check_logits(logits)
     _check_score(score)
-    _check_block_m(block_m)
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+    block_m = _check_block_m(block_m)
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real):
         raise TypeError(f"capacity_factor must be a number, got {type(capacity_factor).__name__}")
     if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
         raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor}")
-    return expert_choice_capacity(logits.shape[0], logits.shape[1], capacity_factor)
+    return expert_choice_capacity(logits.shape[0], logits.shape[1], capacity_factor), block_m
 
 
 def _validate_mod(scores, capacity, k) -> int:
@@ -969,12 +974,12 @@ def _validate_mod(scores, capacity, k) -> int:
         raise ValueError(f"scores must have B >= 1 and S >= 1, got {tuple(scores.shape)}")
     S = scores.shape[1]
     if k is None:
-        if isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Real):
             raise TypeError(f"capacity must be a number, got {type(capacity).__name__}")
         if not 0 < capacity <= 1:
             raise ValueError(f"capacity must be in (0, 1], got {capacity}")
         return mod_capacity(S, capacity)
-    _check_int(k, "k", 1, S)
+    k = _check_int(k, "k", 1, S)
     return k
 
 
@@ -997,7 +1002,7 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
         plan = topk_route(router(x), k=2, renormalize=True)
         rows = x[plan.token_idx]          # [T*k, D], expert-sorted
     """
-    _validate_topk(logits, k, score, block_m, renormalize)
+    k, block_m = _validate_topk(logits, k, score, block_m, renormalize)
     if not use_triton(logits, op="topk_route"):  # float64 (gradcheck): the reference
         return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m)
     T, E = logits.shape
@@ -1032,7 +1037,7 @@ def expert_choice_route(logits: torch.Tensor, capacity_factor: float = 2.0, *, s
 
         plan = expert_choice_route(router(x), capacity_factor=2.0)
     """
-    C = _validate_ec(logits, capacity_factor, score, block_m)
+    C, block_m = _validate_ec(logits, capacity_factor, score, block_m)
     if not use_triton(logits, op="expert_choice_route"):
         return expert_choice_route_reference(logits, capacity_factor, score=score, block_m=block_m)
     T, E = logits.shape
@@ -1054,7 +1059,7 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("x must be a 2-D floating-point torch.Tensor [R, L]")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"x must have R >= 1 and L >= 1, got {tuple(x.shape)}")
-    _check_int(k, "k", 1, x.shape[1])
+    k = _check_int(k, "k", 1, x.shape[1])
     if not use_triton(x, op="topk_rows"):
         return topk_rows_reference(x, k)
     val, idx = (_topk_rows_op if traced(x) else _TopkRowsFunction.apply)(x, k)

@@ -153,24 +153,6 @@ class ExpertParallelMoE(MoE):
         moe.load_state_dict(self.dense_state_dict(), assign=True)
         return moe
 
-    def route(self, x_TD: torch.Tensor):
-        if x_TD.shape[0] > 0:
-            return super().route(x_TD)
-        # No tokens on this rank: an empty plan (the routers need a token), so that this rank
-        # still joins the collectives and serves its experts to the others.
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits = self.router(x_TD.to(self.router.weight.dtype)).float()
-        dev, E = x_TD.device, self.config.n_experts
-        plan = plan_from_counts(torch.zeros(0, dtype=torch.int32, device=dev), logits.new_zeros(0),
-                                torch.zeros(E, dtype=torch.int32, device=dev), 0, block_m=self.config.block_m)
-        return logits, plan
-
-    def _aux_losses(self, logits: torch.Tensor, plan):
-        if logits.shape[0] > 0:
-            return super()._aux_losses(logits, plan)
-        zero = logits.sum() * 0.0  # no tokens, no loss (the mean over none would be NaN); keeps the router in the graph
-        return self.config.z_loss_coef * zero, {"load_balance": zero, "z_loss": zero}
-
     def _experts(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
         """Run the plan's rows on the experts' owners and bring the outputs back: ``[N, D]``."""
         W, El = self.world, self.n_local

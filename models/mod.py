@@ -44,6 +44,8 @@ autograd records, in place (only the k selected rows read and written) in a
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +54,13 @@ import torch.nn.functional as F
 
 from flopwise.kernels import gather_tokens, mod_capacity, mod_select, rmsnorm_gather_tokens, scatter_tokens
 
+from .moe import autocast_off
 from .transformer import Block, LayerKVCache
 
 __all__ = ["MoDConfig", "MoDBlock"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoDConfig:
     """Attributes:
     capacity: fraction of each sequence routed into the block (paper's best: 0.125).
@@ -74,14 +77,19 @@ class MoDConfig:
     impl: str = "kernels"
 
     def __post_init__(self):
+        for name in ("capacity", "aux_loss_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"MoDConfig.{name} must be a number, got {type(v).__name__}")
+            object.__setattr__(self, name, float(v))
         if not 0 < self.capacity <= 1:
             raise ValueError(f"capacity must be in (0, 1], got {self.capacity}")
         if self.causal not in ("router", "predictor", "none"):
             raise ValueError(f"causal must be 'router', 'predictor' or 'none', got {self.causal!r}")
         if self.impl not in ("kernels", "torch"):
             raise ValueError(f"impl must be 'kernels' or 'torch', got {self.impl!r}")
-        if self.aux_loss_weight < 0:
-            raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        if not (self.aux_loss_weight >= 0 and math.isfinite(self.aux_loss_weight)):
+            raise ValueError(f"aux_loss_weight must be finite and >= 0, got {self.aux_loss_weight}")
         if isinstance(self.predictor_hidden, bool) or not isinstance(self.predictor_hidden, int) \
                 or self.predictor_hidden < 1:
             raise ValueError(f"predictor_hidden must be an int >= 1, got {self.predictor_hidden!r}")
@@ -167,7 +175,7 @@ class MoDBlock(nn.Module):
         # Router scores in fp32, under autocast and for a bf16 model alike: top-k over bf16
         # scores (8 mantissa bits) would tie often among thousands of tokens, and ties go to
         # the lower position. The router is D + 1 numbers; the fp32 pass over x is cheap.
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             r = self.router
             scores = F.linear(x.float(), r.weight.float(), r.bias.float()).squeeze(-1)  # [B, S]
         inplace = inplace and not torch.is_grad_enabled()

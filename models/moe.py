@@ -12,14 +12,16 @@ PyTorch references (a per-expert loop), so the layer works everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flopwise.kernels import expert_choice_route, moe_mlp, topk_route
+from flopwise.kernels import expert_choice_route, moe_mlp, plan_from_counts, topk_route
 
 __all__ = ["MoEConfig", "MoE", "SwiGLU", "load_balancing_loss", "router_z_loss"]
 
@@ -61,6 +63,15 @@ class MoEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+        if isinstance(self.shared_d_ff, bool) or not isinstance(self.shared_d_ff, int):
+            raise TypeError(f"MoEConfig.shared_d_ff must be an int, got {self.shared_d_ff!r}")
+        for name in ("capacity_factor", "load_balance_coef", "z_loss_coef", "init_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"MoEConfig.{name} must be a number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"MoEConfig.{name} must be finite and >= 0, got {v}")
         for name in ("normalize_topk", "retain_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MoEConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
@@ -126,10 +137,18 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
+def autocast_off(device: torch.device):
+    """``torch.autocast(device.type, enabled=False)``; nothing on the meta device, which
+    autocast does not know (a model built there for its shapes)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The experts' matmul dtype: autocast's when it is on for x's device (as nn.Linear
     would compute under it: a bf16 step must not run its expert GEMMs in fp32), else x's."""
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -142,6 +161,10 @@ class MoE(nn.Module):
 
     Parameters: ``router.weight [E, D]``, ``w_gate, w_up [E, D, F]``, ``w_down [E, F, D]``,
     and ``shared`` (a :class:`SwiGLU`) when ``shared_d_ff > 0``.
+
+    The experts compute in x's dtype (autocast's under autocast), the shared expert in its
+    own weights' dtype; y has x's dtype. An input with no tokens gives an empty y and a zero
+    aux loss. On the meta device the layer gives shapes.
 
     Example::
 
@@ -208,9 +231,13 @@ class MoE(nn.Module):
         # Through the module (not its .weight) so FSDP2 can unshard it. The router stays out
         # of autocast (selective precision, as Switch Transformers): with fp32 weights the
         # logits are fp32; a model cast to bf16 computes them in bf16 (rounded, then widened).
-        with torch.autocast(x_TD.device.type, enabled=False):
+        with autocast_off(x_TD.device):
             logits = self.router(x_TD.to(self.router.weight.dtype)).float()
-        if c.router == "token_choice":
+        if x_TD.shape[0] == 0:  # no tokens: an empty plan (the routers need a token); an expert-parallel
+            dev = x_TD.device   # rank in this state still joins the collectives and serves its experts
+            plan = plan_from_counts(torch.zeros(0, dtype=torch.int32, device=dev), logits.new_zeros(0),
+                                    torch.zeros(c.n_experts, dtype=torch.int32, device=dev), 0, block_m=c.block_m)
+        elif c.router == "token_choice":
             plan = topk_route(logits, c.top_k, score=c.score, renormalize=c.normalize_topk, block_m=c.block_m)
         else:
             plan = expert_choice_route(logits, c.capacity_factor, score=c.score, block_m=c.block_m)
@@ -224,8 +251,8 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, c.d_model)
         logits, plan = self.route(x_TD)
         y = self._routed_experts(x_TD.to(_compute_dtype(x_TD)), plan)
-        if self.shared is not None:
-            y = y + self.shared(x_TD)
+        if self.shared is not None:  # in its own weights' dtype, as the experts are in x's (else a dtype error)
+            y = y + self.shared(x_TD.to(self.shared.gate.weight.dtype)).to(y.dtype)
         aux, losses = self._aux_losses(logits, plan)
         y = y.reshape(shape)
         if return_losses:
@@ -241,6 +268,9 @@ class MoE(nn.Module):
     def _aux_losses(self, logits: torch.Tensor, plan):
         """(weighted sum, {"load_balance", "z_loss"}) for the router's logits and plan."""
         c = self.config
+        if logits.shape[0] == 0:  # no tokens, no loss (a mean over none is NaN); the router stays in the graph
+            zero = logits.sum() * 0.0
+            return c.z_loss_coef * zero, {"load_balance": zero, "z_loss": zero}
         probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
         if c.router == "token_choice":
             p = probs if c.score == "softmax" else probs / probs.sum(-1, keepdim=True)

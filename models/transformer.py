@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -813,8 +814,12 @@ class Transformer(nn.Module):
                              f"[{lo}, {hi}]")
         if prompt.shape[1] + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"prompt length + max_new_tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         if use_cache and self.cfg.n_mod_layers and self.cfg.mod_causal == "none":
@@ -828,7 +833,7 @@ class Transformer(nn.Module):
                 "step, or token choice.")
         gen = None
         if seed is not None:
-            gen = torch.Generator(device=prompt.device).manual_seed(seed)
+            gen = torch.Generator(device=prompt.device).manual_seed(int(seed))
         was_training = self.training
         self.eval()
         try:

@@ -109,6 +109,17 @@ def test_equal_info_needs_floor(tiny_lm):
         st.encode_equal_info(torch.zeros(1, 3, dtype=torch.long), None, model, CoderConfig(), 16)
 
 
+def test_precision_too_low_for_bytes_is_refused_when_built(tiny_lm):
+    """precision 8 cannot give 256 symbols a frequency each: refused by the constructor, not by compress()."""
+    from flopwise.coding import ArithmeticCoding
+
+    model = ModuleModel(tiny_lm, context_len=4, batch_rows=4)
+    with pytest.raises(ValueError, match="must be < 2\\^precision"):
+        ArithmeticCoding(model, precision=8)
+    coder = ArithmeticCoding(model, precision=9)
+    assert coder.decompress(coder.compress(b"abc")) == b"abc"
+
+
 def test_static_model_fit_and_validation(prose):
     m = StaticModel.fit(prose)
     assert int(m.freqs.sum()) == 2**24 and int(m.freqs.min()) >= 1

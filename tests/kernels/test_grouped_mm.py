@@ -551,3 +551,16 @@ def test_gpu_deterministic_moe_mlp_is_bit_reproducible(T, D, Fh, E, k):
     for name, a, b, r in zip(["y", "dx", "dlogits", "dw_gate", "dw_up", "dw_down"], *runs, ref):
         assert torch.equal(a, b), name
         assert rel_err(a, r) < 2e-2, (name, rel_err(a, r))
+
+
+def test_meta_inputs_give_shapes():
+    """Meta inputs go through the custom ops' fake implementations (the reference would read offsets)."""
+    m = lambda *s: torch.randn(*s, device="meta")  # noqa: E731
+    plan = topk_route(m(6, 4), 2)
+    x = m(6, 8).requires_grad_()
+    y = moe_mlp(x, plan, m(4, 8, 5), m(4, 8, 5), m(4, 5, 8))
+    assert y.shape == (6, 8) and y.is_meta
+    y.sum().backward()
+    assert x.grad.shape == (6, 8)
+    assert grouped_mm(m(6, 8), m(4, 8, 5), plan).shape == (12, 5)
+    assert grouped_mm(m(12, 8), m(4, 8, 5), plan, gather=False).shape == (12, 5)

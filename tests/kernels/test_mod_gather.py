@@ -240,6 +240,28 @@ def test_rmsnorm_eps_and_zero_rows(device):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_rmsnorm_eps_zero(device, backend, monkeypatch):
+    """eps = 0 is allowed: rows of nonzero x stay finite, and so does gamma's gradient (the
+    kernel's backward once summed 0 * rsqrt(0) = NaN from the rows past the end of its grid),
+    and a position outside [0, S) is still a zero row with no gradient."""
+    monkeypatch.setenv("FLOPWISE_BACKEND", backend)
+    x = leaf(torch.randn(2, 6, 8, device=device))
+    gamma = leaf(torch.rand(8, device=device) + 0.5)
+    for idx in ([[0, 3, 5], [1, 2, 5]], [[0, 3, 9], [-1, 2, 5]]):
+        idx = torch.tensor(idx, device=device)
+        ok = ((idx >= 0) & (idx < 6))[..., None]
+        x.grad = gamma.grad = None
+        out = rmsnorm_gather_tokens(x, idx, gamma, 0.0)
+        safe = torch.where(ok[..., 0], idx, 0)
+        xs = x.detach()[torch.arange(2)[:, None], safe]
+        want = xs * torch.rsqrt(xs.square().mean(-1, keepdim=True)) * gamma.detach() * ok
+        torch.testing.assert_close(out, want)
+        out.backward(torch.ones_like(out))
+        assert torch.isfinite(x.grad).all() and torch.isfinite(gamma.grad).all()
+        torch.testing.assert_close(gamma.grad, (xs * torch.rsqrt(xs.square().mean(-1, keepdim=True)) * ok).sum((0, 1)))
+
+
 def test_empty_selection(device):
     x = torch.randn(2, 8, 4, device=device)
     idx = torch.empty(2, 0, dtype=torch.int64, device=device)

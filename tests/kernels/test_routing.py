@@ -554,3 +554,18 @@ def test_eager_plan_packs_its_int_outputs_on_16_byte_boundaries():
         spans.append((t.data_ptr(), t.data_ptr() + 4 * t.numel()))
     spans.sort()
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
+
+
+def test_numpy_integers_are_ints():
+    """A count from numpy (np.int64 k, block_m) is an int; a bool, float or str is not."""
+    import numpy as np
+
+    logits = torch.randn(7, 4)
+    a, b = topk_route(logits, np.int64(2), block_m=np.int64(16)), topk_route(logits, 2, block_m=16)
+    assert type(a.block_m) is int and all(torch.equal(getattr(a, f), getattr(b, f)) for f in INT_FIELDS)
+    assert type(expert_choice_route(logits, np.float32(1.5), block_m=np.int32(16)).block_m) is int
+    scores = torch.randn(2, 9)
+    assert torch.equal(mod_select(scores, k=np.int32(3)).indices, mod_select(scores, k=3).indices)
+    for bad in (True, 2.0, "2"):
+        with pytest.raises(TypeError, match="k must be an int"):
+            topk_route(logits, bad)

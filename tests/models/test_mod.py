@@ -395,6 +395,13 @@ def test_validation():
         MoDConfig(capacity=0.0)
     with pytest.raises(ValueError, match="causal"):
         MoDConfig(causal="future")
+    for kw in (dict(capacity="0.5"), dict(capacity=None), dict(aux_loss_weight="x")):
+        with pytest.raises(TypeError, match="must be a number"):
+            MoDConfig(**kw)
+    with pytest.raises(ValueError, match="aux_loss_weight"):
+        MoDConfig(aux_loss_weight=math.nan)
+    with pytest.raises(AttributeError):  # frozen: a change would skip the checks above
+        MoDConfig().capacity = 5.0
     with pytest.raises(TypeError, match="block"):
         MoDBlock(torch.nn.Linear(2, 2))
     mod = _mod_block()

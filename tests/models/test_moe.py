@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -173,6 +174,22 @@ def test_config_validation(kw, match):
         MoEConfig(**base)
 
 
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(capacity_factor="2"), TypeError, "capacity_factor must be a number"),
+    (dict(capacity_factor=None), TypeError, "capacity_factor must be a number"),
+    (dict(shared_d_ff=2.5), TypeError, "shared_d_ff must be an int"),
+    (dict(shared_d_ff=True), TypeError, "shared_d_ff must be an int"),
+    (dict(init_std=-1.0), ValueError, "init_std must be finite and >= 0"),
+    (dict(init_std=math.nan), ValueError, "init_std must be finite and >= 0"),
+    (dict(load_balance_coef="x"), TypeError, "load_balance_coef must be a number"),
+    (dict(z_loss_coef=math.nan), ValueError, "z_loss_coef must be finite and >= 0"),
+])
+def test_config_numbers_are_checked_by_name(kw, err, match):
+    """These failed later with torch's or Python's messages, or never (a NaN coefficient made the aux loss NaN)."""
+    with pytest.raises(err, match=match):
+        MoEConfig(d_model=8, d_ff=8, n_experts=4, **kw)
+
+
 def test_config_flags_must_be_bools():
     with pytest.raises(TypeError, match="normalize_topk must be a bool"):
         MoEConfig(d_model=8, d_ff=8, n_experts=4, normalize_topk="no")
@@ -287,3 +304,42 @@ def test_initialisation_per_expert_streams_and_seed():
     assert a.shared.gate.weight.abs().max() <= bound and a.shared.gate.weight.abs().max() > 0.5 * bound
     a.reset_parameters(seed=12)
     assert not torch.equal(a.w_gate, b.w_gate) and not torch.equal(a.router.weight, b.router.weight)
+
+
+@pytest.mark.parametrize("shared", [0, 6])
+def test_input_dtype_other_than_the_weights(shared):
+    """The experts compute in x's dtype; a shared expert used to raise a dtype mismatch instead."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=8, d_ff=12, n_experts=4, top_k=2, shared_d_ff=shared, init_std=0.3))
+    x = torch.randn(5, 8)
+    ref, _ = moe(x)
+    for dt in (torch.bfloat16, torch.float64):
+        y, aux = moe(x.to(dt))
+        assert y.dtype == dt and torch.isfinite(aux)
+        torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+    low = copy.deepcopy(moe).to(torch.bfloat16)
+    y, _ = low(x)  # bf16 weights, fp32 input
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_no_tokens(router):
+    """T = 0: an empty output and a zero aux loss (the routers refuse T = 0; the layer does not)."""
+    moe = MoE(MoEConfig(d_model=8, d_ff=12, n_experts=4, top_k=2, router=router, shared_d_ff=4))
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    y, aux, losses = moe(x, return_losses=True)
+    assert y.shape == (0, 3, 8) and aux.item() == 0.0 and losses["z_loss"].item() == 0.0
+    (y.sum() + aux).backward()
+    assert x.grad.shape == x.shape and moe.router.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_meta_device_gives_shapes(router):
+    with torch.device("meta"):
+        moe = MoE(MoEConfig(d_model=8, d_ff=12, n_experts=4, top_k=2, router=router, shared_d_ff=4))
+    x = torch.randn(2, 3, 8, device="meta", requires_grad=True)
+    y, aux = moe(x)
+    assert y.shape == (2, 3, 8) and y.is_meta and aux.shape == ()
+    (y.sum() + aux).backward()
+    assert x.grad.shape == x.shape and moe.w_gate.grad.shape == moe.w_gate.shape

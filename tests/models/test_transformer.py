@@ -255,6 +255,25 @@ def test_generation_cache_equals_recompute_dense():
         model.generate(prompt, 61)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(prompt, 1, temperature=-1.0)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        model.generate(prompt, 1, temperature="1")
+    with pytest.raises(TypeError, match="seed must be None or an int"):
+        model.generate(prompt, 1, temperature=1.0, seed=1.5)
+    import numpy as np
+
+    assert torch.equal(model.generate(prompt, 10, temperature=np.float32(1.0), seed=np.int64(7)), s1)
+
+
+@pytest.mark.parametrize("kw", [{}, {"mod": "every_other"}, {"mlp": "moe"}, {"mod": "every_other", "mlp": "moe"}],
+                         ids=["dense", "mod", "moe", "mod+moe"])
+def test_meta_device_gives_shapes(kw):
+    """A model built on the meta device (for its shapes and parameter count) runs forward there."""
+    cfg = ModelConfig.preset("tiny", **kw)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    tokens = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    out = model(tokens, tokens)
+    assert out.logits.shape == (2, 16, cfg.padded_vocab_size) and out.logits.is_meta and out.loss.shape == ()
 
 
 def test_rope_tables_stay_fp32_under_dtype_casts():
