@@ -255,7 +255,11 @@ def load_m1(path: str, *, context_len: int | None = None, batch_rows: int = 64, 
     if max_context is not None and eval_mode == "cached":
         context_len = min(context_len, max_context)  # slots past max_context would stay unused
     if eval_mode == "cached":
-        model = CachedLM(module, context_len=context_len, batch_rows=batch_rows)
+        try:
+            model = CachedLM(module, context_len=context_len, batch_rows=batch_rows)
+        except (TypeError, ValueError) as exc:  # the library's advice, in the terms of this option
+            raise ValueError(f"m1_eval='cached' (--m1-eval cached) needs a dense flopwise Transformer as M1 "
+                             f"({exc}); use m1_eval='window' (--m1-eval window) for this model") from None
     else:
         model = ModuleModel(module, context_len=context_len, batch_rows=batch_rows)
     info = {"path": os.path.abspath(path), "sha256": sha, "eval": eval_mode, "context_len": context_len,

@@ -184,3 +184,20 @@ def test_build_force_over_a_file_and_bad_arguments(tmp_path, prose, capsys):
     with pytest.raises(CorruptStreamError, match="build_options"):
         decode(str(target), progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_cached_eval_of_a_model_it_cannot_cache_names_the_option(tmp_path, prose):
+    from flopwise.models import transformer as tr
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(prose[:600])
+    torch.manual_seed(0)
+    net = tr.Transformer(tr.ModelConfig.preset("tiny", max_seq_len=12, d_model=32, n_layers=2, d_ff=64,
+                                               mod="every_other"))
+    m1 = str(tmp_path / "mod.pt")
+    torch.save(net, m1)
+    args = ["coding", "build", str(corpus), str(tmp_path / "out"), "--method", "ac", "--m1", m1, "--quiet",
+            "--chunk-bytes", "300"]
+    with pytest.raises(ValueError, match=r"--m1-eval cached.*use m1_eval='window' \(--m1-eval window\)"):
+        _cli(args + ["--m1-eval", "cached"])
+    assert not (tmp_path / "out").exists()
