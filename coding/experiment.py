@@ -252,28 +252,6 @@ def _check_out(out_dir: str, force: bool, inputs: dict[str, str | None]) -> bool
     return True
 
 
-def _publish(tmp: str, out: str) -> None:
-    """Put the finished folder ``tmp`` at ``out``; an earlier output there is moved aside and
-    deleted only once the new one is in place (moved back if that fails)."""
-    from flopwise.models.safetensors_io import fsync_dir
-
-    parent = os.path.dirname(out)
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        fsync_dir(parent)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-    os.rmdir(old)
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _label(method: str, bits: int, window_bits: int) -> str:
     if method == "bytes":
         return "Bytes"
@@ -495,12 +473,12 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
         if out_dir is not None:
             _write_json(os.path.join(work, "results.json"), res.to_dict())
         if staging is not None:
-            from flopwise.models.safetensors_io import publish_mode
+            from flopwise.models.safetensors_io import publish_folder, publish_mode
 
             publish_mode(staging)  # mkdtemp's 0700 is for the unfinished folder only
             # OUT may have changed during a long run: check again just before replacing it
             _check_out(out, True, inputs)
-            _publish(staging, out)
+            publish_folder(staging, out)
             staging = None
         log("")
         log(format_tables(res))

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterable, Iterator, Sequence
 
@@ -253,6 +255,29 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_folder(tmp: str, dst: str, fsync: bool = True) -> None:
+    """Rename the finished folder ``tmp`` onto ``dst``; an existing ``dst`` (checked by the
+    caller as replaceable) is moved aside first and deleted only after the new one is in
+    place (restored if the rename fails)."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.lexists(dst):
+        os.rename(tmp, dst)
+        if fsync:  # the rename itself survives a crash only once the parent is synced
+            fsync_dir(parent)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+    os.rmdir(old)
+    os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    if fsync:
+        fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
 
 
 def check_replaceable_folder(path: str | os.PathLike, allowed: Collection[str] | Callable[[str], bool], *,

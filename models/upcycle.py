@@ -49,8 +49,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .hf_formats import MLP_KINDS, TARGET_FORMATS, DenseSource, describe_source, moe_names, target_config
-from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, check_replaceable_folder, fsync_dir, plan_shards,
-                             publish_mode, rewrite_metadata, write_index, write_shard)
+from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, check_replaceable_folder, plan_shards,
+                             publish_folder, publish_mode, rewrite_metadata, write_index, write_shard)
 
 __all__ = ["UpcycleOptions", "UpcyclePlan", "UpcycleReport", "VerifyResult", "UpcycleWarning",
            "VerificationError", "resolve_layers", "plan_upcycle", "upcycle", "verify_upcycle"]
@@ -902,7 +902,7 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
         publish_mode(tmp)
         # the destination may have changed during a long upcycle: check again just before replacing it
         _check_destination(src_folder, dst_folder, force)
-        _publish(tmp, dst, fsync=fsync)
+        publish_folder(tmp, dst, fsync=fsync)
     except BaseException:
         stop.set()
         for fut in pending.values():
@@ -981,24 +981,3 @@ def _fsync_all(folder: str, files: list[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _publish(tmp: str, dst: str, fsync: bool = True) -> None:
-    """Rename the finished folder onto ``dst``; an existing ``dst`` is moved aside first and
-    deleted only after the new one is in place (restored if the rename fails)."""
-    if not os.path.lexists(dst):
-        os.rename(tmp, dst)
-        if fsync:  # the rename itself survives a crash only once the parent is synced
-            fsync_dir(os.path.dirname(dst))
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
-    os.rmdir(old)
-    os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        os.rename(old, dst)
-        raise
-    if fsync:
-        fsync_dir(os.path.dirname(dst))
-    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
