@@ -44,7 +44,7 @@ from .methods import METHODS, ArithmeticCoding, Compressed, EqualInfoAC, GZip, S
 from .models import CachedLM, ModuleModel, StaticModel, file_sha256
 from .rangecoder import MAX_PRECISION, CoderConfig, CorruptStreamError
 from .tokens import TOKEN_BITS, token_dtype
-from flopwise.models.safetensors_io import check_replaceable_folder, publish_mode, umask
+from flopwise.models.safetensors_io import check_replaceable_folder, path_within, publish_mode, umask
 
 __all__ = ["BuildOptions", "M1_EVAL", "build", "decode", "compression_stats", "load_m1", "Progress"]
 
@@ -354,8 +354,7 @@ def _check_out(out: str, force: bool, inputs: dict[str, str | None]) -> None:
     for what, path in inputs.items():
         if path is None:
             continue
-        p = os.path.realpath(path)
-        if p == real or p.startswith(real.rstrip(os.sep) + os.sep):
+        if path_within(os.path.realpath(path), real):
             raise ValueError(f"out {out} is or contains the {what} {path}; choose an output folder outside it")
     if os.path.lexists(out):
         if not force:
@@ -578,7 +577,7 @@ def _check_text_file(text_file: str, what: str, path: str) -> None:
     # what os.replace would change (the parent resolved), and where a symlink text_file points
     targets = {os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(text_file))),
                             os.path.basename(text_file)), os.path.realpath(text_file)}
-    if any(t == real or t.startswith(real.rstrip(os.sep) + os.sep) for t in targets):
+    if any(path_within(t, real) for t in targets):
         raise ValueError(f"text_file {text_file} is or is inside the {what} {path}; writing it would change what "
                          "is being decoded: choose a path outside it")
 

@@ -196,10 +196,6 @@ _REPLACES = ("--force replaces only an earlier `coding experiment` output (resul
              "else): remove or move it yourself, or choose another --out")
 
 
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _is_experiment_results(path: str) -> bool:
     """Whether ``path`` is a results.json this command wrote (complete or not)."""
     try:
@@ -217,12 +213,12 @@ def _check_out(out_dir: str, force: bool, inputs: dict[str, str | None]) -> bool
     empty, or an earlier experiment output (only what this command writes) and ``force``.
     Returns True when it holds an earlier run that the new one is to replace."""
     from flopwise.models.checkpoint import check_replaceable
-    from flopwise.models.safetensors_io import check_replaceable_folder
+    from flopwise.models.safetensors_io import check_replaceable_folder, path_within
 
     out = os.path.abspath(out_dir)
     real = os.path.realpath(out)
     for what, path in inputs.items():
-        if path is not None and _within(os.path.realpath(path), real):
+        if path is not None and path_within(os.path.realpath(path), real):
             raise ValueError(f"out {out_dir} is or contains the {what} {path}; choose an output folder outside it")
     if not os.path.lexists(out):
         return False

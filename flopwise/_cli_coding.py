@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
 from flopwise._cli_types import positive_int as _positive_int
 
@@ -70,23 +69,6 @@ def _check_json_path(path: str) -> None:
         raise PermissionError(f"--json {path}: its folder {parent} is not writable")
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    """Write through a fresh temporary file beside ``path``, renamed over it: a reader never
-    sees half a file, and a failure leaves no temporary file behind."""
-    from flopwise.models.safetensors_io import umask
-
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 is for the unfinished file only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from flopwise.coding.experiment import run_experiment
 
@@ -96,7 +78,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
                          device=args.device, m2_steps=args.m2_steps, progress=not args.quiet, force=args.force)
     if args.json:
         _check_json_path(args.json)  # again: the run may have taken hours
-        _write_json_atomic(args.json, res.to_dict())
+        from flopwise.coding.dataset import _write_atomic  # a fresh temporary file, renamed over the path
+
+        _write_atomic(args.json, json.dumps(res.to_dict(), indent=1).encode(), force=True)
         print(f"wrote {args.json}")
     return 0
 

@@ -257,6 +257,11 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def path_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (plain string paths: resolve symlinks first)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def publish_folder(tmp: str, dst: str, fsync: bool = True) -> None:
     """Rename the finished folder ``tmp`` onto ``dst``; an existing ``dst`` (checked by the
     caller as replaceable) is moved aside first and deleted only after the new one is in

@@ -49,7 +49,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .hf_formats import MLP_KINDS, TARGET_FORMATS, DenseSource, describe_source, moe_names, target_config
-from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, check_replaceable_folder, plan_shards,
+from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, check_replaceable_folder, path_within, plan_shards,
                              publish_folder, publish_mode, rewrite_metadata, write_index, write_shard)
 
 __all__ = ["UpcycleOptions", "UpcyclePlan", "UpcycleReport", "VerifyResult", "UpcycleWarning",
@@ -914,17 +914,13 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     return UpcycleReport(dst_folder, files, plan.output_bytes, time.perf_counter() - t0, plan.warnings, result, prov)
 
 
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _check_destination(src_folder: str, dst_folder: str, force: bool) -> str:
     """The absolute destination path, after refusing destinations that would destroy the
     source or unrelated files when replaced. Paths are compared with symlinks resolved."""
     dst = os.path.abspath(dst_folder)
     src_real, dst_real = os.path.realpath(src_folder), os.path.realpath(dst)
-    if _within(dst_real, src_real) or _within(src_real, dst_real):
-        what = "is" if src_real == dst_real else ("is inside" if _within(dst_real, src_real) else "contains")
+    if path_within(dst_real, src_real) or path_within(src_real, dst_real):
+        what = "is" if src_real == dst_real else ("is inside" if path_within(dst_real, src_real) else "contains")
         raise ValueError(f"destination {dst_folder} {what} the source {src_folder} (symlinks resolved: "
                          f"{dst_real} vs {src_real}); choose a destination outside the source")
     if os.path.lexists(dst):
