@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -30,11 +31,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse takes ``-5`` and ``-.5`` as values but, before Python 3.13, ``-1e23`` as an
+    option, so ``--compute -1e23`` failed with "expected one argument" instead of the
+    option's own check. Numbers in exponent form are values here too (no option of ours
+    looks like a number). Subparsers inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flopwise import __version__
     from flopwise._cli_types import positive_float
 
-    parser = argparse.ArgumentParser(prog="flopwise", description=__doc__)
+    parser = _Parser(prog="flopwise", description=__doc__)
     parser.add_argument("--version", action="version", version=f"flopwise {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

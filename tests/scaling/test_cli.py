@@ -71,6 +71,15 @@ def test_fit_errors_are_reported(capsys, tmp_path):
     assert "not allowed with" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1e23", "-1E+23", "-2.5e-3", "-5"])
+def test_negative_numbers_reach_the_option_check(capsys, value):
+    # argparse before Python 3.13 took "-1e23" for an option ("expected one argument")
+    with pytest.raises(SystemExit) as exc:
+        main(["scaling", "optimal", "--compute", value])
+    assert exc.value.code == 2
+    assert f"must be finite and > 0: {value!r}" in capsys.readouterr().err
+
+
 def test_optimal_prints_no_negative_zero(capsys):
     assert main(["scaling", "optimal", "--compute", "1e23", "--law", "hoffmann", "--inference-tokens", "0"]) == 0
     out = capsys.readouterr().out
