@@ -110,8 +110,11 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     from flopwise.models.data import corpus_dir, load_corpus
 
     c = load_corpus(args.corpus)
-    info = {"name": c.name, "description": c.description, "train_bytes": len(c.train), "val_bytes": len(c.val),
-            "sha256": c.sha256, "cache": str(corpus_dir())}
+    info = {"name": c.name, "description": c.description, "source": c.source, "train_bytes": len(c.train),
+            "val_bytes": len(c.val), "sha256": c.sha256}
+    if args.corpus is None and c.source == "embedded":
+        # the default fell back to the embedded text: say where `data fetch` would have put the corpus
+        info["fetched"] = f"none in {corpus_dir()} (`flopwise data fetch` writes it there)"
     print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
     return 0
 

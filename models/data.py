@@ -92,12 +92,14 @@ def corpus_dir() -> Path:
 
 @dataclass(frozen=True)
 class TextCorpus:
-    """Train and validation text as UTF-8 bytes, with a one-line description of the source."""
+    """Train and validation text as UTF-8 bytes, with a one-line description of the source
+    and where it was read from (``source``: the folder or file, or ``"embedded"``)."""
 
     name: str
     train: bytes
     val: bytes
     description: str
+    source: str = ""
 
     def __post_init__(self):
         if not isinstance(self.train, bytes) or not isinstance(self.val, bytes):
@@ -142,7 +144,8 @@ def embedded_corpus() -> TextCorpus:
     text = "\n\n".join(topics[k].strip() for k in sorted(topics))
     train, val = split_text(text)
     return TextCorpus("python-docs", train.encode("utf-8"), val.encode("utf-8"),
-                      "Python reference manual topics (pydoc_data.topics, embedded in the standard library)")
+                      "Python reference manual topics (pydoc_data.topics, embedded in the standard library)",
+                      "embedded")
 
 
 def encode(text: str) -> torch.Tensor:
@@ -355,7 +358,7 @@ def load_corpus(path: str | os.PathLike | None = None) -> TextCorpus:
             name = m.get("name", name)
             desc = " + ".join(f"{s['title']} (Debian {s['package']} {s['version']})" for s in m.get("sources", [])) \
                 or desc
-        return TextCorpus(name, train, val, desc)
+        return TextCorpus(name, train, val, desc, str(p.resolve()))
     if p.is_file():
         try:
             text = p.read_text(encoding="utf-8")
@@ -372,7 +375,8 @@ def load_corpus(path: str | os.PathLike | None = None) -> TextCorpus:
                 f">= {SECTION_BYTES:,} B is validation, so it needs more than {(VAL_EVERY - 1) * SECTION_BYTES:,} B "
                 "of text (paragraphs separated by blank lines) to hold any validation text; or pass a folder "
                 "with train.txt and val.txt")
-        return TextCorpus(p.stem, train.encode("utf-8"), val.encode("utf-8"), f"{p} (fixed section split)")
+        return TextCorpus(p.stem, train.encode("utf-8"), val.encode("utf-8"), f"{p} (fixed section split)",
+                          str(p.resolve()))
     raise FileNotFoundError(f"corpus not found: {p}")
 
 

@@ -414,8 +414,18 @@ def test_train_and_generate_cli(tmp_path, monkeypatch):
 def test_data_info_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOPWISE_DATA", str(tmp_path))
     info = json.loads(_cli(["data", "info", "--json"]))
-    assert info["name"] == "python-docs" and info["cache"] == str(tmp_path / "corpus")
+    assert info["name"] == "python-docs" and info["source"] == "embedded"
+    assert str(tmp_path / "corpus") in info["fetched"]
     assert info["sha256"] == embedded_corpus().sha256
+    # an explicit corpus names itself, not the fetch folder
+    info = json.loads(_cli(["data", "info", "--corpus", "embedded", "--json"]))
+    assert info["source"] == "embedded" and "fetched" not in info
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "train.txt").write_text("Some real words for training.\n")
+    (folder / "val.txt").write_text("Some held-out words.\n")
+    info = json.loads(_cli(["data", "info", "--corpus", str(folder), "--json"]))
+    assert info["source"] == str(folder.resolve()) and info["train_bytes"] == 30
 
 
 def _main(argv: list[str]) -> int:
