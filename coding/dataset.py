@@ -44,6 +44,7 @@ from .methods import METHODS, ArithmeticCoding, Compressed, EqualInfoAC, GZip, S
 from .models import CachedLM, ModuleModel, StaticModel, file_sha256
 from .rangecoder import MAX_PRECISION, CoderConfig, CorruptStreamError
 from .tokens import TOKEN_BITS, token_dtype
+from flopwise._files import check_writable
 from flopwise.models.safetensors_io import check_replaceable_folder, path_within, publish_mode, umask
 
 __all__ = ["BuildOptions", "M1_EVAL", "build", "decode", "compression_stats", "load_m1", "Progress"]
@@ -392,6 +393,7 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
     out = os.path.abspath(out)
     inputs = {"corpus": corpus, "train file": train, "M1 checkpoint": opts.m1}
     _check_out(out, force, inputs)
+    check_writable(os.path.dirname(out), f"out {out}", "pass another output folder")  # before the compression
     opts.check_device()
     data = _read_corpus(corpus)
     coder, m1_info = _coder(opts, _read_corpus(train, "train file") if train else data)
@@ -600,6 +602,7 @@ def decode(folder: str, text_file: str | None = None, *, force: bool = False, de
         parent = os.path.dirname(os.path.abspath(text_file))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"the folder of text_file {text_file} does not exist")
+        check_writable(parent, f"text_file {text_file}", "pass another path")  # before the decoding
         _check_text_file(text_file, "dataset folder", folder)
     opts, m1_meta, inp = _check_meta(_read_meta(meta_path), meta_path)
     # text_file may be none of the folder, the M1 named in meta.json or one given instead of it

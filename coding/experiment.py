@@ -31,6 +31,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from flopwise._files import check_writable
+
 from .methods import ArithmeticCoding, Compressed, EqualInfoAC, GZip, StaticAC
 from .models import CachedLM
 from .rangecoder import CorruptStreamError
@@ -359,6 +361,8 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
         out = os.path.abspath(out_dir)
         inputs = {"M1 checkpoint": m1,
                   "corpus": corpus if isinstance(corpus, str) and os.path.exists(corpus) else None}
+        # the folder the output (or its staging folder) is made in, before any training
+        check_writable(os.path.dirname(out), f"out {out_dir}", "pass another folder (--out)")
         if _check_out(out_dir, force, inputs):  # an earlier run stays until this one has finished
             staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
             work = staging

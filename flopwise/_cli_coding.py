@@ -10,6 +10,7 @@ import json
 import os
 
 from flopwise._cli_types import positive_int as _positive_int
+from flopwise._files import check_writable
 
 
 # Options that only some methods use: given for another method they would be recorded in
@@ -67,6 +68,7 @@ def _check_json_path(path: str) -> None:
         raise FileNotFoundError(f"--json {path}: its folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"--json {path}: its folder {parent} is not writable")
+    check_writable(parent, f"--json {path}", "pass another path")
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:

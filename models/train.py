@@ -47,6 +47,8 @@ from typing import Callable
 
 import torch
 
+from flopwise._files import check_writable
+
 from .checkpoint import (check_replaceable, load_checkpoint, load_optimizer_tensors, rng_state, save_checkpoint,
                          set_rng_state)
 from .data import ByteData, TextCorpus, TokenData, load_corpus
@@ -790,6 +792,7 @@ def _usable_out_dir(out_dir) -> Path:
                 raise ValueError(f"out_dir {out_dir} {what}, not a folder: pass a folder for checkpoints (--out)")
             if not os.access(p, os.W_OK | os.X_OK):
                 raise ValueError(f"out_dir {out_dir}: {p} is not writable: pass another folder (--out)")
+            check_writable(out, f"out_dir {out_dir}", "pass another folder (--out)")
             return out
     return out  # pragma: no cover  (the root exists)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flopwise._files import check_writable
+
 from .data import ScalingData
 from .laws import ScalingLaw
 
@@ -56,6 +58,7 @@ def output_path(path) -> tuple[Path, str]:
         raise ValueError(f"path: cannot write {fmt!r} images ({p.name}); use one of {sorted(supported)}")
     if not p.parent.is_dir():
         raise ValueError(f"path: folder {str(p.parent)!r} does not exist")
+    check_writable(p.parent, f"path {str(path)!r}")
     return p, fmt
 
 

@@ -71,6 +71,19 @@ def test_cli_bench_routing_writes_json(tmp_path, capsys):
     assert {"device", "torch", "triton", "date"} <= set(rows[0])
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc: a folder where no file can be made")
+def test_cli_bench_refuses_an_unwritable_json_path_before_timing(tmp_path, capsys):
+    # os.access says yes to root in /proc; the path failed only when the first case was written
+    assert main(["bench", "routing", "--budget-ms", "1", "--json", "/proc/rows.json"]) == 2
+    captured = capsys.readouterr()
+    assert "json_path (--json) /proc/rows.json: cannot write in /proc" in captured.err
+    assert "topk_route" not in captured.out
+    assert main(["bench", "routing", "--json", str(tmp_path)]) == 2
+    assert "is a folder; expected a file path" in capsys.readouterr().err
+    assert main(["bench", "routing", "--json", str(tmp_path / "no" / "rows.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_arguments(capsys):
     assert main(["bench", "nope"]) == 2
     assert "unknown benchmark op" in capsys.readouterr().err

@@ -68,6 +68,7 @@ from typing import Any, Callable
 
 import torch
 
+from flopwise._files import check_writable
 from flopwise.kernels import _dispatch
 
 __all__ = ["Case", "Row", "SUITES", "run", "run_case", "format_table", "environment", "run_header",
@@ -547,6 +548,13 @@ def run(ops: list[str] | None = None, *, json_path: str | None = None, budget_ms
             + ("Unset FLOPWISE_BACKEND (or set it to auto or triton)." if "FLOPWISE_BACKEND" in problem else
                "On a CPU, run `flopwise bench` (it sets TRITON_INTERPRET=1 itself) or set TRITON_INTERPRET=1 "
                "before flopwise is imported; on a CUDA machine, leave TRITON_INTERPRET unset."))
+    if json_path is not None:  # before the first case, not after it
+        if os.path.isdir(json_path):
+            raise ValueError(f"json_path (--json) {json_path} is a folder; expected a file path")
+        parent = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"json_path (--json) {json_path}: its folder {parent} does not exist")
+        check_writable(parent, f"json_path (--json) {json_path}", "pass another path")
     env = environment()
     header = run_header(ops, budget_ms)
     commit = "no git checkout" if header["commit"] is None else \

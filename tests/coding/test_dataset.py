@@ -186,6 +186,24 @@ def test_build_force_over_a_file_and_bad_arguments(tmp_path, prose, capsys):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc: a folder where no file can be made")
+def test_unwritable_outputs_fail_before_the_work(tmp_path, prose, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(prose[:3_000])
+
+    def no_compression(*a, **k):
+        raise AssertionError("compressed before checking the output folder")
+
+    monkeypatch.setattr(GZip, "compress", no_compression)
+    with pytest.raises(ValueError, match="out /proc/flopwise-out: cannot write in /proc"):
+        build(str(corpus), "/proc/flopwise-out", BuildOptions(method="gzip"), progress=False)
+    monkeypatch.undo()
+    out = tmp_path / "built"
+    build(str(corpus), str(out), BuildOptions(method="gzip"), progress=False)
+    with pytest.raises(ValueError, match="text_file /proc/back.txt: cannot write in /proc"):
+        decode(str(out), "/proc/back.txt", progress=False)
+
+
 def test_cached_eval_of_a_model_it_cannot_cache_names_the_option(tmp_path, prose):
     from flopwise.models import transformer as tr
 

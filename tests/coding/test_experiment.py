@@ -191,6 +191,14 @@ def test_cli_json_path_checked_before_the_run_and_written_atomically(tmp_path, m
         _cli(["coding", "experiment", "--preset", "smoke", "--json", str(tmp_path / "nodir" / "r.json")])
     with pytest.raises(ValueError, match="is a folder"):
         _cli(["coding", "experiment", "--preset", "smoke", "--json", str(tmp_path)])
+    if os.path.isdir("/proc/self"):  # a folder where os.access says yes to root and no file can be made
+        with pytest.raises(ValueError, match="--json /proc/r.json: cannot write in /proc"):
+            _cli(["coding", "experiment", "--preset", "smoke", "--json", "/proc/r.json"])
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="out /proc/flopwise-exp: cannot write in /proc"):
+            experiment.run_experiment("embedded", preset="smoke", out_dir="/proc/flopwise-exp", progress=False,
+                                      log=lambda s: None)
+        monkeypatch.setattr(experiment, "run_experiment", no_run)
 
     class Done:
         def to_dict(self):

@@ -18,6 +18,7 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
+from flopwise._files import check_writable
 from flopwise.models import ModelConfig
 from flopwise.models.checkpoint import load_checkpoint, load_model
 from flopwise.models.data import (ByteData, TextCorpus, bits_per_byte, decode, embedded_corpus, encode, load_corpus,
@@ -528,6 +529,18 @@ def test_bad_data_and_out_dir_fail_before_training(tmp_path, corpus):
     for bad in ("file.txt", "file.txt/sub"):
         with pytest.raises(ValueError, match=f"out_dir {tmp_path / bad}.*not a folder"):
             Trainer(ModelConfig(**TINY), _tc(out_dir=str(tmp_path / bad)), corpus, progress=False)
+    # a folder where no file can be made: os.access says yes to root, the first save said no
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(ValueError, match="out_dir /proc/flopwise-nope/run: cannot write in /proc/flopwise-nope/run"):
+            Trainer(ModelConfig(**TINY), _tc(out_dir="/proc/flopwise-nope/run"), corpus, progress=False)
+    # the check makes and removes what it needs: nothing is left before the first save
+    Trainer(ModelConfig(**TINY), _tc(out_dir=str(tmp_path / "new" / "run")), corpus, progress=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "keep").mkdir()
+    check_writable(tmp_path / "keep" / "a" / "b", "x")
+    assert os.listdir(tmp_path / "keep") == []
+    with pytest.raises(ValueError, match=r"^out: cannot write in .*file\.txt/sub \(.*\): try another$"):
+        check_writable(tmp_path / "file.txt" / "sub", "out", "try another")
 
 
 def test_fit_saves_before_the_final_evaluation(tmp_path, corpus, monkeypatch):

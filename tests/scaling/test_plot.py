@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from flopwise.scaling import bootstrap
-from flopwise.scaling.plot import plot_bootstrap, plot_fit
+from flopwise.scaling.plot import output_path, plot_bootstrap, plot_fit
 
 pytest.importorskip("matplotlib", reason="plots need matplotlib, the optional 'plot' extra")
 
@@ -66,6 +68,9 @@ def test_path_checked_before_drawing(tmp_path, epoch_data, epoch_huber_fit):
         plot_fit(epoch_data, epoch_huber_fit.law, path=tmp_path / "nope" / "fit.png")
     with pytest.raises(ValueError, match="cannot write 'xyz' images"):
         plot_fit(epoch_data, epoch_huber_fit.law, path=tmp_path / "fit.xyz")
+    if os.path.isdir("/proc/self"):  # os.access says yes to root there; no file can be made
+        with pytest.raises(ValueError, match="cannot write in /proc"):
+            output_path("/proc/fit.png")
     # No suffix: matplotlib's default format, suffix appended (as savefig does).
     plot_fit(epoch_data, epoch_huber_fit.law, path=tmp_path / "fig")
     assert (tmp_path / "fig.png").stat().st_size > 10_000
