@@ -72,11 +72,25 @@ def _cli_warning(message, category, filename, lineno, line=None) -> str:
     return f"flopwise: warning: {message}\n"
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a batch scheduler's time limit, ``kill``) raised as an exception, so that the
+    clean-up of partly written outputs runs as it does for Ctrl-C; Python's default for
+    SIGTERM ends the process at once and leaves temporary folders behind."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command itself (not a caller passing argv): warnings as one line, no source
+        import signal
+        import threading
         import warnings
 
         warnings.formatwarning = _cli_warning
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_terminated)
     _prepare_bench(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -97,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing half-written is left
         print("flopwise: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:  # as Ctrl-C; 128 + SIGTERM, as a shell reports a process the signal ended
+        print("flopwise: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -204,6 +204,36 @@ def test_unwritable_outputs_fail_before_the_work(tmp_path, prose, monkeypatch):
         decode(str(out), "/proc/back.txt", progress=False)
 
 
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, prose):
+    """A batch scheduler's time limit sends SIGTERM: the command must remove its partly written
+    output as for Ctrl-C (Python's default handler ended the process and left .tmp-* behind)."""
+    import signal
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(prose[:3_000])
+    work = tmp_path / "work"
+    work.mkdir()
+    # the signal arrives while the output's temporary folder is being written
+    script = (
+        "import os, signal, sys\n"
+        "import flopwise.coding.dataset as d\n"
+        "save = d.np.save\n"
+        "def killed(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return save(*a, **k)\n"
+        "d.np.save = killed\n"
+        "from flopwise.cli import main\n"
+        f"sys.argv = ['flopwise', 'coding', 'build', {str(corpus)!r}, {str(work / 'out')!r}, '--method', 'gzip']\n"
+        "raise SystemExit(main())\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr)
+    assert r.stderr.strip().endswith("flopwise: terminated")
+    assert os.listdir(work) == []
+
+
 def test_cached_eval_of_a_model_it_cannot_cache_names_the_option(tmp_path, prose):
     from flopwise.models import transformer as tr
 
