@@ -20,7 +20,7 @@ def _size(text: str) -> int:
     num = t.rstrip("KMGIB")
     try:
         v = int(float(num) * units[t[len(num):]])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):  # OverflowError: inf, 1e400
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"size must be >= 1 byte: {text!r}")
@@ -66,14 +66,14 @@ def _options(args: argparse.Namespace):
         if value is not None and choice not in used:
             raise ValueError(f"{flag} is used only with {owner} {' or '.join(used)}, not {choice}: drop it")
     given = {k: v for k, v in (("noise_std", args.noise_std), ("drop_ratio", args.drop_ratio),
-                               ("router_std", args.router_std)) if v is not None}
+                               ("router_std", args.router_std), ("aux_loss_coef", args.aux_loss_coef)) if v is not None}
     return UpcycleOptions(
         **given,
         n_experts=args.experts, top_k=args.top_k, format=args.format, layers=args.layers,
         expert_init=args.expert_init,
         granularity=args.granularity, router_init=args.router_init,
         calibration_text=args.calibration_text, renormalize=not args.no_renormalize,
-        shared_d_ff=args.shared_d_ff, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
+        shared_d_ff=args.shared_d_ff, seed=args.seed,
         max_shard_bytes=args.max_shard_size, optimizer=not args.no_optimizer)
 
 
@@ -81,8 +81,8 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     from flopwise.models import upcycle as up
 
     opts = _options(args)
-    if args.dry_run:
-        summary = up.plan_upcycle(args.src, opts).summary()
+    if args.dry_run:  # including the destination: a dry run fails where the real one would
+        summary = up.plan_upcycle(args.src, opts, dst_folder=args.dst, force=args.force).summary()
         if args.json:
             print(json.dumps(summary, indent=2))
             return 0
@@ -119,7 +119,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     if report.verify is not None:
         v = report.verify
         out["verify"] = {"max_abs_diff": v.max_abs_diff, "kl": v.kl, "expected_equal": v.expected_equal,
-                         "passed": v.passed}
+                         "passed": v.passed, "checks": v.checks}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -129,6 +129,8 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
         v = report.verify
         print(f"verify: max |logit diff| {v.max_abs_diff:.3g}, KL(dense||moe) {v.kl:.3g} nats"
               + (" (exact reproduction expected: ok)" if v.expected_equal else ""))
+        for c in v.checks:
+            print(f"  checked {c}")
     return 0
 
 
@@ -156,13 +158,17 @@ def add_parser(sub) -> None:
     p.add_argument("--no-renormalize", action="store_true",
                    help="qwen2_moe: norm_topk_prob=False (breaks exact reproduction)")
     p.add_argument("--shared-d-ff", type=int, default=0, help="qwen2_moe shared expert size (default 0: none)")
-    p.add_argument("--aux-loss-coef", type=float, default=0.01, help="router aux loss coefficient (default 0.01)")
+    p.add_argument("--aux-loss-coef", type=float,
+                   help="router aux loss coefficient written to the Hugging Face config (default 0.01; the flopwise "
+                        "format stores none: its MoE layers use 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed; draws are keyed by (layer, expert) (default 0)")
     p.add_argument("--max-shard-size", type=_size, default=5 * 10**9, help="output shard limit (default 5GB)")
     p.add_argument("--no-optimizer", action="store_true", help="do not upcycle optimizer.safetensors")
-    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing destination: an empty folder or an unchanged earlier upcycle output")
     p.add_argument("--verify", action="store_true",
-                   help="compare dense and MoE logits on a probe batch before publishing")
+                   help="before publishing, check every tensor against its definition, load both models, compare "
+                        "their configs and their logits on a probe batch")
     p.add_argument("--dry-run", action="store_true", help="print the plan from headers alone; write nothing")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -182,6 +188,7 @@ _FIELD = re.compile(r"\b(" + "|".join(k for k in _FLAGS if "_" in k) + r")\b")
 
 
 def _as_flags(message: str) -> str:
+    message = message.replace("option renormalize=False", "renormalize=False (--no-renormalize)")
     message = _OPTION.sub(lambda m: _FLAGS.get(m.group(1), m.group(0)), message)
     return _FIELD.sub(lambda m: _FLAGS[m.group(1)], message)
 

@@ -52,6 +52,9 @@ class DenseSource:
         mlp_prefix: per layer, the name prefix of its MLP module (``...mlp.``).
         layer_tensors: per layer, its non-MLP tensor names; ``global_tensors``: the rest.
         attn_bias: names of attention bias tensors (only some targets can hold them).
+        hf_config: Hugging Face sources: ``config`` as transformers reads it, every key the
+            MoE targets read filled in with the source architecture's default when
+            config.json leaves it out, ``num_key_value_heads`` and ``head_dim`` resolved.
     """
 
     arch: str
@@ -66,6 +69,7 @@ class DenseSource:
     layer_tensors: list[list[str]]
     global_tensors: list[str]
     attn_bias: list[str] = field(default_factory=list)
+    hf_config: dict = field(default_factory=dict)
 
     @property
     def family(self) -> str:
@@ -118,16 +122,68 @@ def describe_source(folder: str) -> DenseSource:
                      "and no flopwise ModelConfig fields")
 
 
-def _describe_hf(folder: str, cfg: dict, arch: str) -> DenseSource:
+# What transformers' config class of each source architecture (LlamaConfig, MistralConfig,
+# Qwen2Config) assumes for a key config.json leaves out, for every key the MoE targets read:
+# their own defaults differ (Mixtral: rope_theta 1e6, rms_norm_eps 1e-5, 8 KV heads), so a
+# missing key is written out with the source's value. None for num_key_value_heads and
+# head_dim: derived (num_attention_heads; hidden_size // num_attention_heads). The tests
+# check this table against transformers' classes.
+_HF_DEFAULTS = {
+    "llama": dict(num_key_value_heads=None, head_dim=None, hidden_act="silu", max_position_embeddings=2048,
+                  initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                  attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=True),
+    "mistral": dict(num_key_value_heads=8, head_dim=None, hidden_act="silu", max_position_embeddings=131072,
+                    initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                    attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=True,
+                    sliding_window=4096),
+    "qwen2": dict(num_key_value_heads=32, head_dim=None, hidden_act="silu", max_position_embeddings=32768,
+                  initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                  attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=True,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28),
+}
+# Names of the SiLU activation in transformers' ACT2FN.
+_SILU = ("silu", "swish")
+
+
+def _rope_theta(cfg: dict, default: float) -> float:
+    """The RoPE base transformers uses: ``rope_scaling`` (legacy) or ``rope_parameters``
+    (v5) when it has one, else ``rope_theta``, else the architecture's default."""
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if isinstance(params, dict) and params.get("rope_theta") is not None:
+        return params["rope_theta"]
+    return cfg["rope_theta"] if cfg.get("rope_theta") is not None else default
+
+
+def _hf_config(cfg: dict, arch: str, where: str) -> dict:
+    """``cfg`` with the architecture's defaults filled in and the derived sizes resolved."""
+    defaults = _HF_DEFAULTS[arch]
+    out = {**{k: v for k, v in defaults.items() if k != "rope_theta"}, **cfg}
+    out["rope_theta"] = _rope_theta(cfg, defaults["rope_theta"])
+    H, D = cfg["num_attention_heads"], cfg["hidden_size"]
+    for key, derived in (("num_key_value_heads", H), ("head_dim", D // H)):
+        if out[key] is None:
+            out[key] = derived
+        elif isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
+            raise ValueError(f"{where}: config field {key!r} must be a positive int, got {out[key]!r}")
+    if H % out["num_key_value_heads"]:
+        raise ValueError(f"{where}: num_attention_heads ({H}) must be a multiple of num_key_value_heads "
+                         f"({out['num_key_value_heads']}"
+                         + (f", {arch}'s default when config.json leaves it out" if "num_key_value_heads" not in cfg
+                            else "") + ")")
+    return out
+
+
+def _describe_hf(folder: str, raw: dict, arch: str) -> DenseSource:
     where = f"{folder}/config.json"
-    L, D, F = _int(cfg, "num_hidden_layers", where), _int(cfg, "hidden_size", where), _int(cfg, "intermediate_size", where)
-    V, H = _int(cfg, "vocab_size", where), _int(cfg, "num_attention_heads", where)
-    KV = cfg.get("num_key_value_heads") or H
-    hd = cfg.get("head_dim") or D // H
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={cfg.get('hidden_act')!r}: upcycling supports SwiGLU (silu) MLPs only")
+    L, D, F = _int(raw, "num_hidden_layers", where), _int(raw, "hidden_size", where), _int(raw, "intermediate_size", where)
+    V, H = _int(raw, "vocab_size", where), _int(raw, "num_attention_heads", where)
+    cfg = _hf_config(raw, arch, where)
+    KV, hd = cfg["num_key_value_heads"], cfg["head_dim"]
+    if cfg["hidden_act"] not in _SILU:
+        raise ValueError(f"hidden_act={cfg['hidden_act']!r}: upcycling supports SwiGLU (silu) MLPs only")
     if cfg.get("mlp_bias"):
         raise ValueError("mlp_bias=True: MoE targets have no MLP biases (option mlp_bias of the source config)")
+    _refuse_pickles(folder)
     reader = CheckpointReader(folder)
     tied = bool(cfg.get("tie_word_embeddings", False))
     expect: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
@@ -152,13 +208,33 @@ def _describe_hf(folder: str, cfg: dict, arch: str) -> DenseSource:
             expect[name] = (F, D) if kind != "down" else (D, F)
         mlp.append(m)
         prefixes.append(p + "mlp.")
+    implied = [k for k in ("num_key_value_heads", "head_dim") if raw.get(k) is None]
     for name, shape in expect.items():
-        _check_shape(reader, name, shape)
+        try:
+            _check_shape(reader, name, shape)
+        except ValueError as exc:
+            if not implied or "shape mismatch" not in str(exc):
+                raise
+            raise ValueError(f"{exc}; config.json leaves out {' and '.join(implied)}, which {arch} (as transformers "
+                             f"reads it) takes as {' and '.join(str(cfg[k]) for k in implied)}") from None
     extra = [n for n in reader.infos if n not in expect and not _IGNORED.search(n)]
     if extra:
         raise ValueError(f"unexpected tensor {extra[0]!r} in a {arch} checkpoint ({len(extra)} unexpected in all)")
     glob = [n for n in expect if not _LAYER_RE.match(n)]
-    return DenseSource(arch, folder, cfg, reader, L, D, F, mlp, prefixes, layer_tensors, glob, bias)
+    return DenseSource(arch, folder, raw, reader, L, D, F, mlp, prefixes, layer_tensors, glob, bias, cfg)
+
+
+def _refuse_pickles(folder: str) -> None:
+    """A folder with PyTorch pickles (``pytorch_model.bin``) and no safetensors: say how to
+    convert it (pickles are not read: loading one runs code, and it cannot be streamed)."""
+    names = os.listdir(folder)
+    if any(n in ("model.safetensors", "model.safetensors.index.json") for n in names):
+        return
+    bins = sorted(n for n in names if re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?", n))
+    if bins:
+        raise ValueError(f"{folder} holds {bins[0]}: PyTorch pickle checkpoints (.bin) are not supported, only "
+                         "safetensors; convert it first, e.g. AutoModelForCausalLM.from_pretrained(src)"
+                         ".save_pretrained(out, safe_serialization=True) with transformers")
 
 
 def _flopwise_config(cfg: dict):
@@ -269,7 +345,9 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
                              f"config's experts have {new.moe_ffn_dim} (moe_d_ff rounded up to a multiple of "
                              f"pad_to_multiple_of={mc.pad_to_multiple_of}); choose another granularity")
         return json.loads(json.dumps(dataclasses.asdict(new)))
-    c = src.config
+    # Every key the target reads is written, a missing one with the source architecture's
+    # default: left out, the target class would fill in its own.
+    c = src.hf_config
     out = {k: c[k] for k in _COMMON if k in c}
     L = src.n_layers
     if fmt == "mixtral":
@@ -313,13 +391,13 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
 
 def source_layer_types(src: DenseSource) -> list[str]:
     """Per layer, ``"sliding_attention"`` or ``"full_attention"`` as the dense model runs it."""
-    c, L = src.config, src.n_layers
+    c, L = src.hf_config, src.n_layers
     if src.arch == "qwen2":
         if not (c.get("use_sliding_window") and c.get("sliding_window")):
             return ["full_attention"] * L
         types = c.get("layer_types")
         if types is None:  # older configs: Qwen2Config's rule
-            mwl = c.get("max_window_layers", 28)
+            mwl = c["max_window_layers"]
             return ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)]
         if not (isinstance(types, list) and len(types) == L
                 and set(types) <= {"sliding_attention", "full_attention"}):

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -65,9 +66,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
                     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                     "chat_template.jinja", "chat_template.json", "generation_config.json")
 _TOKENIZER_DIRS = ("additional_chat_templates",)
-# What an upcycle output folder may hold; ``force`` replaces only folders like that.
-_OUTPUT_FILE = re.compile(r"(model|optimizer)(-\d+-of-\d+)?\.safetensors|(model|optimizer)\.safetensors\.index\.json"
-                          r"|config\.json|upcycle\.json|trainer_state\.json")
+# Licence, use policy and model card: they bind derivatives too, so they travel with the MoE.
+_TERMS_FILE = re.compile(r"(LICEN[CS]E|COPYING|NOTICE|USE_POLICY|README)([-_.][\w.-]*)?", re.IGNORECASE)
+# The load-balancing coefficient flopwise MoE layers train with (MoEConfig.load_balance_coef):
+# a flopwise ModelConfig has no field to store another.
+_FLOPWISE_AUX_LOSS_COEF = 0.01
 
 
 class UpcycleWarning(UserWarning):
@@ -100,12 +103,13 @@ class UpcycleOptions:
             orthogonal, norm router_std * sqrt(D)) or ``"kmeans"`` (spherical k-means
             centroids of each layer's MLP inputs on ``calibration_text``, same row norm).
         calibration_text: path of a UTF-8 text file (kmeans only); tokenised with the source's
-            tokenizer when it has one, else as bytes modulo the vocabulary.
+            tokenizer (a Hugging Face source must have one), as bytes for flopwise sources.
         renormalize: renormalise the top-k weights (qwen2_moe's ``norm_topk_prob``; Mixtral
             and flopwise always renormalise).
         shared_d_ff: qwen2_moe shared expert size; 0 (default) stores an empty one. A
             non-empty one gets a zero down projection and a zero gate, so it adds exactly 0.
-        aux_loss_coef: load-balancing coefficient written to the HF config.
+        aux_loss_coef: load-balancing coefficient written to the HF config (the flopwise format
+            has no field for it: its MoE layers use 0.01, and another value is refused).
         seed: base seed of every random draw.
         max_shard_bytes: output shard size limit (Hugging Face's default is 5 GB).
         optimizer: upcycle ``optimizer.safetensors`` when the source has one.
@@ -162,6 +166,10 @@ class UpcycleOptions:
         if not self.renormalize and self.format != "qwen2_moe":
             raise ValueError(f"option renormalize=False is not expressible in the {self.format} format "
                              "(it always renormalises top-k weights)")
+        if self.format == "flopwise" and self.aux_loss_coef != _FLOPWISE_AUX_LOSS_COEF:
+            raise ValueError(f"option aux_loss_coef={self.aux_loss_coef:g} is not expressible in the flopwise format: "
+                             "its ModelConfig has no field for it, and its MoE layers train with a load-balancing "
+                             f"coefficient of {_FLOPWISE_AUX_LOSS_COEF:g}; drop the option")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"option seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.layers, str):
@@ -277,15 +285,15 @@ def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) ->
             raise ValueError("option layers: the mixtral format makes every layer MoE; "
                              "use format 'qwen2_moe' for a subset")
         if src.attn_bias:
-            raise ValueError(f"tensor {src.attn_bias[0]!r}: mixtral has no attention biases; use format 'qwen2_moe'")
-    if o.format == "qwen2_moe" and any(n.endswith("o_proj.bias") for n in src.attn_bias):
-        raise ValueError(f"tensor {[n for n in src.attn_bias if n.endswith('o_proj.bias')][0]!r}: "
-                         "qwen2_moe has no o_proj bias")
+            why = _qwen2_moe_bias_problem(src)
+            raise ValueError(f"tensor {src.attn_bias[0]!r}: mixtral has no attention biases; "
+                             + ("use format 'qwen2_moe'" if why is None else
+                                f"qwen2_moe cannot hold them either ({why}): no target format holds this source's "
+                                "attention biases"))
     if o.format == "qwen2_moe" and src.attn_bias:
-        need = {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(src.n_layers) for p in "qkv"}
-        missing = sorted(need - set(src.attn_bias))
-        if missing:
-            raise ValueError(f"missing tensor {missing[0]!r}: qwen2_moe needs q/k/v biases in every layer or none")
+        why = _qwen2_moe_bias_problem(src)
+        if why is not None:
+            raise ValueError(why)
     if src.d_ff % o.granularity:
         raise ValueError(f"option granularity ({o.granularity}) must divide the MLP hidden size {src.d_ff}")
     for i in moe_layers:
@@ -307,6 +315,19 @@ def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) ->
                              "accordingly")
 
 
+def _qwen2_moe_bias_problem(src: DenseSource) -> str | None:
+    """Why qwen2_moe cannot hold the source's attention biases (None: it can). It has q, k
+    and v biases in every layer, no o_proj bias."""
+    o_bias = [n for n in src.attn_bias if n.endswith("o_proj.bias")]
+    if o_bias:
+        return f"tensor {o_bias[0]!r}: qwen2_moe has no o_proj bias"
+    need = {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(src.n_layers) for p in "qkv"}
+    missing = sorted(need - set(src.attn_bias))
+    if missing:
+        return f"missing tensor {missing[0]!r}: qwen2_moe needs q/k/v biases in every layer or none"
+    return None
+
+
 def _source_warnings(src: DenseSource, moe_layers: list[int]) -> list[str]:
     if src.family == "flopwise" and any(not m for m in src.mlp) and src.config.get("moe_router") == "expert_choice":
         return [f"the source's MoE layers use expert-choice routing, which the new MoE layers {moe_layers} share: "
@@ -317,7 +338,7 @@ def _source_warnings(src: DenseSource, moe_layers: list[int]) -> list[str]:
 
 def _equality_warnings(o: UpcycleOptions) -> list[str]:
     w = []
-    if o.expert_init != "copy":
+    if o.expert_init == "drop" or (o.expert_init == "noise" and o.noise_std > 0):
         w.append(f"expert_init={o.expert_init!r} perturbs the experts: the MoE no longer reproduces the dense model")
     if o.granularity > 1:
         w.append(f"granularity={o.granularity} splits and rescales the MLP: the MoE no longer reproduces the dense model")
@@ -327,12 +348,17 @@ def _equality_warnings(o: UpcycleOptions) -> list[str]:
     return w
 
 
-def plan_upcycle(src_folder: str, options: UpcycleOptions) -> UpcyclePlan:
-    """Validate the source and the options and lay out the output (headers only)."""
+def plan_upcycle(src_folder: str, options: UpcycleOptions, *, dst_folder: str | None = None,
+                 force: bool = False) -> UpcyclePlan:
+    """Validate the source and the options and lay out the output (headers only). With
+    ``dst_folder``, also check that :func:`upcycle` could publish there (with ``force``), as
+    it will before writing anything."""
     if not isinstance(options, UpcycleOptions):
         raise TypeError(f"options must be UpcycleOptions, got {type(options).__name__}")
     o = options
     src = describe_source(src_folder)
+    if dst_folder is not None:
+        _check_destination(src_folder, dst_folder, force)
     moe_layers = resolve_layers(o.layers, src.n_layers)
     _check_compat(src, o, moe_layers)
     E, G, k = o.n_experts, o.granularity, o.top_k
@@ -446,6 +472,13 @@ def _check_optimizer(reader: CheckpointReader, recipes: dict[str, _Recipe], src:
                                  f"{list(src.reader.info(name).shape)}")
 
 
+def _dropped_neurons(o: UpcycleOptions, layer: int, e: int, Fe: int) -> torch.Tensor:
+    """Drop-Upcycling: the intermediate neurons of expert ``e`` that are re-drawn (the same
+    in its gate, up and down matrices)."""
+    n = round(o.drop_ratio * Fe)
+    return torch.randperm(Fe, generator=_gen(o.seed, layer, e, "drop"))[:n]
+
+
 # ------------------------------------------------------------------ producing tensors
 class _Producer:
     """Makes output tensors chunk by chunk. ``moments=True`` applies the recipes to Adam
@@ -531,8 +564,7 @@ class _Producer:
         return self._stats
 
     def _dropped(self, layer: int, e: int, Fe: int) -> torch.Tensor:
-        n = round(self.o.drop_ratio * Fe)
-        return torch.randperm(Fe, generator=_gen(self.o.seed, layer, e, "drop"))[:n]
+        return _dropped_neurons(self.o, layer, e, Fe)
 
     def _expert(self, prefix: str, r: _Recipe, e: int) -> torch.Tensor | FileRange:
         o, plan = self.o, self.plan
@@ -593,28 +625,68 @@ def _calibration_tokens(src: DenseSource, path: str, max_tokens: int = 4096) -> 
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"option calibration_text: cannot read {path}: {exc}") from None
-    vocab = src.config.get("vocab_size", 256)
-    ids = None
-    if src.family == "hf" and any(os.path.isfile(os.path.join(src.folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-
-        ids = AutoTokenizer.from_pretrained(src.folder).encode(text)
-    if ids is None:  # byte-level, as flopwise's own models are
+    vocab = src.config["vocab_size"]
+    if src.family == "flopwise":  # byte-level, as flopwise's own models are
         ids = [b % vocab for b in text.encode("utf-8")]
-    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+        return torch.tensor(ids[:max_tokens], dtype=torch.long)
+    # Token ids of another vocabulary would give the routers centroids of meaningless inputs.
+    if not (any(os.path.isfile(os.path.join(src.folder, f)) for f in ("tokenizer.json", "tokenizer.model"))
+            or all(os.path.isfile(os.path.join(src.folder, f)) for f in ("vocab.json", "merges.txt"))):
+        raise ValueError(f"option calibration_text: the source {src.folder} has no tokenizer (tokenizer.json, "
+                         "tokenizer.model, or vocab.json with merges.txt) to turn the text into its token ids; copy "
+                         "the model's tokenizer files into the source folder, or choose another router_init")
+    from transformers import AutoTokenizer
+
+    try:
+        ids = AutoTokenizer.from_pretrained(src.folder).encode(text)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"option calibration_text: cannot load the tokenizer of {src.folder}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    ids = ids[:max_tokens]
+    if any(not 0 <= i < vocab for i in ids):
+        raise ValueError(f"option calibration_text: the tokenizer in {src.folder} gives token id "
+                         f"{max(ids)} outside the model's vocab_size {vocab}: tokenizer and model do not match")
+    return torch.tensor(ids, dtype=torch.long)
 
 
-def _load_dense(folder: str, family: str):
+def _load_model(folder: str, family: str, what: str, error: type[Exception] = VerificationError):
+    """The model in ``folder`` in float32, as flopwise or transformers loads it. A load that
+    fails, or leaves a parameter uninitialised (missing), unused (unexpected) or of another
+    shape (mismatched), raises ``error`` naming ``what`` ("the upcycled model")."""
     if family == "flopwise":
         from .hf_formats import load_flopwise
 
-        return load_flopwise(folder, dtype=torch.float32).eval()
+        try:
+            return load_flopwise(folder, dtype=torch.float32).eval()
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise error(f"{what} ({folder}) does not load: {exc}") from None
     from transformers import AutoModelForCausalLM
 
-    with warnings.catch_warnings():
-        # transformers' init of a zero-size tensor (an MoE layer without a shared expert, say)
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    try:
+        with warnings.catch_warnings():
+            # transformers' init of a zero-size tensor (an MoE layer without a shared expert, say)
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+            # mismatched shapes are reported in the loading info (below) rather than raised
+            # with a message that points at a log
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
+    except (ImportError, MemoryError):
+        raise
+    except Exception as exc:  # transformers raises many kinds; whatever it is, the model does not load
+        text = " ".join(str(exc).split())
+        raise error(f"transformers cannot load {what} ({folder}): {type(exc).__name__}: "
+                    f"{text[:500] + ' ...' if len(text) > 500 else text}") from exc
+    bad = [f"{k.replace('_', ' ')} {_some(list(info.get(k) or ()))}"
+           for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(k)]
+    if bad:
+        raise error(f"transformers loads {what} ({folder}) with " + "; ".join(bad))
+    return model.eval()
+
+
+def _some(items: list, n: int = 3) -> str:
+    """``'a', 'b', 'c' and 4 more``."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(repr(i) for i in items[:n]) + more
 
 
 def _mlp_modules(model, family: str) -> list:
@@ -650,7 +722,7 @@ def _kmeans_routers(plan: UpcyclePlan) -> dict[int, torch.Tensor]:
     tokens = _calibration_tokens(src, o.calibration_text)
     if len(tokens) < o.n_experts:
         raise ValueError(f"option calibration_text: {len(tokens)} tokens, need at least n_experts={o.n_experts}")
-    model = _load_dense(src.folder, src.family)
+    model = _load_model(src.folder, src.family, "the dense source", ValueError)
     seq = min(256, src.config.get("max_seq_len") or src.config.get("max_position_embeddings") or 256)
     n = (len(tokens) // seq) * seq or len(tokens)
     batch = tokens[:n].reshape(-1, min(seq, n))
@@ -694,12 +766,13 @@ def _source_files(plan: UpcyclePlan) -> list[str]:
     return files
 
 
-def _provenance(plan: UpcyclePlan, hashes: dict[str, str]) -> dict:
+def _provenance(plan: UpcyclePlan, hashes: dict[str, str], inputs: dict[str, str]) -> dict:
+    """``inputs``: sha256 of the source's config.json and of the calibration text."""
     from flopwise import __version__
 
     return {"method": "sparse_upcycling", "flopwise_version": __version__, "source_arch": plan.source.arch,
             "options": asdict(plan.options), "seed": plan.options.seed, "moe_layers": plan.moe_layers,
-            "scale": plan.scale, "source_files": hashes}
+            "scale": plan.scale, "source_files": hashes, **inputs}
 
 
 def _metadata(prov: dict) -> dict[str, str]:
@@ -708,19 +781,25 @@ def _metadata(prov: dict) -> dict[str, str]:
 
 @dataclass
 class VerifyResult:
-    """Dense vs MoE logits on a probe batch (float32), and the settings outside the MLPs that
-    must agree (``config_diffs``: attention, positions, sizes; a short probe cannot show a
-    different sliding window or long-context rope scaling)."""
+    """What :func:`verify_upcycle` found. Dense vs MoE logits on a probe batch (float32); the
+    settings outside the MLPs that must agree (``config_diffs``: attention, positions, sizes;
+    a short probe cannot show a different sliding window or long-context rope scaling); the
+    stored tensors against their definition (``tensor_errors``: a probe routes its tokens to
+    some experts only, so each expert is compared with its source MLP directly). ``checks``
+    says what was checked, in words."""
 
     max_abs_diff: float
     kl: float  # mean over tokens of KL(dense || moe), nats
     expected_equal: bool
     tolerance: float
     config_diffs: list[str] = field(default_factory=list)
+    tensor_errors: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return not self.config_diffs and (not self.expected_equal or self.max_abs_diff <= self.tolerance)
+        return (not self.config_diffs and not self.tensor_errors
+                and (not self.expected_equal or self.max_abs_diff <= self.tolerance))
 
 
 @dataclass
@@ -736,14 +815,55 @@ class UpcycleReport:
     provenance: dict = field(default_factory=dict)
 
 
-def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool = True, tolerance: float = 1e-4,
-                   batch: int = 2, seq_len: int = 16, seed: int = 0) -> VerifyResult:
-    """Load both models in float32, run the same random tokens through them and compare
-    logits: max |difference| and mean KL(dense || moe)."""
+def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | None = None,
+                   tolerance: float = 1e-4, batch: int = 2, seq_len: int = 16, seed: int = 0,
+                   options: UpcycleOptions | None = None) -> VerifyResult:
+    """Check an upcycled model against its dense source.
+
+    * Tensors (when the options are known: ``options``, else those recorded in the MoE's
+      ``upcycle.json``): exactly the planned names, shapes and dtypes; copied tensors equal
+      to the source's; every expert matrix against its source MLP by the expert init's
+      definition (copy: the matrix or neuron shard, times the granularity scale; noise:
+      within 8 noise standard deviations of it; drop: the kept neurons equal, the re-drawn
+      ones those the seed names, within 8 standard deviations of the matrix mean); a
+      shared expert's down projection and gate zero; routers finite.
+    * Loading: both models load (flopwise or transformers) with no missing, unexpected or
+      mismatched tensor; a failure raises VerificationError.
+    * Configs: the settings outside the MLPs agree.
+    * Logits: the same random tokens through both, in float32: max |difference| and mean
+      KL(dense || moe); ``expected_equal`` (default: whether the options promise the dense
+      logits) makes a difference above ``tolerance`` a failure.
+    """
     src = describe_source(src_folder)
-    dense = _load_dense(src_folder, src.family)
-    moe = _load_dense(moe_folder, src.family)
+    checks: list[str] = []
+    recorded = options is None
+    if recorded:
+        options = _recorded_options(moe_folder)
+    if options is None:
+        tensor_errors = []
+        checks.append("tensors: not checked (no upcycle.json with the options in the MoE folder)")
+        expected_equal = True if expected_equal is None else expected_equal
+    else:
+        try:
+            plan = plan_upcycle(src_folder, options)
+        except ValueError as exc:
+            if not recorded:
+                raise
+            raise VerificationError(f"the options recorded in {moe_folder}/upcycle.json do not apply to the "
+                                    f"source {src_folder}: {exc}") from None
+        tensor_errors = _check_tensors(plan, moe_folder, checks)
+        expected_equal = plan.exact if expected_equal is None else expected_equal
+    try:
+        dense = _load_model(src_folder, src.family, "the dense source")
+        moe = _load_model(moe_folder, src.family, "the upcycled model")
+    except VerificationError as exc:
+        if tensor_errors:
+            raise VerificationError(f"{exc}; and its tensors: {'; '.join(tensor_errors)}") from None
+        raise
+    checks.append("loading: both models load with no missing, unexpected or mismatched tensor")
     diffs = _config_diffs(src.family, dense, moe)
+    checks.append("configs: the settings outside the MLPs agree" if not diffs
+                  else f"configs: {len(diffs)} setting(s) outside the MLPs differ")
     vocab = src.config["vocab_size"]
     tokens = torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -751,7 +871,159 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool = T
         b = moe(tokens).logits.float()
     la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
     kl = max(0.0, float((la.exp() * (la - lb)).sum(-1).mean()))  # >= 0; rounding can dip below
-    return VerifyResult(float((a - b).abs().max()), kl, expected_equal, tolerance, diffs)
+    diff = float((a - b).abs().max())
+    checks.append(f"logits: max |difference| {diff:.3g} on {batch}x{seq_len} random tokens"
+                  + (f" (the dense logits are expected: tolerance {tolerance:g})" if expected_equal
+                     else " (not compared: the options change the MoE's function)"))
+    return VerifyResult(diff, kl, expected_equal, tolerance, diffs, tensor_errors, checks)
+
+
+def _recorded_options(moe_folder: str) -> UpcycleOptions | None:
+    """The options in the MoE folder's ``upcycle.json``; None when there are none."""
+    try:
+        with open(os.path.join(moe_folder, "upcycle.json")) as f:
+            recorded = json.load(f).get("options")
+        return UpcycleOptions(**recorded) if isinstance(recorded, dict) else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _check_tensors(plan: UpcyclePlan, moe_folder: str, checks: list[str]) -> list[str]:
+    """The stored tensors against the plan's recipes (see :func:`verify_upcycle`); returns
+    the problems found and appends what was checked to ``checks``."""
+    try:
+        reader = CheckpointReader(moe_folder)
+    except (ValueError, OSError) as exc:
+        return [f"the MoE's weights cannot be read: {exc}"]
+    o, src = plan.options, plan.source
+    errors: list[str] = []
+    have = {n: (i.dtype, tuple(i.shape)) for n, i in reader.infos.items()}
+    want = {n: (r.dtype, tuple(r.shape)) for n, r in plan.recipes.items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    wrong = [n for n in want if n in have and have[n] != want[n]]
+    if missing:
+        errors.append(f"missing tensors {_some(missing)}")
+    if extra:
+        errors.append(f"unexpected tensors {_some(extra)}")
+    if wrong:
+        errors.append(f"{len(wrong)} tensor(s) of another dtype or shape than planned: "
+                      + "; ".join(f"{n!r} is {have[n][0]} {list(have[n][1])}, planned {want[n][0]} {list(want[n][1])}"
+                                  for n in wrong[:3]))
+    checks.append(f"tensors: the {len(want)} planned tensors, with their shapes and dtypes, and no others")
+    counts = {"copy": 0, "expert": 0, "new": 0}
+    bad_experts: list[str] = []
+    matrix_key, W, stats = None, None, None
+    # experts grouped by source matrix, so that each is read once
+    order = sorted((n for n in want if n in have and n not in wrong),
+                   key=lambda n: (plan.recipes[n].kind == "expert", plan.recipes[n].layer, plan.recipes[n].mlp, n))
+    for name in order:
+        r = plan.recipes[name]
+        try:
+            got = reader.get(name)
+        except (ValueError, OSError) as exc:
+            errors.append(f"tensor {name!r} cannot be read: {exc}")
+            continue
+        if r.kind == "copy":
+            counts["copy"] += 1
+            if not torch.equal(got, src.reader.get(r.src, r.rows)):
+                errors.append(f"tensor {name!r} differs from the source's {r.src!r}")
+            continue
+        if r.kind != "expert":
+            counts["new"] += 1
+            if r.kind == "zeros" and torch.count_nonzero(got):
+                errors.append(f"tensor {name!r} should be zero (it keeps the model's function) and is not")
+            elif not torch.isfinite(got).all():
+                errors.append(f"tensor {name!r} holds non-finite values")
+            continue
+        if matrix_key != (r.layer, r.mlp):
+            W = stats = None  # free before loading the next one
+            mlp_name, rows = src.mlp[r.layer][r.mlp]
+            W, matrix_key = src.reader.get(mlp_name, rows).float(), (r.layer, r.mlp)
+            stats = _mean_std(W)
+        parts = [got[j].t() for j in range(len(r.experts))] if r.transpose else [got]
+        for e, x in zip(r.experts, parts):
+            counts["expert"] += 1
+            why = _expert_problem(plan, r, e, x, W, stats)
+            if why:
+                bad_experts.append(f"expert {e} of layer {r.layer} ({r.mlp}): {why}")
+    if bad_experts:
+        n = len(bad_experts)
+        errors.append(f"{n} expert {'matrix does' if n == 1 else 'matrices do'} not match their definition: "
+                      + "; ".join(bad_experts[:3]) + (f"; and {n - 3} more" if n > 3 else ""))
+    checks.append(f"copied tensors: each of {counts['copy']} equal to the source's")
+    shard = f"neuron shard (granularity {o.granularity})" if o.granularity > 1 else "matrix"
+    scaled = f" times {plan.scale:.6g}" if plan.scale != 1.0 else ""
+    if o.expert_init == "copy" or (o.expert_init == "noise" and o.noise_std == 0):
+        how = f"equal to its source MLP {shard}{scaled}"
+    elif o.expert_init == "noise":
+        how = f"within 8 noise standard deviations of its source MLP {shard}{scaled}, and perturbed"
+    else:
+        how = (f"with its kept neurons equal to its source MLP {shard}{scaled} and the re-drawn ones (a "
+               f"fraction {o.drop_ratio:g}, as the seed names them, the same in gate, up and down) within 8 "
+               "standard deviations of the matrix mean")
+    checks.append(f"experts: each of {counts['expert']} expert matrices {how}")
+    checks.append(f"new tensors ({counts['new']}): routers finite"
+                  + ("; shared experts add zero (zero down projection and gate)" if o.format == "qwen2_moe" else ""))
+    if plan.optimizer_shards:
+        checks.append("optimizer moments: not checked")
+    return errors
+
+
+def _mean_std(W: torch.Tensor) -> tuple[float, float]:
+    """Mean and (population) std of a matrix, accumulated in float64 by rows."""
+    s = s2 = 0.0
+    for a in range(0, W.shape[0], 1024):
+        blk = W[a:a + 1024].double()
+        s += float(blk.sum())
+        s2 += float(blk.square().sum())
+    mean = s / max(W.numel(), 1)
+    return mean, math.sqrt(max(s2 / max(W.numel(), 1) - mean * mean, 0.0))
+
+
+def _expert_problem(plan: UpcyclePlan, r: _Recipe, e: int, got: torch.Tensor, W: torch.Tensor,
+                    stats: tuple[float, float]) -> str:
+    """Why one stored expert matrix (canonical orientation) is not what its init defines, or
+    "" when it is. Rounding to the stored dtype moves a value by up to eps of its size (and
+    subnormals by their spacing)."""
+    o = plan.options
+    Fe, g, down = plan.expert_d_ff, e % o.granularity, r.mlp == "down"
+    x = (W[:, g * Fe:(g + 1) * Fe] if down else W[g * Fe:(g + 1) * Fe]) * plan.scale
+    info = torch.finfo(got.dtype)
+
+    def rounding(v):
+        return info.eps * (v.abs() + info.tiny)
+
+    got = got.float()
+    d = got - x
+    mean, std = stats
+    if o.expert_init == "copy" or (o.expert_init == "noise" and o.noise_std == 0):
+        bad = d.abs() > rounding(x)
+        return f"{int(bad.sum())} of {bad.numel()} values differ from the source MLP" if bad.any() else ""
+    if o.expert_init == "noise":
+        sigma = o.noise_std * std * plan.scale
+        bad = d.abs() > 8 * sigma + rounding(x.abs() + 8 * sigma)
+        if bad.any():
+            return f"{int(bad.sum())} of {bad.numel()} values lie further than 8 noise std ({sigma:.3g}) from the source"
+        # the noise must be there too, where it is larger than rounding
+        if d.numel() >= 256 and sigma > 8 * info.eps * float(x.abs().mean()) and float(d.std()) < 0.5 * sigma:
+            return f"carries noise of std {float(d.std()):.3g}, expected {sigma:.3g}"
+        return ""
+    dropped = torch.zeros(Fe, dtype=torch.bool)
+    dropped[_dropped_neurons(o, r.layer, e, Fe)] = True
+    mask = dropped.expand_as(d) if down else dropped[:, None].expand_as(d)
+    bad = (d.abs() > rounding(x)) & ~mask
+    if bad.any():
+        return f"{int(bad.sum())} values of kept neurons differ from the source MLP"
+    fresh = got[mask]
+    if fresh.numel() and std > 0 and float((d[mask] == 0).float().mean()) > 0.5:
+        return "its re-drawn neurons keep their source values"
+    s = plan.scale
+    far = (fresh - mean * s).abs() > 8 * std * s + rounding(fresh)
+    if far.any():
+        return f"{int(far.sum())} values of re-drawn neurons lie further than 8 std ({std * s:.3g}) from the mean"
+    if fresh.numel() >= 256 and float(fresh.std()) < 0.5 * std * s:
+        return f"re-drawn neurons have std {float(fresh.std()):.3g}, expected {std * s:.3g}"
+    return ""
 
 
 # Settings of a Hugging Face config that upcycling must carry over unchanged.
@@ -825,11 +1097,13 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     written into a temporary folder beside ``dst_folder`` and renamed onto it at the end, so
     ``dst_folder`` either does not change or holds the complete result. An existing
     ``dst_folder`` is replaced only with ``force=True``, and only when it is an empty folder
-    or an earlier upcycle output (``upcycle.json`` and nothing an upcycle does not write);
-    a destination that is, contains or lies inside the source (symlinks resolved) is
-    refused. With ``verify=True`` both models are loaded and compared before the rename
-    (:func:`verify_upcycle`); when exactness is expected and not met, or the configs differ
-    outside the MLPs, VerificationError is raised and nothing is published.
+    or an unchanged earlier upcycle output: ``upcycle.json`` records the size and
+    modification time of every file the upcycle wrote, and a folder holding any other file,
+    or one of those rewritten since (a fine-tuned model saved into it), is refused. A
+    destination that is, contains or lies inside the source (symlinks resolved) is refused.
+    With ``verify=True`` the output is checked before the rename (:func:`verify_upcycle`:
+    tensors against their definition, loading, configs, logits); on any problem
+    VerificationError is raised and nothing is published.
     ``progress(done, total, tensor_name)`` is called after each tensor.
 
     Example::
@@ -852,7 +1126,6 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     # folder exists, so a destination that cannot be written fails at once.
     sources = _source_files(plan)
     names = [os.path.basename(f) for f in sources]
-    placeholder = _metadata(_provenance(plan, {name: "0" * 64 for name in names}))
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
     except OSError as exc:  # name the folder the user gave, not the temporary one
@@ -863,39 +1136,46 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     pending = {}
     try:
         pending = {name: pool.submit(_sha256, f, stop) for name, f in zip(names, sources)}
+        inputs = {"source_config_sha256": _sha256(os.path.join(src_folder, "config.json"))}
+        if options.calibration_text is not None:
+            inputs["calibration_text_sha256"] = _sha256(options.calibration_text)
+        placeholder = _metadata(_provenance(plan, {name: "0" * 64 for name in names}, inputs))
         shards = _write_all(plan, tmp, routers, placeholder, progress)
-        prov = _provenance(plan, {name: fut.result() for name, fut in pending.items()})
+        prov = _provenance(plan, {name: fut.result() for name, fut in pending.items()}, inputs)
         for file, shard, meta in shards:
             rewrite_metadata(os.path.join(tmp, file), shard, {**meta, **_metadata(prov)})
-        files = sorted(os.listdir(tmp))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
-        with open(os.path.join(tmp, "upcycle.json"), "w") as f:
-            json.dump(prov, f, indent=2, sort_keys=True)
-            f.write("\n")
-        files += ["config.json", "upcycle.json"]
         if state is not None:
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
                 f.write("\n")
-            files.append("trainer_state.json")
-        for name in _TOKENIZER_FILES:
+        carried = [n for n in sorted(os.listdir(src_folder)) if n in _TOKENIZER_FILES or _TERMS_FILE.fullmatch(n)]
+        for name in carried:
             if os.path.isfile(os.path.join(src_folder, name)):
                 shutil.copyfile(os.path.join(src_folder, name), os.path.join(tmp, name))
-                files.append(name)
         for name in _TOKENIZER_DIRS:
             if os.path.isdir(os.path.join(src_folder, name)):
                 shutil.copytree(os.path.join(src_folder, name), os.path.join(tmp, name))
-                files += [os.path.join(name, f) for f in sorted(os.listdir(os.path.join(tmp, name)))]
+        # Every file as written, for --force to tell an unchanged output from one that files
+        # were saved into since (a fine-tuned model, say).
+        record = _output_record(tmp)
+        with open(os.path.join(tmp, "upcycle.json"), "w") as f:
+            json.dump({**prov, "output_files": record}, f, indent=2, sort_keys=True)
+            f.write("\n")
+        files = sorted([*record, "upcycle.json"])
         if fsync:  # data on disk before the rename makes it visible
             _fsync_all(tmp, files)
         result = None
         if verify:
-            result = verify_upcycle(src_folder, tmp, expected_equal=plan.exact)
+            result = verify_upcycle(src_folder, tmp, expected_equal=plan.exact, options=options)
             if result.config_diffs:
                 raise VerificationError("the upcycled model's config differs from the source outside the MLPs: "
                                         + "; ".join(result.config_diffs) + "; nothing was written")
+            if result.tensor_errors:
+                raise VerificationError("the upcycled tensors do not match their definition: "
+                                        + "; ".join(result.tensor_errors) + "; nothing was written")
             if not result.passed:
                 raise VerificationError(f"the upcycled model does not reproduce the dense logits: max |diff| "
                                         f"{result.max_abs_diff:.3g} > {result.tolerance:g}; nothing was written")
@@ -926,16 +1206,68 @@ def _check_destination(src_folder: str, dst_folder: str, force: bool) -> str:
     if os.path.lexists(dst):
         if not force:
             raise FileExistsError(f"destination {dst_folder} exists; pass force=True (--force) to replace it")
-        # force replaces an empty folder or an earlier upcycle output, nothing else
-        check_replaceable_folder(dst, lambda e: bool(_OUTPUT_FILE.fullmatch(e)) or e in _TOKENIZER_FILES,
-                                 folders=_TOKENIZER_DIRS, required=("upcycle.json",), kind="an upcycle output",
-                                 name=f"destination {dst_folder}",
-                                 advice="--force replaces only an empty folder or an earlier upcycle output: remove "
-                                        "it yourself or choose another destination")
+        _check_replaceable_output(dst, dst_folder)
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"destination's parent folder does not exist: {parent}")
     return dst
+
+
+def _output_record(folder: str) -> dict[str, dict[str, int]]:
+    """Size and modification time (ns) of every file under ``folder`` (relative paths with
+    ``/``), as ``upcycle.json`` records them. Any rewrite of a file sets a new
+    modification time: a model saved with the same shapes has the same sizes, never the
+    same times. Cheap where hashes of the output would mean reading all of it again."""
+    out = {}
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            out[os.path.relpath(path, folder).replace(os.sep, "/")] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    out.pop("upcycle.json", None)
+    return out
+
+
+_FORCE_ADVICE = ("--force replaces only an empty folder or an unchanged earlier upcycle output: move it away or remove "
+                 "it yourself, or choose another destination")
+
+
+def _check_replaceable_output(dst: str, dst_folder: str) -> None:
+    """FileExistsError unless ``dst`` is an empty folder or an upcycle output whose files are
+    all, unchanged, those its ``upcycle.json`` records (symlinks never are)."""
+    name = f"destination {dst_folder}"
+    record = None
+    if os.path.isdir(dst) and not os.path.islink(dst) and os.path.isfile(os.path.join(dst, "upcycle.json")):
+        try:
+            with open(os.path.join(dst, "upcycle.json")) as f:
+                record = json.load(f).get("output_files")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            record = None
+        if not (isinstance(record, dict) and all(isinstance(v, dict) for v in record.values())):
+            raise FileExistsError(f"{name} holds an upcycle.json without the record of the files the upcycle wrote "
+                                  "(an output of an older flopwise, or an edited one), so files saved into it since "
+                                  f"cannot be told apart; {_FORCE_ADVICE}")
+    top = {p.split("/")[0] for p in record or ()}
+    check_replaceable_folder(dst, lambda e: e == "upcycle.json" or e in top, folders=top, required=("upcycle.json",),
+                             kind="an upcycle output", name=name, advice=_FORCE_ADVICE)
+    if record is None:
+        return  # an empty folder
+    changed = []
+    for root, dirs, names in os.walk(dst):
+        dirs.sort()
+        for entry in sorted(names) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, entry)
+            rel = os.path.relpath(path, dst).replace(os.sep, "/")
+            if rel == "upcycle.json":
+                continue
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode) or record.get(rel) != {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}:
+                changed.append(rel)
+    if changed:
+        raise FileExistsError(f"{name} is an upcycle output, but {_some(changed)} "
+                              f"{'was' if len(changed) == 1 else 'were'} saved or changed there since the upcycle "
+                              f"wrote it (as when a fine-tuned model is saved into the folder); {_FORCE_ADVICE}")
 
 
 def _trainer_state(plan: UpcyclePlan, src_folder: str) -> dict | None:

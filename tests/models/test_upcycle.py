@@ -39,7 +39,7 @@ def _tiny(arch: str, folder, *, tied=False, shard=None, **kw):
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
            "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
-    model = cls[1](cls[0](**common, **kw)).eval()
+    model = cls[1](cls[0](**{**common, **kw})).eval()
     with torch.no_grad():  # RMSNorm weights start at 1: perturb them so a swapped norm would show
         for n, p in model.named_parameters():
             if "norm" in n:
@@ -104,6 +104,9 @@ def test_llama_sharded_to_mixtral_reproduces_dense(llama, tmp_path):
     assert prov["method"] == "sparse_upcycling" and prov["seed"] == 3 and prov["options"]["n_experts"] == 4
     assert set(prov["source_files"]) == {p for p in os.listdir(src) if p.endswith(".safetensors")}
     assert all(len(h) == 64 for h in prov["source_files"].values())
+    import hashlib
+
+    assert prov["source_config_sha256"] == hashlib.sha256((src / "config.json").read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("layers, kinds", [
@@ -140,6 +143,82 @@ def test_mistral_tied_and_qwen2_bias(tmp_path):
     with pytest.raises(ValueError, match=r"q_proj\.bias.*qwen2_moe"):
         upcycle(str(tmp_path / "qwen2"), str(tmp_path / "bad"), UpcycleOptions(n_experts=4, format="mixtral"))
     assert not (tmp_path / "bad").exists()
+
+
+# Keys an older or hand-written config.json may leave out: transformers then takes the source
+# class's defaults, which differ from Mixtral's (rope_theta 1e6, rms_norm_eps 1e-5, 8 KV
+# heads, no sliding window) and Qwen2-MoE's (16 KV heads).
+_LEFT_OUT = ("num_key_value_heads", "head_dim", "rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps",
+             "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window",
+             "use_sliding_window", "max_window_layers", "layer_types", "tie_word_embeddings", "attention_dropout",
+             "initializer_range", "hidden_act", "use_cache")
+
+
+@pytest.mark.parametrize("arch, fmt, extra", [
+    ("llama", "mixtral", {}), ("llama", "qwen2_moe", {}), ("mistral", "mixtral", {}), ("mistral", "qwen2_moe", {}),
+    ("qwen2", "qwen2_moe", {}),
+    # RoPE settings without a base: the base is the source's default (legacy form and v5 form)
+    ("llama", "mixtral", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "num_key_value_heads": 4}),
+    ("llama", "mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}, "num_key_value_heads": 4}),
+], ids=["llama-mixtral", "llama-qwen2_moe", "mistral-mixtral", "mistral-qwen2_moe", "qwen2-qwen2_moe",
+        "rope_scaling", "rope_parameters"])
+def test_config_keys_left_out_take_the_source_defaults(tmp_path, arch, fmt, extra):
+    torch.manual_seed(4)
+    heads = {"llama": 4, "mistral": 8, "qwen2": 32}[arch]  # the KV heads each class assumes when not told
+    src = tmp_path / arch
+    _tiny(arch, src, hidden_size=64, num_attention_heads=heads, num_key_value_heads=heads)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**{k: v for k, v in cfg.items() if k not in _LEFT_OUT}, **extra}))
+    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[arch]
+    dense = _load(cls, src)  # the dense model as transformers reads the shortened config
+    report = upcycle(str(src), str(tmp_path / "moe"), UpcycleOptions(n_experts=4, top_k=2, format=fmt), verify=True)
+    assert report.verify.passed and not report.verify.config_diffs
+    moe = _load(MixtralForCausalLM if fmt == "mixtral" else Qwen2MoeForCausalLM, tmp_path / "moe")
+    assert _diff(dense, moe) <= TOL
+    from flopwise.models.upcycle import _attention_windows
+
+    a, b = dense.config, moe.config
+    assert (b.rms_norm_eps, b.rope_parameters["rope_theta"], b.num_key_value_heads, b.max_position_embeddings,
+            b.bos_token_id, b.eos_token_id) == (a.rms_norm_eps, a.rope_parameters["rope_theta"], a.num_key_value_heads,
+                                                a.max_position_embeddings, a.bos_token_id, a.eos_token_id)
+    assert _attention_windows(a) == _attention_windows(b) == [4096 if arch == "mistral" else None] * L
+    out = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert out["num_key_value_heads"] == heads and out["head_dim"] == 64 // heads
+
+
+def test_kv_heads_left_out_are_the_architectures_default(tmp_path):
+    """Qwen2Config takes 32 KV heads when config.json names none (not num_attention_heads):
+    a checkpoint saved with 4 does not load in transformers, and is refused with the reason."""
+    torch.manual_seed(4)
+    src = tmp_path / "qwen2"
+    _tiny("qwen2", src, num_key_value_heads=4)
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["num_key_value_heads"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be a multiple of num_key_value_heads "
+                                         r"\(32, qwen2's default when config.json leaves it out\)"):
+        upcycle(str(src), str(tmp_path / "moe"), UpcycleOptions(n_experts=2, format="qwen2_moe"))
+    assert not (tmp_path / "moe").exists()
+
+
+def test_source_defaults_are_transformers_defaults():
+    """The converter's table of source defaults (used without transformers) is what
+    transformers' config classes assume, and covers every key the targets take over."""
+    from flopwise.models.hf_formats import _COMMON, _HF_DEFAULTS
+
+    sizes = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L, num_attention_heads=4)
+    for arch, cls in (("llama", LlamaConfig), ("mistral", MistralConfig), ("qwen2", Qwen2Config)):
+        table = _HF_DEFAULTS[arch]
+        assert set(_COMMON) - set(sizes) - {"rope_scaling", "rope_parameters", "dtype", "torch_dtype"} <= set(table)
+        for key, value in table.items():
+            cfg = cls(**sizes, **({"use_sliding_window": True} if key == "sliding_window" else {}))
+            if key == "rope_theta":
+                got = cfg.rope_parameters["rope_theta"]
+            else:  # Qwen2Config has no head_dim: Qwen2's attention then derives it
+                got = getattr(cfg, key, D // 4 if key == "head_dim" else "absent")
+            if value is None and key in ("num_key_value_heads", "head_dim"):
+                value = 4 if key == "num_key_value_heads" else D // 4
+            assert got == value, (arch, key, got, value)
 
 
 # ------------------------------------------------------------------ expert and router inits
@@ -189,10 +268,29 @@ def test_granularity_splits_neurons_and_scales(llama, tmp_path, renorm):
     _load(Qwen2MoeForCausalLM, tmp_path / "g")
 
 
+def _with_tokenizer(src, folder, text: str):
+    """A copy of the checkpoint in ``src`` with a word-level tokenizer of ``text``'s words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(src, folder)
+    words = sorted(set(text.split()))
+    tok = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"<unk>": 0}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(folder))
+    return folder
+
+
 def test_router_inits(llama, tmp_path):
     src, dense = llama
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    # k-means needs the source's own token ids: without a tokenizer the text cannot be read
+    with pytest.raises(ValueError, match=r"calibration_text: the source .* has no tokenizer"):
+        upcycle(str(src), str(tmp_path / "km"), UpcycleOptions(n_experts=4, format="mixtral", router_init="kmeans",
+                                                               calibration_text=str(text)))
+    assert not (tmp_path / "km").exists()
+    src = _with_tokenizer(src, tmp_path / "tok", text.read_text())
     got = {}
     for init in ("normal", "zeros", "orthogonal", "kmeans"):
         out = tmp_path / init
@@ -208,6 +306,10 @@ def test_router_inits(llama, tmp_path):
     km = got["kmeans"]
     torch.testing.assert_close(km.norm(dim=1), torch.full((4,), 0.02 * math.sqrt(D)))
     assert float((km @ km.t() - torch.diag(torch.diag(km @ km.t()))).abs().max()) > 0  # distinct centroids
+    import hashlib
+
+    prov = json.loads((tmp_path / "kmeans" / "upcycle.json").read_text())
+    assert prov["calibration_text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
 
 
 def test_seeded_per_layer_and_expert(llama, tmp_path):
@@ -721,3 +823,239 @@ def test_cli_reports_os_errors_in_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot create the destination" in err and "Permission denied" in err
     assert not hashed and not (tmp_path / "moe").exists()
+
+
+# ------------------------------------------------------------------ --force, --verify and the remaining checks
+def test_force_keeps_a_model_saved_into_the_output(llama, tmp_path):
+    """A model fine-tuned from the upcycled one and saved back into its folder has the same
+    file names (and sizes) as the upcycle wrote: --force must not delete it."""
+    src, _ = llama
+    out = tmp_path / "moe"
+    opts = UpcycleOptions(n_experts=2, top_k=1, format="mixtral")
+    upcycle(str(src), str(out), opts)
+    upcycle(str(src), str(out), opts, force=True)  # an unchanged output is replaced
+    moe = _load(MixtralForCausalLM, out)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.add_(0.01)
+    moe.save_pretrained(str(out))
+    tuned = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    with pytest.raises(FileExistsError, match=r"is an upcycle output, but 'config\.json', .*'model\.safetensors'.* "
+                                              r"saved or changed there since.*fine-tuned.*move it away or remove it"):
+        upcycle(str(src), str(out), opts, force=True)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == tuned
+    # the same size is not enough: a file rewritten in place counts as changed
+    shutil.rmtree(out)
+    upcycle(str(src), str(out), opts)
+    with open(out / "model.safetensors", "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\x80\x3f")
+    with pytest.raises(FileExistsError, match="'model.safetensors' was saved or changed"):
+        upcycle(str(src), str(out), opts, force=True)
+    # an upcycle.json without the record of written files (an older output) is not enough either
+    shutil.rmtree(out)
+    upcycle(str(src), str(out), opts)
+    prov = json.loads((out / "upcycle.json").read_text())
+    assert set(prov["output_files"]) == set(os.listdir(out)) - {"upcycle.json"}
+    del prov["output_files"]
+    (out / "upcycle.json").write_text(json.dumps(prov))
+    with pytest.raises(FileExistsError, match="without the record of the files"):
+        upcycle(str(src), str(out), opts, force=True)
+    assert (out / "model.safetensors").exists()
+
+
+def test_aux_loss_coef_is_refused_where_it_cannot_be_stored(tmp_path):
+    from flopwise.models.moe import MoEConfig
+
+    # what a flopwise MoE layer trains with is the option's default: that value is accepted
+    assert MoEConfig(d_model=8, d_ff=8, n_experts=2).load_balance_coef == UpcycleOptions().aux_loss_coef
+    with pytest.raises(ValueError, match=r"option aux_loss_coef=0\.1 is not expressible in the flopwise format"):
+        UpcycleOptions(n_experts=2, top_k=1, aux_loss_coef=0.1)
+    _tiny_flopwise(tmp_path / "dense")
+    parser = argparse.ArgumentParser()
+    _cli_upcycle.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--experts", "2",
+                              "--aux-loss-coef", "0.1"])
+    with pytest.raises(ValueError, match=r"--aux-loss-coef=0\.1 is not expressible"):
+        args.func(args)
+    assert not (tmp_path / "moe").exists()
+
+
+def test_verify_checks_loading(llama, tmp_path):
+    """Tensors transformers reports missing (initialised at random), unexpected or of another
+    shape fail verification, and a model that does not load raises VerificationError."""
+    from flopwise.models.upcycle import verify_upcycle
+
+    src, _ = llama
+    good = tmp_path / "good"
+    upcycle(str(src), str(good), UpcycleOptions(n_experts=4, top_k=2, format="mixtral", max_shard_bytes=10**9))
+    sd = load_file(str(good / "model.safetensors"))
+    for case, match in (("missing", "missing keys 'model.norm.weight'"), ("unexpected", "unexpected keys"),
+                        ("mismatched", "mismatched keys"), ("broken", "transformers cannot load the upcycled")):
+        bad = tmp_path / case
+        shutil.copytree(good, bad)
+        if case == "missing":
+            save_file({k: v for k, v in sd.items() if k != "model.norm.weight"}, str(bad / "model.safetensors"),
+                      metadata={"format": "pt"})
+        elif case == "unexpected":
+            save_file({**sd, "model.layers.0.extra.weight": torch.zeros(3)}, str(bad / "model.safetensors"),
+                      metadata={"format": "pt"})
+        elif case == "mismatched":
+            cfg = json.loads((bad / "config.json").read_text())
+            (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": F // 2}))
+        else:
+            (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+        with pytest.raises(VerificationError, match=match):
+            verify_upcycle(str(src), str(bad))
+
+
+def test_verify_checks_every_expert(llama, tmp_path):
+    """The probe routes its tokens to some experts only: experts it never reaches are still
+    compared with their source MLP."""
+    from flopwise.models.upcycle import verify_upcycle
+
+    src, _ = llama
+    out = tmp_path / "moe"
+    E = 16
+    upcycle(str(src), str(out), UpcycleOptions(n_experts=E, top_k=1, format="mixtral", max_shard_bytes=10**9))
+    moe = _load(MixtralForCausalLM, out)
+    tokens = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(0))  # verify's probe
+    with torch.no_grad():
+        logits = moe(tokens, output_router_logits=True).router_logits
+    unrouted = [(i, e) for i, r in enumerate(logits) for e in sorted(set(range(E)) - set(r.argmax(-1).tolist()))]
+    assert unrouted
+    sd = load_file(str(out / "model.safetensors"))
+    for i, e in unrouted:
+        for w in ("w1", "w2", "w3"):
+            sd[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"].zero_()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    v = verify_upcycle(str(src), str(out))
+    assert v.max_abs_diff <= TOL  # the probe alone cannot tell
+    assert not v.passed and "differ from the source MLP" in v.tensor_errors[0]
+    i, e = unrouted[0]
+    assert f"expert {e} of layer {i}" in v.tensor_errors[0]
+
+
+@pytest.mark.parametrize("init", ["noise", "drop", "granularity"])
+def test_verify_checks_inexact_inits_by_their_definition(llama, tmp_path, init):
+    """Where the MoE is not meant to reproduce the dense logits, verify still checks each
+    expert against what its init defines, and says what it checked."""
+    from flopwise.models.upcycle import verify_upcycle
+
+    src, _ = llama
+    out = tmp_path / "moe"
+    kw = {"noise": dict(expert_init="noise", noise_std=0.05), "drop": dict(expert_init="drop", drop_ratio=0.25),
+          "granularity": dict(granularity=2)}[init]
+    with pytest.warns(UpcycleWarning):
+        report = upcycle(str(src), str(out), UpcycleOptions(n_experts=4, top_k=2, format="qwen2_moe",
+                                                            max_shard_bytes=10**9, **kw), verify=True)
+    assert report.verify.passed and not report.verify.expected_equal
+    assert any(c.startswith("experts: each of 48 expert matrices") for c in report.verify.checks)
+    sd = load_file(str(out / "model.safetensors"))
+    name = "model.layers.2.mlp.experts.1.up_proj.weight"
+    up = CheckpointReader(str(src)).get("model.layers.2.mlp.up_proj.weight")
+    if init == "noise":  # an expert left unperturbed
+        sd[name] = up.clone()
+    elif init == "drop":  # a kept neuron changed
+        kept = int((sd[name] == up).all(1).nonzero()[0])
+        sd[name][kept] += 1.0
+    else:  # the other neuron shard
+        sd[name] = sd["model.layers.2.mlp.experts.0.up_proj.weight"].clone()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    v = verify_upcycle(str(src), str(out))
+    assert not v.passed and "expert 1 of layer 2 (up)" in v.tensor_errors[0], v.tensor_errors
+
+
+def _run_cli(*argv):
+    parser = argparse.ArgumentParser()
+    _cli_upcycle.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["upcycle", *map(str, argv)])
+    return args.func(args)
+
+
+def test_cli_sizes_that_overflow_are_refused():
+    for text in ("inf", "1e400"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+            _cli_upcycle._size(text)
+
+
+def test_cli_names_the_no_renormalize_flag(llama, tmp_path):
+    src, _ = llama
+    with pytest.raises(ValueError, match=r"^renormalize=False \(--no-renormalize\) is not expressible in the mixtral"):
+        _run_cli(src, tmp_path / "x", "--no-renormalize")
+
+
+def test_dry_run_checks_the_destination(llama, tmp_path):
+    """A dry run refuses the destinations the real run refuses."""
+    src, _ = llama
+    with pytest.raises(ValueError, match="is the source"):
+        _run_cli(src, src, "--dry-run")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists; pass force"):
+        _run_cli(src, tmp_path / "taken", "--dry-run")
+    with pytest.raises(FileExistsError, match="not an upcycle output"):
+        _run_cli(src, tmp_path / "taken", "--dry-run", "--force")
+    assert _run_cli(src, tmp_path / "free", "--dry-run", "--json") == 0
+
+
+def test_zero_noise_is_exact(llama, tmp_path):
+    """Noise of std 0 leaves the copies exact: no warning, and verify expects the dense logits."""
+    import warnings
+
+    src, dense = llama
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UpcycleWarning)
+        report = upcycle(str(src), str(tmp_path / "n0"), UpcycleOptions(n_experts=2, format="mixtral",
+                                                                         expert_init="noise", noise_std=0.0),
+                         verify=True)
+    assert report.verify.expected_equal and report.verify.max_abs_diff <= TOL and not report.warnings
+
+
+def test_licence_and_model_card_are_carried(llama, tmp_path):
+    """A licence binds derivatives too: it travels with the MoE (and such an output can
+    still be replaced with force)."""
+    src = tmp_path / "src"
+    shutil.copytree(llama[0], src)
+    terms = {"LICENSE": "licence", "USE_POLICY.md": "policy", "README.md": "card", "NOTICE.txt": "notice"}
+    for name, text in terms.items():
+        (src / name).write_text(text)
+    (src / "notes.txt").write_text("not carried")
+    opts = UpcycleOptions(n_experts=2, format="mixtral")
+    upcycle(str(src), str(tmp_path / "t"), opts)
+    for name, text in terms.items():
+        assert (tmp_path / "t" / name).read_text() == text
+    assert not (tmp_path / "t" / "notes.txt").exists()
+    upcycle(str(src), str(tmp_path / "t"), opts, force=True)
+
+
+def test_swish_is_silu(tmp_path):
+    """hidden_act "swish" is transformers' other name for SiLU."""
+    torch.manual_seed(5)
+    src = tmp_path / "llama"
+    dense = _tiny("llama", src, hidden_act="swish")
+    assert json.loads((src / "config.json").read_text())["hidden_act"] == "swish"
+    upcycle(str(src), str(tmp_path / "sw"), UpcycleOptions(n_experts=2, format="mixtral"), verify=True)
+    assert _diff(dense, _load(MixtralForCausalLM, tmp_path / "sw")) <= TOL
+
+
+def test_pytorch_pickle_source_is_explained(llama, tmp_path):
+    src, dense = llama
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    shutil.copy(src / "config.json", binary / "config.json")
+    torch.save(dense.state_dict(), str(binary / "pytorch_model.bin"))
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: .*not supported.*safe_serialization=True"):
+        upcycle(str(binary), str(tmp_path / "b"), UpcycleOptions(n_experts=2, format="mixtral"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_attention_biases_no_target_holds(tmp_path):
+    """Llama's attention_bias puts a bias on o_proj too: qwen2_moe is not suggested."""
+    torch.manual_seed(6)
+    _tiny("llama", tmp_path / "ab", attention_bias=True)
+    for fmt, match in (("mixtral", "mixtral has no attention biases; qwen2_moe cannot hold them either"),
+                       ("qwen2_moe", "o_proj.bias'?: qwen2_moe has no o_proj bias")):
+        with pytest.raises(ValueError, match=match) as info:
+            upcycle(str(tmp_path / "ab"), str(tmp_path / "m"), UpcycleOptions(n_experts=2, format=fmt))
+        assert "use format" not in str(info.value)
