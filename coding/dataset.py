@@ -58,7 +58,7 @@ M1_EVAL = ("auto", "cached", "window")
 _MIN_PRECISION = 9
 # EqualInfoAC windows: at least 16 bits (see BuildOptions), at most 8 KiB so the per-window
 # buffers stay small whatever a meta.json claims
-_MIN_WINDOW_BITS, _MAX_WINDOW_BITS = 16, 1 << 16
+_MIN_WINDOW_BITS, _MAX_WINDOW_BITS = 16, 512  # EqualInfoAC's range
 
 
 @dataclass

@@ -67,6 +67,19 @@ def _check_data(data) -> bytes:
     return bytes(data)
 
 
+def _side_array(comp: Compressed, name: str) -> np.ndarray:
+    """The side array ``name`` of ``comp`` as a 1-D int64 array: missing, not integers or not
+    1-D raise :class:`CorruptStreamError` naming it (a cast would truncate floats)."""
+    if not isinstance(comp.arrays, dict) or name not in comp.arrays:
+        raise CorruptStreamError(f"the side array {name} is missing (it is needed to decode)")
+    arr = np.asarray(comp.arrays[name])
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise CorruptStreamError(f"the side array {name} holds {arr.dtype}, expected integers")
+    if arr.ndim != 1:
+        raise CorruptStreamError(f"the side array {name} has shape {arr.shape}, expected a 1-D array")
+    return arr.astype(np.int64, copy=False)
+
+
 def _chunks(data: bytes, chunk_bytes: int) -> list[bytes]:
     return [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)]
 
@@ -107,7 +120,7 @@ class GZip:
                           coded_bits=8 * sum(nbytes), n_streams=len(chunks))
 
     def decompress(self, comp: Compressed) -> bytes:
-        nbytes = comp.arrays["stream_nbytes"]
+        nbytes = _side_array(comp, "stream_nbytes")
         raw = tokens_to_bytes(comp.tokens, self.token_bits)
         out, pos = [], 0
         step = self.token_bits // 8
@@ -176,9 +189,9 @@ class _StreamAC:
                           coded_bits=sum(nbits), ideal_bits=ideal, n_streams=len(chunks))
 
     def decompress(self, comp: Compressed, progress: Progress = None) -> bytes:
-        nbits = np.asarray(comp.arrays["stream_bits"], dtype=np.int64)
-        nsym = np.asarray(comp.arrays["stream_bytes"], dtype=np.int64)
-        if nbits.shape != nsym.shape or nbits.ndim != 1 or (nbits < 0).any() or (nsym < 0).any():
+        nbits = _side_array(comp, "stream_bits")
+        nsym = _side_array(comp, "stream_bytes")
+        if nbits.shape != nsym.shape or (nbits < 0).any() or (nsym < 0).any():
             raise CorruptStreamError("stream_bits / stream_bytes are inconsistent")
         # compress cut the input into chunks of chunk_bytes, the last one shorter: any other
         # length is corruption (and would make the decoder run that many model steps)
@@ -198,7 +211,7 @@ class _StreamAC:
             for r, raw in enumerate(raws):
                 arr[r, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
             sym = st.decode_streams(torch.from_numpy(arr).to(self.device), torch.from_numpy(nbits[i : i + len(raws)]),
-                                    torch.from_numpy(nsym[i : i + len(raws)]), self.model, self.cfg)
+                                    torch.from_numpy(nsym[i : i + len(raws)]), self.model, self.cfg, ids=list(idx))
             sym = sym.to(torch.uint8).cpu().numpy()
             out.extend(sym[r, : nsym[j]].tobytes() for r, j in enumerate(idx))
             if progress:
@@ -258,6 +271,8 @@ class EqualInfoAC:
             # frequency >= 2^(precision - 8), the whole total
             raise ValueError(f"window_bits must be a multiple of token_bits={token_bits} and >= 16 (an 8-bit "
                              f"window cannot hold every byte), got {window_bits!r}")
+        if window_bits > 512:
+            raise ValueError(f"window_bits must be <= 512, got {window_bits}")
         for name, v in (("max_window_bytes", max_window_bytes), ("streams_per_batch", streams_per_batch),
                         ("batch_windows", batch_windows)):
             _check_count(name, v)
@@ -305,7 +320,7 @@ class EqualInfoAC:
                           ideal_bits=ideal, n_streams=len(chunks), n_windows=int(cnt.size))
 
     def decompress(self, comp: Compressed, progress: Progress = None) -> bytes:
-        cnt = np.asarray(comp.arrays["window_bytes"], dtype=np.int64)
+        cnt = _side_array(comp, "window_bytes")
         wb = self.window_bits // 8
         raw = np.frombuffer(tokens_to_bytes(comp.tokens, self.token_bits), dtype=np.uint8)
         if raw.size != cnt.size * wb:
@@ -315,5 +330,5 @@ class EqualInfoAC:
             raise CorruptStreamError(f"window byte counts must be in [1, {self.max_window_bytes}]")
         windows = torch.from_numpy(raw.reshape(-1, wb).copy()).to(self.device)
         pieces = st.decode_equal_info(windows, torch.from_numpy(cnt), self.model, self.cfg, self.window_bits,
-                                      batch_windows=self.batch_windows)
+                                      max_window_symbols=self.max_window_bytes, batch_windows=self.batch_windows)
         return b"".join(p.to(torch.uint8).cpu().numpy().tobytes() for p in pieces)

@@ -5,9 +5,10 @@ The protocol (:class:`ProbabilityModel`) is what the stream coder calls once per
 * ``vocab_size: int`` - symbols 0..V-1,
 * ``context_len: int`` - L, how many previous symbols a prediction sees (0: none),
 * ``frequencies(context: [B, L] int64, cfg: CoderConfig) -> [B, V] int64`` - integer
-  frequencies summing to ``2^cfg.precision``; ``context`` holds the last L symbols of each
-  stream, left-padded with :attr:`pad_id` where fewer exist (always exactly L columns, so the
-  model sees the same shapes in the encoder and the decoder).
+  frequencies summing to ``2^cfg.precision``, each at least ``cfg.min_freq`` (the stream
+  coder checks every table and raises ``ValueError`` otherwise); ``context`` holds the last
+  L symbols of each stream, left-padded with :attr:`pad_id` where fewer exist (always
+  exactly L columns, so the model sees the same shapes in the encoder and the decoder).
 
 Determinism: the decoder recomputes the frequencies from the symbols it has decoded so far;
 they must equal the encoder's bit for bit. :class:`ModuleModel` therefore evaluates its
@@ -24,6 +25,8 @@ evaluate such models in a causal eval mode.
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -91,8 +94,10 @@ class StaticModel:
             raise TypeError("data must be bytes or a tensor of symbols")
         if sym.numel() and (int(sym.min()) < 0 or int(sym.max()) >= vocab_size):
             raise ValueError(f"data symbols must be in [0, {vocab_size})")
-        if smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+        if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real):
+            raise TypeError(f"smoothing must be a number, got {type(smoothing).__name__}")
+        if not (math.isfinite(smoothing) and smoothing >= 0):
+            raise ValueError(f"smoothing must be finite and >= 0, got {smoothing}")
         counts = torch.bincount(sym, minlength=vocab_size).double() + smoothing
         if float(counts.sum()) == 0:
             counts = torch.ones(vocab_size, dtype=torch.float64)

@@ -35,6 +35,7 @@ frequency tables.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,16 +119,33 @@ def quantize_probs(probs: torch.Tensor, cfg: CoderConfig = CoderConfig()) -> tor
     ``f = min_freq + floor(p * (2^precision - V * min_freq))`` in float64; the remainder (a few
     units either way) goes to the most probable symbol (lowest index on ties). Deterministic
     for identical inputs on the same device. Probabilities that are not finite, negative, or
-    sum so far from 1 that a frequency would fall below ``min_freq`` raise ``ValueError``.
+    whose rows do not sum to 1 within ``eps(probs.dtype) + V * eps(float32)`` (the rounding of
+    a softmax, see :func:`_sum_tolerance`) raise ``ValueError``.
     """
     if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
         raise TypeError("probs must be a floating-point tensor [..., V]")
+    if probs.dim() == 0:
+        raise ValueError("probs must be a tensor [..., V], got a 0-d tensor")
     p = probs.double()
     f = _quantize(p, cfg)
-    if f.numel() and not bool(torch.isfinite(p).all() & (p >= 0).all() & (f >= cfg.min_freq).all()):
-        raise ValueError("probs must be finite, non-negative and sum to 1 (each row's frequencies would "
-                         f"otherwise not be a valid table: every symbol >= min_freq = {cfg.min_freq})")
+    if f.numel():
+        tol = _sum_tolerance(probs.dtype, p.shape[-1])
+        ok = (torch.isfinite(p).all() & (p >= 0).all() & ((p.sum(-1) - 1).abs() <= tol).all()
+              & (f >= cfg.min_freq).all())
+        if not bool(ok):
+            raise ValueError(f"probs must be finite, non-negative and sum to 1 (within {tol:.3g} for "
+                             f"{probs.dtype} rows of {p.shape[-1]}) in every row [..., V]")
     return f
+
+
+def _sum_tolerance(dtype: torch.dtype, V: int) -> float:
+    """How far from 1 a row of ``V`` probabilities of ``dtype`` may sum. A softmax computed in
+    float32 or better and rounded to ``dtype``: rounding each entry moves the sum by at most
+    ``eps / 2``; the softmax's own float32 accumulation and, in float16, the rounding of
+    subnormal entries add less than ``V * eps(float32)`` (measured on CPU: float32 rows of 65536
+    off by 4e-5, bfloat16 rows of 3 by 2.9e-3). Rows that are not distributions are off by far
+    more (unnormalised counts, all zeros)."""
+    return torch.finfo(dtype).eps + V * torch.finfo(torch.float32).eps
 
 
 def _quantize(p: torch.Tensor, cfg: CoderConfig) -> torch.Tensor:
@@ -147,6 +165,8 @@ def quantize_logits(logits: torch.Tensor, cfg: CoderConfig = CoderConfig()) -> t
     (float64 softmax, then :func:`quantize_probs`). NaN/inf logits raise ``ValueError``."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError("logits must be a floating-point tensor [..., V]")
+    if logits.dim() == 0:
+        raise ValueError("logits must be a tensor [..., V], got a 0-d tensor")
     if not torch.isfinite(logits).all():
         raise ValueError("logits must be finite")
     return _quantize(torch.softmax(logits.double(), dim=-1), cfg)
@@ -154,6 +174,11 @@ def quantize_logits(logits: torch.Tensor, cfg: CoderConfig = CoderConfig()) -> t
 
 def cdf_from_freqs(freqs: torch.Tensor) -> torch.Tensor:
     """``[..., V]`` frequencies -> ``[..., V + 1]`` int64 cumulative table starting at 0."""
+    if not isinstance(freqs, torch.Tensor) or freqs.dtype.is_floating_point or freqs.dtype.is_complex \
+            or freqs.dtype == torch.bool:
+        raise TypeError("freqs must be an integer tensor [..., V] (a cast would truncate floats)")
+    if freqs.dim() == 0:
+        raise ValueError("freqs must be a tensor [..., V], got a 0-d tensor")
     zero = torch.zeros(*freqs.shape[:-1], 1, dtype=torch.int64, device=freqs.device)
     return torch.cat([zero, freqs.long().cumsum(-1)], dim=-1)
 
@@ -459,15 +484,62 @@ def _check_lengths(lengths, batch: int, device, most: int | None, what: str) -> 
     return lengths
 
 
+def _check_symbols_type(symbols) -> None:
+    if not isinstance(symbols, torch.Tensor) or symbols.dim() != 2:
+        raise TypeError("symbols must be a tensor [B, S]")
+    if symbols.dtype.is_floating_point or symbols.dtype.is_complex or symbols.dtype == torch.bool:
+        raise TypeError(f"symbols must be an integer tensor, got {symbols.dtype}")
+
+
+def _check_data_type(data) -> None:
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 2:
+        raise TypeError("data must be a uint8 tensor [B, C]")
+
+
+def _check_nbits_type(nbits) -> None:
+    if not isinstance(nbits, torch.Tensor) or nbits.dtype.is_floating_point or nbits.dtype.is_complex \
+            or nbits.dtype == torch.bool:
+        raise TypeError("nbits must be an integer tensor [B]")
+
+
+def _bits_per_symbol(max_freq, precision: int):
+    """The fewest bits a symbol of frequency at most ``max_freq`` (an int or a tensor) adds to
+    a stream: ``-log2(max_freq / 2^precision)`` (0 when one symbol takes the whole total)."""
+    if isinstance(max_freq, torch.Tensor):
+        return torch.log2((1 << precision) / max_freq.double())
+    return math.log2((1 << precision) / max_freq)
+
+
+def _named(positions: torch.Tensor, ids) -> list[int]:
+    """``positions`` (indices into a batch) as the indices an error names: ``ids[positions]``
+    when ``ids`` is given (a caller decoding part of a larger set)."""
+    positions = positions.cpu()
+    return (positions if ids is None else torch.as_tensor(ids).cpu()[positions]).tolist()
+
+
+def _check_length_bound(lengths: torch.Tensor, bits: torch.Tensor, per_symbol, ids=None) -> None:
+    """Raise :class:`CorruptStreamError` for streams that claim more symbols than ``bits`` bits
+    can hold when every symbol costs at least ``per_symbol`` bits (a float or a 0-d tensor).
+
+    After ``n`` symbols the coded interval is at most ``p_max^n`` wide, and at least
+    ``2^(-8 - 8 * bytes)`` (``range >= 2^40`` after a step), so ``n * per_symbol <= nbits + 8``.
+    A corrupt length would otherwise make the decoder run (and allocate) that many steps."""
+    if not lengths.numel():
+        return
+    most = (bits.clamp(min=0).double() + 8) / per_symbol + 1
+    over = lengths > most
+    if bool(over.any()):
+        bad = _named(torch.nonzero(over)[:, 0], ids)
+        raise CorruptStreamError(f"streams {bad[:10]} claim more symbols than their bits can hold "
+                                 f"(corrupt lengths or bit counts)")
+
+
 def check_encode_args(symbols, cdf, lengths, precision: int) -> torch.Tensor:
     """Validate :func:`encode`'s arguments; returns ``lengths`` as an int64 tensor ``[B]``.
 
     Every coded symbol (``t < lengths[b]``) must lie in ``[0, V)`` with a nonzero frequency in
     its table: another one would code an interval the decoder can never return to."""
-    if not isinstance(symbols, torch.Tensor) or symbols.dim() != 2:
-        raise TypeError("symbols must be a tensor [B, S]")
-    if symbols.dtype.is_floating_point or symbols.dtype.is_complex or symbols.dtype == torch.bool:
-        raise TypeError(f"symbols must be an integer tensor, got {symbols.dtype}")
+    _check_symbols_type(symbols)
     B, S = symbols.shape
     _check_cdf(cdf, precision, B)
     if cdf.dim() == 3 and cdf.shape[1] < S:
@@ -494,15 +566,22 @@ def check_encode_args(symbols, cdf, lengths, precision: int) -> torch.Tensor:
 
 def check_decode_args(data, nbits, cdf, lengths, precision: int) -> torch.Tensor:
     """Validate :func:`decode`'s arguments (the data's own checks follow in the decoder);
-    returns ``lengths`` as an int64 tensor ``[B]``."""
-    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 2:
-        raise TypeError("data must be a uint8 tensor [B, C]")
-    if not isinstance(nbits, torch.Tensor) or nbits.dtype.is_floating_point or nbits.dtype == torch.bool:
-        raise TypeError("nbits must be an integer tensor [B]")
+    returns ``lengths`` as an int64 tensor ``[B]``.
+
+    With a shared table, ``lengths`` beyond what ``nbits`` bits can hold under that table's most
+    probable symbol raise :class:`CorruptStreamError` (per-step tables bound them by their steps)."""
+    _check_data_type(data)
+    _check_nbits_type(nbits)
     B = data.shape[0]
+    if nbits.shape != (B,):
+        raise ValueError(f"nbits must have shape [{B}], got {tuple(nbits.shape)}")
     _check_cdf(cdf, precision, B)
     most = cdf.shape[1] if cdf.dim() == 3 else None
-    return _check_lengths(lengths, B, data.device, most, f"cdf has {most} steps" if most is not None else "")
+    lengths = _check_lengths(lengths, B, data.device, most, f"cdf has {most} steps" if most is not None else "")
+    if cdf.dim() == 1:
+        per_symbol = _bits_per_symbol((cdf[1:] - cdf[:-1]).max(), precision)
+        _check_length_bound(lengths, nbits.to(data.device), per_symbol)
+    return lengths
 
 
 def _trusted_lengths(lengths, batch: int, device, default: int) -> torch.Tensor:
@@ -543,7 +622,8 @@ def decode(data: torch.Tensor, nbits: torch.Tensor, cdf: torch.Tensor, lengths: 
            precision: int = 24, validate: bool = True) -> torch.Tensor:
     """Invert :func:`encode`: ``data [B, C] uint8``, ``nbits [B]``, tables as for encoding,
     ``lengths [B]`` symbols per stream. Returns ``symbols [B, S]`` (zeros past each length).
-    Raises :class:`CorruptStreamError` naming the streams that do not decode exactly.
+    Raises :class:`CorruptStreamError` naming the streams that do not decode exactly, or (with
+    a shared table) claim more symbols than their bits can hold (see :func:`check_decode_args`).
     ``validate``: as for :func:`encode`."""
     lengths = (check_decode_args(data, nbits, cdf, lengths, precision) if validate
                else _trusted_lengths(lengths, data.shape[0], data.device, 0))
@@ -556,27 +636,29 @@ def decode(data: torch.Tensor, nbits: torch.Tensor, cdf: torch.Tensor, lengths: 
         active = t < lengths
         out[:, t] = torch.where(active, decode_step(st, table, precision, mask=active), 0)
     ok = decode_finish(st, nbits=nbits)
-    raise_if_bad(ok, data, nbits)
+    raise_if_bad(ok)
     return out
 
 
-def _clip_to_bits(data: torch.Tensor, nbits: torch.Tensor) -> torch.Tensor:
+def _clip_to_bits(data: torch.Tensor, nbits: torch.Tensor, ids=None) -> torch.Tensor:
     """Streams whose buffers are shorter than their declared bit length are truncated:
-    raise. Buffers may be longer (zero padded); nonzero bits past the end are caught later."""
-    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 2:
-        raise TypeError("data must be a uint8 tensor [B, C]")
+    raise. Buffers may be longer (zero padded); nonzero bits past the end are caught later.
+    ``ids``: the indices the error names (default ``0..B-1``)."""
+    _check_data_type(data)
     if nbits.shape != (data.shape[0],):
         raise ValueError(f"nbits must have shape [{data.shape[0]}], got {tuple(nbits.shape)}")
     if bool(((nbits + 7) // 8 > data.shape[1]).any()) or bool((nbits < 0).any()):
-        bad = torch.nonzero(((nbits + 7) // 8 > data.shape[1]) | (nbits < 0))[:, 0].tolist()
+        bad = _named(torch.nonzero(((nbits + 7) // 8 > data.shape[1]) | (nbits < 0))[:, 0], ids)
         raise CorruptStreamError(f"streams {bad[:10]} are truncated: fewer bytes than their declared bit length")
     return data
 
 
-def raise_if_bad(ok: torch.Tensor, data=None, nbits=None) -> None:
+def raise_if_bad(ok: torch.Tensor, ids=None, what: str = "stream") -> None:
+    """Raise :class:`CorruptStreamError` naming the entries where ``ok [B]`` is False, as
+    ``ids[b]`` when given (a caller decoding part of a larger set), else as ``b``."""
     if not bool(ok.all()):
-        bad = torch.nonzero(~ok)[:, 0].tolist()
+        bad = _named(torch.nonzero(~ok)[:, 0], ids)
         raise CorruptStreamError(
-            f"{len(bad)} stream(s) did not decode exactly (corrupt or truncated input): indices {bad[:10]}"
+            f"{len(bad)} {what}(s) did not decode exactly (corrupt or truncated input): indices {bad[:10]}"
             + (" ..." if len(bad) > 10 else "")
         )

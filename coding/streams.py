@@ -18,7 +18,7 @@ Shapes: ``B`` streams, ``S`` symbols per stream (padded), ``L`` context, ``W`` w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -71,22 +71,40 @@ def _check_model(model, cfg: CoderConfig) -> None:
     cfg.check_vocab(model.vocab_size)
 
 
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _check_window_bits(window_bits) -> int:
+    if isinstance(window_bits, bool) or not isinstance(window_bits, int) or window_bits < 8 or window_bits % 8:
+        raise ValueError(f"window_bits must be a positive multiple of 8, got {window_bits!r}")
+    if window_bits > 8 * 64:
+        raise ValueError(f"window_bits must be <= 512, got {window_bits}")
+    return window_bits
+
+
 def _check_symbols(symbols, lengths, vocab: int):
-    if not isinstance(symbols, torch.Tensor) or symbols.dim() != 2:
-        raise TypeError("symbols must be an integer tensor [B, S]")
+    """Symbols and lengths as :func:`~flopwise.coding.rangecoder.encode` takes them; entries
+    past a stream's length are never coded and may hold anything: they become symbol 0 (the
+    steps still look them up in the tables)."""
+    rc._check_symbols_type(symbols)
     B, S = symbols.shape
-    if lengths is None:
-        lengths = torch.full((B,), S, dtype=torch.long, device=symbols.device)
-    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,):
-        raise ValueError(f"lengths must be a tensor [{B}]")
-    lengths = lengths.long().to(symbols.device)
-    if B and (int(lengths.min()) < 0 or int(lengths.max()) > S):
-        raise ValueError(f"lengths must be in [0, {S}]")
+    lengths = rc._check_lengths(S if lengths is None else lengths, B, symbols.device, S, "the symbols' columns")
     symbols = symbols.long()
     valid = torch.arange(S, device=symbols.device)[None, :] < lengths[:, None]
-    if bool(((symbols < 0) | (symbols >= vocab))[valid].any()):
-        raise ValueError(f"symbols must be in [0, {vocab})")
-    return symbols, lengths
+    bad = valid & ((symbols < 0) | (symbols >= vocab))
+    if bool(bad.any()):
+        b, t = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"symbols must be in [0, {vocab}) up to each stream's length; symbols[{b}, {t}] = "
+                         f"{int(symbols[b, t])}")
+    return torch.where(valid, symbols, 0), lengths
+
+
+def _max_freq(vocab: int, cfg: CoderConfig) -> int:
+    """The largest frequency a valid table of ``vocab`` symbols can give one symbol."""
+    return cfg.total - (vocab - 1) * cfg.min_freq
 
 
 class _WindowContext:
@@ -115,18 +133,44 @@ def _context(model, batch: int, device):
     return _WindowContext(model, batch, device)
 
 
-def _freq_step(model, ctx, cfg: CoderConfig, batch: int) -> torch.Tensor:
-    f = ctx.frequencies(cfg)
-    if f.dtype != torch.int64 or f.shape != (batch, model.vocab_size):
-        raise ValueError(f"model frequencies must be int64 [{batch}, {model.vocab_size}], got {f.dtype} {tuple(f.shape)}")
-    return f
+class _Tables:
+    """The model's frequency tables step by step (one ``[B, V]`` call each), checked on the
+    device: a row that does not sum to ``2^precision`` with every entry in
+    ``[min_freq, 2^precision]`` marks the call and is replaced by a valid table, so the coder's
+    arithmetic and lookups stay in range; :meth:`check` raises once, after the loop (no host
+    sync per step)."""
+
+    def __init__(self, model, ctx, cfg: CoderConfig, batch: int, device):
+        self.model, self.ctx, self.cfg, self.batch = model, ctx, cfg, batch
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        V = model.vocab_size
+        self.fallback = torch.full((V,), cfg.min_freq, dtype=torch.int64, device=device)
+        self.fallback[0] = _max_freq(V, cfg)
+
+    def next(self) -> torch.Tensor:
+        f = self.ctx.frequencies(self.cfg)
+        V = self.model.vocab_size
+        if not isinstance(f, torch.Tensor) or f.dtype != torch.int64 or f.shape != (self.batch, V):
+            got = f"{f.dtype} {tuple(f.shape)}" if isinstance(f, torch.Tensor) else type(f).__name__
+            raise ValueError(f"model frequencies must be int64 [{self.batch}, {V}], got {got}")
+        cfg = self.cfg
+        # entries <= 2^precision: the row sums cannot overflow
+        valid = ((f >= cfg.min_freq) & (f <= cfg.total)).all(-1) & (f.sum(-1) == cfg.total)
+        self.ok &= valid.all()
+        return torch.where(valid[:, None], f, self.fallback)
+
+    def check(self) -> None:
+        if not bool(self.ok):
+            raise ValueError(f"model.frequencies must return rows summing to 2^precision = {self.cfg.total} with "
+                             f"every entry >= cfg.min_freq = {self.cfg.min_freq}; {type(self.model).__name__} "
+                             f"returned others")
 
 
 def _log2_prob(freqs: torch.Tensor, sym: torch.Tensor, cfg: CoderConfig) -> torch.Tensor:
     return torch.log2(freqs.gather(1, sym[:, None])[:, 0].double()) - cfg.precision
 
 
-def encode_streams(symbols: torch.Tensor, lengths: torch.Tensor | None, model: ProbabilityModel,
+def encode_streams(symbols: torch.Tensor, lengths: torch.Tensor | int | None, model: ProbabilityModel,
                    cfg: CoderConfig = CoderConfig(), progress: Callable[[int, int], None] | None = None) -> Encoded:
     """Encode ``symbols [B, S]`` (stream ``b`` codes ``lengths[b]``) under ``model``."""
     _check_model(model, cfg)
@@ -135,10 +179,11 @@ def encode_streams(symbols: torch.Tensor, lengths: torch.Tensor | None, model: P
     dev = symbols.device
     st = rc.EncoderState.new(B, 3 * S + 8, dev)
     ctx = _context(model, B, dev)
+    tables = _Tables(model, ctx, cfg, B, dev)
     ideal = torch.zeros(B, dtype=torch.float64, device=dev)
     for t in range(S):
         active = t < lengths
-        freqs = _freq_step(model, ctx, cfg, B)
+        freqs = tables.next()
         cdf = rc.cdf_from_freqs(freqs)
         sym = symbols[:, t]
         rc.encode_step(st, sym, cdf, cfg.precision, mask=active)
@@ -147,40 +192,60 @@ def encode_streams(symbols: torch.Tensor, lengths: torch.Tensor | None, model: P
             ctx.update(sym, active)
         if progress is not None:
             progress(t + 1, S)
+    tables.check()
     data, nbits = rc.encode_finish(st)
     return Encoded(data=data, nbits=nbits, lengths=lengths, ideal_bits=ideal)
 
 
-def decode_streams(data: torch.Tensor, nbits: torch.Tensor, lengths: torch.Tensor, model: ProbabilityModel,
-                   cfg: CoderConfig = CoderConfig(), *, max_bits: int | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def decode_streams(data: torch.Tensor, nbits: torch.Tensor | None, lengths: torch.Tensor | int,
+                   model: ProbabilityModel, cfg: CoderConfig = CoderConfig(), *, max_bits: int | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
     """Invert :func:`encode_streams`. ``nbits`` may be None when ``max_bits`` bounds every
     stream instead (EqualInfoAC windows). Returns ``symbols [B, max(lengths)]`` (zeros past
-    each length); raises :class:`~flopwise.coding.rangecoder.CorruptStreamError`."""
+    each length); raises :class:`~flopwise.coding.rangecoder.CorruptStreamError`, naming
+    stream ``b`` as ``ids[b]`` when given (a caller decoding part of a larger set).
+
+    ``lengths`` beyond what a stream's bits can hold (each symbol costs at least
+    ``-log2(max_freq / 2^precision)`` bits, ``max_freq = 2^precision - (V - 1) * min_freq``)
+    are corrupt: they raise before any step runs."""
+    return _decode_streams(data, nbits, lengths, model, cfg, max_bits, progress, ids, "stream")
+
+
+def _decode_streams(data, nbits, lengths, model, cfg: CoderConfig, max_bits, progress, ids, what: str):
     _check_model(model, cfg)
-    B = data.shape[0] if isinstance(data, torch.Tensor) else 0
-    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,):
-        raise ValueError(f"lengths must be a tensor [{B}]")
-    lengths = lengths.long().to(data.device)
-    if B and int(lengths.min()) < 0:
-        raise ValueError("lengths must be >= 0")
+    rc._check_data_type(data)
+    B, C = data.shape
+    dev = data.device
+    if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, int) or max_bits < 0):
+        raise ValueError(f"max_bits must be an int >= 0, got {max_bits!r}")
     if nbits is not None:
-        data = rc._clip_to_bits(data, nbits.long().to(data.device))
+        rc._check_nbits_type(nbits)
+        nbits = nbits.long().to(dev)
+        data = rc._clip_to_bits(data, nbits, ids)
+    lengths = rc._check_lengths(lengths, B, dev, None, "")
+    if nbits is not None:
+        bits = nbits
+    else:
+        bits = torch.full((B,), 8 * C if max_bits is None else max_bits, dtype=torch.long, device=dev)
+    rc._check_length_bound(lengths, bits, rc._bits_per_symbol(_max_freq(model.vocab_size, cfg), cfg.precision), ids)
     S = int(lengths.max()) if B else 0
     st = rc.DecoderState.new(data)
-    ctx = _context(model, B, data.device)
-    out = torch.zeros(B, S, dtype=torch.long, device=data.device)
+    ctx = _context(model, B, dev)
+    tables = _Tables(model, ctx, cfg, B, dev)
+    out = torch.zeros(B, S, dtype=torch.long, device=dev)
     for t in range(S):
         active = t < lengths
-        cdf = rc.cdf_from_freqs(_freq_step(model, ctx, cfg, B))
+        cdf = rc.cdf_from_freqs(tables.next())
         sym = rc.decode_step(st, cdf, cfg.precision, mask=active)
         out[:, t] = torch.where(active, sym, 0)
         if t + 1 < S:
             ctx.update(sym, active)
         if progress is not None:
             progress(t + 1, S)
-    ok = rc.decode_finish(st, nbits=None if nbits is None else nbits.long().to(data.device), max_bits=max_bits)
-    rc.raise_if_bad(ok)
+    tables.check()
+    ok = rc.decode_finish(st, nbits=nbits, max_bits=max_bits)
+    rc.raise_if_bad(ok, ids, what)
     return out
 
 
@@ -197,7 +262,7 @@ def equal_info_min_freq(window_bits: int, precision: int) -> int:
     return 1 << max(0, precision - window_bits)
 
 
-def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | None, model: ProbabilityModel,
+def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | int | None, model: ProbabilityModel,
                       cfg: CoderConfig, window_bits: int, max_window_symbols: int = 64,
                       progress: Callable[[int, int], None] | None = None) -> EqualInfoEncoded:
     """Cut each stream into windows of exactly ``window_bits`` bits (a multiple of 8).
@@ -207,12 +272,8 @@ def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | None, model
     stream, so it ends after at most ``S + windows`` iterations.
     """
     _check_model(model, cfg)
-    if isinstance(window_bits, bool) or not isinstance(window_bits, int) or window_bits < 8 or window_bits % 8:
-        raise ValueError(f"window_bits must be a positive multiple of 8, got {window_bits!r}")
-    if window_bits > 8 * 64:
-        raise ValueError(f"window_bits must be <= 512, got {window_bits}")
-    if isinstance(max_window_symbols, bool) or not isinstance(max_window_symbols, int) or max_window_symbols < 1:
-        raise ValueError(f"max_window_symbols must be an int >= 1, got {max_window_symbols!r}")
+    _check_window_bits(window_bits)
+    _check_count("max_window_symbols", max_window_symbols)
     need_floor = equal_info_min_freq(window_bits, cfg.precision)
     if cfg.min_freq < need_floor:
         raise ValueError(f"cfg.min_freq must be >= {need_floor} for window_bits={window_bits} "
@@ -223,6 +284,7 @@ def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | None, model
     wbytes = window_bits // 8
     st = rc.EncoderState.new(B, wbytes + 8, dev)
     ctx = _context(model, B, dev)
+    tables = _Tables(model, ctx, cfg, B, dev)
     cursor = torch.zeros(B, dtype=torch.long, device=dev)
     wcount = torch.zeros(B, dtype=torch.long, device=dev)
     widx = torch.zeros(B, dtype=torch.long, device=dev)
@@ -241,7 +303,7 @@ def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | None, model
             break
         it += 1
         sym = symbols.gather(1, cursor.clamp(max=max(S - 1, 0))[:, None])[:, 0] if S else cursor * 0
-        freqs = _freq_step(model, ctx, cfg, B)
+        freqs = tables.next()
         cdf = rc.cdf_from_freqs(freqs)
         cum_lo = cdf.gather(1, sym[:, None])[:, 0]
         freq = cdf.gather(1, sym[:, None] + 1)[:, 0] - cum_lo
@@ -275,33 +337,53 @@ def encode_equal_info(symbols: torch.Tensor, lengths: torch.Tensor | None, model
         widx = widx + close
         if progress is not None and it % 64 == 0:
             progress(int(cursor.sum()), int(lengths.sum()))
+    tables.check()
     keep = torch.arange(S + 1, device=dev)[None, :] < widx[:, None]
     return EqualInfoEncoded(windows=out[keep], counts=out_count[keep], stream_windows=widx,
                             used_bits=out_used[keep], ideal_bits=out_ideal[keep], window_bits=window_bits)
 
 
 def decode_equal_info(windows: torch.Tensor, counts: torch.Tensor, model: ProbabilityModel, cfg: CoderConfig,
-                      window_bits: int, *, batch_windows: int = 4096) -> list[torch.Tensor]:
+                      window_bits: int, *, max_window_symbols: int = 64,
+                      batch_windows: int = 4096) -> list[torch.Tensor]:
     """Decode windows ``[W, window_bits/8] uint8`` holding ``counts [W]`` symbols each, all
     windows of a batch in parallel (batches of windows of similar length). Returns one
-    ``[counts[w]]`` int64 tensor per window, in the given order."""
+    ``[counts[w]]`` int64 tensor per window, in the given order.
+
+    ``max_window_symbols``: the encoder's (:func:`encode_equal_info`). A count outside
+    ``[1, max_window_symbols]``, or above what ``window_bits`` bits can hold (see
+    :func:`decode_streams`), raises :class:`~flopwise.coding.rangecoder.CorruptStreamError`
+    before any step runs; so does a window that does not decode exactly (named by its index)."""
+    _check_model(model, cfg)
+    _check_window_bits(window_bits)
+    _check_count("max_window_symbols", max_window_symbols)
+    _check_count("batch_windows", batch_windows)
     if not isinstance(windows, torch.Tensor) or windows.dtype != torch.uint8 or windows.dim() != 2:
         raise TypeError("windows must be a uint8 tensor [W, window_bits/8]")
     if windows.shape[1] * 8 != window_bits:
         raise ValueError(f"windows have {windows.shape[1] * 8} bits, window_bits is {window_bits}")
     W = windows.shape[0]
-    if not isinstance(counts, torch.Tensor) or counts.shape != (W,):
-        raise ValueError(f"counts must be a tensor [{W}]")
-    if W and int(counts.min()) < 1:
-        raise rc.CorruptStreamError("every window holds at least one symbol; found a count < 1")
+    if not isinstance(counts, torch.Tensor) or counts.dtype.is_floating_point or counts.dtype.is_complex \
+            or counts.dtype == torch.bool:
+        raise TypeError(f"counts must be an integer tensor [{W}]")
+    if counts.shape != (W,):
+        raise ValueError(f"counts must have shape [{W}], got {tuple(counts.shape)}")
+    counts = counts.long().cpu()
+    fit = int((window_bits + 8) / rc._bits_per_symbol(_max_freq(model.vocab_size, cfg), cfg.precision)) + 1
+    most = min(max_window_symbols, fit)
+    bad = torch.nonzero((counts < 1) | (counts > most))[:, 0]
+    if bad.numel():
+        raise rc.CorruptStreamError(f"windows {bad[:10].tolist()} hold {counts[bad[:10]].tolist()} symbols: a window "
+                                    f"holds 1..{most} (max_window_symbols = {max_window_symbols}; at most {fit} "
+                                    f"fit {window_bits} bits)")
     # A batch runs as many steps as its longest window: batches of windows sorted by length
     # waste (almost) no steps. The pieces go back to stream order at the end.
-    order = torch.sort(counts.long().cpu(), stable=True).indices
+    order = torch.sort(counts, stable=True).indices
     pieces: list[torch.Tensor | None] = [None] * W
     for i in range(0, W, batch_windows):
         idx = order[i : i + batch_windows]
-        c = counts.long().cpu()[idx].to(windows.device)
-        sym = decode_streams(windows[idx.to(windows.device)], None, c, model, cfg, max_bits=window_bits)
+        c = counts[idx].to(windows.device)
+        sym = _decode_streams(windows[idx.to(windows.device)], None, c, model, cfg, window_bits, None, idx, "window")
         for j, (w, n) in enumerate(zip(idx.tolist(), c.tolist())):
             pieces[w] = sym[j, :n]
     return pieces

@@ -7,6 +7,8 @@ zero bits. N = 8 gives vocabulary 256 (uint8), N = 16 vocabulary 65536 (uint16).
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 __all__ = ["TOKEN_BITS", "bits_to_tokens", "tokens_to_bytes", "token_dtype", "n_tokens"]
@@ -19,6 +21,33 @@ def _check_n(token_bits: int) -> None:
         raise ValueError(f"token_bits must be one of {TOKEN_BITS}, got {token_bits!r}")
 
 
+def _check_nbits(nbits) -> int:
+    if isinstance(nbits, (bool, np.bool_)):
+        raise TypeError("nbits must be an int, got bool")
+    try:
+        nbits = operator.index(nbits)
+    except TypeError:
+        raise TypeError(f"nbits must be an int, got {type(nbits).__name__}") from None
+    if nbits < 0:
+        raise ValueError(f"nbits must be >= 0, got {nbits}")
+    return nbits
+
+
+def _byte_array(data) -> np.ndarray:
+    """``data`` as a 1-D uint8 array: bytes-like, or a 1-D integer array of values 0..255."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(bytes(data), dtype=np.uint8)
+    if not isinstance(data, np.ndarray):
+        raise TypeError(f"data must be bytes or a 1-D uint8 array, got {type(data).__name__}")
+    if not np.issubdtype(data.dtype, np.integer):  # a cast would silently truncate floats
+        raise TypeError(f"data must be bytes or a 1-D uint8 array, got dtype {data.dtype}")
+    if data.ndim != 1:
+        raise ValueError(f"data must be a 1-D array of bytes, got shape {data.shape}")
+    if data.dtype != np.uint8 and data.size and (int(data.min()) < 0 or int(data.max()) > 255):
+        raise ValueError("data must hold bytes (values 0..255); a cast to uint8 would wrap the others")
+    return data.astype(np.uint8, copy=False)
+
+
 def token_dtype(token_bits: int):
     _check_n(token_bits)
     return np.uint8 if token_bits == 8 else np.uint16
@@ -26,7 +55,7 @@ def token_dtype(token_bits: int):
 
 def n_tokens(nbits: int, token_bits: int) -> int:
     _check_n(token_bits)
-    return -(-int(nbits) // token_bits)
+    return -(-_check_nbits(nbits) // token_bits)
 
 
 def bits_to_tokens(data: bytes | np.ndarray, nbits: int, token_bits: int) -> np.ndarray:
@@ -36,8 +65,9 @@ def bits_to_tokens(data: bytes | np.ndarray, nbits: int, token_bits: int) -> np.
     to a whole token is zero too.
     """
     _check_n(token_bits)
-    buf = np.frombuffer(bytes(data), dtype=np.uint8) if not isinstance(data, np.ndarray) else data.astype(np.uint8, copy=False)
-    if nbits < 0 or (nbits + 7) // 8 > buf.size:
+    buf = _byte_array(data)
+    nbits = _check_nbits(nbits)
+    if (nbits + 7) // 8 > buf.size:
         raise ValueError(f"nbits={nbits} does not fit {buf.size} bytes")
     nb = n_tokens(nbits, token_bits) * (token_bits // 8)
     raw = np.zeros(nb, dtype=np.uint8)
@@ -56,6 +86,8 @@ def tokens_to_bytes(tokens: np.ndarray, token_bits: int) -> bytes:
     t = np.asarray(tokens)
     if not np.issubdtype(t.dtype, np.integer):  # a cast would silently truncate floats
         raise TypeError(f"tokens must be an integer array, got dtype {t.dtype}")
+    if t.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D array, got shape {t.shape}")
     if t.size and (t.min() < 0 or int(t.max()) >= (1 << token_bits)):
         raise ValueError(f"tokens must be in [0, 2^{token_bits})")
     if token_bits == 8:

@@ -26,6 +26,7 @@ __all__ = ["encode_triton", "decode_triton"]
 
 _MASK = (1 << rc.STATE_BITS) - 1
 _BOTTOM = 1 << (rc.STATE_BITS - 8)
+_MAX_BLOCK = 1024  # streams per program: the state of each lives in registers
 
 
 @triton.jit
@@ -122,6 +123,15 @@ def _decode_kernel(data_ptr, cdf_ptr, len_ptr, out_ptr, code_ptr, low_ptr, rng_p
     tl.store(bad_ptr + rows64, bad, mask=m)
 
 
+def _check_block(block) -> int:
+    """Streams per program: a power of two (``tl.arange``) in ``[1, 1024]``."""
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"block must be an int, got {type(block).__name__}")
+    if not 1 <= block <= _MAX_BLOCK or block & (block - 1):
+        raise ValueError(f"block must be a power of two in [1, {_MAX_BLOCK}] (streams per program), got {block}")
+    return block
+
+
 def _table_strides(cdf: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """``cdf`` with a contiguous last dimension and its (stream, step) strides in elements."""
     if cdf.dim() == 1:
@@ -133,7 +143,9 @@ def _table_strides(cdf: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 def encode_triton(symbols: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tensor | None = None, *,
                   precision: int = 24, block: int = 128, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`flopwise.coding.rangecoder.encode` (per-step ``cdf [B, S, V+1]`` or a shared
-    ``[V+1]``), in one launch; the same argument checks (``validate=False``: none, as there)."""
+    ``[V+1]``), in one launch; the same argument checks (``validate=False``: none, as there).
+    ``block``: streams per program, a power of two in [1, 1024]."""
+    _check_block(block)
     lengths = (rc.check_encode_args(symbols, cdf, lengths, precision) if validate
                else rc._trusted_lengths(lengths, symbols.shape[0], symbols.device, symbols.shape[1]))
     B, S = symbols.shape
@@ -150,7 +162,9 @@ def encode_triton(symbols: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tenso
 def decode_triton(data: torch.Tensor, nbits: torch.Tensor, cdf: torch.Tensor, lengths: torch.Tensor | int, *,
                   precision: int = 24, block: int = 128, validate: bool = True) -> torch.Tensor:
     """As :func:`flopwise.coding.rangecoder.decode` (per-step ``cdf [B, S, V+1]`` or a shared
-    ``[V+1]``), in one launch; the same argument checks (``validate=False``: none, as there)."""
+    ``[V+1]``), in one launch; the same argument checks (``validate=False``: none, as there).
+    ``block``: as for :func:`encode_triton`."""
+    _check_block(block)
     lengths = (rc.check_decode_args(data, nbits, cdf, lengths, precision) if validate
                else rc._trusted_lengths(lengths, data.shape[0], data.device, 0))
     B = data.shape[0]

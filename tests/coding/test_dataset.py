@@ -28,6 +28,77 @@ def test_tokens_pack_and_unpack():
         bits_to_tokens(b"", 0, 12)
 
 
+def test_tokens_refuse_what_a_cast_would_change():
+    """An array is taken as bytes only when it holds bytes: a cast to uint8 would wrap 300 to 44
+    and truncate floats."""
+    assert bits_to_tokens(np.array([1, 255]), 16, 8).tolist() == [1, 255]  # integer values 0..255
+    assert bits_to_tokens(np.array([0x12, 0x34], dtype=np.uint8), np.int64(16), 16).tolist() == [0x1234]
+    for data in (np.array([300, 1]), np.array([-1, 1]), np.array([0x1234, 0xABCD], dtype=np.uint16)):
+        with pytest.raises(ValueError, match=r"data must hold bytes \(values 0\.\.255\)"):
+            bits_to_tokens(data, 16, 8)
+    for data in (np.array([1.9, 2.5]), np.array([True, False]), 5, "ab"):
+        with pytest.raises(TypeError, match="data must be bytes or a 1-D uint8 array"):
+            bits_to_tokens(data, 16, 8)
+    with pytest.raises(ValueError, match="data must be a 1-D array"):
+        bits_to_tokens(np.zeros((2, 2), dtype=np.uint8), 16, 8)
+    for nbits in (9.0, True, "9"):
+        with pytest.raises(TypeError, match="nbits must be an int"):
+            bits_to_tokens(b"\xff\xff", nbits, 8)
+    with pytest.raises(ValueError, match="nbits must be >= 0"):
+        bits_to_tokens(b"\xff", -1, 8)
+    with pytest.raises(ValueError, match="tokens must be a 1-D array"):
+        tokens_to_bytes(np.array([[1, 2], [3, 4]]), 8)
+
+
+def test_side_arrays_are_checked(prose):
+    """Side arrays of the wrong kind are corrupt input, named; a cast would truncate floats."""
+    text = prose[:300]
+    s = StaticAC.fit(prose[:5000], chunk_bytes=100)
+    g = GZip(8, chunk_bytes=100)
+    for coder, name in ((s, "stream_bits"), (s, "stream_bytes"), (g, "stream_nbytes")):
+        comp = coder.compress(text)
+        assert coder.decompress(comp) == text
+        arrays = dict(comp.arrays)
+        del arrays[name]
+        with pytest.raises(CorruptStreamError, match=f"the side array {name} is missing"):
+            coder.decompress(type(comp)(tokens=comp.tokens, arrays=arrays))
+        for bad, what in ((comp.arrays[name] + 0.25, "holds float64, expected integers"),
+                          (comp.arrays[name][None], r"has shape \(1, 3\), expected a 1-D array")):
+            with pytest.raises(CorruptStreamError, match=f"the side array {name} {what}"):
+                coder.decompress(type(comp)(tokens=comp.tokens, arrays={**comp.arrays, name: bad}))
+
+
+def test_equal_info_checks_window_bits_when_built_and_its_side_array():
+    from .conftest import TinyByteLM
+
+    lm = ModuleModel(TinyByteLM(), context_len=4, batch_rows=8)
+    with pytest.raises(ValueError, match="window_bits must be <= 512, got 1024"):
+        EqualInfoAC(lm, window_bits=1024)
+    EqualInfoAC(lm, window_bits=512)  # the largest window compress takes
+    with pytest.raises(ValueError, match=r"window_bits must be a multiple of token_bits=8 in \[16, 512\], got 1024"):
+        BuildOptions(method="equalinfo", window_bits=1024, m1="m1")  # refused with the options, not by the coder
+    BuildOptions(method="equalinfo", window_bits=512, m1="m1")
+    eq = EqualInfoAC(lm, 16, chunk_bytes=50, max_window_bytes=8)
+    comp = eq.compress(b"hello, windows")
+    assert eq.decompress(comp) == b"hello, windows"
+    with pytest.raises(CorruptStreamError, match="the side array window_bytes is missing"):
+        eq.decompress(type(comp)(tokens=comp.tokens, arrays={}))
+    with pytest.raises(CorruptStreamError, match="the side array window_bytes holds float64"):
+        eq.decompress(type(comp)(tokens=comp.tokens, arrays={"window_bytes": comp.arrays["window_bytes"] + 0.5}))
+
+
+def test_static_ac_names_a_corrupt_stream_by_its_index():
+    """Streams decode in batches of streams_per_batch: the error names the stream's own index."""
+    text = bytes(range(32, 127)) * 3
+    c = StaticAC.fit(text, chunk_bytes=20, streams_per_batch=3)
+    comp = c.compress(text[:200])  # 10 streams
+    start = sum(-(-int(b) // 8) for b in comp.arrays["stream_bits"][:7])  # stream 7's first token
+    bad = comp.tokens.copy()
+    bad[start] ^= 0x80
+    with pytest.raises(CorruptStreamError, match=r"1 stream\(s\) did not decode .*indices \[7\]"):
+        c.decompress(type(comp)(tokens=bad, arrays=comp.arrays))
+
+
 @pytest.mark.parametrize("token_bits", [8, 16])
 def test_gzip_and_static_roundtrip_on_prose(prose, token_bits):
     text = prose[:40_000]

@@ -205,3 +205,68 @@ def test_matches_constriction_sizes():
     assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
     ideal = float(_ideal(sym[None], freqs[None], torch.tensor([S]))[0])
     assert ours <= 1.005 * ideal + 32
+
+
+@pytest.mark.parametrize("probs", [[1.0, 1.0], [0.9, 0.9], [0.3, 0.3, 0.3, 0.3], [0.0, 0.0, 0.0, 0.0],
+                                   [0.5, 0.49]],
+                         ids=["sum-2", "sum-1.8", "sum-1.2", "zeros", "sum-0.99"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_quantize_probs_refuses_rows_that_do_not_sum_to_1(probs, dtype):
+    """Quantising such a row would code another distribution ([1, 1] -> [0, 1], zeros -> one-hot)."""
+    with pytest.raises(ValueError, match="probs must be finite, non-negative and sum to 1"):
+        quantize_probs(torch.tensor([[0.25, 0.25, 0.25, 0.25], probs + [0.0] * (4 - len(probs))], dtype=dtype))
+
+
+def test_quantize_probs_takes_rounded_softmax_rows():
+    """Rows rounded to the tensor's dtype sum to 1 only up to that rounding (bfloat16 [1/3] * 3 sums
+    to 1.002); float32 softmax rows of 65536 entries are off by its accumulation."""
+    third = torch.full((1, 3), 1 / 3)
+    for q in (third.bfloat16(), third.half(), torch.softmax(torch.randn(4, 65536) * 0.1, -1),
+              torch.softmax(torch.randn(4, 65536) * 0.1, -1).half()):
+        f = quantize_probs(q)
+        assert (f.sum(-1) == 2**24).all() and (f >= 1).all()
+    assert abs(float(third.bfloat16().double().sum()) - 1) > 1.5e-3
+    with pytest.raises(ValueError, match="probs must be a tensor"):
+        quantize_probs(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="logits must be a tensor"):
+        quantize_logits(torch.tensor(1.0))
+
+
+def test_cdf_from_freqs_refuses_what_a_cast_would_change():
+    with pytest.raises(TypeError, match="freqs must be an integer tensor"):
+        cdf_from_freqs(torch.tensor([2.0**23 + 0.7, 2.0**23 - 0.7]))
+    with pytest.raises(TypeError, match="freqs must be an integer tensor"):
+        cdf_from_freqs(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="freqs must be a tensor"):
+        cdf_from_freqs(torch.tensor(5))
+    assert cdf_from_freqs(torch.tensor([3, 5], dtype=torch.int32)).tolist() == [0, 3, 8]
+
+
+def test_lengths_beyond_what_the_bits_hold_are_corrupt():
+    """With a shared table every symbol costs at least -log2(max_freq / 2^precision) bits: a
+    length beyond ``(nbits + 8)`` over that is corrupt, and raises before the decoder runs."""
+    cdf = cdf_from_freqs(quantize_logits(torch.zeros(4)))  # 2 bits per symbol
+    sym = torch.tensor([[1, 2, 3, 0, 1], [3, 3, 3, 3, 3]])
+    data, nbits = rc.encode(sym, cdf)
+    assert torch.equal(rc.decode(data, nbits, cdf, 5), sym)
+    with pytest.raises(CorruptStreamError, match=r"streams \[1\] claim more symbols than their bits can hold"):
+        rc.decode(data, nbits, cdf, torch.tensor([5, 1000]))
+    # the bound is tight: runs of the most probable symbol (p = 1/2) end exactly on it
+    half = cdf_from_freqs(torch.tensor([2**23, 2**22, 2**22]))
+    for n in (1, 8, 15, 100, 1000):
+        run = torch.zeros(1, n, dtype=torch.long)
+        d, nb = rc.encode(run, half)
+        assert n <= int(nb[0]) + 8
+        assert torch.equal(rc.decode(d, nb, half, n), run)
+    # a table with a symbol of probability 1 codes any number of symbols in 0 bits: no bound
+    sure = cdf_from_freqs(torch.tensor([2**24, 0]))
+    d, nb = rc.encode(torch.zeros(1, 3000, dtype=torch.long), sure)
+    assert int(nb[0]) == 0 and rc.decode(d, nb, sure, 3000).shape == (1, 3000)
+
+
+def test_corrupt_streams_are_named_by_the_callers_indices():
+    ok = torch.tensor([True, False, True, False])
+    with pytest.raises(CorruptStreamError, match=r"2 stream\(s\) did not decode .*indices \[1, 3\]"):
+        rc.raise_if_bad(ok)
+    with pytest.raises(CorruptStreamError, match=r"2 window\(s\) did not decode .*indices \[11, 13\]"):
+        rc.raise_if_bad(ok, torch.tensor([10, 11, 12, 13]), "window")

@@ -130,3 +130,174 @@ def test_static_model_fit_and_validation(prose):
         st.encode_streams(torch.zeros(1, 2, dtype=torch.long), None, object(), CoderConfig())
     with pytest.raises(ValueError, match="symbols"):
         st.encode_streams(torch.full((1, 2), 300), None, m, CoderConfig())
+
+
+class _TableModel:
+    """A ProbabilityModel returning ``table`` (from ``make(cfg)``) for every context; counts its calls."""
+
+    context_len, pad_id = 0, 0
+
+    def __init__(self, make, vocab_size: int = 4):
+        self.make, self.vocab_size, self.calls = make, vocab_size, 0
+
+    def frequencies(self, context, cfg):
+        self.calls += 1
+        return self.make(cfg).expand(context.shape[0], -1)
+
+
+def _uniform(cfg, V=4):
+    f = torch.full((1, V), cfg.total // V, dtype=torch.long)
+    f[0, 0] += cfg.total - int(f.sum())
+    return f
+
+
+@pytest.mark.parametrize("case", ["sum-twice", "zero-for-a-coded-symbol", "negative"])
+def test_model_frequencies_are_checked(case):
+    """A table the model returns is checked like rc.encode checks one (once per call): an
+    invalid one would code silently and decode to other symbols."""
+    tables = {"sum-twice": lambda cfg: torch.full((1, 4), cfg.total // 2),
+              "zero-for-a-coded-symbol": lambda cfg: torch.tensor([[cfg.total // 2, 0, cfg.total // 2, 0]]),
+              "negative": lambda cfg: torch.tensor([[cfg.total, 1, -1, 0]])}
+    bad = _TableModel(tables[case])
+    cfg = CoderConfig()
+    sym = torch.tensor([[1, 2, 3, 0, 1, 2], [3, 3, 1, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"model\.frequencies must return rows summing to 2\^precision") as exc:
+        st.encode_streams(sym, torch.tensor([6, 3]), bad, cfg)
+    assert not isinstance(exc.value, CorruptStreamError)
+    # the decoder, given a valid stream, refuses the invalid model's tables the same way
+    enc = st.encode_streams(sym, torch.tensor([6, 3]), _TableModel(_uniform), cfg)
+    with pytest.raises(ValueError, match=r"model\.frequencies must return") as exc:
+        st.decode_streams(enc.data, enc.nbits, enc.lengths, bad, cfg)
+    assert not isinstance(exc.value, CorruptStreamError)
+
+
+def test_equal_info_model_ignoring_min_freq_is_named():
+    wb = 16
+    cfg = CoderConfig(min_freq=st.equal_info_min_freq(wb, 24))
+    good = _TableModel(_uniform)
+    sym = torch.tensor([[1, 2, 3, 0, 1, 2, 3, 3]])
+    enc = st.encode_equal_info(sym, None, good, cfg, wb)
+    # frequencies below cfg.min_freq: such a symbol may not fit an empty window
+    ignores = _TableModel(lambda cfg: torch.tensor([[cfg.total - 3, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"model\.frequencies .* >= cfg\.min_freq = 256; _TableModel"):
+        st.encode_equal_info(sym, None, ignores, cfg, wb)
+    with pytest.raises(ValueError, match=r"model\.frequencies .* >= cfg\.min_freq = 256"):
+        st.decode_equal_info(enc.windows, enc.counts, ignores, cfg, wb)
+
+
+def test_padding_past_lengths_may_hold_anything():
+    """As for rc.encode: entries past a stream's length are never coded (not even looked up)."""
+    m = StaticModel.fit(bytes(range(256)))
+    sym = torch.tensor([[104, 105, 0, 0], [111, 107, 33, 10]])
+    lengths = torch.tensor([2, 4])
+    ref = st.encode_streams(sym, lengths, m, m.cfg)
+    eq_model = _TableModel(lambda cfg: _uniform(cfg, 256), vocab_size=256)
+    eq_cfg = CoderConfig(min_freq=st.equal_info_min_freq(16, 24))
+    eq_ref = st.encode_equal_info(sym, lengths, eq_model, eq_cfg, 16)
+    for pad in (-1, 256, 10**6):
+        padded = sym.clone()
+        padded[0, 2:] = pad
+        enc = st.encode_streams(padded, lengths, m, m.cfg)
+        assert torch.equal(enc.data, ref.data) and torch.equal(enc.nbits, ref.nbits)
+        eq = st.encode_equal_info(padded, lengths, eq_model, eq_cfg, 16)
+        assert torch.equal(eq.windows, eq_ref.windows) and torch.equal(eq.counts, eq_ref.counts)
+    with pytest.raises(ValueError, match=r"symbols\[0, 1\] = -1"):
+        st.encode_streams(torch.tensor([[104, -1, 0]]), torch.tensor([2]), m, m.cfg)
+
+
+def test_stream_arguments_are_checked_like_the_range_coder():
+    m = StaticModel.fit(bytes(range(256)))
+    cfg = m.cfg
+    with pytest.raises(TypeError, match="symbols must be an integer tensor"):
+        st.encode_streams(torch.tensor([[65.9, 66.5]]), None, m, cfg)
+    with pytest.raises(TypeError, match="symbols must be an integer tensor"):
+        st.encode_streams(torch.tensor([[True]]), None, m, cfg)
+    with pytest.raises(TypeError, match="lengths must be an int or an integer tensor"):
+        st.encode_streams(torch.tensor([[65, 66]]), torch.tensor([1.7]), m, cfg)
+    # an int length means every stream, as for rc.encode
+    a = st.encode_streams(torch.tensor([[65, 66], [67, 68]]), 1, m, cfg)
+    b = st.encode_streams(torch.tensor([[65, 66], [67, 68]]), torch.tensor([1, 1]), m, cfg)
+    assert torch.equal(a.data, b.data) and torch.equal(a.nbits, b.nbits)
+    assert st.decode_streams(a.data, a.nbits, 1, m, cfg).tolist() == [[65], [67]]
+    with pytest.raises(TypeError, match="data must be a uint8 tensor"):
+        st.decode_streams([[1]], a.nbits, a.lengths, m, cfg)
+    for nbits in ([8, 8], a.nbits.double() + 0.9, a.nbits > 0):
+        with pytest.raises(TypeError, match="nbits must be an integer tensor"):
+            st.decode_streams(a.data, nbits, a.lengths, m, cfg)
+    with pytest.raises(TypeError, match="lengths must be an int or an integer tensor"):
+        st.decode_streams(a.data, a.nbits, a.lengths.double() + 0.2, m, cfg)
+
+
+def _equal_info_case():
+    model = _TableModel(lambda cfg: _uniform(cfg, 256), vocab_size=256)
+    cfg = CoderConfig(min_freq=st.equal_info_min_freq(16, 24))
+    enc = st.encode_equal_info(torch.tensor([list(b"hello there")]), None, model, cfg, 16)
+    return model, cfg, enc
+
+
+def test_decode_equal_info_arguments():
+    model, cfg, enc = _equal_info_case()
+    for bw in (-1, 0, True, 2.0):
+        with pytest.raises(ValueError, match="batch_windows must be an int >= 1"):
+            st.decode_equal_info(enc.windows, enc.counts, model, cfg, 16, batch_windows=bw)
+    with pytest.raises(ValueError, match="max_window_symbols must be an int >= 1"):
+        st.decode_equal_info(enc.windows, enc.counts, model, cfg, 16, max_window_symbols=0)
+    with pytest.raises(TypeError, match="counts must be an integer tensor"):
+        st.decode_equal_info(enc.windows, enc.counts.double() + 0.5, model, cfg, 16)
+    with pytest.raises(ValueError, match="window_bits must be a positive multiple of 8"):
+        st.decode_equal_info(enc.windows, enc.counts, model, cfg, 16.0)
+    pieces = st.decode_equal_info(enc.windows, enc.counts, model, cfg, 16, batch_windows=1)
+    assert bytes(torch.cat(pieces).tolist()) == b"hello there"
+
+
+def test_corrupt_counts_and_lengths_raise_before_decoding():
+    """A corrupt count or length would make the decoder run (and allocate) that many steps."""
+    model, cfg, enc = _equal_info_case()
+    # above the encoder's max_window_symbols (64 by default), below 1, above what 16 bits can hold
+    # (each symbol costs at least -log2(1 - 255 * 256 / 2^24) bits: at most 4268 fit)
+    for c, kw, match in ((65, {}, r"hold \[65\] symbols: a window holds 1\.\.64"),
+                         (0, {}, r"hold \[0\] symbols"),
+                         (4269, {"max_window_symbols": 10**6}, r"hold \[4269\] symbols: .*at most 4268 fit 16 bits")):
+        counts = enc.counts.clone()
+        counts[1] = c
+        model.calls = 0
+        with pytest.raises(CorruptStreamError, match=r"windows \[1\] " + match):
+            st.decode_equal_info(enc.windows, counts, model, cfg, 16, **kw)
+        assert model.calls == 0
+    # decode_streams: with V = 4 and min_freq = 512 of 2^12 a symbol costs >= 0.678 bits
+    small = CoderConfig(precision=12, min_freq=512)
+    m4 = _TableModel(_uniform)
+    e = st.encode_streams(torch.tensor([[1, 2, 3, 0, 1], [3, 3, 3, 3, 3]]), None, m4, small)
+    assert st.decode_streams(e.data, e.nbits, e.lengths, m4, small).shape == (2, 5)
+    m4.calls = 0
+    with pytest.raises(CorruptStreamError, match=r"streams \[1\] claim more symbols than their bits can hold"):
+        st.decode_streams(e.data, e.nbits, torch.tensor([5, 100]), m4, small)
+    assert m4.calls == 0
+
+
+def test_corrupt_window_is_named_by_its_index():
+    """Windows decode in batches sorted by count: the error names the window's own index."""
+    class Skew(_TableModel):
+        def __init__(self):
+            super().__init__(None, 256)
+
+        def frequencies(self, context, cfg):
+            from flopwise.coding import quantize_logits
+            return quantize_logits(-torch.arange(256.0)[None].expand(context.shape[0], 256) / 20, cfg)
+
+    m, wb = Skew(), 32
+    cfg = CoderConfig(min_freq=st.equal_info_min_freq(wb, 24))
+    enc = st.encode_equal_info(torch.tensor([[1, 2, 3, 4, 5, 100, 200, 7, 9, 250, 1, 1, 2]]), None, m, cfg, wb)
+    assert enc.counts.tolist() == [6, 3, 3, 1]  # window 3 sorts first
+    bad = enc.windows.clone()
+    bad[3, -1] |= 0x01  # a padding bit of window 3
+    with pytest.raises(CorruptStreamError, match=r"1 window\(s\) did not decode .*indices \[3\]"):
+        st.decode_equal_info(bad, enc.counts, m, cfg, wb, batch_windows=2)
+
+
+def test_static_model_smoothing_is_checked():
+    for bad in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match="smoothing must be finite and >= 0"):
+            StaticModel.fit(b"abc", smoothing=bad)
+    with pytest.raises(TypeError, match="smoothing must be a number"):
+        StaticModel.fit(b"abc", smoothing="1")

@@ -63,6 +63,10 @@ def test_coders_refuse_what_they_cannot_code(path):
     padded = ok.clone()
     padded[1, 2] = 99
     assert torch.equal(enc(padded, cdf, torch.tensor([3, 2]))[0], rc.encode(ok, cdf, torch.tensor([3, 2]))[0])
+    # a shared table bounds the symbols a stream's bits hold (here 1 bit each at least)
+    data, nbits = rc.encode(ok, cdf)
+    with pytest.raises(rc.CorruptStreamError, match=r"streams \[0\] claim more symbols"):
+        dec(data, nbits, cdf, torch.tensor([int(nbits[0]) + 10, 3]))
 
 
 def test_triton_takes_a_shared_table_like_torch():
@@ -74,3 +78,25 @@ def test_triton_takes_a_shared_table_like_torch():
     d2, n2 = encode_triton(sym, cdf, lengths, block=4)
     assert torch.equal(d1, d2) and torch.equal(n1, n2)
     assert torch.equal(decode_triton(d1, n1, cdf, lengths, block=4), rc.decode(d1, n1, cdf, lengths))
+
+
+def test_block_is_checked():
+    """``block`` is the kernels' ``tl.arange`` length: a power of two, else an empty result
+    (negative), a division by zero or an interpreter error."""
+    cdf = rc.cdf_from_freqs(rc.quantize_logits(torch.zeros(4)))
+    sym = torch.tensor([[1, 2, 3, 0, 1], [3, 3, 3, 3, 3]])
+    d, n = rc.encode(sym, cdf)
+    for bad in (-4, 0, 3, 2048):
+        with pytest.raises(ValueError, match=r"block must be a power of two in \[1, 1024\]"):
+            encode_triton(sym, cdf, block=bad)
+        with pytest.raises(ValueError, match=r"block must be a power of two in \[1, 1024\]"):
+            decode_triton(d, n, cdf, 5, block=bad)
+    for bad in (True, 4.0):
+        with pytest.raises(TypeError, match="block must be an int"):
+            encode_triton(sym, cdf, block=bad)
+        with pytest.raises(TypeError, match="block must be an int"):
+            decode_triton(d, n, cdf, 5, block=bad)
+    for block in (1, 2):
+        d2, n2 = encode_triton(sym, cdf, block=block)
+        assert torch.equal(d2, d) and torch.equal(n2, n)
+        assert torch.equal(decode_triton(d, n, cdf, 5, block=block), sym)
