@@ -22,6 +22,14 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
 
 
+def _fixed(v: float, decimals: int) -> str:
+    """``decimals`` places where that reads well; 4 significant digits for a number so
+    large or small that fixed point would print a long run of digits or only zeros."""
+    if v == 0 or (math.isfinite(v) and 10.0**-decimals <= abs(v) < 1e6):
+        return f"{v:.{decimals}f}"
+    return f"{v:.4g}"
+
+
 def _finite_or_none(obj):
     """obj with every non-finite float replaced by None: JSON has no NaN or Infinity."""
     if isinstance(obj, dict):
@@ -47,9 +55,16 @@ def _as_flags(message: str) -> str:
 
 
 def _bootstrap_path(plot: str) -> str:
-    """fig.png -> fig_bootstrap.png (the suffix of the file name only; none: .png)."""
+    """fig.png -> fig_bootstrap.png (the suffix of the file name only). Without a suffix
+    none is added here: like the main figure, it gets matplotlib's default format."""
     p = Path(plot)
-    return str(p.with_name(p.stem + "_bootstrap" + (p.suffix or ".png")))
+    return str(p.with_name(p.stem + "_bootstrap" + p.suffix))
+
+
+# Exit status of ``fit`` when the results were printed but --plot could not be written
+# at the end (disk full, folder removed meanwhile): not 1, which says the fit is not
+# to be relied on, and not 2, which says nothing ran.
+EXIT_PLOT_FAILED = 3
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -69,10 +84,24 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"--bootstrap must be 0 (off) or >= 2 resamples, got {args.bootstrap}")
     if drop < 0:
         raise ValueError(f"--drop-highest must be >= 0, got {drop}")
-    if args.seed < 0:
+    if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
-    if not 0.0 < args.level < 1.0:
+    if args.level is not None and not 0.0 < args.level < 1.0:
         raise ValueError(f"--level must be in (0, 1), e.g. 0.95, got {args.level}")
+    if args.bootstrap:
+        from flopwise.scaling.bootstrap import check_resample_count
+
+        check_resample_count(args.bootstrap, "--bootstrap")  # before minutes of fitting
+    else:
+        # Like --d-col with --c-col: an option that would do nothing is an error, not ignored.
+        unused = [flag for flag, value in (("--seed", args.seed), ("--level", args.level),
+                                           ("--bootstrap-objective", args.bootstrap_objective)) if value is not None]
+        if unused:
+            flags = ", ".join(unused)
+            raise ValueError(f"{flags} only appl{'ies' if len(unused) == 1 else 'y'} to the bootstrap: "
+                             f"add --bootstrap N (e.g. 4000) or leave out {flags}")
+    seed = 0 if args.seed is None else args.seed
+    level = 0.95 if args.level is None else args.level
     if args.plot:
         # Before the fit: a missing matplotlib or an unwritable path should not cost
         # a full fit and bootstrap.
@@ -87,9 +116,20 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ValueError(f"--plot: {exc}") from None
     try:
-        data = scaling.load_csv(args.file, k=args.k, drop_highest=drop, **cols)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            data = scaling.load_csv(args.file, k=args.k, drop_highest=drop, **cols)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc))) from None
+    except FileNotFoundError:
+        raise  # "path: no such file ...", exit 2
+    except OSError as exc:  # e.g. no permission: bad input (exit 2), not an unreliable fit (exit 1)
+        raise ValueError(f"{args.file}: cannot read the file ({exc.strerror or exc})") from None
+    for w in caught:
+        if issubclass(w.category, UserWarning):  # e.g. --drop-highest dropping more runs because of ties
+            print(f"flopwise: warning: {_as_flags(str(w.message))}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", scaling.FitWarning)
         result = scaling.fit(data, objective=objective, delta=args.delta)
@@ -101,7 +141,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         # Epoch's published standard errors refit the Huber sum; --epoch does the same.
         b_obj = args.bootstrap_objective or ("huber" if args.epoch else objective)
         boot = scaling.bootstrap(
-            data, result, n=args.bootstrap, seed=args.seed, objective=b_obj, compute=args.compute, level=args.level
+            data, result, n=args.bootstrap, seed=seed, objective=b_obj, compute=args.compute, level=level
         )
     law = result.law
     tpp = law.tokens_per_parameter(args.compute, data.k)
@@ -160,11 +200,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         # After the numbers are printed: a plotting failure loses no results.
         from flopwise.scaling import plot as splot
 
-        splot.plot_fit(data, law, path=args.plot)
-        print(f"figure: {splot.output_path(args.plot)[0]}", file=sys.stderr)
-        if boot is not None:
-            splot.plot_bootstrap(boot, path=_bootstrap_path(args.plot))
-            print(f"figure: {splot.output_path(_bootstrap_path(args.plot))[0]}", file=sys.stderr)
+        try:
+            splot.plot_fit(data, law, path=args.plot)
+            print(f"figure: {splot.output_path(args.plot)[0]}", file=sys.stderr)
+            if boot is not None:
+                splot.plot_bootstrap(boot, path=_bootstrap_path(args.plot))
+                print(f"figure: {splot.output_path(_bootstrap_path(args.plot))[0]}", file=sys.stderr)
+        except (OSError, ValueError) as exc:  # e.g. disk full, or the folder removed during the fit
+            print(f"flopwise: error: --plot: the results above were printed, but a figure could not be written: {exc}",
+                  file=sys.stderr)
+            return EXIT_PLOT_FAILED
     # 1: results printed, but the fit is not one to rely on (see the warnings).
     return 1 if result.warnings else 0
 
@@ -193,11 +238,11 @@ def _cmd_optimal(args: argparse.Namespace) -> int:
         _print_json(row)
         return 0
     print(f"law {law.name}: C = {args.compute:.3g} FLOPs -> N_opt = {n:.3e}, D_opt = {d:.3e}, "
-          f"D/N = {d / n:.4g}, loss {row['loss']:.4f}  (N ∝ C^{law.a:.3f}, D ∝ C^{law.b:.3f})")
+          f"D/N = {d / n:.4g}, loss {_fixed(row['loss'], 4)}  (N ∝ C^{law.a:.3f}, D ∝ C^{law.b:.3f})")
     if args.inference_tokens is not None:
         io = row["inference_aware"]
         print(f"serving {args.inference_tokens:.3g} tokens at the same loss: N = {io['N']:.3e} "
-              f"({io['n_ratio']:.2f}x), D = {io['D']:.3e} ({io['d_ratio']:.2f}x), "
+              f"({_fixed(io['n_ratio'], 2)}x), D = {io['D']:.3e} ({_fixed(io['d_ratio'], 2)}x), "
               f"total compute {io['total_flops']:.3e} ({round(100 * io['savings'], 1) + 0.0:.1f}% less)")  # + 0.0: no "-0.0"
     return 0
 
@@ -213,8 +258,9 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     print(f"law {law.name}: E={law.E:.4g} A={law.A:.4g} B={law.B:.4g} alpha={law.alpha:.4g} beta={law.beta:.4g}")
     print(f"{'model':>12} {'N':>9} {'D':>9} {'C':>9} {'E':>6} {'A/N^a':>7} {'B/D^b':>7} {'loss':>7} {'opt.loss':>8}")
     for r in rows:
-        print(f"{r['model']:>12} {r['N']:9.3g} {r['D']:9.3g} {r['C']:9.3g} {r['irreducible']:6.3f} "
-              f"{r['model_term']:7.4f} {r['data_term']:7.4f} {r['loss']:7.4f} {r['optimal_loss']:8.4f}")
+        print(f"{r['model']:>12} {r['N']:9.3g} {r['D']:9.3g} {r['C']:9.3g} {_fixed(r['irreducible'], 3):>6} "
+              f"{_fixed(r['model_term'], 4):>7} {_fixed(r['data_term'], 4):>7} {_fixed(r['loss'], 4):>7} "
+              f"{_fixed(r['optimal_loss'], 4):>8}")
     return 0
 
 
@@ -236,21 +282,25 @@ def add_parser(sub) -> None:
     dc.add_argument("--c-col", help="training-FLOP column (D = C / (k N))")
     f.add_argument("--loss-col", help="loss column (default loss)")
     f.add_argument("--k", type=_positive_float, default=6.0, help="FLOPs per parameter per token (default 6)")
-    f.add_argument("--drop-highest", type=int, help="drop this many highest-loss runs (default 0, 5 with --epoch)")
+    f.add_argument("--drop-highest", type=int, metavar="K",
+                   help="drop the K highest-loss runs (default 0, 5 with --epoch), as Epoch AI do: every run with a "
+                        "loss >= the K-th highest goes, so with ties more than K go (a warning says how many)")
     f.add_argument("--objective", choices=("huber", "huber_likelihood"), help="default huber (huber_likelihood with --epoch)")
     f.add_argument("--delta", type=_positive_float, default=1e-3, help="Huber delta (default 1e-3)")
     f.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples (e.g. 4000)")
     f.add_argument("--bootstrap-objective", choices=("huber", "huber_likelihood"),
-                   help="objective refitted per resample (default: the fit's; huber with --epoch, as Epoch did)")
-    f.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    f.add_argument("--level", type=float, default=0.95, help="percentile-interval level (default 0.95)")
+                   help="objective refitted per resample (default: the fit's; huber with --epoch, as Epoch did); "
+                        "needs --bootstrap")
+    f.add_argument("--seed", type=int, help="bootstrap seed (default 0); needs --bootstrap")
+    f.add_argument("--level", type=float, help="percentile-interval level (default 0.95); needs --bootstrap")
     f.add_argument("--compute", type=_positive_float, default=CHINCHILLA_COMPUTE,
                    help="FLOPs at which to report tokens per parameter (default Chinchilla's 5.88e23)")
     f.add_argument("--plot", metavar="OUT.png", help="write the data/isoloss/frontier figure (needs matplotlib)")
     f.add_argument("--json", action="store_true", help="print a JSON object (non-finite values as null)")
     f.set_defaults(func=_cmd_fit)
     f.epilog = ("exit status 0: fitted; 1: results printed but not to rely on (the optimiser did not converge "
-                "or the law is on a boundary, e.g. beta ~ 0; see the warnings on stderr); 2: bad input")
+                "or the law is on a boundary, e.g. beta ~ 0; see the warnings on stderr); 2: bad input; "
+                f"{EXIT_PLOT_FAILED}: results printed, but a --plot figure could not be written")
 
     o = ssub.add_parser("optimal", help="compute-optimal N and D for a compute budget")
     o.add_argument("--compute", type=_positive_float, required=True, help="training FLOPs")

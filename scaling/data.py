@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,14 +69,9 @@ class ScalingData:
 
 
 def _column(values, name: str) -> np.ndarray:
-    try:
-        raw = np.asarray(values)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be numeric") from exc
-    # Strings would be parsed by np.asarray(..., dtype=float) and bools become 0/1.
-    if raw.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must be numeric, got an array of {raw.dtype}")
-    arr = raw.astype(np.float64)
+    # Strings would be parsed by np.asarray(..., dtype=float) and bools become 0/1;
+    # Python ints beyond int64 and torch tensors are converted (see _checks.float_array).
+    arr = _checks.float_array(values, name, "numeric")
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
     return arr
@@ -121,7 +118,15 @@ def _build(n, y, other, d_given: bool, k: float, where) -> ScalingData:
     _check_runs(n, y, other, "D" if d_given else "C", where)
     if d_given:
         d = other
-        c = k * n * d
+        with np.errstate(over="ignore"):
+            c = k * n * d
+        bad = ~np.isfinite(c)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"C = k N D overflows float64 ({where(i)}: k {k:g}, N {n[i]:.3g}, D {d[i]:.3g}); "
+                "N must be parameters and D training tokens"
+            )
     else:
         c = other
         d = c / (k * n)
@@ -155,18 +160,48 @@ def from_arrays(N, loss, D=None, C=None, k: float = 6.0, min_rows: int = 6) -> S
 
 def drop_highest_loss(data: ScalingData, count: int) -> ScalingData:
     """Drop the ``count`` highest-loss runs, as Epoch AI do: keep rows with
-    ``loss < sorted(loss)[-count]``. With ties at the cut more than ``count`` rows go;
-    on their file (no ties there) 245 runs become 240.
+    ``loss < sorted(loss)[-count]``; on their file (no ties there) 245 runs become 240.
+
+    Runs tied with the cut (the ``count``-th highest loss) all go, so with ties more
+    than ``count`` runs are dropped; a ``UserWarning`` then says how many and why.
+    Raises ValueError when no run would be left.
     """
     if not isinstance(data, ScalingData):
         raise TypeError(f"data must be ScalingData, got {type(data).__name__}")
     count = _checks.integer(count, "count", low=0)
+    return _drop_highest(data, count, "count")
+
+
+def _drop_highest(data: ScalingData, count: int, what: str) -> ScalingData:
+    """:func:`drop_highest_loss` with ``what`` naming ``count`` in errors and warnings."""
     if count == 0:
         return data
     if count >= len(data):
-        raise ValueError(f"count ({count}) must be smaller than the number of runs ({len(data)})")
-    cut = np.sort(data.loss)[-count]
-    return data.subset(data.loss < cut)
+        raise ValueError(f"{what} ({count}) must be smaller than the number of runs ({len(data)})")
+    cut = float(np.sort(data.loss)[-count])
+    keep = data.loss < cut
+    n_dropped = len(data) - int(keep.sum())
+    n_tied = int((data.loss == cut).sum())
+    rule = f"Epoch AI's rule keeps only runs with a loss below the cut, sorted(loss)[-{count}]"
+    if n_dropped == len(data):
+        raise ValueError(
+            f"{what} ({count}): all {len(data)} runs would be dropped: the cut (loss {cut!r}) is also "
+            f"the lowest loss, {n_tied} runs tie at it, and {rule}"
+        )
+    if n_dropped > count:
+        warnings.warn(
+            f"{what} ({count}): dropped {n_dropped} runs, not {count}: {n_tied} runs tie at the cut "
+            f"(loss {cut!r}) and {rule}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return data.subset(keep)
+
+
+# Files with both a D and a C column: C must agree with k N D to this relative
+# tolerance, which admits N, D and C each rounded to 3 significant digits (up to 0.5%
+# each) but not a C computed with another k (8 / 6 is 33% off) or in other units.
+CSV_C_RTOL = 0.02
 
 
 def load_csv(
@@ -183,10 +218,28 @@ def load_csv(
 
     ``n_col``, ``loss_col`` name the parameter-count and loss columns; name one of
     ``d_col`` (tokens) or ``c_col`` (FLOPs). With neither, ``D`` is used if the header has
-    it, else ``C``. ``drop_highest``: drop that many highest-loss runs after reading
-    (see :func:`drop_highest_loss`). Epoch's file: ``load_csv(path, **EPOCH_COLUMNS,
-    drop_highest=5)``.
+    it, else ``C``; when it has both, D is used and C is checked: it must be within
+    ``CSV_C_RTOL`` (2%) of k * N * D on every line, else ValueError (name the column to
+    use with ``d_col`` or ``c_col``, or pass the ``k`` that C was computed with). The
+    three roles need three different columns, and a column used must appear once in
+    the header. ``drop_highest``: drop that many highest-loss runs after reading (see
+    :func:`drop_highest_loss`; with ties at the cut more go, with a warning). Epoch's
+    file: ``load_csv(path, **EPOCH_COLUMNS, drop_highest=5)``.
+
+    Format: UTF-8 (a byte-order mark is skipped), comma-separated, header names stripped.
+    Lines starting with ``#`` before the header are skipped as comments (so the header
+    itself must not start with ``#``, as ``numpy.savetxt`` writes it unless given
+    ``comments=""``); blank lines are skipped. Cells are plain numbers (``1.4e12``,
+    ``70000000000``): digit separators (``1_000``, ``1,000``) are refused, and so is a
+    line with more cells than the header has columns (a decimal comma, ``3,705``, would
+    otherwise be read as 3). Errors name the file line and the raw cell.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    for arg, col in (("n_col", n_col), ("loss_col", loss_col), ("d_col", d_col), ("c_col", c_col)):
+        if not (isinstance(col, str) or (col is None and arg in ("d_col", "c_col"))):
+            extra = " or None" if arg in ("d_col", "c_col") else ""
+            raise TypeError(f"{arg} must be a column name (str){extra}, got {type(col).__name__} {col!r}")
     path = Path(path)
     k = _checks.real(k, "k", low=0.0)
     drop_highest = _checks.integer(drop_highest, "drop_highest", low=0)
@@ -195,26 +248,47 @@ def load_csv(
         raise ValueError(f"path: {str(path)!r} is a folder, not a CSV file")
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
+    comments: list[str] = []
+    header: list[str] | None = None
+    rows: list[list[str]] = []
     lines: list[int] = []
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark, which
         # would otherwise become part of the first column's name.
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            # Header names are stripped so that "N, D, loss" names the columns N, D, loss.
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            reader.fieldnames = header
-            rows = []
-            for row in reader:
-                rows.append(row)
-                lines.append(reader.line_num)
+            reader = csv.reader(_skip_leading_comments(fh, comments))
+            for cells in reader:
+                if len(cells) <= 1 and not "".join(cells).strip():  # a blank line
+                    continue
+                if header is None:
+                    # Header names are stripped so that "N, D, loss" names the columns N, D, loss.
+                    header = [h.strip() for h in cells]
+                    continue
+                # Comment lines are all before the header: add them back to count file lines.
+                line = reader.line_num + len(comments)
+                if len(cells) > len(header):
+                    # Even empty extra cells: with an empty last column, "3,705," reads as 3.
+                    hint = (
+                        "a trailing comma? the header needs as many" if not any(c.strip() for c in cells[len(header):])
+                        else "a decimal comma, as in 3,705? write 3.705; a comma inside a cell: quote the cell"
+                    )
+                    raise ValueError(
+                        f"{path.name}, line {line}: {len(cells)} cells, but the header names {len(header)} columns ({hint})"
+                    )
+                rows.append(cells)
+                lines.append(line)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path.name}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as UTF-8") from None
     except csv.Error as exc:
         raise ValueError(f"{path.name}: not a readable CSV file ({exc})") from None
-    if not header:
-        raise ValueError(f"{path.name}: empty file; expected a header row naming the columns")
-    if d_col is None and c_col is None:
+    skipped = (
+        f" ({len(comments)} line(s) starting with '#' before it were skipped as comments; "
+        "a header must not start with '#')" if comments else ""
+    )
+    if header is None:
+        raise ValueError(f"{path.name}: empty file; expected a header row naming the columns{skipped}")
+    detected = d_col is None and c_col is None
+    if detected:
         if "D" in header:
             d_col = "D"
         elif "C" in header:
@@ -222,41 +296,91 @@ def load_csv(
         else:
             raise ValueError(
                 f"{path.name}: no token or FLOP column (looked for 'D' and 'C'); name one with d_col or c_col "
-                f"(columns: {header})"
+                f"(columns: {header}){skipped}"
             )
     if d_col is not None and c_col is not None:
         raise ValueError("pass only one of d_col or c_col")
-    wanted = {"n_col": n_col, "loss_col": loss_col, "d_col" if d_col else "c_col": d_col or c_col}
+    other_col = d_col if d_col is not None else c_col
+    wanted = {"n_col": n_col, "loss_col": loss_col, "d_col" if d_col is not None else "c_col": other_col}
+    role_of: dict[str, str] = {}
+    for arg, col in wanted.items():
+        if col in role_of:
+            raise ValueError(
+                f"{role_of[col]} and {arg} both name column {col!r}; parameters, loss and tokens (or FLOPs) "
+                "need a column each"
+            )
+        role_of[col] = arg
     missing = {arg: col for arg, col in wanted.items() if col not in header}
     if missing:
         desc = ", ".join(f"{col!r} ({arg})" for arg, col in missing.items())
-        raise ValueError(f"{path.name}: missing column(s) {desc}; columns are {header}")
+        raise ValueError(f"{path.name}: missing column(s) {desc}; columns are {header}{skipped}")
+    # D and C both in the file, and neither named by the caller: C is checked against k N D.
+    check_c = detected and d_col == "D" and "C" in header
+    for col in list(wanted.values()) + (["C"] if check_c else []):
+        at = [j + 1 for j, h in enumerate(header) if h == col]
+        if len(at) > 1:
+            raise ValueError(
+                f"{path.name}: column {col!r} appears {len(at)} times in the header (columns {at}); "
+                "rename all but one"
+            )
     if not rows:
         raise ValueError(f"{path.name}: no data rows after the header")
 
     def read(col: str) -> np.ndarray:
+        j = header.index(col)
         out = np.empty(len(rows))
-        for i, row in enumerate(rows):
-            text = (row.get(col) or "").strip()
+        for i, cells in enumerate(rows):
+            where = f"{path.name}, line {lines[i]}: {col} must be finite and > 0"
+            if j >= len(cells):
+                raise ValueError(f"{where}, got no cell (the line has {len(cells)} cells, the header {len(header)} columns)")
+            text = cells[j].strip()
             try:
+                if "_" in text:  # float() reads "1_0" as 10: Python's digit grouping, not a CSV number
+                    raise ValueError(text)
                 out[i] = float(text)
             except ValueError:
                 what = "an empty cell" if not text else f"{text!r}, not a number"
-                raise ValueError(f"{path.name}, line {lines[i]}: {col} must be finite and > 0, got {what}") from None
+                if text.startswith("#"):
+                    what += " (comment lines are skipped only before the header)"
+                raise ValueError(f"{where}, got {what}") from None
             if not (math.isfinite(out[i]) and out[i] > 0):
-                raise ValueError(f"{path.name}, line {lines[i]}: {col} must be finite and > 0, got {text!r}")
+                raise ValueError(f"{where}, got {text!r}")
         return out
 
     n = read(n_col)
     loss = read(loss_col)
-    other = read(d_col or c_col)
+    other = read(other_col)
     try:
         data = _build(n, loss, other, d_col is not None, k, lambda i: f"line {lines[i]}")
     except ValueError as exc:
         raise ValueError(f"{path.name}: {exc}") from None
-    if drop_highest >= len(data):
-        raise ValueError(f"{path.name}: drop_highest ({drop_highest}) must be smaller than the number of runs ({len(data)})")
-    data = drop_highest_loss(data, drop_highest)
+    if check_c:
+        c = read("C")
+        ratio = c / data.C
+        bad = np.abs(ratio - 1) > CSV_C_RTOL
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"{path.name}, line {lines[i]}: columns D and C disagree: C / (N D) = {c[i] / (n[i] * other[i]):.4g}, "
+                f"but C = k N D with k = {k:g} (within {CSV_C_RTOL:.0%}); name the column to use with d_col "
+                "or c_col, or pass the k that C was computed with"
+            )
+    data = _drop_highest(data, drop_highest, f"{path.name}: drop_highest")
     if len(data) < min_rows:
         raise ValueError(f"{path.name}: need at least {min_rows} runs to fit 5 parameters, got {len(data)}")
     return data
+
+
+def _skip_leading_comments(fh, comments: list):
+    """The lines of ``fh`` less the ``#`` comment lines before the header (appended to
+    ``comments``); from the header on, every line."""
+    lines = iter(fh)
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            comments.append(line)
+            continue
+        yield line
+        if text:
+            break
+    yield from lines

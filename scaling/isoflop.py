@@ -9,6 +9,7 @@ squares across groups. With C = k N D, D_opt = C / (k N_opt), so b = 1 - a.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,6 +100,13 @@ def isoflop_fit(data: ScalingData, rtol_decades: float = 0.05, min_points: int =
         labels = np.asarray(labels)
         if labels.shape != (len(data),):
             raise ValueError(f"labels must have one entry per run, shape ({len(data)},), got {labels.shape}")
+        # NaN equals nothing, not even itself: its runs would silently form no profile.
+        missing = [i for i, v in enumerate(labels.tolist()) if v is None or (isinstance(v, numbers.Number) and v != v)]
+        if missing:
+            raise ValueError(
+                f"labels: {len(missing)} run(s) have no label (NaN or None), first at row {missing[0]}; "
+                "give every run its profile's label"
+            )
     cs, ns, ls, spans, counts, names = [], [], [], [], [], []
     skipped = 0
     for g in np.unique(labels):

@@ -36,14 +36,9 @@ __all__ = [
 def _positive_array(value, name: str) -> np.ndarray:
     """float64 array of ``value``; every entry finite and > 0, else ValueError naming ``name``."""
     # Kind check first: np.asarray("1e23", dtype=float) would parse the string, and
-    # True would become 1.0; neither is a number the caller meant.
-    try:
-        raw = np.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__}") from exc
-    if raw.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__} {value!r}")
-    arr = raw.astype(np.float64)
+    # True would become 1.0; neither is a number the caller meant. Python ints beyond
+    # int64 (6 * 70 * 10**9 * 14 * 10**11) and torch tensors are numbers.
+    arr = _checks.float_array(value, name, "a number or an array of numbers")
     if arr.size == 0:
         raise ValueError(f"{name} is empty")
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
@@ -53,6 +48,15 @@ def _positive_array(value, name: str) -> np.ndarray:
 
 def _scalar_or_array(arr: np.ndarray):
     return float(arr) if arr.ndim == 0 else arr
+
+
+def _check_broadcast(n: np.ndarray, d: np.ndarray) -> None:
+    try:
+        np.broadcast_shapes(n.shape, d.shape)
+    except ValueError:
+        raise ValueError(
+            f"N and D must have the same shape or shapes that broadcast together, got {n.shape} and {d.shape}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -128,12 +132,14 @@ class ScalingLaw:
         """Predicted loss for ``N`` parameters trained on ``D`` tokens (broadcasting arrays)."""
         n = _positive_array(N, "N")
         d = _positive_array(D, "D")
+        _check_broadcast(n, d)
         return _scalar_or_array(self.E + self.A / n**self.alpha + self.B / d**self.beta)
 
     def terms(self, N, D) -> "LossTerms":
         """The loss split into irreducible, finite-model and finite-data terms."""
         n = _positive_array(N, "N")
         d = _positive_array(D, "D")
+        _check_broadcast(n, d)
         model = self.A / n**self.alpha
         data = self.B / d**self.beta
         n_b, d_b = np.broadcast_arrays(n, d)
@@ -259,10 +265,14 @@ def parse_models(spec) -> list[tuple[str, float, float]]:
                 name, n, d = item
             except (TypeError, ValueError):
                 raise TypeError(f"models: each entry must be a name or (name, N, D), got {item!r}") from None
+            if _checks._is_bool(n) or _checks._is_bool(d):  # float(True) is 1.0: never a model size
+                raise TypeError(f"models: N and D of {name!r} must be numbers, not bools, got {n!r} and {d!r}")
             try:
                 out.append((str(name), float(n), float(d)))
             except (TypeError, ValueError):
                 raise TypeError(f"models: N and D of {name!r} must be numbers, got {n!r} and {d!r}") from None
+            except OverflowError:  # a Python int beyond float64's range
+                raise ValueError(f"models: N and D of {name!r} must be finite, got values beyond float64's range") from None
     if not out:
         raise ValueError("models is empty")
     for name, n, d in out:

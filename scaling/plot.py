@@ -40,7 +40,9 @@ def require_matplotlib():
 def output_path(path) -> tuple[Path, str]:
     """(file to write, image format) for ``path``: the format follows the suffix; without
     one, matplotlib's default format is used and its suffix appended (as savefig does).
-    Raises ValueError for a format matplotlib cannot write or a folder that does not exist.
+    Raises ValueError for a format matplotlib cannot write, a folder that does not exist,
+    or a path that names a folder (ending in a separator, or an existing folder) rather
+    than a file.
     """
     mpl = require_matplotlib()
     from matplotlib.backend_bases import FigureCanvasBase
@@ -48,11 +50,14 @@ def output_path(path) -> tuple[Path, str]:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or path, got {type(path).__name__}")
     p = Path(path)
-    if not p.name:
-        raise ValueError(f"path: {str(path)!r} names a folder, not a file")
+    text = os.fspath(path)
+    folder = not p.name or p.is_dir() or text.endswith(("/", os.sep))
     fmt = p.suffix[1:].lower() if p.suffix else str(mpl.rcParams["savefig.format"])
-    if not p.suffix:
+    if not folder and not p.suffix:
         p = p.with_name(f"{p.name}.{fmt}")
+        folder = p.is_dir()
+    if folder:
+        raise ValueError(f"path: {str(p)!r} names a folder, not an image file (e.g. {str(p / 'fit.png')!r})")
     supported = FigureCanvasBase.get_supported_filetypes()
     if fmt not in supported:
         raise ValueError(f"path: cannot write {fmt!r} images ({p.name}); use one of {sorted(supported)}")

@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
-from flopwise.scaling import FitWarning, bootstrap, fit, from_arrays, grid_check
+from flopwise.scaling import FitWarning, ScalingLaw, bootstrap, fit, from_arrays, grid_check, hoffmann_grid
 from flopwise.scaling.bootstrap import PARAM_NAMES, resample_weights
+from flopwise.scaling.fit import data_fingerprint
 
-from .conftest import EPOCH_SE, loss_without_d_dependence
+from .conftest import EPOCH_SE, loss_without_d_dependence, synthetic
+
+# The module (flopwise.scaling.bootstrap as an attribute is the function of that name).
+bs = importlib.import_module("flopwise.scaling.bootstrap")
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +141,48 @@ def test_numpy_scalars_and_seed(flat_in_d):
         bootstrap(data, result, n=5, seed=1.5)
     with pytest.raises(TypeError, match="n must be an int"):
         bootstrap(data, result, n=True)
+
+
+@pytest.fixture(scope="module")
+def clean_fit():
+    law = ScalingLaw(E=1.7, A=400.0, B=1000.0, alpha=0.33, beta=0.30)
+    data = synthetic(law, 30, noise=0.01, seed=4)
+    return data, fit(data, starts=hoffmann_grid()[::10])
+
+
+def test_weights_are_drawn_per_batch_with_the_same_resamples(clean_fit, monkeypatch):
+    # All n x R weights at once took ~4x their size at peak: --bootstrap 1e8 was OOM-killed.
+    data, result = clean_fit
+    full = bootstrap(data, result, n=2100, seed=5)
+    drawn = []
+    original = bs.resample_weights
+
+    def recording(n_runs, n_resamples, rng):
+        drawn.append(n_resamples)
+        return original(n_runs, n_resamples, rng)
+
+    monkeypatch.setattr(bs, "resample_weights", recording)
+    short = bootstrap(data, result, n=1100, seed=5)
+    assert max(drawn) <= 1000 and sum(drawn) == 1100
+    # Batch by batch, a seed's first resamples are those of any longer run.
+    assert full.n_failed == 0 and short.n_failed == 0
+    for name in PARAM_NAMES:
+        np.testing.assert_array_equal(short.samples[name], full.samples[name][:1100])
+
+
+def test_resample_count_whose_results_cannot_fit_is_refused(clean_fit, monkeypatch):
+    data, result = clean_fit
+    monkeypatch.setattr(bs, "_physical_memory", lambda: 10**9, raising=False)
+    monkeypatch.setattr(bs, "_fit_weighted", lambda *a, **k: pytest.fail("must refuse before fitting"))
+    with pytest.raises(ValueError, match="n \\(5000000\\) resamples would need about 1.2 GB for their results, "
+                                         "more than half of this machine's 1 GB"):
+        bootstrap(data, result, n=5_000_000)
+
+
+def test_same_runs_in_another_order_are_the_same_data(clean_fit):
+    # The objective is a sum over runs: the fit of one order is the fit of any other.
+    data, result = clean_fit
+    shuffled = data.subset(np.random.default_rng(0).permutation(len(data)))
+    assert data_fingerprint(shuffled) == data_fingerprint(data)
+    b = bootstrap(shuffled, result, n=20, seed=0)
+    assert b.n_resamples == 20 and b.estimate["alpha"] == result.law.alpha

@@ -153,6 +153,11 @@ def test_json_maps_non_finite_to_null(capsys):
         (["--level", "95"], "--level must be in (0, 1)"),
         (["--drop-highest", "30"], "--drop-highest (30) must be smaller"),
         (["--loss-col", "xent"], "'xent' (--loss-col)"),
+        # Options of the bootstrap used to be ignored without it.
+        (["--seed", "3"], "--seed only applies to the bootstrap: add --bootstrap N"),
+        (["--level", "0.9", "--bootstrap-objective", "huber"],
+         "--level, --bootstrap-objective only apply to the bootstrap: add --bootstrap N"),
+        (["--d-col", "N"], "--n-col and --d-col both name column 'N'"),
     ],
 )
 def test_fit_errors_name_flags(capsys, tmp_path, monkeypatch, extra, match):
@@ -212,3 +217,96 @@ def test_optimal_at_huge_compute(capsys):
     assert "--compute 1e+300: the predicted loss there" in err and "within rounding" in err
     assert main(["scaling", "optimal", "--compute", "1e300"]) == 0
     assert "D/N = 1.98e-06" in capsys.readouterr().out
+
+
+def _law_csv(path):
+    law = ScalingLaw(E=1.7, A=400.0, B=1000.0, alpha=0.33, beta=0.30)
+    N = np.geomspace(1e8, 1e10, 6).repeat(5)
+    D = np.tile(np.geomspace(1e9, 1e11, 5), 6)
+    L = law.loss(N, D) * np.exp(np.random.default_rng(0).normal(0, 0.005, 30))
+    path.write_text("N,D,loss\n" + "\n".join(f"{a},{b},{c}" for a, b, c in zip(N, D, L)) + "\n")
+    return path
+
+
+def test_bootstrap_too_large_for_memory_fails_before_fitting(capsys, tmp_path, monkeypatch):
+    import importlib
+
+    from flopwise import scaling
+
+    monkeypatch.setattr(importlib.import_module("flopwise.scaling.bootstrap"), "_physical_memory", lambda: 10**9,
+                        raising=False)
+    monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("must refuse before fitting"))
+    assert main(["scaling", "fit", str(_law_csv(tmp_path / "runs.csv")), "--bootstrap", "100000000"]) == 2
+    assert "--bootstrap (100000000) resamples would need about 24 GB" in capsys.readouterr().err
+
+
+def test_plot_into_an_existing_folder_fails_before_fitting(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from flopwise import scaling
+
+    monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("must refuse before fitting"))
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "fig.png").mkdir()
+    csv = str(_law_csv(tmp_path / "runs.csv"))
+    for plot in ("figs", "figs/", "fig.png", "fig"):
+        assert main(["scaling", "fit", csv, "--plot", str(tmp_path / plot)]) == 2
+        assert "names a folder, not an image file" in capsys.readouterr().err
+
+
+def test_plot_failing_after_the_fit_is_not_an_unreliable_fit(capsys, tmp_path, monkeypatch):
+    # Exit 1 says "results not to be relied on"; a figure that cannot be written is not that.
+    pytest.importorskip("matplotlib")
+    from flopwise.scaling import plot as splot
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(splot, "plot_fit", disk_full)
+    argv = ["scaling", "fit", str(_law_csv(tmp_path / "runs.csv")), "--plot", str(tmp_path / "fig.png")]
+    assert main(argv) == 3
+    captured = capsys.readouterr()
+    assert "30 runs" in captured.out
+    assert "--plot: the results above were printed, but a figure could not be written" in captured.err
+    assert "No space left on device" in captured.err
+
+
+def test_bootstrap_figure_follows_the_default_format(capsys, tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    monkeypatch.setitem(matplotlib.rcParams, "savefig.format", "svg")
+    monkeypatch.chdir(tmp_path)
+    _law_csv(tmp_path / "runs.csv")
+    assert main(["scaling", "fit", "runs.csv", "--bootstrap", "5", "--plot", "fig"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "runs.csv") == ["fig.svg", "fig_bootstrap.svg"]
+
+
+def test_unreadable_csv_is_bad_input(capsys, tmp_path, monkeypatch):
+    from flopwise import scaling
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(scaling, "load_csv", denied)
+    assert main(["scaling", "fit", str(tmp_path / "runs.csv")]) == 2
+    assert "runs.csv: cannot read the file (Permission denied)" in capsys.readouterr().err
+
+
+def test_drop_highest_ties_warning_names_the_flag(capsys, tmp_path, monkeypatch):
+    from flopwise import scaling
+
+    monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("stop after reading"))
+    p = tmp_path / "runs.csv"
+    losses = [3.0] * 3 + list(np.linspace(2.9, 2.0, 27))
+    p.write_text("N,D,loss\n" + "\n".join(f"{n},{20 * n},{l}" for n, l in zip(np.geomspace(1e8, 1e10, 30), losses)) + "\n")
+    with pytest.raises(pytest.fail.Exception):
+        main(["scaling", "fit", str(p), "--drop-highest", "2"])
+    assert "flopwise: warning: runs.csv: --drop-highest (2): dropped 3 runs, not 2" in capsys.readouterr().err
+
+
+def test_optimal_prints_huge_and_tiny_numbers_in_general_format(capsys):
+    assert main(["scaling", "optimal", "--compute", "1e23", "--inference-tokens", "1e40"]) == 0
+    out = capsys.readouterr().out
+    assert "(1.318e+20x)" in out and "(0.15x)" in out
+    assert main(["scaling", "optimal", "--compute", "1e-300"]) == 0
+    assert "loss 8.292e+56 " in capsys.readouterr().out
+    assert main(["scaling", "optimal", "--compute", "5.88e23"]) == 0
+    assert "loss 1.9739 " in capsys.readouterr().out

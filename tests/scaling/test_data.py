@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -175,3 +177,180 @@ def test_csv_encoding_empty_and_argument_errors(tmp_path):
         load_csv(ok, drop_highest=-1)
     with pytest.raises(ValueError, match="drop_highest \\(6\\) must be smaller"):
         load_csv(ok, drop_highest=6)
+
+
+def _runs_csv(tmp_path, header="N,D,loss", rows=_ROWS, before="", name="runs.csv"):
+    p = tmp_path / name
+    p.write_text(before + header + "\n" + rows + "\n")
+    return p
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [("1e8,2e9,3,705", "line 3: 4 cells, but the header names 3 columns \\(a decimal comma"),
+     ("1e8,2e9,3.7,", "line 3: 4 cells, but the header names 3 columns \\(a trailing comma")],
+    ids=["decimal-comma", "trailing-comma"],
+)
+def test_row_with_more_cells_than_the_header_is_refused(tmp_path, line, match):
+    # csv.DictReader put the extra cells under the key None: "3,705" was read as 3.
+    rows = _ROWS.split("\n")
+    rows[1] = line
+    with pytest.raises(ValueError, match=match):
+        load_csv(_runs_csv(tmp_path, rows="\n".join(rows)))
+
+
+def test_row_with_fewer_cells_names_the_missing_cell(tmp_path):
+    rows = _ROWS.split("\n")
+    rows[2] = rows[2][: rows[2].rindex(",")]
+    with pytest.raises(ValueError, match="line 4: loss must be finite and > 0, got no cell \\(the line has 2 cells"):
+        load_csv(_runs_csv(tmp_path, rows="\n".join(rows)))
+
+
+def test_duplicate_column_names(tmp_path):
+    rows = "\n".join(r + ",99" for r in _ROWS.split("\n"))
+    # The last "loss" column used to win silently.
+    with pytest.raises(ValueError, match="column 'loss' appears 2 times in the header \\(columns \\[3, 4\\]\\)"):
+        load_csv(_runs_csv(tmp_path, header="N,D,loss,loss", rows=rows))
+    # A repeated column that is not used is no ambiguity (e.g. two unnamed trailing columns).
+    rows = "\n".join(r + ",," for r in _ROWS.split("\n"))
+    assert len(load_csv(_runs_csv(tmp_path, header="N,D,loss,,", rows=rows))) == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"n_col": "N", "loss_col": "N"}, "n_col and loss_col both name column 'N'"),
+     ({"d_col": "N"}, "n_col and d_col both name column 'N'"),
+     ({"n_col": "D"}, "n_col and d_col both name column 'D'"),  # D found by the header
+     ({"c_col": "loss"}, "loss_col and c_col both name column 'loss'")],
+)
+def test_one_column_cannot_fill_two_roles(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_csv(_runs_csv(tmp_path), **kwargs)
+
+
+def _with_c(c_of):
+    return "\n".join(f"{n:g},{20 * n:g},{c_of(n):.3g},{3 - i / 10}" for i, n in enumerate(np.geomspace(1e8, 1e10, 6)))
+
+
+def test_file_with_both_d_and_c_checks_that_they_agree(tmp_path):
+    # C rounded to 3 significant digits is consistent: D is used, C = k N D.
+    ok = _runs_csv(tmp_path, header="N,D,C,loss", rows=_with_c(lambda n: 6 * n * 20 * n))
+    data = load_csv(ok)
+    np.testing.assert_array_equal(data.D, load_csv(ok, d_col="D").D)
+    np.testing.assert_allclose(data.C, 6 * data.N * data.D)
+    # C computed with k = 8: C was silently ignored.
+    bad = _runs_csv(tmp_path, header="N,D,C,loss", rows=_with_c(lambda n: 8 * n * 20 * n), name="k8.csv")
+    with pytest.raises(ValueError, match="k8.csv, line 2: columns D and C disagree: C / \\(N D\\) = 8, but C = k N D "
+                                         "with k = 6 \\(within 2%\\); name the column to use with d_col or c_col"):
+        load_csv(bad)
+    assert load_csv(bad, k=8).k == 8.0
+    # Naming the column is the caller's choice: no check.
+    assert np.array_equal(load_csv(bad, d_col="D").D, data.D)
+    assert load_csv(bad, c_col="C").D[0] == pytest.approx(20 * 8 / 6 * 1e8, rel=1e-2)
+
+
+def test_drop_highest_with_ties_warns_and_never_drops_everything():
+    n = np.geomspace(1e8, 1e9, 8)
+    data = from_arrays(n, np.array([2, 3, 4, 5, 6, 7, 7, 7.0]), D=n)
+    with pytest.warns(UserWarning, match="count \\(2\\): dropped 3 runs, not 2: 3 runs tie at the cut \\(loss 7.0\\)"):
+        kept = drop_highest_loss(data, 2)
+    assert sorted(kept.loss) == [2, 3, 4, 5, 6]  # Epoch's rule: loss < sorted(loss)[-2]
+    flat = from_arrays(n, np.full(8, 3.0), D=n)
+    with pytest.raises(ValueError, match="count \\(1\\): all 8 runs would be dropped: .* 8 runs tie at it"):
+        drop_highest_loss(flat, 1)
+
+
+def test_drop_highest_in_load_csv_names_the_argument(tmp_path):
+    losses = [3.0, 3.0, 3.0, 2.9, 2.8, 2.7, 2.6, 2.5]
+    rows = "\n".join(f"{n:g},{20 * n:g},{l}" for n, l in zip(np.geomspace(1e8, 1e10, 8), losses))
+    p = _runs_csv(tmp_path, rows=rows)
+    with pytest.warns(UserWarning, match="runs.csv: drop_highest \\(1\\): dropped 3 runs, not 1"):
+        assert len(load_csv(p, drop_highest=1, min_rows=3)) == 5
+    flat = _runs_csv(tmp_path, rows="\n".join(f"{n:g},{20 * n:g},3" for n in np.geomspace(1e8, 1e10, 8)))
+    with pytest.raises(ValueError, match="runs.csv: drop_highest \\(2\\): all 8 runs would be dropped"):
+        load_csv(flat, drop_highest=2)
+
+
+def test_epoch_file_has_no_ties_at_the_cut():
+    if not EPOCH_CSV.is_file():
+        pytest.skip(f"Epoch data not found at {EPOCH_CSV}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_csv(EPOCH_CSV, **EPOCH_COLUMNS, drop_highest=5)) == 240
+
+
+@pytest.mark.parametrize("cell", ["1_0", "100_000_000"])
+def test_csv_refuses_digit_separators(tmp_path, cell):
+    # float("1_0") is 10.
+    rows = _ROWS.split("\n")
+    rows[0] = cell + rows[0][rows[0].index(","):]
+    with pytest.raises(ValueError, match=f"line 2: N must be finite and > 0, got '{cell}', not a number"):
+        load_csv(_runs_csv(tmp_path, rows="\n".join(rows)))
+
+
+def test_comment_lines_before_the_header_are_skipped(tmp_path):
+    lines = _ROWS.split("\n")
+    lines[3] = "x" + lines[3]
+    p = _runs_csv(tmp_path, before="# generated by sweep.py\n#\n", rows="\n".join(lines))
+    # Line numbers still count the file's lines, comments included.
+    with pytest.raises(ValueError, match="runs.csv, line 7: N must be finite and > 0, got 'x1.58489e\\+09'"):
+        load_csv(p)
+    assert len(load_csv(_runs_csv(tmp_path, before="# generated by sweep.py\n\n"))) == 6
+    # Among the data a '#' line is a bad row (a label column may hold "#1"); the error says so.
+    with pytest.raises(ValueError, match="got '# second sweep', not a number \\(comment lines are skipped only before"):
+        load_csv(_runs_csv(tmp_path, rows=_ROWS + "\n# second sweep"))
+    # numpy.savetxt's "# N,D,loss" header is a comment: the error says what was skipped.
+    with pytest.raises(ValueError, match="\\(1 line\\(s\\) starting with '#' before it were skipped as comments"):
+        load_csv(_runs_csv(tmp_path, header="# N,D,loss"))
+
+
+def test_argument_types_are_named(tmp_path):
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int 3"):
+        load_csv(3)
+    p = _runs_csv(tmp_path)
+    with pytest.raises(TypeError, match="n_col must be a column name \\(str\\), got NoneType None"):
+        load_csv(p, n_col=None)
+    with pytest.raises(TypeError, match="d_col must be a column name \\(str\\) or None, got int 2"):
+        load_csv(p, d_col=2)
+
+
+def test_derived_c_must_be_finite():
+    n = np.geomspace(1e154, 1e155, 6)  # 20 tokens per parameter, but 6 N D is beyond float64: C was inf
+    with pytest.raises(ValueError, match="C = k N D overflows float64 \\(row 0: k 6, N 1e\\+154, D 2e\\+155\\)"):
+        from_arrays(n, np.full(6, 3.0), D=20 * n)
+
+
+def test_python_ints_beyond_int64_are_numbers():
+    N = [70 * 10**9 + i * 10**9 for i in range(6)]
+    D = [20 * n for n in N]
+    C = [6 * n * d for n, d in zip(N, D)]  # > 2**63: NumPy keeps them as Python objects
+    data = from_arrays(N, [3.0] * 6, C=C)
+    np.testing.assert_allclose(data.D, D, rtol=1e-15)
+    with pytest.raises(ValueError, match="C must be finite, got ~1e400 \\(beyond float64's range\\)"):
+        from_arrays(N, [3.0] * 6, C=[10**400] * 6)
+    with pytest.raises(TypeError, match="C must be numeric, got an array holding bool True"):
+        from_arrays(N, [3.0] * 6, C=[2**70] * 5 + [True])
+    with pytest.raises(TypeError, match="C must be numeric, got an array holding NoneType None"):
+        from_arrays(N, [3.0] * 6, C=[2**70] * 5 + [None])
+
+
+def test_torch_tensors_are_converted():
+    torch = pytest.importorskip("torch")
+    n = np.geomspace(1e8, 1e10, 6)
+    loss = torch.tensor(3 - np.arange(6) / 10, requires_grad=True)  # e.g. straight from a training loop
+    data = from_arrays(torch.tensor(n, dtype=torch.bfloat16), loss, D=torch.tensor(20 * n))
+    np.testing.assert_allclose(data.loss, 3 - np.arange(6) / 10)
+    np.testing.assert_allclose(data.N, n, rtol=1e-2)  # bfloat16 keeps ~3 digits
+    assert data.N.dtype == np.float64
+    with pytest.raises(TypeError, match="N must be numeric, got a tensor of torch.bool"):
+        from_arrays(torch.ones(6, dtype=torch.bool), loss, D=n)
+
+
+def test_scaling_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from flopwise import scaling; "
+            "scaling.from_arrays(np.geomspace(1e8, 1e9, 6), [3.0] * 6, D=np.geomspace(1e9, 1e10, 6)); "
+            "scaling.ScalingLaw.epoch().optimal([1e21]); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

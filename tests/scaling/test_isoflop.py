@@ -88,3 +88,14 @@ def test_epoch_data_profiles_span_at_most_the_tolerance(epoch_data):
     assert r.span_decades.max() <= 0.05
     assert r.compute.size == 27 and r.skipped == 24
     assert r.a == pytest.approx(0.5166, abs=1e-4)
+
+
+@pytest.mark.parametrize("missing", [np.nan, None], ids=["nan", "None"])
+def test_labels_must_not_be_missing(missing):
+    # NaN labels equal nothing: their runs silently formed no profile.
+    law = ScalingLaw.epoch()
+    data = _isoflop_data(law, np.geomspace(1e18, 1e22, 5))
+    labels = np.repeat(np.arange(5.0), 11).astype(object if missing is None else float)
+    labels[11:22] = missing
+    with pytest.raises(ValueError, match="labels: 11 run\\(s\\) have no label \\(NaN or None\\), first at row 11"):
+        isoflop_fit(data, labels=labels)

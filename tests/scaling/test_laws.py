@@ -135,3 +135,40 @@ def test_numpy_k_and_bad_model_tuple():
         law.optimal(1e22, k="6")
     with pytest.raises(TypeError, match="models: N and D of 'x' must be numbers, got 'a'"):
         decompose(law, [("x", "a", 1e10)])
+
+
+def test_python_ints_beyond_int64_are_accepted():
+    law = ScalingLaw.epoch()
+    c = 6 * 70_000_000_000 * 1_400_000_000_000  # 5.88e23 as a Python int: NumPy makes an object array
+    assert law.optimal(c) == law.optimal(5.88e23)
+    assert law.tokens_per_parameter(10**24) == law.tokens_per_parameter(1e24)
+    np.testing.assert_array_equal(law.optimal([c, 10**24])[0], law.optimal([5.88e23, 1e24])[0])
+    with pytest.raises(ValueError, match="compute must be finite, got ~1e400"):
+        law.optimal(10**400)
+    with pytest.raises(ValueError, match="k must be a finite number > 0, got ~1e400 \\(beyond float64's range\\)"):
+        law.optimal(1e23, k=10**400)
+
+
+def test_torch_scalars_and_tensors_are_numbers():
+    torch = pytest.importorskip("torch")
+    law = ScalingLaw.epoch()
+    assert law.optimal(torch.tensor(5.88e23, dtype=torch.float64)) == law.optimal(5.88e23)
+    n = torch.tensor([1e9, 2e9], requires_grad=True)
+    np.testing.assert_allclose(law.loss(n, 2e10), law.loss(np.array([1e9, 2e9]), 2e10), rtol=1e-7)
+
+
+def test_loss_with_shapes_that_do_not_broadcast():
+    law = ScalingLaw.hoffmann()
+    with pytest.raises(ValueError, match="N and D must have the same shape or shapes that broadcast together, "
+                                         "got \\(3,\\) and \\(2,\\)"):
+        law.loss([1e9, 2e9, 3e9], [1e10, 2e10])
+    with pytest.raises(ValueError, match="N and D must have the same shape"):
+        law.terms([1e9, 2e9, 3e9], [1e10, 2e10])
+    assert law.loss([[1e9], [2e9]], [1e10, 2e10, 3e10]).shape == (2, 3)
+
+
+@pytest.mark.parametrize("n, d", [(True, 2e10), (1e9, np.bool_(True))])
+def test_decompose_refuses_bools(n, d):
+    # float(True) is 1.0: a model of one parameter.
+    with pytest.raises(TypeError, match="models: N and D of 'm' must be numbers, not bools"):
+        decompose(ScalingLaw.epoch(), [("m", n, d)])

@@ -74,3 +74,13 @@ def test_path_checked_before_drawing(tmp_path, epoch_data, epoch_huber_fit):
     # No suffix: matplotlib's default format, suffix appended (as savefig does).
     plot_fit(epoch_data, epoch_huber_fit.law, path=tmp_path / "fig")
     assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+def test_output_path_refuses_folders(tmp_path):
+    # An existing folder passed the check and failed after the fit ("Is a directory").
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "fit.png").mkdir()
+    for path in (tmp_path / "figs", f"{tmp_path / 'figs'}/", tmp_path / "fit.png", tmp_path / "fit", f"{tmp_path}/new/"):
+        with pytest.raises(ValueError, match="path: .* names a folder, not an image file"):
+            output_path(path)
+    assert output_path(tmp_path / "figs" / "fit.png")[1] == "png"
