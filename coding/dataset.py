@@ -45,7 +45,7 @@ from .models import CachedLM, ModuleModel, StaticModel, file_sha256
 from .rangecoder import MAX_PRECISION, CoderConfig, CorruptStreamError
 from .tokens import TOKEN_BITS, token_dtype
 from flopwise._files import check_writable
-from flopwise.models.safetensors_io import check_replaceable_folder, path_within, publish_mode, umask
+from flopwise.models.safetensors_io import check_replaceable_folder, path_within, publish_folder, publish_mode, umask
 
 __all__ = ["BuildOptions", "M1_EVAL", "build", "decode", "compression_stats", "load_m1", "Progress"]
 
@@ -433,13 +433,7 @@ def build(corpus: str, out: str, opts: BuildOptions, *, force: bool = False, tra
         publish_mode(tmp)  # mkdtemp's 0700 is for the unfinished folder only
         # the folder may have changed during a long build: check again just before replacing it
         _check_out(out, force, inputs)
-        if os.path.lexists(out):
-            old = out + ".old-" + os.path.basename(tmp)
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)  # an empty folder or a build output (_check_out)
-        else:
-            os.rename(tmp, out)
+        publish_folder(tmp, out)  # an earlier output (checked above) goes only once this one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,6 +13,24 @@ def check_writable(folder: str | os.PathLike, what: str, advice: str = "") -> No
     can be written (``/proc``, a read-only mount) failed only when the result was saved,
     after the work. ``advice`` ends the message (e.g. "pass another folder (--out)")."""
     folder = os.path.abspath(os.fspath(folder))
+    for attempt in range(5):
+        try:
+            _probe(folder)
+            return
+        except FileNotFoundError as exc:
+            # a folder made by another process sharing the parent (a sweep's jobs) was removed
+            # by its own probe while this one worked inside it: try again
+            if attempt == 4:
+                error = exc
+        except OSError as exc:
+            error = exc
+            break
+    reason = error.strerror or str(error)
+    raise ValueError(f"{what}: cannot write in {folder} ({reason})" + (f": {advice}" if advice else ""))
+
+
+def _probe(folder: str) -> None:
+    """Make ``folder`` and what is missing above it, and a file in it; remove what was made."""
     existing = folder
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
@@ -21,18 +39,19 @@ def check_writable(folder: str | os.PathLike, what: str, advice: str = "") -> No
         q = existing
         for part in os.path.relpath(folder, existing).split(os.sep) if folder != existing else ():
             q = os.path.join(q, part)
-            os.mkdir(q)
+            try:
+                os.mkdir(q)
+            except FileExistsError:  # made meanwhile by another process
+                if not os.path.isdir(q):
+                    raise
+                continue
             made.append(q)
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ValueError(f"{what}: cannot write in {folder} ({reason})" + (f": {advice}" if advice else "")) \
-            from None
     finally:
         for q in reversed(made):
             try:
-                os.rmdir(q)
+                os.rmdir(q)  # only if still empty: another process may be using it by now
             except OSError:
                 pass

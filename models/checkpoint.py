@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .safetensors_io import CheckpointReader, check_replaceable_folder, fsync_dir, publish_mode
+from .safetensors_io import CheckpointReader, check_replaceable_folder, publish_folder, publish_mode
 from .transformer import ModelConfig, Transformer
 
 __all__ = ["Checkpoint", "save_checkpoint", "check_replaceable", "load_checkpoint", "load_model", "optimizer_tensors",
@@ -181,15 +181,11 @@ def save_checkpoint(path: str | os.PathLike, model: Transformer, optimizer: torc
         if trainer_state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
         publish_mode(str(tmp))  # mkdtemp made it private; the checkpoint gets the usual mode
-        old = None
         if os.path.lexists(path):
             check_replaceable(path)  # again: the folder may have changed while the files were written
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "ckpt")
-        os.replace(tmp, path)
-        fsync_dir(str(path.parent))  # make the rename durable before the old copy goes
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # the old checkpoint is moved aside, the new one renamed in place and synced, and only
+        # then the old one deleted; stopped in between, the old one is put back
+        publish_folder(str(tmp), str(path))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

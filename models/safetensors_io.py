@@ -265,7 +265,8 @@ def path_within(path: str, folder: str) -> bool:
 def publish_folder(tmp: str, dst: str, fsync: bool = True) -> None:
     """Rename the finished folder ``tmp`` onto ``dst``; an existing ``dst`` (checked by the
     caller as replaceable) is moved aside first and deleted only after the new one is in
-    place (restored if the rename fails)."""
+    place. Wherever it stops (a failed rename, Ctrl-C or SIGTERM between the two renames),
+    ``dst`` is left whole: the old one is moved back if the new one is not in place."""
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.lexists(dst):
         os.rename(tmp, dst)
@@ -274,15 +275,19 @@ def publish_folder(tmp: str, dst: str, fsync: bool = True) -> None:
         return
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
     os.rmdir(old)
-    os.rename(dst, old)
     try:
+        os.rename(dst, old)
         os.rename(tmp, dst)
-    except BaseException:
-        os.rename(old, dst)
-        raise
-    if fsync:
-        fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+        if fsync:
+            fsync_dir(parent)
+    finally:
+        if os.path.lexists(old):
+            if not os.path.lexists(dst):  # stopped between the renames: the old one goes back
+                os.rename(old, dst)
+            elif os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.remove(old)
 
 
 def check_replaceable_folder(path: str | os.PathLike, allowed: Collection[str] | Callable[[str], bool], *,

@@ -457,6 +457,35 @@ def test_save_checkpoint_replaces_only_a_checkpoint(tmp_path):
     assert sorted(os.listdir(ck)) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_save_checkpoint_stopped_mid_swap_keeps_a_checkpoint(tmp_path, monkeypatch, stop_after):
+    """Ctrl-C or SIGTERM (raised as an exception by the CLI) between moving the old checkpoint
+    aside and renaming the new one in place used to delete the new one and leave no `last`."""
+    from flopwise.models import Transformer
+    from flopwise.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    ck = save_checkpoint(tmp_path / "last", Transformer(ModelConfig(**TINY)))
+    before = (ck / "model.safetensors").read_bytes()
+    torch.manual_seed(1)
+    newer = Transformer(ModelConfig(**TINY))
+    real, renames = os.rename, []
+
+    def rename(src, dst):
+        real(src, dst)
+        renames.append(dst)
+        if len(renames) == stop_after:  # 1: the old one moved aside; 2: the new one in place
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(ck, newer)
+    monkeypatch.undo()
+    after = (ck / "model.safetensors").read_bytes()
+    assert after == before if stop_after == 1 else after != before
+    assert os.listdir(tmp_path) == ["last"]  # no temporary or old copies left
+
+
 def test_new_run_refuses_an_existing_last(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     Trainer(ModelConfig(**TINY), _tc(max_steps=1, out_dir=str(run)), corpus, progress=False).fit()
@@ -541,6 +570,24 @@ def test_bad_data_and_out_dir_fail_before_training(tmp_path, corpus):
     assert os.listdir(tmp_path / "keep") == []
     with pytest.raises(ValueError, match=r"^out: cannot write in .*file\.txt/sub \(.*\): try another$"):
         check_writable(tmp_path / "file.txt" / "sub", "out", "try another")
+    # jobs started together under one missing parent (a sweep): none may refuse another's folder
+    import threading
+
+    for trial in range(40):
+        errors = []
+
+        def job(i, root=tmp_path / f"sweep{trial}"):
+            try:
+                check_writable(root / f"job_{i}", "out")
+            except ValueError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=job, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
 
 
 def test_fit_saves_before_the_final_evaluation(tmp_path, corpus, monkeypatch):
