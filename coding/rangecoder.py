@@ -116,36 +116,40 @@ class CoderConfig:
 def quantize_probs(probs: torch.Tensor, cfg: CoderConfig = CoderConfig()) -> torch.Tensor:
     """Probabilities ``[..., V]`` (float, summing to ~1) -> int64 frequencies summing to ``2^precision``.
 
-    ``f = min_freq + floor(p * (2^precision - V * min_freq))`` in float64; the remainder (a few
-    units either way) goes to the most probable symbol (lowest index on ties). Deterministic
-    for identical inputs on the same device. Probabilities that are not finite, negative, or
-    whose rows do not sum to 1 within ``eps(probs.dtype) + V * eps(float32)`` (the rounding of
-    a softmax, see :func:`_sum_tolerance`) raise ``ValueError``.
+    Each row is divided by its sum in float64, then ``f = min_freq + floor(p * (2^precision -
+    V * min_freq))``; the remainder (a few units) goes to the most probable symbol (lowest
+    index on ties). Deterministic for identical inputs on the same device. Probabilities that
+    are not finite, negative, or whose rows do not sum to 1 within ``eps(bfloat16) + V *
+    eps(float32)`` (the rounding of a softmax computed in any precision down to bfloat16,
+    whatever dtype it is passed in; see :func:`_sum_tolerance`) raise ``ValueError``.
     """
     if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
         raise TypeError("probs must be a floating-point tensor [..., V]")
     if probs.dim() == 0:
         raise ValueError("probs must be a tensor [..., V], got a 0-d tensor")
     p = probs.double()
-    f = _quantize(p, cfg)
-    if f.numel():
-        tol = _sum_tolerance(probs.dtype, p.shape[-1])
-        ok = (torch.isfinite(p).all() & (p >= 0).all() & ((p.sum(-1) - 1).abs() <= tol).all()
-              & (f >= cfg.min_freq).all())
+    if p.numel():
+        tol = _sum_tolerance(p.shape[-1])
+        total = p.sum(-1, keepdim=True)
+        ok = torch.isfinite(p).all() & (p >= 0).all() & ((total - 1).abs() <= tol).all()
         if not bool(ok):
-            raise ValueError(f"probs must be finite, non-negative and sum to 1 (within {tol:.3g} for "
-                             f"{probs.dtype} rows of {p.shape[-1]}) in every row [..., V]")
-    return f
+            raise ValueError(f"probs must be finite, non-negative and sum to 1 (within {tol:.3g} for rows of "
+                             f"{p.shape[-1]}) in every row [..., V]")
+        # normalised, the floors sum to at most the spare total: no remainder is taken from the
+        # most probable symbol, so every symbol keeps at least min_freq
+        p = p / total
+    return _quantize(p, cfg)
 
 
-def _sum_tolerance(dtype: torch.dtype, V: int) -> float:
-    """How far from 1 a row of ``V`` probabilities of ``dtype`` may sum. A softmax computed in
-    float32 or better and rounded to ``dtype``: rounding each entry moves the sum by at most
-    ``eps / 2``; the softmax's own float32 accumulation and, in float16, the rounding of
-    subnormal entries add less than ``V * eps(float32)`` (measured on CPU: float32 rows of 65536
-    off by 4e-5, bfloat16 rows of 3 by 2.9e-3). Rows that are not distributions are off by far
-    more (unnormalised counts, all zeros)."""
-    return torch.finfo(dtype).eps + V * torch.finfo(torch.float32).eps
+def _sum_tolerance(V: int) -> float:
+    """How far from 1 a row of ``V`` probabilities may sum: a softmax computed in float32 or
+    better and rounded to bfloat16 (the coarsest dtype a model runs in) moves the sum by at
+    most ``eps(bfloat16) / 2``, whatever dtype the rounded rows are then passed in; the
+    softmax's own float32 accumulation and the rounding of float16 subnormals add less than
+    ``V * eps(float32)`` (measured on CPU: float32 rows of 65536 off by 4e-5, bfloat16 rows of
+    3 by 2.9e-3). Rows that are not distributions are off by far more (unnormalised counts,
+    all zeros)."""
+    return torch.finfo(torch.bfloat16).eps + V * torch.finfo(torch.float32).eps
 
 
 def _quantize(p: torch.Tensor, cfg: CoderConfig) -> torch.Tensor:

@@ -226,6 +226,16 @@ def test_quantize_probs_takes_rounded_softmax_rows():
         f = quantize_probs(q)
         assert (f.sum(-1) == 2**24).all() and (f >= 1).all()
     assert abs(float(third.bfloat16().double().sum()) - 1) > 1.5e-3
+    # low-precision rows passed in a wider dtype (a bf16 model's softmax, cast up) are as good
+    g = torch.Generator().manual_seed(0)
+    for q in (torch.softmax(torch.randn(8, 256, generator=g), -1).bfloat16().float(),
+              torch.softmax(torch.randn(8, 3, generator=g), -1).half().double(),
+              torch.full((2, 13050), 1 / 13050).bfloat16().float()):
+        f = quantize_probs(q)
+        assert (f.sum(-1) == 2**24).all() and (f >= 1).all()
+    # near-uniform bfloat16 rows off by less than the tolerance keep every symbol's floor
+    rows = torch.softmax(torch.randn(200, 13050, generator=g) * 0.01, -1).bfloat16()
+    assert (quantize_probs(rows) >= 1).all()
     with pytest.raises(ValueError, match="probs must be a tensor"):
         quantize_probs(torch.tensor(1.0))
     with pytest.raises(ValueError, match="logits must be a tensor"):
