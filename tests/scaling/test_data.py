@@ -241,8 +241,19 @@ def test_file_with_both_d_and_c_checks_that_they_agree(tmp_path):
     # C computed with k = 8: C was silently ignored.
     bad = _runs_csv(tmp_path, header="N,D,C,loss", rows=_with_c(lambda n: 8 * n * 20 * n), name="k8.csv")
     with pytest.raises(ValueError, match="k8.csv, line 2: columns D and C disagree: C / \\(N D\\) = 8, but C = k N D "
-                                         "with k = 6 \\(within 2%\\); name the column to use with d_col or c_col"):
+                                         "with k = 6 \\(within 25%\\); D is what the fit uses: pass d_col='D'"):
         load_csv(bad)
+    # compute as papers report it (Chinchilla: 5.76e23 for 70B params, 1.4T tokens, 2% below
+    # 6 N D), and a C cell left empty, are not disagreements
+    reported = _runs_csv(tmp_path, header="N,D,C,loss", rows=_with_c(lambda n: 0.98 * 6 * n * 20 * n),
+                         name="reported.csv")
+    np.testing.assert_array_equal(load_csv(reported).D, data.D)
+    text = ok.read_text().splitlines()
+    cells = text[2].split(",")
+    cells[2] = ""
+    text[2] = ",".join(cells)
+    (tmp_path / "empty_c.csv").write_text("\n".join(text) + "\n")
+    np.testing.assert_array_equal(load_csv(tmp_path / "empty_c.csv").D, data.D)
     assert load_csv(bad, k=8).k == 8.0
     # Naming the column is the caller's choice: no check.
     assert np.array_equal(load_csv(bad, d_col="D").D, data.D)
