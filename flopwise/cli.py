@@ -89,15 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.formatwarning = _cli_warning
-        if threading.current_thread() is threading.main_thread():
+        # only over Python's default (a parent may have chosen to ignore SIGTERM), and put back after
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _raise_terminated)
+            try:
+                return _main(argv)
+            finally:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     _prepare_bench(sys.argv[1:] if argv is None else list(argv))
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"flopwise: error: {exc}", file=sys.stderr)

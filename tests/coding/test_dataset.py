@@ -303,6 +303,15 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, prose):
     assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr)
     assert r.stderr.strip().endswith("flopwise: terminated")
     assert os.listdir(work) == []
+    # the handler replaces only Python's default, and is put back when the command returns
+    for before in ("SIG_DFL", "SIG_IGN"):
+        check = (f"import signal, sys\nsignal.signal(signal.SIGTERM, signal.{before})\n"
+                 "from flopwise.cli import main\n"
+                 "sys.argv = ['flopwise', 'scaling', 'optimal', '--compute', '1e21']\n"
+                 "assert main() == 0\n"
+                 f"print(signal.getsignal(signal.SIGTERM) is signal.{before})\n")
+        r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip().endswith("True"), (before, r.stdout, r.stderr)
 
 
 def test_cached_eval_of_a_model_it_cannot_cache_names_the_option(tmp_path, prose):
