@@ -56,9 +56,9 @@ FORMAT_VERSION = 1
 M1_EVAL = ("auto", "cached", "window")
 # 256 byte symbols at frequency >= 1 need 2^precision > 256
 _MIN_PRECISION = 9
-# EqualInfoAC windows: at least 16 bits (see BuildOptions), at most 8 KiB so the per-window
-# buffers stay small whatever a meta.json claims
-_MIN_WINDOW_BITS, _MAX_WINDOW_BITS = 16, 512  # EqualInfoAC's range
+# EqualInfoAC windows: at least 16 bits (see BuildOptions), at most EqualInfoAC's 512, so
+# the per-window buffers stay small whatever a meta.json claims
+_MIN_WINDOW_BITS, _MAX_WINDOW_BITS = 16, 512
 
 
 @dataclass

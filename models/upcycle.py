@@ -67,7 +67,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
                     "chat_template.jinja", "chat_template.json", "generation_config.json")
 _TOKENIZER_DIRS = ("additional_chat_templates",)
 # Licence, use policy and model card: they bind derivatives too, so they travel with the MoE.
-_TERMS_FILE = re.compile(r"(LICEN[CS]E|COPYING|NOTICE|USE_POLICY|README)([-_.][\w.-]*)?", re.IGNORECASE)
+# (Not the model card, README.md: it describes the dense model, its name and its evaluations.)
+_TERMS_FILE = re.compile(r"(LICEN[CS]E|COPYING|NOTICE|USE_POLICY)([-_.][\w.-]*)?", re.IGNORECASE)
 # The load-balancing coefficient flopwise MoE layers train with (MoEConfig.load_balance_coef):
 # a flopwise ModelConfig has no field to store another.
 _FLOPWISE_AUX_LOSS_COEF = 0.01
@@ -1267,7 +1268,9 @@ def _check_replaceable_output(dst: str, dst_folder: str) -> None:
     if changed:
         raise FileExistsError(f"{name} is an upcycle output, but {_some(changed)} "
                               f"{'was' if len(changed) == 1 else 'were'} saved or changed there since the upcycle "
-                              f"wrote it (as when a fine-tuned model is saved into the folder); {_FORCE_ADVICE}")
+                              "wrote it, or cannot be confirmed unchanged (a fine-tuned model saved into the "
+                              "folder; a copy that did not keep the files' times, such as cp -r); "
+                              f"{_FORCE_ADVICE}")
 
 
 def _trainer_state(plan: UpcyclePlan, src_folder: str) -> dict | None:

@@ -1012,20 +1012,22 @@ def test_zero_noise_is_exact(llama, tmp_path):
     assert report.verify.expected_equal and report.verify.max_abs_diff <= TOL and not report.warnings
 
 
-def test_licence_and_model_card_are_carried(llama, tmp_path):
+def test_licence_is_carried_and_the_model_card_is_not(llama, tmp_path):
     """A licence binds derivatives too: it travels with the MoE (and such an output can
-    still be replaced with force)."""
+    still be replaced with force). The dense model's card (its name, its evaluations) does not
+    describe the MoE."""
     src = tmp_path / "src"
     shutil.copytree(llama[0], src)
-    terms = {"LICENSE": "licence", "USE_POLICY.md": "policy", "README.md": "card", "NOTICE.txt": "notice"}
+    terms = {"LICENSE": "licence", "USE_POLICY.md": "policy", "NOTICE.txt": "notice"}
     for name, text in terms.items():
         (src / name).write_text(text)
     (src / "notes.txt").write_text("not carried")
+    (src / "README.md").write_text("the dense model's card")
     opts = UpcycleOptions(n_experts=2, format="mixtral")
     upcycle(str(src), str(tmp_path / "t"), opts)
     for name, text in terms.items():
         assert (tmp_path / "t" / name).read_text() == text
-    assert not (tmp_path / "t" / "notes.txt").exists()
+    assert not (tmp_path / "t" / "notes.txt").exists() and not (tmp_path / "t" / "README.md").exists()
     upcycle(str(src), str(tmp_path / "t"), opts, force=True)
 
 
