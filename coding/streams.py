@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import rangecoder as rc
-from .models import IncrementalModel, ProbabilityModel
+from .models import IncrementalModel, ProbabilityModel, StaticModel
 from .rangecoder import CoderConfig
 
 __all__ = [
@@ -146,6 +146,14 @@ class _Tables:
         V = model.vocab_size
         self.fallback = torch.full((V,), cfg.min_freq, dtype=torch.int64, device=device)
         self.fallback[0] = _max_freq(V, cfg)
+        # A StaticModel returns its one table every step: checked once here (a [V] tensor, one
+        # sync a call), not per step.
+        self.static = type(model) is StaticModel
+        if self.static:
+            f = model.freqs
+            self.static_ok = bool(((f >= cfg.min_freq) & (f <= cfg.total)).all() & (f.sum() == cfg.total))
+            if not self.static_ok:
+                self.ok.fill_(False)
 
     def next(self) -> torch.Tensor:
         f = self.ctx.frequencies(self.cfg)
@@ -154,6 +162,8 @@ class _Tables:
             got = f"{f.dtype} {tuple(f.shape)}" if isinstance(f, torch.Tensor) else type(f).__name__
             raise ValueError(f"model frequencies must be int64 [{self.batch}, {V}], got {got}")
         cfg = self.cfg
+        if self.static:
+            return f if self.static_ok else self.fallback.expand(self.batch, -1)
         # entries <= 2^precision: the row sums cannot overflow
         valid = ((f >= cfg.min_freq) & (f <= cfg.total)).all(-1) & (f.sum(-1) == cfg.total)
         self.ok &= valid.all()

@@ -171,6 +171,23 @@ def test_model_frequencies_are_checked(case):
     assert not isinstance(exc.value, CorruptStreamError)
 
 
+def test_static_model_table_is_checked_once_per_call():
+    """A StaticModel's one table is checked when the call starts, not every step; one
+    changed after it was built is refused like any other model's."""
+    from flopwise.coding.models import StaticModel
+
+    cfg = CoderConfig()
+    model = StaticModel.fit(b"abracadabra", cfg=cfg)
+    sym = torch.tensor([[97, 98, 114, 97], [99, 97, 100, 0]])
+    enc = st.encode_streams(sym, torch.tensor([4, 3]), model, cfg)
+    assert torch.equal(st.decode_streams(enc.data, enc.nbits, enc.lengths, model, cfg)[1, :3], sym[1, :3])
+    model.freqs[97] += 5  # no longer sums to the total
+    with pytest.raises(ValueError, match=r"model\.frequencies must return rows summing to 2\^precision .* StaticModel"):
+        st.encode_streams(sym, torch.tensor([4, 3]), model, cfg)
+    with pytest.raises(ValueError, match=r"model\.frequencies must return"):
+        st.decode_streams(enc.data, enc.nbits, enc.lengths, model, cfg)
+
+
 def test_equal_info_model_ignoring_min_freq_is_named():
     wb = 16
     cfg = CoderConfig(min_freq=st.equal_info_min_freq(wb, 24))
