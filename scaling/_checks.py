@@ -98,4 +98,5 @@ def _describe(value, raw: np.ndarray, odd) -> str:
 
 def _magnitude(value) -> str:
     """A number too large for float (a Python int, a Fraction) as "~1eNNN"."""
-    return f"~{'-' if value < 0 else ''}1e{len(str(abs(int(value)))) - 1}"
+    # math.log10 takes ints of any size; str() of one past 4,300 digits raises (Python's limit)
+    return f"~{'-' if value < 0 else ''}1e{int(math.log10(abs(int(value))))}"

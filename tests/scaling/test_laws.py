@@ -145,6 +145,8 @@ def test_python_ints_beyond_int64_are_accepted():
     np.testing.assert_array_equal(law.optimal([c, 10**24])[0], law.optimal([5.88e23, 1e24])[0])
     with pytest.raises(ValueError, match="compute must be finite, got ~1e400"):
         law.optimal(10**400)
+    with pytest.raises(ValueError, match="compute must be finite, got ~1e5000"):  # past str()'s 4,300 digits
+        law.optimal(10**5000)
     with pytest.raises(ValueError, match="k must be a finite number > 0, got ~1e400 \\(beyond float64's range\\)"):
         law.optimal(1e23, k=10**400)
 
