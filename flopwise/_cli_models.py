@@ -22,16 +22,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                    ("batch_size", args.batch_size), ("seq_len", args.seq_len),
                                    ("grad_accum", args.grad_accum), ("lr", args.lr),
                                    ("warmup_steps", args.warmup_steps),
-                                   ("eval_every", args.eval_every), ("save_every", args.save_every))
+                                   ("eval_every", args.eval_every), ("save_every", args.save_every),
+                                   ("time_budget_s", args.time_budget))
                  if v is not None}
     corpus = load_corpus(args.corpus)
     if args.resume:
         if args.bos is not None:
             raise ValueError("--bos applies to a new run; a resumed run keeps the checkpoint's")
+        if args.seed is not None:
+            raise ValueError("--seed applies to a new run; a resumed run keeps the checkpoint's (its data order "
+                             "and initialisation)")
         if args.config is not None:
             raise ValueError(f"CONFIG ({args.config}) applies to a new run; a resumed run keeps the checkpoint's "
                              "model (flags such as --steps or --lr change its training settings)")
+        saved = _saved_train_config(args.resume)
         trainer = Trainer.resume(args.resume, corpus, force=args.force, **overrides)
+        changed = [flag for key, flag in _SCHEDULE_FLAGS if key in overrides and overrides[key] != saved.get(key)]
+        if changed:
+            print(f"note: {', '.join(changed)} change{'s' if len(changed) == 1 else ''} the checkpoint's batches or "
+                  "learning-rate schedule: the steps from here differ from the run it would have been",
+                  file=sys.stderr)
         if trainer.step >= trainer.cfg.max_steps:
             raise ValueError(f"{args.resume} is at step {trainer.step} and max_steps is {trainer.cfg.max_steps}: "
                              f"nothing to train; pass --steps N with N > {trainer.step} to continue it")
@@ -51,30 +61,63 @@ def _cmd_train(args: argparse.Namespace) -> int:
           file=sys.stderr)
     res = trainer.fit()
     summary = {"steps": trainer.step, "val_bpb": res.val_bpb, "tokens_per_s": res.tokens_per_s, "mfu": res.mfu,
-               "seconds": res.seconds, "checkpoint": f"{trainer.cfg.out_dir}/last" if trainer.cfg.out_dir else None}
+               "seconds": res.seconds, "checkpoint": f"{trainer.cfg.out_dir}/last" if trainer.cfg.out_dir else None,
+               "stopped_early": res.stopped_early}
     print(json.dumps(summary) if args.json else
           f"step {trainer.step}: val bpb {res.val_bpb:.4f}, {res.tokens_per_s:,.0f} tok/s, MFU "
           f"{'n/a' if res.mfu is None else f'{100 * res.mfu:.1f}%'}"
-          + (f", checkpoint {summary['checkpoint']}" if summary["checkpoint"] else ""))
+          + (f", checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "")
+          + (f", stopped early on the time budget ({trainer.cfg.time_budget_s:g} s) before max_steps "
+             f"{trainer.cfg.max_steps}" if res.stopped_early else ""))
     return 0
 
 
+# Resume overrides that change what the following steps compute (the batches, the lr schedule).
+_SCHEDULE_FLAGS = (("batch_size", "--batch-size"), ("seq_len", "--seq-len"), ("grad_accum", "--grad-accum"),
+                   ("lr", "--lr"), ("warmup_steps", "--warmup-steps"), ("max_steps", "--steps"))
+
+
+def _saved_train_config(checkpoint: str) -> dict:
+    """The TrainConfig fields recorded in the checkpoint's trainer_state.json ({} when it
+    cannot be read: Trainer.resume then names the problem)."""
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("train_config")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from flopwise.models.checkpoint import load_model
     from flopwise.models.data import decode, encode
 
     from flopwise.models.train import resolve_device
 
     device = resolve_device(args.device)
+    if device.type == "meta":
+        raise ValueError("--device meta holds no values to generate with: pass cpu, cuda, ... (default auto)")
+    if not -2**63 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    if args.top_k is not None and args.temperature == 0:
+        raise ValueError("--top-k applies to sampling: pass --temperature > 0 with it (temperature 0 is greedy)")
     model = load_model(args.checkpoint, device=device)
     if model.cfg.vocab_size != 256:
         raise ValueError(f"generate encodes the prompt as bytes; the checkpoint's vocab_size is {model.cfg.vocab_size}")
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
-    ids = encode(args.prompt)[None].to(device)
+    ids = encode(args.prompt)[None]
+    bos = _run_bos(args.checkpoint)
+    if bos is not None:  # the run saw this byte before every window: its contexts start with it
+        ids = torch.cat((torch.tensor([[bos]], dtype=ids.dtype), ids), dim=1)
+    ids = ids.to(device)
     room = model.cfg.max_seq_len - ids.shape[1]
     if room < 1:
-        raise ValueError(f"prompt ({ids.shape[1]} bytes) fills the model's max_seq_len {model.cfg.max_seq_len}")
+        raise ValueError(f"prompt ({ids.shape[1]} bytes{', with the bos byte' if bos is not None else ''}) fills "
+                         f"the model's max_seq_len {model.cfg.max_seq_len}")
     n = min(args.max_new_tokens, room)
     out = model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                          use_cache=not args.no_cache)
@@ -83,6 +126,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if n < args.max_new_tokens:
         print(f"(stopped at max_seq_len {model.cfg.max_seq_len})", file=sys.stderr)
     return 0
+
+
+def _run_bos(checkpoint: str) -> int | None:
+    """The bos byte the checkpoint's run started every training window with
+    (``trainer_state.json``), or None (none recorded, or no trainer state)."""
+    from pathlib import Path
+
+    f = Path(checkpoint) / "trainer_state.json"
+    if not f.is_file():
+        return None
+    try:
+        bos = json.loads(f.read_text()).get("data", {}).get("bos")
+    except (ValueError, AttributeError):
+        raise ValueError(f"corrupt {f}: cannot read the run's bos byte (data.bos)") from None
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < 256):
+        raise ValueError(f"corrupt {f}: data.bos must be a byte 0-255 or null, got {bos!r}")
+    return bos
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -138,7 +198,10 @@ def add_parser(sub) -> None:
     t.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 50)")
     t.add_argument("--eval-every", type=int)
     t.add_argument("--save-every", type=int)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--seed", type=int, help="initialisation and data order (a new run only)")
+    t.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
+                   help="stop training after this many seconds (checked between steps; a resumed run keeps no "
+                        "earlier budget)")
     t.add_argument("--device", help="auto (default), cpu, cuda, ...")
     t.add_argument("--compile", action="store_true", help="torch.compile each block (regional compilation)")
     t.add_argument("--bos", type=int, metavar="BYTE",
@@ -148,7 +211,8 @@ def add_parser(sub) -> None:
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (KV cache)")
-    g.add_argument("checkpoint", help="checkpoint folder (config.json + model.safetensors)")
+    g.add_argument("checkpoint", help="checkpoint folder (config.json + model.safetensors); a run trained with "
+                                      "--bos gets that byte before the prompt, as in training")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=_positive_int, default=200, help="bytes to generate (default 200)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .safetensors_io import CheckpointReader, check_replaceable_folder, publish_folder, publish_mode
+from .safetensors_io import CheckpointReader, check_replaceable_folder, publish_folder, publish_mode, umask
 from .transformer import ModelConfig, Transformer
 
 __all__ = ["Checkpoint", "save_checkpoint", "check_replaceable", "load_checkpoint", "load_model", "optimizer_tensors",
-           "load_optimizer_tensors", "rng_state", "set_rng_state"]
+           "load_optimizer_tensors", "rng_state", "set_rng_state", "check_trainer_state"]
 
 FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json")
 
@@ -62,6 +62,44 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def check_trainer_state(state, where) -> None:
+    """ValueError naming ``where`` (the trainer_state.json file) unless ``state`` has what
+    :meth:`~flopwise.models.train.Trainer.resume` reads: ``step`` and ``tokens_seen``
+    (ints >= 0), ``train_config`` and ``data`` (objects, ``data.sha256`` a string) and RNG
+    states that :func:`set_rng_state` can restore (checked on fresh generators, leaving the
+    global ones alone)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"corrupt {where}: not a JSON object")
+    missing = [k for k in ("step", "tokens_seen", "rng", "data", "train_config") if k not in state]
+    if missing:
+        raise ValueError(f"corrupt {where}: missing {missing}")
+    for k in ("step", "tokens_seen"):
+        v = state[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"corrupt {where}: {k} must be an int >= 0, got {v!r}")
+    if not isinstance(state["train_config"], dict):
+        raise ValueError(f"corrupt {where}: train_config must be an object")
+    data = state["data"]
+    if not isinstance(data, dict) or not isinstance(data.get("sha256"), str):
+        raise ValueError(f"corrupt {where}: data must be an object with the corpus checksum (sha256)")
+    rng = state["rng"]
+    try:
+        if not isinstance(rng, dict):
+            raise TypeError("not an object")
+        t = _unb64(rng["torch"])
+        if t.numel() != torch.get_rng_state().numel():
+            raise ValueError(f"the torch state has {t.numel()} bytes, not {torch.get_rng_state().numel()}")
+        v, internal, gauss = rng["python"]
+        random.Random().setstate((v, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.RandomState().set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        if "cuda" in rng and not (isinstance(rng["cuda"], list) and all(isinstance(c, str) for c in rng["cuda"])):
+            raise TypeError("the cuda states must be a list of strings")
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"corrupt {where}: unusable RNG state ({what})") from None
 
 
 def set_rng_state(state: dict) -> None:
@@ -180,6 +218,10 @@ def save_checkpoint(path: str | os.PathLike, model: Transformer, optimizer: torc
                       metadata={"format": "pt", "step": str(int(opt["step"]))})
         if trainer_state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
+        # safetensors writes its files private (0600): every file gets the mode open() gives the JSONs
+        mode = 0o666 & ~umask()
+        for f in tmp.iterdir():
+            os.chmod(f, mode)
         publish_mode(str(tmp))  # mkdtemp made it private; the checkpoint gets the usual mode
         if os.path.lexists(path):
             check_replaceable(path)  # again: the folder may have changed while the files were written

@@ -473,7 +473,9 @@ def _stale_shards(folder: str, index: str) -> list[str]:
 def load_flopwise(folder: str, *, dtype=None):
     """Load a flopwise checkpoint folder (single file or sharded) into a
     :class:`~flopwise.models.Transformer`. Missing or unexpected tensors, and shapes that
-    differ from config.json's, raise ValueError."""
+    differ from config.json's, raise ValueError; so does a tensor holding inf/NaN."""
+    import torch
+
     from .transformer import Transformer
 
     mc = _flopwise_config(_load_config(folder))
@@ -490,4 +492,10 @@ def load_flopwise(folder: str, *, dtype=None):
     missing = [m for m in missing if not (mc.tie_embeddings and m == "head.weight")]
     if missing or unexpected:
         raise ValueError(f"flopwise checkpoint {folder}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    # Every stored tensor is a parameter (the RoPE tables are not saved): inf/NaN in one is
+    # damage or a diverged run, never a legitimate value.
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"flopwise checkpoint {folder}: tensor {name!r} in {reader.infos[name].file} holds "
+                             "inf/NaN (a damaged file, or weights saved after training diverged)")
     return model.to(dtype) if dtype is not None else model

@@ -49,9 +49,10 @@ import torch
 
 from flopwise._files import check_writable
 
-from .checkpoint import (check_replaceable, load_checkpoint, load_optimizer_tensors, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (check_replaceable, check_trainer_state, load_checkpoint, load_optimizer_tensors, rng_state,
+                         save_checkpoint, set_rng_state)
 from .data import ByteData, TextCorpus, TokenData, load_corpus
+from .mod import MoDBlock
 from .transformer import ModelConfig, Transformer
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "lr_at", "peak_flops", "active_params", "compile_blocks",
@@ -89,7 +90,8 @@ class TrainConfig:
         evaluation stays eager); ``True`` uses the default backend (inductor), a string
         names another backend (e.g. ``"aot_eager"``).
     time_budget_s: stop training after this many seconds (checked between steps), but not
-        before step ``min_steps``.
+        before step ``min_steps``. Both apply to the run that sets them: :meth:`Trainer.resume`
+        drops them unless passed again.
     """
 
     seq_len: int = 256
@@ -147,8 +149,17 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
-            raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0 and eps > 0")
+        for name in ("weight_decay", "grad_clip", "eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and (v > 0 if name == "eps" else v >= 0)):
+                raise ValueError(f"TrainConfig.{name} must be a finite number {'> 0' if name == 'eps' else '>= 0'}, "
+                                 f"got {v}")
+        # The data seeds one generator per (seed, step, micro-step) with
+        # (seed * 1_000_003 + step) * 1_009 + micro, which must fit the 64 bits torch takes.
+        top_seed = ((2**64 - 1 - (self.grad_accum - 1)) // 1_009 - (self.max_steps - 1)) // 1_000_003
+        if self.seed > top_seed:
+            raise ValueError(f"TrainConfig.seed must be at most {top_seed:,} (with max_steps {self.max_steps}), "
+                             f"got {self.seed}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"TrainConfig betas must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.eval_tokens is not None and (isinstance(self.eval_tokens, bool) or self.eval_tokens < 1):
@@ -556,26 +567,34 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        # Checked before the update: a non-finite loss or gradient would write NaN into the
+        # weights and moments, and the next checkpoint would keep them.
+        metrics = {k: float(v) for k, v in sums.items()}
+        grad_norm = float(norm)
+        if not (math.isfinite(metrics["total_loss"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = (f"the loss is {metrics['loss']}" if not math.isfinite(metrics["loss"]) else
+                    f"the total loss is {metrics['total_loss']}" if not math.isfinite(metrics["total_loss"]) else
+                    f"the gradient norm is {grad_norm}")
+            raise FloatingPointError(f"training diverged: {what} at step {self.step + 1} (learning rate {lr:.3g}; "
+                                     "a lower lr, --lr, usually helps); the weights were not updated")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += cfg.tokens_per_step
-        metrics = {k: float(v) for k, v in sums.items()}
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"training diverged: the loss is {metrics['loss']} at step {self.step} "
-                                     f"(learning rate {lr:.3g}; a lower lr, --lr, usually helps)")
-        return {"step": self.step, "grad_norm": float(norm), "lr": lr, **metrics}
+        return {"step": self.step, "grad_norm": grad_norm, "lr": lr, **metrics}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, max_tokens: int | None = -1, *, causal: bool = True) -> dict:
         """Validation loss over the fixed validation windows, in bits per original byte.
 
-        ``causal=True`` evaluates in ``eval()`` mode, where MoD layers route causally (the
-        way generation runs); ``causal=False`` keeps training-mode top-k routing, which
-        looks at the whole window. Expert-choice MoE layers route over the whole window in
-        either mode (expert choice has no causal form), so their score sees the future.
-        ``max_tokens=-1``: ``cfg.eval_tokens``; None: all validation tokens.
+        Runs in ``eval()`` mode (no dropout, no draws from the global RNG). ``causal=True``:
+        MoD layers route causally (the way generation runs); ``causal=False``: they use
+        their training-time top-k routing, which looks at the whole window. Expert-choice
+        MoE layers route over the whole window in either mode (expert choice has no causal
+        form), so their score sees the future. ``max_tokens``: -1 (default) for
+        ``cfg.eval_tokens``, None for all validation tokens, or an int >= 1.
 
         Returns ``{"val_loss", "val_bits_per_token", "val_bpb", "val_tokens"}`` plus
         ``mod_predictor_acc`` for MoD models: ``val_loss`` in nats per token,
@@ -587,6 +606,9 @@ class Trainer:
         ``max_tokens=None`` every window is evaluated, leaving out the first token and the
         last partial window (at most ``seq_len`` tokens).
         """
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or not (max_tokens == -1 or max_tokens >= 1)):
+            raise ValueError(f"max_tokens must be None (all), -1 (cfg.eval_tokens) or an int >= 1, got {max_tokens!r}")
         if max_tokens == -1:
             max_tokens = self.cfg.eval_tokens
         # Compiled blocks (TrainConfig.compile) serve training only: evaluation runs eager
@@ -596,7 +618,13 @@ class Trainer:
 
     def _evaluate(self, max_tokens: int | None, causal: bool) -> dict:
         was = self.model.training
-        self.model.train(not causal)
+        # Eval mode (no dropout) either way; causal=False switches only the MoD routers back
+        # to their training-time top-k routing (MoDBlock.routes_causally reads their own flag).
+        self.model.eval()
+        if not causal:
+            for mod in self.model.modules():
+                if isinstance(mod, MoDBlock):
+                    mod.training = True
         nats, n, acc, acc_n = 0.0, 0, 0.0, 0
         try:
             for x, y in self.data.eval_windows(self.cfg.seq_len, self.cfg.batch_size, max_tokens):
@@ -636,6 +664,8 @@ class Trainer:
         ``out_dir/last`` every ``save_every`` steps and at the end (when ``out_dir`` is set).
         ``callback`` gets each step's metrics."""
         cfg = self.cfg
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"steps must be None (train to max_steps) or an int >= 0, got {steps!r}")
         end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
         start_step = self.step
         if end <= self.step and steps != 0:
@@ -707,7 +737,15 @@ class Trainer:
                 "train_config": self.cfg.to_dict()}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Checkpoint to the folder ``path`` (atomic; see :mod:`flopwise.models.checkpoint`)."""
+        """Checkpoint to the folder ``path`` (atomic; see :mod:`flopwise.models.checkpoint`).
+        Weights that are not all finite are refused (FloatingPointError): a checkpoint is
+        never a diverged state."""
+        params = dict(self.model.named_parameters())
+        ok = torch.stack([torch.isfinite(p).all() for p in params.values()])
+        if not bool(ok.all()):  # one host sync
+            bad = [name for name, good in zip(params, ok.tolist()) if not good]
+            raise FloatingPointError(f"training diverged: parameter(s) {bad[:3]} hold inf/NaN at step {self.step}; "
+                                     f"not saving them to {path} (a lower lr, --lr, usually helps)")
         return save_checkpoint(path, self.model, self.optimizer, trainer_state=self.state())
 
     @classmethod
@@ -737,7 +775,14 @@ class Trainer:
         st = ck.trainer_state
         if st is None or ck.optimizer is None:
             raise ValueError(f"{path} is not a resumable checkpoint (needs trainer_state.json and optimizer.safetensors)")
-        cfg = TrainConfig.from_dict({**st["train_config"], **overrides})
+        check_trainer_state(st, Path(path) / "trainer_state.json")
+        saved_cfg = dict(st["train_config"])
+        # A time budget belongs to the call that trained under it (a timed demo run stores a
+        # few seconds): a resumed run is not capped by it unless it is passed again. It
+        # decides only where training stops, never what a step computes.
+        saved_cfg.pop("time_budget_s", None)
+        saved_cfg.pop("min_steps", None)
+        cfg = TrainConfig.from_dict({**saved_cfg, **overrides})
         if cfg.out_dir is None and "out_dir" not in overrides:
             # The run named no folder (a demo checkpoint, an upcycled one whose out_dir was
             # cleared so that it never writes over the dense run): training on without one
@@ -761,6 +806,9 @@ class Trainer:
                              f"(sha256 {st['data']['sha256'][:12]}...), not {corpus.name!r} ({corpus.sha256[:12]}...)")
         bos = st["data"].get("bos")
         seed = int(st["data"].get("seed", cfg.seed))
+        if "seed" in overrides and overrides["seed"] != seed:
+            raise ValueError(f"seed={overrides['seed']!r}: checkpoint {path} continues its run's data order "
+                             f"(seed {seed}); a resumed run cannot change it (start a new run instead)")
         if isinstance(data, TextCorpus):
             data = ByteData(data, seed=seed, bos=bos)  # the run's data order, whatever cfg.seed says
         elif data.bos != bos:

@@ -796,7 +796,8 @@ class Transformer(nn.Module):
 
         ``temperature=0``: greedy (argmax, ties to the lower id). Otherwise sample from
         ``softmax(logits / temperature)``, restricted to the ``top_k`` most likely tokens when
-        given, with a ``torch.Generator`` seeded by ``seed``. Runs in eval mode (MoD layers
+        given (``top_k`` with ``temperature=0`` is refused: greedy takes the most likely
+        one), with a ``torch.Generator`` seeded by ``seed``. Runs in eval mode (MoD layers
         route causally) and restores the previous mode. ``use_cache=False`` recomputes the
         whole sequence each step (the definition the cached path must match). Expert-choice
         MoE layers route over all tokens of a call, so they are not causal: such a model
@@ -820,8 +821,13 @@ class Transformer(nn.Module):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
+        if seed is not None and not -2**63 <= int(seed) < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64) (a torch.Generator seed), got {seed}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_k is not None and temperature == 0:
+            raise ValueError(f"top_k={top_k} applies to sampling (temperature > 0); temperature=0 is greedy "
+                             "decoding, which always takes the most likely token")
         if use_cache and self.cfg.n_mod_layers and self.cfg.mod_causal == "none":
             raise ValueError("KV-cache generation needs causal MoD routing (mod_causal 'router' or 'predictor'); "
                              "use_cache=False (flopwise generate --no-cache) reruns the whole sequence instead")
@@ -884,7 +890,15 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen) ->
     """logits ``[B, V]`` -> token ids ``[B]``."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # Shifted first, so that the most likely token scores 0 at any temperature: a tiny one
+    # then makes the others -inf (greedy among ties), never inf / inf. Below float32's
+    # smallest normal number the division runs in float64, where no positive temperature
+    # rounds to 0.
+    logits = logits.float()
+    logits = logits - logits.amax(-1, keepdim=True)
+    if temperature < torch.finfo(torch.float32).tiny:
+        logits = logits.double()
+    logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

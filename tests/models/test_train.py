@@ -341,6 +341,7 @@ def test_upcycled_checkpoint_resumes_in_its_own_folder(tmp_path, corpus):
     ("empty_optimizer", r"corrupt safetensors file .*optimizer\.safetensors"),
     ("config_d_ff", r"tensor 'layers\.0\.mlp\.w_in\.weight' has shape .*config\.json"),
     ("trainer_state", r"corrupt .*trainer_state\.json"),
+    ("nan_weight", r"tensor 'norm\.weight' in .*model\.safetensors holds inf/NaN"),
 ])
 def test_load_checkpoint_names_the_damaged_file(tmp_path, corpus, damage, pattern):
     t = Trainer(ModelConfig(**TINY), _tc(), corpus, progress=False)
@@ -356,6 +357,12 @@ def test_load_checkpoint_names_the_damaged_file(tmp_path, corpus, damage, patter
     elif damage == "config_d_ff":
         cfg = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**cfg, "d_ff": 96}))
+    elif damage == "nan_weight":
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(path / "model.safetensors")
+        sd["norm.weight"][1] = float("nan")
+        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
     else:
         (path / "trainer_state.json").write_text("{")
     with pytest.raises(ValueError, match=pattern):
@@ -626,6 +633,8 @@ def test_final_eval_names_its_routing(corpus, capsys, kw, label):
 @pytest.mark.parametrize("field, value, exc", [
     ("lr", "0.1", TypeError), ("time_budget_s", "5", TypeError), ("eval_tokens", 4096.0, TypeError),
     ("compile", "false", ValueError), ("beta1", float("nan"), ValueError), ("out_dir", 3, TypeError),
+    ("weight_decay", float("inf"), ValueError), ("eps", float("inf"), ValueError),
+    ("grad_clip", float("inf"), ValueError), ("seed", 10**10 * 2, ValueError),
 ])
 def test_train_config_names_bad_fields(field, value, exc):
     with pytest.raises(exc, match=f"TrainConfig.{field}"):
@@ -723,3 +732,173 @@ def test_cli_interrupt_and_warnings_are_one_line(tmp_path, monkeypatch, capsys):
     warn = [ln for ln in r.stderr.splitlines() if "warmup_steps (5)" in ln]
     assert warn and all(ln.startswith("flopwise: warning: ") for ln in warn), r.stderr
     assert "UserWarning" not in r.stderr and ".py:" not in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------ divergence, resume settings, evaluation
+def test_divergence_stops_before_the_update_and_keeps_a_finite_checkpoint(tmp_path, corpus):
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=30, lr=1e4, warmup_steps=1, save_every=1, out_dir=str(tmp_path)),
+                corpus, progress=False)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        t.fit()
+    assert all(bool(torch.isfinite(p).all()) for p in t.model.parameters())  # never stepped on inf/NaN
+    for st in t.optimizer.state.values():
+        assert all(bool(torch.isfinite(v).all()) for v in st.values())
+    saved = load_model(tmp_path / "last")
+    assert all(bool(torch.isfinite(p).all()) for p in saved.parameters())
+    # and nothing saves weights that are not finite
+    with torch.no_grad():
+        next(t.model.parameters())[0].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="inf/NaN"):
+        t.save(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_resume_drops_the_time_budget_unless_passed(tmp_path, corpus):
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=2, time_budget_s=1e-9, min_steps=2), corpus, progress=False)
+    t.fit()
+    t.save(tmp_path / "ck")
+    r = Trainer.resume(tmp_path / "ck", corpus, progress=False, max_steps=4, out_dir=None)
+    assert r.cfg.time_budget_s is None and r.cfg.min_steps == 0
+    res = r.fit()
+    assert res.steps == 2 and not res.stopped_early
+    r = Trainer.resume(tmp_path / "ck", corpus, progress=False, max_steps=4, out_dir=None, time_budget_s=1e-9)
+    res = r.fit()
+    assert res.steps == 0 and res.stopped_early
+
+
+def test_cli_resume_time_budget_and_seed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLOPWISE_DATA", str(tmp_path / "nodata"))
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": TINY, "train": {"seq_len": 32, "batch_size": 2, "max_steps": 2,
+                                                       "eval_tokens": 64, "warmup_steps": 1, "time_budget_s": 1e-9,
+                                                       "min_steps": 2}}))
+    summary = json.loads(_cli(["train", str(cfg), "--out", str(tmp_path / "run"), "--json"]).splitlines()[-1])
+    assert summary["steps"] == 2 and summary["stopped_early"] is False
+    last = str(tmp_path / "run" / "last")
+    summary = json.loads(_cli(["train", "--resume", last, "--steps", "3", "--json"]).splitlines()[-1])
+    assert summary["steps"] == 3 and summary["stopped_early"] is False  # the old budget does not cap it
+    summary = json.loads(_cli(["train", "--resume", last, "--steps", "6", "--time-budget", "1e-9",
+                               "--json"]).splitlines()[-1])
+    assert summary["steps"] == 3 and summary["stopped_early"] is True
+    text = _cli(["train", "--resume", last, "--steps", "6", "--time-budget", "1e-9"])
+    assert "stopped early on the time budget" in text
+    # a seed cannot change a resumed run's data order: refused, not silently ignored
+    assert _main(["train", "--resume", last, "--steps", "6", "--seed", "5"]) == 2
+    assert "--seed applies to a new run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seed=5"):
+        Trainer.resume(last, load_corpus("embedded"), progress=False, seed=5)
+
+
+def test_noncausal_evaluate_has_no_dropout_and_keeps_the_rng(corpus):
+    t = Trainer(ModelConfig(**TINY, routing="every_other", dropout=0.3), _tc(max_steps=2, eval_tokens=256),
+                corpus, progress=False)
+    t.fit()
+    s0 = torch.get_rng_state()
+    vals = [t.evaluate(causal=False)["val_bpb"] for _ in range(3)]
+    assert vals[0] == vals[1] == vals[2]
+    assert torch.equal(s0, torch.get_rng_state())
+    assert t.evaluate(causal=False)["val_bpb"] != t.evaluate()["val_bpb"]  # still top-k routing, not causal
+    t.model.train()
+    t.evaluate(causal=False)
+    assert t.model.training and all(m.training for m in t.model.modules())  # mode restored
+
+
+def test_largest_seed_accepted_seeds_every_batch(corpus):
+    top = ((2**64 - 1 - 2) // 1_009 - 4) // 1_000_003
+    cfg = TrainConfig(seed=top, max_steps=5, grad_accum=3)
+    with pytest.raises(ValueError, match="TrainConfig.seed must be at most"):
+        TrainConfig(seed=top + 1, max_steps=5, grad_accum=3)
+    x, _ = ByteData(corpus, seed=cfg.seed).batch(cfg.max_steps - 1, cfg.grad_accum - 1, 2, 16)
+    assert x.shape == (2, 16)
+
+
+@pytest.mark.parametrize("call", [dict(steps=2.5), dict(steps=True), dict(steps=-1), dict(steps="3")])
+def test_fit_refuses_bad_steps(corpus, call):
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=4), corpus, progress=False)
+    with pytest.raises(ValueError, match="steps must be"):
+        t.fit(**call)
+    assert t.step == 0
+
+
+@pytest.mark.parametrize("max_tokens", [-5, 0, 2.5, True])
+def test_evaluate_refuses_bad_max_tokens(corpus, max_tokens):
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=4), corpus, progress=False)
+    with pytest.raises(ValueError, match="max_tokens must be"):
+        t.evaluate(max_tokens)
+
+
+def test_generate_cli_starts_from_the_runs_bos_and_refuses_bad_options(tmp_path, corpus, monkeypatch, capsys):
+    from flopwise.models import Transformer
+
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=1, warmup_steps=1), ByteData(corpus, bos=0), progress=False)
+    t.fit()
+    t.save(tmp_path / "ck")
+    seen = []
+    generate = Transformer.generate
+
+    def spy(self, prompt, *a, **k):
+        seen.append(prompt.clone())
+        return generate(self, prompt, *a, **k)
+
+    monkeypatch.setattr(Transformer, "generate", spy)
+    text = _cli(["generate", str(tmp_path / "ck"), "--prompt", "The", "--max-new-tokens", "5"])
+    assert seen[-1].tolist() == [[0, *b"The"]]                  # the run's bos byte first, as in training
+    expect = decode(generate(t.model.eval(), seen[-1], 5)[0, 4:])
+    assert text == "The" + expect + "\n"                          # and not printed
+    # without trainer state (no bos recorded), the prompt alone
+    (tmp_path / "ck" / "trainer_state.json").unlink()
+    _cli(["generate", str(tmp_path / "ck"), "--prompt", "The", "--max-new-tokens", "2"])
+    assert seen[-1].tolist() == [list(b"The")]
+    for argv, msg in ((["--top-k", "5"], "--top-k applies to sampling"),
+                      (["--device", "meta"], "--device meta"),
+                      (["--seed", str(2**64)], "--seed must be in")):
+        assert _main(["generate", str(tmp_path / "ck"), "--prompt", "a", *argv]) == 2
+        assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (lambda d: d.pop("train_config"), r"missing \['train_config'\]"),
+    (lambda d: d.pop("rng"), r"missing \['rng'\]"),
+    (lambda d: d["rng"].__setitem__("torch", "AAAA"), "unusable RNG state"),
+    (lambda d: d["rng"].pop("numpy"), "unusable RNG state"),
+    (lambda d: d.__setitem__("step", -5), "step must be an int >= 0"),
+    (lambda d: d.__setitem__("data", []), "data must be an object"),
+])
+def test_resume_names_a_corrupt_trainer_state(tmp_path, corpus, damage, pattern):
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=1, warmup_steps=1), corpus, progress=False)
+    t.train_step()
+    t.save(tmp_path / "ck")
+    f = tmp_path / "ck" / "trainer_state.json"
+    d = json.loads(f.read_text())
+    damage(d)
+    f.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=pattern) as info:
+        Trainer.resume(tmp_path / "ck", corpus, progress=False, out_dir=None)
+    assert "trainer_state.json" in str(info.value)
+
+
+def test_checkpoint_files_get_the_usual_mode(tmp_path, corpus):
+    old = os.umask(0o027)
+    try:
+        t = Trainer(ModelConfig(**TINY), _tc(max_steps=1, warmup_steps=1), corpus, progress=False)
+        t.save(tmp_path / "ck")
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ck").iterdir()}
+    assert set(modes) == {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"}
+    assert set(modes.values()) == {0o640}, modes
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o750
+
+
+def test_cli_resume_names_overrides_that_change_the_schedule(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLOPWISE_DATA", str(tmp_path / "nodata"))
+    base = ["--corpus", "embedded", "--seq-len", "32", "--batch-size", "2", "--warmup-steps", "1"]
+    assert _main(["train", "tiny", *base, "--steps", "2", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    last = str(tmp_path / "run" / "last")
+    assert _main(["train", "--resume", last, "--corpus", "embedded", "--steps", "3", "--lr", "1e-3",
+                  "--batch-size", "2"]) == 0
+    notes = [s for s in capsys.readouterr().err.splitlines() if s.startswith("note:")]
+    assert len(notes) == 1 and "--lr, --steps change the checkpoint's batches" in notes[0]  # not --batch-size: same
+    assert _main(["train", "--resume", last, "--corpus", "embedded", "--steps", "4", "--eval-every", "0"]) == 0
+    assert "note:" in capsys.readouterr().err  # --steps: the cosine ends elsewhere

@@ -262,6 +262,14 @@ def test_generation_cache_equals_recompute_dense():
     import numpy as np
 
     assert torch.equal(model.generate(prompt, 10, temperature=np.float32(1.0), seed=np.int64(7)), s1)
+    # top_k only applies to sampling: with greedy decoding it is refused, not ignored
+    with pytest.raises(ValueError, match="top_k=5 applies to sampling"):
+        model.generate(prompt, 1, top_k=5)
+    with pytest.raises(ValueError, match="seed must be in"):
+        model.generate(prompt, 1, temperature=1.0, seed=2**64)
+    # a tiny temperature is greedy, never inf / inf
+    for t in (1e-38, 1e-46, 5e-324):
+        assert torch.equal(model.generate(prompt, 10, temperature=t, seed=0), greedy), t
 
 
 @pytest.mark.parametrize("kw", [{}, {"mod": "every_other"}, {"mlp": "moe"}, {"mod": "every_other", "mlp": "moe"}],
