@@ -220,12 +220,16 @@ def test_a_provider_cannot_match_on_a_stale_output():
 def test_check_calls_are_poisoned_and_timed_calls_are_not(monkeypatch):
     monkeypatch.setattr(_dispatch, "POISON", False)  # as in a user's run (the tests set FLOPWISE_POISON=1)
     x = torch.arange(10.0)
+    # per call: whether outputs were being poisoned (the flag, not the memory: an unpoisoned
+    # torch.empty may reuse the block of a NaN-filled output just freed) and whether this one was
     poisoned = {"torch": [], "triton": []}
+    nan = {"torch": [], "triton": []}
 
     def op(name, rows):
         def fn():
             out = _dispatch.new_output((10,), dtype=torch.float32, device="cpu")
-            poisoned[name].append(bool(torch.isnan(out).all()))
+            poisoned[name].append(_dispatch.POISON)
+            nan[name].append(bool(torch.isnan(out).all()))
             out[:rows] = x[:rows] * 2
             return out
         return fn
@@ -238,8 +242,8 @@ def test_check_calls_are_poisoned_and_timed_calls_are_not(monkeypatch):
                            "triton": op("triton", 5)})  # triton skips the last five rows
     rows = {r.provider: r for r in run_case(case, gpu=False, budget_ms=1)}
     assert rows["triton-interp"].status == "WRONG (values differ)"
-    assert poisoned["triton"] == [True]
-    assert rows["torch"].status == "ok" and poisoned["torch"][0] and len(poisoned["torch"]) >= 4
+    assert poisoned["triton"] == [True] and nan["triton"] == [True]
+    assert rows["torch"].status == "ok" and poisoned["torch"][0] and nan["torch"][0] and len(poisoned["torch"]) >= 4
     assert not any(poisoned["torch"][1:])  # timed calls: no NaN fill
     assert _dispatch.POISON is False  # restored, after a crashing provider too
 
