@@ -56,9 +56,7 @@ def _check_common(token_bits: int, chunk_bytes: int) -> None:
         raise ValueError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
 
 
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+_check_count = st._check_count
 
 
 def _check_data(data) -> bytes:

@@ -552,16 +552,8 @@ class _Producer:
 
     def _matrix_stats(self) -> tuple[float, float]:
         """Mean and std of the whole original matrix, accumulated in float64 by rows."""
-        if self._stats is None:
-            W = self._matrix
-            s = s2 = 0.0
-            for a in range(0, W.shape[0], 1024):
-                blk = W[a:a + 1024].double()
-                s += float(blk.sum())
-                s2 += float(blk.square().sum())
-            n = W.numel()
-            mean = s / n
-            self._stats = (mean, math.sqrt(max(s2 / n - mean * mean, 0.0)))
+        if self._stats is None:  # the statistics --verify checks the experts against
+            self._stats = _mean_std(self._matrix)
         return self._stats
 
     def _dropped(self, layer: int, e: int, Fe: int) -> torch.Tensor:
