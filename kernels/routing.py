@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import HAS_TRITON, autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
+from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
 from ._launch import launch
 
 if HAS_TRITON:
@@ -54,6 +54,8 @@ __all__ = [
     "mod_select_reference",
     "mod_capacity",
     "plan_from_counts",
+    "plan_from_topk",
+    "plan_from_topk_reference",
     "topk_rows",
     "topk_rows_reference",
 ]
@@ -180,6 +182,29 @@ if HAS_TRITON:
         tl.store(ids_ptr + out, ids, mask=kmask)
         tl.store(w_ptr + out, w, mask=kmask)
         tl.store(tile_counts_ptr + pid * E + cols, counts, mask=cmask)
+
+    @triton.jit
+    def _plan_from_topk_fwd_kernel(
+        ids_ptr, T, E, K, ids32_ptr, tile_counts_ptr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        """One tile of BLOCK_T tokens of caller-given choices ``ids [T, K]`` (int32 or
+        int64): an int32 copy with every id clamped into [0, E) (an id out of range, which
+        the public function's device-side assertion reports, then never sends the scan or
+        the scatter out of bounds) and the tile's histogram of experts, as
+        ``_topk_route_fwd_kernel`` writes it."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_E)
+        rmask = rows < T
+        counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for j in range(K):
+            pj = rows.to(tl.int64) * K + j
+            e = tl.load(ids_ptr + pj, mask=rmask, other=0)
+            e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int32)  # clamp in the ids' own width
+            tl.store(ids32_ptr + pj, e, mask=rmask)
+            counts += tl.sum(((cols[None, :] == e[:, None]) & rmask[:, None]).to(tl.int32), 0)
+        tl.store(tile_counts_ptr + pid * E + cols, counts, mask=cols < E)
 
     @triton.jit
     def _route_scan_kernel(
@@ -641,6 +666,69 @@ def plan_from_counts(token_idx: torch.Tensor, weights: torch.Tensor, counts: tor
     )
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _validate_plan_from_topk(topk_ids, topk_weights, num_experts, block_m) -> tuple[int, int, int, int]:
+    """Checks shared by :func:`plan_from_topk` and its reference; returns ``T, K, E, block_m``.
+    Ids outside ``[0, E)`` are checked on the device (``torch._assert_async``): no host sync."""
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be an int32 or int64 tensor of expert ids, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape [T, K] (2 dims), got {tuple(t.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids and topk_weights must have the same shape [T, K], got {tuple(topk_ids.shape)} "
+                         f"and {tuple(topk_weights.shape)}")
+    if topk_ids.device != topk_weights.device:
+        raise ValueError(f"topk_ids and topk_weights must be on one device, got {topk_ids.device} and "
+                         f"{topk_weights.device}")
+    E = _check_int(num_experts, "num_experts", 1, _INT32_MAX)
+    block_m = _check_block_m(block_m)
+    T, K = topk_ids.shape
+    if T == 0:  # as topk_route
+        raise ValueError("topk_ids has T = 0 tokens; routing needs at least one")
+    if not 1 <= K <= E:
+        raise ValueError(f"topk_ids has K = {K} choices per token; K must be in [1, num_experts = {E}]")
+    if T * K > _INT32_MAX:
+        raise ValueError(f"topk_ids has T * K = {T * K} pairs; the plan's int32 rows hold at most {_INT32_MAX}")
+    # the ids become row and histogram addresses; both paths also clamp them, so a bad id
+    # never reads or writes out of bounds before this (asynchronous on CUDA) check reports it
+    torch._assert_async(((topk_ids >= 0) & (topk_ids < E)).all(),
+                        f"plan_from_topk: topk_ids must lie in [0, num_experts = {E})")
+    return T, K, E, block_m
+
+
+def plan_from_topk_reference(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, *,
+                             block_m: int = 64) -> RoutingPlan:
+    """Plain-PyTorch :func:`plan_from_topk`; the definition its kernel path must match."""
+    T, K, E, block_m = _validate_plan_from_topk(topk_ids, topk_weights, num_experts, block_m)
+    return _plan_from_topk_reference(topk_ids, topk_weights, E, block_m)
+
+
+def _plan_from_topk_reference(topk_ids, topk_weights, E: int, block_m: int) -> RoutingPlan:
+    T, K = topk_ids.shape
+    ids = topk_ids.long().clamp(0, E - 1)  # as the kernel (the assertion reports ids out of range)
+    w = topk_weights.to(acc_dtype(topk_weights)).contiguous()
+    flat = ids.reshape(-1)
+    pair = torch.sort(flat, stable=True).indices  # by expert, then by pair index t*K + k
+    inverse = torch.empty_like(pair).scatter_(0, pair, torch.arange(pair.numel(), device=pair.device))
+    counts = torch.bincount(flat, minlength=E)
+    counts, offsets, padded, block_expert, block_row = _block_map_reference(counts, T * K, block_m)
+    i32 = torch.int32
+    return RoutingPlan(
+        token_idx=(pair // K).to(i32), weights=w.reshape(-1)[pair], expert_counts=counts,
+        expert_offsets=offsets, padded_offsets=padded, block_expert=block_expert, block_row=block_row,
+        num_tokens=T, num_experts=E, block_m=block_m, top_k=K, topk_ids=ids.to(i32), topk_weights=w,
+        pair_idx=pair.to(i32), inverse=inverse.to(i32),
+    )
+
+
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
     """Tokens per expert, ``C = ceil(T * capacity_factor / E)``, clamped to ``[1, T]``."""
     return max(1, min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts)))
@@ -725,11 +813,30 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
         SCORE=score, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
         BLOCK_K=next_pow2(k), num_warps=4,
     )
+    sorted_w = _scan_and_scatter(ids, w, tile_counts, counts, offsets, padded, block_expert, block_row, token_idx,
+                                 pair, inverse, BLOCK_T, block_m)
+    # float outputs first (opcheck's aot check sums outputs into the first one's dtype)
+    return w, sorted_w, ids, token_idx, pair, inverse, counts, offsets, padded, block_expert, block_row
+
+
+def _scan_and_scatter(ids, w, tile_counts, counts, offsets, padded, block_expert, block_row, token_idx, pair,
+                      inverse, BLOCK_T: int, block_m: int) -> torch.Tensor:
+    """The launches every token-choice plan shares once ``ids [T, K]`` (int32, in [0, E)),
+    their float32 weights and the per-tile histograms ``tile_counts [n_tiles, E]`` of tiles of
+    BLOCK_T tokens exist: the scan (counts, offsets, per-tile shifts) and the scatter (sorted
+    rows, pair/inverse permutations, block map). Writes the given outputs; returns the
+    expert-sorted weights."""
+    T, k = ids.shape
+    E = counts.shape[0]
+    n_tiles = tile_counts.shape[0]
+    N = T * k
+    nb = block_expert.shape[0]
+    BLOCK_E = next_pow2(E)
     launch(_route_scan_kernel, (1,),
         tile_counts, n_tiles, E, counts, offsets, padded,
         BLOCK_E=BLOCK_E, BLOCK_TILES=max(1, min(64, 4096 // BLOCK_E)), BLOCK_M=block_m, num_warps=4,
     )
-    sorted_w = new_output((N,), dtype=torch.float32, device=dev)
+    sorted_w = new_output((N,), dtype=torch.float32, device=ids.device)
     pairs_per_tile = BLOCK_T * k
     blocks_per_prog = cdiv(nb, n_tiles)
     launch(_route_scatter_kernel, (n_tiles,),
@@ -738,8 +845,29 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
         BLOCK_N=next_pow2(pairs_per_tile), BLOCK_E=BLOCK_E, BLOCK_M=block_m,
         BLOCK_B=max(16, min(next_pow2(blocks_per_prog), 8192 // BLOCK_E)), num_warps=4,
     )
-    # float outputs first (opcheck's aot check sums outputs into the first one's dtype)
-    return w, sorted_w, ids, token_idx, pair, inverse, counts, offsets, padded, block_expert, block_row
+    return sorted_w
+
+
+def _plan_from_topk_fwd(ids: torch.Tensor, w: torch.Tensor, num_experts: int, block_m: int, pack: bool = False):
+    """Kernel path of :func:`plan_from_topk`: ``ids [T, K]`` int32/int64, ``w [T, K]`` float32.
+    Per-tile histograms of the given ids, then the scan and scatter ``topk_route`` uses."""
+    ids = ids.contiguous()
+    w = w.contiguous()
+    T, k = ids.shape
+    E = num_experts
+    dev = ids.device
+    BLOCK_T = _tile_tokens(E, k)  # same tiles as topk_route: the scatter's pairs_per_tile follows them
+    n_tiles = cdiv(T, BLOCK_T)
+    N = T * k
+    nb = _max_blocks(N, E, block_m)
+    ids32, tile_counts, counts, offsets, padded, block_expert, block_row, token_idx, pair, inverse = _int_outputs(
+        [(T, k), (n_tiles, E), (E,), (E + 1,), (E + 1,), (nb,), (nb,), (N,), (N,), (N,)], dev, pack)
+    launch(_plan_from_topk_fwd_kernel, (n_tiles,),
+        ids, T, E, k, ids32, tile_counts, BLOCK_T=BLOCK_T, BLOCK_E=next_pow2(E), num_warps=4,
+    )
+    sorted_w = _scan_and_scatter(ids32, w, tile_counts, counts, offsets, padded, block_expert, block_row,
+                                 token_idx, pair, inverse, BLOCK_T, block_m)
+    return sorted_w, ids32, token_idx, pair, inverse, counts, offsets, padded, block_expert, block_row
 
 
 def _topk_route_bwd(logits, ids, inverse, g_topk, g_sorted, score: int, renormalize: bool):
@@ -926,6 +1054,41 @@ def _topk_rows_backward(ctx, g_val, g_idx):
 
 
 
+@torch.library.custom_op("flopwise::plan_from_topk", mutates_args=())
+def _plan_from_topk_op(topk_ids: torch.Tensor, weights: torch.Tensor, num_experts: int, block_m: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _plan_from_topk_fwd(topk_ids, weights, num_experts, block_m)
+
+
+@_plan_from_topk_op.register_fake
+def _(topk_ids, weights, num_experts, block_m):
+    T, k = topk_ids.shape
+    E = num_experts
+    N = T * k
+    nb = _max_blocks(N, E, block_m)
+    i32 = torch.int32
+    e = weights.new_empty
+    return (e((N,), dtype=torch.float32), e((T, k), dtype=i32), e((N,), dtype=i32), e((N,), dtype=i32),
+            e((N,), dtype=i32), e((E,), dtype=i32), e((E + 1,), dtype=i32), e((E + 1,), dtype=i32),
+            e((nb,), dtype=i32), e((nb,), dtype=i32))
+
+
+def _plan_from_topk_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[4])  # inverse: flat pair -> sorted row
+    ctx.shape = inputs[1].shape
+
+
+def _plan_from_topk_backward(ctx, g_sorted, *rest):
+    """The sorted weights are ``w.flatten()[pair_idx]``, a permutation: each pair's gradient
+    is its sorted row's, read back through ``inverse``. A gather, so deterministic (no
+    scatter-add)."""
+    (inverse,) = ctx.saved_tensors
+    if g_sorted is None:
+        return None, None, None, None
+    return None, g_sorted.index_select(0, inverse).view(ctx.shape), None, None
+
+
 # Autograd for the three custom ops, and their eager twins: the same kernels and formulas
 # without the dispatcher's host cost (see ``_dispatch.traced``); the public functions pick
 # one per call.
@@ -933,10 +1096,16 @@ def _topk_route_fwd_packed(logits, k: int, score: int, renormalize: bool, block_
     return _topk_route_fwd(logits, k, score, renormalize, block_m, pack=True)
 
 
+def _plan_from_topk_fwd_packed(topk_ids, weights, num_experts: int, block_m: int):
+    return _plan_from_topk_fwd(topk_ids, weights, num_experts, block_m, pack=True)
+
+
 _TopkRouteFunction = autograd_twin(_topk_route_op, "TopkRouteFunction", _topk_route_fwd_packed, _topk_route_setup,
                                    _topk_route_backward, bwd_impl=_topk_route_bwd, bwd_op=_topk_route_bwd_op)
 _ExpertChoiceFunction = autograd_twin(_expert_choice_op, "ExpertChoiceFunction", _expert_choice_fwd,
                                       _expert_choice_setup, _expert_choice_backward)
+_PlanFromTopkFunction = autograd_twin(_plan_from_topk_op, "PlanFromTopkFunction", _plan_from_topk_fwd_packed,
+                                      _plan_from_topk_setup, _plan_from_topk_backward)
 _TopkRowsFunction = autograd_twin(_topk_rows_op, "TopkRowsFunction", _topk_rows_impl, _topk_rows_setup,
                                   _topk_rows_backward)
 
@@ -1013,6 +1182,56 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
         token_idx=tok, weights=sw, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
         block_expert=bexp, block_row=brow, num_tokens=T, num_experts=E, block_m=block_m, top_k=k,
         topk_ids=ids, topk_weights=w, pair_idx=pair, inverse=inv,
+    )
+
+
+def plan_from_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, *,
+                   block_m: int = 64) -> RoutingPlan:
+    """The token-choice :class:`RoutingPlan` of top-k choices the caller already made (e.g. a
+    Hugging Face router's ``top_k_index`` and ``top_k_weights``), as :func:`topk_route` builds it.
+
+    Args:
+        topk_ids: ``[T, K]`` int32 or int64 expert ids, each in ``[0, num_experts)``;
+            ``1 <= K <= num_experts``, ``T >= 1`` (as :func:`topk_route`, which refuses T = 0).
+        topk_weights: ``[T, K]`` combine weights (fp32, bf16, fp16; float64 runs the reference
+            and keeps float64), used as given: no softmax, no renormalisation.
+        num_experts: E, ``>= 1``.
+        block_m: rows per block of the grouped matmul that will consume the plan (power of two).
+
+    Returns a :class:`RoutingPlan` with ``N = T * K`` rows in :func:`topk_route`'s order:
+    expert-major, then token, then slot (stable). ``plan.topk_ids`` is the ids as int32,
+    ``plan.topk_weights`` the weights as float32 (float64 stays; the caller's tensor itself when it
+    is already float32 and contiguous); ``plan.weights`` (sorted) and ``plan.topk_weights`` carry
+    gradients to ``topk_weights`` (the sorted one's backward is a gather through
+    ``plan.inverse``: deterministic). The ids get none.
+
+    * Duplicate ids within a token's row are allowed: the token gets one row per slot for
+      that expert (slot order), each with its own weight, and the plan stays a permutation.
+    * Ids outside ``[0, E)`` fail a device-side assertion (``torch._assert_async``: raised at
+      once on the CPU; on CUDA reported asynchronously as a device-side assert, after which the
+      process's CUDA context is unusable). Until it is reported, every backend clamps them into
+      ``[0, E)``, so no kernel reads or writes out of bounds.
+
+    No host synchronisation on the kernel path (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+
+    Example::
+
+        logits = hf_router(x)                                   # [T, E]
+        w, ids = torch.topk(logits.softmax(-1), k=2)            # the model's own choice
+        plan = plan_from_topk(ids, w / w.sum(-1, keepdim=True), logits.shape[1])
+        rows = x[plan.token_idx]                                # [T*2, D], expert-sorted
+    """
+    T, K, E, block_m = _validate_plan_from_topk(topk_ids, topk_weights, num_experts, block_m)
+    if not use_triton(topk_weights, topk_ids, op="plan_from_topk"):  # float64 weights: the reference
+        return _plan_from_topk_reference(topk_ids, topk_weights, E, block_m)
+    w = topk_weights.to(torch.float32).contiguous()
+    ids = topk_ids.contiguous()
+    op = _plan_from_topk_op if traced(ids, w) else _PlanFromTopkFunction.apply
+    sw, ids32, tok, pair, inv, counts, offsets, padded, bexp, brow = op(ids, w, E, block_m)
+    return RoutingPlan(
+        token_idx=tok, weights=sw, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
+        block_expert=bexp, block_row=brow, num_tokens=T, num_experts=E, block_m=block_m, top_k=K,
+        topk_ids=ids32, topk_weights=w, pair_idx=pair, inverse=inv,
     )
 
 
