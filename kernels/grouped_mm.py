@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from . import _tune
 from ._tune import OutOfResources
-from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, backend, cdiv, new_output, next_pow2, traced
+from ._dispatch import POISON, HAS_TRITON, acc_dtype, autograd_twin, backend, cdiv, new_output, next_pow2, traced
 from ._launch import launch
 from .routing import RoutingPlan
 
@@ -292,7 +292,7 @@ if HAS_TRITON:
     def _grouped_mm_dw_kernel(
         a_ptr, a_idx_ptr, stride_am,
         g_ptr, g2_ptr, g_idx_ptr, stride_gm,
-        dw_ptr, dw2_ptr, stride_de, stride_dk,
+        dw_ptr, dw2_ptr, stride_de, stride_dk, stride_dn,
         offsets_ptr, K, N,
         GATHER_A: tl.constexpr, GATHER_G: tl.constexpr, DUAL_G: tl.constexpr,
         PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
@@ -302,7 +302,9 @@ if HAS_TRITON:
 
         A rows: ``a[tok[r]]`` (GATHER_A) or ``a[r]``; G rows: ``g[tok[r]]`` (GATHER_G) or
         ``g[r]``; DUAL_G: a second output from G2 with the same A (gate and up share the x
-        tile). Both operands go from memory to the tensor cores unchanged: an operand computed
+        tile). dW and dW2 share their strides (``stride_dn`` is 1 for the usual ``[E, K, N]``
+        layout; a weight stored ``[E, N, K]``, as ``nn.Linear`` stores it, gets its gradient
+        in that layout). Both operands go from memory to the tensor cores unchanged: an operand computed
         in registers (say h = silu(g) * u) would cost more ALU time per step than the MMA."""
         e = tl.program_id(1)
         pid_k, pid_n = _swizzle(tl.program_id(0), tl.cdiv(K, BLOCK_K), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -333,7 +335,7 @@ if HAS_TRITON:
             if DUAL_G:
                 g2 = tl.load(g2_ptr + rows.to(tl.int64)[:, None] * stride_gm + ns[None, :], mask=gm, other=0.0)
                 acc2 = _dot(a, g2, acc2, PRECISION, DOT_F32)
-        out = e.to(tl.int64) * stride_de + ks[:, None] * stride_dk + ns[None, :]
+        out = e.to(tl.int64) * stride_de + ks[:, None] * stride_dk + ns[None, :] * stride_dn
         m = kmask[:, None] & nmask[None, :]
         tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=m)
         if DUAL_G:
@@ -688,6 +690,8 @@ def _combine_rows(rows: torch.Tensor, weights, token_idx: torch.Tensor, T: int, 
 
 def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, g2=None, dw2=None):
     E, K, N = dw.shape
+    if dw2 is not None and dw2.stride() != dw.stride():
+        raise AssertionError("dw and dw2 must share their strides")  # (the callers allocate them so)
     gather = gather_a or gather_g
     default = _dw_tiles(K, N, a.dtype, dual=g2 is not None, gather=gather)
     consts = dict(GATHER_A=gather_a, GATHER_G=gather_g, DUAL_G=g2 is not None,
@@ -699,13 +703,13 @@ def _launch_dw(a, plan: RoutingPlan, g, dw, *, gather_a: bool, gather_g: bool, g
         launch(_grouped_mm_dw_kernel, (cdiv(K, cfg["BLOCK_K"]) * cdiv(N, cfg["BLOCK_N"]), E),
             a, plan.token_idx, a.stride(0),
             g, dw if g2 is None else g2, plan.token_idx, g.stride(0),
-            dw, dw if dw2 is None else dw2, dw.stride(0), dw.stride(1),
+            dw, dw if dw2 is None else dw2, dw.stride(0), dw.stride(1), dw.stride(2),
             plan.expert_offsets, K, N, **consts, **cfg, num_warps=warps, num_stages=stages,
         )
 
     # every program stores its own tile of dW: candidates may write the real outputs
     key = ("dw", _tune.device_name(a.device), a.dtype, gather_a, gather_g, g2 is not None, K, N, E,
-           next_pow2(plan.num_rows))
+           next_pow2(plan.num_rows), dw.stride(2) == 1)
     _launch_tuned(key, default, lambda: _dw_candidates(default, K, N, gather), run, run, a.device)
 
 
@@ -738,6 +742,61 @@ def tuned_tiles() -> list[dict]:
     return out
 
 
+def _as_b(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The operand ``B`` (logical ``[E, K, N]``) as the row launches read it, without a copy
+    where its storage allows: ``(w, False)`` when N is its unit-stride dimension, ``(w^T,
+    True)`` (the ``[E, N, K]`` storage, read transposed) when K is, as for a transposed view
+    of a weight stored like ``nn.Linear``'s; otherwise a contiguous copy."""
+    if w.stride(2) == 1 or w.shape[2] <= 1:
+        return w, False
+    if w.stride(1) == 1 or w.shape[1] <= 1:
+        return w.transpose(1, 2), True
+    return w.contiguous(), False
+
+
+def _as_b_pair(w: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``_as_b`` for the two operands of a dual launch, which share one set of strides (gate
+    and up: two halves of one fused weight do)."""
+    b, tr = _as_b(w)
+    b2, tr2 = _as_b(w2)
+    if tr == tr2 and b.stride() == b2.stride():
+        return b, b2, tr
+    return w.contiguous(), w2.contiguous(), False
+
+
+def _grad_like(w: torch.Tensor) -> torch.Tensor:
+    """A kernel-written gradient for the weight ``w``, in ``w``'s own layout where it is dense
+    (autograd then accumulates it into the parameter without a copy), else contiguous."""
+    out = torch.empty_like(w, memory_format=torch.preserve_format)
+    if POISON:
+        out.fill_(float("nan"))
+    return out
+
+
+def _split_gate_up(w_gate: torch.Tensor, w_up):
+    """``(w_gate, w_up)``; with ``w_up`` None, ``w_gate`` is a fused ``[E, D, 2F]`` weight
+    holding the gate's columns then the up's."""
+    if w_up is not None:
+        return w_gate, w_up
+    Fh = w_gate.shape[2] // 2
+    return w_gate[:, :, :Fh], w_gate[:, :, Fh:]
+
+
+def _gate_up_grads(w_gate: torch.Tensor, w_up):
+    """The backward's gate and up weight gradients: ``(returned for w_gate, returned for w_up,
+    dWg, dWu)``, the last two being what the kernel writes (one set of strides). Fused
+    (``w_up`` None): one gradient like the fused weight, its halves written, and an empty
+    tensor in w_up's place. (The fake implementation calls this too, so compiled graphs see
+    the same layouts.)"""
+    if w_up is None:
+        dwgu = _grad_like(w_gate)
+        return (dwgu, dwgu.new_empty(0), *_split_gate_up(dwgu, None))
+    dwg, dwu = _grad_like(w_gate), _grad_like(w_up)
+    if dwg.stride() != dwu.stride():
+        dwg, dwu = dwg.contiguous(), dwu.contiguous()
+    return dwg, dwu, dwg, dwu
+
+
 def _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m: int, T: int) -> RoutingPlan:
     return RoutingPlan(token_idx=token_idx, weights=weights, expert_counts=offsets[1:] - offsets[:-1],
                        expert_offsets=offsets, padded_offsets=offsets, block_expert=block_expert,
@@ -748,21 +807,24 @@ def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert,
              save: int, deterministic: bool = False):
     x = x.contiguous()
     T, D = x.shape
+    w_gate, w_up = _split_gate_up(w_gate, w_up)
     N, Fh = token_idx.shape[0], w_gate.shape[2]
     plan = _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m, T)
     h = new_output((N, Fh), dtype=x.dtype, device=x.device)
     g = new_output((N, Fh) if save else (0, Fh), dtype=x.dtype, device=x.device)
     u = new_output((N, Fh) if save else (0, Fh), dtype=x.dtype, device=x.device)
-    _launch_rows(x, w_gate.contiguous(), plan, h, epilogue=_SWIGLU, gather=True, w2=w_up.contiguous(),
+    bg, bu, tr = _as_b_pair(w_gate, w_up)
+    _launch_rows(x, bg, plan, h, epilogue=_SWIGLU, gather=True, w2=bu, transpose_w=tr,
                  pre=g if save else None, pre2=u if save else None)
+    bd, trd = _as_b(w_down)
     if deterministic:  # each row's output, then each token's rows summed in a fixed order
         rows = new_output((N, w_down.shape[2]), dtype=torch.float32, device=x.device)
-        _launch_rows(h, w_down.contiguous(), plan, rows, epilogue=_STORE, gather=False)
+        _launch_rows(h, bd, plan, rows, epilogue=_STORE, gather=False, transpose_w=trd)
         del h
         return _combine_rows(rows, weights, token_idx, T, x.dtype), g, u
     y = torch.zeros(T, w_down.shape[2], dtype=torch.float32, device=x.device)
-    _launch_rows(h, w_down.contiguous(), plan, y, epilogue=_SCALE_SCATTER, gather=False, weights=weights,
-                 out_zeroed=True)
+    _launch_rows(h, bd, plan, y, epilogue=_SCALE_SCATTER, gather=False, weights=weights,
+                 out_zeroed=True, transpose_w=trd)
     return y.to(x.dtype), g, u
 
 
@@ -774,7 +836,9 @@ def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, blo
     ``deterministic``: no floating-point atomics (the combine weights' gradient from
     per-column-tile shares, dX from per-row outputs summed per token in a fixed order)."""
     dy, x = dy.contiguous(), x.contiguous()
-    w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+    fused = w_up is None
+    w_gu = w_gate
+    w_gate, w_up = _split_gate_up(w_gate, w_up)
     T, D = x.shape
     N, Fh = g.shape
     plan = _plan_from(token_idx, weights, offsets, block_expert, block_row, block_m, T)
@@ -784,55 +848,59 @@ def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, blo
     hw = new_output((N, Fh), dtype=x.dtype, device=dev)
     dweights = (new_output if deterministic else torch.zeros)((N,), dtype=torch.float32, device=dev)
     # dY[tok] @ Wd^T, with d combine weights, d silu*mul and w*h fused in the epilogue
-    _launch_rows(dy, w_down, plan, dg, epilogue=_SWIGLU_BWD, gather=True, out2=du, out3=hw, pre=g, pre2=u,
-                 weights=weights, dw=dweights, transpose_w=True, dw_partial=deterministic)
+    bd, trd = _as_b(w_down.transpose(1, 2))
+    _launch_rows(dy, bd, plan, dg, epilogue=_SWIGLU_BWD, gather=True, out2=du, out3=hw, pre=g, pre2=u,
+                 weights=weights, dw=dweights, transpose_w=trd, dw_partial=deterministic)
     # dWd = sum_r (w_r h_r)^T dY[tok_r], first: hw is freed before dX's fp32 buffer exists
-    dwd = new_output(w_down.shape, dtype=w_down.dtype, device=dev)
+    dwd = _grad_like(w_down)
     _launch_dw(hw, plan, dy, dwd, gather_a=False, gather_g=True)
     del hw
     # dX[tok] += dG @ Wg^T + dU @ Wu^T
+    bg, bu, trg = _as_b_pair(w_gate.transpose(1, 2), w_up.transpose(1, 2))
     if deterministic:
         rows = new_output((N, D), dtype=torch.float32, device=dev)
-        _launch_rows(dg, w_gate, plan, rows, epilogue=_STORE, gather=False, a2=du, w2=w_up, transpose_w=True)
+        _launch_rows(dg, bg, plan, rows, epilogue=_STORE, gather=False, a2=du, w2=bu, transpose_w=trg)
         dx = _combine_rows(rows, None, token_idx, T, x.dtype)
         del rows
     else:
         dx = torch.zeros(T, D, dtype=torch.float32, device=dev)
-        _launch_rows(dg, w_gate, plan, dx, epilogue=_SCATTER, gather=False, a2=du, w2=w_up, transpose_w=True,
+        _launch_rows(dg, bg, plan, dx, epilogue=_SCATTER, gather=False, a2=du, w2=bu, transpose_w=trg,
                      out_zeroed=True)
-    # dWg = X^T dG, dWu = X^T dU (shared x tile)
-    dwg = new_output(w_gate.shape, dtype=w_gate.dtype, device=dev)
-    dwu = new_output(w_up.shape, dtype=w_up.dtype, device=dev)
+    # dWg = X^T dG, dWu = X^T dU (shared x tile), each in its weight's layout (fused: the two
+    # halves of one gradient)
+    dw_first, dw_second, dwg, dwu = _gate_up_grads(w_gu, None if fused else w_up)
     _launch_dw(x, plan, dg, dwg, gather_a=True, gather_g=False, g2=du, dw2=dwu)
-    return dx.to(x.dtype), dweights.to(weights.dtype), dwg, dwu, dwd
+    return dx.to(x.dtype), dweights.to(weights.dtype), dw_first, dw_second, dwd
 
 
 def _gmm_fwd(a, w, token_idx, offsets, block_expert, block_row, block_m: int, gather: bool):
     a = a.contiguous()
     plan = _plan_from(token_idx, a.new_empty(0), offsets, block_expert, block_row, block_m, a.shape[0])
     out = new_output((token_idx.shape[0], w.shape[2]), dtype=a.dtype, device=a.device)
-    _launch_rows(a, w.contiguous(), plan, out, epilogue=_STORE, gather=gather)
+    b, tr = _as_b(w)
+    _launch_rows(a, b, plan, out, epilogue=_STORE, gather=gather, transpose_w=tr)
     return out
 
 
 def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: int, gather: bool,
              deterministic: bool = False):
-    dout, a, w = dout.contiguous(), a.contiguous(), w.contiguous()
+    dout, a = dout.contiguous(), a.contiguous()
     plan = _plan_from(token_idx, a.new_empty(0), offsets, block_expert, block_row, block_m, a.shape[0])
+    b, tr = _as_b(w.transpose(1, 2))
     if gather and deterministic:  # per-row dA, then each token's rows summed in a fixed order
         rows = new_output((token_idx.shape[0], a.shape[1]), dtype=torch.float32, device=a.device)
-        _launch_rows(dout, w, plan, rows, epilogue=_STORE, gather=False, transpose_w=True)
+        _launch_rows(dout, b, plan, rows, epilogue=_STORE, gather=False, transpose_w=tr)
         da = _combine_rows(rows, None, token_idx, a.shape[0], a.dtype)
         del rows
     elif gather:
         da = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
-        _launch_rows(dout, w, plan, da, epilogue=_SCATTER, gather=False, transpose_w=True, out_zeroed=True)
+        _launch_rows(dout, b, plan, da, epilogue=_SCATTER, gather=False, transpose_w=tr, out_zeroed=True)
         da = da.to(a.dtype)
     else:
         # rows outside every expert's range (none in a full plan) keep a zero gradient
         da = torch.zeros_like(a)
-        _launch_rows(dout, w, plan, da, epilogue=_STORE, gather=False, transpose_w=True)
-    dw = new_output(w.shape, dtype=w.dtype, device=a.device)
+        _launch_rows(dout, b, plan, da, epilogue=_STORE, gather=False, transpose_w=tr)
+    dw = _grad_like(w)
     _launch_dw(a, plan, dout, dw, gather_a=gather, gather_g=False)
     return da, dw
 
@@ -841,7 +909,7 @@ def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: i
 # 4. Custom ops with autograd
 # ----------------------------------------------------------------------------------------
 @torch.library.custom_op("flopwise::moe_mlp", mutates_args=())
-def _moe_mlp_op(x: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+def _moe_mlp_op(x: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor | None,
                 w_down: torch.Tensor, token_idx: torch.Tensor, offsets: torch.Tensor, block_expert: torch.Tensor,
                 block_row: torch.Tensor, block_m: int, save: int,
                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -851,14 +919,14 @@ def _moe_mlp_op(x: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_
 
 @_moe_mlp_op.register_fake
 def _(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m, save, deterministic):
-    N, Fh = token_idx.shape[0], w_gate.shape[2]
+    N, Fh = token_idx.shape[0], w_down.shape[1]
     rows = N if save else 0
     return (x.new_empty(x.shape[0], w_down.shape[2]), x.new_empty(rows, Fh), x.new_empty(rows, Fh))
 
 
 @torch.library.custom_op("flopwise::moe_mlp_bwd", mutates_args=())
 def _moe_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, weights: torch.Tensor,
-                    w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, token_idx: torch.Tensor,
+                    w_gate: torch.Tensor, w_up: torch.Tensor | None, w_down: torch.Tensor, token_idx: torch.Tensor,
                     offsets: torch.Tensor, block_expert: torch.Tensor, block_row: torch.Tensor,
                     block_m: int, deterministic: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -869,8 +937,8 @@ def _moe_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch
 @_moe_mlp_bwd_op.register_fake
 def _(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m,
       deterministic):
-    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w_gate), torch.empty_like(w_up),
-            torch.empty_like(w_down))
+    dw_first, dw_second, _, _ = _gate_up_grads(w_gate, w_up)
+    return torch.empty_like(x), torch.empty_like(weights), dw_first, dw_second, _grad_like(w_down)
 
 
 def _moe_setup(ctx, inputs, output):
@@ -906,7 +974,7 @@ def _moe_backward(bwd):
         dx, dw, dwg, dwu, dwd = bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets,
                                     block_expert, block_row, ctx.block_m, torch.are_deterministic_algorithms_enabled(),
                                     *((True,) if reuse else ()))
-        return dx, dw, dwg, dwu, dwd, None, None, None, None, None, None, None
+        return dx, dw, dwg, None if w_up is None else dwu, dwd, None, None, None, None, None, None, None
 
     return backward
 
@@ -933,7 +1001,7 @@ def _gmm_bwd_op(dout: torch.Tensor, a: torch.Tensor, w: torch.Tensor, token_idx:
 
 @_gmm_bwd_op.register_fake
 def _(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather, deterministic):
-    return torch.empty_like(a), torch.empty_like(w)
+    return torch.empty_like(a), _grad_like(w)
 
 
 def _gmm_setup(ctx, inputs, output):
@@ -1040,7 +1108,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: b
     return op(a, w, tok, offsets, bexp, brow, plan.block_m, gather)
 
 
-def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torch.Tensor,
+def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torch.Tensor | None,
             w_down: torch.Tensor, *, retain_activations: bool = False) -> torch.Tensor:
     """SwiGLU experts applied along a routing plan and combined into each token's output.
 
@@ -1050,7 +1118,12 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
         x: ``[T, D]`` tokens (fp32, bf16, fp16).
         plan: a :class:`RoutingPlan` over T tokens and E experts; ``plan.weights`` are the
             combine weights and receive gradients (so the router learns).
-        w_gate, w_up: ``[E, D, F]``; w_down: ``[E, F, D]``; x's dtype and device.
+        w_gate, w_up: ``[E, D, F]``; w_down: ``[E, F, D]``; x's dtype and device. With
+            ``w_up=None``, ``w_gate`` is one fused ``[E, D, 2F]`` weight, the gate's F
+            columns then the up's (its gradient is then one tensor too). Any weight may be a
+            transposed view of ``[E, out, in]`` storage (``nn.Linear``'s layout, and Hugging
+            Face's expert weights: ``gate_up_proj.transpose(1, 2)``): the kernels read it in
+            place, without a copy, and write its gradient in that layout.
         retain_activations: the forward saves the gate and up pre-activations (2 x N x F),
             and by default the backward writes their gradients over them, so it needs no
             further 2 x N x F and can run once per forward (a second backward, as with
@@ -1075,15 +1148,23 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
     _check_weight(w_gate, "w_gate", None, (D, None), x.dtype, x.device)
     _check_plan(plan, T, w_gate.shape[0])
     Fh = w_gate.shape[2]
-    _check_weight(w_up, "w_up", plan.num_experts, (D, Fh), x.dtype, x.device)
+    if w_up is None:
+        if Fh % 2:
+            raise ValueError(f"with w_up=None, w_gate is a fused [E, D, 2F] gate-up weight: its last dim must be "
+                             f"even, got shape {tuple(w_gate.shape)}")
+        Fh //= 2
+    else:
+        _check_weight(w_up, "w_up", plan.num_experts, (D, Fh), x.dtype, x.device)
     _check_weight(w_down, "w_down", plan.num_experts, (Fh, D), x.dtype, x.device)
     if not x.is_meta and (not _use_kernel(x, "moe_mlp") or plan.num_rows == 0 or x.shape[0] == 0):
-        return moe_mlp_reference(x, plan, w_gate, w_up, w_down)  # (nothing routed: zeros, no launch)
+        # (nothing routed: zeros, no launch)
+        return moe_mlp_reference(x, plan, *_split_gate_up(w_gate, w_up), w_down)
     weights, tok, offsets, bexp, brow = _plan_tensors(plan, x.device)
     save = _SAVE_NONE
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate, w_up, w_down)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weights, w_gate, w_up, w_down)):
         save = _SAVE if retain_activations else _SAVE_REUSE
-    op = _moe_mlp_op if traced(x, weights, tok, w_gate, w_up, w_down) else _MoEMLPFunction.apply
+    op = _moe_mlp_op if traced(x, weights, tok, w_gate, w_down, *(() if w_up is None else (w_up,))) \
+        else _MoEMLPFunction.apply
     y, _, _ = op(x, weights, w_gate, w_up, w_down, tok, offsets, bexp, brow, plan.block_m, save,
                  torch.are_deterministic_algorithms_enabled())
     return y

@@ -252,6 +252,10 @@ P = lambda t: "*" + t
 # routing
 comp(R._topk_route_fwd_kernel, {"logits_ptr": P("fp32"), "ids_ptr": P("i32"), "w_ptr": P("fp32"), "tile_counts_ptr": P("i32")},
      dict(SCORE=0, RENORM=True, BLOCK_T=64, BLOCK_E=128, BLOCK_K=8))
+# plans from caller-given top-k ids (Hugging Face routers give int64)
+for ids_t in (P("i64"), P("i32")):
+    comp(R._plan_from_topk_fwd_kernel, {"ids_ptr": ids_t, "ids32_ptr": P("i32"), "tile_counts_ptr": P("i32")},
+         dict(BLOCK_T=64, BLOCK_E=128), label=f"ids={ids_t[1:]}")
 comp(R._route_scan_kernel, {"tile_counts_ptr": P("i32"), "counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32")},
      dict(BLOCK_E=64, BLOCK_TILES=64, BLOCK_M=64))
 comp(R._route_scatter_kernel, {"ids_ptr": P("i32"), "w_ptr": P("fp32"), "delta_ptr": P("i32"), "token_idx_ptr": P("i32"), "sorted_w_ptr": P("fp32"), "pair_ptr": P("i32"), "inverse_ptr": P("i32"),
@@ -316,6 +320,12 @@ for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), 
     comp(G._grouped_mm_fwd_kernel, t, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save, PRECISION=None,
          DOT_F32=False, BLOCK_M=128, **cfg, **unit), num_warps=w_, num_stages=s_, label=f"epilogue={ep} {cfg}",
          pipelined=True)
+    # weights stored [E, out, in] (nn.Linear's layout; Hugging Face's experts), read in place:
+    # the other dimension is the unit stride, forward and backward
+    flip = dict(stride_bk=1) if ep in (0, 1, 2) else dict(stride_bn=1)
+    comp(G._grouped_mm_fwd_kernel, t, dict(EPILOGUE=ep, GATHER_A=gather, DUAL_A=dual, SAVE_PRE=save, PRECISION=None,
+         DOT_F32=False, BLOCK_M=128, **cfg, **flip), num_warps=w_, num_stages=s_,
+         label=f"epilogue={ep} {cfg} weights stored [E, out, in]", pipelined=True)
 # narrow expert hidden sizes (tests, small models): the SwiGLU backward splits its tile into
 # column halves, down to 8 columns
 for n in (16, 48):
@@ -339,15 +349,20 @@ for ga, gg, dg in [(True, False, True), (False, True, False), (True, False, Fals
     cfg = G._dw_tiles(4096, 14336, torch.bfloat16, dual=dg, gather=ga or gg)
     w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
     comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, GATHER_G=gg, DUAL_G=dg, PRECISION=None,
-         DOT_F32=False, **cfg), num_warps=w_, num_stages=s_, label=f"ga={ga} gg={gg} dual={dg}",
+         DOT_F32=False, stride_dn=1, **cfg), num_warps=w_, num_stages=s_, label=f"ga={ga} gg={gg} dual={dg}",
          pipelined=True)
+    # the same for weights stored [E, N, K] (nn.Linear's layout, Hugging Face's experts): the
+    # gradient is written in that layout, K the unit stride
+    comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, GATHER_G=gg, DUAL_G=dg, PRECISION=None,
+         DOT_F32=False, stride_dk=1, **cfg), num_warps=w_, num_stages=s_,
+         label=f"ga={ga} gg={gg} dual={dg} dW stored [E, N, K]", pipelined=True)
 # fp32 weight gradients (BLOCK_R 32) at the gathered depth: they must fit in shared memory too
 t32 = {k: (P("fp32") if v == P("bf16") else v) for k, v in t.items()}
 for ga, gg, dg in [(True, False, True), (False, True, False)]:
     cfg = G._dw_tiles(4096, 4096, torch.float32, dual=dg, gather=True)
     w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
     comp(G._grouped_mm_dw_kernel, t32, dict(GATHER_A=ga, GATHER_G=gg, DUAL_G=dg, PRECISION="ieee",
-         DOT_F32=False, **cfg), num_warps=w_, num_stages=s_, label=f"fp32 ga={ga} gg={gg} dual={dg}")
+         DOT_F32=False, stride_dn=1, **cfg), num_warps=w_, num_stages=s_, label=f"fp32 ga={ga} gg={gg} dual={dg}")
 
 # Every other configuration the autotuner may time, at the shapes of Mixtral's launches,
 # compiles: one that runs out of shared memory is left out by the tuner, but any other
@@ -374,7 +389,7 @@ for ga, gg, dg, K, N in [(True, False, True, 4096, 14336), (False, True, False, 
         cfg = dict(cfg)
         w_, s_ = cfg.pop("num_warps"), cfg.pop("num_stages")
         comp(G._grouped_mm_dw_kernel, t, dict(GATHER_A=ga, GATHER_G=gg, DUAL_G=dg, PRECISION=None, DOT_F32=False,
-             **cfg), num_warps=w_, num_stages=s_, label=f"candidate dW dual={dg} BLOCK_K={cfg['BLOCK_K']} "
+             stride_dn=1, **cfg), num_warps=w_, num_stages=s_, label=f"candidate dW dual={dg} BLOCK_K={cfg['BLOCK_K']} "
              f"BLOCK_N={cfg['BLOCK_N']} warps={w_} stages={s_}", ptxas=True, may_not_fit=True)
 
 # Deterministic mode (torch.use_deterministic_algorithms(True)): the down projection and dX
