@@ -9,6 +9,13 @@ Providers as in BASELINES.md:
   ``dense`` = one SwiGLU MLP over T*K rows (floor); ``triton`` = ``topk_route`` + ``moe_mlp``;
   ``triton-deterministic`` (forward+backward) the same under
   ``torch.use_deterministic_algorithms(True)``: no floating-point atomics, what that costs.
+* layer, as inside a Hugging Face transformers model (GPU runs with transformers >= 5):
+  expert weights stored as transformers stores them (``gate_up_proj [E, 2F, D]``,
+  ``down_proj [E, D, F]``), routed by torch (softmax, topk, renormalise) as its routers do;
+  ``torch-hf-grouped-mm`` = transformers' own ``grouped_mm`` experts implementation (sort,
+  gather, ``grouped_mm`` x2, silu*mul, scale, unpermute, sum); ``triton-hf`` = flopwise's
+  ``"flopwise"`` experts implementation (``plan_from_topk`` + ``moe_mlp`` on the stored
+  weights, no copy).
 """
 
 from __future__ import annotations
@@ -147,6 +154,61 @@ def hf_loop(x, router_w, wg, wu, wd, k):
     return y
 
 
+class _HFExperts:
+    """The attributes transformers' experts functions read from an experts module (a
+    Mixtral-style one: fused, concatenated gate-up weight in ``nn.Linear`` orientation);
+    ``hf_providers`` gives it transformers' own gate function."""
+
+    def __init__(self, gate_up, down):
+        self.gate_up_proj, self.down_proj = gate_up, down
+        self.num_experts = gate_up.shape[0]
+        self.has_gate, self.has_bias, self.is_transposed, self.is_concatenated = True, False, False, True
+        self.has_post_expert_norm, self._is_expert_parallel = False, False
+        self.act_fn = torch.nn.SiLU()
+
+
+def hf_weights(wg, wu, wd):
+    """``[E, D, F]`` gate, up and ``[E, F, D]`` down as transformers stores them."""
+    return torch.cat([wg, wu], 2).transpose(1, 2).contiguous(), wd.transpose(1, 2).contiguous()
+
+
+def hf_providers():
+    """``{"torch-hf-grouped-mm": f, "triton-hf": f}``, each ``f(x, router_w, gate_up, down, k)``;
+    empty without transformers' experts interface (transformers < 5)."""
+    try:
+        from transformers.integrations.moe import grouped_mm_experts_forward
+    except ImportError:
+        return {}
+    from transformers.integrations.moe import _default_apply_gate
+
+    from flopwise.models.hf_experts import experts_forward
+
+    class Experts(_HFExperts):
+        _apply_gate = _default_apply_gate
+
+    def run(fwd):
+        def f(x, router_w, gate_up, down, k):
+            w, ids = _route_torch(x, router_w, k)
+            return fwd(Experts(gate_up, down), x, ids, w)
+        return f
+
+    return {"torch-hf-grouped-mm": run(grouped_mm_experts_forward), "triton-hf": run(experts_forward)}
+
+
+def _fwd_bwd_hf(fn, inputs, gy):
+    """``_fwd_bwd`` for weights stored as transformers stores them: the gradients come back
+    as ``(y, dx, dWg, dWu, dWd)`` in the ``[E, D, F]`` / ``[E, F, D]`` orientation, to be
+    checked against the reference's."""
+    def run():
+        x, router_w, gate_up, down, k = inputs
+        y = fn(*inputs)
+        dx, dgu, dd = torch.autograd.grad(y, [x, gate_up, down], gy)
+        Fh = down.shape[2]
+        return y, dx, dgu[:, :Fh].transpose(1, 2), dgu[:, Fh:].transpose(1, 2), dd.transpose(1, 2)
+
+    return run
+
+
 def dense_floor(xs, wg0, wu0, wd0):
     return (F.silu(xs @ wg0) * (xs @ wu0)) @ wd0
 
@@ -213,6 +275,9 @@ def _block_m(T, k, E):
 def cases(gpu: bool) -> list[Case]:
     dev, dt = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     out: list[Case] = []
+    # (GPU runs only: importing transformers is seconds of CPU time, and its providers are
+    # checked on the CPU by the transformers-experts tests)
+    hf = hf_providers() if gpu else {}
     for label, T, D, Fh, E, k in GPU_SHAPES if gpu else CPU_SHAPES:
         N = T * k
         bm = _block_m(T, k, E) if gpu else 16
@@ -240,6 +305,8 @@ def cases(gpu: bool) -> list[Case]:
 
         # whole layer, forward
         args = (x, router_w, wg, wu, wd, k)
+        gate_up, down = hf_weights(wg, wu, wd) if hf else (None, None)
+        hf_args = (x, router_w, gate_up, down, k)
         xk = x.repeat_interleave(k, 0)
         dense_args = (xk, wg[0], wu[0], wd[0])
         layer_flops = 6 * N * D * Fh
@@ -251,6 +318,7 @@ def cases(gpu: bool) -> list[Case]:
                 "torch-hf-loop": lambda a=args: hf_loop(*a),
                 "dense": lambda a=dense_args: dense_floor(*a),
                 "triton": lambda a=args, bm=bm: ours(*a, bm),
+                **{name: (lambda a=hf_args, f=f: f(*a)) for name, f in hf.items()},
             },
             check=check_for("moe_layer", dt), floors=("dense",),
         ))
@@ -262,6 +330,8 @@ def cases(gpu: bool) -> list[Case]:
         gy = torch.randn_like(x)
         xkg = xk.clone().requires_grad_(True)
         dargs = (xkg, *[w[0].detach().clone().requires_grad_(True) for w in wgs])
+        hf_gargs = (xg, router_w, *(w.clone().requires_grad_(True) for w in (gate_up, down)), k) if hf else None
+        del gate_up, down
         out.append(Case(
             op="moe_layer", shape=shape, mode="fwd+bwd", flops=3 * layer_flops,
             providers={
@@ -271,6 +341,7 @@ def cases(gpu: bool) -> list[Case]:
                 "dense": lambda a=dargs, g=torch.randn_like(xk): torch.autograd.grad(dense_floor(*a), a, g),
                 "triton": _fwd_bwd(lambda *a, bm=bm: ours(*a, bm), gargs, gy),
                 "triton-deterministic": deterministic(_fwd_bwd(lambda *a, bm=bm: ours(*a, bm), gargs, gy)),
+                **{name: _fwd_bwd_hf(f, hf_gargs, gy) for name, f in hf.items()},
             },
             check=check_for("moe_layer", dt), floors=("dense",), after=tuned_report,
         ))
