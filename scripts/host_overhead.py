@@ -170,7 +170,8 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors take the Triton path
         _stub_kernels([importlib.import_module(f"flopwise.kernels.{m}") for m in ("mod_gather", "routing",
                                                                                     "grouped_mm")])
-    from flopwise.kernels import gather_tokens, moe_mlp, scatter_tokens, topk_route, topk_route_reference
+    from flopwise.kernels import gather_tokens, moe_mlp, plan_from_topk, scatter_tokens, topk_route, \
+        topk_route_reference
 
     B, S, D, K = 2, 64, 8, 8
     x = torch.randn(B, S, D, requires_grad=True)
@@ -184,6 +185,23 @@ def main() -> None:
     ws = [torch.randn(8, 16, 32), torch.randn(8, 16, 32), torch.randn(8, 32, 16)]
     wg = [w.clone().requires_grad_(True) for w in ws]
     plan = topk_route_reference(logits.detach(), 2)  # (real indices: the routing kernels are stubbed)
+    # a transformers router's output (int64 ids, float weights) and its experts' stored weights
+    tk_ids, tk_w = plan.topk_ids.long(), plan.topk_weights.clone().requires_grad_(True)
+    gu_hf = torch.cat([ws[0], ws[1]], 2).transpose(1, 2).contiguous().requires_grad_(True)  # [E, 2F, D]
+    dn_hf = ws[2].transpose(1, 2).contiguous().requires_grad_(True)  # [E, D, F]
+
+    def _hf_ours():
+        p = plan_from_topk(tk_ids, tk_w, 8)
+        return moe_mlp(xt, p, gu_hf.transpose(1, 2), None, dn_hf.transpose(1, 2))
+
+    def _hf_torch():  # transformers' grouped_mm experts: sort, gather, grouped matmuls, unpermute, sum
+        flat = tk_ids.view(-1)
+        order = torch.argsort(flat, stable=True)
+        offs = torch.cumsum(torch.bincount(flat, minlength=8), 0).int()
+        g, u = torch._grouped_mm(xt[order // 2], gu_hf.transpose(1, 2), offs=offs).chunk(2, -1)
+        o = torch._grouped_mm(torch.nn.functional.silu(g) * u, dn_hf.transpose(1, 2), offs=offs)
+        o = o * tk_w.view(-1)[order, None]
+        return o[torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))].view(64, 2, 16).sum(1)
     # a sequence that grows by one token per call (as under a KV cache): a new length each call
     grow, xlong = [0], torch.randn(1, 2048 + 64, D)
 
@@ -204,6 +222,12 @@ def main() -> None:
         ("moe_mlp fwd (plan given)", lambda: moe_mlp(xt, plan, *ws), lambda: _moe_torch(xt, plan, ws)),
         ("moe_mlp fwd+bwd", lambda: torch.autograd.grad(moe_mlp(xt, plan, *wg), wg, gt),
          lambda: torch.autograd.grad(_moe_torch(xt, plan, wg), wg, gt)),
+        ("plan from top-k ids", lambda: plan_from_topk(tk_ids, tk_w.detach(), 8),
+         lambda: torch.cumsum(torch.bincount(tk_ids.view(-1), minlength=8), 0) + tk_ids.view(-1).argsort(stable=True)[0]),
+        # (gradients of the expert weights only: with the launches not run, the plan's inverse
+        # permutation, which the routing weights' gradient is gathered through, holds garbage)
+        ("HF experts fwd+bwd", lambda: torch.autograd.grad(_hf_ours(), [gu_hf, dn_hf], gt),
+         lambda: torch.autograd.grad(_hf_torch(), [gu_hf, dn_hf], gt)),
     ]
     if not a.triton_dispatch:
         print(f"{'op':<24} {'flopwise host µs':>17} {'torch µs':>9}   (Triton stubbed)")

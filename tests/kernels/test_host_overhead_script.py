@@ -17,9 +17,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "host_overhead.py"
 # launches per call: gather forward; its backward adds the inverse map and the dense scatter;
 # the out-of-place scatter's forward is the inverse map and the dense scatter, its backward one
 # kernel; the token-choice plan is scores + top-k, the scan, the scatter; moe_mlp's forward is
-# gate/up and down, its backward four more
+# gate/up and down, its backward four more; a plan from given top-k ids is the ids' histogram,
+# the scan, the scatter, and inside a transformers model the experts add moe_mlp's six
 LAUNCHES = {"gather fwd": 1, "gather fwd+bwd": 3, "scatter fwd+bwd": 3, "token-choice plan fwd": 3,
-            "moe_mlp fwd (plan given)": 2, "moe_mlp fwd+bwd": 6}
+            "moe_mlp fwd (plan given)": 2, "moe_mlp fwd+bwd": 6, "plan from top-k ids": 3,
+            "HF experts fwd+bwd": 9}
 
 
 def _rows(stdout: str) -> dict[str, list[str]]:
