@@ -42,7 +42,9 @@ NAME = "flopwise"
 BLOCK_M = 64  # the grouped matmul's row tile (as MoEConfig's default)
 
 _SILU_NAMES = ("SiLU", "SiLUActivation", "SwishActivation")
-_CHECKED: dict[type, str | None] = {}  # experts class -> why it is unsupported (None: supported)
+# experts class -> why it is unsupported (None: supported), for what the class fixes (its
+# decorator's flags, its gate function); the activation comes from each model's config
+_CHECKED: dict[type, str | None] = {}
 
 
 def _interface():
@@ -70,20 +72,28 @@ def _unsupported(module: torch.nn.Module) -> str | None:
         return f"{name} normalises each expert's output (has_post_expert_norm=True)"
     if getattr(type(module), "_apply_gate", default_gate) is not default_gate:
         return f"{name} has its own gate function ({type(module).__name__}._apply_gate), not silu(gate) * up"
-    act = type(getattr(module, "act_fn", None)).__name__
-    if act not in _SILU_NAMES:
-        return f"{name}'s activation is {act}, not SiLU"
     return None
+
+
+def _not_silu(module: torch.nn.Module) -> str | None:
+    """Why this module's activation is not SiLU, or None (an instance's: it comes from the
+    model's config, ``ACT2FN[config.hidden_act]``, or is ``F.silu`` itself)."""
+    act = getattr(module, "act_fn", None)
+    if act is torch.nn.functional.silu or type(act).__name__ in _SILU_NAMES:
+        return None
+    what = getattr(act, "__name__", None) or type(act).__name__
+    return f"{type(module).__name__}'s activation is {what}, not SiLU"
 
 
 def check_experts_module(module: torch.nn.Module) -> None:
     """Raise ``ValueError`` if flopwise's kernels cannot run this transformers experts module
-    (the reason is in the message); checked once per class, and per call for expert
-    parallelism, which is set on the instance."""
+    (the reason is in the message). What the class fixes is checked once per class; the
+    activation (from the model's config) and expert parallelism (set on the instance) on
+    every call."""
     cls = type(module)
     if cls not in _CHECKED:
         _CHECKED[cls] = _unsupported(module)
-    why = _CHECKED[cls]
+    why = _CHECKED[cls] or _not_silu(module)
     if why is None and getattr(module, "_is_expert_parallel", False):
         why = f"{cls.__name__} is expert-parallel (sentinel expert ids)"
     if why is not None:

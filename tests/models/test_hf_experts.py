@@ -28,6 +28,8 @@ ARCHS = {
     "qwen3_moe": dict(intermediate_size=48, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
                       norm_topk_prob=True, head_dim=8),
     "olmoe": dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+    "lfm2_moe": dict(intermediate_size=48, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                     num_dense_layers=1, layer_types=["full_attention"] * 2),  # act_fn is F.silu itself
     "deepseek_v3": dict(intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2,
                         n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
@@ -166,6 +168,23 @@ def test_bench_providers_inside_transformers_pass_the_bench_check(mode):
     assert check(bad, ref) is not None
 
 
+def test_activation_is_checked_per_model_not_per_class():
+    """The activation comes from each model's config: a GELU Mixtral is refused even after a
+    SiLU one of the same class ran, and a SiLU one runs after a GELU one was refused."""
+    hf_experts.register()
+    ids = torch.randint(3, 64, (1, 5))
+    silu, gelu = _model("mixtral"), _model("mixtral", hidden_act="gelu")
+    silu.set_experts_implementation("flopwise")
+    silu(ids)
+    with pytest.raises(ValueError, match="MixtralExperts's activation is GELUActivation, not SiLU"):
+        hf_experts.use_flopwise_experts(gelu)
+    gelu.set_experts_implementation("flopwise")
+    with pytest.raises(ValueError, match="activation is GELUActivation"):
+        gelu(ids)
+    again = hf_experts.use_flopwise_experts(_model("mixtral"))
+    torch.testing.assert_close(again(ids).logits, silu(ids).logits)
+
+
 def test_compiled_model_has_no_graph_break_and_matches_eager():
     """torch.compile of a model on the "flopwise" experts: one graph per forward (the plan and
     the experts are custom ops; nothing syncs with the host), the eager model's logits and
@@ -230,3 +249,16 @@ def test_gpu_bf16_model_matches_fp32_eager(arch):
     assert rel_err(got[0].float(), ref[0].float()) < 3e-2
     for n in ref[1]:
         assert rel_err(got[1][n].float(), ref[1][n].float()) < 6e-2, n
+
+
+def test_peak_memory_below_transformers_grouped_mm():
+    """``scripts/peak_memory.py --hf`` (the CPU allocator's events replayed at a scaled-down
+    benchmark shape): inside a transformers model, the layer's forward+backward peak is below
+    transformers' own grouped_mm implementation's, which keeps the gathered rows, the 2F-wide
+    gate-up output and the unpermuted copies for its backward."""
+    from ..conftest import load_script
+
+    res = load_script("peak_memory").main(["--scale", "128", "--shapes", "olmoe", "--hf"])
+    ours_fwd, ours = res[("olmoe", "hf-ours")]
+    torch_fwd, pipeline = res[("olmoe", "hf-torch")]
+    assert ours_fwd < torch_fwd and ours < 0.6 * pipeline, (ours_fwd, torch_fwd, ours, pipeline)
