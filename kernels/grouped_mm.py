@@ -536,10 +536,11 @@ def _tma_device(device: torch.device) -> bool:
 def _tma_ok(*ws) -> bool:
     """Whether weights can be read through tensor descriptors (TMA's requirements, on the
     strides the descriptor is built from: a contiguous tensor may still carry an odd stride
-    on a size-1 dimension): unit last stride, 16-byte aligned base and other strides."""
+    on a size-1 dimension): unit last stride, 16-byte aligned base and other strides, none
+    of them 0 (an expanded weight, e.g. one expert broadcast to all E, takes pointer loads)."""
     return TensorDescriptor is not None and all(
         w is None or (w.numel() > 0 and w.stride(-1) == 1 and w.data_ptr() % 16 == 0
-                      and all(st * w.element_size() % 16 == 0 for st in w.stride()[:-1])) for w in ws)
+                      and all(st > 0 and st * w.element_size() % 16 == 0 for st in w.stride()[:-1])) for w in ws)
 
 
 def _dw_candidates(default: dict, K: int, N: int, gather: bool) -> list[dict]:
@@ -828,9 +829,14 @@ def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert,
     return y.to(x.dtype), g, u
 
 
+_DW_GATE_UP, _DW_DOWN = 1, 2  # which weight gradients a backward computes (bits)
+
+
 def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row,
-             block_m: int, deterministic: bool = False, reuse: bool = False):
-    """The backward's four launches. ``reuse``: dG and dU are written over the saved
+             block_m: int, deterministic: bool = False, need_dw: int = _DW_GATE_UP | _DW_DOWN,
+             reuse: bool = False):
+    """The backward's four launches (two without the weight gradients: ``need_dw`` names the
+    ones to compute, frozen experts skip theirs, and get empty tensors). ``reuse``: dG and dU are written over the saved
     pre-activations g and u (each tile reads its g, u before it writes the same elements),
     which takes 2 x N x F off the backward's peak; g and u are garbage afterwards.
     ``deterministic``: no floating-point atomics (the combine weights' gradient from
@@ -845,16 +851,19 @@ def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, blo
     dev = x.device
     dg = g if reuse else new_output((N, Fh), dtype=x.dtype, device=dev)
     du = u if reuse else new_output((N, Fh), dtype=x.dtype, device=dev)
-    hw = new_output((N, Fh), dtype=x.dtype, device=dev)
+    hw = new_output((N, Fh), dtype=x.dtype, device=dev) if need_dw & _DW_DOWN else None
     dweights = (new_output if deterministic else torch.zeros)((N,), dtype=torch.float32, device=dev)
     # dY[tok] @ Wd^T, with d combine weights, d silu*mul and w*h fused in the epilogue
     bd, trd = _as_b(w_down.transpose(1, 2))
     _launch_rows(dy, bd, plan, dg, epilogue=_SWIGLU_BWD, gather=True, out2=du, out3=hw, pre=g, pre2=u,
                  weights=weights, dw=dweights, transpose_w=trd, dw_partial=deterministic)
     # dWd = sum_r (w_r h_r)^T dY[tok_r], first: hw is freed before dX's fp32 buffer exists
-    dwd = _grad_like(w_down)
-    _launch_dw(hw, plan, dy, dwd, gather_a=False, gather_g=True)
-    del hw
+    if need_dw & _DW_DOWN:
+        dwd = _grad_like(w_down)
+        _launch_dw(hw, plan, dy, dwd, gather_a=False, gather_g=True)
+        del hw
+    else:
+        dwd = w_down.new_empty(0)
     # dX[tok] += dG @ Wg^T + dU @ Wu^T
     bg, bu, trg = _as_b_pair(w_gate.transpose(1, 2), w_up.transpose(1, 2))
     if deterministic:
@@ -868,8 +877,11 @@ def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, blo
                      out_zeroed=True)
     # dWg = X^T dG, dWu = X^T dU (shared x tile), each in its weight's layout (fused: the two
     # halves of one gradient)
-    dw_first, dw_second, dwg, dwu = _gate_up_grads(w_gu, None if fused else w_up)
-    _launch_dw(x, plan, dg, dwg, gather_a=True, gather_g=False, g2=du, dw2=dwu)
+    if need_dw & _DW_GATE_UP:
+        dw_first, dw_second, dwg, dwu = _gate_up_grads(w_gu, None if fused else w_up)
+        _launch_dw(x, plan, dg, dwg, gather_a=True, gather_g=False, g2=du, dw2=dwu)
+    else:
+        dw_first, dw_second = w_gu.new_empty(0), w_gu.new_empty(0)
     return dx.to(x.dtype), dweights.to(weights.dtype), dw_first, dw_second, dwd
 
 
@@ -883,11 +895,15 @@ def _gmm_fwd(a, w, token_idx, offsets, block_expert, block_row, block_m: int, ga
 
 
 def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: int, gather: bool,
-             deterministic: bool = False):
+             deterministic: bool = False, need: int = 3):
+    """dA (``need`` bit 1) and dW (bit 2); a gradient not needed (a frozen weight, say) is
+    not computed and comes back empty."""
     dout, a = dout.contiguous(), a.contiguous()
     plan = _plan_from(token_idx, a.new_empty(0), offsets, block_expert, block_row, block_m, a.shape[0])
     b, tr = _as_b(w.transpose(1, 2))
-    if gather and deterministic:  # per-row dA, then each token's rows summed in a fixed order
+    if not need & 1:
+        da = a.new_empty(0)
+    elif gather and deterministic:  # per-row dA, then each token's rows summed in a fixed order
         rows = new_output((token_idx.shape[0], a.shape[1]), dtype=torch.float32, device=a.device)
         _launch_rows(dout, b, plan, rows, epilogue=_STORE, gather=False, transpose_w=tr)
         da = _combine_rows(rows, None, token_idx, a.shape[0], a.dtype)
@@ -900,6 +916,8 @@ def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: i
         # rows outside every expert's range (none in a full plan) keep a zero gradient
         da = torch.zeros_like(a)
         _launch_rows(dout, b, plan, da, epilogue=_STORE, gather=False, transpose_w=tr)
+    if not need & 2:
+        return da, w.new_empty(0)
     dw = _grad_like(w)
     _launch_dw(a, plan, dout, dw, gather_a=gather, gather_g=False)
     return da, dw
@@ -928,17 +946,21 @@ def _(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_
 def _moe_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, weights: torch.Tensor,
                     w_gate: torch.Tensor, w_up: torch.Tensor | None, w_down: torch.Tensor, token_idx: torch.Tensor,
                     offsets: torch.Tensor, block_expert: torch.Tensor, block_row: torch.Tensor,
-                    block_m: int, deterministic: bool
+                    block_m: int, deterministic: bool, need_dw: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row,
-                    block_m, deterministic)
+                    block_m, deterministic, need_dw)
 
 
 @_moe_mlp_bwd_op.register_fake
 def _(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row, block_m,
-      deterministic):
-    dw_first, dw_second, _, _ = _gate_up_grads(w_gate, w_up)
-    return torch.empty_like(x), torch.empty_like(weights), dw_first, dw_second, _grad_like(w_down)
+      deterministic, need_dw):
+    if need_dw & _DW_GATE_UP:
+        dw_first, dw_second, _, _ = _gate_up_grads(w_gate, w_up)
+    else:
+        dw_first, dw_second = w_gate.new_empty(0), w_gate.new_empty(0)
+    dwd = _grad_like(w_down) if need_dw & _DW_DOWN else w_down.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(weights), dw_first, dw_second, dwd
 
 
 def _moe_setup(ctx, inputs, output):
@@ -971,10 +993,13 @@ def _moe_backward(bwd):
         # already have overwritten g and u, so a retry must refuse too
         ctx.consumed = reuse
         # (deterministic mode as set when the backward runs, as for torch's own ops)
+        need = ctx.needs_input_grad
+        need_gu, need_d = need[2] or (w_up is not None and need[3]), need[4]
         dx, dw, dwg, dwu, dwd = bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets,
                                     block_expert, block_row, ctx.block_m, torch.are_deterministic_algorithms_enabled(),
-                                    *((True,) if reuse else ()))
-        return dx, dw, dwg, None if w_up is None else dwu, dwd, None, None, None, None, None, None, None
+                                    _DW_GATE_UP * need_gu | _DW_DOWN * need_d, *((True,) if reuse else ()))
+        return (dx, dw, dwg if need_gu else None, dwu if need_gu and w_up is not None else None,
+                dwd if need_d else None, None, None, None, None, None, None, None)
 
     return backward
 
@@ -995,13 +1020,13 @@ def _(a, w, token_idx, offsets, block_expert, block_row, block_m, gather):
 @torch.library.custom_op("flopwise::grouped_mm_bwd", mutates_args=())
 def _gmm_bwd_op(dout: torch.Tensor, a: torch.Tensor, w: torch.Tensor, token_idx: torch.Tensor,
                 offsets: torch.Tensor, block_expert: torch.Tensor, block_row: torch.Tensor, block_m: int,
-                gather: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather, deterministic)
+                gather: bool, deterministic: bool, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather, deterministic, need)
 
 
 @_gmm_bwd_op.register_fake
-def _(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather, deterministic):
-    return torch.empty_like(a), _grad_like(w)
+def _(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather, deterministic, need):
+    return (torch.empty_like(a) if need & 1 else a.new_empty(0)), (_grad_like(w) if need & 2 else w.new_empty(0))
 
 
 def _gmm_setup(ctx, inputs, output):
@@ -1013,9 +1038,10 @@ def _gmm_setup(ctx, inputs, output):
 def _gmm_backward(bwd):
     def backward(ctx, dout):
         a, w, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
+        need_a, need_w = ctx.needs_input_grad[:2]
         da, dw = bwd(dout, a, w, token_idx, offsets, block_expert, block_row, ctx.block_m, ctx.gather,
-                     torch.are_deterministic_algorithms_enabled())
-        return da, dw, None, None, None, None, None, None
+                     torch.are_deterministic_algorithms_enabled(), int(need_a) | 2 * int(need_w))
+        return da if need_a else None, dw if need_w else None, None, None, None, None, None, None
 
     return backward
 

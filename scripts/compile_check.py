@@ -309,7 +309,9 @@ for rows, idx in [(f32, i32), (f32, P("i64")), (bf, P("i64"))]:
 base = {"a_ptr": P("bf16"), "a2_ptr": P("bf16"), "a_idx_ptr": P("i32"), "b_ptr": P("bf16"), "b2_ptr": P("bf16"),
         "out_ptr": P("bf16"), "out2_ptr": P("bf16"), "out3_ptr": P("bf16"), "pre_ptr": P("bf16"), "pre2_ptr": P("bf16"),
         "w_ptr": P("fp32"), "dw_ptr": P("fp32"), "tok_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32"), "offsets_ptr": P("i32")}
-for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), (2, False, False, False), (3, True, False, True), (4, False, True, False)]:
+# (epilogue 3 without SAVE_PRE: a backward whose down projection is frozen writes no w*h)
+for ep, gather, dual, save in [(0, True, False, False), (1, True, False, True), (2, False, False, False), (3, True, False, True),
+                               (3, True, False, False), (4, False, True, False)]:
     t = dict(base)
     if ep in (2, 4): t["out_ptr"] = P("fp32")
     # the tiles the launcher picks at Mixtral's shape (K = 4096 or 14336, N = 14336 or 4096)

@@ -251,6 +251,7 @@ def test_descriptor_choice_falls_back_for_weights_it_cannot_describe(monkeypatch
     assert not G._tma_ok(torch.zeros(3, 40, 40)[:, :, 1:])  # base not 16-byte aligned
     odd = torch.zeros(40, 48, 1).permute(2, 0, 1)  # "contiguous", but its size-1 dimension has stride 1
     assert odd.is_contiguous() and not G._tma_ok(odd)
+    assert not G._tma_ok(torch.zeros(1, 48, 48).expand(3, 48, 48))  # one expert broadcast: a zero stride
     # launches whose weights are aligned (the [E, 18, 36] ones) did use descriptors
     assert descriptors_built
 

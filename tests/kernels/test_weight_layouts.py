@@ -196,3 +196,52 @@ def test_gpu_hf_layout_bf16(T, D, Fh, E, k):
     ref, _ = _run(_reference, x.float(), logits, [p.float() for p in params], gy, k)
     for name, a, b in zip(["y", "dx", "dlogits", "d gate_up_proj", "d down_proj"], got, ref):
         assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("frozen", ["all", "gate_up", "down"])
+def test_frozen_expert_weights_skip_their_weight_gradient_launches(monkeypatch, frozen):
+    """Experts that are not trained (LoRA, router-only training) cost no weight-gradient
+    launch; the gradients still needed match the reference."""
+    T, E, k, D, Fh = 24, 3, 2, 16, 24
+    x, logits, gy = torch.randn(T, D), torch.randn(T, E), torch.randn(T, D)
+    gu, dn = _hf_weights(E, D, Fh)
+    dw_launches = []
+    real = G._launch_dw
+    monkeypatch.setattr(G, "_launch_dw", lambda *a, **kw: dw_launches.append(kw.get("g2") is not None)
+                        or real(*a, **kw))
+
+    def run(fn):
+        xx, lg = x.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        g_, d_ = gu.clone().requires_grad_(frozen == "down"), dn.clone().requires_grad_(frozen == "gate_up")
+        y = fn(xx, topk_route(lg, k, renormalize=True, block_m=16), g_, d_)
+        (y * gy).sum().backward()
+        return [y, xx.grad, lg.grad, g_.grad, d_.grad]
+
+    got = run(_fused)
+    assert dw_launches == {"all": [], "gate_up": [False], "down": [True]}[frozen]
+    ref = run(_reference)
+    for name, a, b in zip(["y", "dx", "dlogits", "d gate_up_proj", "d down_proj"], got, ref):
+        if b is None:
+            assert a is None, name
+        else:
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=name)
+
+
+@pytest.mark.parametrize("frozen", ["w", "a"])
+def test_grouped_mm_skips_the_gradient_nobody_needs(monkeypatch, frozen):
+    T, E, k, K, N = 29, 4, 2, 24, 40
+    plan = topk_route(torch.randn(T, E), k, block_m=16)
+    a = torch.randn(T, K, requires_grad=frozen != "a")
+    w = (torch.randn(E, N, K) / 4).requires_grad_(frozen != "w")
+    launches = []
+    real_rows, real_dw = G._launch_rows, G._launch_dw
+    monkeypatch.setattr(G, "_launch_rows", lambda *x, **kw: launches.append("rows") or real_rows(*x, **kw))
+    monkeypatch.setattr(G, "_launch_dw", lambda *x, **kw: launches.append("dw") or real_dw(*x, **kw))
+    gy = torch.randn(plan.num_rows, N)
+    (grouped_mm(a, w.transpose(1, 2), plan) * gy).sum().backward()
+    assert launches == ["rows", "rows"] if frozen == "w" else ["rows", "dw"]
+    ref_a, ref_w = a.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    (grouped_mm_reference(ref_a, ref_w.transpose(1, 2), plan) * gy).sum().backward()
+    got, ref = (a.grad, ref_a.grad) if frozen == "w" else (w.grad, ref_w.grad)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-4)
+    assert (w.grad if frozen == "w" else a.grad) is None
