@@ -12,7 +12,11 @@ and 6740 MiB (128%), 72% and 78%. What it cannot see: the CUDA caching allocator
 and workspaces (cuBLAS), and CPU kernels that allocate differently from their CUDA versions
 (the pipeline's CPU ``_grouped_mm`` makes per-expert temporaries).
 
-    python scripts/peak_memory.py [--scale 64] [--shapes mixtral,olmoe,fine-grained] [--timeline]
+``--hf`` adds the layer as it runs inside a transformers model, on the expert weights as
+transformers stores them: transformers' own ``grouped_mm`` experts implementation
+(``hf-torch``) and flopwise's (``hf-ours``), each routed by torch; needs transformers >= 5.
+
+    python scripts/peak_memory.py [--scale 64] [--shapes mixtral,olmoe,fine-grained] [--timeline] [--hf]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors take the Triton path (before
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from flopwise.kernels.bench.moe import GPU_SHAPES, _block_m, ours, torch_pipeline  # noqa: E402
+from flopwise.kernels.bench.moe import GPU_SHAPES, _block_m, hf_providers, hf_weights, ours, torch_pipeline  # noqa: E402
 
 
 def _collect() -> None:
@@ -62,7 +66,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scale", type=int, default=64, help="divide T, D and F by this")
     p.add_argument("--shapes", default="mixtral,olmoe,fine-grained")
     p.add_argument("--timeline", action="store_true", help="print allocations of 64 MiB and more (scaled)")
+    p.add_argument("--hf", action="store_true", help="also the layer inside a transformers model (hf-torch, hf-ours)")
     a = p.parse_args(argv)
+    hf = {}
+    if a.hf:
+        hf = hf_providers()
+        if not hf:
+            raise SystemExit("--hf needs transformers >= 5 (its experts interface)")
     s, mult = a.scale, a.scale**2
     torch.manual_seed(0)
     results = {}
@@ -81,14 +91,20 @@ def main(argv: list[str] | None = None) -> dict:
         leaves = [t.clone().requires_grad_(True) for t in (x, *ws)]
         gy = torch.randn_like(x)
         bm = _block_m(T0, k, E)  # the full shape's block size, as on the GPU
-        for name, fn in (("torch", torch_pipeline), ("ours", lambda *args: ours(*args, bm))):
-            def fwd(fn=fn):
+        providers = [("torch", torch_pipeline, ws, leaves), ("ours", lambda *args: ours(*args, bm), ws, leaves)]
+        if hf:
+            stored = hf_weights(*ws)  # gate_up_proj [E, 2F, D], down_proj [E, D, F]
+            hf_leaves = [leaves[0], *(t.clone().requires_grad_(True) for t in stored)]
+            providers += [("hf-torch", hf["torch-hf-grouped-mm"], stored, hf_leaves),
+                          ("hf-ours", hf["triton-hf"], stored, hf_leaves)]
+        for name, fn, w_in, g_in in providers:
+            def fwd(fn=fn, w_in=w_in):
                 with torch.no_grad():
-                    fn(x, router_w, *ws, k)
+                    fn(x, router_w, *w_in, k)
 
-            def fwd_bwd(fn=fn):
-                y = fn(leaves[0], router_w, *leaves[1:], k)
-                torch.autograd.grad(y, leaves, gy)
+            def fwd_bwd(fn=fn, g_in=g_in):
+                y = fn(g_in[0], router_w, *g_in[1:], k)
+                torch.autograd.grad(y, g_in, gy)
 
             fwd_bwd()  # first call: Triton's interpreter and lazy inits allocate once
             if a.timeline:
@@ -99,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{label:<13} {name:<8} {f:9.0f} {fb:12.0f}")
         ours_fb, torch_fb = results[(label, "ours")][1], results[(label, "torch")][1]
         print(f"{label:<13} ours / torch, fwd+bwd: {100 * ours_fb / torch_fb:.0f}%")
+        if hf:
+            ours_fb, torch_fb = results[(label, "hf-ours")][1], results[(label, "hf-torch")][1]
+            print(f"{label:<13} hf-ours / hf-torch, fwd+bwd: {100 * ours_fb / torch_fb:.0f}%")
     return results
 
 
