@@ -37,8 +37,13 @@ full layer back (collectives: every rank of the group calls them). Both also wor
 parameters that FSDP2's ``fully_shard`` made DTensors: a full checkpoint's tensors are split
 into the local shards without a collective, and the gather returns plain tensors.
 
-An error raised on one rank before the exchange (a wrong input width, say) leaves the other
-ranks waiting in the all-to-all until the process group's timeout.
+An error raised on one rank before the exchange (a wrong input width, say) does not leave the
+other ranks waiting in the all-to-all until the process group's timeout: the failing rank
+sends negative row counts in the counts exchange (the collective the others are waiting in)
+and raises its own error; the others read the counts on the host anyway (the one sync) and
+raise ``RuntimeError`` naming the failed ranks, before any further collective. The group
+stays usable for the next forward. An error after the exchange (in the local experts, say)
+is not covered: the others then wait in the next all-to-all.
 
 Data parallelism composes through a 2-D ``DeviceMesh`` with an expert-parallel dimension:
 pass ``mesh["ep"]``'s group here, and reduce the replicated parameters' gradients over the
@@ -153,14 +158,35 @@ class ExpertParallelMoE(MoE):
         moe.load_state_dict(self.dense_state_dict(), assign=True)
         return moe
 
+    def forward(self, x: torch.Tensor, *, return_losses: bool = False):
+        self._exchanged = False
+        try:
+            return super().forward(x, return_losses=return_losses)
+        except Exception:
+            if not self._exchanged:  # the others wait in the counts exchange: tell them, then raise
+                self._signal_failure()
+            raise
+
+    def _signal_failure(self) -> None:
+        """This rank's part of the counts exchange with every count -1 (no real count is
+        negative): the other ranks raise instead of sending rows."""
+        W, El = self.world, self.n_local
+        flag = torch.full((W * El,), -1, dtype=torch.int64, device=self.router.weight.device)
+        fc.wait_tensor(fc.all_to_all_single(flag, [El] * W, [El] * W, self.group))
+
     def _experts(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
         """Run the plan's rows on the experts' owners and bring the outputs back: ``[N, D]``."""
         W, El = self.world, self.n_local
         counts = plan.expert_counts.to(torch.int64)
         # recv_counts[s, e]: rows source rank s sends to my local expert e
+        self._exchanged = True
         recv_counts = fc.wait_tensor(fc.all_to_all_single(counts, [El] * W, [El] * W, self.group)).view(W, El)
         splits = torch.stack([counts.view(W, El).sum(1), recv_counts.sum(1)]).tolist()  # the one host sync
         send_splits, recv_splits = splits
+        failed = [s for s, n in enumerate(recv_splits) if n < 0]
+        if failed:
+            raise RuntimeError(f"ExpertParallelMoE: group rank(s) {failed} raised before the token exchange "
+                               "(their own error says why); this rank stops its forward too")
         rows = x_TD[plan.token_idx.long()]  # expert order == owner order
         recv = fc.all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
         # Received rows are ordered (source, expert); the local plan sorts them by expert.

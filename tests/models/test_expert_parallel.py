@@ -22,7 +22,7 @@ def _worker(rank: int, world: int, port: int, scenario: str):
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        (_check_edges if scenario == "edges" else _check)(rank, world, scenario)
+        {"edges": _check_edges, "failure": _check_failure}.get(scenario, _check)(rank, world, scenario)
         if scenario in ("edges", "skewed"):  # two group sizes
             _check_construction(rank, world)
         dist.barrier()
@@ -147,6 +147,26 @@ def _check_construction(rank: int, world: int):
         assert torch.equal(got[k], v), f"rank {rank}: {k} differs from MoE(cfg) under rank 0's seed"
 
 
+def _check_failure(rank: int, world: int, scenario: str):
+    """The last rank raises before the exchange (a wrong input width): the others raise too
+    instead of waiting in the all-to-all, and the group serves the next forward."""
+    E = 2 * world
+    cfg = MoEConfig(d_model=8, d_ff=12, n_experts=E, top_k=2, block_m=16, init_std=0.3)
+    torch.manual_seed(0)
+    full = MoE(cfg)
+    ep = ExpertParallelMoE.from_dense_layer(full)
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(rank))
+    if rank == world - 1:
+        with pytest.raises(ValueError, match="x must be a tensor"):
+            ep(torch.randn(2, 3, 7))
+    else:
+        with pytest.raises(RuntimeError, match=rf"group rank\(s\) \[{world - 1}\] raised before the token exchange"):
+            ep(x)
+    y, aux = ep(x)  # every rank again: the exchange is in step
+    y_ref, aux_ref = full(x)
+    _close(y, y_ref, "output after a failed forward")
+
+
 def _check_edges(rank: int, world: int, scenario: str):
     """Several cheap cases in one spawn: a rank without tokens, checkpoints, dtypes, groups."""
     E = 2 * world
@@ -219,6 +239,7 @@ def _check_edges(rank: int, world: int, scenario: str):
     pytest.param(2, "shared", id="2-ranks-shared-expert"),
     pytest.param(4, "mesh", id="dp2-x-ep2-mesh"),
     pytest.param(2, "edges", id="2-ranks-empty-rank-checkpoints-dtypes-groups"),
+    pytest.param(4, "failure", id="4-ranks-one-fails-before-the-exchange"),
 ])
 def test_expert_parallel_matches_single_process(world, scenario):
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
