@@ -611,18 +611,7 @@ def topk_route_reference(logits: torch.Tensor, k: int, *, score: str = "softmax"
     w = probs.gather(1, ids)
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
-    flat = ids.reshape(-1)
-    pair = torch.sort(flat, stable=True).indices
-    inverse = torch.empty_like(pair).scatter_(0, pair, torch.arange(pair.numel(), device=pair.device))
-    counts = torch.zeros(E, dtype=torch.int64, device=logits.device).scatter_add_(0, flat, torch.ones_like(flat))
-    counts, offsets, padded, block_expert, block_row = _block_map_reference(counts, T * k, block_m)
-    i32 = torch.int32
-    return RoutingPlan(
-        token_idx=(pair // k).to(i32), weights=w.reshape(-1)[pair], expert_counts=counts,
-        expert_offsets=offsets, padded_offsets=padded, block_expert=block_expert, block_row=block_row,
-        num_tokens=T, num_experts=E, block_m=block_m, top_k=k, topk_ids=ids.to(i32), topk_weights=w,
-        pair_idx=pair.to(i32), inverse=inverse.to(i32),
-    )
+    return _plan_from_topk_reference(ids, w, E, block_m)
 
 
 def plan_from_counts(token_idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, num_tokens: int, *,

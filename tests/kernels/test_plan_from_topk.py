@@ -15,6 +15,8 @@ from flopwise.kernels import _dispatch
 from flopwise.kernels import routing as R
 from flopwise.kernels import plan_from_topk, plan_from_topk_reference, topk_route
 
+from .test_routing import assert_block_map_valid
+
 INT_FIELDS = ["token_idx", "expert_counts", "expert_offsets", "padded_offsets", "block_expert", "block_row",
               "topk_ids", "pair_idx", "inverse"]
 FLOAT_FIELDS = ["weights", "topk_weights"]
@@ -38,7 +40,7 @@ def assert_plans_identical(p: R.RoutingPlan, r: R.RoutingPlan, equal_nan: bool =
 
 def assert_plan_valid(plan: R.RoutingPlan, distinct: bool = True):
     """Invariants of a token-choice plan (``distinct``: no id repeats within a token's row)."""
-    E, N, K, BM = plan.num_experts, plan.num_rows, plan.top_k, plan.block_m
+    E, N, K = plan.num_experts, plan.num_rows, plan.top_k
     assert N == plan.num_tokens * K
     counts, offsets = plan.expert_counts.long(), plan.expert_offsets.long()
     assert (counts >= 0).all() and offsets[0] == 0 and torch.equal(offsets[1:], counts.cumsum(0))
@@ -54,18 +56,7 @@ def assert_plan_valid(plan: R.RoutingPlan, distinct: bool = True):
         if distinct:
             assert (tok[1:] > tok[:-1]).all()
     assert torch.equal(plan.weights, plan.topk_weights.reshape(-1)[pair]) or torch.isnan(plan.weights).any()
-    padded = plan.padded_offsets.long()
-    assert torch.equal(padded[1:] - padded[:-1], (counts + BM - 1) // BM * BM)
-    covered = torch.zeros(N, dtype=torch.long)
-    be, br = plan.block_expert.long(), plan.block_row.long()
-    n_used = int(padded[-1]) // BM
-    assert (be[:n_used] >= 0).all() and (be[n_used:] == -1).all() and (br[n_used:] == -1).all()
-    for b in range(n_used):
-        e = int(be[b])
-        lo, hi = int(br[b]), min(int(br[b]) + BM, int(offsets[e + 1]))
-        assert offsets[e] <= lo < hi <= offsets[e + 1]
-        covered[lo:hi] += 1
-    assert (covered == 1).all(), "block map covers each row once"
+    assert_block_map_valid(plan)
 
 
 def distinct_ids(T, E, K, dtype=torch.int64):

@@ -21,6 +21,25 @@ INT_FIELDS = ["token_idx", "expert_counts", "expert_offsets", "padded_offsets", 
               "topk_ids", "pair_idx", "inverse"]
 
 
+def assert_block_map_valid(plan: R.RoutingPlan):
+    """The block map: every row covered exactly once, blocks never cross experts, unused
+    entries -1."""
+    N, BM = plan.num_rows, plan.block_m
+    counts, offsets = plan.expert_counts.long(), plan.expert_offsets.long()
+    padded = plan.padded_offsets.long()
+    assert torch.equal(padded[1:] - padded[:-1], (counts + BM - 1) // BM * BM)
+    covered = torch.zeros(N, dtype=torch.long)
+    be, br = plan.block_expert.long(), plan.block_row.long()
+    n_used = int(padded[-1]) // BM
+    assert (be[:n_used] >= 0).all() and (be[n_used:] == -1).all() and (br[n_used:] == -1).all()
+    for b in range(n_used):
+        e = int(be[b])
+        lo, hi = int(br[b]), min(int(br[b]) + BM, int(offsets[e + 1]))
+        assert offsets[e] <= lo < hi <= offsets[e + 1]
+        covered[lo:hi] += 1
+    assert (covered == 1).all(), "block map covers each row once"
+
+
 def assert_plan_valid(plan: R.RoutingPlan):
     """Invariants every plan satisfies, whatever the logits."""
     E, N, BM = plan.num_experts, plan.num_rows, plan.block_m
@@ -44,19 +63,7 @@ def assert_plan_valid(plan: R.RoutingPlan):
         assert torch.equal(plan.topk_ids.reshape(-1).long()[pair],
                            torch.repeat_interleave(torch.arange(E), counts)), "rows sorted by expert"
         assert torch.equal(plan.weights, plan.topk_weights.reshape(-1)[pair]) or torch.isnan(plan.weights).any()
-    # block map: every row covered exactly once, blocks never cross experts
-    padded = plan.padded_offsets.long()
-    assert torch.equal(padded[1:] - padded[:-1], (counts + BM - 1) // BM * BM)
-    covered = torch.zeros(N, dtype=torch.long)
-    be, br = plan.block_expert.long(), plan.block_row.long()
-    n_used = int(padded[-1]) // BM
-    assert (be[:n_used] >= 0).all() and (be[n_used:] == -1).all() and (br[n_used:] == -1).all()
-    for b in range(n_used):
-        e = int(be[b])
-        lo, hi = int(br[b]), min(int(br[b]) + BM, int(offsets[e + 1]))
-        assert offsets[e] <= lo < hi <= offsets[e + 1]
-        covered[lo:hi] += 1
-    assert (covered == 1).all(), "block map covers each row once"
+    assert_block_map_valid(plan)
 
 
 def assert_plans_equal(p: R.RoutingPlan, r: R.RoutingPlan, atol=1e-6):
