@@ -707,7 +707,8 @@ def _plan_from_topk_reference(topk_ids, topk_weights, E: int, block_m: int) -> R
     flat = ids.reshape(-1)
     pair = torch.sort(flat, stable=True).indices  # by expert, then by pair index t*K + k
     inverse = torch.empty_like(pair).scatter_(0, pair, torch.arange(pair.numel(), device=pair.device))
-    counts = torch.bincount(flat, minlength=E)
+    # (scatter_add, not bincount: the meta device has it, so a model built there gets shapes)
+    counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     counts, offsets, padded, block_expert, block_row = _block_map_reference(counts, T * K, block_m)
     i32 = torch.int32
     return RoutingPlan(
