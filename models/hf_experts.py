@@ -138,7 +138,7 @@ def register() -> str:
 
 
 def _experts_modules(model: torch.nn.Module):
-    interface, _ = _interface()
+    _interface()  # (transformers >= 5, else ImportError)
     for name, m in model.named_modules():
         cfg = getattr(m, "config", None)
         # (the modules transformers' @use_experts_implementation wraps dispatch on their config)
