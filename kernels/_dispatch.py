@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["HAS_TRITON", "deterministic_algorithms", "INTERPRET", "KERNEL_DTYPES", "acc_dtype", "backend", "use_triton", "new_output", "traced", "autograd_twin", "cdiv",
+__all__ = ["HAS_TRITON", "deterministic_algorithms", "INTERPRET", "KERNEL_DTYPES", "acc_dtype", "backend", "use_triton", "new_output", "new_output_like", "traced", "autograd_twin", "cdiv",
            "next_pow2"]
 
 try:  # Triton has wheels for Linux only.
@@ -144,9 +144,18 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device | str) -> torc
     when this module is imported) floats are filled with NaN and integers with their minimum,
     so an element a kernel forgets to write makes the comparison against the reference fail
     instead of passing by luck."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+    return _poisoned(torch.empty(shape, dtype=dtype, device=device))
+
+
+def new_output_like(t: torch.Tensor) -> torch.Tensor:
+    """:func:`new_output` shaped and laid out like ``t`` (its strides where ``t`` is dense,
+    ``torch.empty_like``'s rule): a weight's gradient in the weight's own layout."""
+    return _poisoned(torch.empty_like(t, memory_format=torch.preserve_format))
+
+
+def _poisoned(out: torch.Tensor) -> torch.Tensor:
     if POISON:
-        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(dtype).min)
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(out.dtype).min)
     return out
 
 

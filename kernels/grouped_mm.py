@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from . import _tune
 from ._tune import OutOfResources
-from ._dispatch import POISON, HAS_TRITON, acc_dtype, autograd_twin, backend, cdiv, new_output, next_pow2, traced
+from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, backend, cdiv, new_output, new_output_like, next_pow2, \
+    traced
 from ._launch import launch
 from .routing import RoutingPlan
 
@@ -765,15 +766,6 @@ def _as_b_pair(w: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return w.contiguous(), w2.contiguous(), False
 
 
-def _grad_like(w: torch.Tensor) -> torch.Tensor:
-    """A kernel-written gradient for the weight ``w``, in ``w``'s own layout where it is dense
-    (autograd then accumulates it into the parameter without a copy), else contiguous."""
-    out = torch.empty_like(w, memory_format=torch.preserve_format)
-    if POISON:
-        out.fill_(float("nan"))
-    return out
-
-
 def _split_gate_up(w_gate: torch.Tensor, w_up):
     """``(w_gate, w_up)``; with ``w_up`` None, ``w_gate`` is a fused ``[E, D, 2F]`` weight
     holding the gate's columns then the up's."""
@@ -790,9 +782,9 @@ def _gate_up_grads(w_gate: torch.Tensor, w_up):
     tensor in w_up's place. (The fake implementation calls this too, so compiled graphs see
     the same layouts.)"""
     if w_up is None:
-        dwgu = _grad_like(w_gate)
+        dwgu = new_output_like(w_gate)
         return (dwgu, dwgu.new_empty(0), *_split_gate_up(dwgu, None))
-    dwg, dwu = _grad_like(w_gate), _grad_like(w_up)
+    dwg, dwu = new_output_like(w_gate), new_output_like(w_up)
     if dwg.stride() != dwu.stride():
         dwg, dwu = dwg.contiguous(), dwu.contiguous()
     return dwg, dwu, dwg, dwu
@@ -829,7 +821,8 @@ def _moe_fwd(x, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert,
     return y.to(x.dtype), g, u
 
 
-_DW_GATE_UP, _DW_DOWN = 1, 2  # which weight gradients a backward computes (bits)
+_DW_GATE_UP, _DW_DOWN = 1, 2  # which weight gradients moe_mlp's backward computes (bits)
+_DA, _DW = 1, 2  # which gradients grouped_mm's backward computes (bits)
 
 
 def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expert, block_row,
@@ -859,7 +852,7 @@ def _moe_bwd(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, blo
                  weights=weights, dw=dweights, transpose_w=trd, dw_partial=deterministic)
     # dWd = sum_r (w_r h_r)^T dY[tok_r], first: hw is freed before dX's fp32 buffer exists
     if need_dw & _DW_DOWN:
-        dwd = _grad_like(w_down)
+        dwd = new_output_like(w_down)
         _launch_dw(hw, plan, dy, dwd, gather_a=False, gather_g=True)
         del hw
     else:
@@ -895,13 +888,13 @@ def _gmm_fwd(a, w, token_idx, offsets, block_expert, block_row, block_m: int, ga
 
 
 def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: int, gather: bool,
-             deterministic: bool = False, need: int = 3):
-    """dA (``need`` bit 1) and dW (bit 2); a gradient not needed (a frozen weight, say) is
+             deterministic: bool = False, need: int = _DA | _DW):
+    """dA and dW (the bits of ``need``); a gradient not needed (a frozen weight, say) is
     not computed and comes back empty."""
     dout, a = dout.contiguous(), a.contiguous()
     plan = _plan_from(token_idx, a.new_empty(0), offsets, block_expert, block_row, block_m, a.shape[0])
     b, tr = _as_b(w.transpose(1, 2))
-    if not need & 1:
+    if not need & _DA:
         da = a.new_empty(0)
     elif gather and deterministic:  # per-row dA, then each token's rows summed in a fixed order
         rows = new_output((token_idx.shape[0], a.shape[1]), dtype=torch.float32, device=a.device)
@@ -916,9 +909,9 @@ def _gmm_bwd(dout, a, w, token_idx, offsets, block_expert, block_row, block_m: i
         # rows outside every expert's range (none in a full plan) keep a zero gradient
         da = torch.zeros_like(a)
         _launch_rows(dout, b, plan, da, epilogue=_STORE, gather=False, transpose_w=tr)
-    if not need & 2:
+    if not need & _DW:
         return da, w.new_empty(0)
-    dw = _grad_like(w)
+    dw = new_output_like(w)
     _launch_dw(a, plan, dout, dw, gather_a=gather, gather_g=False)
     return da, dw
 
@@ -959,7 +952,7 @@ def _(dy, x, g, u, weights, w_gate, w_up, w_down, token_idx, offsets, block_expe
         dw_first, dw_second, _, _ = _gate_up_grads(w_gate, w_up)
     else:
         dw_first, dw_second = w_gate.new_empty(0), w_gate.new_empty(0)
-    dwd = _grad_like(w_down) if need_dw & _DW_DOWN else w_down.new_empty(0)
+    dwd = new_output_like(w_down) if need_dw & _DW_DOWN else w_down.new_empty(0)
     return torch.empty_like(x), torch.empty_like(weights), dw_first, dw_second, dwd
 
 
@@ -1026,7 +1019,7 @@ def _gmm_bwd_op(dout: torch.Tensor, a: torch.Tensor, w: torch.Tensor, token_idx:
 
 @_gmm_bwd_op.register_fake
 def _(dout, a, w, token_idx, offsets, block_expert, block_row, block_m, gather, deterministic, need):
-    return (torch.empty_like(a) if need & 1 else a.new_empty(0)), (_grad_like(w) if need & 2 else w.new_empty(0))
+    return (torch.empty_like(a) if need & _DA else a.new_empty(0)), (new_output_like(w) if need & _DW else w.new_empty(0))
 
 
 def _gmm_setup(ctx, inputs, output):
@@ -1040,7 +1033,7 @@ def _gmm_backward(bwd):
         a, w, token_idx, offsets, block_expert, block_row = ctx.saved_tensors
         need_a, need_w = ctx.needs_input_grad[:2]
         da, dw = bwd(dout, a, w, token_idx, offsets, block_expert, block_row, ctx.block_m, ctx.gather,
-                     torch.are_deterministic_algorithms_enabled(), int(need_a) | 2 * int(need_w))
+                     torch.are_deterministic_algorithms_enabled(), _DA * need_a | _DW * need_w)
         return da if need_a else None, dw if need_w else None, None, None, None, None, None, None
 
     return backward

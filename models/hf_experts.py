@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import moe_mlp, plan_from_topk
+from .moe import _compute_dtype
 
 __all__ = ["NAME", "check_experts_module", "experts_forward", "register", "use_flopwise_experts"]
 
@@ -99,12 +100,6 @@ def check_experts_module(module: torch.nn.Module) -> None:
     if why is not None:
         raise ValueError(f"experts_implementation={NAME!r} cannot run this model's experts: {why}. "
                          "Use experts_implementation='grouped_mm' (or 'eager') for it.")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
