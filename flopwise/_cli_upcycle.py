@@ -138,12 +138,13 @@ def add_parser(sub) -> None:
     from flopwise.models.upcycle import EXPERT_INITS, ROUTER_INITS
 
     p = sub.add_parser("upcycle", help="turn a dense checkpoint into a Mixture-of-Experts checkpoint (sparse upcycling)")
-    p.add_argument("src", help="dense checkpoint folder: Hugging Face llama/mistral/qwen2 or flopwise")
+    p.add_argument("src", help="dense checkpoint folder: Hugging Face llama/mistral/qwen2/qwen3 or flopwise")
     p.add_argument("dst", help="output folder (created atomically; must not exist unless --force)")
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    p.add_argument("--format", choices=("flopwise", "mixtral", "qwen2_moe"), default=None,
-                   help="output format (default: flopwise for flopwise sources, mixtral otherwise)")
+    p.add_argument("--format", choices=("flopwise", "mixtral", "qwen2_moe", "qwen3_moe"), default=None,
+                   help="output format (default: flopwise for flopwise sources, qwen3_moe for qwen3, mixtral "
+                        "otherwise)")
     p.add_argument("--layers", default="all",
                    help="which MLPs become MoE: all, every_other (1, 3, ...), last:N, or 0,2,5 (default all)")
     p.add_argument("--expert-init", choices=EXPERT_INITS, default="copy",
@@ -156,7 +157,7 @@ def add_parser(sub) -> None:
     p.add_argument("--router-std", type=float, help="router init std / row scale (default 0.02)")
     p.add_argument("--calibration-text", metavar="FILE", help="UTF-8 text for --router-init kmeans")
     p.add_argument("--no-renormalize", action="store_true",
-                   help="qwen2_moe: norm_topk_prob=False (breaks exact reproduction)")
+                   help="qwen2_moe, qwen3_moe: norm_topk_prob=False (breaks exact reproduction)")
     p.add_argument("--shared-d-ff", type=int, default=0, help="qwen2_moe shared expert size (default 0: none)")
     p.add_argument("--aux-loss-coef", type=float,
                    help="router aux loss coefficient written to the Hugging Face config (default 0.01; the flopwise "
@@ -206,8 +207,10 @@ def _run_upcycle(args: argparse.Namespace) -> int:
 
         try:
             with open(os.path.join(args.src, "config.json")) as f:
-                is_hf = "model_type" in json.load(f)
+                cfg = json.load(f)
+            model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+            is_hf = not isinstance(cfg, dict) or "model_type" in cfg
         except (OSError, ValueError):
-            is_hf = True  # the library reports the real problem
-        args.format = "mixtral" if is_hf else "flopwise"
+            is_hf, model_type = True, None  # the library reports the real problem
+        args.format = "flopwise" if not is_hf else "qwen3_moe" if model_type == "qwen3" else "mixtral"
     return _cmd_upcycle(args)

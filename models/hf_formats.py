@@ -1,6 +1,6 @@
 """Checkpoint naming schemes that upcycling reads and writes.
 
-Sources (dense, SwiGLU MLPs): Hugging Face ``llama``, ``mistral`` and ``qwen2`` folders
+Sources (dense, SwiGLU MLPs): Hugging Face ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` folders
 (``config.json`` + ``model.safetensors`` or shards with ``model.safetensors.index.json``)
 and flopwise folders (``config.json`` = a :class:`~flopwise.models.ModelConfig` as JSON +
 ``model.safetensors``). :func:`describe_source` validates names and shapes from the
@@ -8,7 +8,9 @@ headers alone and returns a :class:`DenseSource`.
 
 Targets: Hugging Face ``mixtral`` (every layer MoE, per-expert
 ``block_sparse_moe.experts.N.w1/w2/w3``), ``qwen2_moe`` (layer subsets via
-``decoder_sparse_step`` / ``mlp_only_layers``, a shared expert) and ``flopwise`` (stacked
+``decoder_sparse_step`` / ``mlp_only_layers``, a shared expert), ``qwen3_moe`` (the same
+layer subsets, no shared expert; per-head q/k norms, so only for ``qwen3`` sources) and
+``flopwise`` (stacked
 ``w_gate/w_up [E, D, F]``, ``w_down [E, F, D]``). :func:`moe_names` gives a target's
 tensor names, :func:`target_config` its ``config.json``.
 
@@ -29,8 +31,13 @@ from .safetensors_io import CheckpointReader
 __all__ = ["SOURCE_ARCHS", "TARGET_FORMATS", "DenseSource", "describe_source", "moe_names", "target_config",
            "load_flopwise", "save_flopwise"]
 
-SOURCE_ARCHS = ("llama", "mistral", "qwen2", "flopwise")
-TARGET_FORMATS = ("flopwise", "mixtral", "qwen2_moe")
+SOURCE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "flopwise")
+TARGET_FORMATS = ("flopwise", "mixtral", "qwen2_moe", "qwen3_moe")
+# The Hugging Face formats each source architecture can be written in: Qwen3's attention
+# normalises each head's queries and keys (q_norm, k_norm), which only Qwen3-MoE has, and
+# Qwen3-MoE has them in every layer, which the other sources cannot fill.
+HF_TARGETS = {"llama": ("mixtral", "qwen2_moe"), "mistral": ("mixtral", "qwen2_moe"),
+              "qwen2": ("mixtral", "qwen2_moe"), "qwen3": ("qwen3_moe",)}
 MLP_KINDS = ("gate", "up", "down")
 _LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 # Buffers some older checkpoints carry; recomputed by the model, never needed.
@@ -42,7 +49,7 @@ class DenseSource:
     """A validated dense checkpoint.
 
     Attributes:
-        arch: ``llama``, ``mistral``, ``qwen2`` or ``flopwise``.
+        arch: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` or ``flopwise``.
         config: the raw ``config.json``.
         reader: the tensors (headers read, data not).
         n_layers, d_model, d_ff: sizes.
@@ -112,9 +119,9 @@ def describe_source(folder: str) -> DenseSource:
     cfg = _load_config(folder)
     if "model_type" in cfg:
         mt = cfg["model_type"]
-        if mt not in ("llama", "mistral", "qwen2"):
+        if mt not in HF_TARGETS:
             raise ValueError(f"unknown architecture model_type={mt!r} in {folder}/config.json; "
-                             "upcycling reads llama, mistral, qwen2 and flopwise checkpoints")
+                             "upcycling reads llama, mistral, qwen2, qwen3 and flopwise checkpoints")
         return _describe_hf(folder, cfg, mt)
     if {"d_model", "n_layers", "vocab_size"} <= set(cfg):
         return _describe_flopwise(folder, cfg)
@@ -123,7 +130,7 @@ def describe_source(folder: str) -> DenseSource:
 
 
 # What transformers' config class of each source architecture (LlamaConfig, MistralConfig,
-# Qwen2Config) assumes for a key config.json leaves out, for every key the MoE targets read:
+# Qwen2Config, Qwen3Config) assumes for a key config.json leaves out, for every key the MoE targets read:
 # their own defaults differ (Mixtral: rope_theta 1e6, rms_norm_eps 1e-5, 8 KV heads), so a
 # missing key is written out with the source's value. None for num_key_value_heads and
 # head_dim: derived (num_attention_heads; hidden_size // num_attention_heads). The tests
@@ -137,6 +144,11 @@ _HF_DEFAULTS = {
                     attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=True,
                     sliding_window=4096),
     "qwen2": dict(num_key_value_heads=32, head_dim=None, hidden_act="silu", max_position_embeddings=32768,
+                  initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                  attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=True,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28),
+    # Qwen3 stores head_dim (128 unless told), it does not derive it
+    "qwen3": dict(num_key_value_heads=32, head_dim=128, hidden_act="silu", max_position_embeddings=32768,
                   initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
                   attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=True,
                   use_sliding_window=False, sliding_window=4096, max_window_layers=28),
@@ -195,6 +207,8 @@ def _describe_hf(folder: str, raw: dict, arch: str) -> DenseSource:
         own = {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
                p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (KV * hd, D),
                p + "self_attn.v_proj.weight": (KV * hd, D), p + "self_attn.o_proj.weight": (D, H * hd)}
+        if arch == "qwen3":  # RMSNorm of each head's queries and keys
+            own.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         for proj, n in (("q", H * hd), ("k", KV * hd), ("v", KV * hd), ("o", D)):
             name = p + f"self_attn.{proj}_proj.bias"
             if name in reader:
@@ -313,6 +327,10 @@ def moe_names(fmt: str, src: DenseSource, layer: int, n_experts: int) -> dict:
                 "experts": {k: [p + f"experts.{e}.{k}_proj.weight" for e in range(n_experts)] for k in MLP_KINDS},
                 "shared": {**{k: p + f"shared_expert.{k}_proj.weight" for k in MLP_KINDS},
                            "gate_weight": p + "shared_expert_gate.weight"}}
+    if fmt == "qwen3_moe":
+        p = f"model.layers.{i}.mlp."
+        return {"router": p + "gate.weight",
+                "experts": {k: [p + f"experts.{e}.{k}_proj.weight" for e in range(n_experts)] for k in MLP_KINDS}}
     if fmt == "flopwise":
         p = src.mlp_prefix[i]
         return {"router": p + "router.weight", "stacked": {k: p + f"w_{k}" for k in MLP_KINDS}}
@@ -364,7 +382,8 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
                    num_local_experts=n_experts, num_experts_per_tok=top_k, router_aux_loss_coef=aux_loss_coef,
                    output_router_logits=False, router_jitter_noise=0.0, sliding_window=window)
         return out
-    # qwen2_moe
+    # qwen2_moe, qwen3_moe: layer i is MoE when (i + 1) % decoder_sparse_step == 0 and i is
+    # not in mlp_only_layers
     sparse = sorted(moe_layers)
     if sparse == list(range(L)):
         step, only = 1, []
@@ -372,6 +391,20 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
         step, only = 2, []
     else:
         step, only = 1, [i for i in range(L) if i not in sparse]
+    if fmt == "qwen3_moe":
+        # Qwen3-MoE applies one sliding window to every layer (or none), as Mixtral
+        types = source_layer_types(src)
+        if len(set(types)) > 1:
+            raise ValueError(f"{src.folder}/config.json: layers mix sliding and full attention "
+                             f"({types.count('sliding_attention')} of {L} sliding), which qwen3_moe cannot express")
+        sliding = types[0] == "sliding_attention"
+        out.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], intermediate_size=src.d_ff,
+                   moe_intermediate_size=expert_d_ff, num_experts=n_experts, num_experts_per_tok=top_k,
+                   decoder_sparse_step=step, mlp_only_layers=only, norm_topk_prob=renormalize,
+                   router_aux_loss_coef=aux_loss_coef, output_router_logits=False,
+                   attention_bias=bool(src.attn_bias), use_sliding_window=sliding,
+                   sliding_window=c["sliding_window"] if sliding else None)
+        return out
     out.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], intermediate_size=src.d_ff,
                moe_intermediate_size=expert_d_ff, num_experts=n_experts, num_experts_per_tok=top_k,
                decoder_sparse_step=step, mlp_only_layers=only, norm_topk_prob=renormalize,
@@ -392,11 +425,11 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
 def source_layer_types(src: DenseSource) -> list[str]:
     """Per layer, ``"sliding_attention"`` or ``"full_attention"`` as the dense model runs it."""
     c, L = src.hf_config, src.n_layers
-    if src.arch == "qwen2":
+    if src.arch in ("qwen2", "qwen3"):
         if not (c.get("use_sliding_window") and c.get("sliding_window")):
             return ["full_attention"] * L
         types = c.get("layer_types")
-        if types is None:  # older configs: Qwen2Config's rule
+        if types is None:  # older configs: Qwen2Config's (and Qwen3Config's) rule
             mwl = c["max_window_layers"]
             return ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)]
         if not (isinstance(types, list) and len(types) == L

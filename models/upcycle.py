@@ -4,7 +4,7 @@ Komatsuzaki et al. 2023: each selected MLP becomes E experts initialised from it
 new router. Options (:class:`UpcycleOptions`): experts and top-k, which layers, expert
 init (exact copies, copies + Gaussian noise, Drop-Upcycling, Megatron's neuron-split
 granularity), router init (normal, zeros, orthogonal, k-means centroids of calibration
-hidden states), output format (flopwise, Hugging Face Mixtral, Hugging Face Qwen2-MoE).
+hidden states), output format (flopwise, Hugging Face Mixtral, Qwen2-MoE or Qwen3-MoE).
 
 How it works: :func:`plan_upcycle` reads the source's ``config.json`` and safetensors
 headers, validates them, and returns an :class:`UpcyclePlan` (every output tensor with a
@@ -49,7 +49,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .hf_formats import MLP_KINDS, TARGET_FORMATS, DenseSource, describe_source, moe_names, target_config
+from .hf_formats import HF_TARGETS, MLP_KINDS, TARGET_FORMATS, DenseSource, describe_source, moe_names, target_config
 from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, check_replaceable_folder, path_within, plan_shards,
                              publish_folder, publish_mode, rewrite_metadata, write_index, write_shard)
 
@@ -88,8 +88,9 @@ class UpcycleOptions:
 
     Attributes:
         n_experts: experts per MoE layer (E); top_k: experts per token (k <= E).
-        format: ``"flopwise"``, ``"mixtral"`` or ``"qwen2_moe"`` (flopwise sources convert to
-            flopwise, Hugging Face sources to mixtral or qwen2_moe).
+        format: ``"flopwise"``, ``"mixtral"``, ``"qwen2_moe"`` or ``"qwen3_moe"`` (flopwise
+            sources convert to flopwise; Llama, Mistral and Qwen2 to mixtral or qwen2_moe;
+            Qwen3 to qwen3_moe).
         layers: ``"all"``, ``"every_other"`` (1, 3, 5, ...: the paper keeps the first block
             dense), ``"last:N"`` or a sequence of layer indices.
         expert_init: ``"copy"`` (the paper), ``"noise"`` (copy + N(0, (noise_std * std(W))^2)
@@ -105,8 +106,8 @@ class UpcycleOptions:
             centroids of each layer's MLP inputs on ``calibration_text``, same row norm).
         calibration_text: path of a UTF-8 text file (kmeans only); tokenised with the source's
             tokenizer (a Hugging Face source must have one), as bytes for flopwise sources.
-        renormalize: renormalise the top-k weights (qwen2_moe's ``norm_topk_prob``; Mixtral
-            and flopwise always renormalise).
+        renormalize: renormalise the top-k weights (qwen2_moe's and qwen3_moe's
+            ``norm_topk_prob``; Mixtral and flopwise always renormalise).
         shared_d_ff: qwen2_moe shared expert size; 0 (default) stores an empty one. A
             non-empty one gets a zero down projection and a zero gate, so it adds exactly 0.
         aux_loss_coef: load-balancing coefficient written to the HF config (the flopwise format
@@ -164,7 +165,7 @@ class UpcycleOptions:
             raise ValueError(f"option shared_d_ff must be an int >= 0, got {self.shared_d_ff!r}")
         if self.shared_d_ff and self.format != "qwen2_moe":
             raise ValueError("option shared_d_ff is only expressible in the qwen2_moe format")
-        if not self.renormalize and self.format != "qwen2_moe":
+        if not self.renormalize and self.format not in ("qwen2_moe", "qwen3_moe"):
             raise ValueError(f"option renormalize=False is not expressible in the {self.format} format "
                              "(it always renormalises top-k weights)")
         if self.format == "flopwise" and self.aux_loss_coef != _FLOPWISE_AUX_LOSS_COEF:
@@ -279,8 +280,15 @@ class UpcyclePlan:
 def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) -> None:
     if src.family == "flopwise" and o.format != "flopwise":
         raise ValueError(f"option format={o.format!r}: flopwise sources convert to the flopwise format only")
-    if src.family == "hf" and o.format == "flopwise":
-        raise ValueError(f"option format='flopwise': {src.arch} sources convert to 'mixtral' or 'qwen2_moe'")
+    if src.family == "hf" and o.format not in HF_TARGETS[src.arch]:
+        fits = " or ".join(repr(f) for f in HF_TARGETS[src.arch])
+        if src.arch == "qwen3":
+            why = ": qwen3's attention normalises each head's queries and keys (q_norm, k_norm), which only qwen3_moe has"
+        elif o.format == "qwen3_moe":
+            why = f": qwen3_moe's attention normalises each head's queries and keys (q_norm, k_norm), which {src.arch} lacks"
+        else:
+            why = ""
+        raise ValueError(f"option format={o.format!r}: {src.arch} sources convert to {fits}{why}")
     if o.format == "mixtral":
         if moe_layers != list(range(src.n_layers)):
             raise ValueError("option layers: the mixtral format makes every layer MoE; "
@@ -295,6 +303,12 @@ def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) ->
         why = _qwen2_moe_bias_problem(src)
         if why is not None:
             raise ValueError(why)
+    if o.format == "qwen3_moe" and src.attn_bias:
+        # attention_bias puts a bias on q, k, v and o of every layer
+        need = {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(src.n_layers) for p in "qkvo"}
+        missing = sorted(need - set(src.attn_bias))
+        if missing:
+            raise ValueError(f"missing tensor {missing[0]!r}: qwen3_moe needs q/k/v/o biases in every layer or none")
     if src.d_ff % o.granularity:
         raise ValueError(f"option granularity ({o.granularity}) must divide the MLP hidden size {src.d_ff}")
     for i in moe_layers:

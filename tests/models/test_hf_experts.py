@@ -207,17 +207,21 @@ def test_compiled_model_has_no_graph_break_and_matches_eager():
             torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
-def test_upcycled_checkpoint_reproduces_the_dense_model_on_the_kernels(tmp_path):
-    """A dense Llama upcycled to Mixtral (copy init, renormalised top-k), loaded with
-    experts_implementation="flopwise": the dense logits, and eager's gradients."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize("arch, fmt, layers", [("llama", "mixtral", "all"), ("qwen3", "qwen3_moe", "every_other")])
+def test_upcycled_checkpoint_reproduces_the_dense_model_on_the_kernels(tmp_path, arch, fmt, layers):
+    """A dense Llama upcycled to Mixtral, and a dense Qwen3 to Qwen3-MoE on every other layer
+    (copy init, renormalised top-k), loaded with experts_implementation="flopwise": the dense
+    logits, and eager's gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from flopwise.models.upcycle import UpcycleOptions, upcycle
 
     torch.manual_seed(0)
-    dense = LlamaForCausalLM(LlamaConfig(**{**COMMON, "intermediate_size": 48})).eval()
+    cfg, cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen3Config, Qwen3ForCausalLM)
+    dense = cls(cfg(**{**COMMON, "intermediate_size": 48})).eval()
     dense.save_pretrained(tmp_path / "dense", safe_serialization=True)
-    upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"), UpcycleOptions(n_experts=4, top_k=2, format="mixtral"))
+    upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"),
+            UpcycleOptions(n_experts=4, top_k=2, format=fmt, layers=layers))
     hf_experts.register()
     moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", experts_implementation="flopwise",
                                                dtype=torch.float32)

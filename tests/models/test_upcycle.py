@@ -1,4 +1,4 @@
-"""Sparse upcycling: tiny random Llama / Mistral / Qwen2 / flopwise models are converted and
+"""Sparse upcycling: tiny random Llama / Mistral / Qwen2 / Qwen3 / flopwise models are converted and
 loaded back with transformers' own MoE classes (or flopwise's Transformer); copy-initialised
 MoEs must reproduce the dense logits. Also: expert and router inits, layer selection,
 reproducibility, optimizer moments, atomic writes, bad input, dry-run sizes, the CLI."""
@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import transformers  # noqa: E402  (a test dependency: the real client that loads our output)
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,  # noqa: E402
-                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeForCausalLM)
+                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeForCausalLM)
 
 from flopwise import _cli_upcycle  # noqa: E402
 from flopwise.models import ModelConfig, Transformer  # noqa: E402
@@ -38,7 +39,9 @@ def _tiny(arch: str, folder, *, tied=False, shard=None, **kw):
     common = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+           "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+    if arch == "qwen3":  # Qwen3Config's head_dim is 128 unless told
+        common["head_dim"] = D // 4
     model = cls[1](cls[0](**{**common, **kw})).eval()
     with torch.no_grad():  # RMSNorm weights start at 1: perturb them so a swapped norm would show
         for n, p in model.named_parameters():
@@ -145,6 +148,99 @@ def test_mistral_tied_and_qwen2_bias(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("layers, kinds", [("all", "MMMM"), ("every_other", "DMDM"), ([0, 3], "MDDM")],
+                         ids=["all", "every_other", "list"])
+def test_qwen3_to_qwen3_moe_reproduces_dense(tmp_path, layers, kinds):
+    """Qwen3 (per-head q/k norms, perturbed by _tiny) -> Qwen3-MoE, loaded by transformers'
+    own class: the copied experts reproduce the dense logits, the q/k norms are copied."""
+    torch.manual_seed(5)
+    src = tmp_path / "qwen3"
+    dense = _tiny("qwen3", src)
+    out = tmp_path / "moe"
+    report = upcycle(str(src), str(out), UpcycleOptions(n_experts=4, top_k=2, format="qwen3_moe", layers=layers),
+                     verify=True)
+    assert report.verify.passed and not report.verify.config_diffs and report.verify.max_abs_diff <= TOL
+    moe = _load(Qwen3MoeForCausalLM, out)
+    got = "".join("M" if type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" else "D" for layer in moe.model.layers)
+    assert got == kinds
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_moe" and cfg["norm_topk_prob"] is True and cfg["attention_bias"] is False
+    assert cfg["intermediate_size"] == F and cfg["moe_intermediate_size"] == F and cfg["head_dim"] == D // 4
+    assert _diff(dense, moe) <= TOL
+    a, b = CheckpointReader(str(src)), CheckpointReader(str(out))
+    for name in ("model.layers.1.self_attn.q_norm.weight", "model.layers.2.self_attn.k_norm.weight"):
+        assert torch.equal(a.get(name), b.get(name))
+    assert not torch.equal(a.get("model.layers.1.self_attn.q_norm.weight"), torch.ones(D // 4))
+
+
+def test_qwen3_attention_bias_sliding_window_and_untied(tmp_path):
+    torch.manual_seed(6)
+    src = tmp_path / "qwen3"
+    dense = _tiny("qwen3", src, attention_bias=True, tied=True, use_sliding_window=True, sliding_window=4,
+                  max_window_layers=0)  # every layer slides
+    with pytest.warns(UpcycleWarning, match="renormalize=False"):
+        upcycle(str(src), str(tmp_path / "moe"), UpcycleOptions(n_experts=3, top_k=1, format="qwen3_moe",
+                                                                renormalize=False))
+    moe = _load(Qwen3MoeForCausalLM, tmp_path / "moe")
+    assert moe.config.attention_bias and moe.config.tie_word_embeddings and moe.config.sliding_window == 4
+    assert moe.config.norm_topk_prob is False
+    # top-1 without renormalisation scales each expert's output by its router probability: not
+    # the dense model; with renormalisation (weight 1) it is, biases and window included
+    upcycle(str(src), str(tmp_path / "moe1"), UpcycleOptions(n_experts=3, top_k=1, format="qwen3_moe"), verify=True)
+    moe1 = _load(Qwen3MoeForCausalLM, tmp_path / "moe1")
+    x = torch.randint(V, (2, 12), generator=torch.Generator().manual_seed(1))  # 12 > window 4: the window matters
+    with torch.no_grad():
+        assert float((dense(x).logits - moe1(x).logits).abs().max()) <= TOL
+        assert float((dense(x).logits - moe(x).logits).abs().max()) > 10 * TOL
+    from flopwise.models.upcycle import _attention_windows
+
+    assert _attention_windows(dense.config) == _attention_windows(moe1.config) == [4] * L
+    # layers that mix sliding and full attention have no Qwen3-MoE form
+    mixed = tmp_path / "mixed"
+    _tiny("qwen3", mixed, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    with pytest.raises(ValueError, match=r"layers mix sliding and full attention \(2 of 4 sliding\), which qwen3_moe"):
+        upcycle(str(mixed), str(tmp_path / "bad"), UpcycleOptions(n_experts=2, format="qwen3_moe"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_qwen3_formats_are_refused_where_the_q_k_norms_do_not_fit(llama, tmp_path, capsys):
+    torch.manual_seed(7)
+    src = tmp_path / "qwen3"
+    _tiny("qwen3", src)
+    for fmt in ("mixtral", "qwen2_moe", "flopwise"):
+        with pytest.raises(ValueError, match=rf"option format='{fmt}': qwen3 sources convert to 'qwen3_moe': "
+                                             r"qwen3's attention normalises each head's queries and keys"):
+            upcycle(str(src), str(tmp_path / fmt), UpcycleOptions(n_experts=2, top_k=1, format=fmt))
+        assert not (tmp_path / fmt).exists()
+    with pytest.raises(ValueError, match=r"option format='qwen3_moe': llama sources convert to 'mixtral' or "
+                                         r"'qwen2_moe': qwen3_moe's attention normalises .* which llama lacks"):
+        upcycle(str(llama[0]), str(tmp_path / "l"), UpcycleOptions(n_experts=2, top_k=1, format="qwen3_moe"))
+    with pytest.raises(ValueError, match="shared_d_ff is only expressible in the qwen2_moe format"):
+        UpcycleOptions(n_experts=2, format="qwen3_moe", shared_d_ff=8)
+    # the command line picks qwen3_moe for a qwen3 source when --format is not given
+    parser = argparse.ArgumentParser()
+    _cli_upcycle.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["upcycle", str(src), str(tmp_path / "cli"), "--experts", "2", "--top-k", "1",
+                              "--dry-run", "--json"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "qwen3_moe" and not (tmp_path / "cli").exists()
+    # a checkpoint with biases on some projections only has no qwen3_moe form
+    partial = tmp_path / "partial"
+    _tiny("qwen3", partial, attention_bias=True)
+    sd = load_file(str(partial / "model.safetensors"))
+    del sd["model.layers.2.self_attn.o_proj.bias"]
+    save_file(sd, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.2\.self_attn\.o_proj\.bias': qwen3_moe "
+                                         r"needs q/k/v/o biases in every layer or none"):
+        upcycle(str(partial), str(tmp_path / "p"), UpcycleOptions(n_experts=2, format="qwen3_moe"))
+    # the q/k norms are part of the source's layout: a checkpoint without them is refused
+    sd = load_file(str(src / "model.safetensors"))
+    del sd["model.layers.0.self_attn.k_norm.weight"]
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_norm\.weight"):
+        upcycle(str(src), str(tmp_path / "k"), UpcycleOptions(n_experts=2, format="qwen3_moe"))
+
+
 # Keys an older or hand-written config.json may leave out: transformers then takes the source
 # class's defaults, which differ from Mixtral's (rope_theta 1e6, rms_norm_eps 1e-5, 8 KV
 # heads, no sliding window) and Qwen2-MoE's (16 KV heads).
@@ -156,24 +252,28 @@ _LEFT_OUT = ("num_key_value_heads", "head_dim", "rope_theta", "rope_parameters",
 
 @pytest.mark.parametrize("arch, fmt, extra", [
     ("llama", "mixtral", {}), ("llama", "qwen2_moe", {}), ("mistral", "mixtral", {}), ("mistral", "qwen2_moe", {}),
-    ("qwen2", "qwen2_moe", {}),
+    ("qwen2", "qwen2_moe", {}), ("qwen3", "qwen3_moe", {}),
     # RoPE settings without a base: the base is the source's default (legacy form and v5 form)
     ("llama", "mixtral", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "num_key_value_heads": 4}),
     ("llama", "mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}, "num_key_value_heads": 4}),
 ], ids=["llama-mixtral", "llama-qwen2_moe", "mistral-mixtral", "mistral-qwen2_moe", "qwen2-qwen2_moe",
-        "rope_scaling", "rope_parameters"])
+        "qwen3-qwen3_moe", "rope_scaling", "rope_parameters"])
 def test_config_keys_left_out_take_the_source_defaults(tmp_path, arch, fmt, extra):
     torch.manual_seed(4)
-    heads = {"llama": 4, "mistral": 8, "qwen2": 32}[arch]  # the KV heads each class assumes when not told
+    heads = {"llama": 4, "mistral": 8, "qwen2": 32, "qwen3": 32}[arch]  # the KV heads each class assumes
+    head_dim = 128 if arch == "qwen3" else 64 // heads  # Qwen3 stores 128 unless told; the others derive it
     src = tmp_path / arch
-    _tiny(arch, src, hidden_size=64, num_attention_heads=heads, num_key_value_heads=heads)
+    _tiny(arch, src, hidden_size=64, num_attention_heads=heads, num_key_value_heads=heads,
+          **({"head_dim": head_dim} if arch == "qwen3" else {}))
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**{k: v for k, v in cfg.items() if k not in _LEFT_OUT}, **extra}))
-    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[arch]
+    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM,
+           "qwen3": Qwen3ForCausalLM}[arch]
     dense = _load(cls, src)  # the dense model as transformers reads the shortened config
     report = upcycle(str(src), str(tmp_path / "moe"), UpcycleOptions(n_experts=4, top_k=2, format=fmt), verify=True)
     assert report.verify.passed and not report.verify.config_diffs
-    moe = _load(MixtralForCausalLM if fmt == "mixtral" else Qwen2MoeForCausalLM, tmp_path / "moe")
+    moe = _load({"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM,
+                 "qwen3_moe": Qwen3MoeForCausalLM}[fmt], tmp_path / "moe")
     assert _diff(dense, moe) <= TOL
     from flopwise.models.upcycle import _attention_windows
 
@@ -183,7 +283,7 @@ def test_config_keys_left_out_take_the_source_defaults(tmp_path, arch, fmt, extr
                                                 a.max_position_embeddings, a.bos_token_id, a.eos_token_id)
     assert _attention_windows(a) == _attention_windows(b) == [4096 if arch == "mistral" else None] * L
     out = json.loads((tmp_path / "moe" / "config.json").read_text())
-    assert out["num_key_value_heads"] == heads and out["head_dim"] == 64 // heads
+    assert out["num_key_value_heads"] == heads and out["head_dim"] == head_dim
 
 
 def test_kv_heads_left_out_are_the_architectures_default(tmp_path):
@@ -207,7 +307,8 @@ def test_source_defaults_are_transformers_defaults():
     from flopwise.models.hf_formats import _COMMON, _HF_DEFAULTS
 
     sizes = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L, num_attention_heads=4)
-    for arch, cls in (("llama", LlamaConfig), ("mistral", MistralConfig), ("qwen2", Qwen2Config)):
+    for arch, cls in (("llama", LlamaConfig), ("mistral", MistralConfig), ("qwen2", Qwen2Config),
+                      ("qwen3", Qwen3Config)):
         table = _HF_DEFAULTS[arch]
         assert set(_COMMON) - set(sizes) - {"rope_scaling", "rope_parameters", "dtype", "torch_dtype"} <= set(table)
         for key, value in table.items():
