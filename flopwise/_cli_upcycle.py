@@ -90,7 +90,8 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
               f"{summary['n_experts']} experts, top-{summary['top_k']}, MoE layers {summary['moe_layers']}")
         print(f"  output {_human(summary['output_bytes'])} in {len(summary['shards'])} files; "
               f"params total {summary['total_params']:,}, active per token {summary['active_params']:,}")
-        print(f"  estimated peak memory {_human(summary['peak_bytes_estimate'])} (plus the interpreter and torch)")
+        print(f"  estimated peak memory {_human(summary['peak_bytes_estimate'])} (plus the interpreter and torch); "
+              f"--verify: {_human(summary['verify_bytes_estimate'])} (both models in float32)")
         for s in summary["shards"]:
             print(f"    {s['file']:<40} {_human(s['bytes']):>10} {s['tensors']:>6} tensors")
         for w in summary["warnings"]:
@@ -183,7 +184,7 @@ _FLAGS = {"n_experts": "--experts", "top_k": "--top-k", "format": "--format", "l
           "granularity": "--granularity", "router_init": "--router-init", "router_std": "--router-std",
           "calibration_text": "--calibration-text", "renormalize": "--no-renormalize",
           "shared_d_ff": "--shared-d-ff", "aux_loss_coef": "--aux-loss-coef", "seed": "--seed",
-          "max_shard_bytes": "--max-shard-size", "optimizer": "--no-optimizer"}
+          "max_shard_bytes": "--max-shard-size", "optimizer": "--no-optimizer", "verify": "--verify"}
 _OPTION = re.compile(r"\boption (\w+)")
 _FIELD = re.compile(r"\b(" + "|".join(k for k in _FLAGS if "_" in k) + r")\b")
 

@@ -264,6 +264,12 @@ class UpcyclePlan:
         """Whether the MoE should reproduce the dense logits."""
         return not self.warnings
 
+    @property
+    def verify_bytes_estimate(self) -> int:
+        """Memory :func:`verify_upcycle` needs: both models in float32 at once."""
+        dense = sum(i.numel for i in self.source.reader.infos.values())
+        return _verify_bytes(dense, self.total_params)
+
     def summary(self) -> dict:
         """JSON-ready description (what ``--dry-run`` prints)."""
         return {
@@ -273,8 +279,39 @@ class UpcyclePlan:
             "shards": [{"file": s.file, "bytes": s.nbytes, "tensors": len(s.tensors)}
                        for s in self.shards + self.optimizer_shards],
             "total_params": self.total_params, "active_params": self.active_params,
-            "peak_bytes_estimate": self.peak_bytes_estimate, "exact": self.exact, "warnings": self.warnings,
+            "peak_bytes_estimate": self.peak_bytes_estimate, "verify_bytes_estimate": self.verify_bytes_estimate,
+            "exact": self.exact, "warnings": self.warnings,
         }
+
+
+def _verify_bytes(dense_params: int, moe_params: int) -> int:
+    # float32 parameters of both models, a tenth more for what loading holds transiently
+    # (transformers stacks per-expert tensors into fused ones), and the probe's activations
+    return int(4 * (dense_params + moe_params) * 1.1) + 2**28
+
+
+def _available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can take without swapping (Linux's MemAvailable);
+    None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_verify_memory(need: int, what: str) -> None:
+    """Refuse a verification that cannot fit in memory before it starts (the kernel would
+    kill the process midway instead of raising)."""
+    have = _available_memory()
+    if have is not None and need > have:
+        raise ValueError(f"option verify: {what} loads the dense and the upcycled model in float32, about "
+                         f"{need / 1e9:.1f} GB, and this machine has {have / 1e9:.1f} GB available; upcycle without "
+                         "verify (every tensor is still produced from its recipe), then verify on a machine with "
+                         "more memory with flopwise.models.upcycle.verify_upcycle(source, output)")
 
 
 def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) -> None:
@@ -824,7 +861,7 @@ class UpcycleReport:
 
 def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | None = None,
                    tolerance: float = 1e-4, batch: int = 2, seq_len: int = 16, seed: int = 0,
-                   options: UpcycleOptions | None = None) -> VerifyResult:
+                   options: UpcycleOptions | None = None, check_memory: bool = True) -> VerifyResult:
     """Check an upcycled model against its dense source.
 
     * Tensors (when the options are known: ``options``, else those recorded in the MoE's
@@ -840,8 +877,20 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | N
     * Logits: the same random tokens through both, in float32: max |difference| and mean
       KL(dense || moe); ``expected_equal`` (default: whether the options promise the dense
       logits) makes a difference above ``tolerance`` a failure.
+
+    Memory: both models in float32 (:attr:`UpcyclePlan.verify_bytes_estimate`); where the
+    system reports less available (Linux's MemAvailable), ValueError is raised before
+    anything is loaded (``check_memory=False`` skips that check).
     """
     src = describe_source(src_folder)
+    if check_memory:
+        try:
+            moe_params = sum(i.numel for i in CheckpointReader(moe_folder).infos.values())
+        except (ValueError, OSError):  # unreadable headers: the loading check below reports them
+            moe_params = None
+        if moe_params is not None:
+            _check_verify_memory(_verify_bytes(sum(i.numel for i in src.reader.infos.values()), moe_params),
+                                 "verify_upcycle")
     checks: list[str] = []
     recorded = options is None
     if recorded:
@@ -1122,6 +1171,8 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     t0 = time.perf_counter()
     plan = plan_upcycle(src_folder, options)
     dst = _check_destination(src_folder, dst_folder, force)
+    if verify:
+        _check_verify_memory(plan.verify_bytes_estimate, "verification")
     parent = os.path.dirname(dst)
     state = _trainer_state(plan, src_folder)
     for w in plan.warnings:
@@ -1176,7 +1227,7 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
             _fsync_all(tmp, files)
         result = None
         if verify:
-            result = verify_upcycle(src_folder, tmp, expected_equal=plan.exact, options=options)
+            result = verify_upcycle(src_folder, tmp, expected_equal=plan.exact, options=options, check_memory=False)
             if result.config_diffs:
                 raise VerificationError("the upcycled model's config differs from the source outside the MLPs: "
                                         + "; ".join(result.config_diffs) + "; nothing was written")

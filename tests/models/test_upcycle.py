@@ -241,6 +241,42 @@ def test_qwen3_formats_are_refused_where_the_q_k_norms_do_not_fit(llama, tmp_pat
         upcycle(str(src), str(tmp_path / "k"), UpcycleOptions(n_experts=2, format="qwen3_moe"))
 
 
+def test_verify_that_cannot_fit_in_memory_is_refused_before_writing(llama, tmp_path, monkeypatch, capsys):
+    """--verify holds both models in float32: where the machine has less memory available,
+    it is refused up front (the kernel would otherwise kill the process midway)."""
+    from flopwise.models import upcycle as up
+
+    src, _ = llama
+    opts = UpcycleOptions(n_experts=4, top_k=2, format="mixtral")
+    plan = plan_upcycle(str(src), opts)
+    dense = sum(i.numel for i in CheckpointReader(str(src)).infos.values())
+    assert plan.verify_bytes_estimate >= 4 * (dense + plan.total_params)
+    assert plan.summary()["verify_bytes_estimate"] == plan.verify_bytes_estimate
+    monkeypatch.setattr(up, "_available_memory", lambda: plan.verify_bytes_estimate - 1)
+    with pytest.raises(ValueError, match=r"^option verify: verification loads the dense and the upcycled model in "
+                                         r"float32, about 0\.3 GB, and this machine has 0\.3 GB available"):
+        upcycle(str(src), str(tmp_path / "moe"), opts, verify=True)
+    assert not (tmp_path / "moe").exists()
+    _no_leftovers(tmp_path)
+    parser = argparse.ArgumentParser()
+    _cli_upcycle.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["upcycle", str(src), str(tmp_path / "cli"), "--experts", "4", "--verify"])
+    with pytest.raises(ValueError, match=r"^--verify: verification loads"):
+        args.func(args)
+    # without verification it is written; verify_upcycle refuses too, unless told not to check
+    upcycle(str(src), str(tmp_path / "moe"), opts)
+    with pytest.raises(ValueError, match=r"^option verify: verify_upcycle loads"):
+        up.verify_upcycle(str(src), str(tmp_path / "moe"))
+    assert up.verify_upcycle(str(src), str(tmp_path / "moe"), check_memory=False).passed
+    monkeypatch.setattr(up, "_available_memory", lambda: plan.verify_bytes_estimate)  # just enough
+    assert upcycle(str(src), str(tmp_path / "moe2"), opts, verify=True).verify.passed
+    monkeypatch.setattr(up, "_available_memory", lambda: None)  # not known: not checked
+    assert up.verify_upcycle(str(src), str(tmp_path / "moe")).passed
+    monkeypatch.undo()
+    have = up._available_memory()
+    assert have is None or have > 2**20  # this machine's figure is read (Linux) and plausible
+
+
 # Keys an older or hand-written config.json may leave out: transformers then takes the source
 # class's defaults, which differ from Mixtral's (rope_theta 1e6, rms_norm_eps 1e-5, 8 KV
 # heads, no sliding window) and Qwen2-MoE's (16 KV heads).
