@@ -191,23 +191,28 @@ if HAS_TRITON:
         """One tile of BLOCK_T tokens of caller-given choices ``ids [T, K]`` (int32 or
         int64): an int32 copy with every id clamped into [0, E) (an id out of range, which
         the public function's device-side assertion reports, then never sends the scan or
-        the scatter out of bounds) and the tile's histogram of experts, as
-        ``_topk_route_fwd_kernel`` writes it."""
+        the scatter out of bounds), the tile's histogram of experts, as
+        ``_topk_route_fwd_kernel`` writes it, and the tile's count of ids out of range, at
+        ``tile_counts[n_tiles * E + tile]`` (after every tile's histogram), which
+        ``_route_scan_checked_kernel`` sums."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
         rmask = rows < T
         counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+        bad = tl.zeros([BLOCK_T], dtype=tl.int32)
         for j in range(K):
             pj = rows.to(tl.int64) * K + j
             e = tl.load(ids_ptr + pj, mask=rmask, other=0)
+            bad += (rmask & ((e < 0) | (e >= E))).to(tl.int32)
             e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int32)  # clamp in the ids' own width
             tl.store(ids32_ptr + pj, e, mask=rmask)
             counts += tl.sum(((cols[None, :] == e[:, None]) & rmask[:, None]).to(tl.int32), 0)
         tl.store(tile_counts_ptr + pid * E + cols, counts, mask=cols < E)
+        tl.store(tile_counts_ptr + tl.num_programs(0) * E + pid, tl.sum(bad, 0))
 
     @triton.jit
-    def _route_scan_kernel(
+    def _route_scan(
         tile_counts_ptr, n_tiles, E, counts_ptr, offsets_ptr, padded_ptr,
         BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
@@ -235,6 +240,32 @@ if HAS_TRITON:
             tl.store(ptrs, tile_base - local_first, mask=m)
             running += tl.sum(c, 0)
         _write_offsets(total, cols, cmask, E, counts_ptr, offsets_ptr, padded_ptr, BLOCK_M)
+
+    @triton.jit
+    def _route_scan_kernel(
+        tile_counts_ptr, n_tiles, E, counts_ptr, offsets_ptr, padded_ptr,
+        BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """The scan of per-tile histograms ``tile_counts [n_tiles, E]`` (``_route_scan``)."""
+        _route_scan(tile_counts_ptr, n_tiles, E, counts_ptr, offsets_ptr, padded_ptr, BLOCK_E, BLOCK_TILES, BLOCK_M)
+
+    @triton.jit
+    def _route_scan_checked_kernel(
+        tile_counts_ptr, n_tiles, E, counts_ptr, offsets_ptr, padded_ptr,
+        BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """``_route_scan_kernel`` for caller-given ids: ``tile_counts`` also holds, after the
+        histograms, each tile's count of ids out of range (``[n_tiles]``) and one more int32,
+        written here: 1 if every id was in range, else 0 (the flag of the device-side
+        assertion, one op on the host). A kernel of its own, so topk_route, whose ids are
+        always in range, neither reads nor passes anything more."""
+        _route_scan(tile_counts_ptr, n_tiles, E, counts_ptr, offsets_ptr, padded_ptr, BLOCK_E, BLOCK_TILES, BLOCK_M)
+        bad_ptr = tile_counts_ptr + n_tiles * E
+        bad = tl.zeros([BLOCK_TILES], dtype=tl.int32)
+        for start in range(0, n_tiles, BLOCK_TILES):
+            tr = start + tl.arange(0, BLOCK_TILES)
+            bad += tl.load(bad_ptr + tr, mask=tr < n_tiles, other=0)
+        tl.store(bad_ptr + n_tiles, (tl.sum(bad, 0) == 0).to(tl.int32))
 
     @triton.jit
     def _route_scatter_kernel(
@@ -660,7 +691,8 @@ _INT32_MAX = 2**31 - 1
 
 def _validate_plan_from_topk(topk_ids, topk_weights, num_experts, block_m) -> tuple[int, int, int, int]:
     """Checks shared by :func:`plan_from_topk` and its reference; returns ``T, K, E, block_m``.
-    Ids outside ``[0, E)`` are checked on the device (``torch._assert_async``): no host sync."""
+    Ids outside ``[0, E)`` are checked on the device, later: by ``_assert_ids_in_range`` on the
+    reference path, by the kernels' own count on the kernel path."""
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -686,17 +718,25 @@ def _validate_plan_from_topk(topk_ids, topk_weights, num_experts, block_m) -> tu
         raise ValueError(f"topk_ids has K = {K} choices per token; K must be in [1, num_experts = {E}]")
     if T * K > _INT32_MAX:
         raise ValueError(f"topk_ids has T * K = {T * K} pairs; the plan's int32 rows hold at most {_INT32_MAX}")
-    # the ids become row and histogram addresses; both paths also clamp them, so a bad id
-    # never reads or writes out of bounds before this (asynchronous on CUDA) check reports it
-    torch._assert_async(((topk_ids >= 0) & (topk_ids < E)).all(),
-                        f"plan_from_topk: topk_ids must lie in [0, num_experts = {E})")
     return T, K, E, block_m
+
+
+_IDS_RANGE_MSG = "plan_from_topk: topk_ids must lie in [0, num_experts = {})"
+
+
+def _assert_ids_in_range(topk_ids: torch.Tensor, E: int) -> None:
+    """The reference's device-side check of the ids (no host sync). The ids become row and
+    histogram addresses; both paths also clamp them, so a bad id never reads or writes out of
+    bounds before the (asynchronous on CUDA) assertion reports it. The kernel path counts them
+    in its kernels instead (``_plan_from_topk_fwd``), with the same message."""
+    torch._assert_async(((topk_ids >= 0) & (topk_ids < E)).all(), _IDS_RANGE_MSG.format(E))
 
 
 def plan_from_topk_reference(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, *,
                              block_m: int = 64) -> RoutingPlan:
     """Plain-PyTorch :func:`plan_from_topk`; the definition its kernel path must match."""
     T, K, E, block_m = _validate_plan_from_topk(topk_ids, topk_weights, num_experts, block_m)
+    _assert_ids_in_range(topk_ids, E)
     return _plan_from_topk_reference(topk_ids, topk_weights, E, block_m)
 
 
@@ -810,19 +850,20 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
 
 
 def _scan_and_scatter(ids, w, tile_counts, counts, offsets, padded, block_expert, block_row, token_idx, pair,
-                      inverse, BLOCK_T: int, block_m: int) -> torch.Tensor:
+                      inverse, BLOCK_T: int, block_m: int, check_ids: bool = False) -> torch.Tensor:
     """The launches every token-choice plan shares once ``ids [T, K]`` (int32, in [0, E)),
     their float32 weights and the per-tile histograms ``tile_counts [n_tiles, E]`` of tiles of
     BLOCK_T tokens exist: the scan (counts, offsets, per-tile shifts) and the scatter (sorted
     rows, pair/inverse permutations, block map). Writes the given outputs; returns the
-    expert-sorted weights."""
+    expert-sorted weights. ``check_ids``: ``tile_counts`` also holds the per-tile counts of
+    ids out of range and the flag the scan writes from them (``_route_scan_checked_kernel``)."""
     T, k = ids.shape
     E = counts.shape[0]
-    n_tiles = tile_counts.shape[0]
+    n_tiles = cdiv(T, BLOCK_T)
     N = T * k
     nb = block_expert.shape[0]
     BLOCK_E = next_pow2(E)
-    launch(_route_scan_kernel, (1,),
+    launch(_route_scan_checked_kernel if check_ids else _route_scan_kernel, (1,),
         tile_counts, n_tiles, E, counts, offsets, padded,
         BLOCK_E=BLOCK_E, BLOCK_TILES=max(1, min(64, 4096 // BLOCK_E)), BLOCK_M=block_m, num_warps=4,
     )
@@ -840,7 +881,19 @@ def _scan_and_scatter(ids, w, tile_counts, counts, offsets, padded, block_expert
 
 def _plan_from_topk_fwd(ids: torch.Tensor, w: torch.Tensor, num_experts: int, block_m: int, pack: bool = False):
     """Kernel path of :func:`plan_from_topk`: ``ids [T, K]`` int32/int64, ``w [T, K]`` float32.
-    Per-tile histograms of the given ids, then the scan and scatter ``topk_route`` uses."""
+    The plan's tensors (:func:`_plan_from_topk_launch`), after one device-side assertion that
+    every id lay in ``[0, num_experts)``, counted by the kernels: no torch op reads the ids."""
+    *out, ok = _plan_from_topk_launch(ids, w, num_experts, block_m, pack)
+    torch._assert_async(ok, _IDS_RANGE_MSG.format(num_experts))
+    return tuple(out)
+
+
+def _plan_from_topk_launch(ids: torch.Tensor, w: torch.Tensor, num_experts: int, block_m: int, pack: bool = False):
+    """Per-tile histograms of the given ids (clamped into [0, E)), then the scan and scatter
+    ``topk_route`` uses; returns the plan's tensors and ``ok [1]`` int32: 1 if every id lay in
+    ``[0, E)``, else 0. ``tile_counts`` is one int32 buffer: the ``[n_tiles, E]`` histograms,
+    then each tile's count of ids out of range, then ``ok``, a view of its last element (the
+    custom op does not return ``ok``, so its outputs still alias nothing)."""
     ids = ids.contiguous()
     w = w.contiguous()
     T, k = ids.shape
@@ -850,14 +903,16 @@ def _plan_from_topk_fwd(ids: torch.Tensor, w: torch.Tensor, num_experts: int, bl
     n_tiles = cdiv(T, BLOCK_T)
     N = T * k
     nb = _max_blocks(N, E, block_m)
+    n_flag = n_tiles * (E + 1)  # the flag's index in tile_counts
     ids32, tile_counts, counts, offsets, padded, block_expert, block_row, token_idx, pair, inverse = _int_outputs(
-        [(T, k), (n_tiles, E), (E,), (E + 1,), (E + 1,), (nb,), (nb,), (N,), (N,), (N,)], dev, pack)
+        [(T, k), (n_flag + 1,), (E,), (E + 1,), (E + 1,), (nb,), (nb,), (N,), (N,), (N,)], dev, pack)
     launch(_plan_from_topk_fwd_kernel, (n_tiles,),
         ids, T, E, k, ids32, tile_counts, BLOCK_T=BLOCK_T, BLOCK_E=next_pow2(E), num_warps=4,
     )
     sorted_w = _scan_and_scatter(ids32, w, tile_counts, counts, offsets, padded, block_expert, block_row,
-                                 token_idx, pair, inverse, BLOCK_T, block_m)
-    return sorted_w, ids32, token_idx, pair, inverse, counts, offsets, padded, block_expert, block_row
+                                 token_idx, pair, inverse, BLOCK_T, block_m, check_ids=True)
+    return (sorted_w, ids32, token_idx, pair, inverse, counts, offsets, padded, block_expert, block_row,
+            tile_counts[n_flag:])
 
 
 def _topk_route_bwd(logits, ids, inverse, g_topk, g_sorted, score: int, renormalize: bool):
@@ -1213,6 +1268,7 @@ def plan_from_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exper
     """
     T, K, E, block_m = _validate_plan_from_topk(topk_ids, topk_weights, num_experts, block_m)
     if not use_triton(topk_weights, topk_ids, op="plan_from_topk"):  # float64 weights: the reference
+        _assert_ids_in_range(topk_ids, E)
         return _plan_from_topk_reference(topk_ids, topk_weights, E, block_m)
     w = topk_weights.to(torch.float32).contiguous()
     ids = topk_ids.contiguous()

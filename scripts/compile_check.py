@@ -256,8 +256,9 @@ comp(R._topk_route_fwd_kernel, {"logits_ptr": P("fp32"), "ids_ptr": P("i32"), "w
 for ids_t in (P("i64"), P("i32")):
     comp(R._plan_from_topk_fwd_kernel, {"ids_ptr": ids_t, "ids32_ptr": P("i32"), "tile_counts_ptr": P("i32")},
          dict(BLOCK_T=64, BLOCK_E=128), label=f"ids={ids_t[1:]}")
-comp(R._route_scan_kernel, {"tile_counts_ptr": P("i32"), "counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32")},
-     dict(BLOCK_E=64, BLOCK_TILES=64, BLOCK_M=64))
+for scan in (R._route_scan_kernel, R._route_scan_checked_kernel):  # the second also sums plan_from_topk's bad ids
+    comp(scan, {"tile_counts_ptr": P("i32"), "counts_ptr": P("i32"), "offsets_ptr": P("i32"), "padded_ptr": P("i32")},
+         dict(BLOCK_E=64, BLOCK_TILES=64, BLOCK_M=64))
 comp(R._route_scatter_kernel, {"ids_ptr": P("i32"), "w_ptr": P("fp32"), "delta_ptr": P("i32"), "token_idx_ptr": P("i32"), "sorted_w_ptr": P("fp32"), "pair_ptr": P("i32"), "inverse_ptr": P("i32"),
                                "offsets_ptr": P("i32"), "padded_ptr": P("i32"), "block_expert_ptr": P("i32"), "block_row_ptr": P("i32")},
      dict(BLOCK_N=1024, BLOCK_E=64, BLOCK_M=64, BLOCK_B=32))

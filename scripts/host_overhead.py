@@ -173,6 +173,12 @@ def main() -> None:
     from flopwise.kernels import gather_tokens, moe_mlp, plan_from_topk, scatter_tokens, topk_route, \
         topk_route_reference
 
+    # No kernel runs in either mode, so a flag a kernel writes for a device-side assertion
+    # (plan_from_topk's "every id in range") holds whatever its allocation held: the assertion
+    # reads a tensor holding 1 instead, the same op at the same cost.
+    assert_async, one = torch._assert_async, torch.ones((), dtype=torch.int32)
+    torch._assert_async = lambda flag, *msg: assert_async(one, *msg)
+
     B, S, D, K = 2, 64, 8, 8
     x = torch.randn(B, S, D, requires_grad=True)
     idx = torch.arange(0, S, S // K)[None].repeat(B, 1).int()

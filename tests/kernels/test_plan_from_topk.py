@@ -225,13 +225,45 @@ def test_float64_weights_gradcheck():
 
 
 # ------------------------------------------------------------------------------ ids out of range
-@pytest.mark.parametrize("bad", [-1, 5, 2**40], ids=["neg", "E", "2^40"])
+I32_MIN, I32_MAX = -2**31, 2**31 - 1
+# (dtype, bad id): below 0 and at/above E in either width; the int64 ids 2**32 and -2**63 would
+# pass a check made after a cast to int32 (their low words are 0)
+BAD_IDS = [
+    pytest.param(torch.int64, -1, id="i64-neg"),
+    pytest.param(torch.int64, 5, id="i64-E"),
+    pytest.param(torch.int64, 2**40, id="i64-2^40"),
+    pytest.param(torch.int64, 2**32, id="i64-2^32"),
+    pytest.param(torch.int64, -2**63, id="i64-min"),
+    pytest.param(torch.int32, -1, id="i32-neg"),
+    pytest.param(torch.int32, 5, id="i32-E"),
+    pytest.param(torch.int32, I32_MAX, id="i32-max"),
+    pytest.param(torch.int32, I32_MIN, id="i32-min"),
+]
+
+
+@pytest.mark.parametrize("idtype,bad", BAD_IDS)
 @pytest.mark.parametrize("fn", [plan_from_topk, plan_from_topk_reference], ids=["kernel", "reference"])
-def test_out_of_range_ids_fail_the_device_assertion(fn, bad):
-    ids = distinct_ids(4, 5, 2)
+def test_out_of_range_ids_fail_the_device_assertion(fn, idtype, bad):
+    ids = distinct_ids(4, 5, 2, idtype)
     ids[2, 1] = bad
     with pytest.raises(RuntimeError, match=r"topk_ids must lie in \[0, num_experts = 5\)"):
         fn(ids, torch.rand(4, 2), 5)
+
+
+def launch_counted(ids, w, E, block_m, pack=False):
+    """The kernel path's plan (as a RoutingPlan), its in-range flag and the per-tile counts of
+    ids out of range the kernels wrote (the flag's buffer holds them just before it)."""
+    T, K = ids.shape
+    *out, ok = R._plan_from_topk_launch(ids, w, E, block_m, pack)
+    sw, ids32, tok, pair, inv, counts, offsets, padded, bexp, brow = out
+    n_tiles = -(-T // R._tile_tokens(E, K))
+    assert ok.shape == (1,) and ok.dtype == torch.int32
+    per_tile = ok.as_strided((n_tiles,), (1,), ok.storage_offset() - n_tiles)
+    plan = R.RoutingPlan(
+        token_idx=tok, weights=sw, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
+        block_expert=bexp, block_row=brow, num_tokens=T, num_experts=E, block_m=block_m, top_k=K,
+        topk_ids=ids32, topk_weights=w, pair_idx=pair, inverse=inv)
+    return plan, int(ok), per_tile.tolist()
 
 
 def test_kernel_clamps_out_of_range_ids():
@@ -241,15 +273,96 @@ def test_kernel_clamps_out_of_range_ids():
     ids = distinct_ids(T, E, K)
     ids[3, 0], ids[7, 1], ids[11, 0] = -7, E, 2**40
     w = torch.rand(T, K)
-    out = R._plan_from_topk_fwd(ids, w, E, 16)
-    sw, ids32, tok, pair, inv, counts, offsets, padded, bexp, brow = out
-    ref = R._plan_from_topk_reference(ids, w, E, 16)
-    got = dataclasses.replace(ref, weights=sw, topk_ids=ids32, token_idx=tok, pair_idx=pair, inverse=inv,
-                              expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
-                              block_expert=bexp, block_row=brow)
-    assert_plans_identical(got, ref)
-    assert ids32[3, 0] == 0 and ids32[7, 1] == E - 1 and ids32[11, 0] == E - 1
+    got, ok, per_tile = launch_counted(ids, w, E, 16)
+    assert ok == 0 and per_tile == [3]
+    assert_plans_identical(got, R._plan_from_topk_reference(ids, w, E, 16))
+    assert got.topk_ids[3, 0] == 0 and got.topk_ids[7, 1] == E - 1 and got.topk_ids[11, 0] == E - 1
     assert_plan_valid(got, distinct=False)
+
+
+# T=150 tokens at E=128 (K=1): tiles of 64 tokens, so three, the last one partial (22 tokens)
+MT, ME = 150, 128
+
+
+@pytest.mark.parametrize("idtype,bad,token", [
+    pytest.param(torch.int32, -1, 100, id="i32-neg-middle"),
+    pytest.param(torch.int32, ME, MT - 1, id="i32-E-last"),
+    pytest.param(torch.int64, ME, 100, id="i64-E-middle"),
+    pytest.param(torch.int64, -1, MT - 1, id="i64-neg-last"),
+    pytest.param(torch.int64, 2**32, 130, id="i64-2^32-last"),
+])
+def test_kernels_count_out_of_range_ids_per_tile(idtype, bad, token):
+    """The kernel path counts ids out of range in its own kernels (the histogram, per tile;
+    the scan, into one flag), in a middle tile as in the last, partial one; the public
+    function raises on that flag, and the plan is the reference's of the clamped ids."""
+    T, E = MT, ME
+    assert R._tile_tokens(E, 1) == 64
+    ids = torch.randint(0, E, (T, 1), dtype=idtype)
+    ids[token, 0] = bad
+    w = torch.rand(T, 1)
+    got, ok, per_tile = launch_counted(ids, w, E, 16, pack=True)
+    want = [0, 0, 0]
+    want[token // 64] = 1
+    assert ok == 0 and per_tile == want
+    assert_plans_identical(got, R._plan_from_topk_reference(ids, w, E, 16))
+    with pytest.raises(RuntimeError, match=rf"topk_ids must lie in \[0, num_experts = {E}\)"):
+        plan_from_topk(ids, w, E, block_m=16)
+
+
+@pytest.mark.parametrize("T,E,K,idtype", [
+    pytest.param(MT, ME, 1, torch.int32, id="3tiles-i32"),
+    pytest.param(MT, ME, 1, torch.int64, id="3tiles-i64"),
+    pytest.param(5, 1, 1, torch.int64, id="E1"),  # every id is 0 = E - 1
+    pytest.param(30, 2, 2, torch.int32, id="K=E"),
+])
+def test_valid_ids_never_trip_the_count(T, E, K, idtype):
+    """Ids 0 and E - 1 in every tile (the first and last rows of each) count as in range."""
+    ids = torch.randint(0, E, (T, K), dtype=idtype)
+    tile = R._tile_tokens(E, K)
+    for t0 in range(0, T, tile):
+        ids[t0, 0], ids[min(t0 + tile, T) - 1, K - 1] = 0, E - 1
+    w = torch.rand(T, K)
+    got, ok, per_tile = launch_counted(ids, w, E, 16)
+    assert ok == 1 and per_tile == [0] * (-(-T // tile))
+    assert_plans_identical(got, R._plan_from_topk_reference(ids, w, E, 16))
+    assert_plans_identical(plan_from_topk(ids, w, E, block_m=16), plan_from_topk_reference(ids, w, E, block_m=16))
+
+
+def test_kernel_path_checks_ids_without_torch_ops(monkeypatch):
+    """On the kernel path no torch op reads the ids (the kernels count the ones out of range)
+    and one ``_assert_async`` reports the kernels' flag: the host cost of a per-layer call.
+    The reference path's torch check does read them (so this would see it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self, ids):
+            super().__init__()
+            self.ids, self.on_ids, self.asserts = ids, [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flat = [*args, *(kwargs or {}).values()]
+            if any(a is self.ids for a in flat):
+                self.on_ids.append(str(func))
+            if func.overloadpacket is torch.ops.aten._assert_async:
+                self.asserts += 1
+                return None  # (the launches below do not run: the flag is not written)
+            return func(*args, **(kwargs or {}))
+
+    ids, w = distinct_ids(12, 6, 2), torch.rand(12, 2)
+    monkeypatch.setattr(R, "launch", lambda *a, **k: None)
+    with Ops(ids) as kernel:
+        plan_from_topk(ids, w, 6, block_m=16)
+    with Ops(ids) as ref:
+        plan_from_topk_reference(ids, w, 6, block_m=16)
+    assert kernel.on_ids == [] and kernel.asserts == 1
+    assert ref.on_ids and ref.asserts == 1
+
+
+def test_meta_tensors_give_shapes():
+    """Inputs on the meta device (a model built there) take the custom op's fake: shapes, no check."""
+    plan = plan_from_topk(torch.empty(7, 2, dtype=torch.int64, device="meta"), torch.empty(7, 2, device="meta"), 5,
+                          block_m=4)
+    assert plan.token_idx.shape == (14,) and plan.expert_counts.shape == (5,) and plan.token_idx.is_meta
 
 
 # ------------------------------------------------------------------------------ errors
@@ -335,21 +448,27 @@ def test_custom_op_passes_opcheck():
 
 
 def test_compiles_without_graph_breaks():
+    """The custom op under torch.compile (fullgraph); its implementation checks the ids."""
     torch._dynamo.reset()
     ids = distinct_ids(6, 3, 2)
 
-    def f(w):
+    def f(ids, w):
         plan = plan_from_topk(ids, w, 3, block_m=4)
         return (plan.weights * torch.arange(12.0)).sum() + plan.expert_counts.sum()
 
     w = torch.rand(6, 2, requires_grad=True)
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(w)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(ids, w)
     out.backward()
     w2 = w.detach().clone().requires_grad_(True)
-    expected = f(w2)
+    expected = f(ids, w2)
     expected.backward()
     torch.testing.assert_close(out.detach(), expected.detach())
     torch.testing.assert_close(w.grad, w2.grad)
+    bad = ids.clone()
+    bad[4, 1] = 3
+    with pytest.raises(RuntimeError, match=r"topk_ids must lie in \[0, num_experts = 3\)"):
+        compiled(bad, w)
 
 
 # ------------------------------------------------------------------------------ the checks can fail
