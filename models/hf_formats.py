@@ -197,6 +197,16 @@ def _describe_hf(folder: str, raw: dict, arch: str) -> DenseSource:
         raise ValueError("mlp_bias=True: MoE targets have no MLP biases (option mlp_bias of the source config)")
     _refuse_pickles(folder)
     reader = CheckpointReader(folder)
+    # Which attention projections have a bias, as transformers builds the dense model: a
+    # bias tensor it would not load (or one it would initialise at random) makes the MoE,
+    # which would load it, compute something else.
+    flag = raw.get("attention_bias", False)
+    if arch in ("llama", "qwen3") and not isinstance(flag, bool):
+        raise ValueError(f"{where}: config field 'attention_bias' must be true or false, got {flag!r}")
+    biased = {"llama": "qkvo" if flag else "", "mistral": "", "qwen2": "qkv", "qwen3": "qkvo" if flag else ""}[arch]
+    why = {"llama": f"attention_bias={str(flag).lower()} in config.json", "qwen3": f"attention_bias={str(flag).lower()} "
+           "in config.json", "mistral": "mistral's attention has no biases", "qwen2": "qwen2's attention has q, k and v "
+           "biases, no o bias"}[arch]
     tied = bool(cfg.get("tie_word_embeddings", False))
     expect: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if not tied or "lm_head.weight" in reader:
@@ -211,6 +221,10 @@ def _describe_hf(folder: str, raw: dict, arch: str) -> DenseSource:
             own.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         for proj, n in (("q", H * hd), ("k", KV * hd), ("v", KV * hd), ("o", D)):
             name = p + f"self_attn.{proj}_proj.bias"
+            if (name in reader) != (proj in biased):
+                raise ValueError(f"{'unexpected' if name in reader else 'missing'} tensor {name!r} in a {arch} "
+                                 f"checkpoint ({why}): transformers would "
+                                 + ("not load it" if name in reader else "initialise it at random"))
             if name in reader:
                 own[name] = (n,)
                 bias.append(name)
@@ -404,6 +418,8 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
                    router_aux_loss_coef=aux_loss_coef, output_router_logits=False,
                    attention_bias=bool(src.attn_bias), use_sliding_window=sliding,
                    sliding_window=c["sliding_window"] if sliding else None)
+        if sliding:  # transformers before 4.53 slides from layer max_window_layers on (default 28)
+            out["max_window_layers"] = 0
         return out
     out.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], intermediate_size=src.d_ff,
                moe_intermediate_size=expert_d_ff, num_experts=n_experts, num_experts_per_tok=top_k,

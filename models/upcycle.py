@@ -164,7 +164,8 @@ class UpcycleOptions:
         if isinstance(self.shared_d_ff, bool) or not isinstance(self.shared_d_ff, int) or self.shared_d_ff < 0:
             raise ValueError(f"option shared_d_ff must be an int >= 0, got {self.shared_d_ff!r}")
         if self.shared_d_ff and self.format != "qwen2_moe":
-            raise ValueError("option shared_d_ff is only expressible in the qwen2_moe format")
+            raise ValueError("option shared_d_ff is only expressible in the qwen2_moe format (for Llama, Mistral and "
+                             "Qwen2 sources; qwen3_moe, the format of Qwen3 sources, has no shared expert)")
         if not self.renormalize and self.format not in ("qwen2_moe", "qwen3_moe"):
             raise ValueError(f"option renormalize=False is not expressible in the {self.format} format "
                              "(it always renormalises top-k weights)")
@@ -340,12 +341,6 @@ def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) ->
         why = _qwen2_moe_bias_problem(src)
         if why is not None:
             raise ValueError(why)
-    if o.format == "qwen3_moe" and src.attn_bias:
-        # attention_bias puts a bias on q, k, v and o of every layer
-        need = {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(src.n_layers) for p in "qkvo"}
-        missing = sorted(need - set(src.attn_bias))
-        if missing:
-            raise ValueError(f"missing tensor {missing[0]!r}: qwen3_moe needs q/k/v/o biases in every layer or none")
     if src.d_ff % o.granularity:
         raise ValueError(f"option granularity ({o.granularity}) must divide the MLP hidden size {src.d_ff}")
     for i in moe_layers:

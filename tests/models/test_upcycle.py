@@ -195,6 +195,8 @@ def test_qwen3_attention_bias_sliding_window_and_untied(tmp_path):
     from flopwise.models.upcycle import _attention_windows
 
     assert _attention_windows(dense.config) == _attention_windows(moe1.config) == [4] * L
+    # transformers before 4.53 slides Qwen3-MoE's layers from max_window_layers on (default 28)
+    assert json.loads((tmp_path / "moe1" / "config.json").read_text())["max_window_layers"] == 0
     # layers that mix sliding and full attention have no Qwen3-MoE form
     mixed = tmp_path / "mixed"
     _tiny("qwen3", mixed, use_sliding_window=True, sliding_window=4, max_window_layers=2)
@@ -224,15 +226,24 @@ def test_qwen3_formats_are_refused_where_the_q_k_norms_do_not_fit(llama, tmp_pat
                               "--dry-run", "--json"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "qwen3_moe" and not (tmp_path / "cli").exists()
-    # a checkpoint with biases on some projections only has no qwen3_moe form
+    # bias tensors must be those config.json's attention_bias gives the dense model: one that
+    # transformers would leave out (or initialise at random) would make the MoE differ from it
     partial = tmp_path / "partial"
     _tiny("qwen3", partial, attention_bias=True)
     sd = load_file(str(partial / "model.safetensors"))
     del sd["model.layers.2.self_attn.o_proj.bias"]
     save_file(sd, str(partial / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.2\.self_attn\.o_proj\.bias': qwen3_moe "
-                                         r"needs q/k/v/o biases in every layer or none"):
+    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.2\.self_attn\.o_proj\.bias' in a qwen3 "
+                                         r"checkpoint \(attention_bias=true in config\.json\): transformers would "
+                                         r"initialise it at random"):
         upcycle(str(partial), str(tmp_path / "p"), UpcycleOptions(n_experts=2, format="qwen3_moe"))
+    cfg = json.loads((partial / "config.json").read_text())
+    (partial / "config.json").write_text(json.dumps({**cfg, "attention_bias": False}))
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias' in a "
+                                         r"qwen3 checkpoint \(attention_bias=false in config\.json\): transformers "
+                                         r"would not load it"):
+        upcycle(str(partial), str(tmp_path / "p"), UpcycleOptions(n_experts=2, format="qwen3_moe"))
+    assert not (tmp_path / "p").exists()
     # the q/k norms are part of the source's layout: a checkpoint without them is refused
     sd = load_file(str(src / "model.safetensors"))
     del sd["model.layers.0.self_attn.k_norm.weight"]
@@ -275,6 +286,32 @@ def test_verify_that_cannot_fit_in_memory_is_refused_before_writing(llama, tmp_p
     monkeypatch.undo()
     have = up._available_memory()
     assert have is None or have > 2**20  # this machine's figure is read (Linux) and plausible
+
+
+@pytest.mark.parametrize("arch, change, match", [
+    ("mistral", "add", r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias' in a mistral checkpoint "
+                       r"\(mistral's attention has no biases\): transformers would not load it"),
+    ("qwen2", "drop", r"missing tensor 'model\.layers\.0\.self_attn\.k_proj\.bias' in a qwen2 checkpoint \(qwen2's "
+                      r"attention has q, k and v biases, no o bias\): transformers would initialise it at random"),
+    ("llama", "add", r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias' in a llama checkpoint "
+                     r"\(attention_bias=false in config\.json\)"),
+])
+def test_attention_biases_must_be_those_the_dense_model_loads(tmp_path, arch, change, match):
+    """A bias tensor transformers would leave out of the dense model, or one it would
+    initialise at random, is refused: the MoE, which would hold it, would compute otherwise."""
+    torch.manual_seed(8)
+    src = tmp_path / arch
+    _tiny(arch, src, **({"sliding_window": None} if arch == "mistral" else {}))
+    sd = load_file(str(src / "model.safetensors"))
+    if change == "add":
+        sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(D)
+    else:
+        del sd["model.layers.0.self_attn.k_proj.bias"]
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    fmt = "qwen2_moe"  # the format that holds q/k/v biases
+    with pytest.raises(ValueError, match=match):
+        upcycle(str(src), str(tmp_path / "moe"), UpcycleOptions(n_experts=2, format=fmt))
+    assert not (tmp_path / "moe").exists()
 
 
 # Keys an older or hand-written config.json may leave out: transformers then takes the source
