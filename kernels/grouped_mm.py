@@ -1123,7 +1123,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: b
     if not a.is_meta and (not _use_kernel(a, "grouped_mm") or plan.num_rows == 0):
         return grouped_mm_reference(a, w, plan, gather=gather)
     _, tok, offsets, bexp, brow = _plan_tensors(plan, a.device)
-    op = _gmm_op if traced(a, w, tok) else _GroupedMMFunction.apply
+    op = _gmm_op if traced(a, w, tok) else _GroupedMMFunction.run
     return op(a, w, tok, offsets, bexp, brow, plan.block_m, gather)
 
 
@@ -1183,7 +1183,7 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weights, w_gate, w_up, w_down)):
         save = _SAVE if retain_activations else _SAVE_REUSE
     op = _moe_mlp_op if traced(x, weights, tok, w_gate, w_down, *(() if w_up is None else (w_up,))) \
-        else _MoEMLPFunction.apply
+        else _MoEMLPFunction.run
     y, _, _ = op(x, weights, w_gate, w_up, w_down, tok, offsets, bexp, brow, plan.block_m, save,
                  torch.are_deterministic_algorithms_enabled())
     return y

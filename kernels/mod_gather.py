@@ -55,9 +55,8 @@ Tile sizes and warp counts are first choices from these rules; re-tune them agai
 """
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
-from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, cdiv, new_output, next_pow2, traced, use_triton
+from ._dispatch import HAS_TRITON, acc_dtype, autograd_twin, cdiv, new_output, next_pow2, records, traced, use_triton
 from ._launch import launch
 
 if HAS_TRITON:
@@ -745,13 +744,6 @@ RMSNormGatherTokensFunction = autograd_twin(
 # ----------------------------------------------------------------------------------------
 
 
-def _records(*inputs: torch.Tensor) -> bool:
-    """Whether autograd would record this call: an input requires grad under grad mode, or
-    forward-mode AD is active (the autograd Function then raises for want of a jvp, where a
-    bare launch would silently drop the tangent)."""
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)) or fwAD._current_level >= 0
-
-
 def _check_tensor(t, name: str, ndim: int, *, floating: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -806,7 +798,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = F
         return torch.ops.flopwise.mod_gather(x, idx)
     if not use_triton(x, op="gather_tokens"):  # plain torch ops: differentiable to any order
         return gather_tokens_reference(x, idx)
-    if not _records(x):  # no graph to record: the launch alone
+    if not records(x):  # no graph to record: the launch alone
         return _gather_tokens_fwd(x, idx)
     return GatherTokensFunction.apply(x, idx)
 
@@ -887,7 +879,7 @@ def scatter_tokens(
         return torch.ops.flopwise.mod_scatter(residual, y, idx, weight)
     if not use_triton(residual, op="scatter_tokens"):
         return scatter_tokens_reference(residual, y, idx, weight)
-    if not _records(residual, y, weight):
+    if not records(residual, y, weight):
         return _scatter_tokens_fwd(residual, y, idx, weight)
     return ScatterTokensFunction.apply(residual, y, idx, weight)
 
@@ -936,6 +928,6 @@ def rmsnorm_gather_tokens(
         return torch.ops.flopwise.mod_rmsnorm_gather(x, idx, gamma, float(eps))
     if not use_triton(x, op="rmsnorm_gather_tokens"):
         return rmsnorm_gather_tokens_reference(x, idx, gamma, float(eps))
-    if not _records(x, gamma):
+    if not records(x, gamma):
         return _rmsnorm_gather_tokens_fwd(x, idx, gamma, float(eps))
     return RMSNormGatherTokensFunction.apply(x, idx, gamma, float(eps))

@@ -1220,7 +1220,7 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
     if not use_triton(logits, op="topk_route"):  # float64 (gradcheck): the reference
         return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m)
     T, E = logits.shape
-    op = _topk_route_op if traced(logits) else _TopkRouteFunction.apply
+    op = _topk_route_op if traced(logits) else _TopkRouteFunction.run
     w, sw, ids, tok, pair, inv, counts, offsets, padded, bexp, brow = op(
         logits, k, _SCORES[score], bool(renormalize), block_m)
     return RoutingPlan(
@@ -1272,7 +1272,7 @@ def plan_from_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exper
         return _plan_from_topk_reference(topk_ids, topk_weights, E, block_m)
     w = topk_weights.to(torch.float32).contiguous()
     ids = topk_ids.contiguous()
-    op = _plan_from_topk_op if traced(ids, w) else _PlanFromTopkFunction.apply
+    op = _plan_from_topk_op if traced(ids, w) else _PlanFromTopkFunction.run
     sw, ids32, tok, pair, inv, counts, offsets, padded, bexp, brow = op(ids, w, E, block_m)
     return RoutingPlan(
         token_idx=tok, weights=sw, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
@@ -1306,7 +1306,7 @@ def expert_choice_route(logits: torch.Tensor, capacity_factor: float = 2.0, *, s
     if not use_triton(logits, op="expert_choice_route"):
         return expert_choice_route_reference(logits, capacity_factor, score=score, block_m=block_m)
     T, E = logits.shape
-    op = _expert_choice_op if traced(logits) else _ExpertChoiceFunction.apply
+    op = _expert_choice_op if traced(logits) else _ExpertChoiceFunction.run
     w, tok, counts, offsets, padded, bexp, brow = op(logits, C, _SCORES[score], block_m)
     return RoutingPlan(
         token_idx=tok, weights=w, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
@@ -1327,7 +1327,7 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     k = _check_int(k, "k", 1, x.shape[1])
     if not use_triton(x, op="topk_rows"):
         return topk_rows_reference(x, k)
-    val, idx = (_topk_rows_op if traced(x) else _TopkRowsFunction.apply)(x, k)
+    val, idx = (_topk_rows_op if traced(x) else _TopkRowsFunction.run)(x, k)
     return idx, val
 
 

@@ -234,6 +234,7 @@ def main() -> None:
         # permutation, which the routing weights' gradient is gathered through, holds garbage)
         ("HF experts fwd+bwd", lambda: torch.autograd.grad(_hf_ours(), [gu_hf, dn_hf], gt),
          lambda: torch.autograd.grad(_hf_torch(), [gu_hf, dn_hf], gt)),
+        ("HF experts fwd, no grad", torch.no_grad()(_hf_ours), torch.no_grad()(_hf_torch)),
     ]
     if not a.triton_dispatch:
         print(f"{'op':<24} {'flopwise host µs':>17} {'torch µs':>9}   (Triton stubbed)")

@@ -88,6 +88,47 @@ def test_routing_and_moe(monkeypatch, route):
     _assert_same(*_both(monkeypatch, run, [x, logits, wg, wu, wd]))
 
 
+def test_calls_autograd_would_not_record_skip_the_function(monkeypatch):
+    """Under no_grad, or with no input requiring grad, the eager ops run their kernels without
+    the autograd Function (its context and saved tensors are host time for nothing), and give
+    the same outputs; a call autograd records still goes through it."""
+    from flopwise.kernels import grouped_mm, plan_from_topk
+
+    torch.manual_seed(2)
+    T, Dm, Fh, E = 13, 8, 12, 3
+    x, logits = torch.randn(T, Dm), torch.randn(T, E)
+    wg, wu, wd = torch.randn(E, Dm, Fh), torch.randn(E, Dm, Fh), torch.randn(E, Fh, Dm)
+    s = torch.randn(2, 11)
+
+    def run():
+        plan = topk_route(logits, 2, renormalize=True, block_m=4)
+        given = plan_from_topk(plan.topk_ids, plan.topk_weights, E, block_m=4)
+        ec = expert_choice_route(logits, 1.0, block_m=4)
+        sel = mod_select(s, k=4)
+        return (moe_mlp(x, plan, wg, wu, wd), moe_mlp(x, ec, wg, wu, wd), grouped_mm(x, wg, given),
+                given.weights, sel.indices, sel.weights)
+
+    twins = (R._TopkRouteFunction, R._PlanFromTopkFunction, R._ExpertChoiceFunction, R._TopkRowsFunction,
+             G._MoEMLPFunction, G._GroupedMMFunction)
+    calls = []
+    for cls in twins:
+        monkeypatch.setattr(cls, "apply", classmethod(lambda c, *a, _f=cls.apply: calls.append(c) or _f(*a)))
+    recorded = run()
+    assert not calls  # no input requires grad: no Function
+    with torch.no_grad():
+        for t in (logits, wg):
+            t.requires_grad_(True)
+        plain = run()
+        assert not calls  # grad mode off: no Function either
+    for a, b in zip(recorded, plain):
+        assert torch.equal(a, b)
+    out = run()  # logits and wg require grad now: the Functions record the graph
+    assert {R._TopkRouteFunction, R._ExpertChoiceFunction, G._MoEMLPFunction} <= set(calls)
+    assert out[0].requires_grad and out[1].grad_fn is not None
+    for a, b in zip(out, plain):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
 def test_subclass_inputs_take_the_custom_op():
     class Wrapped(torch.Tensor):
         pass
