@@ -90,8 +90,11 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
               f"{summary['n_experts']} experts, top-{summary['top_k']}, MoE layers {summary['moe_layers']}")
         print(f"  output {_human(summary['output_bytes'])} in {len(summary['shards'])} files; "
               f"params total {summary['total_params']:,}, active per token {summary['active_params']:,}")
+        have = up._available_memory()
         print(f"  estimated peak memory {_human(summary['peak_bytes_estimate'])} (plus the interpreter and torch); "
-              f"--verify: {_human(summary['verify_bytes_estimate'])} (both models in float32)")
+              f"--verify: {_human(summary['verify_bytes_estimate'])} (both models in float32"
+              + (f"; {_human(have)} available here: --verify would be refused" if have is not None
+                 and have < summary["verify_bytes_estimate"] else "") + ")")
         for s in summary["shards"]:
             print(f"    {s['file']:<40} {_human(s['bytes']):>10} {s['tensors']:>6} tensors")
         for w in summary["warnings"]:

@@ -274,6 +274,9 @@ def test_verify_that_cannot_fit_in_memory_is_refused_before_writing(llama, tmp_p
     args = parser.parse_args(["upcycle", str(src), str(tmp_path / "cli"), "--experts", "4", "--verify"])
     with pytest.raises(ValueError, match=r"^--verify: verification loads"):
         args.func(args)
+    args = parser.parse_args(["upcycle", str(src), str(tmp_path / "cli"), "--experts", "4", "--dry-run"])
+    assert args.func(args) == 0
+    assert "available here: --verify would be refused)" in capsys.readouterr().out
     # without verification it is written; verify_upcycle refuses too, unless told not to check
     upcycle(str(src), str(tmp_path / "moe"), opts)
     with pytest.raises(ValueError, match=r"^option verify: verify_upcycle loads"):
