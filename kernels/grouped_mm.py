@@ -1069,7 +1069,9 @@ def _plan_tensors(plan: RoutingPlan, device: torch.device):
     return tuple(t.contiguous() for t in ts)
 
 
-def _check_weight(w, name: str, E: int | None, shape2: tuple[int | None, int | None], dtype, device):
+def _check_weight(w, name: str, E: int | None, shape2: tuple[int | None, int | None], dtype, device,
+                  sources: tuple[str | None, str | None] = (None, None)):
+    """``sources`` names where each expected size comes from (an input's width, another weight)."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 3:
@@ -1078,7 +1080,8 @@ def _check_weight(w, name: str, E: int | None, shape2: tuple[int | None, int | N
         raise ValueError(f"{name} has {w.shape[0]} experts, expected {E}")
     for i, want in enumerate(shape2):
         if want is not None and w.shape[1 + i] != want:
-            raise ValueError(f"{name} has shape {tuple(w.shape)}; dim {1 + i} must be {want}")
+            raise ValueError(f"{name} has shape {tuple(w.shape)}; dim {1 + i} must be {want}"
+                             + (f" ({sources[i]})" if sources[i] else ""))
     if w.dtype != dtype:
         raise TypeError(f"{name} has dtype {w.dtype}, the input has {dtype}: cast one of them")
     if w.device != device:
@@ -1115,7 +1118,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather: b
         raise ValueError(f"a must be a 2-D tensor [T, K] (or [N, K] with gather=False), got shape {tuple(a.shape)}")
     if not a.is_floating_point():
         raise TypeError(f"a must be a floating-point tensor (float32, bfloat16, float16), got {a.dtype}")
-    _check_weight(w, "w", None, (a.shape[1], None), a.dtype, a.device)
+    _check_weight(w, "w", None, (a.shape[1], None), a.dtype, a.device, ("a's last dim", None))
     _check_plan(plan, a.shape[0] if gather else None, w.shape[0])
     if not gather and a.shape[0] != plan.num_rows:
         raise ValueError(f"with gather=False a must have the plan's N = {plan.num_rows} rows, got {a.shape[0]}")
@@ -1164,7 +1167,7 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor (float32, bfloat16, float16), got {x.dtype}")
     T, D = x.shape
-    _check_weight(w_gate, "w_gate", None, (D, None), x.dtype, x.device)
+    _check_weight(w_gate, "w_gate", None, (D, None), x.dtype, x.device, ("x's last dim: x or the weight is wrong", None))
     _check_plan(plan, T, w_gate.shape[0])
     Fh = w_gate.shape[2]
     if w_up is None:
@@ -1173,8 +1176,9 @@ def moe_mlp(x: torch.Tensor, plan: RoutingPlan, w_gate: torch.Tensor, w_up: torc
                              f"even, got shape {tuple(w_gate.shape)}")
         Fh //= 2
     else:
-        _check_weight(w_up, "w_up", plan.num_experts, (D, Fh), x.dtype, x.device)
-    _check_weight(w_down, "w_down", plan.num_experts, (Fh, D), x.dtype, x.device)
+        _check_weight(w_up, "w_up", plan.num_experts, (D, Fh), x.dtype, x.device, ("x's last dim", "w_gate's dim 2"))
+    _check_weight(w_down, "w_down", plan.num_experts, (Fh, D), x.dtype, x.device,
+                  ("w_gate's dim 2" + (" / 2" if w_up is None else ""), "x's last dim"))
     if not x.is_meta and (not _use_kernel(x, "moe_mlp") or plan.num_rows == 0 or x.shape[0] == 0):
         # (nothing routed: zeros, no launch)
         return moe_mlp_reference(x, plan, *_split_gate_up(w_gate, w_up), w_down)

@@ -208,12 +208,12 @@ def test_grouped_mm_matches_reference(gather, T, E, k, case):
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda x, p, w: moe_mlp(x[:, :5], p, *w), ValueError, "w_gate has shape"),
+    (lambda x, p, w: moe_mlp(x[:, :5], p, *w), ValueError, r"w_gate has shape .*dim 1 must be 5 \(x's last dim"),
     (lambda x, p, w: moe_mlp(x[:-1], p, *w), ValueError, "made for T = 10"),
     (lambda x, p, w: moe_mlp(x.double(), p, *w), TypeError, "dtype"),
     (lambda x, p, w: moe_mlp(x, "plan", *w), TypeError, "RoutingPlan"),
     (lambda x, p, w: moe_mlp(x, p, w[0][:2], w[1], w[2]), ValueError, "experts"),
-    (lambda x, p, w: moe_mlp(x, p, w[0], w[1], w[2][:, :3]), ValueError, "w_down has shape"),
+    (lambda x, p, w: moe_mlp(x, p, w[0], w[1], w[2][:, :3]), ValueError, r"w_down has shape .*\(w_gate's dim 2\)"),
     (lambda x, p, w: grouped_mm(x, w[0], p, gather=False), ValueError, "N = 20"),
     (lambda x, p, w: moe_mlp(x[0], p, *w), ValueError, "2-D"),
     # integer tokens: refused on every backend (the reference would truncate silu's output)
