@@ -332,7 +332,7 @@ def run_experiment(corpus=None, *, preset: str | ExperimentPreset | None = None,
     log = log or (lambda s: print(s, flush=True))
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    p = resolve_preset(preset, ExperimentPreset, dev)
+    p = resolve_preset(preset, ExperimentPreset, dev, device)
     run_keys = parse_runs(runs) if runs is not None else p.runs
     if m2_steps is not None:
         if isinstance(m2_steps, bool) or not isinstance(m2_steps, int) or m2_steps < 1:

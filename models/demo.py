@@ -237,7 +237,7 @@ def run_demo(corpus: str | TextCorpus | None = None, *, preset: str | DemoPreset
     log = log or (lambda s: print(s, flush=True))
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    p = resolve_preset(preset, DemoPreset, dev)
+    p = resolve_preset(preset, DemoPreset, dev, device)
     if budget_s is not None and not budget_s > 0:
         raise ValueError(f"budget_s must be > 0, got {budget_s}")
     if dense_steps is not None and (isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 1):

@@ -419,14 +419,20 @@ def compile_blocks(model: Transformer, backend: str | None = None) -> Transforme
     return model
 
 
-def resolve_preset(preset, cls: type, device: torch.device):
+def resolve_preset(preset, cls: type, device: torch.device, requested: str = "auto"):
     """``preset`` as an instance of ``cls`` (a preset dataclass with a ``preset(name)``
-    classmethod): a name, an instance, or None (``"gpu"`` on CUDA, else ``"cpu"``)."""
+    classmethod): a name, an instance, or None (``"gpu"`` on CUDA, else ``"cpu"``). A GPU
+    preset named on a machine without CUDA is refused unless the device was asked for
+    (``requested`` is not ``"auto"``): it would train for hours on the CPU."""
     if preset is None:
         preset = "gpu" if device.type == "cuda" else "cpu"
     p = cls.preset(preset) if isinstance(preset, str) else preset
     if not isinstance(p, cls):
         raise TypeError(f"preset must be a preset name or a {cls.__name__} instance, got {type(preset).__name__}")
+    if isinstance(preset, str) and preset.startswith("gpu") and device.type != "cuda" and requested == "auto":
+        raise ValueError(f"preset {preset!r} is sized for a GPU and torch sees no CUDA device: on this CPU it would "
+                         "train for hours; choose preset 'cpu', or ask for the CPU explicitly (device 'cpu', "
+                         "--device cpu) to run it anyway")
     return p
 
 

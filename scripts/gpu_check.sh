@@ -33,9 +33,15 @@
 # and run with carry [".data"] and FLOPWISE_DATA=.data in front of the command; with
 # --no-tests, so that one 600 s call holds it: FLOPWISE_DATA=.data bash scripts/gpu_check.sh --no-tests experiment
 # Environment: LIMIT_<suite>=seconds overrides a suite's limit; BUDGET_MS sets the timing
-# budget per provider (flopwise bench --budget-ms).
+# budget per provider (flopwise bench --budget-ms); ALLOW_CPU=1 runs it without a CUDA device
+# (the kernels interpreted: slow, for checking the script itself).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${ALLOW_CPU:-0}" != 1 ] && ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "scripts/gpu_check.sh needs a CUDA device (torch.cuda.is_available() is False here); nothing was" \
+       "installed or written. ALLOW_CPU=1 runs it anyway, with the kernels interpreted (slow)." >&2
+  exit 2
+fi
 out="${OUT:-.}/gpu-check"
 mkdir -p "$out"
 

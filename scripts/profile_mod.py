@@ -172,6 +172,8 @@ if __name__ == "__main__":
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--only", choices=("ops", "step", "memory"))
     a = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{p.prog} times CUDA kernels and needs a CUDA device (torch.cuda.is_available() is False)")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     if a.only in (None, "ops"):
         ops(a.rows)

@@ -80,6 +80,8 @@ def main() -> None:
                    help="only time each launch of moe_mlp (the tiles it runs: the autotuner's picks)")
     p.add_argument("--rep", type=int, default=40, help="ms of timed repetitions per candidate")
     a = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{p.prog} times CUDA kernels and needs a CUDA device (torch.cuda.is_available() is False)")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     print(f"{'shape':<13} {'family':<9} {'block_m':>7} {'candidate':<34} {'ms':>8} {'TFLOP/s':>8} {'rel err':>8}")
     for label, T, D, Fh, E, k in GPU_SHAPES:

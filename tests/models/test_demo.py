@@ -8,6 +8,7 @@ import io
 from contextlib import redirect_stdout
 
 import pytest
+import torch
 
 from flopwise.models.data import embedded_corpus
 from flopwise.models.demo import DemoPreset, format_table, run_demo
@@ -88,6 +89,22 @@ def test_demo_presets_build(name):
     assert fpt["moe"] == pytest.approx(fpt["dense"], rel=0.02)
     assert fpt["mod"] < 0.7 * fpt["dense"]
     assert p.seq_len <= _model_cfg(p, "dense").max_seq_len
+
+
+def test_gpu_preset_without_cuda_is_refused_unless_the_cpu_is_asked_for(monkeypatch, tmp_path):
+    """A GPU preset on a machine without CUDA would train for hours: refused before anything
+    runs, unless the CPU is asked for by name."""
+    from flopwise.coding.experiment import run_experiment
+    from flopwise.models.train import resolve_preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for call in (lambda: run_demo(embedded_corpus(), preset="gpu"),
+                 lambda: run_experiment(embedded_corpus(), preset="gpu-fit", out_dir=str(tmp_path / "x"))):
+        with pytest.raises(ValueError, match=r"preset 'gpu(-fit)?' is sized for a GPU and torch sees no CUDA device"):
+            call()
+    assert not (tmp_path / "x").exists()
+    assert resolve_preset("gpu", DemoPreset, torch.device("cpu"), "cpu").name == "gpu"
+    assert resolve_preset(None, DemoPreset, torch.device("cpu")).name == "cpu"
 
 
 def test_slow_machine_keeps_the_dense_floor_and_cuts_the_variants(monkeypatch):
