@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from flopwise._cli_types import positive_int as _positive_int
+from flopwise._cli_types import positive_int as _positive_int, python_names_as_flags
 from flopwise._files import check_writable
 
 
@@ -29,7 +29,20 @@ _METHOD_OPTIONS = {
 }
 
 
+# Python argument names in the library's messages, as typed on the command line (names that
+# are also plain words, such as "device" or "train", are left alone)
+_BUILD_NAMES = {"m1=...": "--m1 CKPT", "token_bits": "--token-bits", "chunk_bytes": "--chunk-bytes",
+                **{k: flag for k, (flag, _) in _METHOD_OPTIONS.items() if "_" in k}}
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
+    try:
+        return _build(args)
+    except ValueError as exc:
+        raise ValueError(python_names_as_flags(str(exc), _BUILD_NAMES)) from None
+
+
+def _build(args: argparse.Namespace) -> int:
     from flopwise.coding.dataset import BuildOptions, build
 
     for dest, (flag, methods) in _METHOD_OPTIONS.items():
@@ -53,8 +66,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_decode(args: argparse.Namespace) -> int:
     from flopwise.coding.dataset import decode
 
-    data = decode(args.folder, args.text_file, force=args.force, device=args.device, m1=args.m1,
-                  progress=False if args.quiet else None)
+    try:
+        data = decode(args.folder, args.text_file, force=args.force, device=args.device, m1=args.m1,
+                      progress=False if args.quiet else None)
+    except ValueError as exc:
+        raise ValueError(python_names_as_flags(str(exc), {"text_file": "TEXT_FILE", "m1=...": "--m1 CKPT"})) from None
     print(f"decoded {len(data)} bytes (SHA-256 verified) -> {args.text_file}")
     return 0
 

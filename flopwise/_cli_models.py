@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from flopwise._cli_types import positive_float as _positive_float, positive_int as _positive_int
+from flopwise._cli_types import byte_value, positive_float as _positive_float, positive_int as _positive_int
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -204,7 +204,7 @@ def add_parser(sub) -> None:
                         "earlier budget)")
     t.add_argument("--device", help="auto (default), cpu, cuda, ...")
     t.add_argument("--compile", action="store_true", help="torch.compile each block (regional compilation)")
-    t.add_argument("--bos", type=int, metavar="BYTE",
+    t.add_argument("--bos", type=byte_value, metavar="BYTE",
                    help="start every training window with this byte (0 for an M1 that `coding build` "
                         "restarts from an empty context; see ByteData)")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -121,8 +121,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             data = scaling.load_csv(args.file, k=args.k, drop_highest=drop, **cols)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc))) from None
-    except FileNotFoundError:
-        raise  # "path: no such file ...", exit 2
+    except FileNotFoundError:  # exit 2, naming the argument as typed
+        raise FileNotFoundError(f"FILE: no such file {args.file!r}") from None
     except OSError as exc:  # e.g. no permission: bad input (exit 2), not an unreliable fit (exit 1)
         raise ValueError(f"{args.file}: cannot read the file ({exc.strerror or exc})") from None
     for w in caught:

@@ -4,6 +4,28 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+
+
+def byte_value(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= v < 256:
+        raise argparse.ArgumentTypeError(f"must be a byte value in [0, 256): {text!r}")
+    return v
+
+
+def python_names_as_flags(message: str, names: dict[str, str]) -> str:
+    """A library message names Python arguments (``window_bits must ...``, ``(m1=...)``); on
+    the command line they are flags or positionals: ``names`` maps each to what the user typed
+    (a message that already names the flag keeps its Python name beside it)."""
+    for name in sorted(names, key=len, reverse=True):
+        if names[name] in message:
+            continue
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", names[name], message)
+    return message
 
 
 def positive_float(text: str) -> float:

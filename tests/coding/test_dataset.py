@@ -243,6 +243,11 @@ def test_build_force_over_a_file_and_bad_arguments(tmp_path, prose, capsys):
           str(tmp_path / "notamodel.pt")], "could not be loaded"),
         (["coding", "build", str(corpus), str(tmp_path / "o2"), "--method", "static", "--device", "cuda:0" if not torch.cuda.is_available()
           else "nodevice"], "device"),
+        # the library's Python argument names, as typed on the command line
+        (["coding", "build", str(corpus), str(tmp_path / "o3"), "--method", "ac"], "needs an M1 checkpoint (--m1 CKPT)"),
+        (["coding", "build", str(corpus), str(tmp_path / "o4"), "--method", "equalinfo", "--window-bits", "8", "--m1",
+          str(tmp_path / "notamodel.pt")], "error: --window-bits must be a multiple of --token-bits=8"),
+        (["coding", "decode", str(target), str(target / "out.txt")], "error: TEXT_FILE "),
     ]:
         assert cli.main(argv) == 2
         assert match in capsys.readouterr().err

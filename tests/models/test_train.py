@@ -647,6 +647,10 @@ def test_run_config_and_cli_errors(tmp_path, capsys, monkeypatch):
     f.write_text(json.dumps({"model": "tiny", "train": None}))
     with pytest.raises(TypeError, match="'train' must be an object"):
         load_run_config(f)
+    # --bos outside a byte: argparse's usage error naming the flag (exit 2)
+    with pytest.raises(SystemExit) as exc:
+        _main(["train", "tiny", "--corpus", "embedded", "--steps", "3", "--bos", "256"])
+    assert exc.value.code == 2 and "argument --bos: must be a byte value in [0, 256): '256'" in capsys.readouterr().err
     # divergence: one line, no traceback
     assert _main(["train", "tiny", "--corpus", "embedded", "--steps", "3", "--seq-len", "32", "--batch-size", "2",
                   "--lr", "1e9"]) == 1

@@ -62,7 +62,7 @@ def test_fit_errors_are_reported(capsys, tmp_path):
     assert main(["scaling", "fit", str(p), "--c-col", "C"]) == 2
     assert "missing column" in capsys.readouterr().err
     assert main(["scaling", "fit", str(tmp_path / "nope.csv")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "error: FILE: no such file" in capsys.readouterr().err
     assert main(["scaling", "fit", str(tmp_path)]) == 2
     assert "is a folder, not a CSV file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # one of them used to be ignored
