@@ -139,6 +139,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
+    from flopwise.models.hf_formats import TARGET_FORMATS
     from flopwise.models.upcycle import EXPERT_INITS, ROUTER_INITS
 
     p = sub.add_parser("upcycle", help="turn a dense checkpoint into a Mixture-of-Experts checkpoint (sparse upcycling)")
@@ -146,7 +147,7 @@ def add_parser(sub) -> None:
     p.add_argument("dst", help="output folder (created atomically; must not exist unless --force)")
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    p.add_argument("--format", choices=("flopwise", "mixtral", "qwen2_moe", "qwen3_moe"), default=None,
+    p.add_argument("--format", choices=TARGET_FORMATS, default=None,
                    help="output format (default: flopwise for flopwise sources, qwen3_moe for qwen3, mixtral "
                         "otherwise)")
     p.add_argument("--layers", default="all",

@@ -203,10 +203,11 @@ def _describe_hf(folder: str, raw: dict, arch: str) -> DenseSource:
     flag = raw.get("attention_bias", False)
     if arch in ("llama", "qwen3") and not isinstance(flag, bool):
         raise ValueError(f"{where}: config field 'attention_bias' must be true or false, got {flag!r}")
-    biased = {"llama": "qkvo" if flag else "", "mistral": "", "qwen2": "qkv", "qwen3": "qkvo" if flag else ""}[arch]
-    why = {"llama": f"attention_bias={str(flag).lower()} in config.json", "qwen3": f"attention_bias={str(flag).lower()} "
-           "in config.json", "mistral": "mistral's attention has no biases", "qwen2": "qwen2's attention has q, k and v "
-           "biases, no o bias"}[arch]
+    if arch in ("llama", "qwen3"):
+        biased, why = "qkvo" if flag else "", f"attention_bias={str(flag).lower()} in config.json"
+    else:
+        biased, why = {"mistral": ("", "mistral's attention has no biases"),
+                       "qwen2": ("qkv", "qwen2's attention has q, k and v biases, no o bias")}[arch]
     tied = bool(cfg.get("tie_word_embeddings", False))
     expect: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if not tied or "lm_head.weight" in reader:
@@ -383,15 +384,7 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
     out = {k: c[k] for k in _COMMON if k in c}
     L = src.n_layers
     if fmt == "mixtral":
-        # Mixtral applies one sliding window to every layer (or none): a Qwen2 config keeps a
-        # sliding_window value even when use_sliding_window is off, so copying it would
-        # narrow the attention of a full-attention model.
-        types = source_layer_types(src)
-        if len(set(types)) > 1:
-            raise ValueError(f"{src.folder}/config.json: layers mix sliding and full attention "
-                             f"({types.count('sliding_attention')} of {L} sliding), which mixtral cannot "
-                             "express; use format 'qwen2_moe'")
-        window = c["sliding_window"] if types and types[0] == "sliding_attention" else None
+        window = _one_window(src, fmt, "; use format 'qwen2_moe'")
         out.update(model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=expert_d_ff,
                    num_local_experts=n_experts, num_experts_per_tok=top_k, router_aux_loss_coef=aux_loss_coef,
                    output_router_logits=False, router_jitter_noise=0.0, sliding_window=window)
@@ -405,27 +398,18 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
         step, only = 2, []
     else:
         step, only = 1, [i for i in range(L) if i not in sparse]
+    out.update(intermediate_size=src.d_ff, moe_intermediate_size=expert_d_ff, num_experts=n_experts,
+               num_experts_per_tok=top_k, decoder_sparse_step=step, mlp_only_layers=only, norm_topk_prob=renormalize,
+               router_aux_loss_coef=aux_loss_coef, output_router_logits=False)
     if fmt == "qwen3_moe":
-        # Qwen3-MoE applies one sliding window to every layer (or none), as Mixtral
-        types = source_layer_types(src)
-        if len(set(types)) > 1:
-            raise ValueError(f"{src.folder}/config.json: layers mix sliding and full attention "
-                             f"({types.count('sliding_attention')} of {L} sliding), which qwen3_moe cannot express")
-        sliding = types[0] == "sliding_attention"
-        out.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], intermediate_size=src.d_ff,
-                   moe_intermediate_size=expert_d_ff, num_experts=n_experts, num_experts_per_tok=top_k,
-                   decoder_sparse_step=step, mlp_only_layers=only, norm_topk_prob=renormalize,
-                   router_aux_loss_coef=aux_loss_coef, output_router_logits=False,
-                   attention_bias=bool(src.attn_bias), use_sliding_window=sliding,
-                   sliding_window=c["sliding_window"] if sliding else None)
-        if sliding:  # transformers before 4.53 slides from layer max_window_layers on (default 28)
+        window = _one_window(src, fmt)
+        out.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], attention_bias=bool(src.attn_bias),
+                   use_sliding_window=window is not None, sliding_window=window)
+        if window is not None:  # transformers before 4.53 slides from layer max_window_layers on (default 28)
             out["max_window_layers"] = 0
         return out
-    out.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], intermediate_size=src.d_ff,
-               moe_intermediate_size=expert_d_ff, num_experts=n_experts, num_experts_per_tok=top_k,
-               decoder_sparse_step=step, mlp_only_layers=only, norm_topk_prob=renormalize,
-               shared_expert_intermediate_size=shared_d_ff, router_aux_loss_coef=aux_loss_coef,
-               output_router_logits=False, qkv_bias=bool(src.attn_bias))
+    out.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"],
+               shared_expert_intermediate_size=shared_d_ff, qkv_bias=bool(src.attn_bias))
     # layer_types is always written: without it Qwen2MoeConfig derives the attention of each
     # layer by its own rule (sliding on even layers below max_window_layers), which is not
     # Qwen2's (sliding from max_window_layers on) nor Mistral's (every layer).
@@ -436,6 +420,18 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
     else:
         out.update(use_sliding_window=False, layer_types=types)
     return out
+
+
+def _one_window(src: DenseSource, fmt: str, hint: str = "") -> int | None:
+    """The sliding window of a target that applies one window to every layer or none
+    (Mixtral, Qwen3-MoE): None for full attention. (A Qwen2 config keeps a sliding_window
+    value even when use_sliding_window is off: copying it would narrow a full-attention model.)"""
+    types = source_layer_types(src)
+    if len(set(types)) > 1:
+        raise ValueError(f"{src.folder}/config.json: layers mix sliding and full attention "
+                         f"({types.count('sliding_attention')} of {src.n_layers} sliding), which {fmt} cannot "
+                         f"express{hint}")
+    return src.hf_config["sliding_window"] if types and types[0] == "sliding_attention" else None
 
 
 def source_layer_types(src: DenseSource) -> list[str]:

@@ -268,8 +268,7 @@ class UpcyclePlan:
     @property
     def verify_bytes_estimate(self) -> int:
         """Memory :func:`verify_upcycle` needs: both models in float32 at once."""
-        dense = sum(i.numel for i in self.source.reader.infos.values())
-        return _verify_bytes(dense, self.total_params)
+        return _verify_bytes(_params(self.source.reader), self.total_params)
 
     def summary(self) -> dict:
         """JSON-ready description (what ``--dry-run`` prints)."""
@@ -283,6 +282,10 @@ class UpcyclePlan:
             "peak_bytes_estimate": self.peak_bytes_estimate, "verify_bytes_estimate": self.verify_bytes_estimate,
             "exact": self.exact, "warnings": self.warnings,
         }
+
+
+def _params(reader: CheckpointReader) -> int:
+    return sum(i.numel for i in reader.infos.values())
 
 
 def _verify_bytes(dense_params: int, moe_params: int) -> int:
@@ -880,12 +883,11 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | N
     src = describe_source(src_folder)
     if check_memory:
         try:
-            moe_params = sum(i.numel for i in CheckpointReader(moe_folder).infos.values())
+            moe_params = _params(CheckpointReader(moe_folder))
         except (ValueError, OSError):  # unreadable headers: the loading check below reports them
             moe_params = None
         if moe_params is not None:
-            _check_verify_memory(_verify_bytes(sum(i.numel for i in src.reader.infos.values()), moe_params),
-                                 "verify_upcycle")
+            _check_verify_memory(_verify_bytes(_params(src.reader), moe_params), "verify_upcycle")
     checks: list[str] = []
     recorded = options is None
     if recorded:
