@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import warnings
 from pathlib import Path
 
-from flopwise._cli_types import positive_float as _positive_float
+from flopwise._cli_types import positive_float as _positive_float, python_names_as_flags
 
 
 def _fmt(v: float) -> str:
@@ -47,11 +46,11 @@ def _print_json(obj) -> None:
 
 
 # load_csv names its keyword arguments in errors; on the command line they are flags.
-_FLAG_NAMES = re.compile(r"\b(n_col|d_col|c_col|loss_col|drop_highest)\b")
+_FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in ("n_col", "d_col", "c_col", "loss_col", "drop_highest")}
 
 
 def _as_flags(message: str) -> str:
-    return _FLAG_NAMES.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return python_names_as_flags(message, _FLAG_NAMES)
 
 
 def _bootstrap_path(plot: str) -> str:
