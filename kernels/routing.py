@@ -149,20 +149,27 @@ if HAS_TRITON:
 
     @triton.jit
     def _topk_route_fwd_kernel(
-        logits_ptr, stride_t, T, E, K,
+        logits_ptr, stride_t, T, E, K, bias_ptr,
         ids_ptr, w_ptr, tile_counts_ptr,
-        SCORE: tl.constexpr, RENORM: tl.constexpr,
+        SCORE: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """One tile of BLOCK_T tokens: score, top-k by repeated argmax, renormalise, store
-        ids/weights [T, K], and the tile's histogram of chosen experts."""
+        ids/weights [T, K], and the tile's histogram of chosen experts. Without a bias the
+        experts are ranked by logit (the scores' order); with one (HAS_BIAS, ``bias [E]``
+        float32) by score + bias, while the weights stay the unbiased scores."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
         rmask = rows < T
         cmask = cols < E
         x, p = _load_scores(logits_ptr, stride_t, rows, cols, rmask, cmask, SCORE)
-        key = tl.where(cmask[None, :], _monotone_key(x), -2147483648)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
+            key = _monotone_key(p + b[None, :])
+        else:
+            key = _monotone_key(x)
+        key = tl.where(cmask[None, :], key, -2147483648)
         kcols = tl.arange(0, BLOCK_K)
         ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
         w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
@@ -633,12 +640,16 @@ def _stable_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 
 def topk_route_reference(logits: torch.Tensor, k: int, *, score: str = "softmax",
-                         renormalize: bool = False, block_m: int = 64) -> RoutingPlan:
+                         renormalize: bool = False, block_m: int = 64,
+                         bias: torch.Tensor | None = None) -> RoutingPlan:
     """Plain-PyTorch token-choice routing; the definition :func:`topk_route` must match."""
-    k, block_m = _validate_topk(logits, k, score, block_m, renormalize)
+    k, block_m = _validate_topk(logits, k, score, block_m, renormalize, bias)
     T, E = logits.shape
     probs = _scores_reference(logits, score)
-    ids = _stable_topk(logits, k, dim=1)  # rank by logits (monotone in the probabilities)
+    if bias is None:
+        ids = _stable_topk(logits, k, dim=1)  # rank by logits (monotone in the probabilities)
+    else:  # rank by score + bias; the bias only chooses, the weights stay the scores
+        ids = _stable_topk(probs.detach() + bias.detach().to(probs.dtype), k, dim=1)
     w = probs.gather(1, ids)
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
@@ -826,7 +837,8 @@ def _int_outputs(shapes: list[tuple[int, ...]], device, pack: bool) -> list[torc
     return [buf.as_strided(sh, (sh[1], 1) if len(sh) == 2 else (1,), a) for a, sh in zip(starts, shapes)]
 
 
-def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool, block_m: int, pack: bool = False):
+def _topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, score: int, renormalize: bool,
+                    block_m: int, pack: bool = False):
     logits = logits.contiguous()
     T, E = logits.shape
     dev = logits.device
@@ -839,8 +851,8 @@ def _topk_route_fwd(logits: torch.Tensor, k: int, score: int, renormalize: bool,
         [(T, k), (n_tiles, E), (E,), (E + 1,), (E + 1,), (nb,), (nb,), (N,), (N,), (N,)], dev, pack)
     w = new_output((T, k), dtype=torch.float32, device=dev)
     launch(_topk_route_fwd_kernel, (n_tiles,),
-        logits, logits.stride(0), T, E, k, ids, w, tile_counts,
-        SCORE=score, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
+        logits, logits.stride(0), T, E, k, logits if bias is None else bias.float().contiguous(), ids, w, tile_counts,
+        SCORE=score, RENORM=renormalize, HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
         BLOCK_K=next_pow2(k), num_warps=4,
     )
     sorted_w = _scan_and_scatter(ids, w, tile_counts, counts, offsets, padded, block_expert, block_row, token_idx,
@@ -977,14 +989,15 @@ def _expert_choice_fwd(logits: torch.Tensor, C: int, score: int, block_m: int):
 # 4. Custom ops with autograd (opaque to torch.compile: no graph breaks, no host sync)
 # ----------------------------------------------------------------------------------------
 @torch.library.custom_op("flopwise::topk_route", mutates_args=())
-def _topk_route_op(logits: torch.Tensor, k: int, score: int, renormalize: bool, block_m: int) -> tuple[
+def _topk_route_op(logits: torch.Tensor, bias: torch.Tensor | None, k: int, score: int, renormalize: bool,
+                   block_m: int) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _topk_route_fwd(logits, k, score, renormalize, block_m)
+    return _topk_route_fwd(logits, bias, k, score, renormalize, block_m)
 
 
 @_topk_route_op.register_fake
-def _(logits, k, score, renormalize, block_m):
+def _(logits, bias, k, score, renormalize, block_m):
     T, E = logits.shape
     N = T * k
     nb = _max_blocks(N, E, block_m)
@@ -1008,7 +1021,7 @@ def _(logits, ids, inverse, g_topk, g_sorted, score, renormalize):
 
 
 def _topk_route_setup(ctx, inputs, output):
-    logits, k, score, renormalize, block_m = inputs
+    logits, bias, k, score, renormalize, block_m = inputs
     ctx.save_for_backward(logits, output[2], output[5])
     ctx.score, ctx.renormalize = score, renormalize
 
@@ -1017,8 +1030,9 @@ def _topk_route_backward(bwd):
     def backward(ctx, g_topk, g_sorted, *rest):
         logits, ids, inverse = ctx.saved_tensors
         if g_topk is None and g_sorted is None:
-            return None, None, None, None, None
-        return bwd(logits, ids, inverse, g_topk, g_sorted, ctx.score, ctx.renormalize), None, None, None, None
+            return None, None, None, None, None, None
+        # the bias only ranks the experts: no gradient reaches it
+        return bwd(logits, ids, inverse, g_topk, g_sorted, ctx.score, ctx.renormalize), None, None, None, None, None
 
     return backward
 
@@ -1137,8 +1151,8 @@ def _plan_from_topk_backward(ctx, g_sorted, *rest):
 # Autograd for the three custom ops, and their eager twins: the same kernels and formulas
 # without the dispatcher's host cost (see ``_dispatch.traced``); the public functions pick
 # one per call.
-def _topk_route_fwd_packed(logits, k: int, score: int, renormalize: bool, block_m: int):
-    return _topk_route_fwd(logits, k, score, renormalize, block_m, pack=True)
+def _topk_route_fwd_packed(logits, bias, k: int, score: int, renormalize: bool, block_m: int):
+    return _topk_route_fwd(logits, bias, k, score, renormalize, block_m, pack=True)
 
 
 def _plan_from_topk_fwd_packed(topk_ids, weights, num_experts: int, block_m: int):
@@ -1158,11 +1172,21 @@ _TopkRowsFunction = autograd_twin(_topk_rows_op, "TopkRowsFunction", _topk_rows_
 # ----------------------------------------------------------------------------------------
 # 5. Public API
 # ----------------------------------------------------------------------------------------
-def _validate_topk(logits, k, score, block_m, renormalize) -> tuple[int, int]:
+def _validate_topk(logits, k, score, block_m, renormalize, bias=None) -> tuple[int, int]:
     _check_logits(logits)
     _check_renormalize(renormalize)
     k = _check_int(k, "k", 1, logits.shape[1])
     _check_score(score)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        if bias.shape != (logits.shape[1],):
+            raise ValueError(f"bias must have shape [E] = [{logits.shape[1]}] (one value per expert), "
+                             f"got {tuple(bias.shape)}")
+        if bias.device != logits.device:
+            raise ValueError(f"bias must be on logits' device ({logits.device}), got {bias.device}")
     return k, _check_block_m(block_m)
 
 
@@ -1198,7 +1222,7 @@ def _validate_mod(scores, capacity, k) -> int:
 
 
 def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormalize: bool = False,
-               block_m: int = 64) -> RoutingPlan:
+               block_m: int = 64, bias: torch.Tensor | None = None) -> RoutingPlan:
     """Token-choice top-k routing: each token picks its k best experts (dropless).
 
     Args:
@@ -1207,6 +1231,13 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
         score: ``"softmax"`` over experts (Mixtral, OLMoE) or ``"sigmoid"`` per expert.
         renormalize: divide each token's k weights by their sum (Mixtral: yes, OLMoE: no).
         block_m: rows per block of the grouped matmul that will consume the plan.
+        bias: optional ``[E]`` per-expert selection bias (auxiliary-loss-free load balancing,
+            as DeepSeek-V3): experts are ranked by ``score + bias`` (in float32) instead of by
+            logit, while the weights stay the unbiased scores. It receives no gradient. Ties
+            (also scores that round to one float32 value, e.g. saturated sigmoids, which the
+            logits would have ordered) go to the lower expert id; a NaN ranks as -inf. Where two experts' biased scores
+            lie within float32 rounding of each other, the kernel (its own exp) and the
+            reference may pick differently.
 
     Returns a :class:`RoutingPlan` with ``N = T * k`` rows; ``plan.weights`` and
     ``plan.topk_weights`` carry gradients to ``logits``. No host synchronisation.
@@ -1216,13 +1247,13 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
         plan = topk_route(router(x), k=2, renormalize=True)
         rows = x[plan.token_idx]          # [T*k, D], expert-sorted
     """
-    k, block_m = _validate_topk(logits, k, score, block_m, renormalize)
+    k, block_m = _validate_topk(logits, k, score, block_m, renormalize, bias)
     if not use_triton(logits, op="topk_route"):  # float64 (gradcheck): the reference
-        return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m)
+        return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m, bias=bias)
     T, E = logits.shape
-    op = _topk_route_op if traced(logits) else _TopkRouteFunction.run
+    op = _topk_route_op if traced(logits, *(() if bias is None else (bias,))) else _TopkRouteFunction.run
     w, sw, ids, tok, pair, inv, counts, offsets, padded, bexp, brow = op(
-        logits, k, _SCORES[score], bool(renormalize), block_m)
+        logits, bias, k, _SCORES[score], bool(renormalize), block_m)
     return RoutingPlan(
         token_idx=tok, weights=sw, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
         block_expert=bexp, block_row=brow, num_tokens=T, num_experts=E, block_m=block_m, top_k=k,

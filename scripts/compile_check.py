@@ -250,8 +250,10 @@ def _descriptor_types(tt: dict, cfg: dict, ep: int, dual: bool) -> tuple[dict, d
 
 P = lambda t: "*" + t
 # routing
-comp(R._topk_route_fwd_kernel, {"logits_ptr": P("fp32"), "ids_ptr": P("i32"), "w_ptr": P("fp32"), "tile_counts_ptr": P("i32")},
-     dict(SCORE=0, RENORM=True, BLOCK_T=64, BLOCK_E=128, BLOCK_K=8))
+for has_bias in (False, True):  # with a bias: ranked by score + bias (auxiliary-loss-free balancing)
+    comp(R._topk_route_fwd_kernel, {"logits_ptr": P("fp32"), "bias_ptr": P("fp32"), "ids_ptr": P("i32"),
+                                    "w_ptr": P("fp32"), "tile_counts_ptr": P("i32")},
+         dict(SCORE=0, RENORM=True, HAS_BIAS=has_bias, BLOCK_T=64, BLOCK_E=128, BLOCK_K=8), label=f"bias={has_bias}")
 # plans from caller-given top-k ids (Hugging Face routers give int64)
 for ids_t in (P("i64"), P("i32")):
     comp(R._plan_from_topk_fwd_kernel, {"ids_ptr": ids_t, "ids32_ptr": P("i32"), "tile_counts_ptr": P("i32")},

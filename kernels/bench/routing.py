@@ -26,7 +26,7 @@ from flopwise.kernels import (
     topk_route_reference,
 )
 from flopwise.kernels.bench import Case
-from flopwise.kernels.routing import MoDSelection, RoutingPlan
+from flopwise.kernels.routing import MoDSelection, RoutingPlan, _plan_from_topk_reference
 
 
 # ---------------------------------------------------------------- token choice
@@ -53,6 +53,54 @@ def _torch_token_choice_graphable(logits: torch.Tensor, k: int):
         0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0)
     return order // k, w.reshape(-1)[order], counts, offsets
+
+
+def _torch_biased_token_choice(logits: torch.Tensor, bias: torch.Tensor, k: int):
+    """Auxiliary-loss-free routing in torch: top-k of score + bias, weights the scores."""
+    probs = torch.softmax(logits.float(), -1)
+    ids = torch.topk(probs + bias, k, dim=-1).indices
+    w = probs.gather(1, ids)
+    w = w / w.sum(-1, keepdim=True)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(logits.shape[1], dtype=torch.long, device=logits.device).index_add_(
+        0, flat, torch.ones_like(flat))
+    return order // k, w.reshape(-1)[order], counts, torch.cumsum(counts, 0)
+
+
+def _make_biased_check(logits: torch.Tensor, bias: torch.Tensor, k: int):
+    """Each token's experts must be a top-k of its score + bias up to ties within 1e-6 (the
+    kernel's exp is not torch's, so two nearly equal biased scores may swap); given those
+    choices, every field must equal the reference plan built from them (weights: the
+    renormalised scores, to within rounding)."""
+    probs = torch.softmax(logits.float(), -1)
+    key = probs + bias.float()
+    T, E = logits.shape
+
+    def check(out, ref) -> str | None:
+        if isinstance(out, RoutingPlan):
+            ids = out.topk_ids.long()
+            if ids.shape != (T, k) or bool(((ids < 0) | (ids >= E)).any()):
+                return "topk_ids out of range"
+            mine = key.gather(1, ids)
+            if k > 1 and not bool((mine[:, 1:] <= mine[:, :-1] + 1e-6).all()):
+                return "topk_ids not in descending order of score + bias"
+        else:
+            tok, _, counts, _ = out
+            if counts.shape != (E,) or int(counts.sum()) != T * k:
+                return "counts do not sum to T * k"
+            chosen = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+            chosen[tok.long(), torch.repeat_interleave(torch.arange(E, device=logits.device), counts.long())] = True
+            if not bool((chosen.sum(1) == k).all()):
+                return "a token does not have k distinct experts"
+            ids = torch.sort(key.masked_fill(~chosen, float("-inf")), dim=1, descending=True, stable=True).indices[:, :k]
+        rest = key.scatter(1, ids, float("-inf"))
+        if not bool((key.gather(1, ids).min(1).values >= rest.max(1).values - 1e-6).all()):
+            return "not a top-k of score + bias"
+        w = probs.gather(1, ids)
+        return _check_token_choice(out, _plan_from_topk_reference(ids, w / w.sum(-1, keepdim=True), E, ref.block_m))
+
+    return check
 
 
 # Plan fields, each compared exactly (index fields: every backend ranks and breaks ties the
@@ -205,6 +253,21 @@ def cases(gpu: bool) -> list[Case]:
             # logits in; ids, weights [T,K]; token_idx, weights, pair, inverse [N]
             bytes=T * E * 4 + T * k * 8 + N * 16,
         ))
+    # auxiliary-loss-free balancing: ranked by score + a per-expert bias (one extra [E] load)
+    T, E, k = (16384, 64, 8) if gpu else (256, 64, 8)
+    logits = torch.randn(T, E, device=dev)
+    bias = 0.01 * torch.randn(E, device=dev)
+    out.append(Case(
+        graph=True,
+        op="topk_route+bias", shape=f"T={T} E={E} k={k}",
+        providers={
+            "reference": lambda lg=logits, b=bias, k=k: topk_route_reference(lg, k, renormalize=True, bias=b),
+            "torch": lambda lg=logits, b=bias, k=k: _torch_biased_token_choice(lg, b, k),
+            "triton": lambda lg=logits, b=bias, k=k: topk_route(lg, k, renormalize=True, bias=b),
+        },
+        check=_make_biased_check(logits, bias, k),
+        bytes=T * E * 4 + E * 4 + T * k * 8 + T * k * 16,
+    ))
     # the BASELINES shapes, then a longer token axis (rows of 32,768 held in registers)
     ec = [(16384, 64, 1.0), (16384, 8, 1.0), (32768, 64, 1.0)] if gpu else [(256, 8, 1.0)]
     for T, E, cf in ec:

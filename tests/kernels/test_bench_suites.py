@@ -160,6 +160,25 @@ def test_token_choice_check_compares_every_plan_field():
         assert case.check((tok, torch.zeros_like(w), counts, offsets), ref) is not None
 
 
+def test_biased_token_choice_check_compares_every_plan_field():
+    case = next(c for c in routing_suite.cases(gpu=False) if c.op == "topk_route+bias")
+    ref = case.providers["reference"]()
+    _real_providers_pass(case, ref)
+    for name in _TC_FIELDS:
+        bad = dataclasses.replace(ref, **{name: _corrupt(getattr(ref, name))})
+        assert case.check(bad, ref) is not None, name
+    # the plan the logits alone would give (no bias): a valid plan, the wrong choices
+    from flopwise.kernels import topk_route_reference
+
+    logits = case.providers["reference"].__defaults__[0]
+    unbiased = topk_route_reference(logits, 8, renormalize=True)
+    assert not torch.equal(unbiased.topk_ids, ref.topk_ids)
+    assert "score + bias" in (case.check(unbiased, ref) or "")
+    tok, w, counts, offsets = case.providers["torch"]()
+    assert case.check((tok, torch.zeros_like(w), counts, offsets), ref) is not None
+    assert case.check((tok.flip(0), w, counts, offsets), ref) is not None
+
+
 def test_expert_choice_check_compares_weights_and_block_map():
     case = next(c for c in routing_suite.cases(gpu=False) if c.op == "expert_choice")
     ref = case.providers["reference"]()

@@ -183,6 +183,107 @@ def test_topk_route_kernel_gradients(score, renorm, which):
     torch.testing.assert_close(grads(topk_route), grads(topk_route_reference), atol=1e-6, rtol=1e-5)
 
 
+# ------------------------------------------------------------------------------ selection bias
+@pytest.mark.parametrize("T,E,k", [pytest.param(1, 1, 1, id="T1-E1"), pytest.param(63, 8, 2, id="T63-E8"),
+                                   pytest.param(100, 64, 8, id="T100-E64"), pytest.param(37, 5, 5, id="k=E")])
+@pytest.mark.parametrize("score,renorm", [("softmax", False), ("softmax", True), ("sigmoid", True)])
+def test_topk_route_with_bias_matches_reference(T, E, k, score, renorm):
+    logits = torch.randn(T, E)
+    bias = 0.3 * torch.randn(E)
+    plan = topk_route(logits, k, score=score, renormalize=renorm, block_m=16, bias=bias)
+    ref = topk_route_reference(logits, k, score=score, renormalize=renorm, block_m=16, bias=bias)
+    assert_plans_equal(plan, ref)
+    assert_plan_valid(plan)
+    # the bias chooses; the weights are the unbiased scores of the chosen experts
+    p = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    w = p.gather(1, plan.topk_ids.long())
+    if renorm:
+        w = w / w.sum(-1, keepdim=True)
+    torch.testing.assert_close(plan.topk_weights, w)
+    expect = torch.sort(p + bias, dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(plan.topk_ids.long(), expect)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_bias_overrides_the_logits_order(score):
+    """A bias larger than any score difference decides alone: every token picks the k most
+    favoured experts, whatever its logits; a zero bias picks as without one."""
+    logits = torch.randn(70, 8)
+    bias = torch.zeros(8)
+    bias[[6, 2]] = torch.tensor([2.0, 3.0])
+    plan = topk_route(logits, 2, score=score, bias=bias, block_m=16)
+    assert (plan.topk_ids == torch.tensor([2, 6], dtype=torch.int32)).all()
+    assert plan.expert_counts.tolist() == [0, 0, 70, 0, 0, 0, 70, 0]
+    assert_plan_valid(plan)
+    zero = topk_route(logits, 2, score=score, bias=torch.zeros(8), block_m=16)
+    assert torch.equal(zero.topk_ids, topk_route(logits, 2, score=score, block_m=16).topk_ids)
+
+
+def test_bias_ties_and_nan():
+    logits = torch.zeros(5, 6)  # every score ties
+    bias = torch.tensor([0.0, 0.0, float("nan"), 0.5, 0.5, 0.0])
+    plan = topk_route(logits, 4, bias=bias)
+    assert_plans_equal(plan, topk_route_reference(logits, 4, bias=bias))
+    assert plan.topk_ids[0].tolist() == [3, 4, 0, 1], "ties to the lower id, NaN last"
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float64])
+def test_bias_in_other_dtypes_ranks_in_float32(bias_dtype):
+    logits = torch.randn(40, 16, dtype=torch.bfloat16)
+    bias = (0.1 * torch.randn(16)).to(bias_dtype)
+    plan = topk_route(logits, 4, bias=bias, renormalize=True)
+    assert_plans_equal(plan, topk_route_reference(logits, 4, bias=bias, renormalize=True))
+
+
+@pytest.mark.parametrize("score,renorm", [("softmax", True), ("sigmoid", False)])
+def test_bias_gradients_reach_the_logits_only(score, renorm):
+    logits = torch.randn(45, 12)
+    bias = (0.2 * torch.randn(12)).requires_grad_(True)
+    g_sorted, g_topk = torch.randn(45 * 3), torch.randn(45, 3)
+
+    def grads(fn):
+        x = logits.clone().requires_grad_(True)
+        p = fn(x, 3, score=score, renormalize=renorm, bias=bias)
+        ((p.weights * g_sorted).sum() + (p.topk_weights * g_topk).sum()).backward()
+        return x.grad
+
+    torch.testing.assert_close(grads(topk_route), grads(topk_route_reference), atol=1e-6, rtol=1e-5)
+    assert bias.grad is None
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    b64 = 0.3 * torch.randn(5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: topk_route_reference(x, 2, score=score, renormalize=renorm,
+                                                                   bias=b64).weights, (x,))
+
+
+def test_bias_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+
+    def route(logits, bias):
+        plan = topk_route(logits, 2, renormalize=True, bias=bias)
+        return plan.weights.sum() + plan.expert_counts.float() @ bias
+
+    compiled = torch.compile(route, fullgraph=True, backend="aot_eager")
+    logits, bias = torch.randn(16, 4, requires_grad=True), torch.tensor([0.0, 1.0, 0.0, -1.0])
+    out = compiled(logits, bias)
+    out.backward()
+    torch.testing.assert_close(out.detach(), route(logits.detach(), bias))
+    assert logits.grad is not None
+
+
+@pytest.mark.parametrize("bias,exc,match", [
+    ([0.0, 0.0, 0.0], TypeError, "bias must be a torch.Tensor or None"),
+    (torch.zeros(4), ValueError, r"bias must have shape \[E\] = \[3\]"),
+    (torch.zeros(1, 3), ValueError, r"bias must have shape \[E\]"),
+    (torch.zeros(3, dtype=torch.int64), TypeError, "bias must be a floating-point tensor"),
+    (torch.zeros(3, device="meta"), ValueError, "bias must be on logits' device"),
+])
+def test_bad_bias_raises_clear_error(bias, exc, match):
+    with pytest.raises(exc, match=match):
+        topk_route(torch.randn(4, 3), 2, bias=bias)
+    with pytest.raises(exc, match=match):
+        topk_route_reference(torch.randn(4, 3), 2, bias=bias)
+
+
 # ------------------------------------------------------------------------------ expert choice
 EC_SHAPES = [
     pytest.param(1, 1, 1.0, id="T1-E1"),
@@ -484,7 +585,8 @@ def test_backend_setting_is_read_on_every_call(monkeypatch):
 
 def test_custom_ops_pass_opcheck():
     logits = torch.randn(5, 4, requires_grad=True)
-    torch.library.opcheck(R._topk_route_op, (logits, 2, 0, True, 4))
+    torch.library.opcheck(R._topk_route_op, (logits, None, 2, 0, True, 4))
+    torch.library.opcheck(R._topk_route_op, (logits, torch.randn(4), 2, 1, False, 4))
     torch.library.opcheck(R._expert_choice_op, (logits, 3, 1, 4))
     torch.library.opcheck(R._topk_rows_op, (torch.randn(2, 9, requires_grad=True), 3))
 
