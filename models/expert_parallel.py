@@ -167,6 +167,13 @@ class ExpertParallelMoE(MoE):
                 self._signal_failure()
             raise
 
+    def update_bias(self, group=None) -> torch.Tensor | None:
+        """:meth:`MoE.update_bias` with the loads summed over ``group`` (default: the layer's
+        own group, whose ranks route different tokens); every rank of it calls this. With data
+        parallelism beside the experts' group (a 2-D mesh), pass the group spanning both, or
+        the replicas' biases drift apart."""
+        return super().update_bias(self.group if group is None else group)
+
     def _signal_failure(self) -> None:
         """This rank's part of the counts exchange with every count -1 (no real count is
         negative): the other ranks raise instead of sending rows."""

@@ -41,6 +41,15 @@ class MoEConfig:
     each, 128 large ones); retain_activations: keep the experts' saved pre-activations intact
     through the backward (see ``moe_mlp``), for backpropagating more than once
     (``retain_graph=True``) at 2 x N x F more memory.
+
+    bias_update_rate: auxiliary-loss-free load balancing (Wang et al. 2024, DeepSeek-V3),
+    token choice only; 0 (default) turns it off. The layer then holds a per-expert selection
+    bias (buffer ``expert_bias``, saved with the weights): experts are chosen by score + bias,
+    weighted by the score alone, and :meth:`MoE.update_bias` (the trainer calls it after
+    every optimizer step) moves each bias by this rate towards balance: up for an expert
+    that took fewer than the mean number of tokens since the last update, down for one that
+    took more. DeepSeek-V3 used 0.001 with sigmoid scores, alongside a tiny or no
+    ``load_balance_coef``.
     """
 
     d_model: int
@@ -57,6 +66,7 @@ class MoEConfig:
     block_m: int = 64
     init_std: float = 0.02
     retain_activations: bool = False
+    bias_update_rate: float = 0.0
 
     def __post_init__(self):
         for name in ("d_model", "d_ff", "n_experts", "top_k", "block_m"):
@@ -65,7 +75,7 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
         if isinstance(self.shared_d_ff, bool) or not isinstance(self.shared_d_ff, int):
             raise TypeError(f"MoEConfig.shared_d_ff must be an int, got {self.shared_d_ff!r}")
-        for name in ("capacity_factor", "load_balance_coef", "z_loss_coef", "init_std"):
+        for name in ("capacity_factor", "load_balance_coef", "z_loss_coef", "init_std", "bias_update_rate"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"MoEConfig.{name} must be a number, got {v!r}")
@@ -88,6 +98,10 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.capacity_factor must be > 0, got {self.capacity_factor}")
         if self.shared_d_ff < 0:
             raise ValueError(f"MoEConfig.shared_d_ff must be >= 0, got {self.shared_d_ff}")
+        if self.bias_update_rate > 0 and self.router != "token_choice":
+            raise ValueError("MoEConfig.bias_update_rate balances token-choice routing; expert choice is balanced "
+                             "by construction (every expert takes C tokens), so it must be 0 there, "
+                             f"got {self.bias_update_rate}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "MoEConfig":
@@ -160,7 +174,14 @@ class MoE(nn.Module):
     also a dict with the unweighted ``load_balance`` and ``z_loss``.
 
     Parameters: ``router.weight [E, D]``, ``w_gate, w_up [E, D, F]``, ``w_down [E, F, D]``,
-    and ``shared`` (a :class:`SwiGLU`) when ``shared_d_ff > 0``.
+    and ``shared`` (a :class:`SwiGLU`) when ``shared_d_ff > 0``. With ``bias_update_rate >
+    0``, buffers ``expert_bias [E]`` (float32, in the state dict) and ``expert_load [E]``
+    (int64, not saved: the rows each expert took in training mode since the last
+    :meth:`update_bias`).
+
+    ``losses`` (``return_losses=True``) also holds ``max_violation``, the load imbalance
+    ``max_e load_e / mean_e load_e - 1`` of the batch's token-choice routing (0: perfectly
+    balanced; not differentiable).
 
     The experts compute in x's dtype (autocast's under autocast), the shared expert in its
     own weights' dtype; y has x's dtype. An input with no tokens gives an empty y and a zero
@@ -184,7 +205,28 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n, c.d_model, c.d_ff))
         self.w_down = nn.Parameter(torch.empty(n, c.d_ff, c.d_model))
         self.shared = SwiGLU(c.d_model, c.shared_d_ff) if c.shared_d_ff else None
+        if c.bias_update_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(c.n_experts))
+            self.register_buffer("expert_load", torch.zeros(c.n_experts, dtype=torch.int64), persistent=False)
+        else:
+            self.expert_bias = self.expert_load = None
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round the selection bias, and bias steps of 1e-3
+        # vanish in bf16 once |bias| >= 0.5: it follows the device but stays float32.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != bias.dtype:
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # load_state_dict(assign=True) may move expert_bias to another device; the load count,
+        # which is not saved, goes with it (and starts again)
+        if self.expert_bias is not None and self.expert_load.device != self.expert_bias.device:
+            self.expert_load = torch.zeros_like(self.expert_load, device=self.expert_bias.device)
 
     def _held_experts(self) -> range:
         """The global ids of the experts whose weights this module holds."""
@@ -207,6 +249,9 @@ class MoE(nn.Module):
         type: CUDA and CPU generators draw different numbers)."""
         seed = self._init_seed() if seed is None else int(seed)
         std = self.config.init_std
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+            self.expert_load.zero_()
 
         def gen(stream: int, like: torch.Tensor):
             if like.device.type == "meta":
@@ -238,10 +283,39 @@ class MoE(nn.Module):
             plan = plan_from_counts(torch.zeros(0, dtype=torch.int32, device=dev), logits.new_zeros(0),
                                     torch.zeros(c.n_experts, dtype=torch.int32, device=dev), 0, block_m=c.block_m)
         elif c.router == "token_choice":
-            plan = topk_route(logits, c.top_k, score=c.score, renormalize=c.normalize_topk, block_m=c.block_m)
+            plan = topk_route(logits, c.top_k, score=c.score, renormalize=c.normalize_topk, block_m=c.block_m,
+                              bias=self.expert_bias)
         else:
             plan = expert_choice_route(logits, c.capacity_factor, score=c.score, block_m=c.block_m)
+        if self.expert_load is not None and self.training:
+            with torch.no_grad():
+                self.expert_load.add_(plan.expert_counts)
         return logits, plan
+
+    @torch.no_grad()
+    def update_bias(self, group=None) -> torch.Tensor | None:
+        """One step of auxiliary-loss-free balancing (``config.bias_update_rate > 0``):
+        ``expert_bias += rate * sign(mean load - load)`` over the rows each expert took in
+        training mode since the last call, then the count restarts. An expert with exactly the
+        mean load keeps its bias; with no rows counted nothing changes.
+
+        ``group``: the process group of every rank that routed different tokens with a copy
+        of this layer (data parallel; with expert and data parallelism together, the group
+        spanning both): their loads are summed first (``all_reduce``, so every rank of the
+        group calls it), which keeps the bias identical across them. Returns the load used
+        ([E], int64), or None when balancing is off."""
+        if self.expert_bias is None:
+            return None
+        load = self.expert_load.clone()
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(load, group=group)
+        self.expert_load.zero_()
+        mean = load.double().mean()
+        step = torch.sign(mean - load.double()).float() * self.config.bias_update_rate
+        self.expert_bias.add_(torch.where(load.sum() > 0, step, torch.zeros_like(step)))
+        return load
 
     def forward(self, x: torch.Tensor, *, return_losses: bool = False):
         c = self.config
@@ -270,12 +344,16 @@ class MoE(nn.Module):
         c = self.config
         if logits.shape[0] == 0:  # no tokens, no loss (a mean over none is NaN); the router stays in the graph
             zero = logits.sum() * 0.0
-            return c.z_loss_coef * zero, {"load_balance": zero, "z_loss": zero}
+            return c.z_loss_coef * zero, {"load_balance": zero, "z_loss": zero, "max_violation": zero.detach()}
         probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
         if c.router == "token_choice":
             p = probs if c.score == "softmax" else probs / probs.sum(-1, keepdim=True)
             lb = load_balancing_loss(p, plan.expert_counts)
+            load = plan.expert_counts.float()
+            max_vio = load.max() / load.mean() - 1
         else:  # every expert takes exactly C tokens: balanced by construction
             lb = logits.new_zeros(())
+            max_vio = logits.new_zeros(())
         z = router_z_loss(logits)
-        return c.load_balance_coef * lb + c.z_loss_coef * z, {"load_balance": lb, "z_loss": z}
+        return c.load_balance_coef * lb + c.z_loss_coef * z, {"load_balance": lb, "z_loss": z,
+                                                              "max_violation": max_vio.detach()}
