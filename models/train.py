@@ -579,6 +579,9 @@ class Trainer:
         grad_norm = float(norm)
         if not (math.isfinite(metrics["total_loss"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            for m in self.model.modules():  # nor do this step's expert loads count towards the next update
+                if getattr(m, "expert_load", None) is not None:
+                    m.expert_load.zero_()
             what = (f"the loss is {metrics['loss']}" if not math.isfinite(metrics["loss"]) else
                     f"the total loss is {metrics['total_loss']}" if not math.isfinite(metrics["total_loss"]) else
                     f"the gradient norm is {grad_norm}")
@@ -586,6 +589,7 @@ class Trainer:
                                      "a lower lr, --lr, usually helps); the weights were not updated")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_moe_biases()  # auxiliary-loss-free balancing, from this step's loads
         self.step += 1
         self.tokens_seen += cfg.tokens_per_step
         return {"step": self.step, "grad_norm": grad_norm, "lr": lr, **metrics}

@@ -157,6 +157,12 @@ class ModelConfig:
         moe_n_experts, moe_top_k, moe_router, moe_capacity_factor, moe_d_ff: passed to
             ``MoEConfig`` (``moe_d_ff=None`` -> ``d_ff``). Active experts per token:
             ``moe_top_k`` (token choice) or ``moe_capacity_factor`` on average (expert choice).
+        moe_score, moe_normalize_topk, moe_shared_d_ff, moe_load_balance_coef,
+            moe_z_loss_coef, moe_bias_update_rate: ``MoEConfig``'s ``score``,
+            ``normalize_topk``, ``shared_d_ff`` (an always-on shared expert; 0: none),
+            ``load_balance_coef``, ``z_loss_coef`` and ``bias_update_rate``
+            (auxiliary-loss-free balancing; the trainer updates the biases after every
+            optimizer step).
     """
 
     vocab_size: int = 256
@@ -183,6 +189,12 @@ class ModelConfig:
     moe_router: str = "token_choice"
     moe_capacity_factor: float = 2.0
     moe_d_ff: int | None = None
+    moe_score: str = "softmax"
+    moe_normalize_topk: bool = True
+    moe_shared_d_ff: int = 0
+    moe_load_balance_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
+    moe_bias_update_rate: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "pad_to_multiple_of",
@@ -201,12 +213,15 @@ class ModelConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
         # bool("false") is True: a string from a config file must not turn a switch on.
-        for name in ("tie_embeddings", "parallel_block"):
+        if isinstance(self.moe_shared_d_ff, bool) or not isinstance(self.moe_shared_d_ff, int) \
+                or self.moe_shared_d_ff < 0:
+            raise ValueError(f"moe_shared_d_ff must be an int >= 0 (0: no shared expert), got {self.moe_shared_d_ff!r}")
+        for name in ("tie_embeddings", "parallel_block", "moe_normalize_topk"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool (true/false), got {getattr(self, name)!r}")
         # Numbers first, so the range checks below compare numbers, not a "0.5" from a file.
         for name in ("rope_theta", "norm_eps", "dropout", "mod_capacity", "mod_aux_loss_weight",
-                     "moe_capacity_factor"):
+                     "moe_capacity_factor", "moe_load_balance_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a number, got {v!r}")
@@ -230,8 +245,14 @@ class ModelConfig:
             raise ValueError(f"moe_router must be 'token_choice' or 'expert_choice', got {self.moe_router!r}")
         if not self.moe_capacity_factor > 0:
             raise ValueError(f"moe_capacity_factor must be a finite number > 0, got {self.moe_capacity_factor}")
-        if self.mod_aux_loss_weight < 0:
-            raise ValueError(f"mod_aux_loss_weight must be >= 0, got {self.mod_aux_loss_weight}")
+        for name in ("mod_aux_loss_weight", "moe_load_balance_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.moe_score not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_score must be 'softmax' or 'sigmoid', got {self.moe_score!r}")
+        if self.moe_bias_update_rate > 0 and self.moe_router != "token_choice":
+            raise ValueError("moe_bias_update_rate balances token-choice routing; with moe_router='expert_choice' "
+                             f"(balanced by construction) it must be 0, got {self.moe_bias_update_rate}")
         self.routing = mod_pattern(self.n_layers, self.routing)
         self.mlp = _per_layer(self.mlp, self.n_layers, _MLPS, "mlp")
         # Checked here, by this config's name, rather than later by MoEConfig's.
@@ -307,6 +328,11 @@ class ModelConfig:
         return _round_up(self.moe_d_ff, self.pad_to_multiple_of) if self.moe_d_ff else self.ffn_dim
 
     @property
+    def moe_shared_ffn_dim(self) -> int:
+        """The shared expert's hidden size (0: none), padded as ``d_ff`` is."""
+        return _round_up(self.moe_shared_d_ff, self.pad_to_multiple_of) if self.moe_shared_d_ff else 0
+
+    @property
     def moe_experts_per_token(self) -> float:
         return self.moe_top_k if self.moe_router == "token_choice" else self.moe_capacity_factor
 
@@ -330,7 +356,7 @@ class ModelConfig:
           ``2 D`` for every token (and the predictor ``2 (D h + h)`` when ``mod_causal``
           is ``"predictor"``).
         * MoE layer: ``top_k`` experts (expert choice: ``capacity_factor`` on average) of
-          ``2 * 3 D F_e`` each plus the router ``2 D E``.
+          ``2 * 3 D F_e`` each plus the router ``2 D E``, and the shared expert's ``2 * 3 D F_s``.
         """
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= self.max_seq_len:
             raise ValueError(f"seq_len must be an int in [1, max_seq_len={self.max_seq_len}], got {seq_len!r}")
@@ -339,7 +365,8 @@ class ModelConfig:
         total = 2.0 * D * self.padded_vocab_size
         for routing, mlp in zip(self.routing, self.mlp):
             if mlp == "moe":
-                mlp_flops = self.moe_experts_per_token * 2 * 3 * D * self.moe_ffn_dim + 2 * D * self.moe_n_experts
+                mlp_flops = (self.moe_experts_per_token * 2 * 3 * D * self.moe_ffn_dim + 2 * D * self.moe_n_experts
+                             + 2 * 3 * D * self.moe_shared_ffn_dim)
             else:
                 mlp_flops = 2 * 3 * D * self.ffn_dim
             if routing == "mod":
@@ -556,7 +583,9 @@ def _make_moe(cfg: ModelConfig) -> nn.Module:
             f"which could not be imported: {exc}"
         ) from exc
     kwargs = dict(d_model=cfg.d_model, d_ff=cfg.moe_ffn_dim, n_experts=cfg.moe_n_experts, top_k=cfg.moe_top_k,
-                  router=cfg.moe_router)
+                  router=cfg.moe_router, score=cfg.moe_score, normalize_topk=cfg.moe_normalize_topk,
+                  shared_d_ff=cfg.moe_shared_ffn_dim, load_balance_coef=cfg.moe_load_balance_coef,
+                  z_loss_coef=cfg.moe_z_loss_coef, bias_update_rate=cfg.moe_bias_update_rate)
     if cfg.moe_router == "expert_choice":
         kwargs["capacity_factor"] = cfg.moe_capacity_factor
     return MoE(MoEConfig(**kwargs))
@@ -584,8 +613,11 @@ class Block(nn.Module):
 
     def _mlp(self, x):
         if self.is_moe:
-            y, aux = self.mlp(x)
-            return y, {"moe_aux_loss": aux}
+            y, aux, losses = self.mlp(x, return_losses=True)
+            out = {"moe_aux_loss": aux}
+            if self.mlp.config.router == "token_choice":
+                out["moe_max_violation"] = losses["max_violation"]
+            return y, out
         return self.mlp(x), {}
 
     def delta(self, h: torch.Tensor | None, positions: torch.Tensor, *, normed: torch.Tensor | None = None,
@@ -684,6 +716,19 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    @torch.no_grad()
+    def update_moe_biases(self, group=None) -> int:
+        """One auxiliary-loss-free balancing step on every MoE layer with a selection bias
+        (``moe_bias_update_rate > 0``; :meth:`flopwise.models.moe.MoE.update_bias`): call it
+        after each optimizer step, as the trainer does. ``group``: see ``update_bias``.
+        Returns the number of layers updated."""
+        n = 0
+        for m in self.modules():
+            if getattr(m, "expert_bias", None) is not None and hasattr(m, "update_bias"):
+                m.update_bias(group)
+                n += 1
+        return n
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -277,10 +277,13 @@ def test_dense_checkpoint_is_an_upcycling_source(tmp_path, corpus):
     assert src.arch == "flopwise" and src.n_layers == 2
 
 
-@pytest.mark.parametrize("variant", ["dense", "mod+moe"])
+@pytest.mark.parametrize("variant", ["dense", "mod+moe", "moe-bias"])
 def test_exact_resume(tmp_path, corpus, variant):
-    """N steps straight == N/2, save, load in a fresh trainer, N/2 more: identical losses."""
-    extra = {} if variant == "dense" else dict(routing="every_other", mlp="moe", moe_n_experts=4)
+    """N steps straight == N/2, save, load in a fresh trainer, N/2 more: identical losses
+    (with auxiliary-loss-free balancing: its biases too)."""
+    extra = {"dense": {}, "mod+moe": dict(routing="every_other", mlp="moe", moe_n_experts=4),
+             "moe-bias": dict(mlp="moe", moe_n_experts=4, moe_score="sigmoid", moe_load_balance_coef=0.0,
+                              moe_bias_update_rate=0.05)}[variant]
     assert_exact_resume(tmp_path, ModelConfig(**TINY, **extra), _tc(max_steps=6, grad_accum=2), corpus, corpus, 6)
 
 
@@ -377,6 +380,66 @@ def test_active_params():
     moe = Transformer(ModelConfig(**TINY, mlp="moe", moe_n_experts=4, moe_top_k=1))
     expert = 3 * 32 * 64  # one expert's gate, up and down
     assert active_params(moe) == pytest.approx(moe.num_parameters() - 2 * 3 * expert)
+
+
+def test_moe_fields_reach_the_layers_and_the_flop_count():
+    from flopwise.models import Transformer
+
+    cfg = ModelConfig(**TINY, mlp=["moe", "dense"], moe_n_experts=4, moe_score="sigmoid", moe_normalize_topk=False,
+                      moe_shared_d_ff=40, moe_load_balance_coef=0.0, moe_z_loss_coef=0.5, moe_bias_update_rate=1e-3,
+                      pad_to_multiple_of=16)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    mc = Transformer(cfg).layers[0].mlp.config
+    assert (mc.score, mc.normalize_topk, mc.shared_d_ff, mc.load_balance_coef, mc.z_loss_coef,
+            mc.bias_update_rate) == ("sigmoid", False, 48, 0.0, 0.5, 1e-3)
+    plain = cfg.replace(moe_shared_d_ff=0)
+    assert cfg.forward_flops_per_token(16) - plain.forward_flops_per_token(16) == 2 * 3 * 32 * 48
+    model = Transformer(cfg)
+    shared = sum(p.numel() for n, p in model.named_parameters() if ".shared." in n)
+    assert shared == 3 * 32 * 48
+    assert active_params(model) - active_params(Transformer(plain)) == shared
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(moe_score="relu"), ValueError, "moe_score must be"),
+    (dict(moe_normalize_topk="no"), TypeError, "moe_normalize_topk must be a bool"),
+    (dict(moe_shared_d_ff=-1), ValueError, "moe_shared_d_ff must be an int >= 0"),
+    (dict(moe_z_loss_coef="0.1"), TypeError, "moe_z_loss_coef must be a number"),
+    (dict(moe_load_balance_coef=-0.1), ValueError, "moe_load_balance_coef must be >= 0"),
+    (dict(moe_bias_update_rate=float("nan")), ValueError, "moe_bias_update_rate must be a finite number"),
+    (dict(moe_router="expert_choice", moe_bias_update_rate=1e-3), ValueError, "balances token-choice routing"),
+])
+def test_moe_fields_are_checked_by_name(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        ModelConfig(**TINY, mlp="moe", **kw)
+
+
+def test_trainer_updates_the_biases_once_per_step_from_all_micro_batches(corpus):
+    cfg = ModelConfig(**TINY, mlp=["moe", "dense"], moe_n_experts=4, moe_top_k=2, moe_bias_update_rate=0.01)
+    t = Trainer(cfg, _tc(batch_size=2, grad_accum=3), corpus, progress=False)
+    moe = t.model.layers[0].mlp
+    seen = []
+    real = moe.update_bias
+
+    def spy(group=None):
+        seen.append(moe.expert_load.clone())
+        return real(group)
+
+    moe.update_bias = spy
+    m = t.train_step()
+    assert len(seen) == 1 and int(seen[0].sum()) == 3 * 2 * 32 * 2, "3 micro-batches of 2 x 32 tokens, top-2"
+    load = seen[0].double()
+    torch.testing.assert_close(moe.expert_bias, (0.01 * torch.sign(load.mean() - load)).float())
+    assert moe.expert_load.sum() == 0
+    assert m["moe_max_violation"] >= 0
+    t.evaluate(max_tokens=64)
+    assert moe.expert_load.sum() == 0, "evaluation counts nothing"
+    bias = moe.expert_bias.clone()
+    with torch.no_grad():
+        t.model.head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        t.train_step()
+    assert moe.expert_load.sum() == 0 and torch.equal(moe.expert_bias, bias), "a diverged step's loads are dropped"
 
 
 # ------------------------------------------------------------------ CLI

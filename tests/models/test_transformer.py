@@ -181,8 +181,8 @@ def test_moe_missing_module_message(monkeypatch):
 
 
 def test_moe_layer_wiring(monkeypatch):
-    """A stand-in with the agreed API: MoEConfig(d_model, d_ff, n_experts, top_k, router),
-    MoE(cfg)(x) -> (y, aux_loss)."""
+    """A stand-in with the agreed API: MoEConfig(d_model, d_ff, n_experts, top_k, router, ...),
+    MoE(cfg).config, MoE(cfg)(x, return_losses=True) -> (y, aux_loss, losses)."""
 
     @dataclasses.dataclass
     class MoEConfig:
@@ -192,15 +192,22 @@ def test_moe_layer_wiring(monkeypatch):
         top_k: int
         router: str = "token_choice"
         capacity_factor: float = 2.0
+        score: str = "softmax"
+        normalize_topk: bool = True
+        shared_d_ff: int = 0
+        load_balance_coef: float = 0.01
+        z_loss_coef: float = 0.001
+        bias_update_rate: float = 0.0
 
     class MoE(nn.Module):
         def __init__(self, cfg):
             super().__init__()
-            self.cfg = cfg
+            self.config = cfg
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
-        def forward(self, x):
-            return self.mlp(x), x.new_tensor(0.25) + 0 * x.sum()
+        def forward(self, x, return_losses=False):
+            y, aux = self.mlp(x), x.new_tensor(0.25) + 0 * x.sum()
+            return (y, aux, {"max_violation": x.new_tensor(0.5)}) if return_losses else (y, aux)
 
     fake = types.ModuleType("flopwise.models.moe")
     fake.MoE, fake.MoEConfig = MoE, MoEConfig
@@ -209,11 +216,14 @@ def test_moe_layer_wiring(monkeypatch):
                moe_router="expert_choice", moe_capacity_factor=1.5, moe_d_ff=24)
     model = Transformer(cfg)
     moe = model.layers[1].block.mlp
-    assert moe.cfg == MoEConfig(d_model=32, d_ff=24, n_experts=4, top_k=1, router="expert_choice",
-                                capacity_factor=1.5)
+    assert moe.config == MoEConfig(d_model=32, d_ff=24, n_experts=4, top_k=1, router="expert_choice",
+                                   capacity_factor=1.5)
     tokens = torch.randint(0, 256, (2, 16))
     out = model(tokens, tokens)
     assert float(out.aux["layer1.moe_aux_loss"]) == 0.25
+    assert "moe_max_violation" not in out.aux, "expert choice is balanced by construction: no metric"
+    tc = Transformer(cfg.replace(moe_router="token_choice"))
+    assert float(tc(tokens, tokens).aux["moe_max_violation"]) == 0.5
     torch.testing.assert_close(out.aux["aux_loss"], out.aux["layer1.mod_aux_loss"] + 0.25)
     torch.testing.assert_close(out.loss.detach(), out.aux["lm_loss"] + out.aux["aux_loss"])
 
