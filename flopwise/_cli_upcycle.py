@@ -162,11 +162,12 @@ def add_parser(sub) -> None:
     p.add_argument("--router-std", type=float, help="router init std / row scale (default 0.02)")
     p.add_argument("--calibration-text", metavar="FILE", help="UTF-8 text for --router-init kmeans")
     p.add_argument("--no-renormalize", action="store_true",
-                   help="qwen2_moe, qwen3_moe: norm_topk_prob=False (breaks exact reproduction)")
+                   help="qwen2_moe, qwen3_moe, flopwise: do not renormalise the top-k weights (breaks exact "
+                        "reproduction)")
     p.add_argument("--shared-d-ff", type=int, default=0, help="qwen2_moe shared expert size (default 0: none)")
     p.add_argument("--aux-loss-coef", type=float,
-                   help="router aux loss coefficient written to the Hugging Face config (default 0.01; the flopwise "
-                        "format stores none: its MoE layers use 0.01)")
+                   help="router load-balancing loss coefficient written to the config (default 0.01, or a "
+                        "flopwise source's own when it already has MoE layers)")
     p.add_argument("--seed", type=int, default=0, help="seed; draws are keyed by (layer, expert) (default 0)")
     p.add_argument("--max-shard-size", type=_size, default=5 * 10**9, help="output shard limit (default 5GB)")
     p.add_argument("--no-optimizer", action="store_true", help="do not upcycle optimizer.safetensors")

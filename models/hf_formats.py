@@ -77,6 +77,7 @@ class DenseSource:
     global_tensors: list[str]
     attn_bias: list[str] = field(default_factory=list)
     hf_config: dict = field(default_factory=dict)
+    buffers: frozenset = frozenset()
 
     @property
     def family(self) -> str:
@@ -299,21 +300,26 @@ def _describe_flopwise(folder: str, raw: dict) -> DenseSource:
     _check_shape(reader, "norm.weight", (D,))
     if not mc.tie_embeddings:
         _check_shape(reader, "head.weight", (mc.padded_vocab_size, D))
-    _check_flopwise_tensors(reader, mc)
+    buffers = _check_flopwise_tensors(reader, mc)
     glob = sorted(n for n in reader.infos if not _LAYER_RE.match(n))
-    return DenseSource("flopwise", folder, raw, reader, L, D, F, mlp, prefixes, layer_tensors, glob)
+    return DenseSource("flopwise", folder, raw, reader, L, D, F, mlp, prefixes, layer_tensors, glob,
+                       buffers=buffers)
 
 
-def _check_flopwise_tensors(reader: CheckpointReader, mc) -> None:
+def _check_flopwise_tensors(reader: CheckpointReader, mc) -> frozenset:
     """Every stored tensor must be one the model has, with its shape, and none may be
     missing: a stray tensor would otherwise be copied into (or dropped from) the output
-    unnoticed. The expected set comes from the model itself, built without memory."""
+    unnoticed. The expected set comes from the model itself, built without memory.
+    Returns the names of the stored buffers (state, not parameters: no optimizer moments),
+    such as an MoE layer's ``expert_bias``."""
     import torch
 
     from .transformer import Transformer
 
     with torch.device("meta"):
-        expected = {n: tuple(t.shape) for n, t in Transformer(mc).state_dict().items()}
+        model = Transformer(mc)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for name, info in reader.infos.items():
         if name not in expected:
             raise ValueError(f"unexpected tensor {name!r} in a flopwise checkpoint ({reader.path}): "
@@ -324,6 +330,7 @@ def _check_flopwise_tensors(reader: CheckpointReader, mc) -> None:
     for name in expected:
         if name not in reader and not (mc.tie_embeddings and name == "head.weight"):
             raise ValueError(f"missing tensor {name!r} in {reader.path}")
+    return frozenset(n for n in expected if n not in params)
 
 
 def moe_names(fmt: str, src: DenseSource, layer: int, n_experts: int) -> dict:
@@ -372,7 +379,8 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
             new = mc.replace(mlp=mlp)
         else:
             new = mc.replace(mlp=mlp, moe_n_experts=n_experts, moe_top_k=top_k, moe_router="token_choice",
-                             moe_d_ff=None if expert_d_ff == mc.ffn_dim else expert_d_ff)
+                             moe_d_ff=None if expert_d_ff == mc.ffn_dim else expert_d_ff,
+                             moe_normalize_topk=renormalize, moe_load_balance_coef=aux_loss_coef)
         if new.moe_ffn_dim != expert_d_ff:
             raise ValueError(f"expert hidden size {expert_d_ff} (d_ff / option granularity) cannot be stored: the "
                              f"config's experts have {new.moe_ffn_dim} (moe_d_ff rounded up to a multiple of "

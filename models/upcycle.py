@@ -49,7 +49,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .hf_formats import HF_TARGETS, MLP_KINDS, TARGET_FORMATS, DenseSource, describe_source, moe_names, target_config
+from .hf_formats import (HF_TARGETS, MLP_KINDS, TARGET_FORMATS, DenseSource, _flopwise_config, describe_source,
+                         moe_names, target_config)
 from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, check_replaceable_folder, path_within, plan_shards,
                              publish_folder, publish_mode, rewrite_metadata, write_index, write_shard)
 
@@ -58,6 +59,7 @@ __all__ = ["UpcycleOptions", "UpcyclePlan", "UpcycleReport", "VerifyResult", "Up
 
 EXPERT_INITS = ("copy", "noise", "drop")
 ROUTER_INITS = ("normal", "zeros", "orthogonal", "kmeans")
+_DEFAULT_AUX_LOSS_COEF = 0.01  # Mixtral's and Qwen-MoE's router_aux_loss_coef, MoEConfig's default
 _BLOCK = 64 * 2**20  # bytes copied per read/write when the kernel cannot copy file to file
 _HASH_BUFFER = 8 * 2**20
 # Files beside the weights that describe how to tokenize, chat and generate: they apply
@@ -71,7 +73,6 @@ _TOKENIZER_DIRS = ("additional_chat_templates",)
 _TERMS_FILE = re.compile(r"(LICEN[CS]E|COPYING|NOTICE|USE_POLICY)([-_.][\w.-]*)?", re.IGNORECASE)
 # The load-balancing coefficient flopwise MoE layers train with (MoEConfig.load_balance_coef):
 # a flopwise ModelConfig has no field to store another.
-_FLOPWISE_AUX_LOSS_COEF = 0.01
 
 
 class UpcycleWarning(UserWarning):
@@ -107,11 +108,14 @@ class UpcycleOptions:
         calibration_text: path of a UTF-8 text file (kmeans only); tokenised with the source's
             tokenizer (a Hugging Face source must have one), as bytes for flopwise sources.
         renormalize: renormalise the top-k weights (qwen2_moe's and qwen3_moe's
-            ``norm_topk_prob``; Mixtral and flopwise always renormalise).
+            ``norm_topk_prob``, flopwise's ``moe_normalize_topk``; Mixtral always renormalises).
         shared_d_ff: qwen2_moe shared expert size; 0 (default) stores an empty one. A
             non-empty one gets a zero down projection and a zero gate, so it adds exactly 0.
-        aux_loss_coef: load-balancing coefficient written to the HF config (the flopwise format
-            has no field for it: its MoE layers use 0.01, and another value is refused).
+        aux_loss_coef: load-balancing coefficient written to the config (HF formats'
+            ``router_aux_loss_coef``, flopwise's ``moe_load_balance_coef``); None (default):
+            0.01, or a flopwise source's own coefficient when it already has MoE layers. Such a
+            source keeps its MoE settings for the new layers, so a given coefficient, and
+            ``renormalize``, must then equal the source's.
         seed: base seed of every random draw.
         max_shard_bytes: output shard size limit (Hugging Face's default is 5 GB).
         optimizer: upcycle ``optimizer.safetensors`` when the source has one.
@@ -130,7 +134,7 @@ class UpcycleOptions:
     calibration_text: str | None = None
     renormalize: bool = True
     shared_d_ff: int = 0
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float | None = None
     seed: int = 0
     max_shard_bytes: int = 5 * 10**9
     optimizer: bool = True
@@ -159,6 +163,8 @@ class UpcycleOptions:
             raise ValueError(f"option drop_ratio must be in (0, 1], got {self.drop_ratio}")
         for name in ("noise_std", "router_std", "aux_loss_coef"):
             v = getattr(self, name)
+            if v is None and name == "aux_loss_coef":
+                continue
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"option {name} must be finite and >= 0, got {v}")
         if isinstance(self.shared_d_ff, bool) or not isinstance(self.shared_d_ff, int) or self.shared_d_ff < 0:
@@ -166,13 +172,9 @@ class UpcycleOptions:
         if self.shared_d_ff and self.format != "qwen2_moe":
             raise ValueError("option shared_d_ff is only expressible in the qwen2_moe format (for Llama, Mistral and "
                              "Qwen2 sources; qwen3_moe, the format of Qwen3 sources, has no shared expert)")
-        if not self.renormalize and self.format not in ("qwen2_moe", "qwen3_moe"):
-            raise ValueError(f"option renormalize=False is not expressible in the {self.format} format "
+        if not self.renormalize and self.format == "mixtral":
+            raise ValueError("option renormalize=False is not expressible in the mixtral format "
                              "(it always renormalises top-k weights)")
-        if self.format == "flopwise" and self.aux_loss_coef != _FLOPWISE_AUX_LOSS_COEF:
-            raise ValueError(f"option aux_loss_coef={self.aux_loss_coef:g} is not expressible in the flopwise format: "
-                             "its ModelConfig has no field for it, and its MoE layers train with a load-balancing "
-                             f"coefficient of {_FLOPWISE_AUX_LOSS_COEF:g}; drop the option")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"option seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.layers, str):
@@ -224,7 +226,8 @@ class _Recipe:
     """How one output tensor is made. kind: ``copy`` (of ``src``, rows optional),
     ``router`` (layer), ``expert`` (layer, mlp kind, experts: one per HF tensor, all E for a
     flopwise stacked tensor; ``transpose`` for flopwise), ``normal`` (seeded N(0, 0.02),
-    ``zeros``."""
+    ``zeros``; ``buffer``: module state (an MoE layer's ``expert_bias``), which has no
+    optimizer moments."""
 
     kind: str
     dtype: torch.dtype
@@ -235,6 +238,7 @@ class _Recipe:
     mlp: str = ""
     experts: tuple[int, ...] = ()
     transpose: bool = False
+    buffer: bool = False  # module state, not a parameter: no optimizer moments
 
 
 @dataclass
@@ -352,12 +356,15 @@ def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) ->
     if src.family == "flopwise" and any(not m for m in src.mlp):
         # One set of MoE fields in ModelConfig covers every MoE layer: the new layers must
         # match the existing ones (router and capacity factor are taken from the source).
-        from .hf_formats import _flopwise_config
-
         c, mc = src.config, _flopwise_config(src.config)
         if (c.get("moe_n_experts"), c.get("moe_top_k")) != (o.n_experts, o.top_k):
             raise ValueError("options n_experts/top_k must match the source's existing MoE layers "
                              f"({c.get('moe_n_experts')}/{c.get('moe_top_k')})")
+        for opt, field, want in (("renormalize", "moe_normalize_topk", mc.moe_normalize_topk),
+                                 ("aux_loss_coef", "moe_load_balance_coef", mc.moe_load_balance_coef)):
+            if getattr(o, opt) not in (want, None):
+                raise ValueError(f"option {opt}={getattr(o, opt)!r}: the source's existing MoE layers have "
+                                 f"{field}={want!r}, which the new layers share; pass {opt}={want!r}")
         if src.d_ff // o.granularity != mc.moe_ffn_dim:
             raise ValueError(f"the source's existing MoE layers have experts of hidden size {mc.moe_ffn_dim} "
                              f"(moe_d_ff), the new ones would have {src.d_ff // o.granularity} (d_ff {src.d_ff} / "
@@ -419,15 +426,20 @@ def plan_upcycle(src_folder: str, options: UpcycleOptions, *, dst_folder: str | 
         scale = G ** (1 / 3)
     else:
         scale = (E / G * G * G / k) ** (1 / 3)
+    aux = o.aux_loss_coef
+    if aux is None:
+        aux = _DEFAULT_AUX_LOSS_COEF
+        if src.family == "flopwise" and any(not m for m in src.mlp):  # already has MoE layers
+            aux = _flopwise_config(src.config).moe_load_balance_coef
     config = target_config(o.format, src, n_experts=E, top_k=k, expert_d_ff=Fe, moe_layers=moe_layers,
-                           renormalize=o.renormalize, shared_d_ff=o.shared_d_ff, aux_loss_coef=o.aux_loss_coef)
+                           renormalize=o.renormalize, shared_d_ff=o.shared_d_ff, aux_loss_coef=aux)
     info = src.reader.info
     recipes: dict[str, _Recipe] = {}
 
     def copy(name: str, rows=None, out: str | None = None):
         i = info(name)
         shape = i.shape if rows is None else (rows[1] - rows[0], *i.shape[1:])
-        recipes[out or name] = _Recipe("copy", i.dtype, tuple(shape), src=name, rows=rows)
+        recipes[out or name] = _Recipe("copy", i.dtype, tuple(shape), src=name, rows=rows, buffer=name in src.buffers)
 
     for name in src.global_tensors:
         if not name.endswith(("norm.weight", "lm_head.weight", "head.weight")):
@@ -448,6 +460,9 @@ def plan_upcycle(src_folder: str, options: UpcycleOptions, *, dst_folder: str | 
         dts = {kind: info(src.mlp[i][kind][0]).dtype for kind in MLP_KINDS}
         dt = dts["gate"]
         recipes[names["router"]] = _Recipe("router", dt, (E, D), layer=i)
+        if o.format == "flopwise" and config.get("moe_bias_update_rate", 0) > 0:
+            # auxiliary-loss-free balancing's selection bias (a buffer): zero, so routing starts unbiased
+            recipes[src.mlp_prefix[i] + "expert_bias"] = _Recipe("zeros", torch.float32, (E,), layer=i, buffer=True)
         for kind in MLP_KINDS:
             kshape = (Fe, D) if kind != "down" else (D, Fe)
             if "stacked" in names:
@@ -477,11 +492,11 @@ def plan_upcycle(src_folder: str, options: UpcycleOptions, *, dst_folder: str | 
     if opt_reader is not None:
         _check_optimizer(opt_reader, recipes, src)
         opt = [(f"{m}.{n}", _moment_dtype(opt_reader, m, r, src), r.shape)
-               for m in ("exp_avg", "exp_avg_sq") for n, r in recipes.items()]
+               for m in ("exp_avg", "exp_avg_sq") for n, r in recipes.items() if not r.buffer]
         if "step" in opt_reader:  # flopwise training checkpoints also keep the step as a tensor
             opt.insert(0, ("step", opt_reader.info("step").dtype, opt_reader.info("step").shape))
         opt_shards = plan_shards(opt, o.max_shard_bytes, stem="optimizer")
-    total = sum(math.prod(r.shape) for r in recipes.values())
+    total = sum(math.prod(r.shape) for r in recipes.values() if not r.buffer)
     active = total - (E - k) * 3 * D * Fe * len(moe_layers)
     # Working set: the largest source MLP matrix, its cached expert results (copy init: one
     # per neuron shard, i.e. one more matrix; a transposed copy for flopwise), float32
@@ -512,7 +527,7 @@ def _moment_dtype(reader: CheckpointReader, moment: str, r: _Recipe, src: DenseS
 
 def _check_optimizer(reader: CheckpointReader, recipes: dict[str, _Recipe], src: DenseSource) -> None:
     """Every source parameter the recipes read needs both moments with its shape."""
-    needed = {r.src for r in recipes.values() if r.kind == "copy"}
+    needed = {r.src for r in recipes.values() if r.kind == "copy" and not r.buffer}
     needed |= {src.mlp[r.layer][r.mlp][0] for r in recipes.values() if r.kind == "expert"}
     for m in ("exp_avg", "exp_avg_sq"):
         for name in sorted(needed):

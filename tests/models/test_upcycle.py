@@ -1041,21 +1041,67 @@ def test_force_keeps_a_model_saved_into_the_output(llama, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
-def test_aux_loss_coef_is_refused_where_it_cannot_be_stored(tmp_path):
-    from flopwise.models.moe import MoEConfig
+def test_flopwise_target_stores_aux_loss_coef_and_renormalize(tmp_path, capsys):
+    """The flopwise format stores both (moe_load_balance_coef, moe_normalize_topk); a source
+    that already has MoE layers keeps its own, and a different explicit value is refused."""
+    from flopwise.models.hf_formats import load_flopwise
 
-    # what a flopwise MoE layer trains with is the option's default: that value is accepted
-    assert MoEConfig(d_model=8, d_ff=8, n_experts=2).load_balance_coef == UpcycleOptions().aux_loss_coef
-    with pytest.raises(ValueError, match=r"option aux_loss_coef=0\.1 is not expressible in the flopwise format"):
-        UpcycleOptions(n_experts=2, top_k=1, aux_loss_coef=0.1)
     _tiny_flopwise(tmp_path / "dense")
     parser = argparse.ArgumentParser()
     _cli_upcycle.add_parser(parser.add_subparsers())
     args = parser.parse_args(["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--experts", "2",
-                              "--aux-loss-coef", "0.1"])
-    with pytest.raises(ValueError, match=r"--aux-loss-coef=0\.1 is not expressible"):
-        args.func(args)
-    assert not (tmp_path / "moe").exists()
+                              "--top-k", "1", "--aux-loss-coef", "0.1", "--no-renormalize", "--layers", "0",
+                              "--quiet"])
+    assert args.func(args) == 0
+    assert "warning: renormalize=False" in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert (cfg["moe_load_balance_coef"], cfg["moe_normalize_topk"]) == (0.1, False)
+    layer = load_flopwise(str(tmp_path / "moe")).layers[0].mlp
+    assert (layer.config.load_balance_coef, layer.config.normalize_topk) == (0.1, False)
+    # the rest of that model's layers: its settings apply to them; no option given -> taken over
+    with pytest.warns(UpcycleWarning, match="renormalize=False"):
+        upcycle(str(tmp_path / "moe"), str(tmp_path / "moe2"),
+                UpcycleOptions(n_experts=2, top_k=1, layers=[1], renormalize=False))
+    cfg2 = json.loads((tmp_path / "moe2" / "config.json").read_text())
+    assert (cfg2["mlp"], cfg2["moe_load_balance_coef"], cfg2["moe_normalize_topk"]) == (["moe", "moe"], 0.1, False)
+    with pytest.raises(ValueError, match=r"option aux_loss_coef=0\.01: the source's existing MoE layers have "
+                                         r"moe_load_balance_coef=0\.1"):
+        plan_upcycle(str(tmp_path / "moe"), UpcycleOptions(n_experts=2, top_k=1, layers=[1], renormalize=False,
+                                                           aux_loss_coef=0.01))
+    with pytest.raises(ValueError, match=r"option renormalize=True: the source's existing MoE layers have "
+                                         r"moe_normalize_topk=False"):
+        plan_upcycle(str(tmp_path / "moe"), UpcycleOptions(n_experts=2, top_k=1, layers=[1]))
+
+
+def test_flopwise_source_with_selection_biases(tmp_path, monkeypatch):
+    """A trained flopwise MoE with auxiliary-loss-free balancing (expert_bias buffers, which
+    have no optimizer moments): its biases are copied, the new layer gets a zero one, and the
+    optimizer state is upcycled without moments for them; the result resumes training."""
+    from flopwise.models.checkpoint import load_checkpoint
+    from flopwise.models.data import embedded_corpus
+    from flopwise.models.train import TrainConfig, Trainer
+
+    monkeypatch.setenv("FLOPWISE_BACKEND", "reference")  # the upcycler is under test, not the kernels
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, mlp=["moe", "dense"],
+                      moe_n_experts=4, moe_top_k=1, moe_bias_update_rate=0.01)
+    data = embedded_corpus()
+    t = Trainer(cfg, TrainConfig(seq_len=32, batch_size=2, max_steps=4, warmup_steps=1, eval_tokens=64), data,
+                progress=False)
+    for _ in range(3):
+        t.train_step()
+    bias0 = t.model.layers[0].mlp.expert_bias.clone()
+    assert bias0.abs().sum() > 0
+    t.save(tmp_path / "run")
+    report = upcycle(str(tmp_path / "run"), str(tmp_path / "moe"), UpcycleOptions(n_experts=4, top_k=1, layers=[1]),
+                     verify=True)
+    assert report is not None
+    ck = load_checkpoint(tmp_path / "moe")
+    assert torch.equal(ck.model.layers[0].mlp.expert_bias, bias0)
+    assert torch.equal(ck.model.layers[1].mlp.expert_bias, torch.zeros(4))
+    assert not any("expert_bias" in k for k in ck.optimizer)
+    resumed = Trainer.resume(tmp_path / "moe", data, progress=False, out_dir=str(tmp_path / "cont"))
+    resumed.train_step()
+    assert resumed.model.layers[1].mlp.expert_bias.abs().sum() > 0
 
 
 def test_verify_checks_loading(llama, tmp_path):
