@@ -164,7 +164,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-renormalize", action="store_true",
                    help="qwen2_moe, qwen3_moe, flopwise: do not renormalise the top-k weights (breaks exact "
                         "reproduction)")
-    p.add_argument("--shared-d-ff", type=int, default=0, help="qwen2_moe shared expert size (default 0: none)")
+    p.add_argument("--shared-d-ff", type=int, default=0,
+                   help="qwen2_moe, flopwise: shared expert size (default 0: none; a flopwise source with MoE layers: "
+                        "its own)")
     p.add_argument("--aux-loss-coef", type=float,
                    help="router load-balancing loss coefficient written to the config (default 0.01, or a "
                         "flopwise source's own when it already has MoE layers)")

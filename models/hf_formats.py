@@ -336,7 +336,7 @@ def _check_flopwise_tensors(reader: CheckpointReader, mc) -> frozenset:
 def moe_names(fmt: str, src: DenseSource, layer: int, n_experts: int) -> dict:
     """Target tensor names of one MoE layer: ``router``; ``experts[kind][e]`` (HF
     per-expert) or ``stacked[kind]`` (flopwise); ``shared`` (qwen2_moe: its shared expert's
-    ``gate/up/down`` and ``gate_weight``)."""
+    ``gate/up/down`` and ``gate_weight``; flopwise: ``gate/up/down``, when there is one)."""
     i = layer
     if fmt == "mixtral":
         p = f"model.layers.{i}.block_sparse_moe."
@@ -355,7 +355,8 @@ def moe_names(fmt: str, src: DenseSource, layer: int, n_experts: int) -> dict:
                 "experts": {k: [p + f"experts.{e}.{k}_proj.weight" for e in range(n_experts)] for k in MLP_KINDS}}
     if fmt == "flopwise":
         p = src.mlp_prefix[i]
-        return {"router": p + "router.weight", "stacked": {k: p + f"w_{k}" for k in MLP_KINDS}}
+        return {"router": p + "router.weight", "stacked": {k: p + f"w_{k}" for k in MLP_KINDS},
+                "shared": {k: p + f"shared.{k}.weight" for k in MLP_KINDS}}
     raise ValueError(f"format must be one of {TARGET_FORMATS}, got {fmt!r}")
 
 
@@ -380,7 +381,12 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
         else:
             new = mc.replace(mlp=mlp, moe_n_experts=n_experts, moe_top_k=top_k, moe_router="token_choice",
                              moe_d_ff=None if expert_d_ff == mc.ffn_dim else expert_d_ff,
-                             moe_normalize_topk=renormalize, moe_load_balance_coef=aux_loss_coef)
+                             moe_normalize_topk=renormalize, moe_load_balance_coef=aux_loss_coef,
+                             moe_shared_d_ff=shared_d_ff)
+            if new.moe_shared_ffn_dim != shared_d_ff:
+                raise ValueError(f"option shared_d_ff={shared_d_ff} cannot be stored: the config pads it to "
+                                 f"{new.moe_shared_ffn_dim} (pad_to_multiple_of={mc.pad_to_multiple_of}); choose a "
+                                 "multiple of it")
         if new.moe_ffn_dim != expert_d_ff:
             raise ValueError(f"expert hidden size {expert_d_ff} (d_ff / option granularity) cannot be stored: the "
                              f"config's experts have {new.moe_ffn_dim} (moe_d_ff rounded up to a multiple of "

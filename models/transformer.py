@@ -212,10 +212,10 @@ class ModelConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
-        # bool("false") is True: a string from a config file must not turn a switch on.
         if isinstance(self.moe_shared_d_ff, bool) or not isinstance(self.moe_shared_d_ff, int) \
                 or self.moe_shared_d_ff < 0:
             raise ValueError(f"moe_shared_d_ff must be an int >= 0 (0: no shared expert), got {self.moe_shared_d_ff!r}")
+        # bool("false") is True: a string from a config file must not turn a switch on.
         for name in ("tie_embeddings", "parallel_block", "moe_normalize_topk"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool (true/false), got {getattr(self, name)!r}")

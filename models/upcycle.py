@@ -109,8 +109,11 @@ class UpcycleOptions:
             tokenizer (a Hugging Face source must have one), as bytes for flopwise sources.
         renormalize: renormalise the top-k weights (qwen2_moe's and qwen3_moe's
             ``norm_topk_prob``, flopwise's ``moe_normalize_topk``; Mixtral always renormalises).
-        shared_d_ff: qwen2_moe shared expert size; 0 (default) stores an empty one. A
-            non-empty one gets a zero down projection and a zero gate, so it adds exactly 0.
+        shared_d_ff: shared expert size (qwen2_moe: 0, the default, stores an empty one;
+            flopwise: ``moe_shared_d_ff``, 0 for none). A non-empty one gets a zero down
+            projection (and qwen2_moe's a zero gate), so it adds exactly 0. A flopwise
+            source that already has MoE layers keeps its own, so the option must then equal
+            it (or be left at 0 with a source that has none).
         aux_loss_coef: load-balancing coefficient written to the config (HF formats'
             ``router_aux_loss_coef``, flopwise's ``moe_load_balance_coef``); None (default):
             0.01, or a flopwise source's own coefficient when it already has MoE layers. Such a
@@ -169,9 +172,10 @@ class UpcycleOptions:
                 raise ValueError(f"option {name} must be finite and >= 0, got {v}")
         if isinstance(self.shared_d_ff, bool) or not isinstance(self.shared_d_ff, int) or self.shared_d_ff < 0:
             raise ValueError(f"option shared_d_ff must be an int >= 0, got {self.shared_d_ff!r}")
-        if self.shared_d_ff and self.format != "qwen2_moe":
+        if self.shared_d_ff and self.format not in ("qwen2_moe", "flopwise"):
             raise ValueError("option shared_d_ff is only expressible in the qwen2_moe format (for Llama, Mistral and "
-                             "Qwen2 sources; qwen3_moe, the format of Qwen3 sources, has no shared expert)")
+                             "Qwen2 sources) and the flopwise format; qwen3_moe, the format of Qwen3 sources, and "
+                             "mixtral have no shared expert")
         if not self.renormalize and self.format == "mixtral":
             raise ValueError("option renormalize=False is not expressible in the mixtral format "
                              "(it always renormalises top-k weights)")
@@ -360,9 +364,11 @@ def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) ->
         if (c.get("moe_n_experts"), c.get("moe_top_k")) != (o.n_experts, o.top_k):
             raise ValueError("options n_experts/top_k must match the source's existing MoE layers "
                              f"({c.get('moe_n_experts')}/{c.get('moe_top_k')})")
-        for opt, field, want in (("renormalize", "moe_normalize_topk", mc.moe_normalize_topk),
-                                 ("aux_loss_coef", "moe_load_balance_coef", mc.moe_load_balance_coef)):
-            if getattr(o, opt) not in (want, None):
+        # (option, field, the source's value, the option's value that means "take the source's")
+        for opt, field, want, unset in (("renormalize", "moe_normalize_topk", mc.moe_normalize_topk, None),
+                                        ("aux_loss_coef", "moe_load_balance_coef", mc.moe_load_balance_coef, None),
+                                        ("shared_d_ff", "moe_shared_d_ff", mc.moe_shared_ffn_dim, 0)):
+            if getattr(o, opt) not in (want, unset):
                 raise ValueError(f"option {opt}={getattr(o, opt)!r}: the source's existing MoE layers have "
                                  f"{field}={want!r}, which the new layers share; pass {opt}={want!r}")
         if src.d_ff // o.granularity != mc.moe_ffn_dim:
@@ -472,12 +478,16 @@ def plan_upcycle(src_folder: str, options: UpcycleOptions, *, dst_folder: str | 
                 for e, n in enumerate(names["experts"][kind]):
                     recipes[n] = _Recipe("expert", dts[kind], kshape, layer=i, mlp=kind, experts=(e,))
         expert_params += 3 * D * Fe * E
-        if "shared" in names:
-            S, sh = o.shared_d_ff, names["shared"]
+        S = o.shared_d_ff
+        if o.format == "flopwise":  # the config's shared expert (the source's, if it has MoE layers), or none
+            S = _flopwise_config(config).moe_shared_ffn_dim
+        if "shared" in names and (S or "gate_weight" in names["shared"]):  # qwen2_moe always has one
+            sh = names["shared"]
             recipes[sh["gate"]] = _Recipe("normal" if S else "zeros", dt, (S, D), layer=i, mlp="shared_gate")
             recipes[sh["up"]] = _Recipe("normal" if S else "zeros", dt, (S, D), layer=i, mlp="shared_up")
             recipes[sh["down"]] = _Recipe("zeros", dt, (D, S), layer=i)
-            recipes[sh["gate_weight"]] = _Recipe("zeros", dt, (1, D), layer=i)
+            if "gate_weight" in sh:
+                recipes[sh["gate_weight"]] = _Recipe("zeros", dt, (1, D), layer=i)
     for name in src.global_tensors:
         if name.endswith(("norm.weight", "lm_head.weight", "head.weight")):
             copy(name)
@@ -1031,7 +1041,9 @@ def _check_tensors(plan: UpcyclePlan, moe_folder: str, checks: list[str]) -> lis
                "standard deviations of the matrix mean")
     checks.append(f"experts: each of {counts['expert']} expert matrices {how}")
     checks.append(f"new tensors ({counts['new']}): routers finite"
-                  + ("; shared experts add zero (zero down projection and gate)" if o.format == "qwen2_moe" else ""))
+                  + ("; shared experts add zero (zero down projection and gate)" if o.format == "qwen2_moe" else
+                     "; shared experts add zero (zero down projection)" if o.format == "flopwise" and o.shared_d_ff
+                     else ""))
     if plan.optimizer_shards:
         checks.append("optimizer moments: not checked")
     return errors

@@ -1284,3 +1284,31 @@ def test_attention_biases_no_target_holds(tmp_path):
         with pytest.raises(ValueError, match=match) as info:
             upcycle(str(tmp_path / "ab"), str(tmp_path / "m"), UpcycleOptions(n_experts=2, format=fmt))
         assert "use format" not in str(info.value)
+
+
+def test_flopwise_target_with_a_shared_expert(tmp_path):
+    """--shared-d-ff for the flopwise format: a shared expert whose down projection is zero,
+    so the MoE still reproduces the dense logits; a source that already has one passes it on."""
+    dense = _tiny_flopwise(tmp_path / "dense")
+    report = upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"),
+                     UpcycleOptions(n_experts=2, top_k=1, layers=[0], shared_d_ff=16), verify=True)
+    assert report is not None
+    moe = load_flopwise(str(tmp_path / "moe"))
+    layer = moe.layers[0].mlp
+    assert moe.cfg.moe_shared_d_ff == 16 and layer.shared.gate.weight.shape == (16, 32)
+    assert torch.count_nonzero(layer.shared.down.weight) == 0 and torch.count_nonzero(layer.shared.gate.weight) > 0
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(tokens).logits, dense(tokens).logits, atol=1e-5, rtol=1e-5)
+    # the second layer takes over the source's shared expert (option left at 0)
+    upcycle(str(tmp_path / "moe"), str(tmp_path / "moe2"), UpcycleOptions(n_experts=2, top_k=1, layers=[1]))
+    moe2 = load_flopwise(str(tmp_path / "moe2"))
+    assert moe2.layers[1].mlp.shared.up.weight.shape == (16, 32)
+    with pytest.raises(ValueError, match=r"option shared_d_ff=8: the source's existing MoE layers have "
+                                         r"moe_shared_d_ff=16"):
+        plan_upcycle(str(tmp_path / "moe"), UpcycleOptions(n_experts=2, top_k=1, layers=[1], shared_d_ff=8))
+    with pytest.raises(ValueError, match=r"option shared_d_ff=20 cannot be stored: the config pads it to 32"):
+        _tiny_flopwise(tmp_path / "padded", pad_to_multiple_of=16)
+        plan_upcycle(str(tmp_path / "padded"), UpcycleOptions(n_experts=2, top_k=1, shared_d_ff=20))
+    with pytest.raises(ValueError, match="option shared_d_ff is only expressible in the qwen2_moe format"):
+        UpcycleOptions(n_experts=2, format="mixtral", shared_d_ff=8)
