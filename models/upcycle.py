@@ -71,8 +71,6 @@ _TOKENIZER_DIRS = ("additional_chat_templates",)
 # Licence, use policy and model card: they bind derivatives too, so they travel with the MoE.
 # (Not the model card, README.md: it describes the dense model, its name and its evaluations.)
 _TERMS_FILE = re.compile(r"(LICEN[CS]E|COPYING|NOTICE|USE_POLICY)([-_.][\w.-]*)?", re.IGNORECASE)
-# The load-balancing coefficient flopwise MoE layers train with (MoEConfig.load_balance_coef):
-# a flopwise ModelConfig has no field to store another.
 
 
 class UpcycleWarning(UserWarning):
