@@ -6,7 +6,7 @@ same data order and initial weights, and prints one table: the load imbalance Ma
 (``max_e load_e / mean_e load_e - 1``, the mean over MoE layers) early and late in training,
 and the validation bits per byte.
 
-    python scripts/balance_experiment.py                # CPU: about 8 minutes on 2 cores
+    python scripts/balance_experiment.py                # CPU: about 5 minutes on 2 cores
     python scripts/balance_experiment.py --steps 50     # quicker
 """
 
