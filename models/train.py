@@ -579,9 +579,8 @@ class Trainer:
         grad_norm = float(norm)
         if not (math.isfinite(metrics["total_loss"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            for m in self.model.modules():  # nor do this step's expert loads count towards the next update
-                if getattr(m, "expert_load", None) is not None:
-                    m.expert_load.zero_()
+            for m in self.model.moe_bias_layers():  # nor do this step's expert loads count towards the next update
+                m.expert_load.zero_()
             what = (f"the loss is {metrics['loss']}" if not math.isfinite(metrics["loss"]) else
                     f"the total loss is {metrics['total_loss']}" if not math.isfinite(metrics["total_loss"]) else
                     f"the gradient norm is {grad_norm}")

@@ -717,18 +717,19 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
+    def moe_bias_layers(self) -> list[nn.Module]:
+        """The MoE layers with a selection bias (``moe_bias_update_rate > 0``)."""
+        return [m for m in self.modules() if getattr(m, "expert_bias", None) is not None and hasattr(m, "update_bias")]
+
     @torch.no_grad()
     def update_moe_biases(self, group=None) -> int:
         """One auxiliary-loss-free balancing step on every MoE layer with a selection bias
-        (``moe_bias_update_rate > 0``; :meth:`flopwise.models.moe.MoE.update_bias`): call it
-        after each optimizer step, as the trainer does. ``group``: see ``update_bias``.
-        Returns the number of layers updated."""
-        n = 0
-        for m in self.modules():
-            if getattr(m, "expert_bias", None) is not None and hasattr(m, "update_bias"):
-                m.update_bias(group)
-                n += 1
-        return n
+        (:meth:`flopwise.models.moe.MoE.update_bias`): call it after each optimizer step, as
+        the trainer does. ``group``: see ``update_bias``. Returns the number of layers updated."""
+        layers = self.moe_bias_layers()
+        for m in layers:
+            m.update_bias(group)
+        return len(layers)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
