@@ -46,13 +46,16 @@ def _torch_token_choice_graphable(logits: torch.Tensor, k: int):
     id back to the host, which CUDA-graph capture forbids."""
     probs = torch.softmax(logits.float(), -1)
     w, ids = torch.topk(probs, k, dim=-1)
-    w = w / w.sum(-1, keepdim=True)
+    return _torch_expert_sorted(ids, w / w.sum(-1, keepdim=True), logits.shape[1])
+
+
+def _torch_expert_sorted(ids: torch.Tensor, w: torch.Tensor, E: int):
+    """(token of each expert-sorted row, its weight, counts, inclusive offsets) from top-k
+    choices ``ids, w [T, k]``: argsort, and counts by ``index_add_`` (graph-capturable)."""
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(logits.shape[1], dtype=torch.long, device=logits.device).index_add_(
-        0, flat, torch.ones_like(flat))
-    offsets = torch.cumsum(counts, 0)
-    return order // k, w.reshape(-1)[order], counts, offsets
+    counts = torch.zeros(E, dtype=torch.long, device=ids.device).index_add_(0, flat, torch.ones_like(flat))
+    return order // ids.shape[1], w.reshape(-1)[order], counts, torch.cumsum(counts, 0)
 
 
 def _torch_biased_token_choice(logits: torch.Tensor, bias: torch.Tensor, k: int):
@@ -60,12 +63,7 @@ def _torch_biased_token_choice(logits: torch.Tensor, bias: torch.Tensor, k: int)
     probs = torch.softmax(logits.float(), -1)
     ids = torch.topk(probs + bias, k, dim=-1).indices
     w = probs.gather(1, ids)
-    w = w / w.sum(-1, keepdim=True)
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(logits.shape[1], dtype=torch.long, device=logits.device).index_add_(
-        0, flat, torch.ones_like(flat))
-    return order // k, w.reshape(-1)[order], counts, torch.cumsum(counts, 0)
+    return _torch_expert_sorted(ids, w / w.sum(-1, keepdim=True), logits.shape[1])
 
 
 def _make_biased_check(logits: torch.Tensor, bias: torch.Tensor, k: int):
