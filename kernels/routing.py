@@ -148,16 +148,46 @@ if HAS_TRITON:
             tl.store(block_row_ptr + b, tl.where(valid, first_row + (b - first_blk) * BLOCK_M, -1), mask=bmask)
 
     @triton.jit
+    def _group_limit(key, s, cols, cmask, GSIZE, G, TOPK_G, GROUP_SCORE: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_G: tl.constexpr):
+        """``key`` [BLOCK_T, BLOCK_E] with every expert outside each row's TOPK_G best groups
+        set to the minimum key. Group g holds experts [g * GSIZE, (g + 1) * GSIZE); its score
+        is the largest ``s`` (GROUP_SCORE 1) or the sum of the two largest (2) among them, a
+        NaN counting as -inf; groups tie to the lower index."""
+        s = tl.where((s != s) | ~cmask[None, :], float("-inf"), s)
+        gid = cols // GSIZE
+        gcols = tl.arange(0, BLOCK_G)
+        gkey = tl.full([BLOCK_T, BLOCK_G], -2147483648, tl.int32)
+        for g in range(G):
+            sg = tl.where((gid == g)[None, :], s, float("-inf"))
+            best = tl.max(sg, 1)
+            if GROUP_SCORE == 2:
+                first = tl.argmax(sg, 1, tie_break_left=True)
+                best += tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), sg), 1)
+            gkey = tl.where(gcols[None, :] == g, _monotone_key(best)[:, None], gkey)
+        keep = tl.zeros_like(key) != 0
+        for j in range(TOPK_G):
+            gi = tl.argmax(gkey, 1, tie_break_left=True)
+            gkey = tl.where(gcols[None, :] == gi[:, None], -2147483648, gkey)
+            keep = keep | (gid[None, :] == gi[:, None])
+        return tl.where(keep, key, -2147483648)
+
+    @triton.jit
     def _topk_route_fwd_kernel(
-        logits_ptr, stride_t, T, E, K, bias_ptr,
+        logits_ptr, stride_t, T, E, K, bias_ptr, G, TOPK_G,
         ids_ptr, w_ptr, tile_counts_ptr,
-        SCORE: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+        SCORE: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SCORE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
     ):
         """One tile of BLOCK_T tokens: score, top-k by repeated argmax, renormalise, store
         ids/weights [T, K], and the tile's histogram of chosen experts. Without a bias the
         experts are ranked by logit (the scores' order); with one (HAS_BIAS, ``bias [E]``
-        float32) by score + bias, while the weights stay the unbiased scores."""
+        float32) by score + bias, while the weights stay the unbiased scores.
+
+        Group-limited (GROUP_SCORE 1: a group's score is its best member's, 2: the sum of its
+        best two): the E experts form G groups of E // G consecutive ids, each token keeps
+        only its TOPK_G best groups (by the ranking scores, score + bias or score), and the
+        top k is taken among their experts."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
@@ -166,10 +196,14 @@ if HAS_TRITON:
         x, p = _load_scores(logits_ptr, stride_t, rows, cols, rmask, cmask, SCORE)
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
-            key = _monotone_key(p + b[None, :])
+            s = p + b[None, :]
+            key = _monotone_key(s)
         else:
+            s = p
             key = _monotone_key(x)
         key = tl.where(cmask[None, :], key, -2147483648)
+        if GROUP_SCORE != 0:
+            key = _group_limit(key, s, cols, cmask, E // G, G, TOPK_G, GROUP_SCORE, BLOCK_T, BLOCK_G)
         kcols = tl.arange(0, BLOCK_K)
         ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
         w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
@@ -639,17 +673,35 @@ def _stable_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return torch.sort(_rank_key(x), dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
 
 
+def _group_keep_reference(s: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
+    """[T, E] bool: the experts in each token's ``topk_group`` best groups of ``E // n_group``
+    consecutive experts, a group scored by its largest ``s`` ("max") or the sum of its two
+    largest ("top2"); a NaN counts as -inf, groups tie to the lower index."""
+    T, E = s.shape
+    grouped = _rank_key(s).view(T, n_group, E // n_group)
+    best = grouped.topk(1 if group_score == "max" else 2, dim=-1).values.sum(-1)
+    keep = torch.zeros(T, n_group, dtype=torch.bool, device=s.device)
+    keep.scatter_(1, _stable_topk(best, topk_group, dim=1), True)
+    return keep.repeat_interleave(E // n_group, dim=1)
+
+
 def topk_route_reference(logits: torch.Tensor, k: int, *, score: str = "softmax",
                          renormalize: bool = False, block_m: int = 64,
-                         bias: torch.Tensor | None = None) -> RoutingPlan:
+                         bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int | None = None,
+                         group_score: str = "top2") -> RoutingPlan:
     """Plain-PyTorch token-choice routing; the definition :func:`topk_route` must match."""
-    k, block_m = _validate_topk(logits, k, score, block_m, renormalize, bias)
+    k, block_m, n_group, topk_group, code = _validate_topk(logits, k, score, block_m, renormalize, bias, n_group,
+                                                           topk_group, group_score)
     T, E = logits.shape
     probs = _scores_reference(logits, score)
-    if bias is None:
-        ids = _stable_topk(logits, k, dim=1)  # rank by logits (monotone in the probabilities)
-    else:  # rank by score + bias; the bias only chooses, the weights stay the scores
-        ids = _stable_topk(probs.detach() + bias.detach().to(probs.dtype), k, dim=1)
+    s = probs.detach() if bias is None else probs.detach() + bias.detach().to(probs.dtype)
+    # rank by logits without a bias (monotone in the probabilities); with one by score + bias:
+    # the bias only chooses, the weights stay the scores
+    order = torch.sort(_rank_key(logits.detach() if bias is None else s), dim=1, descending=True, stable=True).indices
+    if code:  # the kept groups' experts first, each part in the order above
+        kept = _group_keep_reference(s, n_group, topk_group, group_score).gather(1, order)
+        order = order.gather(1, torch.sort(kept.to(torch.uint8), dim=1, descending=True, stable=True).indices)
+    ids = order[:, :k]
     w = probs.gather(1, ids)
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
@@ -838,7 +890,7 @@ def _int_outputs(shapes: list[tuple[int, ...]], device, pack: bool) -> list[torc
 
 
 def _topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, score: int, renormalize: bool,
-                    block_m: int, pack: bool = False):
+                    block_m: int, n_group: int = 1, topk_group: int = 1, group_score: int = 0, pack: bool = False):
     logits = logits.contiguous()
     T, E = logits.shape
     dev = logits.device
@@ -851,9 +903,10 @@ def _topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sco
         [(T, k), (n_tiles, E), (E,), (E + 1,), (E + 1,), (nb,), (nb,), (N,), (N,), (N,)], dev, pack)
     w = new_output((T, k), dtype=torch.float32, device=dev)
     launch(_topk_route_fwd_kernel, (n_tiles,),
-        logits, logits.stride(0), T, E, k, logits if bias is None else bias.float().contiguous(), ids, w, tile_counts,
-        SCORE=score, RENORM=renormalize, HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
-        BLOCK_K=next_pow2(k), num_warps=4,
+        logits, logits.stride(0), T, E, k, logits if bias is None else bias.float().contiguous(), n_group,
+        topk_group, ids, w, tile_counts,
+        SCORE=score, RENORM=renormalize, HAS_BIAS=bias is not None, GROUP_SCORE=group_score, BLOCK_T=BLOCK_T,
+        BLOCK_E=BLOCK_E, BLOCK_K=next_pow2(k), BLOCK_G=next_pow2(n_group), num_warps=4,
     )
     sorted_w = _scan_and_scatter(ids, w, tile_counts, counts, offsets, padded, block_expert, block_row, token_idx,
                                  pair, inverse, BLOCK_T, block_m)
@@ -990,14 +1043,14 @@ def _expert_choice_fwd(logits: torch.Tensor, C: int, score: int, block_m: int):
 # ----------------------------------------------------------------------------------------
 @torch.library.custom_op("flopwise::topk_route", mutates_args=())
 def _topk_route_op(logits: torch.Tensor, bias: torch.Tensor | None, k: int, score: int, renormalize: bool,
-                   block_m: int) -> tuple[
+                   block_m: int, n_group: int, topk_group: int, group_score: int) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _topk_route_fwd(logits, bias, k, score, renormalize, block_m)
+    return _topk_route_fwd(logits, bias, k, score, renormalize, block_m, n_group, topk_group, group_score)
 
 
 @_topk_route_op.register_fake
-def _(logits, bias, k, score, renormalize, block_m):
+def _(logits, bias, k, score, renormalize, block_m, n_group, topk_group, group_score):
     T, E = logits.shape
     N = T * k
     nb = _max_blocks(N, E, block_m)
@@ -1021,7 +1074,7 @@ def _(logits, ids, inverse, g_topk, g_sorted, score, renormalize):
 
 
 def _topk_route_setup(ctx, inputs, output):
-    logits, bias, k, score, renormalize, block_m = inputs
+    logits, bias, k, score, renormalize, block_m, n_group, topk_group, group_score = inputs
     ctx.save_for_backward(logits, output[2], output[5])
     ctx.score, ctx.renormalize = score, renormalize
 
@@ -1029,10 +1082,10 @@ def _topk_route_setup(ctx, inputs, output):
 def _topk_route_backward(bwd):
     def backward(ctx, g_topk, g_sorted, *rest):
         logits, ids, inverse = ctx.saved_tensors
+        rest = (None,) * 8  # the bias only ranks the experts: no gradient reaches it
         if g_topk is None and g_sorted is None:
-            return None, None, None, None, None, None
-        # the bias only ranks the experts: no gradient reaches it
-        return bwd(logits, ids, inverse, g_topk, g_sorted, ctx.score, ctx.renormalize), None, None, None, None, None
+            return (None, *rest)
+        return (bwd(logits, ids, inverse, g_topk, g_sorted, ctx.score, ctx.renormalize), *rest)
 
     return backward
 
@@ -1151,8 +1204,10 @@ def _plan_from_topk_backward(ctx, g_sorted, *rest):
 # Autograd for the three custom ops, and their eager twins: the same kernels and formulas
 # without the dispatcher's host cost (see ``_dispatch.traced``); the public functions pick
 # one per call.
-def _topk_route_fwd_packed(logits, bias, k: int, score: int, renormalize: bool, block_m: int):
-    return _topk_route_fwd(logits, bias, k, score, renormalize, block_m, pack=True)
+def _topk_route_fwd_packed(logits, bias, k: int, score: int, renormalize: bool, block_m: int, n_group: int,
+                           topk_group: int, group_score: int):
+    return _topk_route_fwd(logits, bias, k, score, renormalize, block_m, n_group, topk_group, group_score,
+                           pack=True)
 
 
 def _plan_from_topk_fwd_packed(topk_ids, weights, num_experts: int, block_m: int):
@@ -1172,11 +1227,42 @@ _TopkRowsFunction = autograd_twin(_topk_rows_op, "TopkRowsFunction", _topk_rows_
 # ----------------------------------------------------------------------------------------
 # 5. Public API
 # ----------------------------------------------------------------------------------------
-def _validate_topk(logits, k, score, block_m, renormalize, bias=None) -> tuple[int, int]:
+_GROUP_SCORES = {"max": 1, "top2": 2}
+
+
+def check_group_limit(num_experts: int, k: int, n_group, topk_group, group_score, prefix: str = "",
+                      k_name: str = "k") -> tuple[int, int]:
+    """Validate group-limited routing's settings for E = ``num_experts`` and k experts per
+    token; return ``(n_group, topk_group)`` with ``topk_group=None`` as ``n_group``. Errors
+    name each setting ``prefix + name`` (a config's field names: "MoEConfig.", "moe_")."""
+    E = num_experts
+    n_group = _check_int(n_group, prefix + "n_group", 1, E)
+    if E % n_group:
+        raise ValueError(f"{prefix}n_group must divide the number of experts E = {E}, got {n_group}")
+    topk_group = n_group if topk_group is None else _check_int(topk_group, prefix + "topk_group", 1, n_group)
+    if group_score not in _GROUP_SCORES:
+        raise ValueError(f"{prefix}group_score must be one of {sorted(_GROUP_SCORES)}, got {group_score!r}")
+    size = E // n_group
+    if group_score == "top2" and topk_group < n_group and size < 2:
+        raise ValueError(f"{prefix}group_score 'top2' sums each group's two best experts: {prefix}n_group = "
+                         f"{n_group} leaves {size} expert per group (E = {E}); use fewer groups or "
+                         f"{prefix}group_score='max'")
+    if k > topk_group * size:
+        raise ValueError(f"{k_name} = {k} exceeds the experts of the kept groups: {prefix}topk_group ({topk_group}) "
+                         f"x E // {prefix}n_group ({size}) = {topk_group * size}")
+    return n_group, topk_group
+
+
+def _validate_topk(logits, k, score, block_m, renormalize, bias=None, n_group=1, topk_group=None,
+                   group_score="top2") -> tuple[int, int, int, int, int]:
+    """(k, block_m, n_group, topk_group, group code: 0 when no group is excluded, else
+    ``_GROUP_SCORES[group_score]``)."""
     _check_logits(logits)
     _check_renormalize(renormalize)
-    k = _check_int(k, "k", 1, logits.shape[1])
+    E = logits.shape[1]
+    k = _check_int(k, "k", 1, E)
     _check_score(score)
+    n_group, topk_group = check_group_limit(E, k, n_group, topk_group, group_score)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -1187,7 +1273,8 @@ def _validate_topk(logits, k, score, block_m, renormalize, bias=None) -> tuple[i
                              f"got {tuple(bias.shape)}")
         if bias.device != logits.device:
             raise ValueError(f"bias must be on logits' device ({logits.device}), got {bias.device}")
-    return k, _check_block_m(block_m)
+    code = _GROUP_SCORES[group_score] if topk_group < n_group else 0
+    return k, _check_block_m(block_m), n_group, topk_group, code
 
 
 def _validate_ec(logits, capacity_factor, score, block_m) -> tuple[int, int]:
@@ -1222,7 +1309,8 @@ def _validate_mod(scores, capacity, k) -> int:
 
 
 def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormalize: bool = False,
-               block_m: int = 64, bias: torch.Tensor | None = None) -> RoutingPlan:
+               block_m: int = 64, bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int | None = None,
+               group_score: str = "top2") -> RoutingPlan:
     """Token-choice top-k routing: each token picks its k best experts (dropless).
 
     Args:
@@ -1238,6 +1326,16 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
             logits would have ordered) go to the lower expert id; a NaN ranks as -inf. Where two experts' biased scores
             lie within float32 rounding of each other, the kernel (its own exp) and the
             reference may pick differently.
+        n_group, topk_group, group_score: group-limited routing (DeepSeek-V2/V3). The E
+            experts form ``n_group`` groups of ``E // n_group`` consecutive ids; each token
+            keeps its ``topk_group`` best groups and picks its k experts among theirs only
+            (``k <= topk_group * E // n_group``). A group is scored on the ranking scores
+            (``score + bias``, or the scores without a bias) by its best expert
+            (``group_score="max"``, DeepSeek-V2) or the sum of its best two (``"top2"``,
+            DeepSeek-V3; groups of at least 2). Groups tie to the lower index, a NaN counts as
+            -inf. The default (one group, or ``topk_group=None``: every group) limits nothing.
+            DeepSeek-V3: ``score="sigmoid", renormalize=True, bias=b, n_group=8,
+            topk_group=4`` over E = 256, k = 8.
 
     Returns a :class:`RoutingPlan` with ``N = T * k`` rows; ``plan.weights`` and
     ``plan.topk_weights`` carry gradients to ``logits``. No host synchronisation.
@@ -1247,13 +1345,15 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
         plan = topk_route(router(x), k=2, renormalize=True)
         rows = x[plan.token_idx]          # [T*k, D], expert-sorted
     """
-    k, block_m = _validate_topk(logits, k, score, block_m, renormalize, bias)
+    k, block_m, n_group, topk_group, code = _validate_topk(logits, k, score, block_m, renormalize, bias, n_group,
+                                                           topk_group, group_score)
     if not use_triton(logits, op="topk_route"):  # float64 (gradcheck): the reference
-        return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m, bias=bias)
+        return topk_route_reference(logits, k, score=score, renormalize=renormalize, block_m=block_m, bias=bias,
+                                    n_group=n_group, topk_group=topk_group, group_score=group_score)
     T, E = logits.shape
     op = _topk_route_op if traced(logits, *(() if bias is None else (bias,))) else _TopkRouteFunction.run
     w, sw, ids, tok, pair, inv, counts, offsets, padded, bexp, brow = op(
-        logits, bias, k, _SCORES[score], bool(renormalize), block_m)
+        logits, bias, k, _SCORES[score], bool(renormalize), block_m, n_group, topk_group, code)
     return RoutingPlan(
         token_idx=tok, weights=sw, expert_counts=counts, expert_offsets=offsets, padded_offsets=padded,
         block_expert=bexp, block_row=brow, num_tokens=T, num_experts=E, block_m=block_m, top_k=k,

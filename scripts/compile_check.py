@@ -250,10 +250,13 @@ def _descriptor_types(tt: dict, cfg: dict, ep: int, dual: bool) -> tuple[dict, d
 
 P = lambda t: "*" + t
 # routing
-for has_bias in (False, True):  # with a bias: ranked by score + bias (auxiliary-loss-free balancing)
+# with a bias: ranked by score + bias (auxiliary-loss-free balancing); grouped: DeepSeek-V3's
+# gate (E = 256 in 8 groups, each scored by its best two, sigmoid scores)
+for has_bias, group, score, block_e in ((False, 0, 0, 128), (True, 0, 0, 128), (True, 2, 1, 256), (False, 1, 0, 128)):
     comp(R._topk_route_fwd_kernel, {"logits_ptr": P("fp32"), "bias_ptr": P("fp32"), "ids_ptr": P("i32"),
                                     "w_ptr": P("fp32"), "tile_counts_ptr": P("i32")},
-         dict(SCORE=0, RENORM=True, HAS_BIAS=has_bias, BLOCK_T=64, BLOCK_E=128, BLOCK_K=8), label=f"bias={has_bias}")
+         dict(SCORE=score, RENORM=True, HAS_BIAS=has_bias, GROUP_SCORE=group, BLOCK_T=R._tile_tokens(block_e, 8),
+              BLOCK_E=block_e, BLOCK_K=8, BLOCK_G=8), label=f"bias={has_bias} group_score={group} E={block_e}")
 # plans from caller-given top-k ids (Hugging Face routers give int64)
 for ids_t in (P("i64"), P("i32")):
     comp(R._plan_from_topk_fwd_kernel, {"ids_ptr": ids_t, "ids32_ptr": P("i32"), "tile_counts_ptr": P("i32")},

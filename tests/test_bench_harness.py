@@ -66,7 +66,8 @@ def test_cli_bench_routing_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "GPU numbers need a GPU" in text and "topk_route" in text and "mod_select" in text
     rows = json.loads(path.read_text())
-    assert {r["op"] for r in rows} == {"topk_route", "topk_route+bias", "expert_choice", "mod_select"}
+    assert {r["op"] for r in rows} == {"topk_route", "topk_route+bias", "topk_route+group", "expert_choice",
+                                         "mod_select"}
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     assert {"device", "torch", "triton", "date"} <= set(rows[0])
 

@@ -66,12 +66,46 @@ def _torch_biased_token_choice(logits: torch.Tensor, bias: torch.Tensor, k: int)
     return _torch_expert_sorted(ids, w / w.sum(-1, keepdim=True), logits.shape[1])
 
 
-def _make_biased_check(logits: torch.Tensor, bias: torch.Tensor, k: int):
+def _torch_grouped_token_choice(logits: torch.Tensor, bias: torch.Tensor, k: int, n_group: int, topk_group: int):
+    """DeepSeek-V3's gate in torch (as its reference code and transformers compute it):
+    sigmoid, score + bias, groups scored by their best two, the best ``topk_group`` groups
+    kept, top k of their experts, weights the renormalised scores; then the expert sort."""
+    T, E = logits.shape
+    scores = torch.sigmoid(logits.float())
+    choice = (scores + bias).view(T, n_group, E // n_group)
+    best = choice.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
+    drop = torch.ones(T, n_group, dtype=torch.bool, device=logits.device).scatter_(1, best, False)
+    ids = choice.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1).topk(k, dim=-1).indices
+    w = scores.gather(1, ids)
+    return _torch_expert_sorted(ids, w / w.sum(-1, keepdim=True), E)
+
+
+def _group_candidates(key: torch.Tensor, ids: torch.Tensor, n_group: int, topk_group: int):
+    """(why the groups of ``ids [T, k]`` are wrong or None, ``key`` limited to the experts a
+    correct choice could rank against). The groups used must be at most ``topk_group``, each
+    among the best ``topk_group`` by the sum of its two best keys up to ties within 1e-6; the
+    candidates are the groups used and those every correct choice keeps."""
+    T, E = key.shape
+    size = E // n_group
+    gs = key.view(T, n_group, size).topk(2, dim=-1).values.sum(-1)
+    thr = gs.topk(topk_group, dim=1).values[:, -1:]
+    used = torch.zeros(T, n_group, dtype=torch.bool, device=key.device).scatter_(1, ids // size, True)
+    if bool((used.sum(1) > topk_group).any()):
+        return "a token's experts span more than topk_group groups", None
+    if bool((used & (gs < thr - 1e-6)).any()):
+        return "a token uses a group outside its best topk_group", None
+    keep = (used | (gs > thr + 1e-6)).repeat_interleave(size, dim=1)
+    return None, key.masked_fill(~keep, float("-inf"))
+
+
+def _make_biased_check(logits: torch.Tensor, bias: torch.Tensor, k: int, *, score: str = "softmax",
+                       groups: tuple[int, int] | None = None):
     """Each token's experts must be a top-k of its score + bias up to ties within 1e-6 (the
-    kernel's exp is not torch's, so two nearly equal biased scores may swap); given those
-    choices, every field must equal the reference plan built from them (weights: the
-    renormalised scores, to within rounding)."""
-    probs = torch.softmax(logits.float(), -1)
+    kernel's exp is not torch's, so two nearly equal biased scores may swap); with ``groups =
+    (n_group, topk_group)``, a top-k among the experts of its best groups (see
+    :func:`_group_candidates`). Given those choices, every field must equal the reference
+    plan built from them (weights: the renormalised scores, to within rounding)."""
+    probs = torch.softmax(logits.float(), -1) if score == "softmax" else torch.sigmoid(logits.float())
     key = probs + bias.float()
     T, E = logits.shape
 
@@ -92,9 +126,14 @@ def _make_biased_check(logits: torch.Tensor, bias: torch.Tensor, k: int):
             if not bool((chosen.sum(1) == k).all()):
                 return "a token does not have k distinct experts"
             ids = torch.sort(key.masked_fill(~chosen, float("-inf")), dim=1, descending=True, stable=True).indices[:, :k]
-        rest = key.scatter(1, ids, float("-inf"))
+        cand = key
+        if groups is not None:
+            why, cand = _group_candidates(key, ids, *groups)
+            if why is not None:
+                return why
+        rest = cand.scatter(1, ids, float("-inf"))
         if not bool((key.gather(1, ids).min(1).values >= rest.max(1).values - 1e-6).all()):
-            return "not a top-k of score + bias"
+            return "not a top-k of score + bias" + (" among the kept groups' experts" if groups else "")
         w = probs.gather(1, ids)
         return _check_token_choice(out, _plan_from_topk_reference(ids, w / w.sum(-1, keepdim=True), E, ref.block_m))
 
@@ -264,6 +303,22 @@ def cases(gpu: bool) -> list[Case]:
             "triton": lambda lg=logits, b=bias, k=k: topk_route(lg, k, renormalize=True, bias=b),
         },
         check=_make_biased_check(logits, bias, k),
+        bytes=T * E * 4 + E * 4 + T * k * 8 + T * k * 16,
+    ))
+    # group-limited: DeepSeek-V3's gate (sigmoid, bias, 256 experts in 8 groups, 4 kept)
+    T, E, k, G, TG = (16384, 256, 8, 8, 4) if gpu else (256, 64, 8, 8, 4)
+    logits = torch.randn(T, E, device=dev)
+    bias = 0.01 * torch.randn(E, device=dev)
+    group_kw = dict(score="sigmoid", renormalize=True, n_group=G, topk_group=TG)
+    out.append(Case(
+        graph=True,
+        op="topk_route+group", shape=f"T={T} E={E} k={k} groups={TG}/{G}",
+        providers={
+            "reference": lambda lg=logits, b=bias, k=k, kw=group_kw: topk_route_reference(lg, k, bias=b, **kw),
+            "torch": lambda lg=logits, b=bias, k=k, G=G, TG=TG: _torch_grouped_token_choice(lg, b, k, G, TG),
+            "triton": lambda lg=logits, b=bias, k=k, kw=group_kw: topk_route(lg, k, bias=b, **kw),
+        },
+        check=_make_biased_check(logits, bias, k, score="sigmoid", groups=(G, TG)),
         bytes=T * E * 4 + E * 4 + T * k * 8 + T * k * 16,
     ))
     # the BASELINES shapes, then a longer token axis (rows of 32,768 held in registers)

@@ -179,6 +179,35 @@ def test_biased_token_choice_check_compares_every_plan_field():
     assert case.check((tok.flip(0), w, counts, offsets), ref) is not None
 
 
+def test_grouped_token_choice_check_rejects_choices_outside_the_kept_groups():
+    from flopwise.kernels import topk_route_reference
+
+    case = next(c for c in routing_suite.cases(gpu=False) if c.op == "topk_route+group")
+    ref = case.providers["reference"]()
+    _real_providers_pass(case, ref)
+    for name in _TC_FIELDS:
+        bad = dataclasses.replace(ref, **{name: _corrupt(getattr(ref, name))})
+        assert case.check(bad, ref) is not None, name
+    logits, bias = case.providers["reference"].__defaults__[:2]
+    kw = dict(score="sigmoid", renormalize=True, bias=bias)
+    free = topk_route_reference(logits, 8, **kw)  # no group limit: valid plans, wrong choices
+    assert "topk_group" in (case.check(free, ref) or "")
+    by_max = topk_route_reference(logits, 8, n_group=8, topk_group=4, group_score="max", **kw)
+    assert not torch.equal(by_max.topk_ids, ref.topk_ids)
+    assert "group" in (case.check(by_max, ref) or "")
+    # right groups, but not the best experts in them: the 8 best kept experts but one, and the 9th
+    order = torch.sort(ref.topk_ids.long(), dim=1).values
+    wrong = topk_route_reference(logits, 9, n_group=8, topk_group=4, **kw).topk_ids.long()[:, 1:]
+    assert not torch.equal(torch.sort(wrong, dim=1).values, order)
+    w = torch.sigmoid(logits).gather(1, wrong)
+    from flopwise.kernels.routing import _plan_from_topk_reference
+
+    bad = _plan_from_topk_reference(wrong, w / w.sum(-1, keepdim=True), ref.num_experts, ref.block_m)
+    assert "among the kept groups' experts" in (case.check(bad, ref) or "")
+    tok, w, counts, offsets = case.providers["torch"]()
+    assert case.check((tok, torch.zeros_like(w), counts, offsets), ref) is not None
+
+
 def test_expert_choice_check_compares_weights_and_block_map():
     case = next(c for c in routing_suite.cases(gpu=False) if c.op == "expert_choice")
     ref = case.providers["reference"]()

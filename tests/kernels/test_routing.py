@@ -284,6 +284,134 @@ def test_bad_bias_raises_clear_error(bias, exc, match):
         topk_route_reference(torch.randn(4, 3), 2, bias=bias)
 
 
+# ------------------------------------------------------------------------------ group-limited
+def _group_limited_by_hand(logits, k, score, bias, n_group, topk_group, group_score):
+    """Each token on its own, in Python: the groups' scores, the kept groups, then the k best
+    kept experts (by logit without a bias, by score + bias with one)."""
+    p = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    s = p if bias is None else p + bias
+    rank = logits if bias is None else s
+    E = logits.shape[1]
+    size = E // n_group
+    ids = []
+    for t in range(logits.shape[0]):
+        gs = []
+        for g in range(n_group):
+            members = sorted(s[t, g * size:(g + 1) * size].tolist(), reverse=True)
+            gs.append(members[0] if group_score == "max" else members[0] + members[1])
+        kept = sorted(range(n_group), key=lambda g: (-gs[g], g))[:topk_group]
+        cand = [e for e in range(E) if e // size in kept]
+        ids.append(sorted(cand, key=lambda e: (-float(rank[t, e]), e))[:k])
+    return torch.tensor(ids)
+
+
+GROUP_CASES = [
+    pytest.param(1, 4, 1, 2, 1, "top2", id="T1-E4-G2"),
+    pytest.param(63, 16, 3, 4, 2, "top2", id="T63-E16-G4"),
+    pytest.param(100, 64, 8, 8, 3, "top2", id="T100-E64-G8"),
+    pytest.param(37, 20, 8, 5, 2, "top2", id="E20-k=kept"),  # E not a power of two; k = all kept experts
+    pytest.param(50, 12, 3, 12, 3, "max", id="E12-G12-max"),  # groups of one expert
+    pytest.param(300, 24, 4, 6, 2, "max", id="T300-E24-max"),  # several tiles
+]
+
+
+@pytest.mark.parametrize("T,E,k,G,TG,gscore", GROUP_CASES)
+@pytest.mark.parametrize("score,with_bias", [("softmax", False), ("sigmoid", True)])
+def test_group_limited_matches_reference_and_definition(T, E, k, G, TG, gscore, score, with_bias):
+    torch.manual_seed(T + E)
+    logits = torch.randn(T, E)
+    bias = 0.1 * torch.randn(E) if with_bias else None
+    kw = dict(score=score, renormalize=True, block_m=16, bias=bias, n_group=G, topk_group=TG, group_score=gscore)
+    plan = topk_route(logits, k, **kw)
+    assert_plans_equal(plan, topk_route_reference(logits, k, **kw))
+    assert_plan_valid(plan)
+    expect = _group_limited_by_hand(logits, k, score, bias, G, TG, gscore)
+    assert torch.equal(plan.topk_ids.long(), expect)
+    free = topk_route_reference(logits, k, score=score, bias=bias, block_m=16)
+    if E == G:  # groups of one scored by their best: keeping the k best groups is plain top k
+        assert torch.equal(free.topk_ids, plan.topk_ids)
+    elif T > 1:  # the limit binds: without it some tokens pick experts outside their kept groups
+        assert not torch.equal(free.topk_ids, plan.topk_ids)
+
+
+def test_group_limited_is_deepseek_v3s_gate():
+    """DeepSeek-V3's gate (sigmoid, bias, 8 groups scored by their top two, 4 kept, k = 8 of
+    256, renormalised), written as its reference implementation computes it."""
+    torch.manual_seed(0)
+    T, E, G, TG, k = 40, 256, 8, 4, 8
+    logits, bias = torch.randn(T, E), 0.05 * torch.randn(E)
+    plan = topk_route(logits, k, score="sigmoid", renormalize=True, bias=bias, n_group=G, topk_group=TG)
+    scores = torch.sigmoid(logits)
+    choice = (scores + bias).view(T, G, -1)
+    group_scores = choice.topk(2, dim=-1)[0].sum(dim=-1)
+    drop = torch.ones(T, G, dtype=torch.bool).scatter_(1, group_scores.topk(TG, dim=-1)[1], False)
+    ids = choice.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1).topk(k, dim=-1)[1]
+    w = scores.gather(1, ids)
+    w = w / w.sum(-1, keepdim=True)
+    order = torch.argsort(ids, dim=1)  # compare as sets with their weights
+    got = torch.argsort(plan.topk_ids.long(), dim=1)
+    assert torch.equal(plan.topk_ids.long().gather(1, got), ids.gather(1, order))
+    torch.testing.assert_close(plan.topk_weights.gather(1, got), w.gather(1, order))
+
+
+def test_group_limit_keeping_every_group_changes_nothing():
+    logits, bias = torch.randn(30, 12), 0.1 * torch.randn(12)
+    free = topk_route(logits, 3, bias=bias, block_m=16)
+    for kw in (dict(n_group=4, topk_group=4), dict(n_group=4), dict(n_group=1)):
+        assert_plans_equal(topk_route(logits, 3, bias=bias, block_m=16, **kw), free)
+
+
+def test_group_limit_ties_and_nan():
+    logits = torch.zeros(3, 8)  # every group ties: the lower groups are kept
+    plan = topk_route(logits, 2, n_group=4, topk_group=2, group_score="max")
+    assert plan.topk_ids.tolist() == [[0, 1]] * 3
+    logits = torch.randn(20, 8)
+    logits[:, 0:2] = float("nan")  # a NaN group scores -inf: never kept while another group is left
+    logits[5, :] = float("nan")
+    kw = dict(n_group=4, topk_group=2, renormalize=True)
+    plan = topk_route(logits, 2, **kw)
+    ref = topk_route_reference(logits, 2, **kw)
+    assert torch.equal(plan.topk_ids, ref.topk_ids)
+    assert not (plan.topk_ids[torch.arange(20) != 5] < 2).any()
+
+
+def test_group_limited_gradients_and_compile():
+    logits = torch.randn(33, 16)
+    bias = 0.1 * torch.randn(16)
+    kw = dict(score="sigmoid", renormalize=True, bias=bias, n_group=4, topk_group=2, block_m=16)
+    g_sorted, g_topk = torch.randn(33 * 4), torch.randn(33, 4)
+
+    def grads(fn):
+        x = logits.clone().requires_grad_(True)
+        p = fn(x, 4, **kw)
+        ((p.weights * g_sorted).sum() + (p.topk_weights * g_topk).sum()).backward()
+        return x.grad
+
+    torch.testing.assert_close(grads(topk_route), grads(topk_route_reference), atol=1e-6, rtol=1e-5)
+    x64 = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x: topk_route_reference(x, 2, score="sigmoid", n_group=4, topk_group=2).weights, (x64,))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda lg: topk_route(lg, 4, **kw).topk_ids, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(logits), topk_route_reference(logits, 4, **kw).topk_ids)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(n_group=3), ValueError, "n_group must divide the number of experts E = 8"),
+    (dict(n_group=0), ValueError, "n_group"),
+    (dict(n_group=True), TypeError, "n_group"),
+    (dict(n_group=4, topk_group=5), ValueError, "topk_group"),
+    (dict(n_group=4, topk_group=0), ValueError, "topk_group"),
+    (dict(n_group=4, topk_group=1), ValueError, r"k = 3 exceeds the experts of the kept groups"),
+    (dict(n_group=8, topk_group=4), ValueError, "group_score 'top2' sums each group's two best"),
+    (dict(n_group=2, topk_group=1, group_score="mean"), ValueError, "group_score must be one of"),
+])
+def test_bad_group_arguments_raise_clear_errors(kw, exc, match):
+    for fn in (topk_route, topk_route_reference):
+        with pytest.raises(exc, match=match):
+            fn(torch.randn(4, 8), 3, **kw)
+
+
 # ------------------------------------------------------------------------------ expert choice
 EC_SHAPES = [
     pytest.param(1, 1, 1.0, id="T1-E1"),
@@ -585,8 +713,9 @@ def test_backend_setting_is_read_on_every_call(monkeypatch):
 
 def test_custom_ops_pass_opcheck():
     logits = torch.randn(5, 4, requires_grad=True)
-    torch.library.opcheck(R._topk_route_op, (logits, None, 2, 0, True, 4))
-    torch.library.opcheck(R._topk_route_op, (logits, torch.randn(4), 2, 1, False, 4))
+    torch.library.opcheck(R._topk_route_op, (logits, None, 2, 0, True, 4, 1, 1, 0))
+    torch.library.opcheck(R._topk_route_op, (logits, torch.randn(4), 2, 1, False, 4, 1, 1, 0))
+    torch.library.opcheck(R._topk_route_op, (logits, torch.randn(4), 2, 1, True, 4, 2, 1, 2))
     torch.library.opcheck(R._expert_choice_op, (logits, 3, 1, 4))
     torch.library.opcheck(R._topk_rows_op, (torch.randn(2, 9, requires_grad=True), 3))
 
