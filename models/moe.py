@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flopwise.kernels import expert_choice_route, moe_mlp, plan_from_counts, topk_route
+from flopwise.kernels.routing import check_group_limit
 
 __all__ = ["MoEConfig", "MoE", "SwiGLU", "load_balancing_loss", "router_z_loss"]
 
@@ -50,6 +51,20 @@ class MoEConfig:
     that took fewer than the mean number of tokens since the last update, down for one that
     took more. DeepSeek-V3 used 0.001 with sigmoid scores, alongside a tiny or no
     ``load_balance_coef``.
+
+    n_group, topk_group, group_score: group-limited routing (token choice; see
+    :func:`flopwise.kernels.topk_route`): the experts form ``n_group`` groups of consecutive
+    ids, and each token picks its ``top_k`` among the experts of its ``topk_group`` best
+    groups (None: all, no limit), a group scored by its best expert (``"max"``, DeepSeek-V2)
+    or its best two (``"top2"``, DeepSeek-V3). With experts sharded by group over devices
+    or nodes, a token's rows go to at most ``topk_group`` of them.
+
+    route_scale: multiplies the routed experts' combined output (DeepSeek-V3's
+    ``routed_scaling_factor``, 2.5 there; the shared expert is not scaled).
+
+    DeepSeek-V3's layer: ``MoEConfig(d_model, d_ff, 256, 8, score="sigmoid",
+    normalize_topk=True, shared_d_ff=d_ff, bias_update_rate=0.001, n_group=8, topk_group=4,
+    route_scale=2.5, load_balance_coef=0.0)``.
     """
 
     d_model: int
@@ -67,15 +82,20 @@ class MoEConfig:
     init_std: float = 0.02
     retain_activations: bool = False
     bias_update_rate: float = 0.0
+    n_group: int = 1
+    topk_group: int | None = None
+    group_score: str = "top2"
+    route_scale: float = 1.0
 
     def __post_init__(self):
-        for name in ("d_model", "d_ff", "n_experts", "top_k", "block_m"):
+        for name in ("d_model", "d_ff", "n_experts", "top_k", "block_m", "n_group"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
         if isinstance(self.shared_d_ff, bool) or not isinstance(self.shared_d_ff, int):
             raise TypeError(f"MoEConfig.shared_d_ff must be an int, got {self.shared_d_ff!r}")
-        for name in ("capacity_factor", "load_balance_coef", "z_loss_coef", "init_std", "bias_update_rate"):
+        for name in ("capacity_factor", "load_balance_coef", "z_loss_coef", "init_std", "bias_update_rate",
+                     "route_scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"MoEConfig.{name} must be a number, got {v!r}")
@@ -102,6 +122,13 @@ class MoEConfig:
             raise ValueError("MoEConfig.bias_update_rate balances token-choice routing; expert choice is balanced "
                              "by construction (every expert takes C tokens), so it must be 0 there, "
                              f"got {self.bias_update_rate}")
+        if not self.route_scale > 0:
+            raise ValueError(f"MoEConfig.route_scale must be > 0, got {self.route_scale}")
+        if self.router != "token_choice" and (self.n_group, self.topk_group) != (1, None):
+            raise ValueError("MoEConfig.n_group/topk_group limit token-choice routing; with expert choice they "
+                             f"must stay 1/None, got {self.n_group}/{self.topk_group}")
+        check_group_limit(self.n_experts, min(self.top_k, self.n_experts), self.n_group, self.topk_group,
+                          self.group_score, "MoEConfig.", "MoEConfig.top_k")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "MoEConfig":
@@ -284,7 +311,8 @@ class MoE(nn.Module):
                                     torch.zeros(c.n_experts, dtype=torch.int32, device=dev), 0, block_m=c.block_m)
         elif c.router == "token_choice":
             plan = topk_route(logits, c.top_k, score=c.score, renormalize=c.normalize_topk, block_m=c.block_m,
-                              bias=self.expert_bias)
+                              bias=self.expert_bias, n_group=c.n_group, topk_group=c.topk_group,
+                              group_score=c.group_score)
         else:
             plan = expert_choice_route(logits, c.capacity_factor, score=c.score, block_m=c.block_m)
         if self.expert_load is not None and self.training:
@@ -325,6 +353,8 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, c.d_model)
         logits, plan = self.route(x_TD)
         y = self._routed_experts(x_TD.to(_compute_dtype(x_TD)), plan)
+        if c.route_scale != 1.0:
+            y = y * c.route_scale
         if self.shared is not None:  # in its own weights' dtype, as the experts are in x's (else a dtype error)
             y = y + self.shared(x_TD.to(self.shared.gate.weight.dtype)).to(y.dtype)
         aux, losses = self._aux_losses(logits, plan)

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flopwise.kernels import mod_capacity
+from flopwise.kernels.routing import check_group_limit
 
 __all__ = [
     "ModelConfig",
@@ -163,6 +164,9 @@ class ModelConfig:
             ``load_balance_coef``, ``z_loss_coef`` and ``bias_update_rate``
             (auxiliary-loss-free balancing; the trainer updates the biases after every
             optimizer step).
+        moe_n_group, moe_topk_group, moe_group_score, moe_route_scale: ``MoEConfig``'s
+            ``n_group``, ``topk_group``, ``group_score`` (group-limited routing, as
+            DeepSeek-V2/V3) and ``route_scale`` (a factor on the routed experts' output).
     """
 
     vocab_size: int = 256
@@ -195,10 +199,14 @@ class ModelConfig:
     moe_load_balance_coef: float = 0.01
     moe_z_loss_coef: float = 0.001
     moe_bias_update_rate: float = 0.0
+    moe_n_group: int = 1
+    moe_topk_group: int | None = None
+    moe_group_score: str = "top2"
+    moe_route_scale: float = 1.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "pad_to_multiple_of",
-                     "moe_n_experts", "moe_top_k"):
+                     "moe_n_experts", "moe_top_k", "moe_n_group"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -221,7 +229,8 @@ class ModelConfig:
                 raise TypeError(f"{name} must be a bool (true/false), got {getattr(self, name)!r}")
         # Numbers first, so the range checks below compare numbers, not a "0.5" from a file.
         for name in ("rope_theta", "norm_eps", "dropout", "mod_capacity", "mod_aux_loss_weight",
-                     "moe_capacity_factor", "moe_load_balance_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
+                     "moe_capacity_factor", "moe_load_balance_coef", "moe_z_loss_coef", "moe_bias_update_rate",
+                     "moe_route_scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a number, got {v!r}")
@@ -253,11 +262,18 @@ class ModelConfig:
         if self.moe_bias_update_rate > 0 and self.moe_router != "token_choice":
             raise ValueError("moe_bias_update_rate balances token-choice routing; with moe_router='expert_choice' "
                              f"(balanced by construction) it must be 0, got {self.moe_bias_update_rate}")
+        if not self.moe_route_scale > 0:
+            raise ValueError(f"moe_route_scale must be > 0, got {self.moe_route_scale}")
         self.routing = mod_pattern(self.n_layers, self.routing)
         self.mlp = _per_layer(self.mlp, self.n_layers, _MLPS, "mlp")
         # Checked here, by this config's name, rather than later by MoEConfig's.
         if "moe" in self.mlp and self.moe_router == "token_choice" and self.moe_top_k > self.moe_n_experts:
             raise ValueError(f"moe_top_k ({self.moe_top_k}) must be <= moe_n_experts ({self.moe_n_experts})")
+        if self.moe_router != "token_choice" and (self.moe_n_group, self.moe_topk_group) != (1, None):
+            raise ValueError("moe_n_group/moe_topk_group limit token-choice routing; with moe_router='expert_choice' "
+                             f"they must stay 1/None, got {self.moe_n_group}/{self.moe_topk_group}")
+        check_group_limit(self.moe_n_experts, min(self.moe_top_k, self.moe_n_experts), self.moe_n_group,
+                          self.moe_topk_group, self.moe_group_score, "moe_", "moe_top_k")
 
     @classmethod
     def preset(cls, name: str, *, mod: str | Sequence | None = None, **overrides) -> "ModelConfig":
@@ -585,7 +601,9 @@ def _make_moe(cfg: ModelConfig) -> nn.Module:
     kwargs = dict(d_model=cfg.d_model, d_ff=cfg.moe_ffn_dim, n_experts=cfg.moe_n_experts, top_k=cfg.moe_top_k,
                   router=cfg.moe_router, score=cfg.moe_score, normalize_topk=cfg.moe_normalize_topk,
                   shared_d_ff=cfg.moe_shared_ffn_dim, load_balance_coef=cfg.moe_load_balance_coef,
-                  z_loss_coef=cfg.moe_z_loss_coef, bias_update_rate=cfg.moe_bias_update_rate)
+                  z_loss_coef=cfg.moe_z_loss_coef, bias_update_rate=cfg.moe_bias_update_rate,
+                  n_group=cfg.moe_n_group, topk_group=cfg.moe_topk_group, group_score=cfg.moe_group_score,
+                  route_scale=cfg.moe_route_scale)
     if cfg.moe_router == "expert_choice":
         kwargs["capacity_factor"] = cfg.moe_capacity_factor
     return MoE(MoEConfig(**kwargs))

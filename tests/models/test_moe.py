@@ -15,15 +15,23 @@ from flopwise.models.moe import MoE, MoEConfig, load_balancing_loss, router_z_lo
 
 
 def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The definition, one token at a time: y_t = sum_{e in topk(t)} w_te * expert_e(x_t) (+ shared).
-    With a selection bias, topk(t) ranks score + bias; the weights stay the scores."""
+    """The definition, one token at a time: y_t = route_scale * sum_{e in topk(t)} w_te *
+    expert_e(x_t) (+ shared). With a selection bias, topk(t) ranks score + bias; the weights
+    stay the scores. Group-limited: topk(t) only among the experts of t's topk_group best
+    groups, a group scored by its best (or best two) score (+ bias)."""
     c = moe.config
     x = x.reshape(-1, c.d_model)
     logits = x.float() @ moe.router.weight.float().t()
     probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
     ys = []
     for t in range(x.shape[0]):
-        key = logits[t] if moe.expert_bias is None else probs[t] + moe.expert_bias
+        s = probs[t] if moe.expert_bias is None else probs[t] + moe.expert_bias
+        key = logits[t] if moe.expert_bias is None else s
+        if c.topk_group is not None and c.topk_group < c.n_group:
+            size = c.n_experts // c.n_group
+            best = s.view(c.n_group, size).topk(1 if c.group_score == "max" else 2).values.sum(-1)
+            kept = torch.sort(best, descending=True, stable=True).indices[: c.topk_group]
+            key = torch.where(torch.isin(torch.arange(c.n_experts) // size, kept), key, -math.inf)
         order = torch.sort(key, descending=True, stable=True).indices[: c.top_k]
         w = probs[t, order]
         if c.normalize_topk:
@@ -32,6 +40,7 @@ def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         for e, we in zip(order.tolist(), w):
             h = x[t] @ moe.w_gate[e]
             y = y + we * ((F.silu(h) * (x[t] @ moe.w_up[e])) @ moe.w_down[e])
+        y = c.route_scale * y
         if moe.shared is not None:
             y = y + moe.shared(x[t])
         ys.append(y)
@@ -358,6 +367,44 @@ def test_biased_layer_matches_definition_and_gradients(score):
     _assert_layer_matches(moe, torch.randn(2, 7, 16), per_token_reference)
     assert moe.expert_bias.grad is None and "expert_bias" in moe.state_dict()
     assert "expert_load" not in moe.state_dict()
+
+
+@pytest.mark.parametrize("cfg", [
+    pytest.param(dict(score="sigmoid", bias_update_rate=1e-3, group_score="top2"), id="deepseek-v3"),
+    pytest.param(dict(score="softmax", group_score="max", normalize_topk=False), id="deepseek-v2"),
+])
+def test_group_limited_layer_matches_definition_and_gradients(cfg):
+    """DeepSeek-style layers: 8 experts in 4 groups, 2 kept, k = 3, a shared expert and a
+    route scale on the routed part only."""
+    torch.manual_seed(4)
+    moe = MoE(MoEConfig(d_model=16, d_ff=24, n_experts=8, top_k=3, block_m=16, init_std=0.3, shared_d_ff=16,
+                        n_group=4, topk_group=2, route_scale=2.5, **cfg))
+    if moe.expert_bias is not None:
+        with torch.no_grad():
+            moe.expert_bias.copy_(0.05 * torch.randn(8))
+    x = torch.randn(3, 9, 16)
+    _assert_layer_matches(moe, x, per_token_reference)
+    ids = moe.route(x.reshape(-1, 16))[1].topk_ids.long()
+    assert all(len(set(groups)) <= 2 for groups in (ids // 2).tolist()), "a token's experts span at most 2 groups"
+    free = MoE(dataclasses.replace(moe.config, n_group=1, topk_group=None))
+    free.load_state_dict(moe.state_dict())
+    assert not torch.equal(free.route(x.reshape(-1, 16))[1].topk_ids, ids.int()), "the limit binds"
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(n_group=3), ValueError, r"MoEConfig.n_group must divide the number of experts E = 8"),
+    (dict(n_group=2, topk_group=3), ValueError, r"MoEConfig.topk_group must be in \[1, 2\]"),
+    (dict(n_group=4, topk_group=1, top_k=3), ValueError, r"MoEConfig.top_k = 3 exceeds the experts of the kept"),
+    (dict(n_group=8, topk_group=2), ValueError, "MoEConfig.group_score 'top2' sums each group's two best"),
+    (dict(n_group=2, topk_group=1, group_score="sum"), ValueError, "MoEConfig.group_score must be one of"),
+    (dict(n_group=2, topk_group=1.0), TypeError, "MoEConfig.topk_group must be an int"),
+    (dict(n_group=2, topk_group=1, router="expert_choice"), ValueError, "limit token-choice routing"),
+    (dict(route_scale=0.0), ValueError, "MoEConfig.route_scale must be > 0"),
+    (dict(route_scale="2"), TypeError, "MoEConfig.route_scale must be a number"),
+])
+def test_group_and_scale_validation(kw, err, match):
+    with pytest.raises(err, match=match):
+        MoEConfig(**{**dict(d_model=8, d_ff=8, n_experts=8, top_k=2), **kw})
 
 
 def test_bias_update_moves_towards_balance_and_counts_training_only():

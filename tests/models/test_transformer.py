@@ -198,6 +198,10 @@ def test_moe_layer_wiring(monkeypatch):
         load_balance_coef: float = 0.01
         z_loss_coef: float = 0.001
         bias_update_rate: float = 0.0
+        n_group: int = 1
+        topk_group: int | None = None
+        group_score: str = "top2"
+        route_scale: float = 1.0
 
     class MoE(nn.Module):
         def __init__(self, cfg):

@@ -872,6 +872,18 @@ def test_flopwise_source_with_moe_layers_keeps_their_settings(tmp_path):
                                                                                  granularity=2))
     moe = load_flopwise(str(tmp_path / "dff_moe"))
     assert moe.cfg.moe_d_ff == 32 and moe.cfg.mlp == ("moe", "moe")
+    # group-limited routing is kept and stays exact (k copies of the MLP, weights summing to
+    # one); a route scale is kept and scales the new layers, so exactness is not promised
+    group = dict(moe_n_group=2, moe_topk_group=1, moe_group_score="max")
+    _tiny_flopwise(tmp_path / "grp", mlp=("moe", "dense"), moe_n_experts=4, **group)
+    report = upcycle(str(tmp_path / "grp"), str(tmp_path / "grp_moe"), opts, verify=True)
+    assert report.verify.expected_equal and report.verify.passed
+    assert load_flopwise(str(tmp_path / "grp_moe")).cfg.moe_n_group == 2
+    _tiny_flopwise(tmp_path / "scaled", mlp=("moe", "dense"), moe_n_experts=4, moe_route_scale=2.5, **group)
+    with pytest.warns(UpcycleWarning, match=r"moe_route_scale=2.5.*no longer reproduces"):
+        report = upcycle(str(tmp_path / "scaled"), str(tmp_path / "scaled_moe"), opts, verify=True)
+    assert not report.verify.expected_equal
+    assert load_flopwise(str(tmp_path / "scaled_moe")).cfg.moe_route_scale == 2.5
 
 
 def test_flopwise_source_rejects_stray_tensors(tmp_path):
