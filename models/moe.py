@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from flopwise.kernels import expert_choice_route, moe_mlp, plan_from_counts, topk_route
 from flopwise.kernels.routing import check_group_limit
 
-__all__ = ["MoEConfig", "MoE", "SwiGLU", "load_balancing_loss", "router_z_loss"]
+__all__ = ["MoEConfig", "MoE", "SwiGLU", "load_balancing_loss", "router_z_loss", "sequence_balancing_loss"]
 
 _ROUTERS = ("token_choice", "expert_choice")
+_SCOPES = ("batch", "sequence")
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,19 @@ class MoEConfig:
     or its best two (``"top2"``, DeepSeek-V3). With experts sharded by group over devices
     or nodes, a token's rows go to at most ``topk_group`` of them.
 
+    load_balance_scope: what the load-balancing loss balances. ``"batch"`` (default): the
+    Switch loss over all the input's tokens. ``"sequence"``: DeepSeek-V3's complementary
+    sequence-wise loss, the same loss per sequence (an input ``[..., S, D]`` holds
+    ``prod(...)`` sequences of S tokens; ``[T, D]`` is one), averaged over sequences, so
+    that no single sequence sends its tokens to a few experts. DeepSeek-V3 weighted it by
+    0.0001 alongside its bias balancing.
+
     route_scale: multiplies the routed experts' combined output (DeepSeek-V3's
     ``routed_scaling_factor``, 2.5 there; the shared expert is not scaled).
 
     DeepSeek-V3's layer: ``MoEConfig(d_model, d_ff, 256, 8, score="sigmoid",
     normalize_topk=True, shared_d_ff=d_ff, bias_update_rate=0.001, n_group=8, topk_group=4,
-    route_scale=2.5, load_balance_coef=0.0)``.
+    route_scale=2.5, load_balance_coef=1e-4, load_balance_scope="sequence")``.
     """
 
     d_model: int
@@ -86,6 +94,7 @@ class MoEConfig:
     topk_group: int | None = None
     group_score: str = "top2"
     route_scale: float = 1.0
+    load_balance_scope: str = "batch"
 
     def __post_init__(self):
         for name in ("d_model", "d_ff", "n_experts", "top_k", "block_m", "n_group"):
@@ -124,6 +133,8 @@ class MoEConfig:
                              f"got {self.bias_update_rate}")
         if not self.route_scale > 0:
             raise ValueError(f"MoEConfig.route_scale must be > 0, got {self.route_scale}")
+        if self.load_balance_scope not in _SCOPES:
+            raise ValueError(f"MoEConfig.load_balance_scope must be one of {_SCOPES}, got {self.load_balance_scope!r}")
         if self.router != "token_choice" and (self.n_group, self.topk_group) != (1, None):
             raise ValueError("MoEConfig.n_group/topk_group limit token-choice routing; with expert choice they "
                              f"must stay 1/None, got {self.n_group}/{self.topk_group}")
@@ -171,6 +182,23 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tens
     E = probs.shape[-1]
     f = counts.float() / counts.sum().clamp_min(1).float()
     return E * (f * probs.mean(0)).sum()
+
+
+def sequence_balancing_loss(probs: torch.Tensor, topk_ids: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss: :func:`load_balancing_loss` of
+    each of ``n_seq`` equal, consecutive runs of tokens (``probs [T, E]``, ``topk_ids [T, k]``
+    the experts each token went to), averaged over them. Per sequence it is DeepSeek-V3's
+    ``sum_i f_i P_i`` with ``f_i = E / (k S) * (tokens choosing i)``."""
+    T, E = probs.shape
+    k = topk_ids.shape[1]
+    if n_seq < 1 or T % n_seq:
+        raise ValueError(f"n_seq must be >= 1 and divide the {T} tokens, got {n_seq}")
+    S = T // n_seq
+    ids = topk_ids.long().reshape(n_seq, S * k)
+    counts = torch.zeros(n_seq, E, dtype=probs.dtype, device=probs.device).scatter_add_(
+        1, ids, torch.ones(ids.shape, dtype=probs.dtype, device=probs.device))
+    f = counts / (S * k)
+    return E * (f * probs.reshape(n_seq, S, E).mean(1)).sum(-1).mean()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -357,7 +385,7 @@ class MoE(nn.Module):
             y = y * c.route_scale
         if self.shared is not None:  # in its own weights' dtype, as the experts are in x's (else a dtype error)
             y = y + self.shared(x_TD.to(self.shared.gate.weight.dtype)).to(y.dtype)
-        aux, losses = self._aux_losses(logits, plan)
+        aux, losses = self._aux_losses(logits, plan, n_seq=math.prod(shape[:-2]) if x.dim() > 2 else 1)
         y = y.reshape(shape)
         if return_losses:
             return y, aux, losses
@@ -369,8 +397,9 @@ class MoE(nn.Module):
         return moe_mlp(x_TD, plan, self.w_gate.to(dt), self.w_up.to(dt), self.w_down.to(dt),
                        retain_activations=self.config.retain_activations)
 
-    def _aux_losses(self, logits: torch.Tensor, plan):
-        """(weighted sum, {"load_balance", "z_loss"}) for the router's logits and plan."""
+    def _aux_losses(self, logits: torch.Tensor, plan, n_seq: int = 1):
+        """(weighted sum, {"load_balance", "z_loss", "max_violation"}) for the router's logits
+        and plan; ``n_seq``: the sequences the tokens form (a sequence-scoped balance loss)."""
         c = self.config
         if logits.shape[0] == 0:  # no tokens, no loss (a mean over none is NaN); the router stays in the graph
             zero = logits.sum() * 0.0
@@ -378,7 +407,10 @@ class MoE(nn.Module):
         probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
         if c.router == "token_choice":
             p = probs if c.score == "softmax" else probs / probs.sum(-1, keepdim=True)
-            lb = load_balancing_loss(p, plan.expert_counts)
+            if c.load_balance_scope == "sequence":
+                lb = sequence_balancing_loss(p, plan.topk_ids, n_seq)
+            else:
+                lb = load_balancing_loss(p, plan.expert_counts)
             load = plan.expert_counts.float()
             max_vio = load.max() / load.mean() - 1
         else:  # every expert takes exactly C tokens: balanced by construction

@@ -164,9 +164,11 @@ class ModelConfig:
             ``load_balance_coef``, ``z_loss_coef`` and ``bias_update_rate``
             (auxiliary-loss-free balancing; the trainer updates the biases after every
             optimizer step).
-        moe_n_group, moe_topk_group, moe_group_score, moe_route_scale: ``MoEConfig``'s
-            ``n_group``, ``topk_group``, ``group_score`` (group-limited routing, as
-            DeepSeek-V2/V3) and ``route_scale`` (a factor on the routed experts' output).
+        moe_n_group, moe_topk_group, moe_group_score, moe_route_scale,
+            moe_load_balance_scope: ``MoEConfig``'s ``n_group``, ``topk_group``,
+            ``group_score`` (group-limited routing, as DeepSeek-V2/V3), ``route_scale`` (a
+            factor on the routed experts' output) and ``load_balance_scope`` (``"batch"``,
+            or ``"sequence"``: DeepSeek-V3's sequence-wise balance loss, per row of the batch).
     """
 
     vocab_size: int = 256
@@ -203,6 +205,7 @@ class ModelConfig:
     moe_topk_group: int | None = None
     moe_group_score: str = "top2"
     moe_route_scale: float = 1.0
+    moe_load_balance_scope: str = "batch"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "pad_to_multiple_of",
@@ -264,6 +267,8 @@ class ModelConfig:
                              f"(balanced by construction) it must be 0, got {self.moe_bias_update_rate}")
         if not self.moe_route_scale > 0:
             raise ValueError(f"moe_route_scale must be > 0, got {self.moe_route_scale}")
+        if self.moe_load_balance_scope not in ("batch", "sequence"):
+            raise ValueError(f"moe_load_balance_scope must be 'batch' or 'sequence', got {self.moe_load_balance_scope!r}")
         self.routing = mod_pattern(self.n_layers, self.routing)
         self.mlp = _per_layer(self.mlp, self.n_layers, _MLPS, "mlp")
         # Checked here, by this config's name, rather than later by MoEConfig's.
@@ -603,7 +608,7 @@ def _make_moe(cfg: ModelConfig) -> nn.Module:
                   shared_d_ff=cfg.moe_shared_ffn_dim, load_balance_coef=cfg.moe_load_balance_coef,
                   z_loss_coef=cfg.moe_z_loss_coef, bias_update_rate=cfg.moe_bias_update_rate,
                   n_group=cfg.moe_n_group, topk_group=cfg.moe_topk_group, group_score=cfg.moe_group_score,
-                  route_scale=cfg.moe_route_scale)
+                  route_scale=cfg.moe_route_scale, load_balance_scope=cfg.moe_load_balance_scope)
     if cfg.moe_router == "expert_choice":
         kwargs["capacity_factor"] = cfg.moe_capacity_factor
     return MoE(MoEConfig(**kwargs))

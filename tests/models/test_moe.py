@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from flopwise.kernels._dispatch import deterministic_algorithms
-from flopwise.models.moe import MoE, MoEConfig, load_balancing_loss, router_z_loss
+from flopwise.models.moe import MoE, MoEConfig, load_balancing_loss, router_z_loss, sequence_balancing_loss
 
 
 def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -405,6 +405,53 @@ def test_group_limited_layer_matches_definition_and_gradients(cfg):
 def test_group_and_scale_validation(kw, err, match):
     with pytest.raises(err, match=match):
         MoEConfig(**{**dict(d_model=8, d_ff=8, n_experts=8, top_k=2), **kw})
+
+
+def test_sequence_balancing_loss_hand_computed():
+    """Two sequences, each sending every token to one expert: balanced over the batch (the
+    Switch loss's 1 at uniform probabilities), not within a sequence."""
+    probs = torch.tensor([[0.9, 0.1]] * 3 + [[0.1, 0.9]] * 3)
+    ids = torch.tensor([[0]] * 3 + [[1]] * 3)
+    counts = torch.tensor([3, 3])
+    assert load_balancing_loss(probs, counts).item() == pytest.approx(2 * (0.5 * 0.5 + 0.5 * 0.5))
+    assert sequence_balancing_loss(probs, ids, 2).item() == pytest.approx(2 * 0.9)  # each: E * f_0 * P_0
+    assert sequence_balancing_loss(probs, ids, 1).item() == pytest.approx(load_balancing_loss(probs, counts).item())
+    # k = 2: f_i = (tokens choosing i) / (S k)
+    ids2 = torch.tensor([[0, 1], [0, 1], [1, 0]])
+    p2 = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.2, 0.8]])
+    want = 2 * (0.5 * p2[:, 0].mean() + 0.5 * p2[:, 1].mean())
+    assert sequence_balancing_loss(p2, ids2, 1).item() == pytest.approx(want.item())
+    with pytest.raises(ValueError, match="n_seq must be >= 1 and divide the 6 tokens"):
+        sequence_balancing_loss(probs, ids, 4)
+
+
+def test_sequence_scoped_layer_loss_and_gradient():
+    torch.manual_seed(5)
+    cfg = MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=2, block_m=16, init_std=0.5, score="sigmoid",
+                    load_balance_scope="sequence", load_balance_coef=0.5, z_loss_coef=0.0)
+    moe = MoE(cfg)
+    x = torch.randn(3, 5, 8)
+    _, aux, losses = moe(x, return_losses=True)
+    logits = x.reshape(-1, 8) @ moe.router.weight.t()
+    p = torch.sigmoid(logits)
+    p = p / p.sum(-1, keepdim=True)
+    ids = moe.route(x.reshape(-1, 8))[1].topk_ids.long()
+    want = []
+    for b in range(3):  # each sequence's own Switch loss
+        counts = torch.bincount(ids[b * 5:(b + 1) * 5].reshape(-1), minlength=4)
+        want.append(load_balancing_loss(p[b * 5:(b + 1) * 5], counts))
+    torch.testing.assert_close(losses["load_balance"], torch.stack(want).mean())
+    batch = MoE(dataclasses.replace(cfg, load_balance_scope="batch"))
+    batch.load_state_dict(moe.state_dict())
+    assert not torch.allclose(batch(x, return_losses=True)[2]["load_balance"], losses["load_balance"])
+    torch.testing.assert_close(batch(x.reshape(1, 15, 8), return_losses=True)[2]["load_balance"],
+                               moe(x.reshape(1, 15, 8), return_losses=True)[2]["load_balance"])
+    torch.testing.assert_close(batch(x.reshape(15, 8), return_losses=True)[2]["load_balance"],
+                               moe(x.reshape(15, 8), return_losses=True)[2]["load_balance"])
+    aux.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="load_balance_scope must be one of"):
+        MoEConfig(d_model=8, d_ff=8, n_experts=4, load_balance_scope="token")
 
 
 def test_bias_update_moves_towards_balance_and_counts_training_only():

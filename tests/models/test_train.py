@@ -388,12 +388,13 @@ def test_moe_fields_reach_the_layers_and_the_flop_count():
     cfg = ModelConfig(**TINY, mlp=["moe", "dense"], moe_n_experts=4, moe_score="sigmoid", moe_normalize_topk=False,
                       moe_shared_d_ff=40, moe_load_balance_coef=0.0, moe_z_loss_coef=0.5, moe_bias_update_rate=1e-3,
                       moe_n_group=2, moe_topk_group=1, moe_group_score="max", moe_route_scale=2.5,
-                      pad_to_multiple_of=16)
+                      moe_load_balance_scope="sequence", pad_to_multiple_of=16)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     mc = Transformer(cfg).layers[0].mlp.config
     assert (mc.score, mc.normalize_topk, mc.shared_d_ff, mc.load_balance_coef, mc.z_loss_coef,
             mc.bias_update_rate) == ("sigmoid", False, 48, 0.0, 0.5, 1e-3)
-    assert (mc.n_group, mc.topk_group, mc.group_score, mc.route_scale) == (2, 1, "max", 2.5)
+    assert (mc.n_group, mc.topk_group, mc.group_score, mc.route_scale, mc.load_balance_scope) == (
+        2, 1, "max", 2.5, "sequence")
     plain = cfg.replace(moe_shared_d_ff=0)
     assert cfg.forward_flops_per_token(16) - plain.forward_flops_per_token(16) == 2 * 3 * 32 * 48
     model = Transformer(cfg)
@@ -417,6 +418,7 @@ def test_moe_fields_reach_the_layers_and_the_flop_count():
     (dict(moe_n_group=2, moe_topk_group=1, moe_group_score="mean"), ValueError, "moe_group_score must be one of"),
     (dict(moe_router="expert_choice", moe_n_group=2, moe_topk_group=1), ValueError, "moe_n_group/moe_topk_group"),
     (dict(moe_route_scale=-1.0), ValueError, "moe_route_scale must be > 0"),
+    (dict(moe_load_balance_scope="token"), ValueError, "moe_load_balance_scope must be 'batch' or 'sequence'"),
 ])
 def test_moe_fields_are_checked_by_name(kw, exc, match):
     with pytest.raises(exc, match=match):

@@ -202,6 +202,7 @@ def test_moe_layer_wiring(monkeypatch):
         topk_group: int | None = None
         group_score: str = "top2"
         route_scale: float = 1.0
+        load_balance_scope: str = "batch"
 
     class MoE(nn.Module):
         def __init__(self, cfg):
