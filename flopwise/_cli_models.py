@@ -26,6 +26,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                    ("time_budget_s", args.time_budget))
                  if v is not None}
     corpus = load_corpus(args.corpus)
+    if args.allow_config_change and not args.resume:
+        raise ValueError("--allow-config-change applies to --resume")
     if args.resume:
         if args.bos is not None:
             raise ValueError("--bos applies to a new run; a resumed run keeps the checkpoint's")
@@ -36,7 +38,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"CONFIG ({args.config}) applies to a new run; a resumed run keeps the checkpoint's "
                              "model (flags such as --steps or --lr change its training settings)")
         saved = _saved_train_config(args.resume)
-        trainer = Trainer.resume(args.resume, corpus, force=args.force, **overrides)
+        trainer = Trainer.resume(args.resume, corpus, force=args.force, allow_config_change=args.allow_config_change,
+                                 **overrides)
         changed = [flag for key, flag in _SCHEDULE_FLAGS if key in overrides and overrides[key] != saved.get(key)]
         if changed:
             print(f"note: {', '.join(changed)} change{'s' if len(changed) == 1 else ''} the checkpoint's batches or "
@@ -190,6 +193,8 @@ def add_parser(sub) -> None:
     t.add_argument("--force", action="store_true",
                    help="replace an existing checkpoint in OUT/last that is not this run's (never other files)")
     t.add_argument("--resume", metavar="CKPT", help="continue a checkpoint (its config; flags override)")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: train on although CKPT/config.json was edited since the save")
     t.add_argument("--steps", type=_positive_int, help="max_steps")
     t.add_argument("--batch-size", type=_positive_int)
     t.add_argument("--seq-len", type=_positive_int)

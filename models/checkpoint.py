@@ -9,6 +9,7 @@ Layout (the dense-model part is what :mod:`flopwise.models.upcycle` reads)::
                             (fp32, the parameters' shapes) and a scalar tensor "step";
                             the step also in the header metadata ("step")
       trainer_state.json    step, tokens seen, RNG states, data position, the TrainConfig
+                            and the ModelConfig trained ("model_config")
 
 Writes are atomic: everything goes into a temporary sibling folder that is renamed onto
 ``CKPT`` only when complete, so a crash never leaves a half-written checkpoint where a

@@ -737,13 +737,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
-        """``trainer_state.json``: step, tokens seen, RNG states, the data position and the
+        """``trainer_state.json``: step, tokens seen, RNG states, the data position, the
         TrainConfig (the data order is a function of seed and step, so those two are the
-        position)."""
+        position) and the ModelConfig trained (so that a resume notices an edited
+        ``config.json``)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": rng_state(),
                 "data": {"corpus": self.data.corpus.name, "sha256": self.data.corpus.sha256,
                          "seed": self.data.seed, "bos": self.data.bos, "next_step": self.step, "next_micro": 0},
-                "train_config": self.cfg.to_dict()}
+                "train_config": self.cfg.to_dict(), "model_config": self.model.cfg.to_dict()}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Checkpoint to the folder ``path`` (atomic; see :mod:`flopwise.models.checkpoint`).
@@ -759,7 +760,8 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str | os.PathLike, data: ByteData | TokenData | TextCorpus | None = None, *,
-               progress: bool = True, label: str = "", force: bool = False, **overrides) -> "Trainer":
+               progress: bool = True, label: str = "", force: bool = False, allow_config_change: bool = False,
+               **overrides) -> "Trainer":
         """A trainer continuing the checkpoint at ``path``: weights, AdamW state, step, RNG
         states and TrainConfig (``overrides`` change TrainConfig fields, e.g. ``max_steps``
         or ``out_dir``). ``data``: as in :class:`Trainer` (pass the run's
@@ -779,12 +781,25 @@ class Trainer:
         earlier checkpoint of the same model on the same data (corpus and seed). A
         checkpoint of another model or other data, one further along than ``path``, or a
         folder that is no checkpoint is refused (ValueError / FileExistsError) unless
-        ``force=True``; a folder that is no checkpoint is never replaced."""
+        ``force=True``; a folder that is no checkpoint is never replaced.
+
+        A ``config.json`` edited since the save (another top-k, capacity, routing pattern:
+        weights of the same shapes, a different model) is refused, naming the fields that
+        differ from the ModelConfig the run trained (recorded in ``trainer_state.json``),
+        unless ``allow_config_change=True``: the run then goes on with the edited model, no
+        longer the original run continued."""
         ck = load_checkpoint(path)
         st = ck.trainer_state
         if st is None or ck.optimizer is None:
             raise ValueError(f"{path} is not a resumable checkpoint (needs trainer_state.json and optimizer.safetensors)")
         check_trainer_state(st, Path(path) / "trainer_state.json")
+        if not isinstance(allow_config_change, bool):
+            raise TypeError(f"allow_config_change must be a bool, got {allow_config_change!r}")
+        changed = _config_changes(st, ck.config, Path(path))
+        if changed and not allow_config_change:
+            raise ValueError(f"{path}/config.json differs from the model this run trained: {'; '.join(changed)}. "
+                             "Resuming would continue another model than the run's; restore config.json, or pass "
+                             "allow_config_change=True (--allow-config-change) to train the edited model on")
         saved_cfg = dict(st["train_config"])
         # A time budget belongs to the call that trained under it (a timed demo run stores a
         # few seconds): a resumed run is not capped by it unless it is passed again. It
@@ -835,6 +850,20 @@ class Trainer:
         t.step, t.tokens_seen = int(st["step"]), int(st["tokens_seen"])
         set_rng_state(st["rng"])
         return t
+
+
+def _config_changes(state: dict, config: ModelConfig, path: Path) -> list[str]:
+    """``"field: trained value -> config.json value"`` for every ModelConfig field where the
+    checkpoint's config differs from the one recorded in its trainer state (none recorded,
+    as by checkpoints older than the record: nothing to compare)."""
+    if "model_config" not in state:
+        return []
+    try:
+        trained = ModelConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"corrupt {path / 'trainer_state.json'}: its model_config is no ModelConfig ({exc})") from None
+    a, b = trained.to_dict(), config.to_dict()
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
 
 
 def _usable_out_dir(out_dir) -> Path:

@@ -1382,6 +1382,7 @@ def _trainer_state(plan: UpcyclePlan, src_folder: str) -> dict | None:
         raise ValueError(f"corrupt {path}: expected a JSON object with a 'train_config' object")
     if "train_config" in state:
         state["train_config"] = {**state["train_config"], "out_dir": None}
+    state["model_config"] = plan.config  # the MoE's, which a resume checks config.json against
     return state
 
 

@@ -327,7 +327,9 @@ def test_upcycled_checkpoint_resumes_in_its_own_folder(tmp_path, corpus):
     moe = tmp_path / "moe"
     upcycle(str(run / "last"), str(moe), UpcycleOptions(n_experts=2, top_k=1, max_shard_bytes=20_000))
     assert (moe / "model.safetensors.index.json").exists() and (moe / "optimizer.safetensors.index.json").exists()
-    assert json.loads((moe / "trainer_state.json").read_text())["train_config"]["out_dir"] is None
+    state = json.loads((moe / "trainer_state.json").read_text())
+    assert state["train_config"]["out_dir"] is None
+    assert state["model_config"] == json.loads((moe / "config.json").read_text())  # the MoE's, not the dense run's
     ck = load_checkpoint(moe)  # sharded model and optimizer
     assert ck.config.mlp == ("moe", "moe") and float(ck.optimizer["step"]) == 2.0
     dense_before = (run / "last" / "model.safetensors").read_bytes()
@@ -953,6 +955,40 @@ def test_resume_names_a_corrupt_trainer_state(tmp_path, corpus, damage, pattern)
     with pytest.raises(ValueError, match=pattern) as info:
         Trainer.resume(tmp_path / "ck", corpus, progress=False, out_dir=None)
     assert "trainer_state.json" in str(info.value)
+
+
+def test_resume_refuses_an_edited_config_unless_allowed(tmp_path, corpus, monkeypatch, capsys):
+    """config.json edited after the save (same weight shapes, another model): refused by name;
+    allowed on request, after which the record follows the edited model."""
+    t = Trainer(ModelConfig(**TINY), _tc(max_steps=3, warmup_steps=1), corpus, progress=False)
+    t.train_step()
+    ck = tmp_path / "ck"
+    t.save(ck)
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert ModelConfig.from_dict(state["model_config"]) == t.model.cfg
+    f = ck / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "rope_theta": 500000.0, "norm_eps": 1e-5}))
+    with pytest.raises(ValueError, match=r"differs from the model this run trained: rope_theta: 10000.0 -> 500000.0; "
+                                         r"norm_eps: 1e-06 -> 1e-05\. Resuming"):
+        Trainer.resume(ck, corpus, progress=False, out_dir=None)
+    monkeypatch.setenv("FLOPWISE_DATA", str(tmp_path / "nodata"))
+    argv = ["train", "--resume", str(ck), "--corpus", "embedded", "--steps", "2"]
+    assert _main(argv) == 2 and "--allow-config-change" in capsys.readouterr().err
+    assert _main(["train", "tiny", "--allow-config-change"]) == 2
+    assert "--allow-config-change applies to --resume" in capsys.readouterr().err
+    r = Trainer.resume(ck, corpus, progress=False, out_dir=str(tmp_path / "run"), allow_config_change=True)
+    assert r.model.cfg.rope_theta == 500000.0 and r.step == 1
+    r.train_step()
+    r.save(tmp_path / "ck2")
+    assert Trainer.resume(tmp_path / "ck2", corpus, progress=False, out_dir=None).step == 2
+    # a checkpoint from before the record: nothing to compare, it resumes
+    state.pop("model_config")
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    assert Trainer.resume(ck, corpus, progress=False, out_dir=None).model.cfg.rope_theta == 500000.0
+    state["model_config"] = {"d_model": "wide"}
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="corrupt .*trainer_state.json: its model_config is no ModelConfig"):
+        Trainer.resume(ck, corpus, progress=False, out_dir=None)
 
 
 def test_checkpoint_files_get_the_usual_mode(tmp_path, corpus):
