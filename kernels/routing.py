@@ -11,7 +11,11 @@ S sequence, NB = blocks of the grouped matmul.
 Ranking rules (identical in every backend, so plans agree exactly):
 
 * Token choice ranks a token's experts by their *logits*; softmax and sigmoid are
-  monotone, so this is the top-k of the probabilities without rounding ties.
+  monotone, so this is the top-k of the probabilities without rounding ties. With a
+  selection bias it ranks by probability + bias, and a group limit scores groups on the
+  probabilities (+ bias): values each backend computes with its own ``exp``, so where two
+  lie within float32 rounding of each other the kernel and the reference may choose
+  differently (everywhere else they agree exactly).
 * Expert choice ranks tokens by the expert's probability (float32), MoD ranks positions by
   the score as given.
 * Ties go to the lower index. NaN ranks as ``-inf`` (lowest, then by index). ``-0.0``
@@ -654,7 +658,7 @@ def _check_renormalize(renormalize):
 
 
 def _check_score(score):
-    if score not in _SCORES:
+    if not isinstance(score, str) or score not in _SCORES:
         raise ValueError(f"score must be one of {sorted(_SCORES)}, got {score!r}")
 
 
@@ -1240,7 +1244,7 @@ def check_group_limit(num_experts: int, k: int, n_group, topk_group, group_score
     if E % n_group:
         raise ValueError(f"{prefix}n_group must divide the number of experts E = {E}, got {n_group}")
     topk_group = n_group if topk_group is None else _check_int(topk_group, prefix + "topk_group", 1, n_group)
-    if group_score not in _GROUP_SCORES:
+    if not isinstance(group_score, str) or group_score not in _GROUP_SCORES:
         raise ValueError(f"{prefix}group_score must be one of {sorted(_GROUP_SCORES)}, got {group_score!r}")
     size = E // n_group
     if group_score == "top2" and topk_group < n_group and size < 2:
@@ -1332,8 +1336,12 @@ def topk_route(logits: torch.Tensor, k: int, *, score: str = "softmax", renormal
             (``k <= topk_group * E // n_group``). A group is scored on the ranking scores
             (``score + bias``, or the scores without a bias) by its best expert
             (``group_score="max"``, DeepSeek-V2) or the sum of its best two (``"top2"``,
-            DeepSeek-V3; groups of at least 2). Groups tie to the lower index, a NaN counts as
-            -inf. The default (one group, or ``topk_group=None``: every group) limits nothing.
+            DeepSeek-V3; groups of at least 2). Groups tie to the lower index (also scores
+            that round to one float32 value, e.g. saturated sigmoids, as in DeepSeek's own
+            gate), a NaN counts as -inf (so does a group whose +inf and -inf sum to NaN); group
+            scores within float32 rounding of each other may be ordered differently by the
+            kernel and the reference, as biased scores. The default (one group, or
+            ``topk_group=None``: every group) limits nothing.
             DeepSeek-V3: ``score="sigmoid", renormalize=True, bias=b, n_group=8,
             topk_group=4`` over E = 256, k = 8.
 

@@ -379,10 +379,15 @@ def target_config(fmt: str, src: DenseSource, *, n_experts: int, top_k: int, exp
             # layers agree with them).
             new = mc.replace(mlp=mlp)
         else:
-            new = mc.replace(mlp=mlp, moe_n_experts=n_experts, moe_top_k=top_k, moe_router="token_choice",
-                             moe_d_ff=None if expert_d_ff == mc.ffn_dim else expert_d_ff,
-                             moe_normalize_topk=renormalize, moe_load_balance_coef=aux_loss_coef,
-                             moe_shared_d_ff=shared_d_ff)
+            try:
+                new = mc.replace(mlp=mlp, moe_n_experts=n_experts, moe_top_k=top_k, moe_router="token_choice",
+                                 moe_d_ff=None if expert_d_ff == mc.ffn_dim else expert_d_ff,
+                                 moe_normalize_topk=renormalize, moe_load_balance_coef=aux_loss_coef,
+                                 moe_shared_d_ff=shared_d_ff)
+            except (TypeError, ValueError) as exc:  # e.g. a group limit set for another expert count
+                raise ValueError(f"the new MoE layers take the source config's other moe_* fields, and with "
+                                 f"n_experts={n_experts}, top_k={top_k} they do not fit: {exc} (edit them in the "
+                                 "source's config.json)") from None
             if new.moe_shared_ffn_dim != shared_d_ff:
                 raise ValueError(f"option shared_d_ff={shared_d_ff} cannot be stored: the config pads it to "
                                  f"{new.moe_shared_ffn_dim} (pad_to_multiple_of={mc.pad_to_multiple_of}); choose a "

@@ -61,11 +61,14 @@ class MoEConfig:
     or nodes, a token's rows go to at most ``topk_group`` of them.
 
     load_balance_scope: what the load-balancing loss balances. ``"batch"`` (default): the
-    Switch loss over all the input's tokens. ``"sequence"``: DeepSeek-V3's complementary
-    sequence-wise loss, the same loss per sequence (an input ``[..., S, D]`` holds
-    ``prod(...)`` sequences of S tokens; ``[T, D]`` is one), averaged over sequences, so
-    that no single sequence sends its tokens to a few experts. DeepSeek-V3 weighted it by
-    0.0001 alongside its bias balancing.
+    Switch loss over all the input's tokens and the experts they went to.
+    ``"sequence"``: DeepSeek-V3's complementary sequence-wise loss, the same loss per
+    sequence (an input ``[..., S, D]`` holds ``prod(...)`` sequences of S tokens; ``[T, D]``
+    is one), averaged over sequences, so that no single sequence sends its tokens to a few
+    experts. As in DeepSeek-V3's definition, its load counts each token's top k of the
+    router's own scores, without the selection bias or the group limit (with neither, those
+    are the experts the tokens went to). DeepSeek-V3 weighted it by 0.0001 alongside its
+    bias balancing.
 
     route_scale: multiplies the routed experts' combined output (DeepSeek-V3's
     ``routed_scaling_factor``, 2.5 there; the shared expert is not scaled).
@@ -135,6 +138,8 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.route_scale must be > 0, got {self.route_scale}")
         if self.load_balance_scope not in _SCOPES:
             raise ValueError(f"MoEConfig.load_balance_scope must be one of {_SCOPES}, got {self.load_balance_scope!r}")
+        if self.topk_group is not None and (isinstance(self.topk_group, bool) or not isinstance(self.topk_group, int)):
+            raise TypeError(f"MoEConfig.topk_group must be None or an int, got {self.topk_group!r}")
         if self.router != "token_choice" and (self.n_group, self.topk_group) != (1, None):
             raise ValueError("MoEConfig.n_group/topk_group limit token-choice routing; with expert choice they "
                              f"must stay 1/None, got {self.n_group}/{self.topk_group}")
@@ -407,8 +412,10 @@ class MoE(nn.Module):
         probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
         if c.router == "token_choice":
             p = probs if c.score == "softmax" else probs / probs.sum(-1, keepdim=True)
-            if c.load_balance_scope == "sequence":
-                lb = sequence_balancing_loss(p, plan.topk_ids, n_seq)
+            if c.load_balance_scope == "sequence":  # the scores' own top k (DeepSeek-V3's f_i)
+                raw = plan.topk_ids if self.expert_bias is None and c.topk_group in (None, c.n_group) \
+                    else torch.topk(logits.detach(), c.top_k, dim=-1).indices
+                lb = sequence_balancing_loss(p, raw, n_seq)
             else:
                 lb = load_balancing_loss(p, plan.expert_counts)
             load = plan.expert_counts.float()

@@ -274,6 +274,9 @@ class ModelConfig:
         # Checked here, by this config's name, rather than later by MoEConfig's.
         if "moe" in self.mlp and self.moe_router == "token_choice" and self.moe_top_k > self.moe_n_experts:
             raise ValueError(f"moe_top_k ({self.moe_top_k}) must be <= moe_n_experts ({self.moe_n_experts})")
+        if self.moe_topk_group is not None and (isinstance(self.moe_topk_group, bool)
+                                                or not isinstance(self.moe_topk_group, int)):
+            raise TypeError(f"moe_topk_group must be None or an int, got {self.moe_topk_group!r}")
         if self.moe_router != "token_choice" and (self.moe_n_group, self.moe_topk_group) != (1, None):
             raise ValueError("moe_n_group/moe_topk_group limit token-choice routing; with moe_router='expert_choice' "
                              f"they must stay 1/None, got {self.moe_n_group}/{self.moe_topk_group}")

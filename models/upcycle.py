@@ -390,18 +390,17 @@ def _qwen2_moe_bias_problem(src: DenseSource) -> str | None:
 
 
 def _source_warnings(src: DenseSource, moe_layers: list[int]) -> list[str]:
-    if src.family != "flopwise" or all(src.mlp):
+    if src.family != "flopwise":
         return []
     w = []
-    if src.config.get("moe_router") == "expert_choice":
+    if not all(src.mlp) and src.config.get("moe_router") == "expert_choice":
         w.append(f"the source's MoE layers use expert-choice routing, which the new MoE layers {moe_layers} share: "
                  "a token may be processed by more or fewer experts than top_k, so the MoE no longer reproduces "
                  "the dense model")
     scale = src.config.get("moe_route_scale", 1.0)
-    if scale != 1.0:
-        w.append(f"the source's MoE layers scale their routed output by moe_route_scale={scale}, which the new MoE "
-                 f"layers {moe_layers} share: they compute {scale} x the dense MLP, so the MoE no longer reproduces "
-                 "the dense model")
+    if scale != 1.0:  # set in the source's config.json, whether or not it has MoE layers yet
+        w.append(f"the source's config sets moe_route_scale={scale}, which the new MoE layers {moe_layers} take: "
+                 f"they compute {scale} x the dense MLP, so the MoE no longer reproduces the dense model")
     return w
 
 

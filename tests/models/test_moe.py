@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -397,10 +398,12 @@ def test_group_limited_layer_matches_definition_and_gradients(cfg):
     (dict(n_group=4, topk_group=1, top_k=3), ValueError, r"MoEConfig.top_k = 3 exceeds the experts of the kept"),
     (dict(n_group=8, topk_group=2), ValueError, "MoEConfig.group_score 'top2' sums each group's two best"),
     (dict(n_group=2, topk_group=1, group_score="sum"), ValueError, "MoEConfig.group_score must be one of"),
-    (dict(n_group=2, topk_group=1.0), TypeError, "MoEConfig.topk_group must be an int"),
+    (dict(n_group=2, topk_group=1.0), TypeError, "MoEConfig.topk_group must be None or an int"),
     (dict(n_group=2, topk_group=1, router="expert_choice"), ValueError, "limit token-choice routing"),
     (dict(route_scale=0.0), ValueError, "MoEConfig.route_scale must be > 0"),
     (dict(route_scale="2"), TypeError, "MoEConfig.route_scale must be a number"),
+    (dict(n_group=2, topk_group=np.int64(1)), TypeError, "MoEConfig.topk_group must be None or an int"),
+    (dict(n_group=2, topk_group=1, group_score=["max"]), ValueError, "MoEConfig.group_score must be one of"),
 ])
 def test_group_and_scale_validation(kw, err, match):
     with pytest.raises(err, match=match):
@@ -450,6 +453,14 @@ def test_sequence_scoped_layer_loss_and_gradient():
                                moe(x.reshape(15, 8), return_losses=True)[2]["load_balance"])
     aux.backward()
     assert moe.router.weight.grad.abs().sum() > 0
+    # DeepSeek-V3's f_i counts the scores' own top k: a selection bias (or a group limit)
+    # changes where the tokens go, not this loss
+    biased = MoE(dataclasses.replace(cfg, bias_update_rate=1e-3, n_group=2, topk_group=1))
+    biased.load_state_dict(moe.state_dict(), strict=False)  # (all but the bias)
+    with torch.no_grad():
+        biased.expert_bias.copy_(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    assert not torch.equal(biased.route(x.reshape(-1, 8))[1].topk_ids, ids.int())
+    torch.testing.assert_close(biased(x, return_losses=True)[2]["load_balance"], losses["load_balance"])
     with pytest.raises(ValueError, match="load_balance_scope must be one of"):
         MoEConfig(d_model=8, d_ff=8, n_experts=4, load_balance_scope="token")
 

@@ -15,6 +15,7 @@ import math
 import os
 from contextlib import redirect_stdout
 
+import numpy as np
 import pytest
 import torch
 
@@ -416,7 +417,8 @@ def test_moe_fields_reach_the_layers_and_the_flop_count():
     (dict(moe_n_group=3), ValueError, "moe_n_group must divide the number of experts E = 8"),
     (dict(moe_n_group=4, moe_topk_group=1, moe_top_k=3), ValueError,
      r"moe_top_k = 3 exceeds the experts of the kept groups: moe_topk_group"),
-    (dict(moe_n_group=2, moe_topk_group="1"), TypeError, "moe_topk_group must be an int"),
+    (dict(moe_n_group=2, moe_topk_group="1"), TypeError, "moe_topk_group must be None or an int"),
+    (dict(moe_n_group=2, moe_topk_group=np.int64(1)), TypeError, "moe_topk_group must be None or an int"),
     (dict(moe_n_group=2, moe_topk_group=1, moe_group_score="mean"), ValueError, "moe_group_score must be one of"),
     (dict(moe_router="expert_choice", moe_n_group=2, moe_topk_group=1), ValueError, "moe_n_group/moe_topk_group"),
     (dict(moe_route_scale=-1.0), ValueError, "moe_route_scale must be > 0"),

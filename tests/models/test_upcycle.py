@@ -884,6 +884,14 @@ def test_flopwise_source_with_moe_layers_keeps_their_settings(tmp_path):
         report = upcycle(str(tmp_path / "scaled"), str(tmp_path / "scaled_moe"), opts, verify=True)
     assert not report.verify.expected_equal
     assert load_flopwise(str(tmp_path / "scaled_moe")).cfg.moe_route_scale == 2.5
+    # a dense source's config may set them too (unused until now): the new layers take them
+    _tiny_flopwise(tmp_path / "dense_scaled", moe_route_scale=2.5)
+    plan = plan_upcycle(str(tmp_path / "dense_scaled"), UpcycleOptions(n_experts=4, top_k=2))
+    assert not plan.exact and any("moe_route_scale=2.5" in w for w in plan.warnings)
+    _tiny_flopwise(tmp_path / "dense_grouped", moe_n_group=4, moe_topk_group=2)  # fits the default 8 experts
+    with pytest.raises(ValueError, match=r"take the source config's other moe_\* fields.*n_experts=6.*moe_n_group "
+                                         r"must divide the number of experts E = 6"):
+        plan_upcycle(str(tmp_path / "dense_grouped"), UpcycleOptions(n_experts=6, top_k=2))
 
 
 def test_flopwise_source_rejects_stray_tensors(tmp_path):
