@@ -8,6 +8,7 @@ and the validation bits per byte.
 
     python scripts/balance_experiment.py                # CPU: about 5 minutes on 2 cores
     python scripts/balance_experiment.py --steps 50     # quicker
+    python scripts/balance_experiment.py --only 5 6     # some settings only
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ SETTINGS = [
     ("aux loss 0.01", dict(moe_load_balance_coef=0.01)),
     ("bias 1e-3", dict(moe_load_balance_coef=0.0, moe_bias_update_rate=1e-3)),
     ("bias 1e-2", dict(moe_load_balance_coef=0.0, moe_bias_update_rate=1e-2)),
+    # DeepSeek-V3's pair: the bias and a tiny sequence-wise balance loss
+    ("bias 1e-2 + seq loss 1e-4", dict(moe_load_balance_coef=1e-4, moe_load_balance_scope="sequence",
+                                       moe_bias_update_rate=1e-2)),
+    # group-limited: 4 groups of 2 experts (of 8), each token's 2 experts from its 2 best groups
+    ("bias 1e-2, 2 of 4 groups", dict(moe_load_balance_coef=0.0, moe_bias_update_rate=1e-2, moe_n_group=4,
+                                      moe_topk_group=2)),
 ]
 
 
@@ -38,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     ap.add_argument("--score", choices=("softmax", "sigmoid"), default="softmax", help="router score (default softmax)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", metavar="N", type=int,
+                    help="run only these settings (their positions in the table, from 1)")
     a = ap.parse_args(argv)
+    settings = SETTINGS
+    if a.only:
+        if any(not 1 <= i <= len(SETTINGS) for i in a.only):
+            ap.error(f"--only takes positions 1..{len(SETTINGS)}")
+        settings = [SETTINGS[i - 1] for i in a.only]
     if a.steps < 20:
         ap.error("--steps must be >= 20 (the table compares the first and last 10 steps)")
     data = embedded_corpus()
@@ -49,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MoE decoder d=128, 4 layers, {a.experts} experts top-{a.top_k} ({a.score}), {a.steps} steps of "
           f"8 x 256 bytes, torch {torch.__version__}")
     rows = []
-    for name, over in SETTINGS:
+    for name, over in settings:
         torch.manual_seed(a.seed)
         t = Trainer(ModelConfig(**base, **over), tc, data, progress=False)
         vio, t0 = [], time.perf_counter()
