@@ -192,8 +192,9 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tens
 def sequence_balancing_loss(probs: torch.Tensor, topk_ids: torch.Tensor, n_seq: int) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss: :func:`load_balancing_loss` of
     each of ``n_seq`` equal, consecutive runs of tokens (``probs [T, E]``, ``topk_ids [T, k]``
-    the experts each token went to), averaged over them. Per sequence it is DeepSeek-V3's
-    ``sum_i f_i P_i`` with ``f_i = E / (k S) * (tokens choosing i)``."""
+    the experts counted for each token: DeepSeek-V3 counts the top k of the router's own
+    scores), averaged over them. Per sequence it is DeepSeek-V3's ``sum_i f_i P_i`` with
+    ``f_i = E / (k S) * (tokens counted for i)``."""
     T, E = probs.shape
     k = topk_ids.shape[1]
     if n_seq < 1 or T % n_seq:
