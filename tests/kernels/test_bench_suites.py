@@ -142,13 +142,24 @@ _TC_FIELDS = ("token_idx", "weights", "expert_counts", "expert_offsets", "padded
               "block_row", "topk_ids", "topk_weights", "pair_idx", "inverse")
 
 
+def _checked_token_choice_case(case):
+    """The case's reference plan, after checking that every real provider passes the case's
+    check and that a corruption of any plan field fails it."""
+    ref = case.providers["reference"]()
+    _real_providers_pass(case, ref)
+    for name in _TC_FIELDS:
+        bad = dataclasses.replace(ref, **{name: _corrupt(getattr(ref, name))})
+        assert case.check(bad, ref) is not None, (case.op, case.shape, name)
+    return ref
+
+
+def _routing_case(op: str):
+    return next(c for c in routing_suite.cases(gpu=False) if c.op == op)
+
+
 def test_token_choice_check_compares_every_plan_field():
     for case in (c for c in routing_suite.cases(gpu=False) if c.op == "topk_route"):
-        ref = case.providers["reference"]()
-        _real_providers_pass(case, ref)
-        for name in _TC_FIELDS:
-            bad = dataclasses.replace(ref, **{name: _corrupt(getattr(ref, name))})
-            assert case.check(bad, ref) is not None, (case.shape, name)
+        ref = _checked_token_choice_case(case)
         # a permutation of the pair map (still a permutation, still int32)
         pair = ref.pair_idx.clone()
         pair[[0, 1]] = pair[[1, 0]]
@@ -161,12 +172,8 @@ def test_token_choice_check_compares_every_plan_field():
 
 
 def test_biased_token_choice_check_compares_every_plan_field():
-    case = next(c for c in routing_suite.cases(gpu=False) if c.op == "topk_route+bias")
-    ref = case.providers["reference"]()
-    _real_providers_pass(case, ref)
-    for name in _TC_FIELDS:
-        bad = dataclasses.replace(ref, **{name: _corrupt(getattr(ref, name))})
-        assert case.check(bad, ref) is not None, name
+    case = _routing_case("topk_route+bias")
+    ref = _checked_token_choice_case(case)
     # the plan the logits alone would give (no bias): a valid plan, the wrong choices
     from flopwise.kernels import topk_route_reference
 
@@ -181,13 +188,10 @@ def test_biased_token_choice_check_compares_every_plan_field():
 
 def test_grouped_token_choice_check_rejects_choices_outside_the_kept_groups():
     from flopwise.kernels import topk_route_reference
+    from flopwise.kernels.routing import _plan_from_topk_reference
 
-    case = next(c for c in routing_suite.cases(gpu=False) if c.op == "topk_route+group")
-    ref = case.providers["reference"]()
-    _real_providers_pass(case, ref)
-    for name in _TC_FIELDS:
-        bad = dataclasses.replace(ref, **{name: _corrupt(getattr(ref, name))})
-        assert case.check(bad, ref) is not None, name
+    case = _routing_case("topk_route+group")
+    ref = _checked_token_choice_case(case)
     logits, bias = case.providers["reference"].__defaults__[:2]
     kw = dict(score="sigmoid", renormalize=True, bias=bias)
     free = topk_route_reference(logits, 8, **kw)  # no group limit: valid plans, wrong choices
@@ -200,8 +204,6 @@ def test_grouped_token_choice_check_rejects_choices_outside_the_kept_groups():
     wrong = topk_route_reference(logits, 9, n_group=8, topk_group=4, **kw).topk_ids.long()[:, 1:]
     assert not torch.equal(torch.sort(wrong, dim=1).values, order)
     w = torch.sigmoid(logits).gather(1, wrong)
-    from flopwise.kernels.routing import _plan_from_topk_reference
-
     bad = _plan_from_topk_reference(wrong, w / w.sum(-1, keepdim=True), ref.num_experts, ref.block_m)
     assert "among the kept groups' experts" in (case.check(bad, ref) or "")
     tok, w, counts, offsets = case.providers["torch"]()
