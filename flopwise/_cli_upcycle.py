@@ -91,16 +91,21 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
         print(f"  output {_human(summary['output_bytes'])} in {len(summary['shards'])} files; "
               f"params total {summary['total_params']:,}, active per token {summary['active_params']:,}")
         have = up._available_memory()
+        full, by_layer = summary["verify_bytes_estimate"], summary["verify_layerwise_bytes_estimate"]
+        if have is None or have >= full:
+            note = ""
+        elif have >= by_layer:
+            note = f"; {_human(have)} available here: --verify would go layer by layer"
+        else:
+            note = f"; {_human(have)} available here: --verify would be refused"
         print(f"  estimated peak memory {_human(summary['peak_bytes_estimate'])} (plus the interpreter and torch); "
-              f"--verify: {_human(summary['verify_bytes_estimate'])} (both models in float32"
-              + (f"; {_human(have)} available here: --verify would be refused" if have is not None
-                 and have < summary["verify_bytes_estimate"] else "") + ")")
+              f"--verify: {_human(full)} (both models in float32), {_human(by_layer)} layer by layer{note}")
         for s in summary["shards"]:
             print(f"    {s['file']:<40} {_human(s['bytes']):>10} {s['tensors']:>6} tensors")
         for w in summary["warnings"]:
             print(f"  warning: {w}")
         return 0
-    if args.quiet and args.verify:
+    if args.quiet and (args.verify or args.verify_layerwise):
         try:  # --verify loads Hugging Face models: no loading bars either
             from transformers.utils import logging as hf_logging
         except ImportError:
@@ -110,7 +115,9 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", up.UpcycleWarning)  # printed below, once
         try:
-            report = up.upcycle(args.src, args.dst, opts, force=args.force, verify=args.verify,
+            report = up.upcycle(args.src, args.dst, opts, force=args.force,
+                                verify=args.verify or args.verify_layerwise,
+                                verify_layerwise=True if args.verify_layerwise else None,
                                 progress=_Bar(not args.quiet and sys.stderr.isatty()))
         except up.VerificationError as exc:
             print(f"flopwise: verification failed: {exc}", file=sys.stderr)
@@ -123,7 +130,8 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     if report.verify is not None:
         v = report.verify
         out["verify"] = {"max_abs_diff": v.max_abs_diff, "kl": v.kl, "expected_equal": v.expected_equal,
-                         "passed": v.passed, "checks": v.checks}
+                         "passed": v.passed, "layerwise": v.layerwise, "layer_diffs": v.layer_diffs,
+                         "checks": v.checks}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -178,6 +186,10 @@ def add_parser(sub) -> None:
     p.add_argument("--verify", action="store_true",
                    help="before publishing, check every tensor against its definition, load both models, compare "
                         "their configs and their logits on a probe batch")
+    p.add_argument("--verify-layerwise", action="store_true",
+                   help="--verify running the models a layer at a time (memory: the embeddings, head and one "
+                        "layer), with each layer's hidden-state difference; --verify does this by itself where "
+                        "the whole models do not fit in memory")
     p.add_argument("--dry-run", action="store_true", help="print the plan from headers alone; write nothing")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -686,6 +686,20 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
+def build_layer(cfg: ModelConfig, i: int) -> nn.Module:
+    """Layer ``i`` of the model ``cfg`` describes: a :class:`Block`, wrapped in a
+    :class:`~flopwise.models.mod.MoDBlock` where ``cfg.routing[i] == "mod"``. Its state-dict
+    names are the model's without the ``layers.{i}.`` prefix."""
+    from flopwise.models.mod import MoDBlock, MoDConfig  # mod.py imports this module's pieces
+
+    block = Block(cfg, i)
+    if cfg.routing[i] == "mod":
+        block = MoDBlock(block, MoDConfig(
+            capacity=cfg.mod_capacity, causal=cfg.mod_causal, aux_loss_weight=cfg.mod_aux_loss_weight,
+            predictor_hidden=cfg.predictor_hidden, impl=cfg.mod_impl))
+    return block
+
+
 class ModelOutput(NamedTuple):
     """``logits [B, S, vocab_size]``; ``loss``: LM cross-entropy + auxiliary losses (None
     without targets); ``aux``: scalar tensors, per layer (``"layer3.mod_aux_loss"``) and
@@ -704,19 +718,9 @@ class Transformer(nn.Module):
         super().__init__()
         if not isinstance(cfg, ModelConfig):
             raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
-        from flopwise.models.mod import MoDBlock, MoDConfig  # mod.py imports this module's pieces
-
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        layers = []
-        for i in range(cfg.n_layers):
-            block = Block(cfg, i)
-            if cfg.routing[i] == "mod":
-                block = MoDBlock(block, MoDConfig(
-                    capacity=cfg.mod_capacity, causal=cfg.mod_causal, aux_loss_weight=cfg.mod_aux_loss_weight,
-                    predictor_hidden=cfg.predictor_hidden, impl=cfg.mod_impl))
-            layers.append(block)
-        self.layers = nn.ModuleList(layers)
+        self.layers = nn.ModuleList(build_layer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:

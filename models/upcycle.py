@@ -51,6 +51,7 @@ import torch
 
 from .hf_formats import (HF_TARGETS, MLP_KINDS, TARGET_FORMATS, DenseSource, _flopwise_config, describe_source,
                          moe_names, target_config)
+from .layerwise import LayerwiseLoadError, LayerwiseModel, layerwise_bytes
 from .safetensors_io import (CheckpointReader, FileRange, ShardPlan, check_replaceable_folder, path_within, plan_shards,
                              publish_folder, publish_mode, rewrite_metadata, write_index, write_shard)
 
@@ -273,8 +274,16 @@ class UpcyclePlan:
 
     @property
     def verify_bytes_estimate(self) -> int:
-        """Memory :func:`verify_upcycle` needs: both models in float32 at once."""
+        """Memory :func:`verify_upcycle` needs to load both models in float32 at once."""
         return _verify_bytes(_params(self.source.reader), self.total_params)
+
+    @property
+    def verify_layerwise_bytes_estimate(self) -> int:
+        """Memory :func:`verify_upcycle` needs layer by layer (``layerwise=True``): the
+        larger of the two models' embeddings and head plus its largest layer."""
+        dense = {n: i.numel for n, i in self.source.reader.infos.items()}
+        moe = {n: math.prod(r.shape) for n, r in self.recipes.items()}
+        return max(layerwise_bytes(dense), layerwise_bytes(moe))
 
     def summary(self) -> dict:
         """JSON-ready description (what ``--dry-run`` prints)."""
@@ -286,6 +295,7 @@ class UpcyclePlan:
                        for s in self.shards + self.optimizer_shards],
             "total_params": self.total_params, "active_params": self.active_params,
             "peak_bytes_estimate": self.peak_bytes_estimate, "verify_bytes_estimate": self.verify_bytes_estimate,
+            "verify_layerwise_bytes_estimate": self.verify_layerwise_bytes_estimate,
             "exact": self.exact, "warnings": self.warnings,
         }
 
@@ -295,9 +305,11 @@ def _params(reader: CheckpointReader) -> int:
 
 
 def _verify_bytes(dense_params: int, moe_params: int) -> int:
-    # float32 parameters of both models, a tenth more for what loading holds transiently
-    # (transformers stacks per-expert tensors into fused ones), and the probe's activations
-    return int(4 * (dense_params + moe_params) * 1.1) + 2**28
+    # Both models' parameters at 8 bytes each, twice float32: loading holds more than the
+    # parameters (transformers 5.24 loading a bf16 Mixtral of 892M parameters keeps 6.1 GB
+    # of anonymous memory, 1.7 times its 3.6 GB in float32; scripts/verify_memory.py), and
+    # the probe's activations. Erring high only sends the check layer by layer.
+    return 8 * (dense_params + moe_params) + 2**28
 
 
 def _available_memory() -> int | None:
@@ -313,15 +325,23 @@ def _available_memory() -> int | None:
     return None
 
 
-def _check_verify_memory(need: int, what: str) -> None:
-    """Refuse a verification that cannot fit in memory before it starts (the kernel would
-    kill the process midway instead of raising)."""
+def _verify_layerwise(full: int, layerwise: int, what: str, choice: bool | None) -> bool:
+    """Whether to verify layer by layer: ``choice`` if given, else only where the
+    two whole models would not fit in the memory available. Refuses, before anything is
+    loaded, a verification that cannot fit either way (the kernel would kill the process
+    midway instead of raising)."""
     have = _available_memory()
+    if choice is None:
+        choice = have is not None and full > have and layerwise < full
+    need = layerwise if choice else full
     if have is not None and need > have:
-        raise ValueError(f"option verify: {what} loads the dense and the upcycled model in float32, about "
-                         f"{need / 1e9:.1f} GB, and this machine has {have / 1e9:.1f} GB available; upcycle without "
-                         "verify (every tensor is still produced from its recipe), then verify on a machine with "
-                         "more memory with flopwise.models.upcycle.verify_upcycle(source, output)")
+        how = ("layer by layer (the embeddings and head and one layer at a time) needs about "
+               f"{need / 1e9:.1f} GB" if choice else
+               f"loads the dense and the upcycled model in float32, about {need / 1e9:.1f} GB")
+        raise ValueError(f"option verify: {what} {how}, and this machine has {have / 1e9:.1f} GB available; "
+                         "upcycle without verify (every tensor is still produced from its recipe), then verify on a "
+                         "machine with more memory with flopwise.models.upcycle.verify_upcycle(source, output)")
+    return choice
 
 
 def _check_compat(src: DenseSource, o: UpcycleOptions, moe_layers: list[int]) -> None:
@@ -867,6 +887,8 @@ class VerifyResult:
     config_diffs: list[str] = field(default_factory=list)
     tensor_errors: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
+    layerwise: bool = False  # whether the models ran a layer at a time
+    layer_diffs: list[float] = field(default_factory=list)  # layer by layer: max |hidden difference| after each
 
     @property
     def passed(self) -> bool:
@@ -889,7 +911,8 @@ class UpcycleReport:
 
 def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | None = None,
                    tolerance: float = 1e-4, batch: int = 2, seq_len: int = 16, seed: int = 0,
-                   options: UpcycleOptions | None = None, check_memory: bool = True) -> VerifyResult:
+                   options: UpcycleOptions | None = None, check_memory: bool = True,
+                   layerwise: bool | None = None) -> VerifyResult:
     """Check an upcycled model against its dense source.
 
     * Tensors (when the options are known: ``options``, else those recorded in the MoE's
@@ -906,18 +929,30 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | N
       KL(dense || moe); ``expected_equal`` (default: whether the options promise the dense
       logits) makes a difference above ``tolerance`` a failure.
 
-    Memory: both models in float32 (:attr:`UpcyclePlan.verify_bytes_estimate`); where the
-    system reports less available (Linux's MemAvailable), ValueError is raised before
-    anything is loaded (``check_memory=False`` skips that check).
+    Memory: both whole models in float32 (:attr:`UpcyclePlan.verify_bytes_estimate`), or,
+    with ``layerwise=True``, one model's embeddings and head plus one layer at a time
+    (:attr:`UpcyclePlan.verify_layerwise_bytes_estimate`; :class:`~flopwise.models.layerwise.
+    LayerwiseModel` runs each checkpoint a layer at a time, and transformers loads each
+    layer). Both compute the same logits. ``layerwise=None`` (default) goes layer by layer
+    only where the whole models would not fit in the memory available (Linux's
+    MemAvailable). Where the chosen way does not fit either, ValueError is raised before
+    anything is loaded (``check_memory=False`` skips that check). Layer by layer, the
+    result also holds each layer's max |hidden-state difference| (``layer_diffs``).
     """
     src = describe_source(src_folder)
-    if check_memory:
-        try:
-            moe_params = _params(CheckpointReader(moe_folder))
-        except (ValueError, OSError):  # unreadable headers: the loading check below reports them
-            moe_params = None
-        if moe_params is not None:
-            _check_verify_memory(_verify_bytes(_params(src.reader), moe_params), "verify_upcycle")
+    if layerwise is not None and not isinstance(layerwise, bool):
+        raise TypeError(f"layerwise must be None, True or False, got {layerwise!r}")
+    try:
+        moe_numels = {n: i.numel for n, i in CheckpointReader(moe_folder).infos.items()}
+    except (ValueError, OSError):  # unreadable headers: the loading check below reports them
+        moe_numels = None
+    if moe_numels is not None:
+        full = _verify_bytes(_params(src.reader), sum(moe_numels.values()))
+        by_layer = max(layerwise_bytes({n: i.numel for n, i in src.reader.infos.items()}),
+                       layerwise_bytes(moe_numels))
+        if check_memory:
+            layerwise = _verify_layerwise(full, by_layer, "verify_upcycle", layerwise)
+    layerwise = bool(layerwise)
     checks: list[str] = []
     recorded = options is None
     if recorded:
@@ -936,29 +971,75 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | N
                                     f"source {src_folder}: {exc}") from None
         tensor_errors = _check_tensors(plan, moe_folder, checks)
         expected_equal = plan.exact if expected_equal is None else expected_equal
+    vocab = src.config["vocab_size"]
+    tokens = torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    layer_diffs: list[float] = []
     try:
-        dense = _load_model(src_folder, src.family, "the dense source")
-        moe = _load_model(moe_folder, src.family, "the upcycled model")
+        if layerwise:
+            dense = _open_layerwise(src_folder, src.family, "the dense source")
+            moe = _open_layerwise(moe_folder, src.family, "the upcycled model")
+            a, b, layer_diffs = _layerwise_logits(dense, moe, tokens)
+        else:
+            dense = _load_model(src_folder, src.family, "the dense source")
+            moe = _load_model(moe_folder, src.family, "the upcycled model")
+            with torch.no_grad():
+                a = dense(tokens).logits.float()
+                b = moe(tokens).logits.float()
     except VerificationError as exc:
         if tensor_errors:
             raise VerificationError(f"{exc}; and its tensors: {'; '.join(tensor_errors)}") from None
         raise
-    checks.append("loading: both models load with no missing, unexpected or mismatched tensor")
+    checks.append("loading: both models load with no missing, unexpected or mismatched tensor"
+                  + (" (layer by layer, each layer as the whole model loads it)" if layerwise else ""))
     diffs = _config_diffs(src.family, dense, moe)
     checks.append("configs: the settings outside the MLPs agree" if not diffs
                   else f"configs: {len(diffs)} setting(s) outside the MLPs differ")
-    vocab = src.config["vocab_size"]
-    tokens = torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        a = dense(tokens).logits.float()
-        b = moe(tokens).logits.float()
     la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
     kl = max(0.0, float((la.exp() * (la - lb)).sum(-1).mean()))  # >= 0; rounding can dip below
     diff = float((a - b).abs().max())
     checks.append(f"logits: max |difference| {diff:.3g} on {batch}x{seq_len} random tokens"
+                  + (", computed layer by layer" if layerwise else "")
                   + (f" (the dense logits are expected: tolerance {tolerance:g})" if expected_equal
                      else " (not compared: the options change the MoE's function)"))
-    return VerifyResult(diff, kl, expected_equal, tolerance, diffs, tensor_errors, checks)
+    if layer_diffs:
+        worst = max(range(len(layer_diffs)), key=layer_diffs.__getitem__)
+        checks.append(f"layers: max |hidden-state difference| {layer_diffs[worst]:.3g}, after layer {worst}"
+                      + (f"; first above the tolerance after layer "
+                         f"{next(i for i, d in enumerate(layer_diffs) if d > tolerance)}"
+                         if expected_equal and layer_diffs[worst] > tolerance else ""))
+    return VerifyResult(diff, kl, expected_equal, tolerance, diffs, tensor_errors, checks, layerwise, layer_diffs)
+
+
+def _open_layerwise(folder: str, family: str, what: str) -> LayerwiseModel:
+    try:
+        return LayerwiseModel(folder, family, what=what)
+    except LayerwiseLoadError as exc:
+        raise VerificationError(str(exc)) from None
+
+
+def _layerwise_logits(dense: LayerwiseModel, moe: LayerwiseModel, tokens: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Both models' logits, one model and one layer at a time, and after each layer the max
+    |difference| of the hidden states."""
+    try:
+        hidden = []
+        h = dense.embed(tokens)
+        for i in range(dense.n_layers):
+            h = dense.layer(i, h)
+            hidden.append(h)
+        a = dense.logits(h)
+        dense.release()
+        h = moe.embed(tokens)
+        diffs = []
+        for i in range(moe.n_layers):
+            h = moe.layer(i, h)
+            if i < len(hidden):
+                diffs.append(float((h - hidden[i]).abs().max()))
+        b = moe.logits(h)
+        moe.release()
+    except LayerwiseLoadError as exc:
+        raise VerificationError(str(exc)) from None
+    return a, b, diffs
 
 
 def _recorded_options(moe_folder: str) -> UpcycleOptions | None:
@@ -1175,7 +1256,7 @@ def _write_all(plan: UpcyclePlan, tmp: str, routers, metadata, progress) -> list
 
 def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force: bool = False,
             verify: bool = False, progress: Callable[[int, int, str], None] | None = None,
-            fsync: bool = True) -> UpcycleReport:
+            fsync: bool = True, verify_layerwise: bool | None = None) -> UpcycleReport:
     """Convert the dense checkpoint in ``src_folder`` into an MoE checkpoint at ``dst_folder``.
 
     Validation happens first, from headers; nothing is created if it fails. The output is
@@ -1188,8 +1269,10 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     destination that is, contains or lies inside the source (symlinks resolved) is refused.
     With ``verify=True`` the output is checked before the rename (:func:`verify_upcycle`:
     tensors against their definition, loading, configs, logits); on any problem
-    VerificationError is raised and nothing is published.
-    ``progress(done, total, tensor_name)`` is called after each tensor.
+    VerificationError is raised and nothing is published. Verification runs the two models
+    a layer at a time where they would not fit in memory whole, or as ``verify_layerwise``
+    says (see :func:`verify_upcycle`); where neither fits, ValueError is raised before
+    anything is written. ``progress(done, total, tensor_name)`` is called after each tensor.
 
     Example::
 
@@ -1200,8 +1283,12 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     t0 = time.perf_counter()
     plan = plan_upcycle(src_folder, options)
     dst = _check_destination(src_folder, dst_folder, force)
+    if verify_layerwise is not None and not isinstance(verify_layerwise, bool):
+        raise TypeError(f"verify_layerwise must be None, True or False, got {verify_layerwise!r}")
+    layerwise = None
     if verify:
-        _check_verify_memory(plan.verify_bytes_estimate, "verification")
+        layerwise = _verify_layerwise(plan.verify_bytes_estimate, plan.verify_layerwise_bytes_estimate,
+                                      "verification", verify_layerwise)
     parent = os.path.dirname(dst)
     state = _trainer_state(plan, src_folder)
     for w in plan.warnings:
@@ -1256,7 +1343,8 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
             _fsync_all(tmp, files)
         result = None
         if verify:
-            result = verify_upcycle(src_folder, tmp, expected_equal=plan.exact, options=options, check_memory=False)
+            result = verify_upcycle(src_folder, tmp, expected_equal=plan.exact, options=options, check_memory=False,
+                                    layerwise=layerwise)
             if result.config_diffs:
                 raise VerificationError("the upcycled model's config differs from the source outside the MLPs: "
                                         + "; ".join(result.config_diffs) + "; nothing was written")

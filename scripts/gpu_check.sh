@@ -72,11 +72,11 @@ PY
 status=()
 if [ $run_tests -eq 1 ]; then
   echo "== GPU tests (pytest -m gpu)"
-  # the upcycling tests have no GPU test and import transformers: not collected here
+  # the upcycling and layer-by-layer tests have no GPU test and import transformers: not collected here
   # (tests/models/test_hf_experts.py has GPU tests: collected when transformers >= 5 is installed)
   # SIGINT at the limit: pytest still prints which tests failed and the slowest ones
   FLOPWISE_AUTOTUNE=0 timeout -s INT -k 20 180 python -m pytest -m gpu -q -rfE --durations=8 -p no:cacheprovider \
-    --ignore=tests/models/test_upcycle.py 2>&1 \
+    --ignore=tests/models/test_upcycle.py --ignore=tests/models/test_layerwise.py 2>&1 \
     | tee "$out/pytest-gpu.log" | tail -40
   status+=("tests rc=${PIPESTATUS[0]}")
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: each test package in its own pytest process, then one summary. Extra
-# arguments go to pytest. The upcycling and transformers-experts tests import transformers (which loads scipy's and
+# arguments go to pytest. The upcycling, layer-by-layer and transformers-experts tests import transformers (which loads scipy's and
 # tokenizers' native libraries); in a process that then runs the Triton interpreter, calls
 # into torch's custom-op dispatcher were seen to fail (std::length_error, segfaults), so
 # those tests get a process of their own.
@@ -40,8 +40,10 @@ lane_kernels() {  # (a pytest cache of its own: two processes writing one would 
 
 lane_rest() {
   run "tests/kernels (autotune, weight layouts)" "${MOVED[@]}" "$@"
-  run tests/models tests/models --ignore=tests/models/test_upcycle.py --ignore=tests/models/test_hf_experts.py "$@"
-  run "tests/models (transformers)" tests/models/test_upcycle.py tests/models/test_hf_experts.py "$@"
+  run tests/models tests/models --ignore=tests/models/test_upcycle.py --ignore=tests/models/test_hf_experts.py \
+    --ignore=tests/models/test_layerwise.py "$@"
+  run "tests/models (transformers)" tests/models/test_upcycle.py tests/models/test_hf_experts.py \
+    tests/models/test_layerwise.py "$@"
   run tests/coding tests/coding "$@"
   run tests/scaling tests/scaling "$@"
   run tests/test_bench_harness.py tests/test_bench_harness.py "$@"

@@ -253,7 +253,8 @@ def test_qwen3_formats_are_refused_where_the_q_k_norms_do_not_fit(llama, tmp_pat
 
 
 def test_verify_that_cannot_fit_in_memory_is_refused_before_writing(llama, tmp_path, monkeypatch, capsys):
-    """--verify holds both models in float32: where the machine has less memory available,
+    """--verify holds both models in float32, or, where they do not fit, one layer at a time
+    (tests/models/test_layerwise.py): where the machine has less memory available than that,
     it is refused up front (the kernel would otherwise kill the process midway)."""
     from flopwise.models import upcycle as up
 
@@ -263,26 +264,28 @@ def test_verify_that_cannot_fit_in_memory_is_refused_before_writing(llama, tmp_p
     dense = sum(i.numel for i in CheckpointReader(str(src)).infos.values())
     assert plan.verify_bytes_estimate >= 4 * (dense + plan.total_params)
     assert plan.summary()["verify_bytes_estimate"] == plan.verify_bytes_estimate
-    monkeypatch.setattr(up, "_available_memory", lambda: plan.verify_bytes_estimate - 1)
-    with pytest.raises(ValueError, match=r"^option verify: verification loads the dense and the upcycled model in "
-                                         r"float32, about 0\.3 GB, and this machine has 0\.3 GB available"):
+    least = plan.verify_layerwise_bytes_estimate
+    monkeypatch.setattr(up, "_available_memory", lambda: least - 1)
+    with pytest.raises(ValueError, match=r"^option verify: verification layer by layer \(the embeddings and head and "
+                                         r"one layer at a time\) needs about 0\.3 GB, and this machine has 0\.3 GB "
+                                         r"available"):
         upcycle(str(src), str(tmp_path / "moe"), opts, verify=True)
     assert not (tmp_path / "moe").exists()
     _no_leftovers(tmp_path)
     parser = argparse.ArgumentParser()
     _cli_upcycle.add_parser(parser.add_subparsers())
     args = parser.parse_args(["upcycle", str(src), str(tmp_path / "cli"), "--experts", "4", "--verify"])
-    with pytest.raises(ValueError, match=r"^--verify: verification loads"):
+    with pytest.raises(ValueError, match=r"^--verify: verification layer by layer"):
         args.func(args)
     args = parser.parse_args(["upcycle", str(src), str(tmp_path / "cli"), "--experts", "4", "--dry-run"])
     assert args.func(args) == 0
-    assert "available here: --verify would be refused)" in capsys.readouterr().out
+    assert "available here: --verify would be refused" in capsys.readouterr().out
     # without verification it is written; verify_upcycle refuses too, unless told not to check
     upcycle(str(src), str(tmp_path / "moe"), opts)
-    with pytest.raises(ValueError, match=r"^option verify: verify_upcycle loads"):
+    with pytest.raises(ValueError, match=r"^option verify: verify_upcycle layer by layer"):
         up.verify_upcycle(str(src), str(tmp_path / "moe"))
     assert up.verify_upcycle(str(src), str(tmp_path / "moe"), check_memory=False).passed
-    monkeypatch.setattr(up, "_available_memory", lambda: plan.verify_bytes_estimate)  # just enough
+    monkeypatch.setattr(up, "_available_memory", lambda: least)  # just enough
     assert upcycle(str(src), str(tmp_path / "moe2"), opts, verify=True).verify.passed
     monkeypatch.setattr(up, "_available_memory", lambda: None)  # not known: not checked
     assert up.verify_upcycle(str(src), str(tmp_path / "moe")).passed

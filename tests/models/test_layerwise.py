@@ -1,0 +1,283 @@
+"""Layer-by-layer evaluation (models/layerwise.py) and the layer-by-layer upcycle verification:
+the logits equal the whole model's; each layer is built as the whole model builds it; loading
+problems name the checkpoint's tensors; a verification picks the layer-by-layer way only where
+the whole models do not fit in memory, and reports where a broken layer starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from flopwise import _cli_upcycle
+from flopwise.models.hf_formats import load_flopwise
+from flopwise.models.layerwise import LayerwiseLoadError, LayerwiseModel, layerwise_bytes
+from flopwise.models.safetensors_io import CheckpointReader
+from flopwise.models.upcycle import UpcycleOptions, VerificationError, plan_upcycle, upcycle, verify_upcycle
+
+from .test_upcycle import TOL, V, _tiny, _tiny_flopwise
+
+
+def _tokens(vocab=V, shape=(2, 12)):
+    return torch.randint(vocab, shape, generator=torch.Generator().manual_seed(5))
+
+
+def _streamed(folder, family, tokens):
+    m = LayerwiseModel(str(folder), family)
+    h = m.embed(tokens)
+    for i in range(m.n_layers):
+        h = m.layer(i, h)
+    return m.logits(h)
+
+
+def _whole(folder, family, tokens):
+    with torch.no_grad():
+        if family == "flopwise":
+            return load_flopwise(str(folder), dtype=torch.float32).eval()(tokens).logits
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()(tokens).logits
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Dense sources and their upcycles: (folder, family) by name."""
+    root = tmp_path_factory.mktemp("layerwise")
+    torch.manual_seed(0)
+    _tiny("llama", root / "llama", shard="40KB")
+    upcycle(str(root / "llama"), str(root / "mixtral"), UpcycleOptions(n_experts=4, top_k=2, format="mixtral"))
+    upcycle(str(root / "llama"), str(root / "qwen2_moe"),
+            UpcycleOptions(n_experts=4, top_k=2, format="qwen2_moe", layers="1,3", shared_d_ff=16))
+    # full attention in layers 0-1, a window of 4 in layers 2-3 (shorter than the probe)
+    _tiny("qwen3", root / "qwen3", use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    _tiny("qwen3", root / "qwen3_all_slide", tied=True, use_sliding_window=True, sliding_window=4,
+          max_window_layers=0)
+    upcycle(str(root / "qwen3_all_slide"), str(root / "qwen3_moe"),
+            UpcycleOptions(n_experts=3, top_k=1, format="qwen3_moe"))
+    _tiny_flopwise(root / "fw", n_layers=3, routing=("all", "mod", "all"), mod_capacity=0.5)
+    upcycle(str(root / "fw"), str(root / "fw_moe"), UpcycleOptions(n_experts=4, top_k=2, layers="1,2"))
+    return {name: (root / name, "flopwise" if name.startswith("fw") else "hf") for name in
+            ("llama", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "fw", "fw_moe")}
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "fw", "fw_moe"])
+def test_layer_by_layer_logits_equal_the_whole_model(sources, name):
+    folder, family = sources[name]
+    tokens = _tokens(64 if family == "flopwise" else V)
+    a = _streamed(folder, family, tokens)
+    b = _whole(folder, family, tokens)
+    assert a.shape == b.shape and a.dtype == torch.float32
+    assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+
+def test_each_layer_is_built_as_the_whole_model_builds_it(sources, monkeypatch):
+    """Narrowing the config to one layer must keep that layer's own settings: a narrowing that
+    gives layer 2 (sliding window) layer 0's full attention loads the same weights, so only the
+    comparison with the whole model (on the meta device) can catch it."""
+    folder, family = sources["qwen3"]
+    m = LayerwiseModel(str(folder), family)
+    assert [getattr(layer.self_attn, "sliding_window", None) for layer in m._meta.model.layers] == [None, None, 4, 4]
+    original = LayerwiseModel._hf_config
+    monkeypatch.setattr(LayerwiseModel, "_hf_config", lambda self, n, i: original(self, n, 0 if n else i))
+    h = m.embed(_tokens())
+    h = m.layer(1, m.layer(0, h))  # layers 0 and 1 are layer 0's kind: fine
+    with pytest.raises(LayerwiseLoadError, match=r"does not load \(layer 2\): the one-layer copy of the config does "
+                                                 r"not build layer 2 as the whole model does"):
+        m.layer(2, h)
+    # qwen2_moe: layer 1 is sparse, layer 0 dense; built as layer 0 it lacks the dense MLP
+    # and has no place for the experts
+    folder, family = sources["qwen2_moe"]
+    m = LayerwiseModel(str(folder), family)
+    with pytest.raises(LayerwiseLoadError, match=r"\(layer 1\): missing keys 'model\.layers\.1\.mlp\.down_proj\.weight'"
+                                                 r".*; unexpected keys 'model\.layers\.1\.mlp\.experts"):
+        m.layer(1, m.embed(_tokens()))
+
+
+def _edit(folder, change):
+    """Apply ``change(state_dict)`` to every safetensors file of ``folder`` (index kept in step)."""
+    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    index = folder / "model.safetensors.index.json"
+    for f in files:
+        sd = load_file(str(folder / f))
+        change(sd, f)
+        save_file(sd, str(folder / f), metadata={"format": "pt"})
+        if index.exists():
+            data = json.loads(index.read_text())
+            wm = {n: v for n, v in data["weight_map"].items() if v != f or n in sd}
+            wm.update({n: f for n in sd})
+            index.write_text(json.dumps({**data, "weight_map": wm}))
+
+
+@pytest.mark.parametrize("name, change, pattern", [
+    # transformers stacks the experts: three where four were expected
+    ("mixtral", "drop", r"the model \(.*\) does not load \(layer 2\): mismatched keys .*'model\.layers\.2\.mlp\.experts\."
+                        r"down_proj', torch\.Size\(\[3, 32, 48\]\), torch\.Size\(\[4, 32, 48\]\)"),
+    ("mixtral", "extra", r"does not load \(layer 1\): unexpected keys 'model\.layers\.1\.mlp\.stray\.weight'"),
+    ("mixtral", "beyond", r"has tensors of layer\(s\) \[7\] beyond its 4 layers, e\.g\. 'model\.layers\.7\.x'"),
+    ("mixtral", "shell", r"does not load \(embeddings, norm and head\): missing keys 'model\.norm\.weight'"),
+    ("fw_moe", "drop", r"does not load \(layer 2\): missing tensor 'layers\.2\.mlp\.w_down'"),
+    ("fw_moe", "extra", r"does not load \(layer 1\): unexpected tensor 'layers\.1\.mlp\.stray\.weight'"),
+    ("fw_moe", "nan", r"does not load \(weights\): tensor 'layers\.1\.block\.attn\.wo\.weight' in .* holds inf/NaN"),
+    ("fw_moe", "shell", r"does not load \(embeddings, norm and head\): missing tensor 'norm\.weight'"),
+])
+def test_loading_problems_name_the_checkpoint_tensors(sources, tmp_path, name, change, pattern):
+    import shutil
+
+    folder, family = sources[name]
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    hf = family == "hf"
+    target = {"drop": "model.layers.2.block_sparse_moe.experts.1.w2.weight" if hf else "layers.2.mlp.w_down",
+              "extra": "model.layers.1.mlp.stray.weight" if hf else "layers.1.mlp.stray.weight",
+              "beyond": "model.layers.7.x", "nan": "layers.1.block.attn.wo.weight",
+              "shell": "model.norm.weight" if hf else "norm.weight"}[change]
+
+    def edit(sd, f):
+        if change in ("drop", "shell") and target in sd:
+            del sd[target]
+        elif change in ("extra", "beyond") and f == sorted(x for x in os.listdir(bad) if x.endswith(".safetensors"))[0]:
+            sd[target] = torch.zeros(2, 2)
+        elif change == "nan" and target in sd:
+            sd[target][0, 0] = float("nan")
+
+    _edit(bad, edit)
+    with pytest.raises(LayerwiseLoadError, match=pattern):
+        _streamed(bad, family, _tokens(64 if family == "flopwise" else V))
+
+
+def test_memory_estimate(sources):
+    folder, _ = sources["mixtral"]
+    infos = CheckpointReader(str(folder)).infos
+    numels = {n: i.numel for n, i in infos.items()}
+    shell = sum(v for n, v in numels.items() if not n.startswith("model.layers."))
+    layer = max(sum(v for n, v in numels.items() if n.startswith(f"model.layers.{i}.")) for i in range(4))
+    assert layerwise_bytes(numels) == int(4 * shell * 1.1) + 16 * layer + 2**28
+    assert layerwise_bytes(numels) < layerwise_bytes({**numels, "model.layers.0.big": 10**6})
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_all_slide", "fw"])
+def test_verify_layer_by_layer_equals_the_whole_verification(sources, tmp_path, name):
+    src = sources[name][0] if name != "qwen3_all_slide" else sources["qwen3"][0].parent / "qwen3_all_slide"
+    fmt = {"llama": "qwen2_moe", "qwen3_all_slide": "qwen3_moe", "fw": "flopwise"}[name]
+    opts = UpcycleOptions(n_experts=4, top_k=2, format=fmt, layers="0,2" if fmt == "qwen2_moe" else "all")
+    report = upcycle(str(src), str(tmp_path / "moe"), opts, verify=True, verify_layerwise=True)
+    v = report.verify
+    assert v.passed and v.layerwise and len(v.layer_diffs) == (3 if name == "fw" else 4)
+    assert max(v.layer_diffs) <= TOL and v.max_abs_diff <= TOL
+    assert any("computed layer by layer" in c for c in v.checks)
+    whole = verify_upcycle(str(src), str(tmp_path / "moe"), layerwise=False)
+    assert whole.passed and not whole.layerwise and not whole.layer_diffs
+    assert abs(whole.max_abs_diff - v.max_abs_diff) <= 1e-6 and abs(whole.kl - v.kl) <= 1e-9
+
+
+def test_verify_layer_by_layer_finds_the_broken_layer(sources, tmp_path):
+    """The experts of layer 2 scaled: the hidden states agree after layers 0 and 1 and differ
+    from layer 2 on; both ways report the same logit difference."""
+    src = sources["llama"][0]
+    out = tmp_path / "moe"
+    upcycle(str(src), str(out), UpcycleOptions(n_experts=4, top_k=2, format="mixtral"))
+
+    def edit(sd, f):
+        for n in sd:
+            if n.startswith("model.layers.2.block_sparse_moe.experts.") and n.endswith("w2.weight"):
+                sd[n] = sd[n] * 3
+
+    _edit(out, edit)
+    v = verify_upcycle(str(src), str(out), layerwise=True)
+    assert not v.passed and v.tensor_errors  # the recorded options: the experts are not copies
+    assert v.layer_diffs[0] <= TOL and v.layer_diffs[1] <= TOL and v.layer_diffs[2] > 10 * TOL
+    assert any("first above the tolerance after layer 2" in c for c in v.checks)
+    whole = verify_upcycle(str(src), str(out), layerwise=False)
+    assert abs(whole.max_abs_diff - v.max_abs_diff) <= 1e-5 * whole.max_abs_diff
+    assert whole.max_abs_diff > 10 * TOL
+
+
+def test_verification_goes_layer_by_layer_only_where_the_whole_models_do_not_fit(sources, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from flopwise.models import upcycle as up
+
+    src = sources["llama"][0]
+    opts = UpcycleOptions(n_experts=4, top_k=2, format="mixtral")
+    plan = plan_upcycle(str(src), opts)
+    full, by_layer = plan.verify_bytes_estimate, plan.verify_layerwise_bytes_estimate
+    assert by_layer < full
+    assert plan.summary()["verify_layerwise_bytes_estimate"] == by_layer
+    # the plan's estimate (from the recipes) equals the one from the written headers
+    upcycle(str(src), str(tmp_path / "plain"), opts)
+    written = {n: i.numel for n, i in CheckpointReader(str(tmp_path / "plain")).infos.items()}
+    dense = {n: i.numel for n, i in CheckpointReader(str(src)).infos.items()}
+    assert by_layer == max(layerwise_bytes(written), layerwise_bytes(dense))
+
+    monkeypatch.setattr(up, "_available_memory", lambda: full)  # the whole models fit
+    assert not upcycle(str(src), str(tmp_path / "a"), opts, verify=True).verify.layerwise
+    monkeypatch.setattr(up, "_available_memory", lambda: full - 1)  # only layer by layer
+    assert upcycle(str(src), str(tmp_path / "b"), opts, verify=True).verify.layerwise
+    assert verify_upcycle(str(src), str(tmp_path / "b")).layerwise
+    with pytest.raises(ValueError, match=r"^option verify: verification loads the dense and the upcycled model in "
+                                         r"float32, about 0\.3 GB"):
+        upcycle(str(src), str(tmp_path / "c"), opts, verify=True, verify_layerwise=False)
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setattr(up, "_available_memory", lambda: by_layer - 1)  # neither
+    with pytest.raises(ValueError, match=r"^option verify: verification layer by layer \(the embeddings and head and "
+                                         r"one layer at a time\) needs about 0\.3 GB, and this machine has 0\.3 GB"):
+        upcycle(str(src), str(tmp_path / "c"), opts, verify=True)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match=r"^option verify: verify_upcycle layer by layer"):
+        verify_upcycle(str(src), str(tmp_path / "b"))
+    assert verify_upcycle(str(src), str(tmp_path / "b"), check_memory=False).passed
+    with pytest.raises(TypeError, match="verify_layerwise must be None, True or False"):
+        upcycle(str(src), str(tmp_path / "c"), opts, verify=True, verify_layerwise=1)
+    with pytest.raises(TypeError, match="layerwise must be None, True or False"):
+        verify_upcycle(str(src), str(tmp_path / "b"), layerwise=1)
+
+    # the CLI: the dry run says which way --verify would go; --verify-layerwise forces it
+    parser = argparse.ArgumentParser()
+    _cli_upcycle.add_parser(parser.add_subparsers())
+    for have, says in ((full, None), (full - 1, "--verify would go layer by layer"),
+                       (by_layer - 1, "--verify would be refused")):
+        monkeypatch.setattr(up, "_available_memory", lambda h=have: h)
+        args = parser.parse_args(["upcycle", str(src), str(tmp_path / "d"), "--experts", "4", "--dry-run"])
+        assert args.func(args) == 0
+        text = capsys.readouterr().out
+        assert "layer by layer" in text and (says is None or says in text)
+        assert says is not None or "would" not in text
+    monkeypatch.setattr(up, "_available_memory", lambda: full)
+    args = parser.parse_args(["upcycle", str(src), str(tmp_path / "e"), "--experts", "4", "--verify-layerwise",
+                              "--json", "--quiet"])
+    assert args.func(args) == 0
+    got = json.loads(capsys.readouterr().out)["verify"]
+    assert got["passed"] and got["layerwise"] and len(got["layer_diffs"]) == 4
+
+
+def test_unreadable_model_is_a_verification_error(sources, tmp_path):
+    import shutil
+
+    src = sources["llama"][0]
+    out = tmp_path / "moe"
+    shutil.copytree(sources["mixtral"][0], out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "model_type": "no_such_model"}))
+    with pytest.raises(VerificationError, match=r"the upcycled model \(.*\) does not load: ValueError"):
+        verify_upcycle(str(src), str(out), layerwise=True, check_memory=False)
+
+
+def test_verify_memory_script(tmp_path):
+    """scripts/verify_memory.py at a tiny size: both ways run in their own process and pass."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "verify_memory.py")
+    proc = subprocess.run([sys.executable, script, "--layers", "2", "--d-model", "64", "--d-ff", "96", "--heads", "4",
+                           "--kv-heads", "2", "--vocab", "256", "--experts", "4", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"verification", "idle process (imports only)", "layerwise", "whole"}
+    for mode in ("layerwise", "whole"):
+        estimate, anon, rss, seconds, diff, passed = rows[mode]
+        assert passed == "True" and float(diff) <= TOL and float(anon.split()[0]) > 0
+        assert estimate.endswith(" GB") and float(estimate.split()[0]) >= 0.27  # at least the activations' 256 MiB
