@@ -26,6 +26,7 @@ them; the logits agree with the whole model's up to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 
@@ -139,12 +140,16 @@ class LayerwiseModel:
         with torch.no_grad():
             return self._hf_shell().get_input_embeddings()(tokens).float()
 
-    def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Layer ``i`` (loaded now, freed on return) applied to ``h`` ``[B, S, D]``."""
+    def layer(self, i: int, h: torch.Tensor, *, mlp_inputs: list | None = None) -> torch.Tensor:
+        """Layer ``i`` (loaded now, freed on return) applied to ``h`` ``[B, S, D]``. With
+        ``mlp_inputs`` (a list), the rows the layer's MLP receives are appended to it as
+        ``[rows, D]`` tensors (for a MoD layer, the selected tokens only)."""
         if not 0 <= i < self.n_layers:
             raise ValueError(f"layer must be in [0, {self.n_layers}), got {i}")
         with torch.no_grad():
-            return self._fw_layer(i, h) if self.family == "flopwise" else self._hf_layer(i, h)
+            if self.family == "flopwise":
+                return self._fw_layer(i, h, mlp_inputs)
+            return self._hf_layer(i, h, mlp_inputs)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The last layer's output ``[B, S, D]`` -> logits ``[B, S, vocab_size]`` (float32)."""
@@ -187,7 +192,7 @@ class LayerwiseModel:
                            "head": embed if cfg.tie_embeddings else self._fw_get("head.weight")}
         return self._shell
 
-    def _fw_layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def _fw_layer(self, i: int, h: torch.Tensor, mlp_inputs: list | None) -> torch.Tensor:
         from .transformer import build_layer
 
         module = build_layer(self.cfg, i)
@@ -205,7 +210,8 @@ class LayerwiseModel:
         module = module.float().eval()
         B, S = h.shape[:2]
         positions = torch.arange(S, device=h.device).expand(B, S)
-        out, _ = module(h, positions)
+        with _capture(getattr(module, "block", module).mlp, mlp_inputs):
+            out, _ = module(h, positions)
         return out
 
     # ------------------------------------------------------------------ transformers
@@ -266,7 +272,7 @@ class LayerwiseModel:
             self._shell = self._hf_load(config, sd, "embeddings, norm and head", set())
         return self._shell
 
-    def _hf_layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def _hf_layer(self, i: int, h: torch.Tensor, mlp_inputs: list | None) -> torch.Tensor:
         src, dst = f"model.layers.{i}.", "model.layers.0."
         config = self._hf_config(1, i)
         sd = {dst + n[len(src):]: self.reader.get(n) for n in self._layers.get(i, []) if not _IGNORED.search(n)}
@@ -284,10 +290,24 @@ class LayerwiseModel:
         out = []
         hook = layer.register_forward_hook(lambda m, args, o: out.append(o[0] if isinstance(o, tuple) else o))
         try:
-            model(inputs_embeds=h, use_cache=False)
+            with _capture(layer.mlp, mlp_inputs):
+                model(inputs_embeds=h, use_cache=False)
         finally:
             hook.remove()
         return out[0].float()
+
+
+@contextlib.contextmanager
+def _capture(module: torch.nn.Module, into: list | None):
+    """Append the rows ``module`` receives (its first argument, as ``[rows, D]``) to ``into``."""
+    if into is None:
+        yield
+        return
+    hook = module.register_forward_pre_hook(lambda m, args: into.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def _signature(layer: torch.nn.Module) -> tuple:

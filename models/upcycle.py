@@ -781,12 +781,6 @@ def _some(items: list, n: int = 3) -> str:
     return ", ".join(repr(i) for i in items[:n]) + more
 
 
-def _mlp_modules(model, family: str) -> list:
-    if family == "flopwise":
-        return [getattr(layer, "block", layer).mlp for layer in model.layers]
-    return [layer.mlp for layer in model.model.layers]
-
-
 def _spherical_kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 25) -> torch.Tensor:
     """Unit-norm centroids ``[k, D]`` of the rows of ``x`` by cosine similarity (k-means++
     seeding), so that ``argmax(centroids @ x)`` is the nearest centroid, as a router scores."""
@@ -809,30 +803,27 @@ def _spherical_kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int 
 
 def _kmeans_routers(plan: UpcyclePlan) -> dict[int, torch.Tensor]:
     """Per MoE layer, router rows = k-means centroids of that layer's MLP inputs on the
-    calibration text. Loads the dense model once (memory: the dense model in float32)."""
+    calibration text. The dense model runs a layer at a time (:class:`~flopwise.models.
+    layerwise.LayerwiseModel`; memory: its embeddings and head, one layer, and one layer's
+    MLP inputs), up to the last MoE layer."""
     src, o = plan.source, plan.options
     tokens = _calibration_tokens(src, o.calibration_text)
     if len(tokens) < o.n_experts:
         raise ValueError(f"option calibration_text: {len(tokens)} tokens, need at least n_experts={o.n_experts}")
-    model = _load_model(src.folder, src.family, "the dense source", ValueError)
+    # LayerwiseLoadError is a ValueError: a source that does not load is bad input
+    model = LayerwiseModel(src.folder, src.family, what="the dense source")
     seq = min(256, src.config.get("max_seq_len") or src.config.get("max_position_embeddings") or 256)
     n = (len(tokens) // seq) * seq or len(tokens)
     batch = tokens[:n].reshape(-1, min(seq, n))
-    captured: dict[int, list] = {i: [] for i in plan.moe_layers}
-    mlps = _mlp_modules(model, src.family)
-    hooks = [mlps[i].register_forward_pre_hook(lambda m, a, i=i: captured[i].append(a[0].detach().reshape(-1, a[0].shape[-1])))
-             for i in plan.moe_layers]
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
     out = {}
-    for i in plan.moe_layers:
-        x = torch.cat(captured[i])
-        c = _spherical_kmeans(x, o.n_experts, _gen(o.seed, i, "kmeans"))
-        out[i] = c * (o.router_std * math.sqrt(src.d_model))
+    h = model.embed(batch)
+    model.release()
+    for i in range(max(plan.moe_layers) + 1):
+        captured: list | None = [] if i in plan.moe_layers else None
+        h = model.layer(i, h, mlp_inputs=captured)
+        if captured is not None:
+            c = _spherical_kmeans(torch.cat(captured), o.n_experts, _gen(o.seed, i, "kmeans"))
+            out[i] = c * (o.router_std * math.sqrt(src.d_model))
     return out
 
 

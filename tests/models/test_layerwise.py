@@ -281,3 +281,49 @@ def test_verify_memory_script(tmp_path):
         estimate, anon, rss, seconds, diff, passed = rows[mode]
         assert passed == "True" and float(diff) <= TOL and float(anon.split()[0]) > 0
         assert estimate.endswith(" GB") and float(estimate.split()[0]) >= 0.27  # at least the activations' 256 MiB
+
+
+@pytest.mark.parametrize("name, fmt, layers", [("llama", "qwen2_moe", "0,1"), ("fw", "flopwise", "1")])
+def test_kmeans_routers_are_centroids_of_the_whole_models_mlp_inputs(sources, tmp_path, monkeypatch, name, fmt, layers):
+    """Router init kmeans runs the dense source a layer at a time, up to the last MoE layer
+    only; its centroids equal those of the MLP inputs the whole model computes."""
+    import math
+
+    from flopwise.models import upcycle as up
+
+    from .test_upcycle import D, _with_tokenizer
+
+    folder, family = sources[name]
+    text = tmp_path / "calib.txt"
+    text.write_text("A small calibration text, with words that repeat and repeat again. " * 30)
+    if family == "hf":
+        folder = _with_tokenizer(folder, tmp_path / "tok", text.read_text())
+    ran = []
+    original = LayerwiseModel.layer
+    monkeypatch.setattr(LayerwiseModel, "layer", lambda self, i, h, **kw: ran.append(i) or original(self, i, h, **kw))
+    opts = UpcycleOptions(n_experts=3, top_k=2, format=fmt, layers=layers, router_init="kmeans",
+                          calibration_text=str(text), seed=4)
+    plan = plan_upcycle(str(folder), opts)
+    got = up._kmeans_routers(plan)
+    assert sorted(got) == plan.moe_layers and ran == list(range(max(plan.moe_layers) + 1))
+    # the same centroids from the whole model, its MLP inputs captured by hooks
+    tokens = up._calibration_tokens(plan.source, str(text))
+    cfg = plan.source.config
+    seq = min(256, cfg.get("max_seq_len") or cfg["max_position_embeddings"])
+    assert len(tokens) > seq
+    batch = tokens[: (len(tokens) // seq) * seq].reshape(-1, seq)
+    if family == "hf":
+        whole = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        mlps = [layer.mlp for layer in whole.model.layers]
+    else:
+        whole = load_flopwise(str(folder), dtype=torch.float32).eval()
+        mlps = [getattr(layer, "block", layer).mlp for layer in whole.layers]
+    seen = {i: [] for i in plan.moe_layers}
+    for i in plan.moe_layers:
+        mlps[i].register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        whole(batch)
+    d = D if family == "hf" else 32
+    for i in plan.moe_layers:
+        want = up._spherical_kmeans(torch.cat(seen[i]), 3, up._gen(4, i, "kmeans")) * (0.02 * math.sqrt(d))
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
