@@ -128,22 +128,73 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     out = {"destination": report.destination, "output_bytes": report.output_bytes, "seconds": round(report.seconds, 3),
            "files": report.files, "warnings": report.warnings}
     if report.verify is not None:
-        v = report.verify
-        out["verify"] = {"max_abs_diff": v.max_abs_diff, "kl": v.kl, "expected_equal": v.expected_equal,
-                         "passed": v.passed, "layerwise": v.layerwise, "layer_diffs": v.layer_diffs,
-                         "checks": v.checks}
+        out["verify"] = _verify_json(report.verify)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"wrote {args.dst}: {_human(report.output_bytes)} in {len(report.files)} files, "
           f"{report.seconds:.1f} s ({_human(rate)}/s)")
     if report.verify is not None:
-        v = report.verify
-        print(f"verify: max |logit diff| {v.max_abs_diff:.3g}, KL(dense||moe) {v.kl:.3g} nats"
-              + (" (exact reproduction expected: ok)" if v.expected_equal else ""))
-        for c in v.checks:
-            print(f"  checked {c}")
+        _print_verify(report.verify)
     return 0
+
+
+def _verify_json(v) -> dict:
+    return {"max_abs_diff": v.max_abs_diff, "kl": v.kl, "expected_equal": v.expected_equal, "passed": v.passed,
+            "layerwise": v.layerwise, "layer_diffs": v.layer_diffs, "config_diffs": v.config_diffs,
+            "tensor_errors": v.tensor_errors, "checks": v.checks}
+
+
+def _print_verify(v) -> None:
+    ok = v.max_abs_diff <= v.tolerance
+    print(f"verify: max |logit diff| {v.max_abs_diff:.3g}, KL(dense||moe) {v.kl:.3g} nats"
+          + ((" (exact reproduction expected: ok)" if ok else f" (exact reproduction expected: FAILED, tolerance "
+              f"{v.tolerance:g})") if v.expected_equal else ""))
+    for c in v.checks:
+        print(f"  checked {c}")
+    for d in v.config_diffs:
+        print(f"  FAILED config: {d}")
+    for e in v.tensor_errors:
+        print(f"  FAILED tensors: {e}")
+
+
+# Flags that describe an upcycle to run: --check reads them from the output's upcycle.json.
+_CHECK_CONFLICTS = (("experts", "--experts"), ("top_k", "--top-k"), ("format", "--format"), ("layers", "--layers"),
+                    ("expert_init", "--expert-init"), ("noise_std", "--noise-std"), ("drop_ratio", "--drop-ratio"),
+                    ("granularity", "--granularity"), ("router_init", "--router-init"),
+                    ("router_std", "--router-std"), ("calibration_text", "--calibration-text"),
+                    ("no_renormalize", "--no-renormalize"), ("shared_d_ff", "--shared-d-ff"),
+                    ("aux_loss_coef", "--aux-loss-coef"), ("seed", "--seed"), ("max_shard_size", "--max-shard-size"),
+                    ("no_optimizer", "--no-optimizer"), ("force", "--force"), ("dry_run", "--dry-run"),
+                    ("verify", "--verify"))
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """``--check``: verify an existing output against its source; writes nothing."""
+    from flopwise.models import upcycle as up
+
+    given = [flag for dest, flag in _CHECK_CONFLICTS if getattr(args, dest) != args.check_defaults[dest]]
+    if given:
+        raise ValueError(f"--check verifies {args.dst} with the options recorded in its upcycle.json and writes "
+                         f"nothing: drop {', '.join(given)}")
+    if args.quiet:
+        try:
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            pass
+        else:
+            hf_logging.disable_progress_bar()
+    try:
+        v = up.verify_upcycle(args.src, args.dst, layerwise=True if args.verify_layerwise else None)
+    except up.VerificationError as exc:
+        print(f"flopwise: verification failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(_verify_json(v), indent=2))
+    else:
+        _print_verify(v)
+        print("passed" if v.passed else "FAILED")
+    return 0 if v.passed else 1
 
 
 def add_parser(sub) -> None:
@@ -190,10 +241,14 @@ def add_parser(sub) -> None:
                    help="--verify running the models a layer at a time (memory: the embeddings, head and one "
                         "layer), with each layer's hidden-state difference; --verify does this by itself where "
                         "the whole models do not fit in memory")
+    p.add_argument("--check", action="store_true",
+                   help="verify an existing output DST against SRC as --verify does (the options recorded in "
+                        "DST/upcycle.json); write nothing; exit status 1 if it fails")
     p.add_argument("--dry-run", action="store_true", help="print the plan from headers alone; write nothing")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_upcycle_default)
+    p.set_defaults(func=_cmd_upcycle_default,
+                   check_defaults={dest: p.get_default(dest) for dest, _ in _CHECK_CONFLICTS})
 
 
 # UpcycleOptions names its fields in errors ("option n_experts ..."); on the command line
@@ -216,7 +271,7 @@ def _as_flags(message: str) -> str:
 
 def _cmd_upcycle_default(args: argparse.Namespace) -> int:
     try:
-        return _run_upcycle(args)
+        return _cmd_check(args) if args.check else _run_upcycle(args)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc))) from None
 

@@ -327,3 +327,47 @@ def test_kmeans_routers_are_centroids_of_the_whole_models_mlp_inputs(sources, tm
     for i in plan.moe_layers:
         want = up._spherical_kmeans(torch.cat(seen[i]), 3, up._gen(4, i, "kmeans")) * (0.02 * math.sqrt(d))
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_check_verifies_an_existing_output(sources, tmp_path, capsys):
+    """flopwise upcycle SRC DST --check: the verification of --verify on an output already
+    written, with the options of its upcycle.json; exit status 1 when it fails."""
+    import shutil
+
+    parser = argparse.ArgumentParser()
+    _cli_upcycle.add_parser(parser.add_subparsers())
+
+    def run(*argv):
+        args = parser.parse_args(["upcycle", *map(str, argv)])
+        return args.func(args)
+
+    src, out = sources["llama"][0], tmp_path / "mix"
+    shutil.copytree(sources["mixtral"][0], out)
+    assert run(src, out, "--check", "--quiet") == 0
+    text = capsys.readouterr().out
+    assert "(exact reproduction expected: ok)" in text and text.rstrip().endswith("passed")
+    assert "checked tensors: the" in text  # the options came from upcycle.json
+    assert run(src, out, "--check", "--verify-layerwise", "--json") == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["passed"] and got["layerwise"] and len(got["layer_diffs"]) == 4
+
+    def edit(sd, f):
+        for n in sd:
+            if n.startswith("model.layers.1.block_sparse_moe.experts.") and n.endswith("w1.weight"):
+                sd[n] = sd[n] * 2
+
+    _edit(out, edit)
+    assert run(src, out, "--check") == 1
+    text = capsys.readouterr().out
+    assert "exact reproduction expected: FAILED" in text and "FAILED tensors:" in text
+    assert text.rstrip().endswith("FAILED")
+    # options describe an upcycle to run: with --check they would be ignored, so they are refused
+    with pytest.raises(ValueError, match=r"^--check verifies .* drop --experts, --seed$"):
+        run(src, out, "--check", "--experts", "4", "--seed", "1")
+    with pytest.raises(ValueError, match=r"drop --dry-run"):
+        run(src, out, "--check", "--dry-run")
+    # a model that does not load
+    (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()),
+                                                 "num_local_experts": 3}))
+    assert run(src, out, "--check") == 1
+    assert "flopwise: verification failed:" in capsys.readouterr().err
