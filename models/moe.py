@@ -242,7 +242,9 @@ class MoE(nn.Module):
 
     ``losses`` (``return_losses=True``) also holds ``max_violation``, the load imbalance
     ``max_e load_e / mean_e load_e - 1`` of the batch's token-choice routing (0: perfectly
-    balanced; not differentiable).
+    balanced; not differentiable), and ``max_violation_seq``, the same per sequence of an
+    input ``[..., S, D]`` (the loads of its S tokens alone), averaged over the sequences:
+    what the sequence-wise balance loss acts on.
 
     The experts compute in x's dtype (autocast's under autocast), the shared expert in its
     own weights' dtype; y has x's dtype. An input with no tokens gives an empty y and a zero
@@ -404,12 +406,14 @@ class MoE(nn.Module):
                        retain_activations=self.config.retain_activations)
 
     def _aux_losses(self, logits: torch.Tensor, plan, n_seq: int = 1):
-        """(weighted sum, {"load_balance", "z_loss", "max_violation"}) for the router's logits
-        and plan; ``n_seq``: the sequences the tokens form (a sequence-scoped balance loss)."""
+        """(weighted sum, {"load_balance", "z_loss", "max_violation", "max_violation_seq"}) for the
+        router's logits and plan; ``n_seq``: the sequences the tokens form (a sequence-scoped
+        balance loss and imbalance)."""
         c = self.config
         if logits.shape[0] == 0:  # no tokens, no loss (a mean over none is NaN); the router stays in the graph
             zero = logits.sum() * 0.0
-            return c.z_loss_coef * zero, {"load_balance": zero, "z_loss": zero, "max_violation": zero.detach()}
+            return c.z_loss_coef * zero, {"load_balance": zero, "z_loss": zero, "max_violation": zero.detach(),
+                                          "max_violation_seq": zero.detach()}
         probs = torch.softmax(logits, -1) if c.score == "softmax" else torch.sigmoid(logits)
         if c.router == "token_choice":
             p = probs if c.score == "softmax" else probs / probs.sum(-1, keepdim=True)
@@ -421,9 +425,14 @@ class MoE(nn.Module):
                 lb = load_balancing_loss(p, plan.expert_counts)
             load = plan.expert_counts.float()
             max_vio = load.max() / load.mean() - 1
+            seq_load = torch.zeros(n_seq, c.n_experts, device=logits.device).scatter_add_(
+                1, plan.topk_ids.long().reshape(n_seq, -1), torch.ones((), device=logits.device).expand(
+                    n_seq, plan.topk_ids.numel() // n_seq))
+            seq_vio = (seq_load.max(-1).values / seq_load.mean(-1) - 1).mean()
         else:  # every expert takes exactly C tokens: balanced by construction
             lb = logits.new_zeros(())
-            max_vio = logits.new_zeros(())
+            max_vio = seq_vio = logits.new_zeros(())
         z = router_z_loss(logits)
         return c.load_balance_coef * lb + c.z_loss_coef * z, {"load_balance": lb, "z_loss": z,
-                                                              "max_violation": max_vio.detach()}
+                                                              "max_violation": max_vio.detach(),
+                                                              "max_violation_seq": seq_vio.detach()}

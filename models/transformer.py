@@ -643,6 +643,7 @@ class Block(nn.Module):
             out = {"moe_aux_loss": aux}
             if self.mlp.config.router == "token_choice":
                 out["moe_max_violation"] = losses["max_violation"]
+                out["moe_max_violation_seq"] = losses["max_violation_seq"]
             return y, out
         return self.mlp(x), {}
 

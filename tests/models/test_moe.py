@@ -574,3 +574,33 @@ def test_selection_bias_stays_float32_and_its_count_follows_assign_loads():
     cpu = MoE(moe.config).to("meta")
     cpu.load_state_dict(moe.state_dict(), assign=True)
     assert cpu.expert_load.device.type == "cpu" and cpu.expert_load.sum() == 0
+
+
+def test_max_violation_per_sequence_hand_computed():
+    """Two sequences of 4 tokens, top-1 of 4 experts. First: one sequence routes all its tokens
+    to expert 2 (max 4 / mean 1 - 1 = 3), the other one token per expert (0), so 1.5 per
+    sequence on average; the batch's loads (5, 1, 1, 1; mean 2) happen to give 1.5 too. Second:
+    each sequence on an expert of its own, which the batch metric sees as half as skewed."""
+    moe = MoE(MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=1, block_m=16))
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4, 8) * 50)
+    x = torch.zeros(2, 4, 8)
+    x[0, :, 2] = 1.0
+    x[1, torch.arange(4), torch.arange(4)] = 1.0
+    _, _, losses = moe(x, return_losses=True)
+    assert losses["max_violation_seq"].item() == pytest.approx((3 + 0) / 2)
+    assert losses["max_violation"].item() == pytest.approx(5 / 2 - 1)
+    # sequence 0 on expert 0 and sequence 1 on expert 1: each sequence maximally skewed (3), the
+    # batch half as much (4 / 2 - 1 = 1)
+    x = torch.zeros(2, 4, 8)
+    x[0, :, 0] = 1.0
+    x[1, :, 1] = 1.0
+    _, _, losses = moe(x, return_losses=True)
+    assert losses["max_violation_seq"].item() == pytest.approx(3.0)
+    assert losses["max_violation"].item() == pytest.approx(1.0)
+    # [T, D] is one sequence: the two metrics agree; no tokens: zero
+    _, _, losses = moe(x.reshape(8, 8), return_losses=True)
+    assert losses["max_violation_seq"].item() == pytest.approx(losses["max_violation"].item())
+    assert moe(torch.zeros(0, 8), return_losses=True)[2]["max_violation_seq"].item() == 0
+    ec = MoE(MoEConfig(d_model=8, d_ff=8, n_experts=4, router="expert_choice", block_m=16))
+    assert ec(x, return_losses=True)[2]["max_violation_seq"].item() == 0

@@ -212,7 +212,8 @@ def test_moe_layer_wiring(monkeypatch):
 
         def forward(self, x, return_losses=False):
             y, aux = self.mlp(x), x.new_tensor(0.25) + 0 * x.sum()
-            return (y, aux, {"max_violation": x.new_tensor(0.5)}) if return_losses else (y, aux)
+            losses = {"max_violation": x.new_tensor(0.5), "max_violation_seq": x.new_tensor(0.75)}
+            return (y, aux, losses) if return_losses else (y, aux)
 
     fake = types.ModuleType("flopwise.models.moe")
     fake.MoE, fake.MoEConfig = MoE, MoEConfig
@@ -228,7 +229,8 @@ def test_moe_layer_wiring(monkeypatch):
     assert float(out.aux["layer1.moe_aux_loss"]) == 0.25
     assert "moe_max_violation" not in out.aux, "expert choice is balanced by construction: no metric"
     tc = Transformer(cfg.replace(moe_router="token_choice"))
-    assert float(tc(tokens, tokens).aux["moe_max_violation"]) == 0.5
+    tc_aux = tc(tokens, tokens).aux
+    assert float(tc_aux["moe_max_violation"]) == 0.5 and float(tc_aux["moe_max_violation_seq"]) == 0.75
     torch.testing.assert_close(out.aux["aux_loss"], out.aux["layer1.mod_aux_loss"] + 0.25)
     torch.testing.assert_close(out.loss.detach(), out.aux["lm_loss"] + out.aux["aux_loss"])
 
