@@ -37,6 +37,10 @@ from .safetensors_io import CheckpointReader
 __all__ = ["LayerwiseModel", "LayerwiseLoadError", "layerwise_bytes"]
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# transformers architectures whose forward this runner reproduces layer by layer (tested): the
+# upcycler's sources and targets. Others may scale the embeddings in the model's forward, or
+# keep per-layer settings in lists this runner does not narrow, and would give other logits.
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 _FW_LAYER = re.compile(r"^layers\.(\d+)\.")
 _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")  # buffers some older checkpoints carry
 
@@ -60,16 +64,17 @@ def _groups(names, pattern: re.Pattern) -> tuple[dict[int, list[str]], list[str]
 def layerwise_bytes(numels: dict[str, int]) -> int:
     """Memory a :class:`LayerwiseModel` needs for a checkpoint whose tensors have these
     sizes (name -> number of elements; ``{n: i.numel for n, i in
-    CheckpointReader(folder).infos.items()}``): the embeddings, norm and head in float32 (a
-    tenth more for what loading holds transiently), the largest layer four times in float32
-    (as read, the module, the copy transformers makes when it stacks per-expert tensors, and
-    a cast), and 256 MiB for the probe's activations. ``scripts/verify_memory.py`` measures
-    it against the peak anonymous memory of a verification."""
+    CheckpointReader(folder).infos.items()}``): the embeddings, norm and head twice in
+    float32 (as read, at most float32, while the float32 module is built from them) and a
+    tenth more; the largest layer four times in float32 (as read, the module, the copy
+    transformers makes when it stacks per-expert tensors, and a cast); and 256 MiB for the
+    probe's activations. ``scripts/verify_memory.py`` measures it against the peak anonymous
+    memory of a verification."""
     pattern = _FW_LAYER if any(_FW_LAYER.match(n) for n in numels) else _HF_LAYER
     layers, rest = _groups(numels, pattern)
     shell = sum(numels[n] for n in rest)
     layer = max((sum(numels[n] for n in names) for names in layers.values()), default=0)
-    return int(4 * shell * 1.1) + 16 * layer + 2**28
+    return int(8 * shell * 1.1) + 16 * layer + 2**28
 
 
 def _some(items, n: int = 3) -> str:
@@ -83,7 +88,8 @@ class LayerwiseModel:
 
     ``family``: ``"flopwise"`` or ``"hf"``. ``what`` names the model in errors ("the
     upcycled model"). Loading problems raise :class:`LayerwiseLoadError` when the layer
-    (or the embeddings and head) is loaded, naming the tensors as the checkpoint does.
+    (or the embeddings and head) is loaded, naming the tensors with the layer's own index
+    (as transformers names them: stacked experts under their fused names).
 
     Use::
 
@@ -113,12 +119,15 @@ class LayerwiseModel:
                 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
                 self.config = AutoConfig.from_pretrained(folder)
+                if self.config.model_type not in HF_MODEL_TYPES:
+                    raise LayerwiseLoadError(f"{what} ({folder}) is a {self.config.model_type!r} model; layer by layer "
+                                             f"runs {', '.join(HF_MODEL_TYPES)} only")
                 self.n_layers = int(self.config.num_hidden_layers)
                 self._cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(self.config)]
                 with torch.device("meta"), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self._meta = self._cls._from_config(self.config)
-        except (ImportError, MemoryError):
+        except (ImportError, MemoryError, LayerwiseLoadError):
             raise
         except Exception as exc:  # transformers raises many kinds; whatever it is, the model does not load
             text = " ".join(str(exc).split())
@@ -240,8 +249,12 @@ class LayerwiseModel:
                       ignore_mismatched_sizes=True)
         from transformers.utils import logging as hf_logging
 
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # one bar per layer would bury the caller's output
+        bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+        # one bar per layer would bury the caller's output, and transformers' load report would
+        # list the tensors each one-layer load leaves out on purpose (the problems that matter
+        # are in the loading info, checked below)
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
@@ -252,6 +265,7 @@ class LayerwiseModel:
             text = " ".join(str(exc).split())
             raise self._error([f"transformers: {type(exc).__name__}: {text[:500]}"], where) from exc
         finally:
+            hf_logging.set_verbosity(verbosity)
             if bar:
                 hf_logging.enable_progress_bar()
         problems = []
@@ -303,7 +317,10 @@ def _capture(module: torch.nn.Module, into: list | None):
     if into is None:
         yield
         return
-    hook = module.register_forward_pre_hook(lambda m, args: into.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    def keep(m, args):
+        into.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    hook = module.register_forward_pre_hook(keep)
     try:
         yield
     finally:

@@ -325,16 +325,16 @@ def _available_memory() -> int | None:
     return None
 
 
-def _verify_layerwise(full: int, layerwise: int, what: str, choice: bool | None) -> bool:
+def _verify_layerwise(full: int, layerwise: int, what: str, choice: bool | None, refuse: bool = True) -> bool:
     """Whether to verify layer by layer: ``choice`` if given, else only where the
-    two whole models would not fit in the memory available. Refuses, before anything is
-    loaded, a verification that cannot fit either way (the kernel would kill the process
-    midway instead of raising)."""
+    two whole models would not fit in the memory available. With ``refuse``, a verification
+    that cannot fit the chosen way raises ValueError before anything is loaded (the kernel
+    would kill the process midway instead of raising)."""
     have = _available_memory()
     if choice is None:
         choice = have is not None and full > have and layerwise < full
     need = layerwise if choice else full
-    if have is not None and need > have:
+    if refuse and have is not None and need > have:
         how = ("layer by layer (the embeddings and head and one layer at a time) needs about "
                f"{need / 1e9:.1f} GB" if choice else
                f"loads the dense and the upcycled model in float32, about {need / 1e9:.1f} GB")
@@ -927,7 +927,7 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | N
     layer). Both compute the same logits. ``layerwise=None`` (default) goes layer by layer
     only where the whole models would not fit in the memory available (Linux's
     MemAvailable). Where the chosen way does not fit either, ValueError is raised before
-    anything is loaded (``check_memory=False`` skips that check). Layer by layer, the
+    anything is loaded (``check_memory=False`` skips that refusal, not the choice). Layer by layer, the
     result also holds each layer's max |hidden-state difference| (``layer_diffs``).
     """
     src = describe_source(src_folder)
@@ -941,8 +941,7 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | N
         full = _verify_bytes(_params(src.reader), sum(moe_numels.values()))
         by_layer = max(layerwise_bytes({n: i.numel for n, i in src.reader.infos.items()}),
                        layerwise_bytes(moe_numels))
-        if check_memory:
-            layerwise = _verify_layerwise(full, by_layer, "verify_upcycle", layerwise)
+        layerwise = _verify_layerwise(full, by_layer, "verify_upcycle", layerwise, refuse=check_memory)
     layerwise = bool(layerwise)
     checks: list[str] = []
     recorded = options is None
@@ -1272,10 +1271,13 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
         report.verify.max_abs_diff    # <= 1e-4 with copy init
     """
     t0 = time.perf_counter()
-    plan = plan_upcycle(src_folder, options)
-    dst = _check_destination(src_folder, dst_folder, force)
     if verify_layerwise is not None and not isinstance(verify_layerwise, bool):
         raise TypeError(f"verify_layerwise must be None, True or False, got {verify_layerwise!r}")
+    if verify_layerwise is not None and not verify:
+        raise ValueError(f"verify_layerwise={verify_layerwise} says how to verify, and verify is False: pass "
+                         "verify=True, or leave verify_layerwise out")
+    plan = plan_upcycle(src_folder, options)
+    dst = _check_destination(src_folder, dst_folder, force)
     layerwise = None
     if verify:
         layerwise = _verify_layerwise(plan.verify_bytes_estimate, plan.verify_layerwise_bytes_estimate,
