@@ -536,11 +536,14 @@ def plan_upcycle(src_folder: str, options: UpcycleOptions, *, dst_folder: str | 
     # Working set: the largest source MLP matrix, its cached expert results (copy init: one
     # per neuron shard, i.e. one more matrix; a transposed copy for flopwise), float32
     # scratch for random inits, one copy block (pass-through bytes are copied file to file)
-    # and the hashing buffer.
+    # and the hashing buffer; with k-means routers, at least the layer-by-layer run of the
+    # dense source that computes them.
     biggest = max((info(src.mlp[i][kk][0]).row_bytes * (src.d_ff if kk != "down" else info(src.mlp[i][kk][0]).shape[0])
                    for i in moe_layers for kk in MLP_KINDS), default=0)
     scratch = 0 if o.expert_init == "copy" and G == 1 else 3 * 4 * D * Fe
     peak = 2 * biggest + scratch + _BLOCK + _HASH_BUFFER
+    if o.router_init == "kmeans":  # before writing: the dense source run a layer at a time
+        peak = max(peak, layerwise_bytes({n: i.numel for n, i in src.reader.infos.items()}))
     return UpcyclePlan(src, o, moe_layers, Fe, scale, config, recipes, shards, opt_shards,
                        _equality_warnings(o) + _source_warnings(src, moe_layers), total, active, peak, opt_reader)
 

@@ -360,6 +360,8 @@ def test_kmeans_routers_are_centroids_of_the_whole_models_mlp_inputs(sources, tm
     opts = UpcycleOptions(n_experts=3, top_k=2, format=fmt, layers=layers, router_init="kmeans",
                           calibration_text=str(text), seed=4)
     plan = plan_upcycle(str(folder), opts)
+    dense = {n: i.numel for n, i in CheckpointReader(str(folder)).infos.items()}
+    assert plan.peak_bytes_estimate >= layerwise_bytes(dense)  # the dense source runs before writing
     got = up._kmeans_routers(plan)
     assert sorted(got) == plan.moe_layers and ran == list(range(max(plan.moe_layers) + 1))
     # the same centroids from the whole model, its MLP inputs captured by hooks
