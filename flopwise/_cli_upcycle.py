@@ -173,10 +173,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
     """``--check``: verify an existing output against its source; writes nothing."""
     from flopwise.models import upcycle as up
 
+    import os
+
     given = [flag for dest, flag in _CHECK_CONFLICTS if getattr(args, dest) != args.check_defaults[dest]]
     if given:
         raise ValueError(f"--check verifies {args.dst} with the options recorded in its upcycle.json and writes "
                          f"nothing: drop {', '.join(given)}")
+    if not os.path.isdir(args.dst):
+        raise ValueError(f"--check: {args.dst} is not a folder (the output of an upcycle to verify)")
+    if up._recorded_options(args.dst) is None:
+        raise ValueError(f"--check: {args.dst} has no upcycle.json with the options of an upcycle, or it cannot be "
+                         "read: not a flopwise upcycle output, or a damaged one. Without the options the tensors "
+                         "cannot be checked; flopwise.models.upcycle.verify_upcycle(source, output, "
+                         "expected_equal=...) compares the logits of any MoE with its source")
     if args.quiet:
         try:
             from transformers.utils import logging as hf_logging
@@ -188,6 +197,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         v = up.verify_upcycle(args.src, args.dst, layerwise=True if args.verify_layerwise else None)
     except up.VerificationError as exc:
         print(f"flopwise: verification failed: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"passed": False, "error": str(exc)}, indent=2))
         return 1
     if args.json:
         print(json.dumps(_verify_json(v), indent=2))

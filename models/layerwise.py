@@ -27,6 +27,7 @@ them; the logits agree with the whole model's up to float rounding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import warnings
 
@@ -149,15 +150,19 @@ class LayerwiseModel:
         with torch.no_grad():
             return self._hf_shell().get_input_embeddings()(tokens).float()
 
-    def layer(self, i: int, h: torch.Tensor, *, mlp_inputs: list | None = None) -> torch.Tensor:
-        """Layer ``i`` (loaded now, freed on return) applied to ``h`` ``[B, S, D]``. With
-        ``mlp_inputs`` (a list), the rows the layer's MLP receives are appended to it as
-        ``[rows, D]`` tensors (for a MoD layer, the selected tokens only)."""
+    def layer(self, i: int, h: torch.Tensor, *, mlp_inputs: list | None = None,
+              mod_topk: bool = False) -> torch.Tensor:
+        """Layer ``i`` (loaded now, freed on return) applied to ``h`` ``[B, S, D]``.
+
+        ``mlp_inputs`` (a list): the rows the layer's MLP receives are appended to it as
+        ``[rows, D]`` tensors. ``mod_topk``: a flopwise MoD layer routes each sequence's top k
+        tokens, as in training, instead of inference's causal per-token decision (whose
+        batches are padded with tokens it did not select, which its MLP also receives)."""
         if not 0 <= i < self.n_layers:
             raise ValueError(f"layer must be in [0, {self.n_layers}), got {i}")
         with torch.no_grad():
             if self.family == "flopwise":
-                return self._fw_layer(i, h, mlp_inputs)
+                return self._fw_layer(i, h, mlp_inputs, mod_topk)
             return self._hf_layer(i, h, mlp_inputs)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -201,7 +206,7 @@ class LayerwiseModel:
                            "head": embed if cfg.tie_embeddings else self._fw_get("head.weight")}
         return self._shell
 
-    def _fw_layer(self, i: int, h: torch.Tensor, mlp_inputs: list | None) -> torch.Tensor:
+    def _fw_layer(self, i: int, h: torch.Tensor, mlp_inputs: list | None, mod_topk: bool) -> torch.Tensor:
         from .transformer import build_layer
 
         module = build_layer(self.cfg, i)
@@ -217,6 +222,8 @@ class LayerwiseModel:
             raise self._error(problems, f"layer {i}")
         module.load_state_dict({n[len(prefix):]: self._fw_get(n) for n in stored})
         module = module.float().eval()
+        if mod_topk and hasattr(module, "routes_causally"):  # a MoDBlock: top-k routing in eval
+            module.cfg = dataclasses.replace(module.cfg, causal="none")
         B, S = h.shape[:2]
         positions = torch.arange(S, device=h.device).expand(B, S)
         with _capture(getattr(module, "block", module).mlp, mlp_inputs):

@@ -325,7 +325,10 @@ def _available_memory() -> int | None:
     return None
 
 
-def _verify_layerwise(full: int, layerwise: int, what: str, choice: bool | None, refuse: bool = True) -> bool:
+def _verify_layerwise(full: int, layerwise: int, what: str, choice: bool | None, refuse: bool = True,
+                      advice: str = "upcycle without verify (every tensor is still produced from its recipe), then "
+                                    "verify on a machine with more memory with "
+                                    "flopwise.models.upcycle.verify_upcycle(source, output)") -> bool:
     """Whether to verify layer by layer: ``choice`` if given, else only where the
     two whole models would not fit in the memory available. With ``refuse``, a verification
     that cannot fit the chosen way raises ValueError before anything is loaded (the kernel
@@ -338,9 +341,7 @@ def _verify_layerwise(full: int, layerwise: int, what: str, choice: bool | None,
         how = ("layer by layer (the embeddings and head and one layer at a time) needs about "
                f"{need / 1e9:.1f} GB" if choice else
                f"loads the dense and the upcycled model in float32, about {need / 1e9:.1f} GB")
-        raise ValueError(f"option verify: {what} {how}, and this machine has {have / 1e9:.1f} GB available; "
-                         "upcycle without verify (every tensor is still produced from its recipe), then verify on a "
-                         "machine with more memory with flopwise.models.upcycle.verify_upcycle(source, output)")
+        raise ValueError(f"{what} {how}, and this machine has {have / 1e9:.1f} GB available; {advice}")
     return choice
 
 
@@ -806,9 +807,10 @@ def _spherical_kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int 
 
 def _kmeans_routers(plan: UpcyclePlan) -> dict[int, torch.Tensor]:
     """Per MoE layer, router rows = k-means centroids of that layer's MLP inputs on the
-    calibration text. The dense model runs a layer at a time (:class:`~flopwise.models.
-    layerwise.LayerwiseModel`; memory: its embeddings and head, one layer, and one layer's
-    MLP inputs), up to the last MoE layer."""
+    calibration text (in a MoD layer, those of the tokens its training-time top-k routes).
+    The dense model runs a layer at a time (:class:`~flopwise.models.layerwise.LayerwiseModel`;
+    memory: its embeddings and head, one layer, and one layer's MLP inputs), up to the last
+    MoE layer."""
     src, o = plan.source, plan.options
     tokens = _calibration_tokens(src, o.calibration_text)
     if len(tokens) < o.n_experts:
@@ -823,9 +825,14 @@ def _kmeans_routers(plan: UpcyclePlan) -> dict[int, torch.Tensor]:
     model.release()
     for i in range(max(plan.moe_layers) + 1):
         captured: list | None = [] if i in plan.moe_layers else None
-        h = model.layer(i, h, mlp_inputs=captured)
+        # MoD layers route their top k tokens, as in training: those are the rows the MoE will see
+        h = model.layer(i, h, mlp_inputs=captured, mod_topk=True)
         if captured is not None:
-            c = _spherical_kmeans(torch.cat(captured), o.n_experts, _gen(o.seed, i, "kmeans"))
+            x = torch.cat(captured) if captured else h.new_zeros(0, h.shape[-1])
+            if len(x) < o.n_experts:
+                raise ValueError(f"option calibration_text: layer {i}'s MLP received {len(x)} tokens of it, need at "
+                                 f"least n_experts={o.n_experts}: give a longer text")
+            c = _spherical_kmeans(x, o.n_experts, _gen(o.seed, i, "kmeans"))
             out[i] = c * (o.router_std * math.sqrt(src.d_model))
     return out
 
@@ -944,7 +951,9 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | N
         full = _verify_bytes(_params(src.reader), sum(moe_numels.values()))
         by_layer = max(layerwise_bytes({n: i.numel for n, i in src.reader.infos.items()}),
                        layerwise_bytes(moe_numels))
-        layerwise = _verify_layerwise(full, by_layer, "verify_upcycle", layerwise, refuse=check_memory)
+        layerwise = _verify_layerwise(full, by_layer, "verify_upcycle", layerwise, refuse=check_memory,
+                                      advice="verify on a machine with more memory (check_memory=False skips "
+                                             "this refusal)")
     layerwise = bool(layerwise)
     checks: list[str] = []
     recorded = options is None
@@ -1284,7 +1293,7 @@ def upcycle(src_folder: str, dst_folder: str, options: UpcycleOptions, *, force:
     layerwise = None
     if verify:
         layerwise = _verify_layerwise(plan.verify_bytes_estimate, plan.verify_layerwise_bytes_estimate,
-                                      "verification", verify_layerwise)
+                                      "option verify: verification", verify_layerwise)
     parent = os.path.dirname(dst)
     state = _trainer_state(plan, src_folder)
     for w in plan.warnings:

@@ -228,7 +228,8 @@ def test_verification_goes_layer_by_layer_only_where_the_whole_models_do_not_fit
                                          r"one layer at a time\) needs about 0\.3 GB, and this machine has 0\.3 GB"):
         upcycle(str(src), str(tmp_path / "c"), opts, verify=True)
     assert not (tmp_path / "c").exists()
-    with pytest.raises(ValueError, match=r"^option verify: verify_upcycle layer by layer"):
+    with pytest.raises(ValueError, match=r"^verify_upcycle layer by layer .*; verify on a machine with more memory "
+                                         r"\(check_memory=False skips this refusal\)$"):
         verify_upcycle(str(src), str(tmp_path / "b"))
     assert verify_upcycle(str(src), str(tmp_path / "b"), check_memory=False).passed
     with pytest.raises(TypeError, match="verify_layerwise must be None, True or False"):
@@ -374,8 +375,13 @@ def test_kmeans_routers_are_centroids_of_the_whole_models_mlp_inputs(sources, tm
         whole = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
         mlps = [layer.mlp for layer in whole.model.layers]
     else:
+        import dataclasses
+
         whole = load_flopwise(str(folder), dtype=torch.float32).eval()
         mlps = [getattr(layer, "block", layer).mlp for layer in whole.layers]
+        for layer in whole.layers:  # MoD layers: the training-time top k, as the MoE will see
+            if hasattr(layer, "routes_causally"):
+                layer.cfg = dataclasses.replace(layer.cfg, causal="none")
     seen = {i: [] for i in plan.moe_layers}
     for i in plan.moe_layers:
         mlps[i].register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].reshape(-1, a[0].shape[-1])))
@@ -383,8 +389,29 @@ def test_kmeans_routers_are_centroids_of_the_whole_models_mlp_inputs(sources, tm
         whole(batch)
     d = D if family == "hf" else 32
     for i in plan.moe_layers:
-        want = up._spherical_kmeans(torch.cat(seen[i]), 3, up._gen(4, i, "kmeans")) * (0.02 * math.sqrt(d))
+        rows = torch.cat(seen[i])
+        if family == "flopwise":  # MoD layer 1 at capacity 0.5: exactly half of each sequence, no padding
+            assert len(rows) == batch.numel() // 2
+        want = up._spherical_kmeans(rows, 3, up._gen(4, i, "kmeans")) * (0.02 * math.sqrt(d))
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_kmeans_through_a_mod_layer_that_selects_nothing_causally(tmp_path):
+    """A MoD router whose causal decision selects no token (a bias of -50) still routes its
+    top k in training, so k-means clusters those tokens rather than failing on none."""
+    from flopwise.models import upcycle as up
+    from flopwise.models.hf_formats import save_flopwise
+
+    model = _tiny_flopwise(tmp_path / "ignored", n_layers=2, routing=("all", "mod"), mod_capacity=0.25)
+    with torch.no_grad():
+        model.layers[1].router.bias.fill_(-50.0)
+    save_flopwise(model, str(tmp_path / "fw"))
+    text = tmp_path / "calib.txt"
+    text.write_text("Short calibration text for a router that never fires. " * 4)
+    plan = plan_upcycle(str(tmp_path / "fw"), UpcycleOptions(n_experts=4, top_k=2, layers="1", router_init="kmeans",
+                                                            calibration_text=str(text)))
+    got = up._kmeans_routers(plan)
+    assert list(got) == [1] and got[1].shape == (4, 32) and bool(torch.isfinite(got[1]).all())
 
 
 def test_cli_check_verifies_an_existing_output(sources, tmp_path, capsys):
@@ -424,8 +451,21 @@ def test_cli_check_verifies_an_existing_output(sources, tmp_path, capsys):
         run(src, out, "--check", "--experts", "4", "--seed", "1")
     with pytest.raises(ValueError, match=r"drop --dry-run"):
         run(src, out, "--check", "--dry-run")
-    # a model that does not load
+    # a model that does not load: exit 1, and with --json a JSON answer too
     (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()),
                                                  "num_local_experts": 3}))
     assert run(src, out, "--check") == 1
     assert "flopwise: verification failed:" in capsys.readouterr().err
+    assert run(src, out, "--check", "--json") == 1
+    got = json.loads(capsys.readouterr().out)
+    assert got["passed"] is False and "mismatched" in got["error"]
+    # not an upcycle output (no upcycle.json, or one without readable options), or no folder at all
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    with pytest.raises(ValueError, match=r"^--check: .*copy has no upcycle\.json with the options of an upcycle"):
+        run(src, copy, "--check")
+    (copy / "upcycle.json").write_text('{"options": {"n_experts": "four"}}')
+    with pytest.raises(ValueError, match=r"has no upcycle\.json with the options of an upcycle, or it cannot be read"):
+        run(src, copy, "--check")
+    with pytest.raises(ValueError, match=r"^--check: .*nowhere is not a folder"):
+        run(src, tmp_path / "nowhere", "--check")
