@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -106,12 +107,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
             print(f"  warning: {w}")
         return 0
     if args.quiet and (args.verify or args.verify_layerwise):
-        try:  # --verify loads Hugging Face models: no loading bars either
-            from transformers.utils import logging as hf_logging
-        except ImportError:
-            pass
-        else:
-            hf_logging.disable_progress_bar()
+        _no_transformers_bars()  # --verify loads Hugging Face models: no loading bars either
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", up.UpcycleWarning)  # printed below, once
         try:
@@ -137,6 +133,14 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     if report.verify is not None:
         _print_verify(report.verify)
     return 0
+
+
+def _no_transformers_bars() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
 
 
 def _verify_json(v) -> dict:
@@ -173,8 +177,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     """``--check``: verify an existing output against its source; writes nothing."""
     from flopwise.models import upcycle as up
 
-    import os
-
     given = [flag for dest, flag in _CHECK_CONFLICTS if getattr(args, dest) != args.check_defaults[dest]]
     if given:
         raise ValueError(f"--check verifies {args.dst} with the options recorded in its upcycle.json and writes "
@@ -187,12 +189,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                          "cannot be checked; flopwise.models.upcycle.verify_upcycle(source, output, "
                          "expected_equal=...) compares the logits of any MoE with its source")
     if args.quiet:
-        try:
-            from transformers.utils import logging as hf_logging
-        except ImportError:
-            pass
-        else:
-            hf_logging.disable_progress_bar()
+        _no_transformers_bars()
     try:
         v = up.verify_upcycle(args.src, args.dst, layerwise=True if args.verify_layerwise else None)
     except up.VerificationError as exc:
@@ -289,8 +286,6 @@ def _cmd_upcycle_default(args: argparse.Namespace) -> int:
 
 def _run_upcycle(args: argparse.Namespace) -> int:
     if args.format is None:
-        import os
-
         try:
             with open(os.path.join(args.src, "config.json")) as f:
                 cfg = json.load(f)

@@ -47,7 +47,9 @@ _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")  # buffers some older checkpoi
 
 
 class LayerwiseLoadError(ValueError):
-    """A tensor of the checkpoint is missing, unexpected, mis-shaped or not finite."""
+    """The checkpoint cannot be run layer by layer: a tensor is missing, unexpected,
+    mis-shaped or not finite, its config does not load, or its architecture is not one this
+    runner reproduces."""
 
 
 def _groups(names, pattern: re.Pattern) -> tuple[dict[int, list[str]], list[str]]:
@@ -324,6 +326,7 @@ def _capture(module: torch.nn.Module, into: list | None):
     if into is None:
         yield
         return
+
     def keep(m, args):
         into.append(args[0].detach().reshape(-1, args[0].shape[-1]))
 

@@ -830,7 +830,7 @@ def _kmeans_routers(plan: UpcyclePlan) -> dict[int, torch.Tensor]:
         if captured is not None:
             x = torch.cat(captured) if captured else h.new_zeros(0, h.shape[-1])
             if len(x) < o.n_experts:
-                raise ValueError(f"option calibration_text: layer {i}'s MLP received {len(x)} tokens of it, need at "
+                raise ValueError(f"option calibration_text: the text gives layer {i}'s MLP {len(x)} tokens, need at "
                                  f"least n_experts={o.n_experts}: give a longer text")
             c = _spherical_kmeans(x, o.n_experts, _gen(o.seed, i, "kmeans"))
             out[i] = c * (o.router_std * math.sqrt(src.d_model))
@@ -937,8 +937,9 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | N
     layer). Both compute the same logits. ``layerwise=None`` (default) goes layer by layer
     only where the whole models would not fit in the memory available (Linux's
     MemAvailable). Where the chosen way does not fit either, ValueError is raised before
-    anything is loaded (``check_memory=False`` skips that refusal, not the choice). Layer by layer, the
-    result also holds each layer's max |hidden-state difference| (``layer_diffs``).
+    anything is loaded (``check_memory=False`` skips that refusal, not the choice). Layer
+    by layer, the result also holds each layer's max |hidden-state difference|
+    (``layer_diffs``).
     """
     src = describe_source(src_folder)
     if layerwise is not None and not isinstance(layerwise, bool):
