@@ -162,6 +162,8 @@ def _print_verify(v) -> None:
         print(f"  FAILED tensors: {e}")
 
 
+_UNSET = object()  # a flag not on the command line (not a string: argparse would convert it)
+
 # Flags that describe an upcycle to run: --check reads them from the output's upcycle.json.
 _CHECK_CONFLICTS = (("experts", "--experts"), ("top_k", "--top-k"), ("format", "--format"), ("layers", "--layers"),
                     ("expert_init", "--expert-init"), ("noise_std", "--noise-std"), ("drop_ratio", "--drop-ratio"),
@@ -173,11 +175,11 @@ _CHECK_CONFLICTS = (("experts", "--experts"), ("top_k", "--top-k"), ("format", "
                     ("verify", "--verify"))
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    """``--check``: verify an existing output against its source; writes nothing."""
+def _cmd_check(args: argparse.Namespace, given: list[str]) -> int:
+    """``--check``: verify an existing output against its source; writes nothing. ``given``:
+    the flags of an upcycle to run that the command line holds (refused)."""
     from flopwise.models import upcycle as up
 
-    given = [flag for dest, flag in _CHECK_CONFLICTS if getattr(args, dest) != args.check_defaults[dest]]
     if given:
         raise ValueError(f"--check verifies {args.dst} with the options recorded in its upcycle.json and writes "
                          f"nothing: drop {', '.join(given)}")
@@ -255,8 +257,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan from headers alone; write nothing")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_upcycle_default,
-                   check_defaults={dest: p.get_default(dest) for dest, _ in _CHECK_CONFLICTS})
+    # The flags --check refuses parse to _UNSET when not given, so that one given at its
+    # default value is still seen; the handler then puts the real defaults in.
+    real = {dest: p.get_default(dest) for dest, _ in _CHECK_CONFLICTS}
+    p.set_defaults(func=_cmd_upcycle_default, upcycle_defaults=real, **{dest: _UNSET for dest in real})
 
 
 # UpcycleOptions names its fields in errors ("option n_experts ..."); on the command line
@@ -278,8 +282,12 @@ def _as_flags(message: str) -> str:
 
 
 def _cmd_upcycle_default(args: argparse.Namespace) -> int:
+    given = [flag for dest, flag in _CHECK_CONFLICTS if getattr(args, dest, _UNSET) is not _UNSET]
+    for dest, default in args.upcycle_defaults.items():
+        if getattr(args, dest, _UNSET) is _UNSET:
+            setattr(args, dest, default)
     try:
-        return _cmd_check(args) if args.check else _run_upcycle(args)
+        return _cmd_check(args, given) if args.check else _run_upcycle(args)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc))) from None
 

@@ -451,6 +451,9 @@ def test_cli_check_verifies_an_existing_output(sources, tmp_path, capsys):
         run(src, out, "--check", "--experts", "4", "--seed", "1")
     with pytest.raises(ValueError, match=r"drop --dry-run"):
         run(src, out, "--check", "--dry-run")
+    # also at their default values: the output's own options may differ from them
+    with pytest.raises(ValueError, match=r"drop --experts, --top-k$"):
+        run(src, out, "--check", "--experts", "8", "--top-k", "2")
     # a model that does not load: exit 1, and with --json a JSON answer too
     (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()),
                                                  "num_local_experts": 3}))
