@@ -281,9 +281,8 @@ class UpcyclePlan:
     def verify_layerwise_bytes_estimate(self) -> int:
         """Memory :func:`verify_upcycle` needs layer by layer (``layerwise=True``): the
         larger of the two models' embeddings and head plus its largest layer."""
-        dense = {n: i.numel for n, i in self.source.reader.infos.items()}
         moe = {n: math.prod(r.shape) for n, r in self.recipes.items()}
-        return max(layerwise_bytes(dense), layerwise_bytes(moe))
+        return max(layerwise_bytes(_numels(self.source.reader)), layerwise_bytes(moe))
 
     def summary(self) -> dict:
         """JSON-ready description (what ``--dry-run`` prints)."""
@@ -300,8 +299,13 @@ class UpcyclePlan:
         }
 
 
+def _numels(reader: CheckpointReader) -> dict[str, int]:
+    """Tensor name -> number of elements, from the headers."""
+    return {n: i.numel for n, i in reader.infos.items()}
+
+
 def _params(reader: CheckpointReader) -> int:
-    return sum(i.numel for i in reader.infos.values())
+    return sum(_numels(reader).values())
 
 
 def _verify_bytes(dense_params: int, moe_params: int) -> int:
@@ -544,7 +548,7 @@ def plan_upcycle(src_folder: str, options: UpcycleOptions, *, dst_folder: str | 
     scratch = 0 if o.expert_init == "copy" and G == 1 else 3 * 4 * D * Fe
     peak = 2 * biggest + scratch + _BLOCK + _HASH_BUFFER
     if o.router_init == "kmeans":  # before writing: the dense source run a layer at a time
-        peak = max(peak, layerwise_bytes({n: i.numel for n, i in src.reader.infos.items()}))
+        peak = max(peak, layerwise_bytes(_numels(src.reader)))
     return UpcyclePlan(src, o, moe_layers, Fe, scale, config, recipes, shards, opt_shards,
                        _equality_warnings(o) + _source_warnings(src, moe_layers), total, active, peak, opt_reader)
 
@@ -945,13 +949,12 @@ def verify_upcycle(src_folder: str, moe_folder: str, *, expected_equal: bool | N
     if layerwise is not None and not isinstance(layerwise, bool):
         raise TypeError(f"layerwise must be None, True or False, got {layerwise!r}")
     try:
-        moe_numels = {n: i.numel for n, i in CheckpointReader(moe_folder).infos.items()}
+        moe_numels = _numels(CheckpointReader(moe_folder))
     except (ValueError, OSError):  # unreadable headers: the loading check below reports them
         moe_numels = None
     if moe_numels is not None:
         full = _verify_bytes(_params(src.reader), sum(moe_numels.values()))
-        by_layer = max(layerwise_bytes({n: i.numel for n, i in src.reader.infos.items()}),
-                       layerwise_bytes(moe_numels))
+        by_layer = max(layerwise_bytes(_numels(src.reader)), layerwise_bytes(moe_numels))
         layerwise = _verify_layerwise(full, by_layer, "verify_upcycle", layerwise, refuse=check_memory,
                                       advice="verify on a machine with more memory (check_memory=False skips "
                                              "this refusal)")

@@ -8,9 +8,11 @@ import os
 import pytest
 
 
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "balance_experiment.py")
+
+
 def _script():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "balance_experiment.py")
-    spec = importlib.util.spec_from_file_location("balance_experiment", path)
+    spec = importlib.util.spec_from_file_location("balance_experiment", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -24,8 +26,7 @@ def test_balance_experiment_table():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(FLOPWISE_BACKEND="reference", OMP_NUM_THREADS="1")
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "balance_experiment.py")
-    proc = subprocess.run([sys.executable, path, "--steps", "20", "--only", "1", "7"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, SCRIPT, "--steps", "20", "--only", "1", "7"], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]

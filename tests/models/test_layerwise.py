@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -125,8 +126,6 @@ def _edit(folder, change):
     ("fw_moe", "shell", r"does not load \(embeddings, norm and head\): missing tensor 'norm\.weight'"),
 ])
 def test_loading_problems_name_the_checkpoint_tensors(sources, tmp_path, name, change, pattern):
-    import shutil
-
     folder, family = sources[name]
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
@@ -260,8 +259,6 @@ def test_verification_goes_layer_by_layer_only_where_the_whole_models_do_not_fit
 
 
 def test_unreadable_model_is_a_verification_error(sources, tmp_path):
-    import shutil
-
     src = sources["llama"][0]
     out = tmp_path / "moe"
     shutil.copytree(sources["mixtral"][0], out)
@@ -275,8 +272,6 @@ def test_architectures_not_known_to_run_layer_by_layer_are_refused(sources, tmp_
     """An architecture whose forward does more than embed -> layers -> norm -> head (gemma
     scales the embeddings; granite multiplies them in the model's forward) would give other
     logits layer by layer: only the tested ones run."""
-    import shutil
-
     folder = tmp_path / "gemma"
     shutil.copytree(sources["llama"][0], folder)
     cfg = json.loads((folder / "config.json").read_text())
@@ -417,8 +412,6 @@ def test_kmeans_through_a_mod_layer_that_selects_nothing_causally(tmp_path):
 def test_cli_check_verifies_an_existing_output(sources, tmp_path, capsys):
     """flopwise upcycle SRC DST --check: the verification of --verify on an output already
     written, with the options of its upcycle.json; exit status 1 when it fails."""
-    import shutil
-
     parser = argparse.ArgumentParser()
     _cli_upcycle.add_parser(parser.add_subparsers())
 
